@@ -1,0 +1,63 @@
+"""The `nasdose` command line: one sub-command per pipeline stage.
+
+Each stage module provides `add_arguments(parser)` and `main(args)`; this file only lists them,
+so a stage's options live next to its code. User errors (`NasDoseError`) become one line on
+stderr and exit status 1, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import NasDoseError
+from .progress import set_quiet
+
+# (command, module, one-line help) in pipeline order.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("data", "nas_dose.data.cli", "import OpenKBP data, make synthetic phantoms, summarize a data set"),
+    ("train", "nas_dose.train", "train one network (reference model or genotype)"),
+    ("predict", "nas_dose.predict", "predict doses with a trained model, write HDF5 and OpenKBP CSVs"),
+    ("evaluate", "nas_dose.evaluate", "OpenKBP dose and DVH scores, per-structure table and plots"),
+    ("pipeline", "nas_dose.pipeline", "run the whole pipeline end to end on the synthetic default"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nasdose",
+        description="Neural architecture search, ensembles and distillation for 3D radiotherapy "
+                    "dose prediction.")
+    parser.add_argument("--version", action="version", version=f"nasdose {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or status lines (for scripts)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module, help_text in COMMANDS:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p, common)
+        if not p.get_default("func"):
+            p.set_defaults(func=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    set_quiet(getattr(args, "quiet", False))
+    try:
+        args.func(args)
+    except NasDoseError as e:
+        print(f"nasdose {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nasdose {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Typed YAML configs: dataclasses validated on load, overridable with `key.sub=value`.
+
+A config class is a plain dataclass whose fields have defaults. `load_config` merges, in order,
+the defaults, a YAML file and command-line overrides, then checks every key and type so that a
+typo fails at once with the key's dotted name instead of deep inside a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import NasDoseError
+from .io import load_yaml, save_yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(NasDoseError):
+    """A config key is unknown, missing or of the wrong type."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the type `tp` and return it converted (int -> float, list -> tuple)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"config key '{key}': expected one of {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            args = get_args(tp)
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(args) != len(value):
+                    raise ConfigError(f"config key '{key}': expected {len(args)} items, got {len(value)}")
+                return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            item = args[0] if args else Any
+            items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif origin is dict:
+        if isinstance(value, dict):
+            ktp, vtp = get_args(tp) or (Any, Any)
+            return {_convert(k, ktp, key): _convert(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    else:
+        raise TypeError(f"unsupported config type {tp!r} for '{key}'")
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, field in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], dotted)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing config key '{dotted}'")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
+    """Build and validate a config dataclass from plain data (unknown keys are errors)."""
+    return _from_dict(cls, data or {})
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain, YAML-safe data of a config dataclass (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (['a', 'b'], value), the value parsed as YAML (`3`, `1e-3`, `[1,2]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.sub=value` override set (nested mappings created)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> C:
+    """Defaults, then `base`, then the YAML file at `path`, then overrides; validated.
+
+    Errors from the file name the file, so the user sees which config and which key is wrong.
+    """
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        loaded = load_yaml(path)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a YAML mapping")
+        data = _deep_merge(data, loaded)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def save_config(path: str | Path, config: Any) -> None:
+    """Write the resolved config next to a run's outputs, so the run can be repeated exactly."""
+    save_yaml(path, to_dict(config))
+
+
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "save_config", "apply_overrides",
+           "parse_override"]

@@ -1,0 +1,1 @@
+"""Data layer: OpenKBP import, HDF5 storage, synthetic phantoms, model inputs."""

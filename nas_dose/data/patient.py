@@ -1,0 +1,40 @@
+"""One patient in memory, and the OpenKBP structure vocabulary shared by every data module."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+OARS: tuple[str, ...] = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus",
+                         "Larynx", "Mandible")
+TARGETS: tuple[str, ...] = ("PTV56", "PTV63", "PTV70")
+ROIS: tuple[str, ...] = OARS + TARGETS
+# Prescription dose (Gy) of each target, fixed by the OpenKBP data set's design.
+PRESCRIPTION_GY: dict[str, float] = {"PTV56": 56.0, "PTV63": 63.0, "PTV70": 70.0}
+# Dose normalisation: models predict dose / DOSE_SCALE_GY.
+DOSE_SCALE_GY = 70.0
+OPENKBP_GRID = 128
+# CT as stored by OpenKBP: HU + 1024, clipped to this range.
+CT_STORED_RANGE = (0, 4095)
+
+
+@dataclass
+class Patient:
+    """A patient on a cubic grid, arrays in OpenKBP axis order (anterior-posterior, right-left,
+    superior-inferior).
+
+    ct: float32, HU + 1024 as OpenKBP stores it. dose: float32 Gy (None for a patient without a
+    reference plan). structures: bool masks keyed by ROI name, only the contoured ones.
+    """
+
+    id: str
+    ct: np.ndarray
+    possible_dose_mask: np.ndarray
+    structures: dict[str, np.ndarray]
+    voxel_mm: tuple[float, float, float]
+    dose: np.ndarray | None = None
+    attrs: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def grid(self) -> int:
+        return int(self.ct.shape[0])

@@ -1,0 +1,30 @@
+"""Progress bars that a single `--quiet` switch turns off for scripts and logs."""
+from __future__ import annotations
+
+from typing import Iterable, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+_QUIET = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _QUIET
+    _QUIET = quiet
+
+
+def is_quiet() -> bool:
+    return _QUIET
+
+
+def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc: str = "",
+             leave: bool = False) -> "tqdm[T]":
+    """A tqdm bar (to stderr) unless quiet; usable as an iterator or with `.update()`."""
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=_QUIET, dynamic_ncols=True)
+
+
+def say(message: str) -> None:
+    """Print a status line unless quiet."""
+    if not _QUIET:
+        print(message, flush=True)

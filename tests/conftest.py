@@ -1,0 +1,21 @@
+"""Shared fixtures: the real OpenKBP data (skipped when absent) and small thread counts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+_DEFAULT_OPENKBP = Path(__file__).resolve().parents[1].parent / "shared" / "openkbp"
+
+
+@pytest.fixture(scope="session")
+def openkbp_dir() -> Path:
+    """The shared OpenKBP folder (`NASDOSE_OPENKBP` overrides); the test skips when it is absent."""
+    path = Path(os.environ.get("NASDOSE_OPENKBP", _DEFAULT_OPENKBP))
+    if not (path / "csv").is_dir():
+        pytest.skip(f"OpenKBP data not found at {path}")
+    return path

@@ -1,0 +1,59 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from nas_dose.config import ConfigError, load_config, save_config, to_dict
+from nas_dose.io import load_yaml
+
+
+@dataclass
+class Optim:
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+
+
+@dataclass
+class Run:
+    optim: Optim = field(default_factory=Optim)
+    epochs: int = 3
+    widths: tuple[int, ...] = (8, 16)
+    note: str | None = None
+
+
+def test_defaults_file_and_overrides_merge(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("optim: {lr: 0.01}\nepochs: 7\n")
+    cfg = load_config(Run, cfg_file, ["optim.name=sgd", "widths=[4, 8, 16]"])
+    assert cfg.optim == Optim("sgd", 0.01)
+    assert cfg.epochs == 7 and cfg.widths == (4, 8, 16) and cfg.note is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("epochs=1.5", "config key 'epochs': expected int"),
+    ("optim.name=rmsprop", "config key 'optim.name': expected one of"),
+    ("widths=[1, x]", "config key 'widths[1]': expected int"),
+    ("epochs", "not of the form key.sub=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(Run, overrides=[override])
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [\n")
+    with pytest.raises(Exception, match="bad.yaml: invalid YAML"):
+        load_config(Run, bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="wrong.yaml: config key 'epochs'"):
+        load_config(Run, wrong)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(Run, overrides=["optim.lr=0.5", "note=hello"])
+    save_config(tmp_path / "config.yaml", cfg)
+    assert load_config(Run, tmp_path / "config.yaml") == cfg
+    assert load_yaml(tmp_path / "config.yaml") == to_dict(cfg)
