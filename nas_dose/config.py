@@ -6,6 +6,7 @@ typo fails at once with the key's dotted name instead of deep inside a run.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 from pathlib import Path
@@ -203,4 +204,11 @@ def save_config(path: str | Path, config: Any) -> None:
 
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "save_config", "apply_overrides",
-           "parse_override"]
+           "parse_override", "add_config_arguments"]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config options every configurable command shares: `--config FILE` and `key=value`s."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config (defaults are used for what it omits)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. optim.lr=1e-3 epochs=5 (values parsed as YAML)")
