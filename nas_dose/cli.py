@@ -24,7 +24,9 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; only the chosen command's module is imported (torch loads lazily)."""
+    chosen = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="nasdose",
         description="Neural architecture search, ensembles and distillation for 3D radiotherapy "
@@ -35,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress bars or status lines (for scripts)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module, help_text in COMMANDS:
+        if name != chosen:
+            sub.add_parser(name, help=help_text, parents=[common])
+            continue
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
                            parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     set_quiet(getattr(args, "quiet", False))
     try:

@@ -1,0 +1,146 @@
+"""Score predicted doses with the official OpenKBP dose and DVH scores.
+
+PRED is a folder of submission CSVs (pt_N.csv) or a nasdose predictions HDF5; DATA is an OpenKBP
+tree (CSV or npz layout) or a nasdose data set HDF5. Prints the scores and the per-structure
+table, writes OUT/metrics.json and, for the first N patients, a DVH plot and an axial dose-slice
+plot under OUT/plots/.
+"""
+from __future__ import annotations
+
+import argparse
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Generic, Iterator, TypeVar
+
+import numpy as np
+
+from .data.openkbp import discover, natural_key, read_patient, read_submission_csv
+from .data.patient import Patient
+from .data.store import SPLITS, open_data
+from .errors import input_error
+from .io import save_json
+from .plots import plot_dose_slices, plot_dvh
+from .progress import progress, say
+from .scores import Scores, score_patients
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Source(Generic[T]):
+    """Patients of one input by id, read on demand; `file_of` names the file an error is about."""
+
+    path: Path
+    ids: list[str]
+    read: Callable[[str], T]
+    file_of: Callable[[str], Path]
+
+
+def _open_predictions(path: Path, stack: ExitStack) -> _Source[np.ndarray]:
+    if path.is_dir():
+        files = {f.stem: f for f in path.glob("*.csv") if not f.name.startswith(".")}
+        if not files:
+            raise input_error(path, "no submission CSVs (pt_N.csv) in this folder")
+        return _Source(path, sorted(files, key=natural_key),
+                       lambda pid: read_submission_csv(files[pid]), files.__getitem__)
+    data = stack.enter_context(open_data(path))
+    if data.kind != "predictions":
+        raise input_error(path, f"a nasdose {data.kind} file, expected predictions")
+    return _Source(path, data.ids(), data.read_dose, lambda pid: path)
+
+
+def _open_references(path: Path, split: str | None, stack: ExitStack) -> _Source[Patient]:
+    if path.is_file() and path.suffix != ".npz":
+        data = stack.enter_context(open_data(path))
+        if data.kind != "dataset":
+            raise input_error(path, f"a nasdose {data.kind} file, expected a data set")
+        return _Source(path, data.ids(split), data.read, lambda pid: path)
+    sources = {s.id: s for s in discover(path) if split is None or s.split == split}
+    return _Source(path, list(sources), lambda pid: read_patient(sources[pid]),
+                   lambda pid: sources[pid].path)
+
+
+def _patient_ids(preds: _Source[np.ndarray], refs: _Source[Patient],
+                 split: str | None) -> list[str]:
+    """Every predicted patient, or with a split every reference patient of it (all predicted)."""
+    if split is None:
+        known = set(refs.ids)
+        for pid in preds.ids:
+            if pid not in known:
+                raise input_error(refs.path, f"no reference patient {pid} "
+                                             f"(predicted in {preds.file_of(pid)})")
+        return preds.ids
+    if not refs.ids:
+        raise input_error(refs.path, f"no {split} patients")
+    predicted = set(preds.ids)
+    missing = [pid for pid in refs.ids if pid not in predicted]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise input_error(preds.path, f"no prediction for {split} patient(s) "
+                                      f"{', '.join(missing[:5])}{more}")
+    return refs.ids
+
+
+def _pairs(preds: _Source[np.ndarray], refs: _Source[Patient], ids: list[str],
+           plot_dir: Path | None, plots: int) -> Iterator[tuple[Patient, np.ndarray]]:
+    """Read each patient and its prediction (checked), plotting the first `plots` of them."""
+    for i, pid in enumerate(progress(ids, desc="scoring")):
+        patient = refs.read(pid)
+        if patient.dose is None:
+            raise input_error(refs.file_of(pid), f"patient {pid} has no reference dose")
+        dose = preds.read(pid)
+        if dose.shape != patient.dose.shape:
+            raise input_error(preds.file_of(pid),
+                              f"patient {pid}: predicted dose on a {dose.shape} grid, but the "
+                              f"reference {refs.file_of(pid)} is on a {patient.dose.shape} grid")
+        if plot_dir is not None and i < plots:
+            plot_dvh(patient.dose, dose, patient.structures, plot_dir / f"dvh_{pid}.png",
+                     title=f"{pid}: reference (solid) and prediction (dashed)")
+            plot_dose_slices(patient.ct, patient.dose, dose, plot_dir / f"slices_{pid}.png",
+                             ptv70=patient.structures.get("PTV70"), title=pid)
+        yield patient, dose
+
+
+def evaluate_predictions(pred: Path, ref: Path, out: Path | None, split: str | None = None,
+                         plots: int = 3) -> Scores:
+    """Score `pred` against `ref` and print the scores; with `out`, write metrics.json and the
+    plots of the first `plots` patients there."""
+    pred, ref = Path(pred), Path(ref)
+    with ExitStack() as stack:
+        preds = _open_predictions(pred, stack)
+        refs = _open_references(ref, split, stack)
+        ids = _patient_ids(preds, refs, split)
+        plot_dir = out / "plots" if out is not None else None
+        scores = score_patients(_pairs(preds, refs, ids, plot_dir, plots))
+    say(scores.report())
+    if out is not None:
+        save_json(out / "metrics.json", {"pred": str(pred), "ref": str(ref), "split": split,
+                                         **scores.to_dict()})
+        say(f"wrote {out / 'metrics.json'}")
+    return scores
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred", type=Path, required=True, metavar="PRED",
+                        help="folder of submission CSVs (pt_N.csv) or a predictions HDF5")
+    parser.add_argument("--ref", type=Path, required=True, metavar="DATA",
+                        help="OpenKBP folder (CSV or npz layout) or a data set HDF5")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="output folder for metrics.json and plots/")
+    parser.add_argument("--split", choices=SPLITS,
+                        help="score exactly the reference patients of this split "
+                             "(default: every predicted patient)")
+    parser.add_argument("--plots", type=_count, default=3, metavar="N",
+                        help="plot the first N patients (default %(default)s)")
+
+
+def main(args: argparse.Namespace) -> None:
+    evaluate_predictions(args.pred, args.ref, args.out, args.split, args.plots)
