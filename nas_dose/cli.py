@@ -33,7 +33,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "dose prediction.")
     parser.add_argument("--version", action="version", version=f"nasdose {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true",
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars or status lines (for scripts)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module, help_text in COMMANDS:

@@ -1,0 +1,137 @@
+"""Build and inspect nasdose HDF5 data sets.
+
+  nasdose data import SRC OUT.h5 [--grid 128|64|32]
+      an OpenKBP tree (CSV or npz layout) -> a data set, block-downsampled to the grid
+  nasdose data synth OUT.h5 [--patients N] [--grid G] [--seed S]
+      synthetic head-and-neck phantoms with a beam-model dose -> a data set
+  nasdose data info FILE
+      what a data set or prediction file holds: splits, voxel sizes, structures, doses
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..progress import progress, say
+from .openkbp import PatientSource, discover, read_patient
+from .patient import OPENKBP_GRID, ROIS, Patient
+from .resample import downsample_patient, resample_factor
+from .store import DataFile, open_data, write_dataset
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    p = sub.add_parser("import", parents=[common], help="import an OpenKBP tree (CSV or npz layout)")
+    p.add_argument("src", type=Path, metavar="SRC",
+                   help="OpenKBP folder (train-pats/... or train/... split folders), a folder of "
+                        "patients, or one patient")
+    p.add_argument("out", type=Path, metavar="OUT.h5")
+    p.add_argument("--grid", type=_positive, default=OPENKBP_GRID,
+                   help=f"grid to store, dividing {OPENKBP_GRID} (e.g. 128, 64, 32; default %(default)s)")
+    p.set_defaults(func=import_command)
+    p = sub.add_parser("synth", parents=[common], help="write synthetic head-and-neck phantoms")
+    p.add_argument("out", type=Path, metavar="OUT.h5")
+    p.add_argument("--patients", type=_positive, default=24, help="number of patients (default %(default)s)")
+    p.add_argument("--grid", type=_positive, default=32, help="grid size (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.set_defaults(func=synth_command)
+    p = sub.add_parser("info", parents=[common], help="summarize a data set or prediction file")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.set_defaults(func=info_command)
+
+
+def main(args: argparse.Namespace) -> None:
+    """Run the chosen sub-command (the sub-parsers also set it as `func`)."""
+    commands: dict[str, Callable[[argparse.Namespace], None]] = {
+        "import": import_command, "synth": synth_command, "info": info_command}
+    commands[args.data_command](args)
+
+
+def _downsampled(sources: list[PatientSource], grid: int) -> Iterator[Patient]:
+    """Read patients one at a time, each block-downsampled to `grid`."""
+    for source in sources:
+        p = read_patient(source)
+        yield downsample_patient(p, resample_factor(p.grid, grid))
+
+
+def import_command(args: argparse.Namespace) -> None:
+    src = args.src.resolve()
+    sources = discover(src)
+    write_dataset(args.out, _downsampled(sources, args.grid), source=f"openkbp:{src}", grid=args.grid,
+                  total=len(sources))
+    say(f"wrote {args.out}: {_n_patients(len(sources))} on a {args.grid}^3 grid")
+
+
+def synth_command(args: argparse.Namespace) -> None:
+    from .synth import synth_patients
+
+    write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed),
+                  source=f"synth:seed={args.seed}", grid=args.grid, total=args.patients)
+    say(f"wrote {args.out}: {args.patients} synthetic patients on a {args.grid}^3 grid")
+
+
+def _stats(values: list[float]) -> str:
+    return (f"mean {np.mean(values):.2f} Gy, range {np.min(values):.2f}-{np.max(values):.2f} Gy"
+            if values else "none")
+
+
+def _n_patients(n: int) -> str:
+    return f"{n} patient" + ("" if n == 1 else "s")
+
+
+def _mm(voxel: list[float]) -> str:
+    return " x ".join(f"{v:g}" for v in voxel) + " mm"
+
+
+def summary(data: DataFile) -> str:
+    """A readable account of what a data set or prediction file holds."""
+    lines = [f"{data.path}: nasdose {data.kind} (format {data.attrs['format_version']}), "
+             f"grid {data.grid}^3",
+             f"source: {data.attrs.get('source') or '-'}"]
+    ids = data.ids()
+    attrs = {pid: data.patient_attrs(pid) for pid in ids}
+    per_split = ", ".join(f"{s} {len(members)}" for s, members in data.splits().items())
+    lines.append(f"patients: {len(ids)}" + (f" ({per_split})" if per_split else ""))
+    if data.kind == "predictions":
+        lines.append("ids: " + ", ".join(ids))
+    voxels = Counter(tuple(a["voxel_mm"]) for a in attrs.values() if "voxel_mm" in a)
+    for voxel, n in voxels.most_common():
+        lines.append(f"voxel size {_mm(list(voxel))}: {_n_patients(n)}")
+    resampling = Counter((a["resample_factor"], a["source_grid"]) for a in attrs.values()
+                         if a.get("resample_factor", 1) > 1)
+    for (factor, source_grid), n in sorted(resampling.items()):
+        lines.append(f"resampled by {factor} from the {source_grid}^3 grid: {_n_patients(n)}")
+    if data.kind == "dataset":
+        contoured = Counter(name for a in attrs.values() for name in a.get("rois", []))
+        lines.append("structures contoured (patients):")
+        lines.extend(f"  {name:<13}{contoured[name]:>4}/{len(ids)}" for name in ROIS)
+    max_dose, ptv70_dose = [], []
+    for pid in progress(ids, desc="reading doses"):
+        if data.has_dose(pid):
+            dose = data.read_dose(pid)
+            max_dose.append(float(dose.max()))
+            if "PTV70" in attrs[pid].get("rois", []):
+                ptv70_dose.append(float(dose[data.read_structure(pid, "PTV70")].mean()))
+    lines.append(f"dose: {_n_patients(len(max_dose))} with a dose")
+    lines.append(f"  max dose per patient: {_stats(max_dose)}")
+    if data.kind == "dataset":
+        lines.append(f"  mean PTV70 dose per patient: {_stats(ptv70_dose)}")
+    return "\n".join(lines)
+
+
+def info_command(args: argparse.Namespace) -> None:
+    with open_data(args.file) as data:
+        text = summary(data)
+    print(text)
+

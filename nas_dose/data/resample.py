@@ -1,0 +1,100 @@
+"""Integer-factor block downsampling that keeps every structure, and upsampling doses back.
+
+Training on a coarser grid is much cheaper, but a small organ must not vanish and the dose at a
+field edge must not be diluted by the zeros outside the possible-dose mask; predictions are
+upsampled back to the source grid for scoring.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..errors import NasDoseError
+from .patient import Patient
+
+
+def resample_factor(source_grid: int, grid: int) -> int:
+    """The block size that takes `source_grid` to `grid` (which must divide it)."""
+    if grid <= 0 or source_grid % grid:
+        raise NasDoseError(f"grid {grid}: does not divide the source grid {source_grid} "
+                           f"(use a divisor, e.g. {source_grid // 2} or {source_grid // 4})")
+    return source_grid // grid
+
+
+def _blocks(array: np.ndarray, factor: int) -> np.ndarray:
+    """View a cubic array as (g, f, g, f, g, f) so that axes 1, 3, 5 run inside a block."""
+    g = array.shape[0] // factor
+    return array.reshape(g, factor, g, factor, g, factor)
+
+
+_IN_BLOCK = (1, 3, 5)
+
+
+def _any_pool(mask: np.ndarray, factor: int) -> np.ndarray:
+    return _blocks(mask, factor).any(axis=_IN_BLOCK)
+
+
+def downsample_patient(p: Patient, factor: int) -> Patient:
+    """The patient on a grid `factor` times coarser.
+
+    CT: block mean. Masks: a coarse voxel is set if any fine voxel is, so no structure can
+    vanish. Dose: mean over the block's in-mask voxels, zero where the pooled mask is empty.
+    The source-grid possible-dose mask stays in attrs, for writing predictions back.
+    """
+    if factor < 1 or p.grid % factor:
+        raise NasDoseError(f"patient {p.id}: grid {p.grid} is not divisible by the factor {factor}")
+    previous = int(p.attrs.get("resample_factor", 1))
+    attrs = {**p.attrs, "resample_factor": previous * factor,
+             "source_grid": int(p.attrs.get("source_grid", p.grid))}
+    if factor == 1:
+        return dataclasses.replace(p, attrs=attrs)
+    attrs.setdefault("possible_dose_mask_source", p.possible_dose_mask.astype(bool))
+    mask = _any_pool(p.possible_dose_mask, factor)
+    dose = None
+    if p.dose is not None:
+        inside = _blocks(p.possible_dose_mask, factor)
+        total = np.where(inside, _blocks(p.dose, factor), 0).sum(axis=_IN_BLOCK, dtype=np.float64)
+        count = inside.sum(axis=_IN_BLOCK)
+        dose = np.divide(total, count, out=np.zeros_like(total), where=count > 0).astype(np.float32)
+    return Patient(
+        id=p.id,
+        ct=_blocks(p.ct, factor).mean(axis=_IN_BLOCK, dtype=np.float64).astype(np.float32),
+        possible_dose_mask=mask,
+        structures={name: _any_pool(s, factor) for name, s in p.structures.items()},
+        voxel_mm=(p.voxel_mm[0] * factor, p.voxel_mm[1] * factor, p.voxel_mm[2] * factor),
+        dose=dose,
+        attrs=attrs,
+    )
+
+
+def _upsample_axis(array: np.ndarray, factor: int, axis: int) -> np.ndarray:
+    """Linear interpolation along one axis between cell centres, clamped at the edges."""
+    n = array.shape[axis]
+    centres = (np.arange(n * factor) + 0.5) / factor - 0.5
+    centres = np.clip(centres, 0, n - 1)
+    low = np.floor(centres).astype(np.int64)
+    high = np.minimum(low + 1, n - 1)
+    shape = [1] * array.ndim
+    shape[axis] = -1
+    weight = (centres - low).astype(array.dtype).reshape(shape)
+    return np.take(array, low, axis=axis) * (1 - weight) + np.take(array, high, axis=axis) * weight
+
+
+def upsample_dose(dose: np.ndarray, factor: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """A dose on a grid `factor` times finer: trilinear, cell-centred, non-negative (float32).
+
+    With `mask` (the source-grid possible-dose mask) the dose is zeroed outside it.
+    """
+    if factor < 1:
+        raise NasDoseError(f"upsampling factor {factor}: must be at least 1")
+    out = np.asarray(dose, dtype=np.float32)
+    for axis in range(out.ndim):
+        out = _upsample_axis(out, factor, axis)
+    out = np.maximum(out, 0)
+    if mask is not None:
+        if mask.shape != out.shape:
+            raise NasDoseError(f"possible-dose mask of shape {mask.shape} does not match the "
+                               f"upsampled dose's {out.shape}")
+        out = np.where(mask, out, 0).astype(np.float32)
+    return out

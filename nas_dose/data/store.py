@@ -1,0 +1,285 @@
+"""HDF5 data set and prediction files: written atomically, read one patient at a time.
+
+A training run touches each patient many times; chunked, compressed HDF5 lets a loader read
+one patient without loading the set, and `DataFile` reopens the file lazily in each process so
+torch DataLoader workers never share an HDF5 handle. The layout is in docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..errors import input_error
+from ..io import atomic_path
+from ..progress import progress
+from .patient import ROIS, Patient
+
+FORMAT_VERSION = 1
+KINDS = ("dataset", "predictions")
+SPLITS = ("train", "validation", "test")
+CHUNK = 32
+# The one per-patient "attribute" that is an array: stored as a dataset beside ct and dose.
+SOURCE_MASK = "possible_dose_mask_source"
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """32³ chunks (one per structure for the stacked masks), so one patient decompresses fast."""
+    return tuple(1 if len(shape) == 4 and i == 0 else min(CHUNK, n) for i, n in enumerate(shape))
+
+
+def _put(group: h5py.Group, name: str, array: np.ndarray, dtype: type) -> None:
+    array = np.ascontiguousarray(array, dtype=dtype)
+    group.create_dataset(name, data=array, chunks=_chunks(array.shape), compression="gzip",
+                         shuffle=True)
+
+
+def _attr_value(key: str, value: Any) -> Any:
+    """A value h5py stores as an attribute, or a TypeError (a bug in the caller, not user input)."""
+    if isinstance(value, (str, bool, int, float, np.integer, np.floating)):
+        return value
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=h5py.string_dtype())
+        if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+               for v in value):
+            return np.array(value, dtype=np.float64 if any(isinstance(v, (float, np.floating))
+                                                           for v in value) else np.int64)
+    raise TypeError(f"patient attribute '{key}' of type {type(value).__name__} cannot be stored")
+
+
+def _write_attrs(group: h5py.Group, attrs: dict[str, Any]) -> None:
+    """Group attributes; the source-grid mask (an array) becomes a dataset beside the others."""
+    for key, value in attrs.items():
+        if key == SOURCE_MASK:
+            _put(group, SOURCE_MASK, value, np.uint8)
+        else:
+            group.attrs[key] = _attr_value(key, value)
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute values as plain Python (lists, str, int, float)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _root(f: h5py.File, kind: str, grid: int, source: str) -> h5py.Group:
+    f.attrs.update({"nasdose_format": kind, "format_version": FORMAT_VERSION, "grid": grid,
+                    "source": source, "nasdose_version": __version__})
+    return f.create_group("patients", track_order=True)
+
+
+def _new_group(patients: h5py.Group, pid: str, path: Path) -> h5py.Group:
+    if not pid or "/" in pid or pid in (".", ".."):
+        raise input_error(path, f"patient id {pid!r} cannot name an HDF5 group")
+    if pid in patients:
+        raise input_error(path, f"patient {pid} appears twice")
+    return patients.create_group(pid)
+
+
+def write_dataset(path: Path, patients: Iterable[Patient], *, source: str, grid: int,
+                  total: int | None = None) -> None:
+    """Write patients (each with attrs["split"]) to an HDF5 data set on a `grid`³ grid."""
+    path = Path(path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        group = _root(f, "dataset", grid, source)
+        for p in progress(patients, total=total, desc=f"writing {path.name}"):
+            _write_patient(group, p, grid, path)
+        if not len(group):
+            raise input_error(path, "no patients to write")
+
+
+def _write_patient(patients: h5py.Group, p: Patient, grid: int, path: Path) -> None:
+    cube = (grid,) * 3
+    arrays = {"ct": p.ct, "possible_dose_mask": p.possible_dose_mask, **p.structures}
+    if p.dose is not None:
+        arrays["dose"] = p.dose
+    for name, array in arrays.items():
+        if array.shape != cube:
+            raise input_error(path, f"patient {p.id}: '{name}' has shape {array.shape}, expected {cube}")
+    unknown = sorted(set(p.structures) - set(ROIS))
+    if unknown:
+        raise input_error(path, f"patient {p.id}: unknown structures {unknown}")
+    split = p.attrs.get("split")
+    if split not in SPLITS:
+        raise input_error(path, f"patient {p.id}: split {split!r} is not one of {', '.join(SPLITS)}")
+    g = _new_group(patients, p.id, path)
+    _write_attrs(g, {"source": "", "source_grid": grid, "resample_factor": 1, **p.attrs,
+                     "voxel_mm": tuple(float(v) for v in p.voxel_mm),
+                     "rois": [name for name in ROIS if name in p.structures]})
+    _put(g, "ct", p.ct, np.float32)
+    if p.dose is not None:
+        _put(g, "dose", p.dose, np.float32)
+    _put(g, "possible_dose_mask", p.possible_dose_mask, np.uint8)
+    stack = np.zeros((len(ROIS), *cube), dtype=np.uint8)
+    for i, name in enumerate(ROIS):
+        if name in p.structures:
+            stack[i] = p.structures[name]
+    _put(g, "structures", stack, np.uint8)
+
+
+def write_predictions(path: Path, doses: Iterable[tuple[str, np.ndarray, dict[str, Any]]], *,
+                      grid: int, source: str = "", total: int | None = None) -> None:
+    """Write predicted doses (Gy) with their per-patient attributes (e.g. voxel_mm)."""
+    path = Path(path)
+    cube = (grid,) * 3
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        group = _root(f, "predictions", grid, source)
+        for pid, dose, attrs in progress(doses, total=total, desc=f"writing {path.name}"):
+            dose = np.asarray(dose)
+            if dose.shape != cube:
+                raise input_error(path, f"patient {pid}: dose has shape {dose.shape}, expected {cube}")
+            g = _new_group(group, pid, path)
+            _write_attrs(g, attrs)
+            _put(g, "dose", dose, np.float32)
+        if not len(group):
+            raise input_error(path, "no patients to write")
+
+
+class DataFile:
+    """An open nasdose HDF5 file; patients are read on demand.
+
+    The HDF5 handle is opened on first access in each process (and never pickled), so one
+    DataFile can be handed to torch DataLoader workers, forked or spawned.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+        self._pid = -1
+        f = self._h5()
+        try:
+            self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
+            self.kind: str = self.attrs.get("nasdose_format", "")
+            if self.kind not in KINDS:
+                raise input_error(self.path, "not a nasdose file (no nasdose_format attribute)")
+            if self.attrs.get("format_version") != FORMAT_VERSION:
+                raise input_error(self.path, f"format version {self.attrs.get('format_version')} "
+                                             f"is not supported (expected {FORMAT_VERSION})")
+            if not isinstance(self.attrs.get("grid"), int) or "patients" not in f:
+                raise input_error(self.path, "incomplete nasdose file (no grid or no patients)")
+            self.grid: int = self.attrs["grid"]
+            self._splits = {pid: _plain(g.attrs.get("split", "")) for pid, g in f["patients"].items()}
+        except Exception:
+            self.close()
+            raise
+
+    def _h5(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            if not self.path.is_file():
+                raise input_error(self.path, "file not found")
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError:
+                raise input_error(self.path, "not a readable HDF5 file (truncated or of another kind)") \
+                    from None
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __enter__(self) -> DataFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._splits)
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._splits
+
+    def ids(self, split: str | None = None) -> list[str]:
+        """Patient ids in the order they were written, optionally of one split only."""
+        if split is not None and split not in SPLITS:
+            raise input_error(self.path, f"unknown split {split!r} (known: {', '.join(SPLITS)})")
+        return [pid for pid, s in self._splits.items() if split is None or s == split]
+
+    def splits(self) -> dict[str, list[str]]:
+        """The non-empty splits and their patients, in the order train, validation, test."""
+        return {s: ids for s in SPLITS if (ids := self.ids(s))}
+
+    def _group(self, pid: str) -> h5py.Group:
+        if pid not in self._splits:
+            raise input_error(self.path, f"no patient {pid!r}")
+        return self._h5()["patients"][pid]
+
+    def _array(self, group: h5py.Group, pid: str, name: str, shape: tuple[int, ...],
+               index: Any = ()) -> np.ndarray:
+        """One dataset of a patient, checked for shape, read whole or at `index`."""
+        if name not in group:
+            raise input_error(self.path, f"patient {pid}: no '{name}' array")
+        ds = group[name]
+        if not isinstance(ds, h5py.Dataset) or ds.shape != shape:
+            found = getattr(ds, "shape", "a group")
+            raise input_error(self.path, f"patient {pid}: '{name}' has shape {found}, expected {shape}")
+        try:
+            return ds[index]
+        except OSError:
+            raise input_error(self.path, f"patient {pid}: '{name}' cannot be read (corrupt file)") from None
+
+    def patient_attrs(self, pid: str) -> dict[str, Any]:
+        """A patient's group attributes as plain Python."""
+        return {k: _plain(v) for k, v in self._group(pid).attrs.items()}
+
+    def has_dose(self, pid: str) -> bool:
+        """Whether the patient has a dose (a data set's patient without a plan has none)."""
+        return "dose" in self._group(pid)
+
+    def read_dose(self, pid: str) -> np.ndarray:
+        """A patient's dose (float32 Gy); an error for a patient without one."""
+        return self._array(self._group(pid), pid, "dose", (self.grid,) * 3).astype(np.float32)
+
+    def read_structure(self, pid: str, name: str) -> np.ndarray:
+        """One structure mask (bool), all False where it was not contoured; the others stay unread."""
+        if name not in ROIS:
+            raise input_error(self.path, f"unknown structure {name!r}")
+        shape = (len(ROIS), *(self.grid,) * 3)
+        return self._array(self._group(pid), pid, "structures", shape, ROIS.index(name)).astype(bool)
+
+    def read(self, pid: str) -> Patient:
+        """One patient, whole; only its own arrays are read."""
+        if self.kind != "dataset":
+            raise input_error(self.path, "a prediction file holds doses only (use read_dose)")
+        group = self._group(pid)
+        attrs = self.patient_attrs(pid)
+        cube = (self.grid,) * 3
+        rois = attrs.pop("rois", [])
+        voxel_mm = attrs.pop("voxel_mm", None)
+        if voxel_mm is None:
+            raise input_error(self.path, f"patient {pid}: no voxel_mm attribute")
+        if SOURCE_MASK in group:
+            source_grid = attrs.get("source_grid", self.grid)
+            attrs[SOURCE_MASK] = self._array(group, pid, SOURCE_MASK, (source_grid,) * 3).astype(bool)
+        stack = (len(ROIS), *cube)
+        return Patient(
+            id=pid,
+            ct=self._array(group, pid, "ct", cube).astype(np.float32),
+            possible_dose_mask=self._array(group, pid, "possible_dose_mask", cube).astype(bool),
+            structures={name: self._array(group, pid, "structures", stack, ROIS.index(name)).astype(bool)
+                        for name in rois},
+            voxel_mm=tuple(voxel_mm),
+            dose=self.read_dose(pid) if "dose" in group else None,
+            attrs=attrs,
+        )
+
+
+def open_data(path: Path) -> DataFile:
+    """Open a nasdose data set or prediction file (an error names a missing or foreign file)."""
+    return DataFile(path)
