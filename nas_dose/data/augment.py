@@ -1,0 +1,178 @@
+"""Training augmentation: flips, rotations about the axial axis and shifts, applied identically
+to every array of an item (input, target, mask, and a teacher's prediction in distillation).
+
+Arrays are channel-first with the three spatial axes last, in OpenKBP order (axis 0 anterior ->
+posterior, axis 1 right -> left, axis 2 superior -> inferior). Each array has a kind, which
+fixes how it is resampled and what fills the voxels moved in from outside the volume:
+
+- "continuous": linear interpolation, background 0 (dose, predictions);
+- "mask": nearest neighbour, background 0; the values stay in the input's value set, so
+  binary masks stay exactly binary and a PTV level map keeps its levels;
+- "ct": linear interpolation, background air (each channel's lowest value, whatever its scale);
+- a ChannelLayout: one of the above per channel, plus the channel pairs that describe
+  left/right structures, which trade places when the transform mirrors the patient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+from scipy import ndimage
+
+from ..config import ConfigError
+from ..errors import NasDoseError
+
+KINDS = ("continuous", "mask", "ct")
+
+
+@dataclass
+class AugmentConfig:
+    """Each of flip along axis 0, flip along axis 1, rotation and shift happens independently
+    with `probability`; rotations are by a random non-zero multiple of `rotation_step_deg`."""
+
+    enabled: bool = True
+    flip: bool = True
+    rotate: bool = True
+    rotation_step_deg: float = 40.0
+    max_shift: int = 4
+    probability: float = 0.5
+
+    def validate(self) -> None:
+        if not 0.0 < self.rotation_step_deg < 360.0:
+            raise ConfigError(f"augment: rotation_step_deg must be in (0, 360), got {self.rotation_step_deg}")
+        if self.max_shift < 0:
+            raise ConfigError(f"augment: max_shift must be >= 0, got {self.max_shift}")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ConfigError(f"augment: probability must be in [0, 1], got {self.probability}")
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """The kind of each channel of a multi-channel array, and the (right, left) channel pairs
+    that swap under a mirroring transform: a mirrored right parotid is a left parotid."""
+
+    kinds: tuple[str, ...]
+    mirror_pairs: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One spatial transform: flips, then rotation about the volume's centre in the plane of
+    axes 0 and 1 (from axis 0 towards axis 1, as np.rot90 over those axes), then an integer
+    shift along each axis."""
+
+    flips: tuple[bool, bool] = (False, False)
+    angle_deg: float = 0.0
+    shift: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def mirrors(self) -> bool:
+        """One flip reverses handedness (the patient's right becomes its left); two flips make a
+        180 degree rotation, which does not."""
+        return self.flips[0] != self.flips[1]
+
+
+def sample_transform(cfg: AugmentConfig, rng: np.random.Generator) -> Transform:
+    """Draw a transform. The same number of values is drawn whatever the config, so a given
+    rng state always maps to the same transform family."""
+    u = rng.random(4)
+    steps = math.ceil(360.0 / cfg.rotation_step_deg - 1e-9)
+    k = int(rng.integers(1, steps))
+    shift = rng.integers(-cfg.max_shift, cfg.max_shift + 1, size=3)
+    p = cfg.probability
+    return Transform(
+        flips=(bool(cfg.flip and u[0] < p), bool(cfg.flip and u[1] < p)),
+        angle_deg=k * cfg.rotation_step_deg if cfg.rotate and u[2] < p else 0.0,
+        shift=tuple(int(s) for s in shift) if u[3] < p else (0, 0, 0),
+    )
+
+
+def augment(arrays: Mapping[str, np.ndarray], kinds: Mapping[str, str | ChannelLayout],
+            cfg: AugmentConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Apply one random transform, the same for every array. A disabled config is the identity."""
+    _check(arrays, kinds)
+    if not cfg.enabled:
+        return dict(arrays)
+    return apply_transform(arrays, kinds, sample_transform(cfg, rng))
+
+
+def apply_transform(arrays: Mapping[str, np.ndarray], kinds: Mapping[str, str | ChannelLayout],
+                    transform: Transform) -> dict[str, np.ndarray]:
+    """Apply `transform` to every array according to its kind (see the module docstring)."""
+    _check(arrays, kinds)
+    out = {}
+    for name, array in arrays.items():
+        kind = kinds[name]
+        channels = array.reshape(-1, *array.shape[-3:])
+        channel_kinds = kind.kinds if isinstance(kind, ChannelLayout) else (kind,) * len(channels)
+        moved = np.stack([_transform_volume(v, k, transform) for v, k in zip(channels, channel_kinds)])
+        if isinstance(kind, ChannelLayout) and transform.mirrors:
+            for right, left in kind.mirror_pairs:
+                moved[[right, left]] = moved[[left, right]]
+        out[name] = moved.reshape(array.shape)
+    return out
+
+
+def _check(arrays: Mapping[str, np.ndarray], kinds: Mapping[str, str | ChannelLayout]) -> None:
+    shape = None
+    for name, array in arrays.items():
+        if name not in kinds:
+            raise NasDoseError(f"augment: no kind given for array '{name}'")
+        kind = kinds[name]
+        if array.ndim < 3:
+            raise NasDoseError(f"augment: array '{name}' has {array.ndim} axes, needs 3 spatial axes")
+        if shape is not None and array.shape[-3:] != shape:
+            raise NasDoseError(f"augment: array '{name}' has spatial shape {array.shape[-3:]}, "
+                               f"the others {shape}")
+        shape = array.shape[-3:]
+        if isinstance(kind, ChannelLayout):
+            if array.ndim != 4 or array.shape[0] != len(kind.kinds):
+                raise NasDoseError(f"augment: array '{name}' of shape {array.shape} does not match "
+                                   f"its layout of {len(kind.kinds)} channels")
+            unknown = [k for k in kind.kinds if k not in KINDS]
+        else:
+            unknown = [] if kind in KINDS else [kind]
+        if unknown:
+            raise NasDoseError(f"augment: array '{name}' has unknown kind {unknown[0]!r} "
+                               f"(known: {', '.join(KINDS)})")
+
+
+def _transform_volume(volume: np.ndarray, kind: str, t: Transform) -> np.ndarray:
+    background = volume.min() if kind == "ct" and volume.size else volume.dtype.type(0)
+    work = volume.view(np.uint8) if volume.dtype == bool else volume
+    if t.flips[0]:
+        work = work[::-1]
+    if t.flips[1]:
+        work = work[:, ::-1]
+    if t.angle_deg % 360:
+        work = _rotate(work, t.angle_deg, order=0 if kind == "mask" else 1, background=background)
+    work = _shift(work, t.shift, background)
+    return work.view(bool) if volume.dtype == bool else work
+
+
+def _rotate(volume: np.ndarray, angle_deg: float, order: int, background: float) -> np.ndarray:
+    """Rotate about the centre in the plane of axes 0 and 1, resampling once."""
+    theta = math.radians(angle_deg)
+    # Rounded so that multiples of 90 degrees map voxel centres exactly onto voxel centres.
+    cos, sin = round(math.cos(theta), 12), round(math.sin(theta), 12)
+    # affine_transform maps each output voxel back to its input position: the inverse rotation.
+    matrix = np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])
+    centre = (np.array(volume.shape, dtype=float) - 1) / 2
+    return ndimage.affine_transform(np.ascontiguousarray(volume), matrix, offset=centre - matrix @ centre,
+                                    order=order, mode="constant", cval=float(background))
+
+
+def _shift(volume: np.ndarray, shift: tuple[int, int, int], background: float) -> np.ndarray:
+    """Integer shift; voxels moved in from outside take the background value."""
+    if not any(shift):
+        return np.ascontiguousarray(volume)
+    out = np.full(volume.shape, background, dtype=volume.dtype)
+    dst, src = [], []
+    for s, n in zip(shift, volume.shape):
+        s = max(-n, min(n, s))
+        dst.append(slice(max(s, 0), n + min(s, 0)))
+        src.append(slice(max(-s, 0), n - max(s, 0)))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out

@@ -1,0 +1,182 @@
+"""Model inputs and targets, the torch Dataset over an HDF5 data set, and reproducible loaders.
+
+Every random choice of an item comes from (seed, epoch, index) and the order of an epoch from
+(seed, epoch), never from hidden state, so a run resumed at epoch e sees exactly the batches
+and augmentations the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import NasDoseError
+from .augment import AugmentConfig, ChannelLayout, augment
+from .patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS, Patient
+from .store import open_data
+
+CHANNELS: tuple[str, ...] = ("ct", "ptv", *OARS, "possible_dose_mask")
+IN_CHANNELS = len(CHANNELS)
+# CT window in HU and scale: air (-1024 HU) becomes -1.024, dense bone saturates at 1.5.
+CT_HU_RANGE = (-1024.0, 1500.0)
+CT_SCALE = 1000.0
+# How augmentation treats each channel: the PTV level map is resampled like a mask so it keeps
+# its levels, and a mirrored right parotid becomes a left parotid.
+INPUT_LAYOUT = ChannelLayout(
+    kinds=("ct", *("mask",) * (IN_CHANNELS - 1)),
+    mirror_pairs=((CHANNELS.index("RightParotid"), CHANNELS.index("LeftParotid")),),
+)
+ITEM_KINDS: dict[str, str | ChannelLayout] = {"input": INPUT_LAYOUT, "target": "continuous",
+                                              "mask": "mask"}
+
+
+def _check_shapes(p: Patient) -> tuple[int, ...]:
+    shape = p.ct.shape
+    arrays = {"possible_dose_mask": p.possible_dose_mask, **p.structures}
+    if p.dose is not None:
+        arrays["dose"] = p.dose
+    for name, array in arrays.items():
+        if array.shape != shape:
+            raise NasDoseError(f"patient {p.id}: '{name}' has shape {array.shape}, the CT {shape}")
+    if len(shape) != 3:
+        raise NasDoseError(f"patient {p.id}: CT has shape {shape}, expected a 3D volume")
+    return shape
+
+
+def build_input(p: Patient) -> np.ndarray:
+    """The model input, float32 (IN_CHANNELS, G, G, G), channels as in CHANNELS."""
+    shape = _check_shapes(p)
+    x = np.zeros((IN_CHANNELS, *shape), dtype=np.float32)
+    hu = p.ct.astype(np.float32) - 1024.0
+    x[0] = np.clip(hu, *CT_HU_RANGE) / CT_SCALE
+    # PTV map: the prescription relative to 70 Gy (1.0 / 0.9 / 0.8); the highest wins.
+    for name in TARGETS:
+        if name in p.structures:
+            level = PRESCRIPTION_GY[name] / DOSE_SCALE_GY
+            x[1] = np.maximum(x[1], np.where(p.structures[name], np.float32(level), np.float32(0)))
+    for i, name in enumerate(OARS, start=2):
+        if name in p.structures:
+            x[i] = p.structures[name]
+    x[-1] = p.possible_dose_mask
+    return x
+
+
+def build_target(p: Patient) -> np.ndarray:
+    """The training target, float32 (1, G, G, G): dose / DOSE_SCALE_GY."""
+    _check_shapes(p)
+    if p.dose is None:
+        raise NasDoseError(f"patient {p.id}: no reference dose to train on")
+    return (p.dose.astype(np.float32) / np.float32(DOSE_SCALE_GY))[None]
+
+
+def build_item(p: Patient, cfg: AugmentConfig | None = None,
+               rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Input, target and mask arrays of a patient, augmented when `cfg` is given.
+
+    The target is zeroed outside the (augmented) mask: linear interpolation of the dose would
+    otherwise leak into voxels the nearest-neighbour mask leaves out.
+    """
+    arrays = {"input": build_input(p), "target": build_target(p),
+              "mask": p.possible_dose_mask.astype(np.float32)[None]}
+    if cfg is not None:
+        if rng is None:
+            raise ValueError("build_item: augmentation needs an rng")
+        arrays = augment(arrays, ITEM_KINDS, cfg, rng)
+    arrays["target"] = arrays["target"] * arrays["mask"]
+    return arrays
+
+
+class EpochDataset(Protocol):
+    """What `make_loader` needs: an epoch to draw the order from, and items addressable by
+    (index, epoch), so worker processes that keep their own dataset copy still see the epoch."""
+
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any: ...
+
+
+class DoseDataset(Dataset):
+    """Patients of one split of an HDF5 data set, read lazily, as model-ready tensors.
+
+    An item is a dict: `input` (IN_CHANNELS, G, G, G), `target` (1, G, G, G), `mask`
+    (1, G, G, G) float tensors and `id`. The augmentation of item i in epoch e is drawn from
+    (seed, e, i) alone; `set_epoch` selects e.
+    """
+
+    def __init__(self, path: Path, split: str | None, augment: AugmentConfig | None = None,
+                 seed: int = 0) -> None:
+        if seed < 0:
+            raise NasDoseError(f"{path}: the data seed must be >= 0, got {seed}")
+        self.data = open_data(Path(path))
+        self.ids = self.data.ids(split)
+        if not self.ids:
+            where = f"split '{split}'" if split is not None else "the file"
+            raise NasDoseError(f"{path}: no patients in {where}")
+        self.augmentation = augment if augment is not None and augment.enabled else None
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def grid(self) -> int:
+        return self.data.grid
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        pid = self.ids[index]
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.augmentation else None
+        arrays = build_item(self.data.read(pid), self.augmentation, rng)
+        return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "id": pid}
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) keys in an order drawn from (seed, epoch), the epoch read from
+    the dataset when iteration starts: call `dataset.set_epoch(e)` before each epoch."""
+
+    def __init__(self, dataset: EpochDataset, shuffle: bool, seed: int) -> None:
+        self.dataset = dataset
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.dataset.epoch
+        n = len(self.dataset)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else range(n)
+        return iter([(int(i), epoch) for i in order])
+
+
+def make_loader(dataset: EpochDataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+                seed: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose batches depend only on (seed, dataset epoch), with persistent workers
+    when num_workers > 0. Seeding the loader's generator makes torch give the workers distinct,
+    reproducible seeds for torch, numpy and random."""
+    if not hasattr(dataset, "set_epoch"):
+        raise TypeError("make_loader needs a dataset with epoch and set_epoch (see EpochDataset)")
+    if batch_size < 1:
+        raise NasDoseError(f"batch size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise NasDoseError(f"number of loader workers must be >= 0, got {num_workers}")
+    if seed < 0:
+        raise NasDoseError(f"loader seed must be >= 0, got {seed}")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed),
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                      generator=generator, persistent_workers=num_workers > 0)
