@@ -1,4 +1,8 @@
-"""Shared fixtures: the real OpenKBP data (skipped when absent) and small thread counts."""
+"""Shared fixtures: the real OpenKBP data (skipped when absent), and one torch thread.
+
+The tests use tiny tensors, where a second thread only adds synchronization (and, when the
+cores are busy, spin-waiting that makes a test many times slower).
+"""
 from __future__ import annotations
 
 import os
@@ -7,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 _DEFAULT_OPENKBP = Path(__file__).resolve().parents[1].parent / "shared" / "openkbp"
 

@@ -9,16 +9,6 @@ MODELS = list_models()
 EVEN, ODD = (16, 16, 16), (13, 17, 15)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors this small run fastest on one thread, and a busy shared CPU makes waiting
-    OpenMP threads far slower still."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _input(n, shape, seed=0):
     """Random channels; the last one a binary possible-dose mask, mostly ones."""
     g = torch.Generator().manual_seed(seed)

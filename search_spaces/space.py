@@ -1,0 +1,258 @@
+"""SearchSpace base class, the space registry, and plugin imports.
+
+A space declares its slots (slot name -> ordered candidates), its default macro, and how to
+construct a network from a slot factory. Everything else (NNI mutable, sampling, validation,
+building, the supernet, mutation, distance) is derived here, so a new space is one small class.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch.nn as nn
+
+from ..errors import NasDoseError
+from .cells import SlotFactory
+from .genotype import Genotype
+from .ops import list_ops, make_op
+
+
+class SearchSpace:
+    """Base class of search spaces; subclasses are registered with ``@register_space(name)``.
+
+    Subclasses implement ``slots``, ``default_macro`` and ``construct``; override
+    ``default_choices`` (non-op slots), ``active_slots`` or ``check_macro`` when needed.
+    """
+
+    name: str = ""
+    version: int = 1
+
+    # -- what a subclass defines ---------------------------------------------------------------
+
+    def slots(self) -> dict[str, list]:
+        """Slot name -> ordered candidates (op names, or ints/strs for width/depth slots)."""
+        raise NotImplementedError
+
+    def default_macro(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def construct(self, choices: Mapping[str, Any], macro: Mapping[str, Any], make: SlotFactory) -> nn.Module:
+        """Build the network; op slots are filled by ``make(slot, kind, c_in, c_out)``.
+
+        ``choices`` holds at least every non-op slot; op slots are read only through ``make``
+        (which places a single op in a final network and a MixedOp in the supernet).
+        """
+        raise NotImplementedError
+
+    def small_macro(self) -> dict[str, Any]:
+        """A CPU-sized macro for tests and quick runs; override when the default is large."""
+        return self.default_macro()
+
+    # -- derived ---------------------------------------------------------------------------------
+
+    def op_slots(self) -> list[str]:
+        """The slots whose candidates are all registered ops: those a supernet can mix."""
+        ops = set(list_ops())
+        return [s for s, cands in self.slots().items() if all(isinstance(c, str) and c in ops for c in cands)]
+
+    def default_choices(self) -> dict[str, Any]:
+        """Values of the non-op slots when nothing fixes them (the supernet's): the last candidate."""
+        ops = set(self.op_slots())
+        return {s: cands[-1] for s, cands in self.slots().items() if s not in ops}
+
+    def active_slots(self, g: Genotype) -> list[str]:
+        """The slots that change ``g``'s network (all of them unless, e.g., a depth slot hides some)."""
+        return list(self.slots())
+
+    def size(self) -> int:
+        """Number of architectures (product of the candidate counts)."""
+        return math.prod(len(c) for c in self.slots().values())
+
+    def mutable(self):
+        """One ``nni.mutable.Categorical`` per slot (label = slot name), in a ``MutableDict``.
+
+        NNI is imported on first use (about a second), not when nasdose is imported.
+        """
+        from nni.mutable import Categorical, MutableDict
+
+        return MutableDict({s: Categorical(list(c), label=s) for s, c in self.slots().items()})
+
+    def check_macro(self, macro: Mapping[str, Any], source: str = "") -> dict[str, Any]:
+        """The default macro updated with ``macro``; unknown keys and bad types are errors."""
+        where = source or f"search space '{self.name}'"
+        out = self.default_macro()
+        for key, value in macro.items():
+            if key not in out:
+                raise NasDoseError(f"{where}: unknown macro key '{key}' (known: {', '.join(out)})")
+            default = out[key]
+            if isinstance(default, (list, tuple)):
+                ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(_positive_int(v) for v in value)
+                value = list(value) if ok else value
+                expected = "a non-empty list of positive integers"
+            else:
+                ok = _positive_int(value)
+                expected = "a positive integer"
+            if not ok:
+                raise NasDoseError(f"{where}: macro '{key}' must be {expected}, got {value!r}")
+            out[key] = value
+        return out
+
+    def check_choices(self, choices: Mapping[str, Any], source: str = "", complete: bool = True) -> dict[str, Any]:
+        """Validate slot values through the NNI mutable (all slots, or only those given).
+
+        Errors name the slot and the bad op; NNI's SampleValidationError becomes NasDoseError.
+        """
+        from nni.mutable import MutableDict
+        from nni.mutable.exception import SampleMissingError, SampleValidationError
+
+        where = source or f"search space '{self.name}'"
+        slots = self.slots()
+        for slot, value in choices.items():
+            if slot not in slots:
+                raise NasDoseError(f"{where}: unknown slot '{slot}' in space '{self.name}'")
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise NasDoseError(f"{where}: slot '{slot}': {value!r} is not an op name or an integer")
+        mutable = self.mutable()
+        if not complete:
+            mutable = MutableDict({s: mutable[s] for s in choices})
+        try:
+            return dict(mutable.freeze(dict(choices)))
+        except SampleMissingError as e:
+            raise NasDoseError(f"{where}: missing slot '{e.paths[-1] if e.paths else e}'") from None
+        except SampleValidationError as e:
+            slot = e.paths[-1] if e.paths else "?"
+            raise NasDoseError(f"{where}: slot '{slot}': {choices.get(slot)!r} is not allowed "
+                               f"(allowed: {', '.join(map(str, slots.get(slot, [])))})") from None
+
+    def validate(self, g: Genotype, source: str = "") -> None:
+        """Check space, version, every slot (through NNI) and the macro."""
+        where = source or "genotype"
+        if g.space != self.name:
+            raise NasDoseError(f"{where}: genotype of space '{g.space}' given to space '{self.name}'")
+        if g.version != self.version:
+            raise NasDoseError(f"{where}: space '{self.name}' version {g.version} is not supported "
+                               f"(this nasdose has version {self.version})")
+        self.check_choices(g.choices, where)
+        self.check_macro(g.macro, where)
+        missing = [k for k in self.default_macro() if k not in g.macro]
+        if missing:
+            raise NasDoseError(f"{where}: missing macro key '{missing[0]}'")
+
+    def genotype(self, choices: Mapping[str, Any], macro: Mapping[str, Any] | None = None,
+                 source: str = "") -> Genotype:
+        """A validated genotype from slot values (e.g. an NNI sample) and a (partial) macro."""
+        g = Genotype(self.name, self.version, dict(choices), self.check_macro(macro or {}, source))
+        self.validate(g, source)
+        return g
+
+    def sample(self, rng: np.random.RandomState, macro: Mapping[str, Any] | None = None) -> Genotype:
+        """A uniformly random architecture, drawn by NNI (which needs a ``RandomState``)."""
+        return self.genotype(self.mutable().random(random_state=rng), macro)
+
+    def mutate(self, g: Genotype, rng: np.random.RandomState) -> Genotype:
+        """Change exactly one active slot to a different candidate (evolution's mutation)."""
+        slots = self.slots()
+        movable = [s for s in self.active_slots(g) if len(slots[s]) > 1]
+        slot = movable[rng.randint(len(movable))]
+        others = [c for c in slots[slot] if c != g.choices[slot]]
+        return self.genotype({**g.choices, slot: others[rng.randint(len(others))]}, g.macro)
+
+    def distance(self, a: Genotype, b: Genotype) -> float:
+        """Fraction of slots whose values differ, in [0, 1]."""
+        if a.space != self.name or b.space != self.name:
+            raise NasDoseError(f"search space '{self.name}': cannot compare genotypes of '{a.space}' and '{b.space}'")
+        slots = list(self.slots())
+        return sum(a.choices.get(s) != b.choices.get(s) for s in slots) / len(slots)
+
+    def build(self, g: Genotype) -> nn.Module:
+        """The final network of ``g``: plain ``torch.nn`` modules, one op per slot."""
+        self.validate(g)
+        return self.construct(g.choices, g.macro, _single_op_factory(g.choices))
+
+    def build_supernet(self, macro: Mapping[str, Any] | None = None, fixed: Mapping[str, Any] | None = None,
+                       mode: str = "softmax", tau: float = 1.0):
+        """A supernet mixing every op slot not in ``fixed``; other slots from ``fixed`` or defaults.
+
+        Built with the same macro (and cells) as the final networks of this space.
+        """
+        from .supernet import Supernet
+
+        return Supernet(self, macro, fixed, mode=mode, tau=tau)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _single_op_factory(choices: Mapping[str, Any]) -> SlotFactory:
+    def make(slot: str, kind: str, c_in: int, c_out: int) -> nn.Module:
+        return make_op(choices[slot], kind, c_in, c_out, slot=slot)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+_SPACES: dict[str, type[SearchSpace]] = {}
+
+
+def register_space(name: str) -> Callable[[type[SearchSpace]], type[SearchSpace]]:
+    """Class decorator: register a SearchSpace subclass under ``name`` (sets ``cls.name``)."""
+
+    def decorate(cls: type[SearchSpace]) -> type[SearchSpace]:
+        if not (isinstance(cls, type) and issubclass(cls, SearchSpace)):
+            raise NasDoseError(f"search space '{name}': {cls!r} is not a SearchSpace subclass")
+        if name in _SPACES and _SPACES[name] is not cls:
+            raise NasDoseError(f"search space '{name}': already registered")
+        cls.name = name
+        _SPACES[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_spaces() -> list[str]:
+    return list(_SPACES)
+
+
+def get_space(name: str, source: str = "") -> SearchSpace:
+    """A space by registered name, or by import path ``package.module:ClassName``.
+
+    A space loaded by path that is not registered takes the path as its name, so its
+    genotypes record where to find it.
+    """
+    where = source or "search space"
+    if name in _SPACES:
+        return _SPACES[name]()
+    if ":" not in name:
+        raise NasDoseError(f"{where}: unknown search space '{name}' (known: {', '.join(_SPACES)}; "
+                           "or give package.module:ClassName)")
+    module, _, attr = name.partition(":")
+    cls = getattr(_import(module, where), attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, SearchSpace)):
+        raise NasDoseError(f"{where}: '{name}' is not a SearchSpace subclass")
+    space = cls()
+    if _SPACES.get(cls.name) is not cls:
+        space.name = name
+    return space
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import modules that register ops or spaces as a side effect (``mypkg.ops``)."""
+    for module in modules:
+        _import(module, "plugin")
+
+
+def _import(module: str, where: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise NasDoseError(f"{where}: cannot import '{module}' ({e})") from None
+
+
+def build_model(g: Genotype) -> nn.Module:
+    """The final network of a genotype of any registered (or import-path) space."""
+    return get_space(g.space).build(g)
