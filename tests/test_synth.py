@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 
 from nas_dose.data import synth
-from nas_dose.data.patient import OARS, PRESCRIPTION_GY, ROIS, TARGETS
+from nas_dose.data.patient import PRESCRIPTION_GY, ROIS, TARGETS
 from nas_dose.data.synth import split_for, synth_patient, synth_patients
 from nas_dose.errors import NasDoseError
 
