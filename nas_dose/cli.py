@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("data", "nas_dose.data.cli", "import OpenKBP data, make synthetic phantoms, summarize a data set"),
     ("train", "nas_dose.train", "train one network (reference model or genotype)"),
     ("predict", "nas_dose.predict", "predict doses with a trained model, write HDF5 and OpenKBP CSVs"),
+    ("search", "nas_dose.strategies.cli", "search architectures and choose an accurate, diverse pool"),
     ("evaluate", "nas_dose.evaluate", "OpenKBP dose and DVH scores, per-structure table and plots"),
     ("pipeline", "nas_dose.pipeline", "run the whole pipeline end to end on the synthetic default"),
 ]

@@ -1,0 +1,276 @@
+"""Search architectures and choose an accurate, diverse pool of K networks.
+
+  nasdose search --data DATA.h5 --out DIR [--config CFG.yaml] [--resume] [key=value ...]
+
+Weights are trained on one part of the training split and architectures chosen and scored on
+the other (disjoint); the members' predictions on the validation split measure how they differ.
+Diversity modes: "sequential" runs K searches in a row, each with the LENAS hinge against the
+members found before it; "pool" runs one search and picks K of its candidates greedily for
+accuracy + lam × diversity; "none" takes the K best.
+
+DIR receives config.yaml, search_log.jsonl, pool.yaml (read by `nasdose ensemble`),
+genotypes/<member>.yaml and plots/ (arch_weights.png, fitness.png, diversity.png). State is
+checkpointed under DIR/state; `--resume` continues an interrupted search to the same result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError, add_config_arguments, from_dict, load_config, save_config, to_dict
+from ..data.store import open_data
+from ..errors import NasDoseError, input_error
+from ..io import load_checkpoint, load_yaml, save_checkpoint
+from ..progress import say
+from ..runtime import Runtime, RuntimeConfig, seed_everything
+from ..search_spaces import get_space, import_plugins, save_genotype
+from .base import Candidate, SearchContext, Strategy, get_strategy
+from .diversity import DiversityConfig, pairwise_matrices, select_pool
+from .plots import plot_arch_weights, plot_diversity, plot_fitness
+from .pool import Pool, PoolMember, save_pool
+
+
+@dataclass
+class SplitConfig:
+    """Which patients the search uses.
+
+    Architecture patients are `arch_fraction` of `search_split` (drawn with the seed; the rest
+    train the weights) or, if `arch_split` is set, that whole split. Diversity is measured on
+    `diversity_split` (at most `max_diversity_patients` of it, in file order).
+    """
+
+    search_split: str = "train"
+    arch_fraction: float = 0.3
+    arch_split: str | None = None
+    diversity_split: str = "validation"
+    max_diversity_patients: int | None = None
+
+    def validate(self) -> None:
+        if not 0 < self.arch_fraction < 1:
+            raise ConfigError(f"config key 'data.arch_fraction': must be in (0, 1), got {self.arch_fraction}")
+        if self.max_diversity_patients is not None and self.max_diversity_patients < 1:
+            raise ConfigError("config key 'data.max_diversity_patients': must be at least 1")
+
+
+@dataclass
+class SearchConfig:
+    """Everything a search depends on; saved (resolved) as DIR/config.yaml."""
+
+    space: str = "lenas"
+    plugins: list[str] = field(default_factory=list)  # modules that register ops or spaces
+    macro: dict[str, Any] = field(default_factory=dict)  # overrides of the space's default macro
+    strategy: str = "differentiable"
+    options: dict[str, Any] = field(default_factory=dict)  # the strategy's Config
+    pool_size: int = 4
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
+    data: SplitConfig = field(default_factory=SplitConfig)
+    seed: int = 0
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    time_budget_min: float | None = None  # whole command; a search stops at its next checkpoint
+
+    def validate(self) -> None:
+        if self.pool_size < 1:
+            raise ConfigError(f"config key 'pool_size': must be at least 1, got {self.pool_size}")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            raise ConfigError(f"config key 'time_budget_min': must be positive, got {self.time_budget_min}")
+
+
+def split_patients(data: Path, cfg: SplitConfig, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """(weight, architecture, diversity) patient ids; weight and architecture are disjoint."""
+    with open_data(data) as f:
+        pool = f.ids(cfg.search_split)
+        if cfg.arch_split is not None:
+            arch = f.ids(cfg.arch_split)
+        else:
+            n = min(max(1, round(cfg.arch_fraction * len(pool))), len(pool) - 1)
+            drawn = set(np.random.default_rng([seed, 7]).choice(len(pool), size=max(n, 0), replace=False).tolist())
+            arch = [pid for i, pid in enumerate(pool) if i in drawn]
+        weight = [pid for pid in pool if pid not in set(arch)]
+        diversity = f.ids(cfg.diversity_split)[:cfg.max_diversity_patients]
+    if not weight or not arch:
+        raise input_error(data, f"split '{cfg.search_split}' has {len(pool)} patient(s); a search needs "
+                                "at least one for the weights and one for the architecture")
+    if not diversity:
+        say(f"note: no '{cfg.diversity_split}' patients in {data}: diversity is measured by genotypes only")
+    return weight, arch, diversity
+
+
+# How the fitness plot names the scored records of the search log.
+EVENT_LABELS = {"epoch": "strongest ops after an epoch", "candidate": "final candidate"}
+
+
+class SearchRun:
+    """One `nasdose search`: the strategy runs, the pool selection and the outputs."""
+
+    def __init__(self, cfg: SearchConfig, data: Path, out: Path) -> None:
+        self.cfg = cfg
+        self.data = Path(data)
+        self.out = Path(out)
+        import_plugins(cfg.plugins)
+        self.space = get_space(cfg.space, source="config key 'space'")
+        self.macro = self.space.check_macro(cfg.macro, "config key 'macro'")
+        self.strategy_cls = get_strategy(cfg.strategy)
+        self.options = from_dict(self.strategy_cls.Config, cfg.options)
+        cfg.options = to_dict(self.options)  # the resolved options go into config.yaml
+        if cfg.diversity.mode == "sequential" and not self.strategy_cls.uses_references:
+            raise NasDoseError(f"strategy '{cfg.strategy}' cannot search against earlier members; "
+                               "use diversity.mode=pool or none")
+        self.runtime = Runtime(cfg.runtime)
+        self.weight_ids, self.arch_ids, self.diversity_ids = split_patients(self.data, cfg.data, cfg.seed)
+        budget = cfg.time_budget_min
+        self.deadline = None if budget is None else time.monotonic() + 60.0 * budget
+        self.histories: list[list[dict[str, list[float]]]] = []  # α per epoch of each search, if any
+        self.base = self.context("search", [], {})  # for data access and the command's own log records
+
+    def context(self, state: str, references: list[dict[str, np.ndarray]], fields: dict[str, Any]) -> SearchContext:
+        return SearchContext(self.space, self.macro, self.data, self.runtime, self.cfg.seed, self.weight_ids,
+                             self.arch_ids, self.diversity_ids, references, self.cfg.diversity,
+                             state_dir=self.out / "state" / state, log_path=self.out / "search_log.jsonl",
+                             log_fields=fields, deadline=self.deadline)
+
+    def _search(self, ctx: SearchContext) -> tuple[list[Candidate], list[dict[str, list[float]]]]:
+        """The strategy's candidates and, for a differentiable one, its α history."""
+        seed_everything(self.cfg.seed)
+        strategy: Strategy = self.strategy_cls(self.options)
+        cands = strategy.run(ctx)
+        history = getattr(strategy, "history", [])
+        if history:
+            self.histories.append(history)
+        return cands, history
+
+    def sequential(self) -> list[Candidate]:
+        """K searches in a row, the k-th with the hinge against members 0..k-1."""
+        members: list[Candidate] = []
+        for k in range(self.cfg.pool_size):
+            path = self.out / "state" / f"member{k}.pt"
+            if path.exists():
+                state = load_checkpoint(path)
+                members.append(Candidate.from_state(state["member"], str(path)))
+                if state["history"]:
+                    self.histories.append(state["history"])
+                continue
+            ctx = self.context(f"search{k}", [m.predictions or {} for m in members], {"search": k})
+            if k and ctx.should_stop():
+                ctx.log({"event": "time_budget", "members": k})
+                say(f"time budget spent: {k} of {self.cfg.pool_size} members found")
+                break
+            cands, history = self._search(ctx)
+            found = {m.genotype.key() for m in members}
+            distinct = [c for c in cands if c.genotype.key() not in found]
+            if not distinct:
+                ctx.log({"event": "no_new_genotype", "candidates": len(cands)})
+                say(f"search {k} found no genotype new to the pool; stopping at {k} members")
+                break
+            chosen = distinct[0]
+            if chosen is not cands[0]:
+                ctx.log({"event": "fallback", "reason": "best candidate already in the pool",
+                         "duplicate": cands[0].genotype.to_dict(), "chosen": chosen.genotype.to_dict()})
+                say(f"search {k}: its best genotype is already a member; took the next best distinct one")
+            chosen.metrics = {**chosen.metrics, "search": float(k), "fallback": float(chosen is not cands[0])}
+            members.append(chosen)
+            save_checkpoint(path, {"member": chosen.to_state(), "history": history})
+        return members
+
+    def single(self) -> list[Candidate]:
+        """One search; K of its candidates by accuracy + lam × diversity (lam = 0 in mode none)."""
+        cands, _ = self._search(self.base)
+        lam = self.cfg.diversity.lam if self.cfg.diversity.mode == "pool" else 0.0
+        matrices = pairwise_matrices(cands, *self.targets())
+        chosen = select_pool(cands, self.cfg.pool_size, lam, matrices)
+        self.base.log({"event": "selection", "lam": lam, "candidates": len(cands), "chosen": chosen,
+                       "scores": [cands[i].score for i in chosen]})
+        if len(chosen) < self.cfg.pool_size:
+            say(f"only {len(chosen)} distinct usable candidates for a pool of {self.cfg.pool_size}")
+        return [cands[i] for i in chosen]
+
+    def targets(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Reference doses (dose / 70) and possible-dose masks of the diversity patients."""
+        if not self.diversity_ids:
+            return {}, {}
+        ds = self.base.dataset(self.diversity_ids)
+        items = [ds[i] for i in range(len(ds))]
+        return ({it["id"]: it["target"][0].numpy() for it in items},
+                {it["id"]: it["mask"][0].numpy() > 0 for it in items})
+
+    def run(self) -> Pool:
+        members = self.sequential() if self.cfg.diversity.mode == "sequential" else self.single()
+        if not members:
+            raise NasDoseError(f"{self.out}: the search produced no usable candidate")
+        names = [f"m{i}" for i in range(len(members))]
+        matrices = pairwise_matrices(members, *self.targets())
+        source = self.strategy_cls.predictions_from
+        pool = Pool(self.space.name, self.cfg.strategy, self.cfg.seed,
+                    [PoolMember(n, m.genotype, m.score, m.metrics) for n, m in zip(names, members)], matrices,
+                    f"{source}; validation patients: {', '.join(self.diversity_ids) or 'none'}",
+                    to_dict(self.cfg))
+        for name, m in zip(names, members):
+            save_genotype(self.out / "genotypes" / f"{name}.yaml", m.genotype)
+        save_pool(self.out / "pool.yaml", pool)
+        self.plots(pool)
+        self.base.log({"event": "pool", "members": names, "scores": [m.score for m in members]})
+        return pool
+
+    def plots(self, pool: Pool) -> None:
+        folder = self.out / "plots"
+        if self.histories:
+            titles = [f"search {k}" for k in range(len(self.histories))] if len(self.histories) > 1 else None
+            plot_arch_weights(self.histories, self.space.slots(), folder / "arch_weights.png", titles)
+        records = [json.loads(line) for line in (self.out / "search_log.jsonl").read_text().splitlines()]
+        scored = [r for r in records if "genotype" in r and isinstance(r.get("score"), (int, float))]
+        sequential = self.cfg.diversity.mode == "sequential"
+        labels = [(f"search {r.get('search', 0)}: " if sequential else "") + EVENT_LABELS.get(r["event"], r["event"])
+                  for r in scored]
+        plot_fitness([r["score"] for r in scored], labels, folder / "fitness.png")
+        plot_diversity(pool.names, pool.matrices, folder / "diversity.png")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if a == b else [prefix or "(root)"]
+
+
+def prepare_out(out: Path, cfg: SearchConfig, resume: bool) -> None:
+    """A new search needs a fresh folder; a resumed one the same config (runtime may differ)."""
+    saved = out / "config.yaml"
+    if saved.exists():
+        if not resume:
+            raise input_error(out, "already holds a search; use --resume to continue it or choose another --out")
+        old = {k: v for k, v in (load_yaml(saved) or {}).items() if k != "runtime"}
+        new = {k: v for k, v in to_dict(cfg).items() if k != "runtime"}
+        changed = _differences(old, new)
+        if changed:
+            raise input_error(saved, f"the search was made with a different config ({', '.join(changed)}); "
+                                     "resume with its own config or choose another --out")
+    elif resume:
+        raise input_error(out, "no search to resume (no config.yaml)")
+    save_config(saved, cfg)
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="search folder")
+    parser.add_argument("--resume", action="store_true", help="continue the search in DIR where it stopped "
+                        "(without --config, from DIR/config.yaml; only runtime.* overrides may differ)")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    config_path = args.config
+    if args.resume and config_path is None and (out / "config.yaml").exists():
+        config_path = out / "config.yaml"
+    cfg = load_config(SearchConfig, config_path, args.overrides)
+    run = SearchRun(cfg, args.data, out)
+    prepare_out(out, cfg, args.resume)
+    started = time.monotonic()
+    pool = run.run()
+    say(f"pool of {len(pool.members)} in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s): " + ", ".join(
+        f"{m.name} {m.search_score:.3f} Gy" for m in pool.members))

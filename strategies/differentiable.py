@@ -1,0 +1,316 @@
+"""DARTS-style differentiable search (LENAS's U-NAS), first order, on the space's own supernet.
+
+Each step first updates the network weights on a batch of weight patients, then the
+architecture parameters α on a batch drawn at random from the architecture patients, a fresh
+one every step (LENAS reused one batch). With references (sequential diversity mode) the
+architecture loss adds weight × max(0, margin − disagreement) against each earlier member's
+prediction on the same patients: α is what has to move for the new network to differ.
+
+The supernet is `space.build_supernet(ctx.macro)`, the same cells and macro as the network
+that is finally built. At the end, the `candidates` most probable genotypes under α (the first
+is the strongest op per slot) are scored by the supernet fixed to each on the architecture
+patients. The search's answer comes first in the returned list: the strongest-op genotype
+(`derive: argmax`, as DARTS and LENAS) or the best-scoring one (`derive: score`); the others
+follow by score. State is checkpointed each epoch; a resumed search continues exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, to_dict
+from ..errors import NasDoseError
+from ..io import load_checkpoint, save_checkpoint
+from ..progress import progress
+from ..runtime import rng_state, seed_everything, set_rng_state
+from ..search_spaces import Genotype, SearchSpace, Supernet, count_flops, count_params
+from ..train import OptimConfig, make_optimizer, masked_loss
+from .base import Candidate, SearchContext, Strategy, register_strategy
+from .diversity import diversity_hinge
+
+STATE = "differentiable.pt"
+RESULT = "differentiable_result.pt"
+
+
+@dataclass
+class DifferentiableConfig:
+    """Options of the differentiable search (defaults: LENAS's 30 × 50 steps, batch 1, Adam 1e-3)."""
+
+    mode: Literal["softmax", "gumbel"] = "softmax"
+    epochs: int = 30
+    steps_per_epoch: int = 50
+    warmup_epochs: int = 0  # weight-only epochs before α starts to move
+    batch_size: int = 1
+    weight_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+    arch_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    tau_start: float = 5.0  # gumbel temperature, decayed geometrically to tau_end over the epochs
+    tau_end: float = 0.5
+    candidates: int = 8  # most probable genotypes under α to score at the end
+    track_score: bool = True  # score the strongest-op genotype after each epoch (fitness over time)
+    derive: Literal["argmax", "score"] = "argmax"  # the answer: strongest ops, or best inherited score
+
+    def validate(self) -> None:
+        for key, low in (("epochs", 1), ("steps_per_epoch", 1), ("warmup_epochs", 0), ("batch_size", 1),
+                         ("candidates", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"config key '{key}': must be at least {low}, got {getattr(self, key)}")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"config key 'warmup_epochs': {self.warmup_epochs} leaves no architecture "
+                              f"epochs of {self.epochs}")
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ConfigError(f"config key 'tau_end': need 0 < tau_end <= tau_start, got {self.tau_end}, "
+                              f"{self.tau_start}")
+
+
+def tau_at(cfg: DifferentiableConfig, epoch: int) -> float:
+    """Geometric decay from tau_start (first epoch) to tau_end (last)."""
+    if cfg.epochs == 1:
+        return cfg.tau_start
+    return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (epoch / (cfg.epochs - 1))
+
+
+def most_probable(space: SearchSpace, base: Genotype, probs: dict[str, list[float]], n: int
+                  ) -> list[tuple[Genotype, float]]:
+    """The n genotypes of highest probability under independent per-slot distributions `probs`,
+    with their log-probabilities, most probable first; slots outside `probs` keep `base`'s values.
+
+    Best-first enumeration over per-slot ranks: the argmax, then single-slot runner-ups, and so on.
+    """
+    slots = list(probs)
+    cands = space.slots()
+    order = {s: sorted(range(len(probs[s])), key=lambda i: -probs[s][i]) for s in slots}
+
+    def logp(ranks: tuple[int, ...]) -> float:
+        return sum(math.log(max(probs[s][order[s][r]], 1e-300)) for s, r in zip(slots, ranks))
+
+    start = (0,) * len(slots)
+    heap = [(-logp(start), start)]
+    seen = {start}
+    out: list[tuple[Genotype, float]] = []
+    while heap and len(out) < n:
+        neg, ranks = heapq.heappop(heap)
+        choices = {**base.choices, **{s: cands[s][order[s][r]] for s, r in zip(slots, ranks)}}
+        out.append((space.genotype(choices, base.macro), -neg))
+        for i, s in enumerate(slots):
+            if ranks[i] + 1 < len(probs[s]):
+                nxt = ranks[:i] + (ranks[i] + 1,) + ranks[i + 1:]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    heapq.heappush(heap, (-logp(nxt), nxt))
+    return out
+
+
+def _digest(predictions: dict[str, np.ndarray], ids: list[str]) -> str:
+    """A fingerprint of a reference's predictions on `ids` (resume must not mix references)."""
+    h = hashlib.sha1()
+    for pid in ids:
+        if pid in predictions:
+            h.update(pid.encode())
+            h.update(np.ascontiguousarray(predictions[pid], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _stream_seed(seed: int, epoch: int, stream: int) -> int:
+    """An independent, reproducible seed per (search seed, epoch, stream)."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def _batches(ctx: SearchContext, ids: list[str], batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Shuffled batches without end: a new random order each pass, all drawn from `seed`."""
+    loader = ctx.loader(ids, train=True, batch_size=batch_size, seed=seed)
+    while True:
+        yield from loader
+
+
+@register_strategy("differentiable")
+class DifferentiableSearch(Strategy):
+    """First-order DARTS/GDAS on the space's supernet; see the module docstring."""
+
+    Config = DifferentiableConfig
+    uses_references = True
+    predictions_from = "the supernet fixed to each genotype (inherited weights, no retraining)"
+
+    def __init__(self, config: DifferentiableConfig) -> None:
+        super().__init__(config)
+        self.history: list[dict[str, list[float]]] = []  # softmax(α) per slot: at start, after each epoch
+
+    def _fingerprint(self, ctx: SearchContext) -> dict[str, Any]:
+        """What a resumed search must share with the interrupted one."""
+        return {"config": to_dict(self.config), "seed": ctx.seed, "space": ctx.space.name,
+                "macro": dict(ctx.macro), "weight_ids": list(ctx.weight_ids), "arch_ids": list(ctx.arch_ids),
+                "references": [_digest(ref, ctx.arch_ids) for ref in ctx.references],
+                "diversity": to_dict(ctx.diversity)}
+
+    def _check(self, state: dict[str, Any], ctx: SearchContext, path: Any) -> None:
+        if state.get("fingerprint") != self._fingerprint(ctx):
+            raise NasDoseError(f"{path}: saved by a different search (config, seed, patients or references); "
+                               "resume with the same settings or start in a new folder")
+
+    def _reference_tensors(self, ctx: SearchContext) -> list[dict[str, torch.Tensor]]:
+        """Each reference's predictions on the architecture patients, as (1, G, G, G) tensors, once."""
+        refs = []
+        for k, ref in enumerate(ctx.references):
+            missing = [pid for pid in ctx.arch_ids if pid not in ref]
+            if missing:
+                raise NasDoseError(f"diversity reference {k}: no prediction for architecture patient(s) "
+                                   f"{', '.join(missing[:5])}")
+            refs.append({pid: torch.as_tensor(ref[pid], dtype=torch.float32)[None] for pid in ctx.arch_ids})
+        return refs
+
+    def run(self, ctx: SearchContext) -> list[Candidate]:
+        cfg = self.config
+        result_path = ctx.state_path(RESULT)
+        if result_path is not None and result_path.exists():
+            return self._load_result(ctx, result_path)
+        seed_everything(ctx.seed)
+        supernet = ctx.space.build_supernet(ctx.macro, mode=cfg.mode, tau=cfg.tau_start)
+        net = ctx.runtime.prepare(supernet)
+        w_opt = make_optimizer(supernet.weight_parameters(), cfg.weight_optim)
+        a_opt = make_optimizer(supernet.arch_parameters(), cfg.arch_optim)
+        scalers = {"weight": ctx.runtime.grad_scaler(), "arch": ctx.runtime.grad_scaler()}
+        refs = self._reference_tensors(ctx)
+        self.history = [supernet.arch_weights()]
+        start = 0
+        state_path = ctx.state_path(STATE)
+        if state_path is not None and state_path.exists():
+            state = load_checkpoint(state_path)
+            self._check(state, ctx, state_path)
+            supernet.load_state_dict(state["supernet"])
+            w_opt.load_state_dict(state["weight_optim"])
+            a_opt.load_state_dict(state["arch_optim"])
+            for name, scaler in scalers.items():
+                scaler.load_state_dict(state["scalers"][name])
+            set_rng_state(state["rng"])
+            self.history, start = state["history"], state["epoch"]
+            ctx.log({"event": "resume", "strategy": self.name, "epoch": start})
+        for epoch in range(start, cfg.epochs):
+            if ctx.should_stop():
+                ctx.log({"event": "time_budget", "strategy": self.name, "epochs_done": epoch})
+                break
+            supernet.tau = tau_at(cfg, epoch)
+            record = self._epoch(ctx, supernet, net, (w_opt, a_opt), scalers, refs, epoch)
+            self.history.append(supernet.arch_weights())
+            if state_path is not None:
+                save_checkpoint(state_path, {
+                    "fingerprint": self._fingerprint(ctx), "epoch": epoch + 1, "supernet": supernet.state_dict(),
+                    "weight_optim": w_opt.state_dict(), "arch_optim": a_opt.state_dict(),
+                    "scalers": {k: s.state_dict() for k, s in scalers.items()}, "rng": rng_state(),
+                    "history": self.history})
+            ctx.log({**record, "arch_weights": self.history[-1], **self._track(ctx, supernet, net)})
+        candidates = self._score(ctx, supernet, net)
+        if result_path is not None:
+            save_checkpoint(result_path, {
+                "fingerprint": self._fingerprint(ctx), "history": self.history,
+                "candidates": [c.to_state() for c in candidates]})
+        return candidates
+
+    def _epoch(self, ctx: SearchContext, supernet: Supernet, net: torch.nn.Module,
+               optims: tuple[torch.optim.Optimizer, torch.optim.Optimizer], scalers: dict[str, Any],
+               refs: list[dict[str, torch.Tensor]], epoch: int) -> dict[str, Any]:
+        """One epoch of alternating steps; returns its log record."""
+        cfg = self.config
+        w_opt, a_opt = optims
+        search_arch = epoch >= cfg.warmup_epochs
+        weight_batches = _batches(ctx, ctx.weight_ids, cfg.batch_size, _stream_seed(ctx.seed, epoch, 0))
+        arch_batches = _batches(ctx, ctx.arch_ids, cfg.batch_size, _stream_seed(ctx.seed, epoch, 1))
+        sums = {"weight_loss": 0.0, "arch_loss": 0.0, "hinge": 0.0}
+        drawn: dict[str, list[list[str]]] = {"weight_batches": [], "arch_batches": []}
+        net.train()
+        for _ in progress(range(cfg.steps_per_epoch), desc=f"search epoch {epoch + 1}/{cfg.epochs}"):
+            batch = next(weight_batches)
+            drawn["weight_batches"].append(list(batch["id"]))
+            loss, _ = self._step(ctx, net, batch, w_opt, scalers["weight"], supernet.weight_parameters(),
+                                 supernet.arch_parameters(), cfg.weight_optim.grad_clip, [])
+            sums["weight_loss"] += loss
+            if search_arch:
+                batch = next(arch_batches)
+                drawn["arch_batches"].append(list(batch["id"]))
+                loss, hinge = self._step(ctx, net, batch, a_opt, scalers["arch"], supernet.arch_parameters(),
+                                         supernet.weight_parameters(), cfg.arch_optim.grad_clip, refs)
+                sums["arch_loss"] += loss
+                sums["hinge"] += hinge
+        steps = cfg.steps_per_epoch
+        return {"event": "epoch", "strategy": self.name, "epoch": epoch + 1, "tau": supernet.tau,
+                "weight_loss": sums["weight_loss"] / steps,
+                **({"arch_loss": sums["arch_loss"] / steps, "hinge": sums["hinge"] / steps} if search_arch else {}),
+                **drawn}
+
+    def _step(self, ctx: SearchContext, net: torch.nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer,
+              scaler: Any, params: list[torch.nn.Parameter], frozen: list[torch.nn.Parameter],
+              grad_clip: float | None, refs: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """One update of `params` on masked L1 (+ the diversity hinge against `refs`); `frozen`
+        get no gradients (the other half of the alternation)."""
+        ids = list(batch["id"])
+        batch = ctx.runtime.to_device(batch)
+        for p in params:
+            p.grad = None
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with ctx.runtime.autocast():
+                pred = net(batch["input"])
+            loss = masked_loss(pred, batch["target"], batch["mask"])
+            hinge = torch.zeros((), device=loss.device)
+            for ref in refs:
+                target = ctx.runtime.to_device(torch.stack([ref[pid] for pid in ids]))
+                hinge = hinge + diversity_hinge(pred, target, batch["mask"], ctx.diversity.margin)
+            total = loss + ctx.diversity.weight * hinge
+            scaler.scale(total).backward()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        if grad_clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        return float(total.detach()), float(hinge.detach())
+
+    def _track(self, ctx: SearchContext, supernet: Supernet, net: torch.nn.Module) -> dict[str, Any]:
+        """The strongest-op genotype now, and (track_score) its fixed-path score on the arch patients."""
+        g = supernet.genotype()
+        if not self.config.track_score:
+            return {"genotype": g.to_dict()}
+        supernet.fix(g)
+        errors, _ = ctx.evaluate(net, ctx.arch_ids)
+        supernet.fix(None)
+        return {"genotype": g.to_dict(), "score": float(np.mean(list(errors.values())))}
+
+    def _score(self, ctx: SearchContext, supernet: Supernet, net: torch.nn.Module) -> list[Candidate]:
+        """Score the most probable genotypes by the supernet fixed to each (inherited weights)."""
+        probs = supernet.arch_weights()
+        shape = ctx.input_shape()
+        # arch-patient predictions are kept only where a later search needs them as references
+        kept = [*ctx.diversity_ids, *(ctx.arch_ids if ctx.diversity.mode == "sequential" else [])]
+        ids = list(dict.fromkeys([*ctx.arch_ids, *ctx.diversity_ids]))
+        candidates = []
+        for rank, (g, logp) in enumerate(most_probable(ctx.space, supernet.genotype(), probs, self.config.candidates)):
+            supernet.fix(g)
+            errors, predictions = ctx.evaluate(net, ids)
+            predictions = {pid: predictions[pid].astype(np.float16) for pid in kept}
+            score = float(np.mean([errors[pid] for pid in ctx.arch_ids]))
+            model = ctx.space.build(g)
+            metrics = {"alpha_rank": float(rank), "log_prob": logp, "params": float(count_params(model)),
+                       "flops": float(count_flops(model, shape))}
+            candidates.append(Candidate(g, score, metrics, predictions))
+            ctx.log({"event": "candidate", "strategy": self.name, "rank": rank, "genotype": g.to_dict(),
+                     "score": score, **metrics})
+        supernet.fix(None)
+        ranked = sorted(candidates, key=lambda c: c.score)
+        if self.config.derive == "argmax":  # candidates[0] is the strongest-op genotype
+            ranked.remove(candidates[0])
+            ranked.insert(0, candidates[0])
+        return ranked
+
+    def _load_result(self, ctx: SearchContext, path: Any) -> list[Candidate]:
+        """The candidates of a search that already finished (resume)."""
+        state = load_checkpoint(path)
+        self._check(state, ctx, path)
+        self.history = state["history"]
+        return [Candidate.from_state(c, str(path)) for c in state["candidates"]]

@@ -1,0 +1,141 @@
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from nas_dose.config import load_config
+from nas_dose.data.store import write_dataset
+from nas_dose.data.synth import synth_patients
+from nas_dose.errors import NasDoseError
+from nas_dose.progress import set_quiet
+from nas_dose.search_spaces import load_genotype
+from nas_dose.strategies import SearchContext, load_pool
+from nas_dose.strategies import cli
+
+import test_differentiable  # noqa: F401  (registers the rigged space 'test_rigged')
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    set_quiet(True)
+    path = tmp_path_factory.mktemp("data") / "d.h5"
+    write_dataset(path, synth_patients(10, 16, 0), source="synth", grid=16, total=10)
+    return path
+
+
+def search(data: Path, out: Path, *overrides: str, resume: bool = False, config: Path | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser, argparse.ArgumentParser(add_help=False))
+    argv = ["--data", str(data), "--out", str(out), *(["--resume"] if resume else []),
+            *(["--config", str(config)] if config else []), "runtime.device=cpu", *overrides]
+    cli.main(parser.parse_args(argv))
+
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "search_log.jsonl").read_text().splitlines()]
+
+
+def test_lenas_search_writes_a_valid_pool(data, tmp_path):
+    out = tmp_path / "run"
+    search(data, out, "macro.stem=4", "macro.widths=[8]", "pool_size=2", "options.epochs=1",
+           "options.steps_per_epoch=2", "options.candidates=3")
+    pool = load_pool(out / "pool.yaml")
+    assert pool.space == "lenas" and pool.strategy == "differentiable" and pool.names == ["m0", "m1"]
+    assert pool.members[0].genotype != pool.members[1].genotype
+    assert all(m.genotype.macro["widths"] == [8] and m.search_score > 0 for m in pool.members)
+    assert "inherited weights" in pool.predictions and "pt_8, pt_9" in pool.predictions
+    d = pool.matrices["disagreement"]
+    assert d[0, 0] == 0 and d[0, 1] == d[1, 0] > 0
+    assert pool.matrices["genotype_distance"][0, 1] == pytest.approx(
+        sum(pool.members[0].genotype.choices[s] != pool.members[1].genotype.choices[s]
+            for s in pool.members[0].genotype.choices) / 8)
+    for m in pool.members:
+        assert load_genotype(out / "genotypes" / f"{m.name}.yaml") == m.genotype
+    for name in ("arch_weights", "fitness", "diversity"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 5000
+    saved = load_config(cli.SearchConfig, out / "config.yaml")
+    assert saved.options["epochs"] == 1 and saved.options["weight_optim"]["lr"] == 1e-3  # resolved options
+    assert pool.config["options"] == saved.options
+    events = [r["event"] for r in log_records(out)]
+    assert events.count("epoch") == 1 and events.count("candidate") == 3 and events[-1] == "pool"
+    selection = next(r for r in log_records(out) if r["event"] == "selection")
+    assert selection["candidates"] == 3 and len(selection["chosen"]) == 2
+
+    with pytest.raises(NasDoseError, match="already holds a search"):
+        search(data, out, "macro.stem=4")
+    with pytest.raises(NasDoseError, match=r"different config \(pool_size\)"):
+        search(data, out, resume=True, config=out / "config.yaml", *["pool_size=3"])
+    before = (out / "pool.yaml").read_text()
+    search(data, out, resume=True)  # a finished search resumes to the same pool, from its state
+    assert (out / "pool.yaml").read_text() == before
+
+
+SEQUENTIAL = ("space=test_rigged", "pool_size=2", "diversity.mode=sequential", "diversity.margin=1.0",
+              "options.epochs=3", "options.steps_per_epoch=4", "options.arch_optim.lr=0.05",
+              "options.weight_optim.lr=0.01", "options.candidates=2")
+
+
+def test_sequential_members_differ_and_feel_the_hinge(data, tmp_path):
+    out = tmp_path / "seq"
+    search(data, out, *SEQUENTIAL)
+    pool = load_pool(out / "pool.yaml")
+    # the first search's answer is its strongest op; the second had to differ from it
+    assert [m.genotype.choices["path"] for m in pool.members] == ["identity", "zero"]
+    assert [m.metrics["search"] for m in pool.members] == [0.0, 1.0]
+    epochs = [r for r in log_records(out) if r["event"] == "epoch"]
+    assert all(r["hinge"] == 0 for r in epochs if r["search"] == 0)  # nothing to differ from yet
+    assert any(r["hinge"] > 0 for r in epochs if r["search"] == 1)
+    if pool.members[1].metrics["fallback"]:  # the second search's best was a member already
+        assert any(r["event"] == "fallback" and r["search"] == 1 for r in log_records(out))
+
+
+def test_interrupted_sequential_search_resumes_to_the_same_pool(data, tmp_path, monkeypatch):
+    search(data, tmp_path / "whole", *SEQUENTIAL)
+    log = SearchContext.log
+
+    def interrupt(self, record):
+        log(self, record)
+        if self.log_fields.get("search") == 1 and record.get("event") == "epoch":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SearchContext, "log", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        search(data, tmp_path / "cut", *SEQUENTIAL)
+    monkeypatch.setattr(SearchContext, "log", log)
+    assert (tmp_path / "cut" / "state" / "member0.pt").exists() and not (tmp_path / "cut" / "pool.yaml").exists()
+    search(data, tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "pool.yaml").read_text() == (tmp_path / "whole" / "pool.yaml").read_text()
+    assert [r["event"] for r in log_records(tmp_path / "cut")].count("resume") == 1
+
+
+def test_split_is_disjoint_and_seeded(data):
+    cfg = cli.SplitConfig()
+    weight, arch, div = cli.split_patients(data, cfg, seed=0)
+    assert sorted(weight + arch) == sorted(f"pt_{i}" for i in range(1, 8)) and not set(weight) & set(arch)
+    assert len(arch) == 2 and div == ["pt_8", "pt_9"]
+    assert cli.split_patients(data, cfg, seed=0) == (weight, arch, div)
+    assert any(cli.split_patients(data, cfg, seed=s)[1] != arch for s in range(1, 5))
+    w, a, _ = cli.split_patients(data, cli.SplitConfig(arch_split="validation", max_diversity_patients=1), 0)
+    assert a == ["pt_8", "pt_9"] and len(w) == 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy=annealing"], "unknown strategy 'annealing'"),
+    (["strategy=random", "diversity.mode=sequential"], "cannot search against earlier members"),
+    (["options.epochs=0"], "config key 'epochs': must be at least 1"),
+    (["space=nowhere"], "unknown search space 'nowhere'"),
+    (["data.arch_fraction=1.5"], "data.arch_fraction"),
+])
+def test_bad_configs_fail_before_any_work(data, tmp_path, overrides, message):
+    with pytest.raises(NasDoseError, match=message):
+        search(data, tmp_path / "x", *overrides)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["search_differentiable.yaml", "search_evolution.yaml"])
+def test_example_configs_resolve(name):
+    cfg = load_config(cli.SearchConfig, CONFIGS / name)
+    cli.get_strategy(cfg.strategy).from_options(cfg.options)
