@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -18,6 +19,7 @@ from .errors import NasDoseError
 from .io import load_yaml, save_yaml
 
 C = TypeVar("C")
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(NasDoseError):
@@ -71,6 +73,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as text
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -80,7 +84,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if origin is tuple and args and args[-1] is not Ellipsis:
                 if len(args) != len(value):
                     raise ConfigError(f"config key '{key}': expected {len(args)} items, got {len(value)}")
-                return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+                return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
             item = args[0] if args else Any
             items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
             return tuple(items) if origin is tuple else items

@@ -57,3 +57,20 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(tmp_path / "config.yaml", cfg)
     assert load_config(Run, tmp_path / "config.yaml") == cfg
     assert load_yaml(tmp_path / "config.yaml") == to_dict(cfg)
+
+
+@dataclass
+class Pairs:
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = 0.1
+
+
+def test_exponent_floats_and_fixed_tuples(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 1e-3\n")  # YAML 1.1 reads this as a string
+    cfg = load_config(Pairs, cfg_file, ["betas=[0.5, 2e-1]"])
+    assert cfg.lr == 1e-3 and cfg.betas == (0.5, 0.2)
+    with pytest.raises(ConfigError, match=r"config key 'betas': expected 2 items"):
+        load_config(Pairs, overrides=["betas=[1, 2, 3]"])
+    with pytest.raises(ConfigError, match=r"config key 'lr': expected float"):
+        load_config(Pairs, overrides=["lr=fast"])

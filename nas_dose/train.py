@@ -1,0 +1,551 @@
+"""Train one network (a registered reference model or a searched genotype) on a nasdose data set.
+
+  nasdose train --data DATA.h5 --out RUN [--config CFG.yaml] [--resume] [key=value ...]
+
+RUN receives config.yaml (the resolved config), log.jsonl, metrics.json, best.pt (the weights
+with the best validation dose score) and checkpoints/last.pt, written every `checkpoint_every`
+steps and at each epoch end; `--resume` continues from it exactly where the run stopped. The
+model is chosen and training stops early on the validation split only, never on test patients.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .config import (
+    ConfigError,
+    add_config_arguments,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+from .data.augment import AugmentConfig
+from .data.dataset import DoseDataset, make_loader
+from .data.patient import DOSE_SCALE_GY
+from .errors import NasDoseError, input_error
+from .io import atomic_path, load_checkpoint, save_checkpoint, save_json
+from .progress import progress, say
+from .runtime import Runtime, RuntimeConfig, rng_state, seed_everything, set_rng_state
+
+CHECKPOINT_FORMAT = "nasdose-checkpoint"
+
+
+@dataclass
+class ModelConfig:
+    """A registered model (`name` with `kwargs`) or, when `genotype` is a file, a searched network."""
+
+    name: str = "unet3d"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    genotype: str | None = None
+
+    def validate(self) -> None:
+        if self.genotype is not None and self.kwargs:
+            raise ConfigError("config key 'model.kwargs': a genotype model takes no kwargs")
+
+
+@dataclass
+class DataConfig:
+    train_split: str = "train"
+    val_split: str = "validation"
+    batch_size: int = 2
+    num_workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    momentum: float = 0.9
+    grad_clip: float | None = None
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"config key 'optim.lr': must be positive, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"config key 'optim.betas': expected 2 numbers, got {len(self.betas)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"config key 'optim.grad_clip': must be positive, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate factor per optimizer step: linear warmup, then constant, cosine or step decay."""
+
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    step_epochs: int = 30
+    gamma: float = 0.5
+
+    def validate(self) -> None:
+        _at_least("schedule.warmup_steps", self.warmup_steps, 0)
+        _at_least("schedule.step_epochs", self.step_epochs, 1)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"config key 'schedule.min_lr_ratio': must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as the run's config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    epochs: int = 40
+    steps_per_epoch: int | None = None
+    val_every: int = 1
+    patience: int | None = None
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    loss: Literal["l1", "mse"] = "l1"
+
+    def validate(self) -> None:
+        for key in ("epochs", "val_every", "checkpoint_every", "log_every"):
+            _at_least(key, getattr(self, key), 1)
+        if self.steps_per_epoch is not None:
+            _at_least("steps_per_epoch", self.steps_per_epoch, 1)
+        if self.patience is not None:
+            _at_least("patience", self.patience, 1)
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"config key '{key}': must be at least {low}, got {value}")
+
+
+@dataclass
+class TrainResult:
+    """The outcome of a run; `best_state` (CPU tensors) holds the weights chosen on validation."""
+
+    best_val_score: float
+    best_epoch: int
+    steps: int
+    epochs: int
+    stopped_early: bool
+    zero_val_score: float
+    history: list[dict[str, Any]]
+    best_state: dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: a plain-data spec that a checkpoint stores, so it rebuilds without the original files.
+
+def model_spec(cfg: ModelConfig) -> dict[str, Any]:
+    """{name, kwargs, genotype}: the genotype inline as plain data, not as a path."""
+    genotype = None
+    if cfg.genotype is not None:
+        from .search_spaces import load_genotype
+
+        genotype = load_genotype(Path(cfg.genotype)).to_dict()
+    return {"name": cfg.name, "kwargs": dict(cfg.kwargs), "genotype": genotype}
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    if spec.get("genotype") is not None:
+        from .search_spaces import Genotype
+        from .search_spaces import build_model as build_genotype
+
+        return build_genotype(Genotype.from_dict(spec["genotype"]))
+    from .models import create_model
+
+    return create_model(spec["name"], **spec.get("kwargs", {}))
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The network a ModelConfig describes, freshly initialized (seed first for repeatability)."""
+    return model_from_spec(model_spec(cfg))
+
+
+def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model (CPU, eval mode) from a run folder (its best.pt) or a checkpoint file.
+
+    Returns the model and the checkpoint's metadata (config, epoch, score; no tensors).
+    """
+    path = Path(path)
+    file = path / "best.pt" if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise input_error(path, "not a training run folder (no best.pt)")
+    ckpt = load_checkpoint(file)
+    spec, weights = ckpt.get("model_config"), ckpt.get("model")
+    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(spec, dict) or not isinstance(weights, dict):
+        raise input_error(file, "not a nasdose model checkpoint")
+    try:
+        model = model_from_spec(spec)
+    except NasDoseError as e:
+        raise input_error(file, f"cannot rebuild its model ({e})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise input_error(file, f"weights do not fit the model they name ({first})") from None
+    meta = {k: v for k, v in ckpt.items() if k in ("model_config", "config", "epoch", "step", "val_dose_score")}
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and the validation score.
+
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                kind: Literal["l1", "mse"] = "l1") -> torch.Tensor:
+    """Mean error inside the possible-dose mask: summed over the batch, divided by its mask voxels."""
+    diff = pred.float() - target
+    err = diff.abs() if kind == "l1" else diff.square()
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+def dose_errors_gy(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """OpenKBP dose score of each sample (Gy): the prediction, non-negative and zeroed outside the
+    mask as `nasdose predict` writes it, against the whole target, per mask voxel."""
+    pred = pred.float().clamp_min(0) * mask
+    dims = tuple(range(1, pred.dim()))
+    return (pred - target).abs().sum(dims) / mask.sum(dims).clamp_min(1) * DOSE_SCALE_GY
+
+
+def validate(net: nn.Module, loader: Any, runtime: Runtime) -> tuple[float, float]:
+    """Mean dose score (Gy) over the loader's patients, and that of the all-zero prediction.
+
+    Sums stay on the device; the one host sync is at the end.
+    """
+    was_training = net.training
+    net.eval()
+    total = torch.zeros(2, device=runtime.device)
+    count = 0
+    with torch.no_grad():
+        for batch in loader:
+            batch = runtime.to_device(batch)
+            with runtime.autocast():
+                pred = net(batch["input"])
+            target, mask = batch["target"], batch["mask"]
+            total[0] += dose_errors_gy(pred, target, mask).sum()
+            total[1] += dose_errors_gy(torch.zeros_like(target), target, mask).sum()
+            count += target.shape[0]
+    net.train(was_training)
+    score, zero = (total / max(count, 1)).tolist()
+    return score, zero
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule.
+
+def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """The learning-rate multiplier before optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.name == "cosine":
+        span = max(total_steps - cfg.warmup_steps, 1)
+        progress_ = min((step - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+    if cfg.name == "step":
+        return cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch))
+    return 1.0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, total_steps, steps_per_epoch))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop.
+
+@dataclass
+class _Progress:
+    """What a checkpoint must restore besides the weights, optimizer, schedule and RNGs."""
+
+    step: int = 0
+    best_score: float = math.inf
+    best_epoch: int = 0
+    zero_score: float = math.nan
+    stopped_early: bool = False
+    seconds: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _batches(loader: Any, dataset: DoseDataset, start: int) -> Iterator[dict[str, Any]]:
+    """Training batches from global batch index `start` on, pass after pass over the split.
+
+    The loader draws pass p's order and augmentations from (seed, p) alone, so the stream is the
+    same whether the run was interrupted or not; resuming mid-pass skips that pass's first
+    batches (read, not trained on: cheaper than the steps a checkpoint interval can lose).
+    """
+    epoch_pass, offset = divmod(start, len(loader))
+    while True:
+        dataset.set_epoch(epoch_pass)
+        yield from itertools.islice(loader, offset, None)
+        epoch_pass, offset = epoch_pass + 1, 0
+
+
+class _RunFolder:
+    """The files of a run with an output folder: config, log, checkpoints, metrics."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.last = out / "checkpoints" / "last.pt"
+        self.best = out / "best.pt"
+        self.log = out / "log.jsonl"
+
+    def check_new(self) -> None:
+        if self.last.exists() or self.best.exists():
+            raise input_error(self.out, "already holds a training run; use --resume to continue it "
+                                        "or choose another --out")
+
+    def rewrite_log(self, history: list[dict[str, Any]]) -> None:
+        """The log as of the checkpoint (entries written after it are dropped on resume)."""
+        with atomic_path(self.log) as tmp:
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in history))
+
+    def append_log(self, entry: dict[str, Any]) -> None:
+        """JSON lines are appended (one write per line); a resume rewrites the file whole."""
+        with open(self.log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, file: Path) -> None:
+    if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
+        raise input_error(file, "not a nasdose training checkpoint")
+    old = {k: v for k, v in ckpt["config"].items() if k != "runtime"}
+    new = {k: v for k, v in to_dict(cfg).items() if k != "runtime"}
+    if old != new:
+        keys = sorted(_differences(old, new))
+        raise input_error(file, f"the run was made with a different config ({', '.join(keys)}); "
+                                "resume with the run's own config.yaml or choose another --out")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if a == b else [prefix]
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class _Trainer:
+    """One training run: set up (or restored from a checkpoint), then stepped to its end."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, data: Path, out: Path | None,
+                 resume: bool, on_step: Callable[[int], None] | None) -> None:
+        self.model, self.config, self.on_step = model, config, on_step
+        self.runtime = rt = Runtime(config.runtime)
+        seed_everything(config.seed)
+        self.train_set = DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed)
+        if self.train_set.data.kind != "dataset":
+            raise input_error(data, "is a prediction file, not a data set")
+        self.train_loader = make_loader(self.train_set, config.data.batch_size, shuffle=True,
+                                        num_workers=config.data.num_workers, seed=config.seed,
+                                        pin_memory=rt.pin_memory)
+        self.val_loader = make_loader(DoseDataset(data, config.data.val_split), config.data.batch_size,
+                                      shuffle=False, num_workers=config.data.num_workers,
+                                      pin_memory=rt.pin_memory)
+        self.steps_per_epoch = config.steps_per_epoch or len(self.train_loader)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.net = rt.prepare(model)
+        self.optimizer = make_optimizer(model.parameters(), config.optim)
+        self.scheduler = make_scheduler(self.optimizer, config.schedule, self.total_steps, self.steps_per_epoch)
+        self.scaler = rt.grad_scaler()
+        self.state = _Progress()
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no per-step sync
+        self.clock = time.perf_counter()
+        self.folder = _RunFolder(Path(out)) if out is not None else None
+        if self.folder is not None:
+            self.spec = model_spec(config.model)
+            self._open_folder(self.folder, resume)
+
+    def _open_folder(self, folder: _RunFolder, resume: bool) -> None:
+        if resume and folder.last.exists():
+            ckpt = load_checkpoint(folder.last)
+            _check_resumable(ckpt, self.config, folder.last)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            self.state = from_dict(_Progress, ckpt["progress"])
+            self.best_state = ckpt["best_model"]
+            say(f"resuming {folder.out} at step {self.state.step} of {self.total_steps}")
+        elif not resume:
+            folder.check_new()
+        folder.rewrite_log(self.state.history)
+        save_config(folder.out / "config.yaml", self.config)
+
+    def run(self) -> TrainResult:
+        state, spe = self.state, self.steps_per_epoch
+        done = state.stopped_early or state.step >= self.total_steps
+        bar = None
+        self.net.train()
+        for batch in iter(()) if done else _batches(self.train_loader, self.train_set, state.step):
+            epoch = state.step // spe + 1
+            if bar is None:
+                bar = progress(total=spe, desc=f"epoch {epoch}/{self.config.epochs}")
+                bar.update(state.step % spe)
+            self._step(batch)
+            bar.update()
+            epoch_end = state.step % spe == 0
+            if state.step % self.config.log_every == 0 or epoch_end:
+                entry = self._log(epoch, self._validate(epoch) if epoch_end else None)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
+            if epoch_end:
+                bar.close()
+                bar = None
+            if epoch_end or state.step % self.config.checkpoint_every == 0:
+                self._checkpoint()
+            if self.on_step is not None:
+                self.on_step(state.step)
+            if state.stopped_early or state.step >= self.total_steps:
+                break
+        if bar is not None:
+            bar.close()
+        self._sync()
+        return self._finish()
+
+    def _step(self, batch: dict[str, Any]) -> None:
+        cfg, rt = self.config, self.runtime
+        batch = rt.to_device(batch)
+        with rt.autocast():
+            pred = self.net(batch["input"])
+        loss = masked_loss(pred, batch["target"], batch["mask"], cfg.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.loss_sum += loss.detach()
+        self.state.step += 1
+        self.state.loss_count += 1
+
+    def _sync(self) -> None:
+        """Bring the device-side loss sum and the wall time into the (checkpointed) state."""
+        self.state.loss_sum += self.loss_sum.item()
+        self.loss_sum.zero_()
+        now = time.perf_counter()
+        self.state.seconds += now - self.clock
+        self.clock = now
+
+    def _validate(self, epoch: int) -> float | None:
+        """At an epoch end: score, keep the best weights, decide on early stopping."""
+        cfg, state = self.config, self.state
+        if epoch % cfg.val_every and epoch != cfg.epochs:
+            return None
+        val, state.zero_score = validate(self.net, self.val_loader, self.runtime)
+        if val < state.best_score:
+            state.best_score, state.best_epoch = val, epoch
+            self.best_state = _cpu_state(self.model)
+            if self.folder is not None:
+                save_checkpoint(self.folder.best, {
+                    "format": CHECKPOINT_FORMAT, "model_config": self.spec, "config": to_dict(cfg),
+                    "model": self.best_state, "epoch": epoch, "step": state.step, "val_dose_score": val})
+        state.stopped_early = cfg.patience is not None and epoch - state.best_epoch >= cfg.patience
+        return val
+
+    def _log(self, epoch: int, val: float | None) -> dict[str, Any]:
+        self._sync()
+        state = self.state
+        loss = state.loss_sum / state.loss_count if state.loss_count else None
+        if loss is not None and not math.isfinite(loss):
+            raise NasDoseError(f"training diverged: the loss is {loss} at step {state.step} "
+                               "(try a lower optim.lr)")
+        entry = {"step": state.step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                 "val_dose_score": val, "seconds": round(state.seconds, 3)}
+        state.history.append(entry)
+        if self.folder is not None:
+            self.folder.append_log(entry)
+        state.loss_sum, state.loss_count = 0.0, 0
+        return entry
+
+    def _checkpoint(self) -> None:
+        if self.folder is None:
+            return
+        self._sync()
+        state, spe = self.state, self.steps_per_epoch
+        save_checkpoint(self.folder.last, {
+            "format": CHECKPOINT_FORMAT, "model_config": self.spec, "config": to_dict(self.config),
+            "step": state.step, "epoch": state.step // spe, "epoch_step": state.step % spe,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": rng_state(), "progress": to_dict(state), "best_model": self.best_state})
+
+    def _finish(self) -> TrainResult:
+        state = self.state
+        epochs = math.ceil(state.step / self.steps_per_epoch)
+        if self.folder is not None:
+            save_json(self.folder.out / "metrics.json", {
+                "best_val_dose_score": state.best_score, "best_epoch": state.best_epoch,
+                "zero_dose_val_score": state.zero_score, "steps": state.step, "epochs": epochs,
+                "stopped_early": state.stopped_early,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "seconds": round(state.seconds, 3),
+                "seconds_per_epoch": round(state.seconds * self.steps_per_epoch / max(state.step, 1), 3),
+                "runtime": self.runtime.describe()})
+        return TrainResult(best_val_score=state.best_score, best_epoch=state.best_epoch, steps=state.step,
+                           epochs=epochs, stopped_early=state.stopped_early, zero_val_score=state.zero_score,
+                           history=state.history, best_state=self.best_state)
+
+
+def train_model(model: nn.Module, config: TrainConfig, data: Path, out: Path | None = None,
+                resume: bool = False, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train `model` (built from `config.model`) on `data`; with `out`, write the run's files.
+
+    Seeds the global RNGs with `config.seed`. With `out=None` nothing is written (short runs
+    inside the search). `resume` continues the run in `out` from its last checkpoint, bit for
+    bit where the hardware allows it (it starts afresh when there is none). `on_step` is called
+    with the global step count after each optimizer step (and after its checkpoint).
+    On return `model` holds the last weights; `best_state` the ones chosen on validation.
+    """
+    return _Trainer(model, config, Path(data), out, resume, on_step).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in RUN from its last checkpoint")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> None:
+    config = load_config(TrainConfig, args.config, args.overrides)
+    seed_everything(config.seed)
+    model = build_model(config.model)
+    result = train_model(model, config, args.data, args.out, resume=args.resume)
+    say(f"best validation dose score {result.best_val_score:.3f} Gy at epoch {result.best_epoch} "
+        f"(all-zero prediction: {result.zero_val_score:.3f} Gy); model: {Path(args.out) / 'best.pt'}")

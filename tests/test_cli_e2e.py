@@ -1,0 +1,126 @@
+"""The command line end to end: data synth -> train -> predict -> evaluate, the pipeline, bad input."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nas_dose.cli import main
+from nas_dose.data.store import open_data
+from nas_dose.scores import dose_error
+
+# Learns in seconds on the 16³ grid: a small U-Net, one patient per step, one thread.
+TRAIN = ["model.kwargs.widths=[8, 16, 32]", "epochs=8", "data.batch_size=1", "optim.lr=0.01",
+         "data.augment.enabled=false", "runtime.device=cpu", "runtime.threads=1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def nasdose(capsys, *argv) -> tuple[int, str]:
+    """Run the CLI; returns the exit status and stderr."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory) -> Path:
+    """data synth -> train -> predict -> evaluate, once for the module (exit statuses checked)."""
+    root = tmp_path_factory.mktemp("e2e")
+    steps = [
+        ["data", "synth", root / "data.h5", "--patients", 8, "--grid", 16, "--seed", 0],
+        ["train", "--data", root / "data.h5", "--out", root / "run", *TRAIN],
+        ["predict", "--model", root / "run", "--data", root / "data.h5", "--out", root / "pred",
+         "--split", "validation", "device=cpu", "threads=1"],
+        ["evaluate", "--pred", root / "pred" / "predictions.h5", "--ref", root / "data.h5",
+         "--out", root / "eval", "--split", "validation", "--plots", 1],
+    ]
+    for argv in steps:
+        assert main([str(a) for a in [argv[0], "--quiet", *argv[1:]]]) == 0, argv[0]
+    return root
+
+
+def test_workflow_files_and_finite_metrics(workflow):
+    run = workflow / "run"
+    for path in ["data.h5", "run/config.yaml", "run/log.jsonl", "run/best.pt", "run/checkpoints/last.pt",
+                 "run/metrics.json", "pred/predictions.h5", "pred/config.yaml", "eval/metrics.json"]:
+        assert (workflow / path).is_file(), path
+    assert sorted(p.name for p in (workflow / "pred" / "submission").iterdir()) == ["pt_7.csv", "pt_8.csv"]
+    assert list((workflow / "eval" / "plots").glob("*.png"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("best_val_dose_score", "zero_dose_val_score", "seconds", "seconds_per_epoch"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["steps"] == 48 and metrics["epochs"] == 8 and metrics["parameters"] > 0
+    scores = json.loads((workflow / "eval" / "metrics.json").read_text())
+    assert math.isfinite(scores["dose_score"]) and math.isfinite(scores["dvh_score"])
+    assert scores["n_patients"] == 2
+
+
+def test_trained_model_beats_the_all_zero_prediction(workflow):
+    scores = json.loads((workflow / "eval" / "metrics.json").read_text())
+    with open_data(workflow / "data.h5") as data:
+        zero = np.mean([dose_error(np.zeros_like(p.dose), p.dose, p.possible_dose_mask)
+                        for p in map(data.read, data.ids("validation"))])
+    assert scores["dose_score"] < zero
+    # Training's validation score is the official dose score of what `predict` writes.
+    metrics = json.loads((workflow / "run" / "metrics.json").read_text())
+    assert scores["dose_score"] == pytest.approx(metrics["best_val_dose_score"], rel=1e-4)
+    assert metrics["zero_dose_val_score"] == pytest.approx(zero, rel=1e-5)
+
+
+def test_resume_of_a_finished_run_changes_nothing(workflow, capsys):
+    before = (workflow / "run" / "best.pt").read_bytes()
+    code, err = nasdose(capsys, "train", "--quiet", "--data", workflow / "data.h5", "--out", workflow / "run",
+                        "--resume", *TRAIN)
+    assert code == 0 and err == ""
+    assert (workflow / "run" / "best.pt").read_bytes() == before
+
+
+@pytest.fixture
+def bad(workflow, tmp_path) -> dict[str, Path]:
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((workflow / "run" / "best.pt").read_bytes()[:2000])
+    config = tmp_path / "typo.yaml"
+    config.write_text("optim:\n  lr: 0.001\n  moment: 0.9\n")
+    return {"data": workflow / "data.h5", "cut": cut, "config": config, "out": tmp_path / "out"}
+
+
+@pytest.mark.parametrize("case", ["missing data", "bad key", "bad key in file", "truncated checkpoint",
+                                  "existing run"])
+def test_bad_input_is_one_line_exit_1_and_no_output(capsys, workflow, bad, case):
+    argv, named = {
+        "missing data": (["train", "--data", bad["out"].parent / "nope.h5", "--out", bad["out"]], "nope.h5"),
+        "bad key": (["train", "--data", bad["data"], "--out", bad["out"], "optim.lrr=1"], "'optim.lrr'"),
+        "bad key in file": (["train", "--data", bad["data"], "--out", bad["out"], "--config", bad["config"]],
+                            "typo.yaml: unknown config key 'optim.moment'"),
+        "truncated checkpoint": (["predict", "--model", bad["cut"], "--data", bad["data"], "--out", bad["out"]],
+                                 "cut.pt"),
+        "existing run": (["train", "--data", bad["data"], "--out", workflow / "run", *TRAIN], "--resume"),
+    }[case]
+    code, err = nasdose(capsys, argv[0], "--quiet", *argv[1:])
+    assert code == 1
+    assert err.count("\n") == 1 and named in err and "Traceback" not in err
+    assert not bad["out"].exists()
+
+
+def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    capsys.readouterr()
+    assert main(["pipeline", "--out", str(out), "--quick"]) == 0
+    first = capsys.readouterr().out
+    assert "unet3d" in first and "all-zero dose" in first and str(out / "data.h5") in first
+    for path in ["data.h5", "train/unet3d/best.pt", "predict/unet3d/predictions.h5", "evaluate/unet3d/metrics.json"]:
+        assert (out / path).exists(), path
+    assert main(["pipeline", "--out", str(out), "--quick"]) == 0
+    again = capsys.readouterr().out
+    assert again.count("done already, skipped") == 4
+    assert again.split("scores on")[1] == first.split("scores on")[1]
+    code = main(["pipeline", "--out", str(out), "--quick", "--seed", "1"])
+    assert code == 1 and "config.yaml" in capsys.readouterr().err

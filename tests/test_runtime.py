@@ -1,0 +1,105 @@
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nas_dose.config import ConfigError, load_config
+from nas_dose.errors import NasDoseError
+from nas_dose.runtime import (
+    Runtime,
+    RuntimeConfig,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_settings():
+    """A Runtime sets process-wide flags; put them back so other tests see the defaults."""
+    threads = torch.get_num_threads()
+    yield
+    Runtime(RuntimeConfig(device="cpu", threads=threads))
+
+
+def test_cpu_choices_and_description():
+    rt = Runtime(RuntimeConfig(device="auto", amp="auto", threads=1))
+    assert rt.device == torch.device("cpu")
+    assert rt.amp == "off" and rt.amp_dtype is None
+    assert not rt.grad_scaler().is_enabled()
+    d = rt.describe()
+    assert d["device"] == "cpu" and d["amp"] == "off" and d["threads"] == 1
+    assert d["torch"] == torch.__version__
+    assert d["cudnn_benchmark"] is False  # no cuDNN on a CPU, whatever was asked
+    assert d["deterministic"] is False
+
+
+def test_explicit_amp_is_off_on_cpu():
+    assert Runtime(RuntimeConfig(device="cpu", amp="bf16")).describe()["amp"] == "off"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_without_cuda_is_a_user_error(device):
+    with pytest.raises(NasDoseError, match="CUDA is not available"):
+        Runtime(RuntimeConfig(device=device))
+
+
+@pytest.mark.parametrize("device", ["tpu9", "gpu", "mps"])
+def test_unknown_device_is_a_user_error(device):
+    with pytest.raises(NasDoseError, match="runtime.device"):
+        Runtime(RuntimeConfig(device=device))
+
+
+def test_bad_threads_names_the_key():
+    with pytest.raises(ConfigError, match="runtime.threads"):
+        load_config(RuntimeConfig, overrides=["threads=0"])
+
+
+def test_deterministic_mode_sets_the_flags():
+    rt = Runtime(RuntimeConfig(device="cpu", deterministic=True))
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert rt.describe()["deterministic"] is True
+    Runtime(RuntimeConfig(device="cpu"))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_prepare_and_to_device_with_channels_last():
+    rt = Runtime(RuntimeConfig(device="cpu", channels_last=True))
+    model = rt.prepare(nn.Conv3d(2, 3, 3, padding=1))
+    batch = rt.to_device({"input": torch.rand(1, 2, 4, 4, 4), "id": ["a"], "mask": [torch.ones(2)]})
+    assert batch["input"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert batch["id"] == ["a"] and torch.equal(batch["mask"][0], torch.ones(2))
+    assert model.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    plain = nn.Conv3d(2, 3, 3, padding=1)
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(model(batch["input"]), plain(batch["input"].contiguous()), atol=1e-6)
+
+
+def _draws() -> tuple[float, float, list[float]]:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_seeding_repeats_every_generator():
+    seed_everything(7)
+    first = _draws()
+    seed_everything(7)
+    assert _draws() == first
+    seed_everything(8)
+    assert _draws() != first
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint():
+    seed_everything(3)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    expected = _draws()
+    _draws()
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True))
+    assert _draws() == expected
