@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -20,9 +21,15 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "nas_dose.train", "train one network (reference model or genotype)"),
     ("predict", "nas_dose.predict", "predict doses with a trained model, write HDF5 and OpenKBP CSVs"),
     ("search", "nas_dose.strategies.cli", "search architectures and choose an accurate, diverse pool"),
+    ("ensemble", "nas_dose.ensemble", "train a pool's members, select and weight them on validation"),
     ("evaluate", "nas_dose.evaluate", "OpenKBP dose and DVH scores, per-structure table and plots"),
     ("pipeline", "nas_dose.pipeline", "run the whole pipeline end to end on the synthetic default"),
 ]
+
+
+# Commands that run over several processes under torchrun (docs/DISTRIBUTED.md); the others
+# refuse to, rather than run N times over the same files.
+DISTRIBUTED = {"train", "search", "ensemble", "distill"}
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -55,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     set_quiet(getattr(args, "quiet", False))
     try:
-        args.func(args)
+        if "WORLD_SIZE" in os.environ:  # perhaps started by torchrun: join the other processes
+            from .distributed import session
+
+            with session(allowed=args.command in DISTRIBUTED):
+                args.func(args)
+        else:
+            args.func(args)
     except NasDoseError as e:
         print(f"nasdose {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -214,5 +214,8 @@ __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "save_config", 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config options every configurable command shares: `--config FILE` and `key=value`s."""
     parser.add_argument("--config", metavar="FILE", help="YAML config (defaults are used for what it omits)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. optim.lr=1e-3 epochs=5 (values parsed as YAML)")
+    overrides = parser.add_argument("overrides", nargs="+", metavar="KEY=VALUE",
+                                    help="config overrides, e.g. optim.lr=1e-3 epochs=5 (values parsed as YAML)")
+    # An optional '+' positional rather than '*': argparse consumes an empty '*' together with an
+    # earlier positional (`nasdose ensemble POOL.yaml --out D k=v` would then reject `k=v`).
+    overrides.required, overrides.default = False, []

@@ -1,0 +1,465 @@
+"""Train a pool's members, choose and weight them on validation patients, save the ensemble.
+
+  nasdose ensemble POOL.yaml --data DATA.h5 --out DIR [--config CFG.yaml] [--resume] [key=value ...]
+
+DIR receives:
+  members/<name>/   one training run per pool member (genotype.yaml, best.pt, checkpoints/,
+                    log.jsonl, config.yaml); validation.h5 (or validation_tta.h5), its
+                    validation predictions, made once and cached for selection and weighting;
+                    metrics.json, its training record plus its validation scores
+  ensemble.yaml     the members kept with their weights, genotype files and checkpoints:
+                    `nasdose predict --model DIR/ensemble.yaml` predicts with the ensemble
+  validation.h5     the ensemble's validation predictions
+  metrics.json      dose and DVH scores with the per-structure table, each member's scores,
+                    the members' pairwise diversity, the scores as members are added
+  plots/            size_curve.png, diversity.png, DVH and dose-slice plots of a few patients
+  config.yaml       the resolved config
+
+Every choice is made on the validation split: each member's checkpoint (by the training
+engine), which members are kept and their weights; test patients are never used. Scored on
+the patients they were chosen on, the ensemble's validation scores flatter it, so metrics.json
+also holds a leave-one-patient-out estimate: selection and weights redone without each
+validation patient, then scored on it.
+
+--resume continues an interrupted run: finished members are reused, a half-trained one resumes
+from its last checkpoint, and changed selection settings are applied without retraining.
+"""
+from __future__ import annotations
+
+import argparse
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed
+from .config import ConfigError, add_config_arguments, load_config, save_config, to_dict
+from .data.store import open_data, write_predictions
+from .errors import input_error
+from .evaluate import evaluate_predictions
+from .io import load_json, load_yaml, save_json, save_yaml
+from .plots import new_figure, save_figure
+from .predict import flip_tta, predict_patients
+from .progress import say
+from .runtime import Runtime, RuntimeConfig, seed_everything
+from .scores import Scores, score_patients
+from .selection import (Selection, SelectionConfig, ValidationPredictions, diversity_matrices,
+                        leave_one_patient_out, select)
+from .train import ModelConfig, TrainConfig, build_model, load_model, train_model
+
+if TYPE_CHECKING:
+    from .search_spaces import Genotype
+    from .strategies import Pool
+
+FORMAT = "nasdose-ensemble"
+VERSION = 1
+
+
+@dataclass
+class EnsembleConfig:
+    """Member training (`train`, whose model comes from the pool), selection and combination.
+
+    Member i trains with seed `seed` + i, and every network runs with `runtime`: set them here,
+    not under `train`.
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    tta: bool = False
+    seed: int = 0
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    plots: int = 3
+
+    def validate(self) -> None:
+        for key, default in (("model", ModelConfig()), ("runtime", RuntimeConfig()), ("seed", 0)):
+            if getattr(self.train, key) != default:
+                where = "comes from the pool" if key == "model" else f"is set by the top-level '{key}'"
+                raise ConfigError(f"config key 'train.{key}': a member's {key} {where}; leave it out")
+        if self.seed < 0:
+            raise ConfigError(f"config key 'seed': must not be negative, got {self.seed}")
+        if self.plots < 0:
+            raise ConfigError(f"config key 'plots': must not be negative, got {self.plots}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ensemble as a predictor, and ensemble.yaml.
+
+class Ensemble(nn.Module):
+    """The weighted sum of the members' outputs (dose / 70), usable wherever one model is.
+
+    Each member's output is clamped at zero before weighting, as `predict` clamps a single
+    model's, so the ensemble's prediction is exactly the weighted mean of its members' own
+    predictions; with `tta` each member is averaged over predict's flips first.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], tta: bool = False,
+                 names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if len(members) != len(weights) or not members:
+            raise ValueError(f"{len(members)} members for {len(weights)} weights")
+        self.members = nn.ModuleList(members)
+        self.weights = [float(w) for w in weights]
+        self.tta = tta
+        self.names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
+
+    def combine(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for w, member in zip(self.weights, self.members):
+            y = member(x).float().clamp_min(0) * w
+            out = y if out is None else out + y
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return flip_tta(self.combine, x) if self.tta else self.combine(x)
+
+
+def save_ensemble(path: Path, names: Sequence[str], weights: Sequence[float], cfg: EnsembleConfig) -> None:
+    """ensemble.yaml, member files relative to it, so the folder can be moved whole."""
+    save_yaml(path, {
+        "format": FORMAT, "version": VERSION, "selection": cfg.selection.method,
+        "combination": cfg.selection.combination, "tta": cfg.tta,
+        "members": [{"name": n, "genotype": f"members/{n}/genotype.yaml", "checkpoint": f"members/{n}/best.pt",
+                     "weight": float(w)} for n, w in zip(names, weights)]})
+
+
+def load_ensemble(path: str | Path) -> Ensemble:
+    """The ensemble an ensemble.yaml describes, on the CPU in eval mode.
+
+    Weights must be non-negative; they are normalized to sum to 1. Each checkpoint must hold
+    the network of the genotype file listed beside it.
+    """
+    from .search_spaces import load_genotype
+
+    path = Path(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise input_error(path, f"not a nasdose ensemble file (format is not '{FORMAT}')")
+    if data.get("version") != VERSION:
+        raise input_error(path, f"ensemble version {data.get('version')!r} is not supported (expected {VERSION})")
+    raw = data.get("members")
+    if not isinstance(raw, list) or not raw:
+        raise input_error(path, "'members' must be a non-empty list")
+    if not isinstance(data.get("tta", False), bool):
+        raise input_error(path, "'tta' must be true or false")
+    models, weights, names = [], [], []
+    for i, m in enumerate(raw):
+        if (not isinstance(m, dict)
+                or not all(isinstance(m.get(k), str) for k in ("name", "genotype", "checkpoint"))
+                or isinstance(m.get("weight"), bool) or not isinstance(m.get("weight"), (int, float))
+                or not m["weight"] >= 0):
+            raise input_error(path, f"member {i}: needs name, genotype, checkpoint (strings) and a weight >= 0")
+        model, meta = load_model(path.parent / m["checkpoint"])
+        genotype = load_genotype(path.parent / m["genotype"])
+        if meta["model_config"].get("genotype") != genotype.to_dict():
+            raise input_error(path, f"member {m['name']}: {m['checkpoint']} does not hold the network "
+                                    f"of {m['genotype']}")
+        models.append(model)
+        weights.append(float(m["weight"]))
+        names.append(m["name"])
+    total = sum(weights)
+    if not total > 0:
+        raise input_error(path, "the member weights sum to zero")
+    return Ensemble(models, [w / total for w in weights], bool(data.get("tta", False)), names).eval()
+
+
+def load_predictor(path: str | Path) -> nn.Module:
+    """A single trained model (run folder or checkpoint) or an ensemble (its .yaml file), on
+    the CPU in eval mode: what `nasdose predict --model` accepts."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        return load_ensemble(path)
+    return load_model(path)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Members: training and cached validation predictions.
+
+@dataclass
+class _Member:
+    name: str
+    folder: Path
+    genotype: Genotype
+    search_score: float
+
+    def cache(self, tta: bool) -> Path:
+        return self.folder / ("validation_tta.h5" if tta else "validation.h5")
+
+
+def _members(pool_path: Path, out: Path) -> tuple[Pool, list[_Member]]:
+    from .strategies import load_pool
+
+    pool = load_pool(pool_path)
+    members = []
+    for m in pool.members:
+        if "/" in m.name or "\\" in m.name or m.name in (".", "..") or m.name.startswith("."):
+            raise input_error(pool_path, f"member name {m.name!r} cannot name a folder")
+        members.append(_Member(m.name, out / "members" / m.name, m.genotype, m.search_score))
+    return pool, members
+
+
+def _member_config(cfg: EnsembleConfig, member: _Member, index: int, space: str) -> TrainConfig:
+    return replace(cfg.train, model=ModelConfig(name=space, genotype=str(member.folder / "genotype.yaml")),
+                   seed=cfg.seed + index, runtime=cfg.runtime)
+
+
+def _place_genotype(member: _Member, pool_path: Path) -> None:
+    """The member's genotype file; on resume it must be the genotype the member was trained as."""
+    from .search_spaces import load_genotype, save_genotype
+
+    file = member.folder / "genotype.yaml"
+    if file.exists():
+        if load_genotype(file).key() != member.genotype.key():
+            raise input_error(pool_path, f"member {member.name}: its genotype differs from the one "
+                                         f"{member.folder} was trained as (choose another --out)")
+        return
+    save_genotype(file, member.genotype)
+
+
+def _train_member(cfg: EnsembleConfig, member: _Member, index: int, space: str, data: Path) -> None:
+    """Train the member, or continue it from its checkpoint; a finished one (its training
+    metrics.json is written last) is left alone."""
+    if (member.folder / "metrics.json").exists():
+        return
+    config = _member_config(cfg, member, index, space)
+    seed_everything(config.seed)
+    train_model(build_model(config.model), config, data, member.folder, resume=True)
+
+
+def _predict_member(member: _Member, data: Path, ids: list[str], runtime: Runtime, tta: bool) -> None:
+    """Cache the member's validation predictions (its best checkpoint, as the ensemble runs it)."""
+    model, _ = load_model(member.folder)
+    predictor = runtime.prepare(Ensemble([model], [1.0], tta)).eval()
+    with open_data(data) as d:
+        records = ((pid, dose, d.patient_attrs(pid))
+                   for pid, dose in predict_patients(predictor, d, ids, runtime))
+        write_predictions(member.cache(tta), records, grid=d.grid, source=f"{member.folder} (tta={tta})",
+                          total=len(ids))
+
+
+def _cache_is_complete(path: Path, ids: list[str]) -> bool:
+    if not path.exists():
+        return False
+    with open_data(path) as f:
+        return f.kind == "predictions" and set(ids) <= set(f.ids())
+
+
+def _validation_predictions(members: Sequence[_Member], data: Path, ids: list[str],
+                            tta: bool) -> ValidationPredictions:
+    with ExitStack() as stack:
+        ref = stack.enter_context(open_data(data))
+        caches = [stack.enter_context(open_data(m.cache(tta))) for m in members]
+
+        def patients() -> Iterator[tuple[str, np.ndarray, np.ndarray, list[np.ndarray]]]:
+            for pid in ids:
+                p = ref.read(pid)
+                if p.dose is None:
+                    raise input_error(data, f"validation patient {pid} has no reference dose")
+                yield pid, p.dose, p.possible_dose_mask, [c.read_dose(pid) for c in caches]
+
+        return ValidationPredictions.from_patients([m.name for m in members], patients())
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and reporting.
+
+def _score(vp: ValidationPredictions, data: Path, weights: np.ndarray) -> Scores:
+    """Official dose and DVH scores of a combination; `weights` (members,) or one row per patient."""
+    rows = np.broadcast_to(np.asarray(weights, dtype=np.float64), (len(vp.ids), vp.n_members))
+    with open_data(data) as d:
+        return score_patients((d.read(pid), vp.full_dose(rows[p], p)) for p, pid in enumerate(vp.ids))
+
+
+def _best_single(vp: ValidationPredictions) -> np.ndarray:
+    """Weights that pick the member with the best validation dose score."""
+    return np.eye(vp.n_members)[int(np.argmin(vp.member_scores()))]
+
+
+def _named(names: Sequence[str], weights: np.ndarray) -> dict[str, float]:
+    return {n: float(w) for n, w in zip(names, weights) if w > 0}
+
+
+def _plot_size_curve(curve: list[dict[str, Any]], best: dict[str, Any], size: int,
+                     loo: dict[str, Any] | None, path: Path) -> None:
+    fig, axes = new_figure(ncols=2, panel_inches=(4.8, 3.8))
+    sizes = [c["size"] for c in curve]
+    for ax, key, label in ((axes[0, 0], "dose_score", "dose score (Gy)"),
+                           (axes[0, 1], "dvh_score", "DVH score (Gy)")):
+        ax.plot(sizes, [c[key] for c in curve], marker="o", label="ensemble (validation, in-sample)")
+        ax.axhline(best[key], color="0.4", linestyle="--", label=f"best member ({best['name']})")
+        ax.axvline(size, color="C2", linestyle=":", label=f"kept: {size} pick(s)")
+        if loo is not None:
+            ax.plot([size], [loo[key]], marker="s", color="C3", linestyle="none",
+                    label="kept, leave-one-patient-out")
+        ax.set_xticks(sizes, [f"{c['size']}\n{c['added']}" for c in curve], fontsize="x-small")
+        ax.set_xlabel("picks (member added)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="x-small", frameon=False)
+    save_figure(fig, path)
+
+
+def _scores(cfg: EnsembleConfig, vp: ValidationPredictions, data: Path, genotypes: Sequence[Genotype],
+            sel: Selection) -> dict[str, Any]:
+    """Each member's scores, the size curve, and the leave-one-patient-out estimates of the
+    whole procedure and of its baseline, picking the best single member."""
+    names = vp.names
+    members = {n: _score(vp, data, np.eye(vp.n_members)[i]) for i, n in enumerate(names)}
+    best = min(names, key=lambda n: members[n].dose_score)
+    curve = []
+    for k, w in enumerate(sel.prefix_weights, start=1):
+        s = _score(vp, data, w)
+        curve.append({"size": k, "added": names[sel.order[k - 1]], "weights": _named(names, w),
+                      "dose_score": s.dose_score, "dvh_score": s.dvh_score})
+    out: dict[str, Any] = {
+        "members": members, "size_curve": curve,
+        "best_member": {"name": best, "dose_score": members[best].dose_score,
+                        "dvh_score": members[best].dvh_score},
+        "validation_leave_one_patient_out": None, "best_member_leave_one_patient_out": None}
+    if len(vp.ids) >= 2:
+        rows = leave_one_patient_out(vp, lambda sub: select(sub, cfg.selection, genotypes).weights)
+        s = _score(vp, data, rows)
+        out["validation_leave_one_patient_out"] = {
+            "dose_score": s.dose_score, "dvh_score": s.dvh_score, "per_patient": s.per_patient,
+            "weights": {pid: _named(names, r) for pid, r in zip(vp.ids, rows)}}
+        rows = leave_one_patient_out(vp, _best_single)
+        s = _score(vp, data, rows)
+        out["best_member_leave_one_patient_out"] = {
+            "dose_score": s.dose_score, "dvh_score": s.dvh_score,
+            "picked": {pid: names[int(np.argmax(r))] for pid, r in zip(vp.ids, rows)}}
+    return out
+
+
+NOTES = {
+    "validation_in_sample": "the members kept, their number and weights were chosen on these same validation "
+                            "patients: optimistic",
+    "validation_leave_one_patient_out": "selection and weights redone without each validation patient, then "
+                                        "scored on it: the estimate for unseen patients",
+    "best_member": "the best single member on validation (in-sample); best_member_leave_one_patient_out picks it "
+                   "without the scored patient: the baseline to compare the ensemble's estimate with",
+}
+
+
+def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: ValidationPredictions,
+            data: Path, out: Path) -> dict[str, Any]:
+    """Select and weight; write ensemble.yaml, validation.h5, the metrics and the plots."""
+    from .strategies.diversity import MATRICES, diversity_key
+    from .strategies.plots import plot_diversity
+
+    names = vp.names
+    genotypes = [m.genotype for m in members]
+    matrices = diversity_matrices(vp, genotypes)
+    sel = select(vp, cfg.selection, genotypes, matrices)
+    scores = _scores(cfg, vp, data, genotypes, sel)
+    kept = [i for i in range(vp.n_members) if sel.weights[i] > 0]
+    save_ensemble(out / "ensemble.yaml", [names[i] for i in kept], [sel.weights[i] for i in kept], cfg)
+    with open_data(data) as d:
+        write_predictions(out / "validation.h5",
+                          ((pid, vp.full_dose(sel.weights, p), d.patient_attrs(pid))
+                           for p, pid in enumerate(vp.ids)),
+                          grid=d.grid, source=str(out / "ensemble.yaml"), total=len(vp.ids))
+    split = cfg.train.data.val_split
+    in_sample = evaluate_predictions(out / "validation.h5", data, out, split=split, plots=cfg.plots)
+    plot_diversity(names, matrices, out / "plots" / "diversity.png")
+    _plot_size_curve(scores["size_curve"], scores["best_member"], sel.size,
+                     scores["validation_leave_one_patient_out"], out / "plots" / "size_curve.png")
+    member_scores: dict[str, Scores] = scores.pop("members")
+    metrics = {
+        "data": str(data), "split": split, "patients": vp.ids, "notes": NOTES,
+        "ensemble": {"selection": cfg.selection.method, "combination": cfg.selection.combination,
+                     "tta": cfg.tta, "picks": [names[i] for i in sel.order[:sel.size]],
+                     "weights": _named(names, sel.weights)},
+        "validation_in_sample": in_sample.to_dict(),
+        **scores,
+        "members": {n: {"dose_score": member_scores[n].dose_score, "dvh_score": member_scores[n].dvh_score,
+                        "search_score": members[i].search_score, "weight": float(sel.weights[i])}
+                    for i, n in enumerate(names)},
+        "diversity": {"members": names, "measure": diversity_key(matrices),
+                      "validation": {k: np.asarray(matrices[k]).tolist() for k in MATRICES},
+                      "search": {k: np.asarray(pool.matrices[k]).tolist() for k in MATRICES},
+                      "search_predictions": pool.predictions},
+    }
+    save_json(out / "metrics.json", metrics)
+    for i, m in enumerate(members):
+        record = load_json(m.folder / "metrics.json")
+        record["validation"] = {"split": split, "tta": cfg.tta, **{
+            k: v for k, v in member_scores[names[i]].to_dict().items() if k != "table"}}
+        save_json(m.folder / "metrics.json", record)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+def _check_out(out: Path, cfg: EnsembleConfig, resume: bool) -> None:
+    """A new run needs a fresh folder; a resumed one the same member training as before."""
+    old_file = out / "config.yaml"
+    if not resume:
+        if old_file.exists() or (out / "members").exists():
+            raise input_error(out, "already holds an ensemble run; use --resume to continue it "
+                                   "or choose another --out")
+        return
+    if not old_file.exists():
+        return
+    old = load_config(EnsembleConfig, old_file)
+    changed = [k for k in ("train", "seed") if to_dict(old)[k] != to_dict(cfg)[k]]
+    if changed:
+        raise input_error(old_file, f"the members were trained with a different {' and '.join(changed)}; "
+                                    "resume with this config or choose another --out")
+
+
+def run_ensemble(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig,
+                 resume: bool = False) -> dict[str, Any]:
+    """The whole command: train (or reuse) every member, cache, select, weight, report."""
+    pool_path, data, out = Path(pool_path), Path(data), Path(out)
+    pool, members = _members(pool_path, out)
+    split = cfg.train.data.val_split
+    with open_data(data) as d:
+        if d.kind != "dataset":
+            raise input_error(data, f"a nasdose {d.kind} file, expected a data set")
+        ids = d.ids(split)
+    if not ids:
+        raise input_error(data, f"no patients in split '{split}' to select the members on")
+    distributed.on_main(_check_out, out, cfg, resume)  # one rank checks, or another may see its config
+    save_config(out / "config.yaml", cfg)
+    runtime = Runtime(cfg.runtime)
+
+    def member(job: tuple[int, _Member]) -> None:
+        i, m = job
+        _place_genotype(m, pool_path)
+        say(f"member {i + 1}/{len(members)}: {m.name}")
+        _train_member(cfg, m, i, pool.space, data)
+        if not _cache_is_complete(m.cache(cfg.tta), ids):
+            _predict_member(m, data, ids, runtime, cfg.tta)
+
+    def report() -> dict[str, Any]:
+        return _report(cfg, pool, members, _validation_predictions(members, data, ids, cfg.tta), data, out)
+
+    # Members are independent: under torchrun each rank trains its share alone; then the main
+    # rank, which reads every member's files, chooses and writes the ensemble.
+    distributed.map_shards(member, list(enumerate(members)))
+    metrics = distributed.on_main(report)
+    loo = metrics["validation_leave_one_patient_out"]
+    best = metrics["best_member"]
+    say(f"ensemble of {', '.join(f'{n} × {w:.2f}' for n, w in metrics['ensemble']['weights'].items())}: "
+        f"validation dose score {metrics['validation_in_sample']['dose_score']:.3f} Gy in-sample"
+        + (f", {loo['dose_score']:.3f} Gy leave-one-patient-out" if loo else "")
+        + f"; best member {best['name']} {best['dose_score']:.3f} Gy. Wrote {out / 'ensemble.yaml'}")
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("pool", type=Path, metavar="POOL.yaml", help="pool file written by nasdose search")
+    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in DIR: finished members are reused, a half-trained one resumes")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = load_config(EnsembleConfig, args.config, args.overrides)
+    run_ensemble(args.pool, args.data, args.out, cfg, resume=args.resume)

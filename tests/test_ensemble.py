@@ -1,0 +1,213 @@
+"""`nasdose ensemble` end to end on a tiny synthetic data set and a hand-written pool of three
+small LENAS genotypes, a few training steps per member."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nas_dose import cli, ensemble
+from nas_dose.config import load_config
+from nas_dose.data.store import open_data, write_dataset
+from nas_dose.data.synth import synth_patients
+from nas_dose.ensemble import Ensemble, EnsembleConfig, load_ensemble, load_predictor, run_ensemble
+from nas_dose.errors import NasDoseError
+from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
+from nas_dose.predict import flip_tta, predict_patients
+from nas_dose.progress import set_quiet
+from nas_dose.runtime import Runtime, RuntimeConfig
+from nas_dose.search_spaces import get_space
+from nas_dose.train import train_model
+from nas_dose.strategies import Pool, PoolMember, save_pool
+from nas_dose.strategies.diversity import MATRICES
+
+MACRO = {"stem": 4, "widths": [8, 8]}
+GENOTYPES = {
+    "a": {"down.op1": "conv", "down.op2": "identity", "down.connect": "identity", "down.down": "max_pool",
+          "up.op1": "conv", "up.op2": "identity", "up.connect": "identity", "up.up": "up_interpolate"},
+    "b": {"down.op1": "dep_conv", "down.op2": "identity", "down.connect": "none", "down.down": "avg_pool",
+          "up.op1": "identity", "up.op2": "dep_conv", "up.connect": "identity", "up.up": "up_conv"},
+    "c": {"down.op1": "identity", "down.op2": "se_conv", "down.connect": "identity", "down.down": "down_conv",
+          "up.op1": "identity", "up.op2": "identity", "up.connect": "none", "up.up": "up_dep_conv"},
+}
+# 2 epochs of 2 steps (batch 2) per member, one thread each: a few seconds per member.
+SETTINGS = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.log_every=1",
+            "train.data.augment.enabled=false", "runtime.device=cpu", "runtime.threads=1", "plots=1",
+            "selection.max_size=3"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads_and_output():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    set_quiet(False)  # a CLI call with -q sets it for the process
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """8 phantoms on a 16³ grid: 6 train, 2 validation."""
+    path = tmp_path_factory.mktemp("data") / "synth16.h5"
+    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool_file(tmp_path_factory) -> Path:
+    space = get_space("lenas")
+    members = [PoolMember(name, space.genotype(choices, MACRO), 1.0 + i)
+               for i, (name, choices) in enumerate(GENOTYPES.items())]
+    n = len(members)
+    path = tmp_path_factory.mktemp("pool") / "pool.yaml"
+    save_pool(path, Pool("lenas", "hand", 0, members, {k: np.zeros((n, n)) for k in MATRICES}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data, pool_file) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ens") / "run"
+    cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "selection.combination=weighted"])
+    return out, run_ensemble(pool_file, data, out, cfg)
+
+
+@pytest.fixture
+def nasdose():
+    """The `nasdose` command line, called in-process."""
+    return lambda *args: cli.main([str(a) for a in args])
+
+
+def test_files_and_metrics(run, data):
+    out, metrics = run
+    for name in GENOTYPES:
+        folder = out / "members" / name
+        for f in ("genotype.yaml", "best.pt", "checkpoints/last.pt", "validation.h5", "config.yaml"):
+            assert (folder / f).is_file(), f
+        record = load_json(folder / "metrics.json")
+        assert record["steps"] == 4 and record["validation"]["n_patients"] == 2
+        assert record["validation"]["dose_score"] == pytest.approx(metrics["members"][name]["dose_score"])
+    for f in ("ensemble.yaml", "validation.h5", "metrics.json", "config.yaml", "plots/size_curve.png",
+              "plots/diversity.png"):
+        assert (out / f).is_file(), f
+    assert len(list((out / "plots").glob("dvh_*.png"))) == 1
+    saved = load_json(out / "metrics.json")
+    assert saved["patients"] == ["pt_7", "pt_8"]
+    ins, loo = saved["validation_in_sample"], saved["validation_leave_one_patient_out"]
+    assert set(ins["per_structure"]) and ins["dose_score"] > 0 and ins["dvh_score"] > 0
+    assert set(loo["weights"]) == {"pt_7", "pt_8"} and loo["dose_score"] > 0
+    # the size curve's kept entry is the in-sample score, which selection minimized over the curve
+    curve = saved["size_curve"]
+    assert len(curve) == 3 and curve[0]["added"] == saved["best_member"]["name"]
+    assert min(c["dose_score"] for c in curve) == pytest.approx(ins["dose_score"], rel=1e-5)
+    assert ins["dose_score"] <= saved["best_member"]["dose_score"] + 1e-6
+    n = len(GENOTYPES)
+    assert np.array(saved["diversity"]["validation"]["disagreement"]).shape == (n, n)
+    assert np.all(np.diag(saved["diversity"]["validation"]["disagreement"]) == 0)
+    assert load_yaml(out / "config.yaml")["selection"]["combination"] == "weighted"
+
+
+def test_ensemble_yaml_loads_and_equals_the_weighted_mean_of_members(run, data):
+    out, metrics = run
+    spec = load_yaml(out / "ensemble.yaml")
+    assert spec["format"] == "nasdose-ensemble" and spec["combination"] == "weighted"
+    assert all(m["checkpoint"] == f"members/{m['name']}/best.pt" for m in spec["members"])
+    weights = {m["name"]: m["weight"] for m in spec["members"]}
+    assert weights == pytest.approx(metrics["ensemble"]["weights"]) and sum(weights.values()) == pytest.approx(1)
+    ens = load_ensemble(out / "ensemble.yaml")
+    assert isinstance(load_predictor(out / "ensemble.yaml"), Ensemble)
+    assert not isinstance(load_predictor(out / "members" / "a"), Ensemble)
+    x = torch.randn(1, 10, 16, 16, 16)
+    with torch.no_grad():
+        expected = sum(w * load_predictor(out / "members" / n)(x).clamp_min(0) for n, w in weights.items())
+        np.testing.assert_allclose(ens(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    # predicting with the ensemble gives the validation predictions made from the members' cache
+    runtime = Runtime(RuntimeConfig(device="cpu"))
+    with open_data(data) as d, open_data(out / "validation.h5") as saved:
+        for pid, dose in predict_patients(ens, d, d.ids("validation"), runtime):
+            np.testing.assert_allclose(dose, saved.read_dose(pid), rtol=1e-4, atol=1e-4)
+
+
+def test_ensemble_clamps_each_member_and_applies_predicts_tta_to_it():
+    class Ramp(nn.Module):
+        """Negative in part, depends on the position along axis 0 and on the right parotid channel."""
+
+        def forward(self, x):
+            return torch.linspace(-1, 2, x.shape[2]).view(1, 1, -1, 1, 1) + x[:, 4:5]
+
+    x = torch.rand(1, 10, 6, 6, 6)
+    clamped = lambda z: Ramp()(z).clamp_min(0)  # noqa: E731
+    np.testing.assert_allclose(Ensemble([Ramp(), Ramp()], [0.25, 0.75])(x).numpy(), clamped(x).numpy(), rtol=1e-6)
+    tta = Ensemble([Ramp()], [1.0], tta=True)(x)
+    np.testing.assert_allclose(tta.numpy(), flip_tta(clamped, x).numpy(), rtol=1e-6)
+    assert not torch.allclose(tta, clamped(x))
+    assert not torch.allclose(tta, flip_tta(Ramp(), x).clamp_min(0))  # clamped before the flips are averaged
+
+
+def mtimes(members: Path) -> dict[str, int]:
+    """Modification times of members a's and b's checkpoints."""
+    return {f"{n}/{f}": (members / n / f).stat().st_mtime_ns for n in ("a", "b")
+            for f in ("best.pt", "checkpoints/last.pt")}
+
+
+def test_resume_reuses_finished_members_and_continues_a_half_trained_one(tmp_path, data, pool_file, monkeypatch,
+                                                                         capsys, nasdose):
+    out = tmp_path / "run"
+    members = out / "members"
+    cfg = load_config(EnsembleConfig, overrides=SETTINGS)
+
+    def interrupted(model, config, data, out, resume=False):
+        """Member c stops after step 3; its last checkpoint is the end of epoch 1 (step 2)."""
+        def stop(step):
+            if step == 3 and Path(out).name == "c":
+                raise KeyboardInterrupt
+        return train_model(model, config, data, out, resume, on_step=stop)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(ensemble, "train_model", interrupted)
+        run_ensemble(pool_file, data, out, cfg)
+    assert load_checkpoint(members / "c" / "checkpoints" / "last.pt")["step"] == 2
+    assert not (members / "c" / "metrics.json").exists() and not (out / "ensemble.yaml").exists()
+    done = mtimes(members)
+    with pytest.raises(NasDoseError, match="use --resume"):
+        run_ensemble(pool_file, data, out, cfg)
+    capsys.readouterr()
+    run_ensemble(pool_file, data, out, cfg, resume=True)
+    before_c, c = capsys.readouterr().out.split("member 3/3")
+    assert "resuming" in c and "resuming" not in before_c  # a and b were not touched
+    assert mtimes(members) == done
+    assert len((members / "c" / "log.jsonl").read_text().splitlines()) == 4
+    assert load_json(members / "c" / "metrics.json")["steps"] == 4
+    assert (out / "ensemble.yaml").is_file()
+    # another selection, with flip TTA: the members predict again, nothing is retrained
+    assert nasdose("ensemble", pool_file, "--data", data, "--out", out, "--resume", "-q", *SETTINGS,
+                   "selection.method=all", "tta=true") == 0
+    summary = load_json(out / "metrics.json")["ensemble"]
+    assert (summary["selection"], summary["tta"], sorted(summary["picks"])) == ("all", True, ["a", "b", "c"])
+    assert summary["weights"] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    assert all((members / n / "validation_tta.h5").is_file() for n in ("a", "b", "c"))
+    assert len(load_yaml(out / "ensemble.yaml")["members"]) == 3
+    assert mtimes(members) == done
+    # a different member training cannot be resumed
+    assert nasdose("ensemble", pool_file, "--data", data, "--out", out, "--resume", "-q", *SETTINGS,
+                   "train.epochs=3") == 1
+    assert "config.yaml" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, data, pool_file, capsys, nasdose):
+    bad = tmp_path / "pool.yaml"
+    save_yaml(bad, {"format": "nasdose-pool", "version": 1, "space": "lenas", "members": []})
+    assert nasdose("ensemble", bad, "--data", data, "--out", tmp_path / "o", "-q") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "members" in err
+    assert not (tmp_path / "o").exists()
+    assert nasdose("ensemble", pool_file, "--data", data, "--out", tmp_path / "o", "-q",
+                   "train.model.name=x") == 1
+    assert "train.model" in capsys.readouterr().err
+    spec = tmp_path / "ens.yaml"
+    save_yaml(spec, {"format": "nasdose-ensemble", "version": 1, "members": [
+        {"name": "a", "genotype": "g.yaml", "checkpoint": "missing.pt", "weight": 1.0}]})
+    with pytest.raises(NasDoseError, match="missing.pt"):
+        load_ensemble(spec)
+    save_yaml(spec, {"format": "nasdose-ensemble", "version": 1, "members": [{"name": "a", "weight": -1}]})
+    with pytest.raises(NasDoseError, match=f"{spec}: member 0"):
+        load_ensemble(spec)
