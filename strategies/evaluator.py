@@ -1,0 +1,298 @@
+"""How the multi-trial strategies (evolution, random, NNI) score a genotype, with a persisted cache.
+
+Two modes, chosen in `EvaluatorConfig.mode`:
+
+- ``inherit`` (SPOS, single-path one-shot): a supernet is trained once, each step on one path
+  drawn uniformly over the op slots, on the weight patients; a genotype's score is its single
+  path (`Supernet.fix`) with the shared weights on the architecture patients. Cheap per
+  candidate; the ranking is a proxy for that of trained networks.
+- ``train``: the genotype's own network is built and trained from scratch for `train_steps`
+  on the weight patients, then scored on the architecture patients.
+
+The supernet mixes op slots only; a richer space's width and depth slots are fixed per
+supernet. "inherit" keeps one supernet per combination of those non-op slots, each trained
+with the same `supernet_steps`, so that every score comes from the same kind of proxy (mixing
+inherited and trained scores would rank candidates by how they were scored, not by quality).
+
+Both modes train with the training engine's masked L1 loss (`nas_dose.train.masked_loss`) and
+score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids` and
+`ctx.arch_ids`: not with `train_model`, which addresses patients by split name, whereas the
+search trains and scores on disjoint patient subsets that need not be whole splits.
+
+Scores are cached by `Genotype.key()`; with `ctx.state_path`, each entry and each trained
+supernet is its own file under ``evaluator/``, so a resumed search never re-scores. An
+interrupted supernet training is redone from its seed (it is deterministic), not resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import time
+import zlib
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ConfigError, to_dict
+from ..errors import NasDoseError
+from ..io import load_checkpoint, load_json, save_checkpoint, save_json
+from ..progress import progress
+from ..runtime import seed_everything
+from ..search_spaces import Genotype, Supernet, count_flops, count_params
+from ..train import OptimConfig, make_optimizer, masked_loss
+from .base import Candidate, SearchContext, Strategy
+
+CACHE_FORMAT = "nasdose-evaluator"
+CACHE_VERSION = 1
+
+
+@dataclass
+class EvaluatorConfig:
+    """Scoring options; `supernet_steps` for "inherit", `train_steps` for "train"."""
+
+    mode: Literal["inherit", "train"] = "inherit"
+    supernet_steps: int = 1000
+    train_steps: int = 200
+    batch_size: int = 1
+    lr: float = 1e-3
+
+    def validate(self) -> None:
+        for key in ("supernet_steps", "train_steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'evaluator.{key}': must be at least 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"config key 'evaluator.lr': must be positive, got {self.lr}")
+
+
+class Scorer(Protocol):
+    """What a strategy needs from an evaluator (tests plug in cheap fakes)."""
+
+    def score(self, g: Genotype) -> Candidate: ...
+
+
+ScorerFactory = Callable[[SearchContext], Scorer]
+
+
+class ScoringStrategy(Strategy):
+    """A strategy that scores genotypes one by one (evolution, random, NNI); its config has an
+    `evaluator` section. `scorer` replaces the CandidateEvaluator (tests plug in cheap fakes)."""
+
+    predictions_from = ("the evaluator's networks (mode inherit: the SPOS supernet fixed to each genotype; "
+                        "mode train: each genotype trained briefly from scratch)")
+
+    def __init__(self, config: Any, scorer: ScorerFactory | None = None) -> None:
+        super().__init__(config)
+        self.scorer = scorer
+
+    def make_scorer(self, ctx: SearchContext) -> Scorer:
+        return self.scorer(ctx) if self.scorer is not None else CandidateEvaluator(ctx, self.config.evaluator)
+
+
+def ranked(cands: Iterable[Candidate]) -> list[Candidate]:
+    """Distinct genotypes (first kept), best (lowest finite score) first; ties keep their order."""
+    seen: dict[Hashable, Candidate] = {}
+    for c in cands:
+        seen.setdefault(c.genotype.key(), c)
+    return sorted(seen.values(), key=lambda c: c.score if math.isfinite(c.score) else math.inf)
+
+
+def prediction_ids(ctx: SearchContext) -> list[str]:
+    """Patients whose predictions a candidate carries (float16, dose / 70): none without
+    diversity; the diversity patients; in sequential mode also the architecture patients, on
+    which later searches measure their hinge against this candidate."""
+    if ctx.diversity.mode == "none":
+        return []
+    extra = ctx.arch_ids if ctx.diversity.mode == "sequential" else []
+    return list(dict.fromkeys([*ctx.diversity_ids, *extra]))
+
+
+def random_path(supernet: Supernet, rng: np.random.RandomState) -> Genotype:
+    """A uniformly drawn single path of `supernet` (SPOS): random op slots, its fixed slots kept."""
+    g = supernet.space.sample(rng, supernet.macro)
+    return Genotype(g.space, g.version, {**g.choices, **supernet.fixed}, g.macro)
+
+
+def derived_seed(seed: int, *parts: Any) -> int:
+    """A 32-bit seed from the search seed and a stable description of what it is for."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(repr(parts).encode())]).generate_state(1)[0])
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(repr(value).encode()).hexdigest()[:16]
+
+
+class CandidateEvaluator:
+    """Scores genotypes of `ctx.space` as set out in the module docstring; see `score`."""
+
+    def __init__(self, ctx: SearchContext, cfg: EvaluatorConfig) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.space = ctx.space
+        self.macro = ctx.space.check_macro(ctx.macro, "search macro")
+        self.scored = 0  # genotypes this object scored itself (cache misses)
+        self.kept = prediction_ids(ctx)
+        self._cache: dict[Hashable, Candidate] = {}
+        self._supernets: dict[Hashable, tuple[Supernet, nn.Module]] = {}
+        self._op_slots = set(self.space.op_slots())
+        self._shape: tuple[int, ...] | None = None
+        folder = ctx.state_path("evaluator")
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._check_settings(folder / "settings.json")
+
+    # -- public --------------------------------------------------------------------------------
+
+    def score(self, g: Genotype) -> Candidate:
+        """The candidate of `g`: from the cache (memory, then disk) or scored now and cached."""
+        key = g.key()
+        if key in self._cache:
+            return self._cache[key]
+        cand = self._load(g)
+        if cand is None:
+            cand = self._score(g)
+            self.scored += 1
+            self._save(cand)
+            self.ctx.log({"event": "scored", "mode": self.cfg.mode, "genotype": g.to_dict(),
+                          "score": cand.score, **cand.metrics})
+        self._cache[key] = cand
+        return cand
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def _score(self, g: Genotype) -> Candidate:
+        self.space.validate(g, "candidate")
+        if g.macro != self.macro:
+            raise NasDoseError(f"candidate: genotype macro {g.macro} differs from the search macro {self.macro}")
+        started = time.perf_counter()
+        final = self._final_network(g)
+        if self.cfg.mode == "inherit":
+            supernet, net = self._supernet(g)
+            supernet.fix(g)
+        else:
+            net = self.ctx.runtime.prepare(final)
+            self._fit(net, final.parameters(), self.cfg.train_steps,
+                      derived_seed(self.ctx.seed, "train", g.key()), desc="candidate")
+        errors, preds = self.ctx.evaluate(net, dict.fromkeys([*self.ctx.arch_ids, *self.kept]))
+        score = float(np.mean([errors[pid] for pid in self.ctx.arch_ids]))
+        predictions = {pid: preds[pid].astype(np.float16) for pid in self.kept} if self.kept else None
+        metrics = {"params": float(count_params(final)),
+                   "flops": float(count_flops(final, self._input_shape())),
+                   "seconds": round(time.perf_counter() - started, 3)}
+        return Candidate(g, score, metrics, predictions)
+
+    def _final_network(self, g: Genotype) -> nn.Module:
+        """`g`'s own network, seeded by `g` so that "train" results do not depend on the order."""
+        seed_everything(derived_seed(self.ctx.seed, "init", g.key()))
+        return self.space.build(g)
+
+    def _input_shape(self) -> tuple[int, ...]:
+        if self._shape is None:
+            self._shape = self.ctx.input_shape()
+        return self._shape
+
+    def _fixed(self, g: Genotype) -> dict[str, Any]:
+        """The non-op slots of `g`: what a supernet cannot mix."""
+        return {s: v for s, v in sorted(g.choices.items()) if s not in self._op_slots}
+
+    def _supernet(self, g: Genotype) -> tuple[Supernet, nn.Module]:
+        """The trained supernet for `g`'s non-op slots (loaded, or trained now), and its prepared module."""
+        fixed = self._fixed(g)
+        key = tuple(fixed.items())
+        if key in self._supernets:
+            return self._supernets[key]
+        seed = derived_seed(self.ctx.seed, "supernet", key)
+        seed_everything(seed)
+        supernet = self.space.build_supernet(self.macro, fixed)
+        net = self.ctx.runtime.prepare(supernet)
+        path = self.folder / f"supernet-{_digest(key)}.pt" if self.folder is not None else None
+        if path is not None and path.is_file():
+            state = load_checkpoint(path, map_location=self.ctx.runtime.device)
+            if state.get("fixed") != fixed or state.get("steps") != self.cfg.supernet_steps:
+                raise NasDoseError(f"{path}: a supernet for other settings; use a new output folder")
+            supernet.load_state_dict(state["model"])
+        else:
+            rng = np.random.RandomState(seed)
+            self._fit(net, supernet.weight_parameters(), self.cfg.supernet_steps, seed,
+                      desc="supernet", before_step=lambda: supernet.fix(random_path(supernet, rng)))
+            if path is not None:
+                save_checkpoint(path, {"fixed": fixed, "steps": self.cfg.supernet_steps,
+                                       "model": supernet.state_dict()})
+        self._supernets[key] = (supernet, net)
+        return supernet, net
+
+    def _fit(self, net: nn.Module, params: Iterable[nn.Parameter], steps: int, seed: int, desc: str,
+             before_step: Callable[[], None] | None = None) -> None:
+        """`steps` Adam steps of `params` on the masked L1 loss of `net` on weight-patient batches."""
+        runtime = self.ctx.runtime
+        optimizer = make_optimizer(params, OptimConfig(lr=self.cfg.lr))
+        scaler = runtime.grad_scaler()
+        net.train()
+        loss_sum = torch.zeros((), device=runtime.device)
+        for _, batch in zip(progress(range(steps), desc=desc), self._batches(seed)):
+            if before_step is not None:
+                before_step()
+            batch = runtime.to_device(batch)
+            with runtime.autocast():
+                pred = net(batch["input"])
+            loss = masked_loss(pred, batch["target"], batch["mask"])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+        if not math.isfinite(loss_sum.item()):
+            raise NasDoseError(f"{desc} training diverged (loss {loss_sum.item()}); try a lower evaluator.lr")
+
+    def _batches(self, seed: int) -> Iterator[dict[str, Any]]:
+        """Shuffled weight-patient batches, pass after pass, each pass's order drawn from (seed, pass)."""
+        for epoch in itertools.count():
+            pass_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+            yield from self.ctx.loader(self.ctx.weight_ids, train=True, batch_size=self.cfg.batch_size,
+                                       seed=pass_seed)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        ctx = self.ctx
+        return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "space": self.space.name,
+                "macro": self.macro, "seed": ctx.seed, "evaluator": to_dict(self.cfg),
+                "data": str(Path(ctx.data).resolve()), "weight_ids": list(ctx.weight_ids),
+                "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept}
+
+    def _check_settings(self, path: Path) -> None:
+        """Cached scores are only reused under the settings that produced them."""
+        settings = self._settings()
+        if not path.is_file():
+            save_json(path, settings)
+            return
+        old = load_json(path)
+        if not isinstance(old, dict) or old.get("format") != CACHE_FORMAT:
+            raise NasDoseError(f"{path}: not a nasdose evaluator cache")
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        if changed:
+            raise NasDoseError(f"{path}: the cached scores were made with other settings "
+                               f"({', '.join(changed)}); use a new output folder")
+
+    def _entry_path(self, g: Genotype) -> Path | None:
+        return None if self.folder is None else self.folder / f"{_digest(g.key())}.pt"
+
+    def _save(self, c: Candidate) -> None:
+        path = self._entry_path(c.genotype)
+        if path is not None:
+            save_checkpoint(path, c.to_state())
+
+    def _load(self, g: Genotype) -> Candidate | None:
+        path = self._entry_path(g)
+        if path is None or not path.is_file():
+            return None
+        cand = Candidate.from_state(load_checkpoint(path), str(path))
+        if cand.genotype.key() != g.key():
+            raise NasDoseError(f"{path}: cache entry of another genotype")
+        return cand

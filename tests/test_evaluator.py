@@ -1,0 +1,150 @@
+"""CandidateEvaluator on a tiny synthetic data set: SPOS weight inheritance scores exactly the
+network that is built, one supernet per width/depth, the persisted cache, and "train" mode."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nas_dose.config import ConfigError, from_dict
+from nas_dose.data.store import write_dataset
+from nas_dose.data.synth import synth_patients
+from nas_dose.errors import NasDoseError
+from nas_dose.runtime import Runtime, RuntimeConfig
+from nas_dose.search_spaces import count_params, get_space
+from nas_dose.strategies.base import Candidate, SearchContext
+from nas_dose.strategies.diversity import DiversityConfig
+from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, ranked
+from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
+from nas_dose.strategies.random_search import RandomConfig, RandomStrategy
+
+
+WEIGHT, ARCH, DIVERSITY = ["pt_1", "pt_2", "pt_3"], ["pt_4", "pt_5"], ["pt_6"]
+TINY = {"stem": 4, "widths": [8, 16]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.h5"
+    write_dataset(path, synth_patients(6, 16, 0), source="synth", grid=16, total=6)
+    return path
+
+
+def context(data: Path, state: Path | None, space: str = "lenas", macro: dict = TINY,
+            mode: str = "pool") -> SearchContext:
+    return SearchContext(get_space(space), macro, data, Runtime(RuntimeConfig(device="cpu")), 0, WEIGHT, ARCH,
+                         DIVERSITY, diversity=DiversityConfig(mode=mode), state_dir=state,
+                         log_path=None if state is None else state / "log.jsonl")
+
+
+def genotypes(ctx: SearchContext, n: int, seed: int = 0):
+    rng = np.random.RandomState(seed)
+    return [ctx.space.sample(rng, ctx.macro) for _ in range(n)]
+
+
+def test_inherit_scores_the_built_network_with_shared_weights_and_caches(data, tmp_path):
+    ctx = context(data, tmp_path)
+    ev = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=3))
+    g1, g2 = genotypes(ctx, 2)
+    c1, c2 = ev.score(g1), ev.score(g2)
+    assert ev.scored == 2 and ev.score(g1) is c1 and ev.scored == 2  # a cache hit scores nothing
+    assert len(list((tmp_path / "evaluator").glob("supernet-*.pt"))) == 1  # one supernet for all
+    assert 0 < c1.score < 70 and np.isfinite(c2.score)
+    assert c1.metrics["params"] == count_params(ctx.space.build(g1))
+    assert set(c1.predictions) == set(DIVERSITY) and c1.predictions["pt_6"].shape == (16, 16, 16)
+    # the single path with shared weights is exactly the final network with inherited weights
+    supernet, _ = ev._supernet(g1)
+    errors, _ = ctx.evaluate(supernet.subnet(g1), ARCH)
+    assert c1.score == pytest.approx(np.mean(list(errors.values())), rel=1e-5)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in logged if r["event"] == "scored"] == [c1.score, c2.score]
+
+
+def test_a_resumed_evaluator_rescores_nothing_and_retrains_no_supernet(data, tmp_path, monkeypatch):
+    ctx = context(data, tmp_path)
+    g1, g2 = genotypes(ctx, 2, seed=1)
+    first = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=3)).score(g1)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(CandidateEvaluator, "_fit", no_training)
+    ev = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=3))
+    again = ev.score(g1)
+    assert ev.scored == 0 and again.score == first.score and again.metrics == first.metrics
+    np.testing.assert_array_equal(again.predictions["pt_6"], first.predictions["pt_6"])
+    ev.score(g2)  # a new genotype: scored on the saved supernet
+    assert ev.scored == 1
+    with pytest.raises(NasDoseError, match="evaluator"):
+        CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=4))
+
+
+def test_inherit_keeps_one_supernet_per_width_and_depth(data, tmp_path):
+    ctx = context(data, tmp_path, space="lenas_levels", macro={"stem": 4, "widths": [4, 8, 8, 8]}, mode="none")
+    ev = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=2))
+    base = genotypes(ctx, 1, seed=3)[0]
+    variants = [{"width": 50, "depth": 2}, {"width": 100, "depth": 2}, {"width": 50, "depth": 2}]
+    cands = [ev.score(ctx.space.genotype({**base.choices, **v, "enc0.op1": op}, ctx.macro))
+             for v, op in zip(variants, ["conv", "conv", "identity"])]
+    assert len(list((tmp_path / "evaluator").glob("supernet-*.pt"))) == 2
+    assert all(c.predictions is None for c in cands)  # no diversity: no predictions kept
+    assert cands[0].metrics["params"] < cands[1].metrics["params"]
+
+
+def test_train_mode_scores_do_not_depend_on_the_order(data):
+    ctx = context(data, None, mode="none")
+    g1, g2 = genotypes(ctx, 2, seed=2)
+    cfg = EvaluatorConfig(mode="train", train_steps=2)
+    a = CandidateEvaluator(ctx, cfg)
+    b = CandidateEvaluator(ctx, cfg)
+    forward = [a.score(g1).score, a.score(g2).score]
+    backward = [b.score(g2).score, b.score(g1).score]
+    assert forward == backward[::-1]
+    assert forward[0] != forward[1]
+
+
+def test_a_resumed_search_with_a_larger_budget_scores_only_the_new_candidates(data, tmp_path):
+    ctx = context(data, tmp_path, mode="none")
+    made: list[CandidateEvaluator] = []
+
+    def factory(c):
+        made.append(CandidateEvaluator(c, EvaluatorConfig(supernet_steps=2)))
+        return made[-1]
+
+    short = RandomStrategy(from_dict(RandomConfig, {"budget": 2}), scorer=factory).run(ctx)
+    longer = RandomStrategy(from_dict(RandomConfig, {"budget": 3}), scorer=factory).run(
+        context(data, tmp_path, mode="none"))
+    assert [m.scored for m in made] == [2, 1]
+    assert {c.genotype.key(): c.score for c in short}.items() <= {c.genotype.key(): c.score for c in longer}.items()
+
+
+@pytest.mark.parametrize("mode", ["pool", "sequential"])
+def test_evolution_with_diversity_on_the_real_evaluator(data, tmp_path, mode):
+    reference = CandidateEvaluator(context(data, None, mode="sequential"), EvaluatorConfig(supernet_steps=2)).score(
+        genotypes(context(data, None), 1, seed=9)[0])
+    ctx = context(data, tmp_path, mode=mode)
+    ctx.references = [reference.predictions] if mode == "sequential" else []
+    cfg = from_dict(EvolutionConfig, {"budget": 4, "population": 2, "sample": 2, "members": 2,
+                                      "evaluator": {"supernet_steps": 2}})
+    cands = EvolutionStrategy(cfg).run(ctx)
+    kept = DIVERSITY + (ARCH if mode == "sequential" else [])
+    assert len(cands) == 4 and all(sorted(c.predictions) == sorted(kept) for c in cands)
+    assert sorted(reference.predictions) == sorted(DIVERSITY + ARCH)
+
+
+def test_ranked_puts_failures_last_and_keeps_first_of_duplicates():
+    ctx = context(Path("unused.h5"), None)
+    g1, g2, g3 = genotypes(ctx, 3)
+    cands = [Candidate(g1, float("nan")), Candidate(g2, 3.0), Candidate(g3, 2.0), Candidate(g2, 1.0)]
+    best = ranked(cands)
+    assert [c.genotype.key() for c in best] == [g3.key(), g2.key(), g1.key()]
+    assert best[1].score == 3.0
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="lr"):
+        from_dict(EvaluatorConfig, {"lr": 0})
+    with pytest.raises(ConfigError, match="mode"):
+        from_dict(EvaluatorConfig, {"mode": "oneshot"})
