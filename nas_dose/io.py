@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,8 +20,17 @@ from .errors import input_error
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the destination's folder; rename it to `path` on success."""
+    """Yield a temporary path in the destination's folder; rename it to `path` on success.
+
+    On a rank of a distributed run that does not write (`nas_dose.distributed.main_writes`),
+    the path is a scratch file that is dropped.
+    """
     path = Path(path)
+    distributed = sys.modules.get("nas_dose.distributed")  # never imported: one process, it writes
+    if distributed is not None and not distributed.writes_here():
+        with distributed.discarded(path) as scratch:
+            yield scratch
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .config import ConfigError
 from .errors import NasDoseError
 
@@ -43,9 +44,12 @@ class RuntimeConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU; an unusable name is an error."""
+    """`auto` is a CUDA device when there is one, else the CPU; an unusable name is an error.
+
+    `auto` and `cuda` mean the first GPU, or under torchrun the GPU of this process (LOCAL_RANK).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -54,7 +58,7 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise NasDoseError(f"runtime.device: {name!r} was asked for but CUDA is not available "
                                "(use device=cpu or auto)")
-        index = 0 if device.index is None else device.index
+        index = distributed.cuda_index() if device.index is None else device.index
         if index >= torch.cuda.device_count():
             raise NasDoseError(f"runtime.device: {name!r} does not exist "
                                f"({torch.cuda.device_count()} CUDA device(s))")

@@ -6,6 +6,10 @@ RUN receives config.yaml (the resolved config), log.jsonl, metrics.json, best.pt
 with the best validation dose score) and checkpoints/last.pt, written every `checkpoint_every`
 steps and at each epoch end; `--resume` continues from it exactly where the run stopped. The
 model is chosen and training stops early on the validation split only, never on test patients.
+
+Started by torchrun the run is data-parallel (DDP): data.batch_size is the global batch, each
+rank steps on its share, validation is shared out and summed, and rank 0 writes the files
+(docs/DISTRIBUTED.md); the result is that of one process up to rounding.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from .config import (
 )
 from .data.augment import AugmentConfig
 from .data.dataset import DoseDataset, make_loader
+from . import distributed
 from .data.patient import DOSE_SCALE_GY
 from .errors import NasDoseError, input_error
 from .io import atomic_path, load_checkpoint, save_checkpoint, save_json
@@ -225,12 +230,13 @@ def dose_errors_gy(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
 def validate(net: nn.Module, loader: Any, runtime: Runtime) -> tuple[float, float]:
     """Mean dose score (Gy) over the loader's patients, and that of the all-zero prediction.
 
-    Sums stay on the device; the one host sync is at the end.
+    Sums stay on the device; the one host sync is at the end. In a distributed run every rank
+    calls it, and the sums are all-reduced: the means are over the patients of all ranks (each
+    once with a loader made with `shard="exact"`).
     """
     was_training = net.training
     net.eval()
-    total = torch.zeros(2, device=runtime.device)
-    count = 0
+    total = torch.zeros(3, device=runtime.device)  # dose errors, all-zero errors, patients
     with torch.no_grad():
         for batch in loader:
             batch = runtime.to_device(batch)
@@ -239,10 +245,19 @@ def validate(net: nn.Module, loader: Any, runtime: Runtime) -> tuple[float, floa
             target, mask = batch["target"], batch["mask"]
             total[0] += dose_errors_gy(pred, target, mask).sum()
             total[1] += dose_errors_gy(torch.zeros_like(target), target, mask).sum()
-            count += target.shape[0]
+            total[2] += target.shape[0]
     net.train(was_training)
-    score, zero = (total / max(count, 1)).tolist()
+    distributed.all_reduce(total)
+    score, zero = (total[:2] / total[2].clamp_min(1)).tolist()
     return score, zero
+
+
+def share_weight(mask: torch.Tensor) -> torch.Tensor:
+    """The factor of a rank's loss (a mean over its share of the batch's mask voxels) that makes
+    the ranks' losses, averaged as DDP averages gradients, the mean over the whole batch's mask
+    voxels: world size × the rank's fraction of those voxels. Collective."""
+    voxels = mask.sum()
+    return voxels * distributed.world_size() / distributed.all_reduce(voxels.detach().clone()).clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +287,48 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg, step, total_steps, steps_per_epoch))
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective: what a step minimizes.
+
+class Objective:
+    """What a training step minimizes: by default the masked loss of the prediction to the
+    target (`TrainConfig.loss`). Other objectives (distillation) subclass it, and may
+
+    - train on items with more arrays: `train_set` returns the training dataset;
+    - add terms from the batch and from the model's features (hooks placed in `bind`);
+    - train modules of their own: `parameters()` are stepped with the model's, by its optimizer
+      and schedule; a module with an optimizer of its own is stepped by the objective in `loss`;
+    - carry state across an interruption: `state_dict()` enters every training checkpoint and
+      is handed back to `load_state_dict` on resume, so such a run resumes exactly too;
+    - report terms: `log_terms()` (means since its last call) joins each log entry.
+    """
+
+    kind: Literal["l1", "mse"] = "l1"
+
+    def train_set(self, data: Path, config: TrainConfig) -> DoseDataset:
+        return DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed)
+
+    def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
+        """Called once the model is on the runtime's device, before its optimizer is made."""
+        self.kind = config.loss
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss to minimize, given the model's prediction for `batch` (on the device)."""
+        return masked_loss(pred, batch["target"], batch["mask"], self.kind)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (an empty dict from a checkpoint without one)."""
+
+    def log_terms(self) -> dict[str, float]:
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +384,8 @@ class _RunFolder:
 
     def append_log(self, entry: dict[str, Any]) -> None:
         """JSON lines are appended (one write per line); a resume rewrites the file whole."""
+        if not distributed.writes_here():
+            return
         with open(self.log, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -357,23 +416,27 @@ class _Trainer:
     """One training run: set up (or restored from a checkpoint), then stepped to its end."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, data: Path, out: Path | None,
-                 resume: bool, on_step: Callable[[int], None] | None) -> None:
+                 resume: bool, on_step: Callable[[int], None] | None, objective: Objective | None = None) -> None:
         self.model, self.config, self.on_step = model, config, on_step
+        self.objective = objective if objective is not None else Objective()
         self.runtime = rt = Runtime(config.runtime)
         seed_everything(config.seed)
-        self.train_set = DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed)
+        self.train_set = self.objective.train_set(data, config)
         if self.train_set.data.kind != "dataset":
             raise input_error(data, "is a prediction file, not a data set")
+        # Under torchrun each rank takes its share of every batch: data.batch_size is the global batch.
         self.train_loader = make_loader(self.train_set, config.data.batch_size, shuffle=True,
                                         num_workers=config.data.num_workers, seed=config.seed,
-                                        pin_memory=rt.pin_memory)
+                                        pin_memory=rt.pin_memory, shard="even")
         self.val_loader = make_loader(DoseDataset(data, config.data.val_split), config.data.batch_size,
                                       shuffle=False, num_workers=config.data.num_workers,
-                                      pin_memory=rt.pin_memory)
+                                      pin_memory=rt.pin_memory, shard="exact")
         self.steps_per_epoch = config.steps_per_epoch or len(self.train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.net = rt.prepare(model)
-        self.optimizer = make_optimizer(model.parameters(), config.optim)
+        self.objective.bind(model, rt, config)
+        self.trained = [*model.parameters(), *self.objective.parameters()]
+        self.optimizer = make_optimizer(self.trained, config.optim)
         self.scheduler = make_scheduler(self.optimizer, config.schedule, self.total_steps, self.steps_per_epoch)
         self.scaler = rt.grad_scaler()
         self.state = _Progress()
@@ -384,6 +447,7 @@ class _Trainer:
         if self.folder is not None:
             self.spec = model_spec(config.model)
             self._open_folder(self.folder, resume)
+        self.step_net = distributed.data_parallel(self.net, rt.device)  # what training steps call
 
     def _open_folder(self, folder: _RunFolder, resume: bool) -> None:
         if resume and folder.last.exists():
@@ -393,6 +457,7 @@ class _Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
+            self.objective.load_state_dict(ckpt.get("objective", {}))
             set_rng_state(ckpt["rng"])
             self.state = from_dict(_Progress, ckpt["progress"])
             self.best_state = ckpt["best_model"]
@@ -436,13 +501,16 @@ class _Trainer:
         cfg, rt = self.config, self.runtime
         batch = rt.to_device(batch)
         with rt.autocast():
-            pred = self.net(batch["input"])
-        loss = masked_loss(pred, batch["target"], batch["mask"], cfg.loss)
+            pred = self.step_net(batch["input"])
+        loss = self.objective.loss(pred, batch)
+        if distributed.world_size() > 1:
+            loss = loss * share_weight(batch["mask"])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        distributed.average_gradients(self.objective.parameters())  # DDP averages the model's
         if cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            nn.utils.clip_grad_norm_(self.trained, cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -451,8 +519,9 @@ class _Trainer:
         self.state.loss_count += 1
 
     def _sync(self) -> None:
-        """Bring the device-side loss sum and the wall time into the (checkpointed) state."""
-        self.state.loss_sum += self.loss_sum.item()
+        """Bring the device-side loss sum (averaged over the ranks, so that all hold the whole
+        batches' losses) and the wall time into the (checkpointed) state. Collective."""
+        self.state.loss_sum += distributed.all_reduce(self.loss_sum, "mean").item()
         self.loss_sum.zero_()
         now = time.perf_counter()
         self.state.seconds += now - self.clock
@@ -482,7 +551,7 @@ class _Trainer:
             raise NasDoseError(f"training diverged: the loss is {loss} at step {state.step} "
                                "(try a lower optim.lr)")
         entry = {"step": state.step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                 "val_dose_score": val, "seconds": round(state.seconds, 3)}
+                 "val_dose_score": val, "seconds": round(state.seconds, 3), **self.objective.log_terms()}
         state.history.append(entry)
         if self.folder is not None:
             self.folder.append_log(entry)
@@ -493,13 +562,16 @@ class _Trainer:
         if self.folder is None:
             return
         self._sync()
+        if not distributed.writes_here():  # every rank holds the same state: rank 0 saves it
+            return
         state, spe = self.state, self.steps_per_epoch
         save_checkpoint(self.folder.last, {
             "format": CHECKPOINT_FORMAT, "model_config": self.spec, "config": to_dict(self.config),
             "step": state.step, "epoch": state.step // spe, "epoch_step": state.step % spe,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": rng_state(), "progress": to_dict(state), "best_model": self.best_state})
+            "rng": rng_state(), "progress": to_dict(state), "best_model": self.best_state,
+            "objective": self.objective.state_dict()})
 
     def _finish(self) -> TrainResult:
         state = self.state
@@ -519,16 +591,19 @@ class _Trainer:
 
 
 def train_model(model: nn.Module, config: TrainConfig, data: Path, out: Path | None = None,
-                resume: bool = False, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+                resume: bool = False, *, on_step: Callable[[int], None] | None = None,
+                objective: Objective | None = None) -> TrainResult:
     """Train `model` (built from `config.model`) on `data`; with `out`, write the run's files.
 
     Seeds the global RNGs with `config.seed`. With `out=None` nothing is written (short runs
     inside the search). `resume` continues the run in `out` from its last checkpoint, bit for
     bit where the hardware allows it (it starts afresh when there is none). `on_step` is called
     with the global step count after each optimizer step (and after its checkpoint).
+    `objective` replaces the masked loss to the target (see `Objective`); the model is still
+    chosen on the validation dose score against the reference dose.
     On return `model` holds the last weights; `best_state` the ones chosen on validation.
     """
-    return _Trainer(model, config, Path(data), out, resume, on_step).run()
+    return _Trainer(model, config, Path(data), out, resume, on_step, objective).run()
 
 
 # ---------------------------------------------------------------------------------------------

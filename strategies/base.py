@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, TypeVar
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
+from .. import distributed
 from ..config import from_dict
 from ..data.dataset import DoseDataset
 from ..errors import NasDoseError
@@ -96,12 +97,22 @@ class SearchContext:
             raise NasDoseError(f"{self.data}: no patient(s) {', '.join(missing[:5])}")
         return Subset(self._all, [self._index[pid] for pid in ids])
 
-    def loader(self, ids: Iterable[str], *, train: bool, batch_size: int, seed: int | None = None) -> DataLoader:
-        """Batches of `ids`; `train` shuffles with a generator seeded by `seed` (default ctx.seed)."""
+    def loader(self, ids: Iterable[str], *, train: bool, batch_size: int, seed: int | None = None,
+               shard: bool = False) -> DataLoader:
+        """Batches of `ids`; `train` shuffles with a generator seeded by `seed` (default ctx.seed).
+
+        `shard`: in a distributed run, this rank's equal share of each batch of `batch_size` (the
+        global batch), drawn in the same order as one process draws it, for data-parallel steps.
+        """
         generator = None
         if train:
             generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        return DataLoader(self.dataset(ids), batch_size=batch_size, shuffle=train, generator=generator,
+        dataset = self.dataset(ids)
+        if shard:
+            order = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+            return DataLoader(dataset, batch_sampler=distributed.ShardedBatches(order, batch_size, even=True),
+                              generator=generator, num_workers=0, pin_memory=self.runtime.pin_memory)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator,
                           drop_last=False, num_workers=0, pin_memory=self.runtime.pin_memory)
 
     def state_path(self, name: str) -> Path | None:
@@ -113,7 +124,7 @@ class SearchContext:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line (with a wall-clock time and the context's log fields)."""
-        if self.log_path is None:
+        if self.log_path is None or not distributed.writes_here():
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"time": round(time.time(), 3), **self.log_fields, **record}, default=_plain)
@@ -121,8 +132,9 @@ class SearchContext:
             f.write(line + "\n")
 
     def should_stop(self) -> bool:
-        """True once the search's time budget is spent."""
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        """True once the search's time budget is spent (by the main rank's clock: every rank of
+        a distributed search must take the same branch, so this is collective)."""
+        return self.deadline is not None and distributed.broadcast_object(time.monotonic() >= self.deadline)
 
     def input_shape(self) -> tuple[int, ...]:
         """(1, C, D, H, W) of one model input, e.g. for counting FLOPs."""

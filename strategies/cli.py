@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..config import ConfigError, add_config_arguments, from_dict, load_config, save_config, to_dict
 from ..data.store import open_data
 from ..errors import NasDoseError, input_error
@@ -149,7 +150,7 @@ class SearchRun:
         members: list[Candidate] = []
         for k in range(self.cfg.pool_size):
             path = self.out / "state" / f"member{k}.pt"
-            if path.exists():
+            if distributed.on_main(path.exists):  # every rank takes the same branch
                 state = load_checkpoint(path)
                 members.append(Candidate.from_state(state["member"], str(path)))
                 if state["history"]:
@@ -212,7 +213,8 @@ class SearchRun:
         for name, m in zip(names, members):
             save_genotype(self.out / "genotypes" / f"{name}.yaml", m.genotype)
         save_pool(self.out / "pool.yaml", pool)
-        self.plots(pool)
+        if distributed.writes_here():  # the plots read the log, which only the main rank writes
+            self.plots(pool)
         self.base.log({"event": "pool", "members": names, "scores": [m.score for m in members]})
         return pool
 
@@ -269,7 +271,7 @@ def main(args: argparse.Namespace) -> None:
         config_path = out / "config.yaml"
     cfg = load_config(SearchConfig, config_path, args.overrides)
     run = SearchRun(cfg, args.data, out)
-    prepare_out(out, cfg, args.resume)
+    distributed.on_main(prepare_out, out, cfg, args.resume)  # checks, then writes: one rank
     started = time.monotonic()
     pool = run.run()
     say(f"pool of {len(pool.members)} in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s): " + ", ".join(

@@ -12,6 +12,10 @@ is the strongest op per slot) are scored by the supernet fixed to each on the ar
 patients. The search's answer comes first in the returned list: the strongest-op genotype
 (`derive: argmax`, as DARTS and LENAS) or the best-scoring one (`derive: score`); the others
 follow by score. State is checkpointed each epoch; a resumed search continues exactly.
+
+Under torchrun both steps are data-parallel: each rank takes its share of every batch
+(`batch_size` is the global batch) and the stepped parameters' gradients are averaged over the
+ranks; the final candidates are scored spread over the ranks (docs/DISTRIBUTED.md).
 """
 from __future__ import annotations
 
@@ -24,13 +28,14 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import ConfigError, to_dict
 from ..errors import NasDoseError
 from ..io import load_checkpoint, save_checkpoint
 from ..progress import progress
 from ..runtime import rng_state, seed_everything, set_rng_state
 from ..search_spaces import Genotype, SearchSpace, Supernet, count_flops, count_params
-from ..train import OptimConfig, make_optimizer, masked_loss
+from ..train import OptimConfig, make_optimizer, masked_loss, share_weight
 from .base import Candidate, SearchContext, Strategy, register_strategy
 from .diversity import diversity_hinge
 
@@ -122,8 +127,9 @@ def _stream_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def _batches(ctx: SearchContext, ids: list[str], batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Shuffled batches without end: a new random order each pass, all drawn from `seed`."""
-    loader = ctx.loader(ids, train=True, batch_size=batch_size, seed=seed)
+    """Shuffled batches without end: a new random order each pass, all drawn from `seed`; in a
+    distributed search, this rank's share of each (batch_size is the global batch)."""
+    loader = ctx.loader(ids, train=True, batch_size=batch_size, seed=seed, shard=True)
     while True:
         yield from loader
 
@@ -236,6 +242,10 @@ class DifferentiableSearch(Strategy):
                 sums["arch_loss"] += loss
                 sums["hinge"] += hinge
         steps = cfg.steps_per_epoch
+        if distributed.world_size() > 1:  # the whole batches' losses and ids, as one process logs them
+            means = distributed.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64), "mean")
+            sums = dict(zip(sums, means.tolist()))
+            drawn = {k: [distributed.gather_objects(ids) for ids in v] for k, v in drawn.items()}
         return {"event": "epoch", "strategy": self.name, "epoch": epoch + 1, "tau": supernet.tau,
                 "weight_loss": sums["weight_loss"] / steps,
                 **({"arch_loss": sums["arch_loss"] / steps, "hinge": sums["hinge"] / steps} if search_arch else {}),
@@ -245,7 +255,10 @@ class DifferentiableSearch(Strategy):
               scaler: Any, params: list[torch.nn.Parameter], frozen: list[torch.nn.Parameter],
               grad_clip: float | None, refs: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """One update of `params` on masked L1 (+ the diversity hinge against `refs`); `frozen`
-        get no gradients (the other half of the alternation)."""
+        get no gradients (the other half of the alternation). Distributed, the gradients of
+        `params` are averaged over the ranks (not DDP, which cannot follow the alternation), with
+        the loss weighted to be that of the whole batch; the hinge, a mean over samples, needs
+        no weight as every rank has as many."""
         ids = list(batch["id"])
         batch = ctx.runtime.to_device(batch)
         for p in params:
@@ -256,6 +269,8 @@ class DifferentiableSearch(Strategy):
             with ctx.runtime.autocast():
                 pred = net(batch["input"])
             loss = masked_loss(pred, batch["target"], batch["mask"])
+            if distributed.world_size() > 1:
+                loss = loss * share_weight(batch["mask"])
             hinge = torch.zeros((), device=loss.device)
             for ref in refs:
                 target = ctx.runtime.to_device(torch.stack([ref[pid] for pid in ids]))
@@ -265,6 +280,7 @@ class DifferentiableSearch(Strategy):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+        distributed.average_gradients(params)
         if grad_clip is not None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -289,19 +305,23 @@ class DifferentiableSearch(Strategy):
         # arch-patient predictions are kept only where a later search needs them as references
         kept = [*ctx.diversity_ids, *(ctx.arch_ids if ctx.diversity.mode == "sequential" else [])]
         ids = list(dict.fromkeys([*ctx.arch_ids, *ctx.diversity_ids]))
-        candidates = []
-        for rank, (g, logp) in enumerate(most_probable(ctx.space, supernet.genotype(), probs, self.config.candidates)):
+        ranked_by_alpha = most_probable(ctx.space, supernet.genotype(), probs, self.config.candidates)
+
+        def candidate(g: Genotype) -> Candidate:
             supernet.fix(g)
             errors, predictions = ctx.evaluate(net, ids)
-            predictions = {pid: predictions[pid].astype(np.float16) for pid in kept}
-            score = float(np.mean([errors[pid] for pid in ctx.arch_ids]))
             model = ctx.space.build(g)
-            metrics = {"alpha_rank": float(rank), "log_prob": logp, "params": float(count_params(model)),
-                       "flops": float(count_flops(model, shape))}
-            candidates.append(Candidate(g, score, metrics, predictions))
-            ctx.log({"event": "candidate", "strategy": self.name, "rank": rank, "genotype": g.to_dict(),
-                     "score": score, **metrics})
+            return Candidate(g, float(np.mean([errors[pid] for pid in ctx.arch_ids])),
+                             {"params": float(count_params(model)), "flops": float(count_flops(model, shape))},
+                             {pid: predictions[pid].astype(np.float16) for pid in kept})
+
+        # Independent of each other: spread over the ranks of a distributed search.
+        candidates = distributed.map_shards(candidate, [g for g, _ in ranked_by_alpha])
         supernet.fix(None)
+        for rank, ((g, logp), c) in enumerate(zip(ranked_by_alpha, candidates)):
+            c.metrics = {"alpha_rank": float(rank), "log_prob": logp, **c.metrics}
+            ctx.log({"event": "candidate", "strategy": self.name, "rank": rank, "genotype": g.to_dict(),
+                     "score": c.score, **c.metrics})
         ranked = sorted(candidates, key=lambda c: c.score)
         if self.config.derive == "argmax":  # candidates[0] is the strongest-op genotype
             ranked.remove(candidates[0])

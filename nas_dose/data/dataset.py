@@ -7,12 +7,13 @@ and augmentations the uninterrupted run would have seen.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Literal, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..distributed import ShardedBatches
 from ..errors import NasDoseError
 from .augment import AugmentConfig, ChannelLayout, augment
 from .patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS, Patient
@@ -163,10 +164,17 @@ class EpochSampler(Sampler):
 
 
 def make_loader(dataset: EpochDataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                seed: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+                seed: int = 0, pin_memory: bool = False, drop_last: bool = False,
+                shard: Literal["even", "exact"] | None = None) -> DataLoader:
     """A DataLoader whose batches depend only on (seed, dataset epoch), with persistent workers
     when num_workers > 0. Seeding the loader's generator makes torch give the workers distinct,
-    reproducible seeds for torch, numpy and random."""
+    reproducible seeds for torch, numpy and random.
+
+    `shard` splits each batch of `batch_size` over the ranks of a distributed run
+    (`nas_dose.distributed.ShardedBatches`): "even" for training, every rank stepping with an
+    equal share; "exact" for evaluation, each item on one rank. The ranks' batches together
+    are then the one-process batches, for any number of ranks.
+    """
     if not hasattr(dataset, "set_epoch"):
         raise TypeError("make_loader needs a dataset with epoch and set_epoch (see EpochDataset)")
     if batch_size < 1:
@@ -177,6 +185,11 @@ def make_loader(dataset: EpochDataset, batch_size: int, shuffle: bool, num_worke
         raise NasDoseError(f"loader seed must be >= 0, got {seed}")
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if shard is not None:
+        batches = ShardedBatches(EpochSampler(dataset, shuffle, seed), batch_size, even=shard == "even",
+                                 drop_last=drop_last)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+                          generator=generator, persistent_workers=num_workers > 0)
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed),
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
                       generator=generator, persistent_workers=num_workers > 0)
