@@ -11,7 +11,7 @@ import dataclasses
 import re
 import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -208,7 +208,22 @@ def save_config(path: str | Path, config: Any) -> None:
 
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "save_config", "apply_overrides",
-           "parse_override", "add_config_arguments"]
+           "parse_override", "add_config_arguments", "int_at_least"]
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type for integers >= `low` (a count, a grid size), with a readable error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
+from .config import int_at_least
 from .data.openkbp import discover, natural_key, read_patient, read_submission_csv
 from .data.patient import Patient
 from .data.store import SPLITS, open_data
@@ -121,13 +122,6 @@ def evaluate_predictions(pred: Path, ref: Path, out: Path | None, split: str | N
     return scores
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", type=Path, required=True, metavar="PRED",
                         help="folder of submission CSVs (pt_N.csv) or a predictions HDF5")
@@ -138,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("--split", choices=SPLITS,
                         help="score exactly the reference patients of this split "
                              "(default: every predicted patient)")
-    parser.add_argument("--plots", type=_count, default=3, metavar="N",
+    parser.add_argument("--plots", type=int_at_least(0), default=3, metavar="N",
                         help="plot the first N patients (default %(default)s)")
 
 

@@ -11,9 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from nas_dose.progress import set_quiet
+
 torch.set_num_threads(1)
 
 _DEFAULT_OPENKBP = Path(__file__).resolve().parents[1].parent / "shared" / "openkbp"
+
+
+@pytest.fixture(autouse=True)
+def _process_settings():
+    """Undo what a command changes for the whole process (runtime.threads, --quiet)."""
+    yield
+    torch.set_num_threads(1)
+    set_quiet(False)
 
 
 @pytest.fixture(scope="session")

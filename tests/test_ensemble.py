@@ -15,12 +15,11 @@ from nas_dose.ensemble import Ensemble, EnsembleConfig, load_ensemble, load_pred
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
 from nas_dose.predict import flip_tta, predict_patients
-from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import get_space
-from nas_dose.train import train_model
 from nas_dose.strategies import Pool, PoolMember, save_pool
 from nas_dose.strategies.diversity import MATRICES
+from nas_dose.train import train_model
 
 MACRO = {"stem": 4, "widths": [8, 8]}
 GENOTYPES = {
@@ -35,14 +34,6 @@ GENOTYPES = {
 SETTINGS = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.log_every=1",
             "train.data.augment.enabled=false", "runtime.device=cpu", "runtime.threads=1", "plots=1",
             "selection.max_size=3"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads_and_output():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    set_quiet(False)  # a CLI call with -q sets it for the process
 
 
 @pytest.fixture(scope="module")

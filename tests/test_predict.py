@@ -22,13 +22,6 @@ from nas_dose.train import TrainConfig, build_model, train_model
 RIGHT, LEFT = CHANNELS.index("RightParotid"), CHANNELS.index("LeftParotid")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def coarse(tmp_path_factory) -> Path:
     """4 synthetic patients made on a 32³ grid and stored downsampled by 2 (16³)."""

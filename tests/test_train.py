@@ -31,13 +31,6 @@ SMALL = ["model.kwargs.widths=[4, 8, 16]", "runtime.device=cpu", "runtime.thread
          "optim.lr=0.003"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """8 synthetic patients on a 16³ grid: 6 train (3 batches of 2), 2 validation."""

@@ -16,18 +16,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..config import int_at_least
 from ..progress import progress, say
 from .openkbp import PatientSource, discover, read_patient
 from .patient import OPENKBP_GRID, ROIS, Patient
 from .resample import downsample_patient, resample_factor
 from .store import DataFile, open_data, write_dataset
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -37,13 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                    help="OpenKBP folder (train-pats/... or train/... split folders), a folder of "
                         "patients, or one patient")
     p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument("--grid", type=_positive, default=OPENKBP_GRID,
+    p.add_argument("--grid", type=int_at_least(1), default=OPENKBP_GRID,
                    help=f"grid to store, dividing {OPENKBP_GRID} (e.g. 128, 64, 32; default %(default)s)")
     p.set_defaults(func=import_command)
     p = sub.add_parser("synth", parents=[common], help="write synthetic head-and-neck phantoms")
     p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument("--patients", type=_positive, default=24, help="number of patients (default %(default)s)")
-    p.add_argument("--grid", type=_positive, default=32, help="grid size (default %(default)s)")
+    p.add_argument("--patients", type=int_at_least(1), default=24, help="number of patients (default %(default)s)")
+    p.add_argument("--grid", type=int_at_least(1), default=32, help="grid size (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.set_defaults(func=synth_command)
     p = sub.add_parser("info", parents=[common], help="summarize a data set or prediction file")
