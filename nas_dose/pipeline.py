@@ -3,16 +3,23 @@
   nasdose pipeline --out DIR [--patients N] [--grid G] [--seed S] [--quick]
 
 Stages, in order, each skipped when its outputs already exist, so an interrupted pipeline
-resumes where it stopped (an interrupted training resumes from its last checkpoint). Delete a
-stage's outputs to redo it and every stage after it.
+resumes where it stopped (interrupted training, search, ensemble and distillation runs resume
+from their checkpoints). Delete a stage's outputs to redo it and every stage after it.
 
   data       DIR/data.h5                       synthetic phantoms (train / validation / test)
-  train      DIR/train/unet3d/                 the reference 3D U-Net, chosen on validation
-  predict    DIR/predict/unet3d/               validation predictions: HDF5 and OpenKBP CSVs
-  evaluate   DIR/evaluate/unet3d/metrics.json  OpenKBP dose and DVH scores, DVH and slice plots
+  train      DIR/train/unet3d/                 the hand-designed 3D U-Net baseline
+  search     DIR/search/pool.yaml              regularized evolution in the LENAS space: K accurate,
+                                               diverse genotypes (weights inherited from a supernet)
+  ensemble   DIR/ensemble/ensemble.yaml        the pool trained, selected and weighted on validation
+  distill    DIR/distill/comparison.md         a compact student distilled from the ensemble, and the
+                                               same student trained without distillation
+  predict    DIR/predict/<model>/              validation predictions: HDF5 and OpenKBP CSVs
+  evaluate   DIR/evaluate/<model>/metrics.json OpenKBP dose and DVH scores, DVH and slice plots
 
-It ends with a table of the scores and the path of every artifact. --quick is a smoke run for
-tests (tiny grid, model and budget); its numbers mean nothing.
+Every model is chosen on the validation split; the test patients are never read. It ends with
+the comparison table (scores, parameters, FLOPs, CPU latency, file size) and the path of every
+artifact. The default budget takes about 15 minutes on 2 CPU cores; --quick is a smoke run for
+tests (tiny grid, models and budgets) whose numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -23,15 +30,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import load_config
+from .config import int_at_least, load_config
 from .data.store import open_data, write_dataset
 from .data.synth import synth_patients
+from .distill.cli import DistillConfig, run_distill
+from .ensemble import EnsembleConfig, run_ensemble
 from .errors import input_error
 from .evaluate import evaluate_predictions
 from .io import load_yaml, save_yaml
 from .predict import load_predictor, write_outputs
 from .progress import say
 from .runtime import Runtime, RuntimeConfig, seed_everything
+from .strategies.cli import SearchConfig, SearchRun, prepare_out
 from .train import TrainConfig, build_model, train_model
 
 EVAL_SPLIT = "validation"
@@ -129,10 +139,67 @@ def scored(stage: Stage) -> list[Stage]:
     ]
 
 
+def search_overrides(ctx: Context) -> list[str]:
+    """Regularized evolution in the LENAS space at a CPU-sized macro (stem 8, widths 16-32-64),
+    candidates scored with weights inherited from a supernet trained once on sampled paths; the
+    pool of 3 is chosen for accuracy + 0.5 x prediction disagreement on validation."""
+    common = ["space=lenas", "strategy=evolution", "pool_size=3", "diversity.mode=pool", "diversity.lam=0.5",
+              f"seed={ctx.seed}"]
+    if ctx.quick:
+        return common + ["macro={stem: 2, widths: [4, 8]}", "options={budget: 4, population: 3, sample: 2, "
+                         "evaluator: {supernet_steps: 4, batch_size: 1}}", "runtime.threads=1"]
+    return common + ["macro={stem: 8, widths: [16, 32, 64]}", "options={budget: 16, population: 6, sample: 3, "
+                     "evaluator: {supernet_steps: 200, batch_size: 2}}"]
+
+
+def _budget(ctx: Context, epochs: int) -> list[str]:
+    """Member and student training: `epochs` of the standard recipe (quick: one tiny epoch)."""
+    budget = (["train.epochs=1", "train.data.batch_size=1", "train.data.augment.enabled=false", "runtime.threads=1"]
+              if ctx.quick else [f"train.epochs={epochs}"])
+    return budget + [f"seed={ctx.seed}"]
+
+
+def _stage_folder(ctx: Context, name: str) -> tuple[Path, bool]:
+    """A stage's output folder, and whether it holds an interrupted run to resume."""
+    out = ctx.out / name
+    return out, (out / "config.yaml").exists()
+
+
+def _search(ctx: Context) -> None:
+    out, resume = _stage_folder(ctx, "search")
+    cfg = load_config(SearchConfig, overrides=search_overrides(ctx))
+    prepare_out(out, cfg, resume)
+    SearchRun(cfg, ctx.data, out).run()
+
+
+def _ensemble(ctx: Context) -> None:
+    out, resume = _stage_folder(ctx, "ensemble")
+    cfg = load_config(EnsembleConfig, overrides=[*_budget(ctx, 15), "selection.method=greedy",
+                                                 "selection.combination=weighted", f"plots={1 if ctx.quick else 3}"])
+    run_ensemble(ctx.out / "search" / "pool.yaml", ctx.data, out, cfg, resume=resume)
+
+
+STUDENT = "unet3d:widths=8,16,32"  # a quarter of the members' width, no fifth level
+
+
+def _distill(ctx: Context) -> None:
+    out, resume = _stage_folder(ctx, "distill")
+    overrides = [f"student={'unet3d:widths=2,4' if ctx.quick else STUDENT}", *_budget(ctx, 15)]
+    if ctx.quick:
+        overrides += ["latency.size=16", "latency.runs=1"]
+    cfg = load_config(DistillConfig, overrides=overrides)
+    run_distill(ctx.out / "ensemble" / "ensemble.yaml", ctx.data, out, cfg, resume=resume)
+
+
 STAGES: list[Stage] = [
     Stage("data", lambda ctx: [ctx.data], _make_data),
     *scored(Stage("train unet3d", lambda ctx: [_reference_run(ctx) / "metrics.json"], _train_reference,
                   model=("unet3d", _reference_run))),
+    Stage("search", lambda ctx: [ctx.out / "search" / "pool.yaml"], _search),
+    *scored(Stage("ensemble", lambda ctx: [ctx.out / "ensemble" / "ensemble.yaml"], _ensemble,
+                  model=("ensemble", lambda ctx: ctx.out / "ensemble" / "ensemble.yaml"))),
+    *scored(Stage("distill", lambda ctx: [ctx.out / "distill" / "comparison.md"], _distill,
+                  model=("student", lambda ctx: ctx.out / "distill" / "student"))),
 ]
 
 
@@ -172,22 +239,20 @@ def report(ctx: Context) -> str:
     for name, model in ctx.models.items():
         artifacts += [(f"{name} model", model), (f"{name} predictions", ctx.out / "predict" / name),
                       (f"{name} scores and plots", ctx.out / "evaluate" / name)]
+    comparison = ctx.out / "distill" / "comparison.md"
+    if comparison.exists():
+        table = [line for line in comparison.read_text().splitlines() if line.startswith("|")]
+        lines += ["", "ensemble vs student (validation; from the distill stage):", *table]
+    artifacts += [("search pool and plots", ctx.out / "search"), ("distillation report", comparison)]
     width = max(len(a) for a, _ in artifacts) + 2
     lines += ["", "artifacts:"] + [f"  {a:<{width}}{p}" for a, p in artifacts]
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--patients", type=_positive, help="synthetic patients (default 24, quick 8)")
-    parser.add_argument("--grid", type=_positive, help="grid size (default 32, quick 16)")
+    parser.add_argument("--patients", type=int_at_least(1), help="synthetic patients (default 24, quick 8)")
+    parser.add_argument("--grid", type=int_at_least(1), help="grid size (default 32, quick 16)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds (for tests)")
 

@@ -5,22 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nas_dose.cli import main
 from nas_dose.data.store import open_data
+from nas_dose.pipeline import STAGES
 from nas_dose.scores import dose_error
 
 # Learns in seconds on the 16³ grid: a small U-Net, one patient per step, one thread.
 TRAIN = ["model.kwargs.widths=[8, 16, 32]", "epochs=8", "data.batch_size=1", "optim.lr=0.01",
          "data.augment.enabled=false", "runtime.device=cpu", "runtime.threads=1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def nasdose(capsys, *argv) -> tuple[int, str]:
@@ -116,11 +109,14 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
     assert main(["pipeline", "--out", str(out), "--quick"]) == 0
     first = capsys.readouterr().out
     assert "unet3d" in first and "all-zero dose" in first and str(out / "data.h5") in first
-    for path in ["data.h5", "train/unet3d/best.pt", "predict/unet3d/predictions.h5", "evaluate/unet3d/metrics.json"]:
+    for path in ["data.h5", "train/unet3d/best.pt", "predict/unet3d/predictions.h5", "evaluate/unet3d/metrics.json",
+                 "search/pool.yaml", "ensemble/ensemble.yaml", "distill/comparison.md", "distill/student/best.pt",
+                 "evaluate/ensemble/metrics.json", "evaluate/student/metrics.json"]:
         assert (out / path).exists(), path
+    assert "best single member" in first and "student arch., no distillation" in first
     assert main(["pipeline", "--out", str(out), "--quick"]) == 0
     again = capsys.readouterr().out
-    assert again.count("done already, skipped") == 4
+    assert again.count("done already, skipped") == len(STAGES)
     assert again.split("scores on")[1] == first.split("scores on")[1]
     code = main(["pipeline", "--out", str(out), "--quick", "--seed", "1"])
     assert code == 1 and "config.yaml" in capsys.readouterr().err

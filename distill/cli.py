@@ -1,0 +1,318 @@
+"""Distil an ensemble into one compact student network (LENAS's KDA-Net, done right).
+
+  nasdose distill ENSEMBLE.yaml --student SPEC --data DATA.h5 --out DIR [--config CFG.yaml]
+                  [--resume] [--baseline | --no-baseline] [--export] [--teacher-cache FILE]
+                  [key=value ...]
+
+ENSEMBLE.yaml is an ensemble written by `nasdose ensemble` (a training run folder or a
+checkpoint works too: one network as the teacher). SPEC names the student's architecture:
+
+  unet3d:widths=8,16,32       a registered model and its arguments (a list with commas; more
+                              arguments with ':', e.g. unet3d:widths=8,16,32:norm=batch)
+  student.yaml                a YAML file with a `model` section as in a training config
+                              ({name: unet3d, kwargs: {widths: [8, 16, 32]}}), or a genotype
+  genotype.yaml:width=0.5     a genotype with the stem and widths of its macro scaled by 0.5
+
+The student minimizes  alpha_gt · L1(pred, dose) + alpha_teacher · L1(pred, teacher)
+[+ hint.weight · feature hints] [+ adversarial.weight · a trained discriminator's term]
+(see nas_dose.distill.losses). alpha_gt=0 drops the reference dose, only when asked for, with
+a warning; hints (one member runs online for its features) and the adversarial term (its
+discriminator trained by its own optimizer) are off by default; configs/distill.yaml lists
+every key. Its training is `nasdose train`'s (`train.*` keys: epochs, optim, data.augment,
+...), with the teacher's prediction augmented like the input; the checkpoint is chosen on the
+validation dose score against the reference dose.
+
+DIR receives:
+  teacher.h5        the teacher's predictions of the training and validation patients, made once;
+                    reused by --resume and by later runs given it as --teacher-cache
+  student/          the student's training run: best.pt (`nasdose predict --model DIR/student`)
+  baseline/         the same architecture, same initial weights and budget, trained without the
+                    teacher (--no-baseline skips it)
+  comparison.md     student, ensemble, best single member and baseline on validation dose and DVH
+                    scores, parameters, FLOPs, latency, checkpoint size (also printed)
+  metrics.json      the same numbers, the training records and the settings
+  student.pt2       with --export: the student as a torch.export program (batch 1, data grid)
+  config.yaml       the resolved config
+
+--resume continues an interrupted run: the cached teacher predictions and finished trainings
+are reused and a half-trained one resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..config import ConfigError, add_config_arguments, load_config, save_config, to_dict
+from ..data.dataset import IN_CHANNELS
+from ..data.store import open_data
+from ..ensemble import Ensemble, load_predictor
+from ..errors import NasDoseError, input_error
+from ..io import atomic_path, load_json, save_json, write_text
+from ..progress import say
+from ..runtime import Runtime, RuntimeConfig, seed_everything
+from ..scores import Scores, score_patients
+from ..train import ModelConfig, Objective, TrainConfig, build_model, load_model, train_model
+from .losses import AdversarialConfig, DistillObjective, HintConfig, check_non_negative
+from .report import Row, comparison_table, cost, score_predictor
+from .student import resolve_student
+from .teacher import ensure_cache, member_checkpoints, teacher_files, teacher_key
+
+
+@dataclass
+class LatencyConfig:
+    """Latency is the median of `runs` forward passes on one `size`³ volume (batch 1)."""
+
+    size: int = 128
+    runs: int = 3
+
+    def validate(self) -> None:
+        for key in ("size", "runs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'latency.{key}': must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
+class DistillConfig:
+    """The student (`student`: a SPEC, or --student), its training (`train`, whose model, seed and
+    runtime are set by `student`, `seed` and `runtime`), the loss weights, and the report."""
+
+    student: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    alpha_gt: float = 1.0
+    alpha_teacher: float = 1.0
+    hint: HintConfig = field(default_factory=HintConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    baseline: bool = True
+    export: bool = False
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    seed: int = 0
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> None:
+        for key, default, owner in (("model", ModelConfig(), "student"), ("runtime", RuntimeConfig(), "runtime"),
+                                    ("seed", 0, "seed")):
+            if getattr(self.train, key) != default:
+                raise ConfigError(f"config key 'train.{key}': the student's {key} is set by the top-level "
+                                  f"'{owner}'; leave it out")
+        for key in ("alpha_gt", "alpha_teacher"):
+            check_non_negative(key, getattr(self, key))
+        if self.seed < 0:
+            raise ConfigError(f"config key 'seed': must not be negative, got {self.seed}")
+
+
+BASELINE = "student arch., no distillation"
+# Keys that change what the student learns: a resumed run must keep them.
+TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "hint", "adversarial", "seed")
+
+
+def _check_out(out: Path, cfg: DistillConfig, resume: bool) -> None:
+    old_file = out / "config.yaml"
+    if not resume:
+        if old_file.exists() or (out / "student").exists():
+            raise input_error(out, "already holds a distillation run; use --resume to continue it or choose another --out")
+        return
+    if not old_file.exists():
+        return
+    old, new = to_dict(load_config(DistillConfig, old_file)), to_dict(cfg)
+    changed = [k for k in TRAINING_KEYS if old[k] != new[k]]
+    if changed:
+        raise input_error(old_file, f"the run was made with a different {', '.join(changed)}; resume with "
+                                    "its config.yaml or choose another --out")
+
+
+def _check_teacher(out: Path, teacher: Path, data: Path, key: str) -> None:
+    """Record which teacher and data the student learns from; a resumed student must keep them."""
+    record = out / "teacher.json"
+    if record.exists() and (out / "student").exists() and load_json(record).get("key") != key:
+        raise input_error(record, "the student was distilled from another teacher or data set; "
+                                  "resume with those or choose another --out")
+    save_json(record, {"teacher": str(teacher), "data": str(data), "key": key})
+
+
+def _hint_member(teacher: nn.Module, hint: HintConfig) -> nn.Module:
+    """The ensemble member whose features the hints match: `hint.member`, else the heaviest."""
+    if not isinstance(teacher, Ensemble):
+        return teacher
+    weights = teacher.weights
+    index = hint.member if hint.member is not None else max(range(len(weights)), key=weights.__getitem__)
+    if not 0 <= index < len(weights):
+        raise ConfigError(f"config key 'hint.member': the ensemble has {len(weights)} members, got {index}")
+    return teacher.members[index]
+
+
+def _train(cfg: TrainConfig, data: Path, folder: Path, objective: Objective | None) -> dict[str, Any]:
+    """Train (or resume, or reuse when finished) one run; its training metrics.json (written last,
+    by the main rank: the other ranks take the main rank's view of it)."""
+    record = folder / "metrics.json"
+    if not distributed.on_main(record.exists):
+        seed_everything(cfg.seed)
+        train_model(build_model(cfg.model), cfg, data, folder, resume=True, objective=objective)
+    return distributed.on_main(load_json, record)
+
+
+def _file_size(*files: Path) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+def _model_row(name: str, arch: str, model: nn.Module, files: list[Path], data: Path, ids: list[str],
+               grid: int, cfg: DistillConfig, runtime: Runtime, scores: Scores | None = None) -> Row:
+    s = scores or score_predictor(runtime.prepare(model).eval(), data, ids, runtime)
+    return Row(name, arch, s.dose_score, s.dvh_score, checkpoint_bytes=_file_size(*files),
+               **cost(model, grid, cfg.latency.size, cfg.latency.runs))  # type: ignore[arg-type]
+
+
+def _architecture(model_config: dict[str, Any]) -> str:
+    genotype = model_config.get("genotype")
+    if genotype is not None:
+        macro = genotype["macro"]
+        return f"{genotype['space']} genotype, stem {macro['stem']}, widths {','.join(map(str, macro['widths']))}"
+    kwargs = ", ".join(f"{k}={v}" for k, v in model_config.get("kwargs", {}).items())
+    return f"{model_config['name']}({kwargs})"
+
+
+def _rows(teacher_path: Path, teacher: nn.Module, cache: Path, out: Path, data: Path, ids: list[str],
+          grid: int, cfg: DistillConfig, runtime: Runtime) -> list[Row]:
+    """Student, ensemble, best single member (for an ensemble teacher), baseline."""
+    rows = []
+    model, meta = load_model(out / "student")
+    arch = _architecture(meta["model_config"])
+    rows.append(_model_row("student (distilled)", arch, model, [out / "student" / "best.pt"], data, ids, grid,
+                           cfg, runtime))
+    with open_data(data) as d, open_data(cache) as c:
+        s = score_patients((d.read(pid), c.read_dose(pid)) for pid in ids)
+    n = len(teacher.members) if isinstance(teacher, Ensemble) else 1
+    rows.append(Row(f"ensemble (teacher, {n} member{'s' if n > 1 else ''})", "ensemble" if n > 1 else "teacher",
+                    s.dose_score, s.dvh_score, checkpoint_bytes=_file_size(*teacher_files(teacher_path)),
+                    **cost(teacher, grid, cfg.latency.size, cfg.latency.runs)))  # type: ignore[arg-type]
+    if isinstance(teacher, Ensemble):
+        singles = [Ensemble([m], [1.0], teacher.tta) for m in teacher.members]
+        scores = [score_predictor(runtime.prepare(m).eval(), data, ids, runtime) for m in singles]
+        best = min(range(n), key=lambda i: scores[i].dose_score)
+        checkpoint = member_checkpoints(teacher_path)[best]
+        rows.append(_model_row(f"best single member ({teacher.names[best]})",
+                               _architecture(load_model(checkpoint)[1]["model_config"]), singles[best],
+                               [checkpoint], data, ids, grid, cfg, runtime, scores[best]))
+    if cfg.baseline:
+        model, _ = load_model(out / "baseline")
+        rows.append(_model_row(BASELINE, arch, model, [out / "baseline" / "best.pt"],
+                               data, ids, grid, cfg, runtime))
+    return rows
+
+
+def export_student(model: nn.Module, grid: int, path: Path) -> None:
+    """The student as a torch.export program for (1, IN_CHANNELS, grid, grid, grid) inputs."""
+    example = torch.zeros(1, IN_CHANNELS, grid, grid, grid)
+    program = torch.export.export(model.eval(), (example,))
+    buffer = io.BytesIO()  # saved whole, then written atomically under its own name
+    torch.export.save(program, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume: bool = False,
+                teacher_cache: Path | None = None) -> dict[str, Any]:
+    """The whole command: cache the teacher, train the student (and the baseline), compare."""
+    teacher, data, out = Path(teacher), Path(data), Path(out)
+    if cfg.student is None:
+        raise NasDoseError("no student: give --student SPEC (or 'student' in the config)")
+    split, val_split = cfg.train.data.train_split, cfg.train.data.val_split
+    with open_data(data) as d:
+        if d.kind != "dataset":
+            raise input_error(data, f"a nasdose {d.kind} file, expected a data set")
+        train_ids, val_ids, grid = d.ids(split), d.ids(val_split), d.grid
+    for name, ids in ((split, train_ids), (val_split, val_ids)):
+        if not ids:
+            raise input_error(data, f"no patients in split '{name}'")
+    predictor = load_predictor(teacher)
+    # Under torchrun the student and the baseline train data-parallel; the steps that check or
+    # write files (and predict the teacher, and report) run on the main rank alone.
+    distributed.on_main(_check_out, out, cfg, resume)
+    student = distributed.on_main(resolve_student, cfg.student, out)
+    save_config(out / "config.yaml", cfg)
+    runtime = Runtime(cfg.runtime)
+    key = teacher_key(teacher, data)
+    distributed.on_main(_check_teacher, out, teacher, data, key)
+    cache = Path(teacher_cache) if teacher_cache is not None else out / "teacher.h5"
+    ran_teacher = distributed.on_main(ensure_cache, cache, key, data, train_ids + val_ids,
+                                      lambda: runtime.prepare(predictor).eval(), runtime)
+    train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
+    objective = DistillObjective(cache, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint, cfg.adversarial,
+                                 hint_teacher=_hint_member(predictor, cfg.hint) if cfg.hint.weight > 0 else None)
+    say(f"distilling {teacher} into {cfg.student}")
+    student_record = _train(train_cfg, data, out / "student", objective)
+    baseline_record = None
+    if cfg.baseline:
+        say("training the same architecture without distillation (baseline)")
+        baseline_record = _train(train_cfg, data, out / "baseline", None)
+    context = {"teacher": str(teacher), "data": str(data), "student": cfg.student, "teacher_key": key,
+               "teacher_cache": str(cache), "teacher_recomputed": ran_teacher,
+               "student_training": student_record, "baseline_training": baseline_record}
+    return distributed.on_main(_report, teacher, predictor.cpu(), cache, out, data, val_ids, grid, cfg, runtime,
+                               context)
+
+
+def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: Path, val_ids: list[str],
+            grid: int, cfg: DistillConfig, runtime: Runtime, context: dict[str, Any]) -> dict[str, Any]:
+    """The table (printed, comparison.md), metrics.json and the export."""
+    rows = _rows(teacher, predictor, cache, out, data, val_ids, grid, cfg, runtime)
+    table = comparison_table(rows, grid, cfg.latency.size)
+    note = (f"Validation split '{cfg.train.data.val_split}', {len(val_ids)} patients, grid {grid}³ (the "
+            f"checkpoints, and the ensemble's members and weights, were chosen on these patients); latency: "
+            f"median of {cfg.latency.runs} runs, batch 1, float32, {torch.get_num_threads()} CPU thread(s).")
+    write_text(out / "comparison.md", f"# nasdose distill: {out}\n\n{table}\n\n{note}\n")
+    say(table)
+    exported = None
+    if cfg.export:
+        exported = out / "student.pt2"
+        export_student(load_model(out / "student")[0], grid, exported)
+    student_row, baseline_row = rows[0], next((r for r in rows if r.name == BASELINE), None)
+    metrics = {
+        **context, "split": cfg.train.data.val_split, "patients": val_ids, "grid": grid,
+        "latency": {"size": cfg.latency.size, "runs": cfg.latency.runs, "threads": torch.get_num_threads()},
+        "rows": [asdict(r) for r in rows],
+        "student_beats_baseline": None if baseline_row is None else {
+            "dose_score": student_row.dose_score < baseline_row.dose_score,
+            "dvh_score": student_row.dvh_score < baseline_row.dvh_score},
+        "warnings": ["alpha_gt = 0: the student never saw the reference dose"] if cfg.alpha_gt == 0 else [],
+        "export": str(exported) if exported is not None else None,
+    }
+    save_json(out / "metrics.json", metrics)
+    if baseline_row is not None:
+        verdict = "beats" if student_row.dose_score < baseline_row.dose_score else "does not beat"
+        say(f"the distilled student {verdict} its architecture trained without distillation: validation dose "
+            f"score {student_row.dose_score:.3f} vs {baseline_row.dose_score:.3f} Gy")
+    say(f"wrote {out / 'comparison.md'}, {out / 'metrics.json'}, student: {out / 'student' / 'best.pt'}")
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("teacher", type=Path, metavar="ENSEMBLE.yaml",
+                        help="ensemble file written by nasdose ensemble (or a run folder / checkpoint)")
+    parser.add_argument("--student", metavar="SPEC",
+                        help="the student's architecture: NAME:key=value..., FILE.yaml or GENOTYPE.yaml:width=F "
+                             "(see above)")
+    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in DIR")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train the student's architecture without distillation (default: on)")
+    parser.add_argument("--export", action="store_true", default=None,
+                        help="write DIR/student.pt2 (torch.export) of the student")
+    parser.add_argument("--teacher-cache", type=Path, metavar="FILE",
+                        help="teacher predictions file to reuse or write (default: DIR/teacher.h5)")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    flags = {k: v for k, v in (("student", args.student), ("baseline", args.baseline), ("export", args.export))
+             if v is not None}
+    run_distill(args.teacher, args.data, args.out, replace(cfg, **flags), resume=args.resume,
+                teacher_cache=args.teacher_cache)

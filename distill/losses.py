@@ -1,0 +1,303 @@
+"""The distillation objective: ground truth, teacher, feature hints and a trained discriminator.
+
+    loss = alpha_gt · L(pred, dose) + alpha_teacher · L(pred, teacher)
+           + hint.weight · mean over layers of MSE(adapter(student feature), teacher feature)
+           + adversarial.weight · BCE(D(input, pred), real)
+
+L is the training engine's masked loss (`train.loss`, L1 by default) inside the possible-dose
+mask; the teacher is the ensemble's cached prediction. Unlike LENAS's published KDA-Net code,
+the ground truth is always part of the loss unless alpha_gt = 0 is asked for (which warns),
+and the discriminator is trained: its own Adam, one update per student step on the teacher's
+(or the reference) dose against the student's detached prediction, before the student's update
+(alternating, as in a GAN), its weights and optimizer state in every checkpoint.
+
+Hints match features, the input of named modules, through 1×1×1 adapters (trained with the
+student by its optimizer). The teacher's features would be as large as the volumes times their
+channels for every patient, too large to cache; so one ensemble member runs online on the
+augmented input at each step (no gradients) while hints are on. They are off by default.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed
+from ..config import ConfigError
+from ..data.dataset import IN_CHANNELS
+from ..errors import NasDoseError
+from ..runtime import Runtime
+from ..train import Objective, TrainConfig, masked_loss, share_weight
+from .teacher import TeacherDataset
+
+
+@dataclass
+class HintConfig:
+    """Feature matching: `layers` pairs (student module, teacher module) by name, the features
+    being each module's input (`head`: the last full-resolution features of both U-Net kinds).
+    `member`: the ensemble member that runs online for them (default: the heaviest-weighted)."""
+
+    weight: float = 0.0
+    layers: list[tuple[str, str]] = field(default_factory=lambda: [("head", "head")])
+    member: int | None = None
+
+    def validate(self) -> None:
+        check_non_negative("hint.weight", self.weight)
+        if self.weight > 0 and not self.layers:
+            raise ConfigError("config key 'hint.layers': hints need at least one (student, teacher) pair")
+
+
+@dataclass
+class AdversarialConfig:
+    """A conditional patch discriminator on (input, dose): `real` doses are the teacher's or the
+    reference; the student's prediction is the fake one."""
+
+    weight: float = 0.0
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.5, 0.999)
+    width: int = 8
+    real: Literal["teacher", "target"] = "teacher"
+
+    def validate(self) -> None:
+        check_non_negative("adversarial.weight", self.weight)
+        if not self.lr > 0:
+            raise ConfigError(f"config key 'adversarial.lr': must be positive, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"config key 'adversarial.betas': expected 2 numbers, got {len(self.betas)}")
+        if self.width < 1:
+            raise ConfigError(f"config key 'adversarial.width': must be at least 1, got {self.width}")
+
+
+def check_non_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"config key '{key}': must be >= 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The terms.
+
+def hint_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+              adapters: Sequence[nn.Module]) -> torch.Tensor:
+    """Mean over layers of the MSE between adapted student features (resized to the teacher's
+    spatial size when they differ) and teacher features."""
+    total = torch.zeros((), device=teacher[0].device)
+    for s, t, adapter in zip(student, teacher, adapters, strict=True):
+        a = adapter(s.float())
+        if a.shape[2:] != t.shape[2:]:
+            a = F.interpolate(a, size=t.shape[2:], mode="trilinear", align_corners=False)
+        total = total + F.mse_loss(a, t.float())
+    return total / len(adapters)
+
+
+class Discriminator(nn.Module):
+    """Patch critic of a dose given the patient: (input channels + dose) -> a logit per patch
+    (two stride-2 4³ convolutions, then a 3³ one: 1/4 of the grid per axis)."""
+
+    def __init__(self, in_channels: int = IN_CHANNELS + 1, width: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv3d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv3d(width, 2 * width, 4, stride=2, padding=1, bias=False),  # the norm would cancel a bias
+            nn.InstanceNorm3d(2 * width, affine=True),
+            nn.LeakyReLU(0.2), nn.Conv3d(2 * width, 1, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, dose: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x.float(), dose.float()], dim=1))
+
+
+def discriminator_loss(d: nn.Module, x: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of telling real doses (label 1) from fake ones (label 0), halved."""
+    lr, lf = d(x, real), d(x, fake)
+    return 0.5 * (F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr))
+                  + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)))
+
+
+def generator_loss(d: nn.Module, x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The student's adversarial term: cross-entropy of `d` calling its dose real (non-saturating)."""
+    logits = d(x, fake)
+    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+
+# ---------------------------------------------------------------------------------------------
+# Features of named modules.
+
+class FeatureTap:
+    """Keeps the input of each named module of `model` from its latest forward pass in training
+    mode (in eval mode nothing is kept, so validation holds no extra memory)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], always: bool = False) -> None:
+        modules = dict(model.named_modules())
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            known = ", ".join(n for n in list(modules)[1:12])
+            raise NasDoseError(f"hint.layers: {type(model).__name__} has no module '{unknown[0]}' (some: {known}, ...)")
+        self.names = list(names)
+        self.features: dict[str, torch.Tensor] = {}
+        for n in self.names:
+            modules[n].register_forward_pre_hook(self._hook(n, always))
+
+    def _hook(self, name: str, always: bool):
+        def keep(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if always or module.training:
+                self.features[name] = args[0]
+
+        return keep
+
+    def take(self) -> list[torch.Tensor]:
+        """The kept features in `names` order, forgotten here."""
+        missing = [n for n in self.names if n not in self.features]
+        if missing:
+            raise NasDoseError(f"hint.layers: module '{missing[0]}' was not run by the forward pass")
+        return [self.features.pop(n) for n in self.names]
+
+
+def feature_channels(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> list[int]:
+    """Channels of the input of each named module, from a forward pass on the meta device
+    (nothing is computed)."""
+    meta = copy.deepcopy(model).to("meta")
+    tap = FeatureTap(meta, names, always=True)
+    with torch.no_grad():
+        meta(torch.empty(tuple(input_shape), device="meta"))
+    return [f.shape[1] for f in tap.take()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective.
+
+TERMS = ("gt", "teacher", "hint", "adversarial", "discriminator")
+
+
+class DistillObjective(Objective):
+    """The training engine's objective for distillation (see the module docstring).
+
+    `hint_teacher`: the network whose features the hints match (needed when hints are on).
+    """
+
+    def __init__(self, cache: Path, alpha_gt: float = 1.0, alpha_teacher: float = 1.0,
+                 hint: HintConfig | None = None, adversarial: AdversarialConfig | None = None,
+                 hint_teacher: nn.Module | None = None) -> None:
+        self.cache = Path(cache)
+        self.alpha_gt, self.alpha_teacher = alpha_gt, alpha_teacher
+        self.hint = hint or HintConfig()
+        self.adv = adversarial or AdversarialConfig()
+        check_non_negative("alpha_gt", alpha_gt)
+        check_non_negative("alpha_teacher", alpha_teacher)
+        self.hint.validate()
+        self.adv.validate()
+        if not (alpha_gt or alpha_teacher or self.hint.weight or self.adv.weight):
+            raise ConfigError("distillation: every loss weight is 0 (alpha_gt, alpha_teacher, hint.weight, "
+                              "adversarial.weight); the student would learn nothing")
+        if alpha_gt == 0:
+            warnings.warn("alpha_gt = 0: the student never sees the reference dose, only the teacher",
+                          UserWarning, stacklevel=2)
+        if self.hint.weight > 0 and hint_teacher is None:
+            raise ValueError("DistillObjective: hints need the teacher network (hint_teacher)")
+        self.hint_teacher = hint_teacher
+        self.adapters = nn.ModuleList()
+        self.disc: Discriminator | None = None
+        self.d_optimizer: torch.optim.Optimizer | None = None
+
+    def train_set(self, data: Path, config: TrainConfig) -> TeacherDataset:
+        dataset = TeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment,
+                                 seed=config.seed)
+        self.grid = dataset.grid
+        return dataset
+
+    def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
+        super().bind(model, runtime, config)
+        self.runtime = runtime
+        device = runtime.device
+        self.sums = torch.zeros(len(TERMS), device=device)
+        self.count = 0
+        if self.hint.weight > 0:
+            assert self.hint_teacher is not None
+            names_s, names_t = [s for s, _ in self.hint.layers], [t for _, t in self.hint.layers]
+            shape = (1, IN_CHANNELS, *(self.grid,) * 3)
+            c_s, c_t = feature_channels(model, names_s, shape), feature_channels(self.hint_teacher, names_t, shape)
+            self.adapters = nn.ModuleList(nn.Conv3d(a, b, 1) for a, b in zip(c_s, c_t)).to(device)
+            self.student_tap = FeatureTap(model, names_s)
+            self.hint_teacher = self.hint_teacher.to(device).eval().requires_grad_(False)
+            self.teacher_tap = FeatureTap(self.hint_teacher, names_t, always=True)
+        if self.adv.weight > 0:
+            self.disc = Discriminator(IN_CHANNELS + 1, self.adv.width).to(device)
+            self.d_optimizer = torch.optim.Adam(self.disc.parameters(), lr=self.adv.lr, betas=self.adv.betas)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.adapters.parameters())
+
+    def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        mask, zero = batch["mask"], torch.zeros((), device=pred.device)
+        gt = masked_loss(pred, batch["target"], mask, self.kind)
+        teacher = masked_loss(pred, batch["teacher"], mask, self.kind)
+        hint = adv = d_loss = zero
+        if self.hint.weight > 0:
+            with torch.no_grad(), self.runtime.autocast():
+                self.hint_teacher(batch["input"])
+            hint = hint_loss(self.student_tap.take(), self.teacher_tap.take(), self.adapters)
+        if self.disc is not None:
+            x, fake = batch["input"], pred.float() * mask
+            real = batch["teacher" if self.adv.real == "teacher" else "target"]
+            d_loss = self.discriminator_step(x, real, fake.detach())
+            self.disc.requires_grad_(False)
+            adv = generator_loss(self.disc, x, fake)
+            self.disc.requires_grad_(True)
+        per_sample = self.hint.weight * hint + self.adv.weight * adv
+        share = torch.ones((), device=pred.device)
+        if distributed.world_size() > 1:
+            # The engine weights each rank's loss by its share of the batch's mask voxels, right
+            # for the masked terms; the others are means over the rank's samples (equal shares).
+            share = share_weight(mask).detach()
+            per_sample = per_sample / share.clamp_min(1e-12)
+        total = self.alpha_gt * gt + self.alpha_teacher * teacher + per_sample
+        # logged as the whole batch's means once averaged over the ranks
+        self.sums += torch.stack([gt * share, teacher * share, hint, adv, d_loss]).detach().float()
+        self.count += 1
+        return total
+
+    def discriminator_step(self, x: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """One update of the discriminator on real vs `fake` (detached) doses; its loss before it."""
+        assert self.disc is not None and self.d_optimizer is not None
+        d_loss = discriminator_loss(self.disc, x, real, fake)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        distributed.average_gradients(self.disc.parameters())  # every rank keeps the same critic
+        self.d_optimizer.step()
+        return d_loss.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"adapters": self.adapters.state_dict(), "term_sums": self.sums.cpu(),
+                                 "term_count": self.count}
+        if self.disc is not None and self.d_optimizer is not None:
+            state["discriminator"] = self.disc.state_dict()
+            state["d_optimizer"] = self.d_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (self.disc is not None) != ("discriminator" in state):
+            raise NasDoseError("the checkpoint was made with another adversarial setting")
+        self.adapters.load_state_dict(state.get("adapters", {}))
+        if "term_sums" in state:
+            self.sums.copy_(state["term_sums"])
+            self.count = state["term_count"]
+        if self.disc is not None and self.d_optimizer is not None:
+            self.disc.load_state_dict(state["discriminator"])
+            self.d_optimizer.load_state_dict(state["d_optimizer"])
+
+    def log_terms(self) -> dict[str, float]:
+        """Mean of each active term since the last call, over the ranks too (collective, as the
+        engine's logging is; one host sync)."""
+        if not self.count:
+            return {}
+        means = (distributed.all_reduce(self.sums, "mean") / self.count).tolist()
+        self.sums.zero_()
+        self.count = 0
+        active = {"gt": True, "teacher": True, "hint": self.hint.weight > 0,
+                  "adversarial": self.disc is not None, "discriminator": self.disc is not None}
+        return {f"loss_{name}": v for name, v in zip(TERMS, means) if active[name]}

@@ -1,0 +1,157 @@
+"""The teacher's predictions, computed once and cached in HDF5, and the dataset that serves them.
+
+Running the ensemble at every distillation step would cost all its members' forward passes per
+step. Instead every training and validation patient is predicted once, as `nasdose predict`
+predicts it (on the data set's grid, non-negative, zero outside the possible-dose mask), into
+a nasdose predictions file (teacher.h5). A training item then carries the teacher's prediction
+moved by the same augmentation as its input, target and mask.
+
+The cache is keyed by a SHA-256 of the teacher's files (ensemble.yaml with its members'
+genotypes and checkpoints, or one checkpoint) and of the data set, stored with every patient:
+a resumed run, or a later run given the same cache file, reuses it; a cache made from another
+teacher or data set is recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.augment import AugmentConfig, augment
+from ..data.dataset import ITEM_KINDS, DoseDataset, build_item
+from ..data.patient import DOSE_SCALE_GY
+from ..data.store import open_data, write_predictions
+from ..errors import NasDoseError, input_error
+from ..io import load_yaml
+from ..predict import Predictor, predict_patients
+from ..progress import say
+from ..runtime import Runtime
+
+CACHE_VERSION = 1
+KEY_ATTR = "teacher_key"
+# The teacher's prediction is a dose: resampled like the target.
+TEACHER_KINDS = {**ITEM_KINDS, "teacher": "continuous"}
+
+
+def _member_files(teacher: Path, key: str) -> list[Path]:
+    """The `key` file (genotype or checkpoint) of each member of an ensemble .yaml, in its order."""
+    spec = load_yaml(teacher)
+    members = spec.get("members") if isinstance(spec, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get(key), str)
+                                                for m in members):
+        raise input_error(teacher, f"not a nasdose ensemble file (no members list with a {key} each)")
+    return [teacher.parent / m[key] for m in members]
+
+
+def _is_ensemble(teacher: Path) -> bool:
+    return teacher.suffix in (".yaml", ".yml")
+
+
+def member_checkpoints(teacher: Path) -> list[Path]:
+    """The checkpoint of each ensemble member, or the single teacher's checkpoint."""
+    teacher = Path(teacher)
+    if _is_ensemble(teacher):
+        return _member_files(teacher, "checkpoint")
+    return [teacher / "best.pt" if teacher.is_dir() else teacher]
+
+
+def teacher_files(teacher: Path) -> list[Path]:
+    """Every file a teacher is made of: an ensemble .yaml with its members' genotypes and
+    checkpoints, or the single teacher's checkpoint."""
+    teacher = Path(teacher)
+    if not _is_ensemble(teacher):
+        return member_checkpoints(teacher)
+    return [teacher, *_member_files(teacher, "genotype"), *member_checkpoints(teacher)]
+
+
+def teacher_key(teacher: Path, data: Path) -> str:
+    """SHA-256 of the teacher's files and the data set, with each file's length between them."""
+    h = hashlib.sha256(f"nasdose teacher cache {CACHE_VERSION}\n".encode())
+    for file in [*teacher_files(teacher), Path(data)]:
+        if not file.is_file():
+            raise input_error(file, "file not found")
+        h.update(file.stat().st_size.to_bytes(8, "little"))
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_is_current(cache: Path, key: str, ids: Sequence[str], grid: int) -> bool:
+    """Whether `cache` holds the predictions of every patient in `ids` under `key`.
+
+    A file there that is not a teacher cache is an error: it is never overwritten.
+    """
+    if not cache.exists():
+        return False
+    not_cache = input_error(cache, "exists and is not a teacher cache; not overwriting it "
+                                   "(choose another --teacher-cache or --out)")
+    try:
+        f = open_data(cache)
+    except NasDoseError:
+        raise not_cache from None
+    with f:
+        attrs = {pid: f.patient_attrs(pid) for pid in f.ids()}
+        if f.kind != "predictions" or any(KEY_ATTR not in a for a in attrs.values()):
+            raise not_cache
+        return f.grid == grid and all(attrs.get(pid, {}).get(KEY_ATTR) == key for pid in ids)
+
+
+def write_cache(predictor: Predictor, data: Path, ids: Sequence[str], cache: Path, key: str,
+                runtime: Runtime) -> None:
+    """Predict `ids` with the teacher into `cache` (atomically), each patient tagged with `key`."""
+    with open_data(data) as d:
+        records = ((pid, dose, {**d.patient_attrs(pid), KEY_ATTR: key})
+                   for pid, dose in predict_patients(predictor, d, list(ids), runtime))
+        write_predictions(cache, records, grid=d.grid, source=f"nasdose distill teacher {key}", total=len(ids))
+
+
+def ensure_cache(cache: Path, key: str, data: Path, ids: Sequence[str], load: Callable[[], Predictor],
+                 runtime: Runtime) -> bool:
+    """Make the cache unless it is current; `load` gives the teacher only when it must run.
+    Returns whether the teacher was run."""
+    with open_data(data) as d:
+        grid = d.grid
+    if cache_is_current(cache, key, ids, grid):
+        say(f"teacher predictions: reusing {cache}")
+        return False
+    if cache.exists():
+        say(f"teacher predictions: {cache} was made from another teacher or data set; recomputing")
+    write_cache(load(), data, ids, cache, key, runtime)
+    return True
+
+
+class TeacherDataset(DoseDataset):
+    """DoseDataset's items plus `teacher` (1, G, G, G): the cached prediction (dose / 70).
+
+    Item i of epoch e is augmented with the transform DoseDataset draws for it, applied to the
+    teacher's prediction as to the target; the target and the teacher are zeroed outside the
+    augmented mask. The student's input, target and mask are thus those plain training sees
+    (the target exactly so where the reference dose is zero outside the possible-dose mask, as
+    in the synthetic data: it is masked here before it is moved).
+    """
+
+    def __init__(self, path: Path, split: str, cache: Path, augment: AugmentConfig | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(path, split, augment=augment, seed=seed)
+        self.cache = open_data(cache)
+        missing = [pid for pid in self.ids if pid not in self.cache]
+        if self.cache.kind != "predictions" or self.cache.grid != self.grid or missing:
+            raise input_error(cache, f"holds no teacher prediction on the {self.grid}³ grid of patient(s) "
+                                     f"{', '.join(missing[:3]) or 'of the data set'}")
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        pid = self.ids[index]
+        arrays = build_item(self.data.read(pid))
+        arrays["teacher"] = (self.cache.read_dose(pid) / np.float32(DOSE_SCALE_GY))[None]
+        if self.augmentation is not None:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            arrays = augment(arrays, TEACHER_KINDS, self.augmentation, rng)
+        for name in ("target", "teacher"):
+            arrays[name] = arrays[name] * arrays["mask"]
+        return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "id": pid}

@@ -1,0 +1,221 @@
+"""`nasdose distill` end to end on a tiny synthetic set and a tiny ensemble of two briefly
+trained LENAS genotypes: files, table, predict and export of the student, exact resume, and
+bad inputs (one line naming the file, exit 1)."""
+import contextlib
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nas_dose import cli
+from nas_dose.config import load_config
+from nas_dose.data.store import open_data, write_dataset
+from nas_dose.data.synth import synth_patients
+from nas_dose.distill import cli as distill_cli
+from nas_dose.io import load_checkpoint, load_json, save_yaml
+from nas_dose.runtime import seed_everything
+from nas_dose.search_spaces import get_space, save_genotype
+from nas_dose.train import TrainConfig, build_model, load_model, train_model
+
+GENOTYPES = {
+    "a": {"down.op1": "conv", "down.op2": "identity", "down.connect": "identity", "down.down": "max_pool",
+          "up.op1": "conv", "up.op2": "identity", "up.connect": "identity", "up.up": "up_interpolate"},
+    "b": {"down.op1": "dep_conv", "down.op2": "identity", "down.connect": "none", "down.down": "avg_pool",
+          "up.op1": "identity", "up.op2": "dep_conv", "up.connect": "identity", "up.up": "up_conv"},
+}
+# 2 epochs of 2 steps, one thread, a 16³ latency volume timed once: seconds, not minutes.
+TINY = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.log_every=1",
+        "train.checkpoint_every=2", "runtime.device=cpu", "runtime.threads=1", "latency.size=16", "latency.runs=1"]
+STUDENT = "unet3d:widths=4,8"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """8 phantoms on a 16³ grid: 6 train, 2 validation."""
+    path = tmp_path_factory.mktemp("data") / "synth16.h5"
+    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory, data) -> Path:
+    """ensemble.yaml over two tiny LENAS members, 4 steps of training each, weights 0.7 / 0.3."""
+    root = tmp_path_factory.mktemp("ensemble")
+    members = []
+    for i, (name, choices) in enumerate(GENOTYPES.items()):
+        folder = root / "members" / name
+        save_genotype(folder / "genotype.yaml", get_space("lenas").genotype(choices, {"stem": 4, "widths": [8, 8]}))
+        cfg = load_config(TrainConfig, overrides=[
+            "model.name=lenas", f"model.genotype={folder / 'genotype.yaml'}", "epochs=2", "steps_per_epoch=2",
+            "optim.lr=0.003", "data.augment.enabled=false", "runtime.device=cpu", "runtime.threads=1", f"seed={i}"])
+        seed_everything(i)
+        train_model(build_model(cfg.model), cfg, data, folder)
+        members.append({"name": name, "genotype": f"members/{name}/genotype.yaml",
+                        "checkpoint": f"members/{name}/best.pt", "weight": 0.7 - 0.4 * i})
+    save_yaml(root / "ensemble.yaml", {"format": "nasdose-ensemble", "version": 1, "tta": False, "members": members})
+    return root / "ensemble.yaml"
+
+
+@pytest.fixture
+def nasdose():
+    """The `nasdose` command line, called in-process."""
+    return lambda *args: cli.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data, ensemble) -> tuple[Path, str]:
+    """Everything on: hints from the heavier member, a trained discriminator, baseline, export."""
+    out = tmp_path_factory.mktemp("distill") / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = cli.main(["distill", str(ensemble), "--student", STUDENT, "--data", str(data), "--out", str(out),
+                       "--export", *TINY, "hint.weight=0.5", "adversarial.weight=0.1"])
+    assert rc == 0
+    return out, stdout.getvalue()
+
+
+def test_files_table_and_metrics(run):
+    out, printed = run
+    for f in ("teacher.h5", "teacher.json", "config.yaml", "comparison.md", "metrics.json", "student.pt2",
+              "student/best.pt", "student/checkpoints/last.pt", "baseline/best.pt"):
+        assert (out / f).is_file(), f
+    metrics = load_json(out / "metrics.json")
+    rows = {r["name"]: r for r in metrics["rows"]}
+    student, teacher = rows["student (distilled)"], rows["ensemble (teacher, 2 members)"]
+    single = next(r for name, r in rows.items() if name.startswith("best single member"))
+    baseline = rows["student arch., no distillation"]
+    assert len(rows) == 4 and metrics["patients"] == ["pt_7", "pt_8"] and metrics["teacher_recomputed"] is True
+    for r in rows.values():
+        assert r["dose_score"] > 0 and r["dvh_score"] > 0 and r["flops"] > 0 and r["cpu_latency_s"] > 0
+        assert r["checkpoint_bytes"] > 0
+    # the student: the small U-Net; the ensemble: both members (about twice a member's size)
+    assert student["params"] == baseline["params"] == sum(p.numel() for p in load_model(out / "student")[0].parameters())
+    assert student["params"] < single["params"] < teacher["params"]
+    assert teacher["flops"] > single["flops"] and student["checkpoint_bytes"] == (out / "student/best.pt").stat().st_size
+    # the table's student score is the one the training engine chose the checkpoint by
+    assert student["dose_score"] == pytest.approx(metrics["student_training"]["best_val_dose_score"], rel=1e-4)
+    assert metrics["student_beats_baseline"]["dose_score"] == (student["dose_score"] < baseline["dose_score"])
+    table = (out / "comparison.md").read_text()
+    assert table.count("\n| ") == 5 and "student (distilled)" in table and "student (distilled)" in printed
+    log = [json.loads(line) for line in (out / "student" / "log.jsonl").read_text().splitlines()]
+    assert {"loss_gt", "loss_teacher", "loss_hint", "loss_adversarial", "loss_discriminator"} <= set(log[-1])
+    state = load_checkpoint(out / "student" / "checkpoints" / "last.pt")["objective"]
+    assert set(state) >= {"adapters", "discriminator", "d_optimizer"}
+    with open_data(out / "teacher.h5") as cache:
+        assert len(cache.ids()) == 8 and cache.patient_attrs("pt_1")["teacher_key"] == metrics["teacher_key"]
+
+
+def test_student_checkpoint_predicts(run, data, nasdose, tmp_path):
+    out, _ = run
+    _, meta = load_model(out / "student")
+    assert meta["model_config"] == {"name": "unet3d", "kwargs": {"widths": [4, 8]}, "genotype": None}
+    assert nasdose("predict", "-q", "--model", out / "student", "--data", data, "--out", tmp_path / "p",
+                   "--split", "validation", "--no-csv", "device=cpu") == 0
+    with open_data(tmp_path / "p" / "predictions.h5") as preds:
+        assert preds.ids() == ["pt_7", "pt_8"]
+
+
+def test_export_loads_and_matches_the_eager_student(run):
+    out, _ = run
+    program = torch.export.load(str(out / "student.pt2"))
+    model, _ = load_model(out / "student")
+    x = torch.randn(1, 10, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_is_exact_and_reuses_the_teacher(data, ensemble, nasdose, tmp_path, monkeypatch):
+    args = [ensemble, "--student", STUDENT, "--data", data, "--no-baseline", "-q", *TINY, "adversarial.weight=0.1"]
+    assert nasdose("distill", *args, "--out", tmp_path / "whole") == 0
+
+    def stop_at_3(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_cli, "train_model", functools.partial(train_model, on_step=stop_at_3))
+    assert nasdose("distill", *args, "--out", tmp_path / "cut") == 130
+    assert load_checkpoint(tmp_path / "cut" / "student" / "checkpoints" / "last.pt")["step"] == 2
+    monkeypatch.setattr(distill_cli, "train_model", train_model)
+    assert nasdose("distill", *args, "--out", tmp_path / "cut", "--resume") == 0
+    whole, cut = (load_checkpoint(tmp_path / run / "student" / "checkpoints" / "last.pt") for run in ("whole", "cut"))
+    assert cut["step"] == 4
+    for key in ("model", "optimizer"):
+        assert all(torch.equal(whole[key][k], cut[key][k]) for k in whole[key] if isinstance(whole[key][k], torch.Tensor))
+    for k, v in whole["objective"]["discriminator"].items():
+        assert torch.equal(v, cut["objective"]["discriminator"][k]), k
+    assert load_json(tmp_path / "cut" / "metrics.json")["teacher_recomputed"] is False
+
+
+def test_resume_with_another_loss_is_refused(run, data, ensemble, nasdose, capsys):
+    out, _ = run
+    rc = nasdose("distill", ensemble, "--student", STUDENT, "--data", data, "--out", out, "--resume", *TINY,
+                 "hint.weight=0.5", "adversarial.weight=0.2")
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and f"{out / 'config.yaml'}: " in err and "adversarial" in err
+
+
+def corrupt(path: Path) -> Path:
+    save_yaml(path, {"format": "nasdose-ensemble", "version": 1, "members": []})
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing ensemble", "corrupt ensemble", "predictions as data", "missing genotype",
+                                  "run exists", "no student"])
+def test_bad_input_is_one_line_naming_the_file(case, run, data, ensemble, nasdose, tmp_path, capsys):
+    out, _ = run
+    teacher, data_arg, student, dest, named = ensemble, data, STUDENT, tmp_path / "new", None
+    if case == "missing ensemble":
+        teacher = named = tmp_path / "absent.yaml"
+    elif case == "corrupt ensemble":
+        teacher = named = corrupt(tmp_path / "bad.yaml")
+    elif case == "predictions as data":
+        data_arg = named = out / "teacher.h5"
+    elif case == "missing genotype":
+        student, named = f"{tmp_path / 'g.yaml'}:width=0.5", tmp_path / "g.yaml"
+    elif case == "run exists":
+        dest = named = out
+    args = ["distill", teacher, "--data", data_arg, "--out", dest, *TINY]
+    rc = nasdose(*args, "--student", student) if case != "no student" else nasdose(*args)
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("nasdose distill: error: ")
+    assert (f"{named}: " in err) if named is not None else "--student" in err
+    assert not (tmp_path / "new" / "student").exists()
+
+
+def test_help_documents_the_student_spec(nasdose, capsys):
+    with pytest.raises(SystemExit):
+        nasdose("distill", "--help")
+    out = capsys.readouterr().out
+    assert "unet3d:widths=8,16,32" in out and "genotype.yaml:width=0.5" in out and "--no-baseline" in out
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_match_one(data, ensemble, nasdose, tmp_path):
+    """The student trains data-parallel (hint adapters and critic included); files come from rank 0."""
+    args = [ensemble, "--student", STUDENT, "--data", data, "--no-baseline", "-q", *TINY, "train.data.batch_size=2",
+            "hint.weight=0.5", "adversarial.weight=0.1"]
+    assert nasdose("distill", *args, "--out", tmp_path / "one") == 0
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "nas_dose", "distill", *map(str, args), "--out", str(tmp_path / "two")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (load_checkpoint(tmp_path / run / "student" / "checkpoints" / "last.pt") for run in ("one", "two"))
+    for a, b in ((one["model"], two["model"]), (one["objective"]["discriminator"], two["objective"]["discriminator"]),
+                 (one["objective"]["adapters"], two["objective"]["adapters"])):
+        for k in a:  # float32 convolutions round differently on batches of 1 and 2, which Adam magnifies
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=3e-4)
+    logs = [[json.loads(line) for line in (tmp_path / run / "student" / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 4
+    for e, r in zip(*logs):
+        assert {k: v for k, v in e.items() if k.startswith("loss")} == pytest.approx(
+            {k: v for k, v in r.items() if k.startswith("loss")}, rel=1e-4)
+    metrics = load_json(tmp_path / "two" / "metrics.json")
+    assert metrics["teacher_recomputed"] is True and len(metrics["rows"]) == 3

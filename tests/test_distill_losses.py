@@ -1,0 +1,154 @@
+"""The distillation loss: its terms by hand, a discriminator that really trains, the warning
+when the ground truth is switched off, and the objective's state for exact resumes."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from nas_dose.config import ConfigError
+from nas_dose.distill.losses import (AdversarialConfig, DistillObjective, FeatureTap, HintConfig,
+                                     discriminator_loss, feature_channels, generator_loss, hint_loss)
+from nas_dose.runtime import Runtime, RuntimeConfig
+from nas_dose.train import TrainConfig
+
+CPU = Runtime(RuntimeConfig(device="cpu"))
+
+
+def vector(*values: float) -> torch.Tensor:
+    return torch.tensor(values).reshape(1, 1, 1, 1, len(values))
+
+
+def bound(objective: DistillObjective, model: nn.Module | None = None, grid: int = 16) -> DistillObjective:
+    objective.grid = grid
+    objective.bind(model or nn.Identity(), CPU, TrainConfig())
+    return objective
+
+
+def test_ground_truth_and_teacher_terms_by_hand():
+    objective = bound(DistillObjective(Path("unused.h5"), alpha_gt=2.0, alpha_teacher=0.5))
+    batch = {"target": vector(0.25, 0.0, 1.0, 0.5), "teacher": vector(0.5, 0.0, 0.0, 0.0),
+             "mask": vector(1.0, 1.0, 0.0, 0.0)}
+    loss = objective.loss(vector(0.5, -1.0, 2.0, 0.0), batch)
+    # inside the mask: |0.5-0.25| + |-1-0| = 1.25 over 2 voxels to the target; 0 + 1 = 1 over 2 to the teacher
+    assert loss.item() == pytest.approx(2.0 * 0.625 + 0.5 * 0.5)
+    assert objective.log_terms() == pytest.approx({"loss_gt": 0.625, "loss_teacher": 0.5})
+    assert objective.log_terms() == {}  # means since the last call
+
+
+def test_hint_loss_by_hand():
+    adapter = nn.Conv3d(2, 1, 1)
+    with torch.no_grad():
+        adapter.weight.copy_(torch.tensor([2.0, -1.0]).reshape(1, 2, 1, 1, 1))
+        adapter.bias.fill_(0.5)
+    s = torch.tensor([[1.0, 3.0], [0.0, 1.0]]).reshape(1, 2, 1, 1, 2)  # channel 0: (1, 3), channel 1: (0, 1)
+    t = torch.tensor([1.0, 1.0]).reshape(1, 1, 1, 1, 2)
+    # adapted: 2·1 - 0 + 0.5 = 2.5 and 2·3 - 1 + 0.5 = 5.5; errors 1.5² and 4.5²
+    assert hint_loss([s], [t], [adapter]).item() == pytest.approx((1.5 ** 2 + 4.5 ** 2) / 2)
+    # two layers are averaged; a coarser student feature is resized to the teacher's grid
+    coarse = torch.ones(1, 2, 1, 1, 1)
+    value = hint_loss([s, coarse], [t, t], [adapter, adapter]).item()
+    assert value == pytest.approx(((1.5 ** 2 + 4.5 ** 2) / 2 + (0.5 ** 2 + 0.5 ** 2) / 2) / 2)
+
+
+class ConstantCritic(nn.Module):
+    def __init__(self, logit: float) -> None:
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, x: torch.Tensor, dose: torch.Tensor) -> torch.Tensor:
+        return torch.full((dose.shape[0], 1, 2, 2, 2), self.logit)
+
+
+def test_adversarial_losses_by_hand():
+    x, dose = torch.zeros(1, 10, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4)
+    assert discriminator_loss(ConstantCritic(0.0), x, dose, dose).item() == pytest.approx(math.log(2))
+    # logit 2: real term log(1 + e^-2), fake term log(1 + e^2)
+    expected = 0.5 * (math.log1p(math.exp(-2)) + math.log1p(math.exp(2)))
+    assert discriminator_loss(ConstantCritic(2.0), x, dose, dose).item() == pytest.approx(expected)
+    assert generator_loss(ConstantCritic(2.0), x, dose).item() == pytest.approx(math.log1p(math.exp(-2)))
+
+
+def adversarial_batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(1, 1, 16, 16, 16)
+    teacher = torch.rand(1, 1, 16, 16, 16, generator=gen)
+    return {"input": torch.randn(1, 10, 16, 16, 16, generator=gen), "target": teacher, "teacher": teacher,
+            "mask": mask}
+
+
+def test_the_discriminator_is_trained_and_its_loss_responds():
+    torch.manual_seed(0)
+    objective = bound(DistillObjective(Path("unused.h5"), adversarial=AdversarialConfig(weight=1.0, lr=1e-3)))
+    assert objective.disc is not None
+    before = [p.detach().clone() for p in objective.disc.parameters()]
+    batch = adversarial_batch()
+    fake = torch.zeros(1, 1, 16, 16, 16, requires_grad=True)  # a student that predicts nothing
+    objective.loss(fake, batch).backward()
+    first = objective.log_terms()
+    assert all(not torch.equal(b, p) for b, p in zip(before, objective.disc.parameters()))
+    assert fake.grad is not None and fake.grad.abs().sum() > 0  # the term reaches the student
+    for _ in range(30):
+        objective.loss(fake, batch)
+    later = objective.log_terms()
+    # the critic learns to tell the teacher's dose from the empty one: its loss falls, and the
+    # student's adversarial term (the critic calling the fake real) rises
+    assert later["loss_discriminator"] < 0.8 * first["loss_discriminator"]
+    assert later["loss_adversarial"] > first["loss_adversarial"] + 0.1
+    state = objective.state_dict()
+    assert set(state) >= {"discriminator", "d_optimizer"} and state["d_optimizer"]["state"]
+
+
+def test_objective_state_round_trips():
+    torch.manual_seed(0)
+    a = bound(DistillObjective(Path("unused.h5"), adversarial=AdversarialConfig(weight=1.0)))
+    a.loss(torch.zeros(1, 1, 16, 16, 16), adversarial_batch())
+    torch.manual_seed(1)
+    b = bound(DistillObjective(Path("unused.h5"), adversarial=AdversarialConfig(weight=1.0)))
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(a.disc.parameters(), b.disc.parameters()))
+    assert b.log_terms() == pytest.approx(a.log_terms())
+    plain = bound(DistillObjective(Path("unused.h5")))
+    with pytest.raises(Exception, match="adversarial"):
+        plain.load_state_dict(a.state_dict())
+
+
+def test_alpha_gt_zero_warns_and_no_term_at_all_is_an_error():
+    with pytest.warns(UserWarning, match="alpha_gt = 0"):
+        DistillObjective(Path("unused.h5"), alpha_gt=0.0)
+    with pytest.raises(ConfigError, match="every loss weight is 0"):
+        DistillObjective(Path("unused.h5"), alpha_gt=0.0, alpha_teacher=0.0)
+    with pytest.raises(ConfigError, match="alpha_teacher"):
+        DistillObjective(Path("unused.h5"), alpha_teacher=-1.0)
+
+
+class Tiny(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Conv3d(10, width, 1)
+        self.head = nn.Conv3d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_hints_through_adapters_from_an_online_teacher():
+    torch.manual_seed(0)
+    student, teacher = Tiny(3), Tiny(5)
+    assert feature_channels(student, ["head"], (1, 10, 4, 4, 4)) == [3]
+    objective = bound(DistillObjective(Path("unused.h5"), alpha_gt=1.0, alpha_teacher=0.0,
+                                       hint=HintConfig(weight=2.0), hint_teacher=teacher), student)
+    assert [tuple(p.shape) for p in objective.parameters()] == [(5, 3, 1, 1, 1), (5,)]
+    batch = adversarial_batch()
+    pred = student(batch["input"])
+    loss = objective.loss(pred, batch)
+    with torch.no_grad():
+        expected_hint = hint_loss([student.body(batch["input"])], [teacher.body(batch["input"])], objective.adapters)
+        expected_gt = (pred - batch["target"]).abs().mean()
+    assert loss.item() == pytest.approx(expected_gt.item() + 2.0 * expected_hint.item(), rel=1e-5)
+    loss.backward()
+    assert objective.adapters[0].weight.grad is not None and student.body.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(Exception, match="no module 'nope'"):
+        FeatureTap(student, ["nope"])

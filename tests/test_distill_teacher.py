@@ -1,0 +1,127 @@
+"""The teacher cache: computed once, reused, recomputed for another teacher or data set, never
+written over a foreign file; and the teacher's prediction augmented exactly like the target."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nas_dose.data.augment import AugmentConfig
+from nas_dose.data.dataset import DoseDataset
+from nas_dose.data.store import open_data, write_dataset, write_predictions
+from nas_dose.data.synth import synth_patients
+from nas_dose.distill.teacher import KEY_ATTR, TeacherDataset, ensure_cache, teacher_key
+from nas_dose.errors import NasDoseError
+from nas_dose.runtime import Runtime, RuntimeConfig
+
+CPU = Runtime(RuntimeConfig(device="cpu"))
+# every transform, often: flips, 40° rotations, shifts
+AUGMENT = AugmentConfig(probability=0.9)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "synth16.h5"
+    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
+    return path
+
+
+class Counting(nn.Module):
+    """A teacher that predicts 0.9 × the PTV map and counts its forward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return 0.9 * x[:, 1:2]
+
+
+def test_cache_is_written_once_and_reused(data, tmp_path):
+    with open_data(data) as d:
+        ids = d.ids("train") + d.ids("validation")
+    teacher, loads = Counting(), []
+
+    def load() -> nn.Module:
+        loads.append(1)
+        return teacher
+
+    cache = tmp_path / "teacher.h5"
+    assert ensure_cache(cache, "k1", data, ids, load, CPU) is True
+    assert teacher.calls == len(ids) == 8 and len(loads) == 1
+    with open_data(cache) as c, open_data(data) as d:
+        assert c.kind == "predictions" and c.ids() == ids
+        assert {c.patient_attrs(pid)[KEY_ATTR] for pid in ids} == {"k1"}
+        p = d.read(ids[0])
+        expected = np.where(p.possible_dose_mask, 0.9 * 70 * np.maximum.reduce(
+            [p.structures[s] * v for s, v in (("PTV70", 1.0), ("PTV63", 0.9), ("PTV56", 0.8)) if s in p.structures]), 0)
+        np.testing.assert_allclose(c.read_dose(ids[0]), expected, rtol=1e-5, atol=1e-4)
+    # reused: the teacher is neither loaded nor run again
+    assert ensure_cache(cache, "k1", data, ids, load, CPU) is False
+    assert ensure_cache(cache, "k1", data, ids[:3], load, CPU) is False
+    assert teacher.calls == 8 and len(loads) == 1
+    # another teacher or data set (another key): recomputed
+    assert ensure_cache(cache, "k2", data, ids, load, CPU) is True
+    assert teacher.calls == 16 and len(loads) == 2
+
+
+def test_a_foreign_file_is_never_overwritten(data, tmp_path):
+    before = data.read_bytes()
+    with pytest.raises(NasDoseError, match=f"{data}: exists and is not a teacher cache"):
+        ensure_cache(data, "k", data, ["pt_1"], Counting, CPU)
+    assert data.read_bytes() == before
+
+
+def test_key_follows_the_teacher_and_data_files(data, tmp_path):
+    checkpoint = tmp_path / "teacher.pt"
+    checkpoint.write_bytes(b"weights v1")
+    copy = tmp_path / "copy.h5"
+    copy.write_bytes(data.read_bytes())
+    key = teacher_key(checkpoint, data)
+    assert key == teacher_key(checkpoint, copy) and len(key) == 64
+    checkpoint.write_bytes(b"weights v2")
+    assert teacher_key(checkpoint, data) != key
+    with copy.open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert teacher_key(checkpoint, copy) != teacher_key(checkpoint, data)
+    with pytest.raises(NasDoseError, match="absent.pt: file not found"):
+        teacher_key(tmp_path / "absent.pt", data)
+
+
+def reference_as_teacher(data: Path, cache: Path) -> None:
+    """A cache whose teacher predicted exactly the reference dose."""
+    with open_data(data) as d:
+        write_predictions(cache, ((pid, d.read_dose(pid), {KEY_ATTR: "ref"}) for pid in d.ids()), grid=d.grid)
+
+
+def test_cached_teacher_is_augmented_like_the_target(data, tmp_path):
+    cache = tmp_path / "teacher.h5"
+    reference_as_teacher(data, cache)
+    distill = TeacherDataset(data, "train", cache, augment=AUGMENT, seed=3)
+    plain = DoseDataset(data, "train", augment=AUGMENT, seed=3)
+    unaugmented = DoseDataset(data, "train")
+    moved = 0
+    for epoch in range(2):
+        for index in range(len(distill)):
+            item, ref = distill[index, epoch], plain[index, epoch]
+            # the student sees exactly what plain training sees ...
+            for key in ("input", "target", "mask"):
+                assert torch.equal(item[key], ref[key]), key
+            # ... and a teacher equal to the reference dose stays equal to the target
+            assert torch.equal(item["teacher"], item["target"])
+            assert item["teacher"].shape == (1, 16, 16, 16) and item["teacher"].abs().sum() > 0
+            moved += not torch.equal(item["mask"], unaugmented[index]["mask"])
+    assert moved >= len(distill)  # the transforms did move the patients
+
+
+def test_dataset_rejects_a_cache_without_the_patients(data, tmp_path):
+    cache = tmp_path / "partial.h5"
+    with open_data(data) as d:
+        write_predictions(cache, [(pid, d.read_dose(pid), {KEY_ATTR: "x"}) for pid in d.ids("validation")], grid=16)
+    with pytest.raises(NasDoseError, match=f"{cache}: holds no teacher prediction .* pt_1"):
+        TeacherDataset(data, "train", cache)
