@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from .config import load_config
+from .config import add_config_arguments, load_config
 from .data.augment import Transform
 from .data.dataset import INPUT_LAYOUT, build_input
 from .data.openkbp import write_submission_csv
@@ -147,12 +148,18 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="average over flips along axes 0 and 1 (test-time augmentation)")
     parser.add_argument("--no-csv", dest="csv", action="store_false",
                         help="skip the OpenKBP submission CSVs")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="runtime settings, e.g. device=cpu amp=off threads=4 (see RuntimeConfig)")
+    add_config_arguments(parser)
+
+
+@dataclass
+class PredictConfig:
+    """How the networks run (the same `runtime` section as every other command's config)."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def main(args: argparse.Namespace) -> None:
-    runtime = Runtime(load_config(RuntimeConfig, overrides=args.overrides))
+    runtime = Runtime(load_config(PredictConfig, args.config, args.overrides).runtime)
     with open_data(args.data) as data:
         if data.kind != "dataset":
             raise input_error(args.data, "is a prediction file, not a data set")

@@ -31,7 +31,7 @@ def workflow(tmp_path_factory) -> Path:
         ["data", "synth", root / "data.h5", "--patients", 8, "--grid", 16, "--seed", 0],
         ["train", "--data", root / "data.h5", "--out", root / "run", *TRAIN],
         ["predict", "--model", root / "run", "--data", root / "data.h5", "--out", root / "pred",
-         "--split", "validation", "device=cpu", "threads=1"],
+         "--split", "validation", "runtime.device=cpu", "runtime.threads=1"],
         ["evaluate", "--pred", root / "pred" / "predictions.h5", "--ref", root / "data.h5",
          "--out", root / "eval", "--split", "validation", "--plots", 1],
     ]

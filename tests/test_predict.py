@@ -43,7 +43,7 @@ def run(coarse, tmp_path_factory) -> Path:
 
 
 def predict_cli(**kwargs) -> None:
-    args = {"split": None, "tta": False, "csv": True, "overrides": ["device=cpu", "threads=1"]}
+    args = {"split": None, "tta": False, "csv": True, "config": None, "overrides": ["runtime.device=cpu", "runtime.threads=1"]}
     args.update(kwargs)
     predict_main(argparse.Namespace(**args))
 
