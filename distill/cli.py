@@ -231,8 +231,9 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         if not ids:
             raise input_error(data, f"no patients in split '{name}'")
     predictor = load_predictor(teacher)
-    # Under torchrun the student and the baseline train data-parallel; the steps that check or
-    # write files (and predict the teacher, and report) run on the main rank alone.
+    # Under torchrun the student and the baseline train data-parallel, the ranks predict the
+    # teacher's patients between them; the steps that check or write files (and report) run on
+    # the main rank alone.
     distributed.on_main(_check_out, out, cfg, resume)
     student = distributed.on_main(resolve_student, cfg.student, out)
     save_config(out / "config.yaml", cfg)
@@ -240,8 +241,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     key = teacher_key(teacher, data)
     distributed.on_main(_check_teacher, out, teacher, data, key)
     cache = Path(teacher_cache) if teacher_cache is not None else out / "teacher.h5"
-    ran_teacher = distributed.on_main(ensure_cache, cache, key, data, train_ids + val_ids,
-                                      lambda: runtime.prepare(predictor).eval(), runtime)
+    ran_teacher = ensure_cache(cache, key, data, train_ids + val_ids, lambda: runtime.prepare(predictor).eval(),
+                               runtime)
     train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
     objective = DistillObjective(cache, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint, cfg.adversarial,
                                  hint_teacher=_hint_member(predictor, cfg.hint) if cfg.hint.weight > 0 else None)

@@ -10,6 +10,10 @@ The cache is keyed by a SHA-256 of the teacher's files (ensemble.yaml with its m
 genotypes and checkpoints, or one checkpoint) and of the data set, stored with every patient:
 a resumed run, or a later run given the same cache file, reuses it; a cache made from another
 teacher or data set is recomputed.
+
+Under torchrun every rank predicts its share of the patients into a part file beside the cache
+(teacher.h5.part{rank}); rank 0 then merges the parts, in the patients' order, into the cache a
+single process writes. The volumes go through the file system, never through the process group.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..data.augment import AugmentConfig, augment
 from ..data.dataset import ITEM_KINDS, DoseDataset, build_item
 from ..data.patient import DOSE_SCALE_GY
@@ -110,18 +115,52 @@ def write_cache(predictor: Predictor, data: Path, ids: Sequence[str], cache: Pat
         write_predictions(cache, records, grid=d.grid, source=f"nasdose distill teacher {key}", total=len(ids))
 
 
+def merge_parts(cache: Path, parts: Sequence[Path], ids: Sequence[str]) -> None:
+    """Write the ranks' part files into `cache` (atomically) with `ids` in their order, as one
+    process writes it, then remove the parts."""
+    files = [open_data(part) for part in parts]
+    try:
+        holder = {pid: f for f in files for pid in f.ids()}
+        grid, source = files[0].grid, files[0].attrs["source"]
+        write_predictions(cache, ((pid, holder[pid].read_dose(pid), holder[pid].patient_attrs(pid)) for pid in ids),
+                          grid=grid, source=source, total=len(ids))
+    finally:
+        for f in files:
+            f.close()
+    for part in parts:
+        part.unlink()
+
+
 def ensure_cache(cache: Path, key: str, data: Path, ids: Sequence[str], load: Callable[[], Predictor],
                  runtime: Runtime) -> bool:
     """Make the cache unless it is current; `load` gives the teacher only when it must run.
-    Returns whether the teacher was run."""
+    Returns whether the teacher was run.
+
+    Under torchrun each rank predicts its `distributed.shard` of `ids` alone into its own part
+    file, and rank 0 merges them; with one process the cache is written directly.
+    """
     with open_data(data) as d:
         grid = d.grid
-    if cache_is_current(cache, key, ids, grid):
+    if distributed.on_main(cache_is_current, cache, key, ids, grid):
         say(f"teacher predictions: reusing {cache}")
         return False
     if cache.exists():
         say(f"teacher predictions: {cache} was made from another teacher or data set; recomputing")
-    write_cache(load(), data, ids, cache, key, runtime)
+    world, mine = distributed.world_size(), distributed.shard(list(ids))
+
+    def predict_share(rank: int) -> Path | None:
+        """This rank's share into its part file (the cache itself in a world of one)."""
+        if not mine:  # more ranks than patients
+            return None
+        part = cache if world == 1 else cache.with_name(f"{cache.name}.part{rank}")
+        write_cache(load(), data, mine, part, key, runtime)
+        return part
+
+    # Job r is rank r's (round robin over `world` jobs); gathering the written parts also waits
+    # for every rank to finish writing, and stops all of them with the first rank's error.
+    parts = [p for p in distributed.map_shards(predict_share, range(world)) if p is not None]
+    if world > 1:
+        distributed.on_main(merge_parts, cache, parts, ids)
     return True
 
 

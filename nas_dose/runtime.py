@@ -10,6 +10,7 @@ import contextlib
 import os
 import platform
 import random
+import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -171,6 +172,41 @@ class Runtime:
         if isinstance(batch, (list, tuple)):
             return type(batch)(self.to_device(v) for v in batch)
         return batch
+
+    def loader_workers(self, requested: int | None) -> int:
+        """Loader worker processes: `requested`, or with None 0 on a CPU (loading is far cheaper
+        than a CPU step, and workers would take the cores the step needs) and up to 4 with CUDA,
+        so batches are read beside the GPU's steps."""
+        if requested is not None:
+            return requested
+        return min(4, (os.cpu_count() or 1) // 2) if self.device.type == "cuda" else 0
+
+    def reset_peak_memory(self) -> None:
+        """Start a new `peak_memory` window (on a CPU the process's peak cannot be reset)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> dict[str, Any]:
+        """{kind, bytes}: with CUDA the most tensor memory allocated on the device since
+        `reset_peak_memory` ("cuda_max_allocated"); on a CPU the process's peak resident set
+        size since it started ("process_max_rss"), the nearest measure there is."""
+        if self.device.type == "cuda":
+            return {"kind": "cuda_max_allocated", "bytes": torch.cuda.max_memory_allocated(self.device)}
+        import resource  # Unix only; imported here so the rest of the module works elsewhere
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"kind": "process_max_rss", "bytes": rss if sys.platform == "darwin" else rss * 1024}
+
+    def free_memory(self) -> int | None:
+        """Bytes a new allocation can still get: the device's free memory plus what the caching
+        allocator holds unused; on a CPU the available physical memory (None where unknown)."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
 
     @property
     def pin_memory(self) -> bool:

@@ -219,3 +219,10 @@ def test_two_processes_under_torchrun_match_one(data, ensemble, nasdose, tmp_pat
             {k: v for k, v in r.items() if k.startswith("loss")}, rel=1e-4)
     metrics = load_json(tmp_path / "two" / "metrics.json")
     assert metrics["teacher_recomputed"] is True and len(metrics["rows"]) == 3
+    # the teacher cache the two ranks predicted half each, merged, is the one-process cache
+    assert not list((tmp_path / "two").glob("teacher.h5.part*"))
+    with open_data(tmp_path / "one" / "teacher.h5") as a, open_data(tmp_path / "two" / "teacher.h5") as b:
+        assert a.ids() == b.ids() and a.attrs == b.attrs
+        for pid in a.ids():
+            assert a.patient_attrs(pid) == b.patient_attrs(pid)
+            assert (a.read_dose(pid) == b.read_dose(pid)).all(), pid

@@ -1,18 +1,30 @@
 """The teacher cache: computed once, reused, recomputed for another teacher or data set, never
-written over a foreign file; and the teacher's prediction augmented exactly like the target."""
+written over a foreign file, and under torchrun each rank predicts its share; and the teacher's
+prediction augmented exactly like the target.
+
+This file is also the script torchrun starts: `python tests/test_distill_teacher.py SPEC.json`.
+"""
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from nas_dose import distributed
 from nas_dose.data.augment import AugmentConfig
 from nas_dose.data.dataset import DoseDataset
 from nas_dose.data.store import open_data, write_dataset, write_predictions
 from nas_dose.data.synth import synth_patients
+from nas_dose.distill import teacher as teacher_module
 from nas_dose.distill.teacher import KEY_ATTR, TeacherDataset, ensure_cache, teacher_key
 from nas_dose.errors import NasDoseError
+from nas_dose.io import load_json, save_json
 from nas_dose.runtime import Runtime, RuntimeConfig
 
 CPU = Runtime(RuntimeConfig(device="cpu"))
@@ -65,6 +77,51 @@ def test_cache_is_written_once_and_reused(data, tmp_path):
     # another teacher or data set (another key): recomputed
     assert ensure_cache(cache, "k2", data, ids, load, CPU) is True
     assert teacher.calls == 16 and len(loads) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_patients_and_write_the_one_process_cache(data, tmp_path):
+    with open_data(data) as d:
+        ids = d.ids()[::-1]  # not the file's order: the merged cache must keep this one
+    one = tmp_path / "one.h5"
+    assert ensure_cache(one, "k1", data, ids, Counting, CPU) is True
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"data": str(data), "out": str(tmp_path / "two"), "ids": ids}))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           __file__, str(spec)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = load_json(tmp_path / "two" / "result.json")
+    # each rank predicted its half alone, once; the second call reused the merged cache
+    assert result["ran"] == [True, False]
+    assert result["ranks"] == [{"rank": r, "predicted": ids[r::2], "calls": 4} for r in range(2)]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["result.json", "teacher.h5"]
+    with open_data(one) as a, open_data(tmp_path / "two" / "teacher.h5") as b:
+        assert a.ids() == b.ids() == ids and a.attrs == b.attrs
+        for pid in ids:
+            assert a.patient_attrs(pid) == b.patient_attrs(pid)
+            np.testing.assert_array_equal(a.read_dose(pid), b.read_dose(pid))
+
+
+def _two_ranks(spec: dict[str, Any]) -> None:
+    """Run by each rank: the cache twice (made, then reused); what each rank predicted, gathered."""
+    out, ids = Path(spec["out"]), spec["ids"]
+    torch.set_num_threads(1)
+    predicted: list[str] = []
+    predict = teacher_module.predict_patients
+
+    def recording(predictor: Any, d: Any, share: list[str], runtime: Runtime) -> Any:
+        predicted.extend(share)
+        return predict(predictor, d, share, runtime)
+
+    teacher_module.predict_patients = recording  # type: ignore[assignment]
+    teacher = Counting()
+    with distributed.session():
+        ran = [ensure_cache(out / "teacher.h5", "k1", Path(spec["data"]), ids, lambda: teacher, CPU)
+               for _ in range(2)]
+        ranks = distributed.gather_objects([{"rank": distributed.rank(), "predicted": predicted,
+                                             "calls": teacher.calls}])
+        save_json(out / "result.json", {"ran": ran, "ranks": ranks})
 
 
 def test_a_foreign_file_is_never_overwritten(data, tmp_path):
@@ -125,3 +182,7 @@ def test_dataset_rejects_a_cache_without_the_patients(data, tmp_path):
         write_predictions(cache, [(pid, d.read_dose(pid), {KEY_ATTR: "x"}) for pid in d.ids("validation")], grid=16)
     with pytest.raises(NasDoseError, match=f"{cache}: holds no teacher prediction .* pt_1"):
         TeacherDataset(data, "train", cache)
+
+
+if __name__ == "__main__":
+    _two_ranks(json.loads(Path(sys.argv[1]).read_text()))

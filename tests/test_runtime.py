@@ -103,3 +103,23 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint():
     buffer.seek(0)
     set_rng_state(torch.load(buffer, weights_only=True))
     assert _draws() == expected
+
+
+def test_cpu_peak_memory_is_the_process_peak_rss():
+    rt = Runtime(RuntimeConfig(device="cpu"))
+    rt.reset_peak_memory()  # nothing to reset on a CPU, and no error
+    before = rt.peak_memory()
+    assert before["kind"] == "process_max_rss" and before["bytes"] > 0
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB touched: the peak cannot go down
+    assert rt.peak_memory()["bytes"] >= before["bytes"] and block.sum() == 64 * 2**20
+
+
+def test_free_memory_on_cpu_is_positive_or_unknown():
+    free = Runtime(RuntimeConfig(device="cpu")).free_memory()
+    assert free is None or free > 0
+
+
+def test_loader_workers_auto_is_0_on_cpu_and_an_explicit_number_is_kept():
+    rt = Runtime(RuntimeConfig(device="cpu"))
+    assert rt.loader_workers(None) == 0
+    assert rt.loader_workers(3) == 3

@@ -16,6 +16,7 @@ from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.scores import dose_error
 from nas_dose.train import (
     TrainConfig,
+    _Trainer,
     build_model,
     dose_errors_gy,
     load_model,
@@ -212,8 +213,51 @@ def test_run_folder_files(data, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
     assert metrics["runtime"]["device"] == "cpu" and metrics["runtime"]["threads"] == 1
+    assert metrics["peak_memory"]["kind"] == "process_max_rss" and metrics["peak_memory"]["bytes"] > 0
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "progress", "best_model"} <= set(last)
+
+
+def test_peak_memory_is_returned(data):
+    cfg = config("epochs=1")
+    peak = train_model(fresh(cfg), cfg, data).peak_memory
+    assert peak["kind"] == "process_max_rss" and peak["bytes"] > 0
+
+
+def test_the_memory_probe_leaves_no_trace(data, monkeypatch):
+    # Dropout, batch norm statistics and augmentation: all three would show a probe's trace.
+    cfg = config("epochs=2", "model.kwargs.dropout=0.2", "model.kwargs.norm=batch")
+    probed = fresh(cfg)
+    train_model(probed, cfg, data)
+    monkeypatch.setattr(_Trainer, "_probe", lambda self, batch: None)
+    unprobed = fresh(cfg)
+    train_model(unprobed, cfg, data)
+    for key, value in unprobed.state_dict().items():
+        assert torch.equal(value, probed.state_dict()[key]), key
+
+
+def test_out_of_memory_in_the_probe_is_a_user_error_before_any_checkpoint(data, tmp_path):
+    cfg = config("epochs=1")
+    model = fresh(cfg)
+
+    def too_big(x: torch.Tensor) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    model.forward = too_big
+    with pytest.raises(NasDoseError, match=r"^training does not fit in memory: batch 2 at grid 16³ needs more "
+                                           r"than the .* free on cpu \(try data.batch_size=1, a smaller model\)$"):
+        train_model(model, cfg, data, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_loader_workers_default_to_auto_which_is_0_on_cpu(data):
+    cfg = config("epochs=1")
+    assert cfg.data.num_workers is None
+    trainer = _Trainer(fresh(cfg), cfg, data, None, False, None)
+    assert trainer.train_loader.num_workers == 0 and trainer.val_loader.num_workers == 0
+    explicit = config("epochs=1", "data.num_workers=1")
+    assert _Trainer(fresh(explicit), explicit, data, None, False, None).train_loader.num_workers == 1
 
 
 def test_load_model_round_trip(data, tmp_path):
