@@ -18,7 +18,7 @@ from their checkpoints). Delete a stage's outputs to redo it and every stage aft
 
 Every model is chosen on the validation split; the test patients are never read. It ends with
 the comparison table (scores, parameters, FLOPs, CPU latency, file size) and the path of every
-artifact. The default budget takes about 15 minutes on 2 CPU cores; --quick is a smoke run for
+artifact. The default budget took 18.5 minutes on 2 busy CPU cores (one thread); --quick is a smoke run for
 tests (tiny grid, models and budgets) whose numbers mean nothing.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .strategies.cli import SearchConfig, SearchRun, prepare_out
 from .train import TrainConfig, build_model, train_model
 
 EVAL_SPLIT = "validation"
-# Training budgets of the default run (about 15 minutes on 2 CPU cores in all): at 15 epochs the
+# Training budgets of the default run (18.5 minutes on 2 busy CPU cores in all): at 15 epochs the
 # members were still improving and the ensemble was no better teacher than the student alone.
 REFERENCE_EPOCHS = 30
 MEMBER_EPOCHS = 60  # each ensemble member, the distilled student and its baseline

@@ -419,6 +419,12 @@ class IdsObjective(Objective):
         self.ids.append(list(batch["id"]))
         return super().loss(pred, batch)
 
+    def state_dict(self) -> dict[str, Any]:  # an objective's state restores it (the memory probe relies on it)
+        return {"ids": [list(i) for i in self.ids]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ids = [list(i) for i in state["ids"]]
+
 
 def _crash(spec: dict[str, Any]) -> None:
     out, data = Path(spec["out"]), Path(spec["data"])
