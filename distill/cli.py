@@ -13,10 +13,11 @@ checkpoint works too: one network as the teacher). SPEC names the student's arch
                               ({name: unet3d, kwargs: {widths: [8, 16, 32]}}), or a genotype
   genotype.yaml:width=0.5     a genotype with the stem and widths of its macro scaled by 0.5
 
-The student minimizes  alpha_gt · L1(pred, dose) + alpha_teacher · L1(pred, teacher)
-[+ hint.weight · feature hints] [+ adversarial.weight · a trained discriminator's term]
-(see nas_dose.distill.losses). alpha_gt=0 drops the reference dose, only when asked for, with
-a warning; hints (one member runs online for its features) and the adversarial term (its
+The student minimizes  (alpha_gt + alpha_teacher) · L1(pred, blend), the blend being the
+weighted mean of the dose and the teacher's prediction (combine=sum: alpha_gt · L1(pred, dose)
++ alpha_teacher · L1(pred, teacher)) [+ hint.weight · feature hints] [+ adversarial.weight · a
+trained discriminator's term] (see nas_dose.distill.losses). alpha_gt=0 drops the reference
+dose, only when asked for, with a warning; hints (one member runs online for its features) and the adversarial term (its
 discriminator trained by its own optimizer) are off by default; configs/distill.yaml lists
 every key. Its training is `nasdose train`'s (`train.*` keys: epochs, optim, data.augment,
 ...), with the teacher's prediction augmented like the input; the checkpoint is chosen on the
@@ -59,7 +60,7 @@ from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
 from ..scores import Scores, score_patients
 from ..train import ModelConfig, Objective, TrainConfig, build_model, load_model, train_model
-from .losses import AdversarialConfig, DistillObjective, HintConfig, check_non_negative
+from .losses import AdversarialConfig, Combine, DistillObjective, HintConfig, check_non_negative
 from .report import Row, comparison_table, cost, score_predictor
 from .student import resolve_student
 from .teacher import ensure_cache, member_checkpoints, teacher_files, teacher_key
@@ -87,6 +88,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     alpha_gt: float = 1.0
     alpha_teacher: float = 1.0
+    combine: Combine = "blend"
     hint: HintConfig = field(default_factory=HintConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     baseline: bool = True
@@ -109,14 +111,15 @@ class DistillConfig:
 
 BASELINE = "student arch., no distillation"
 # Keys that change what the student learns: a resumed run must keep them.
-TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "hint", "adversarial", "seed")
+TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "combine", "hint", "adversarial", "seed")
 
 
 def _check_out(out: Path, cfg: DistillConfig, resume: bool) -> None:
     old_file = out / "config.yaml"
     if not resume:
         if old_file.exists() or (out / "student").exists():
-            raise input_error(out, "already holds a distillation run; use --resume to continue it or choose another --out")
+            raise input_error(out, "already holds a distillation run; use --resume to continue it or "
+                                   "choose another --out")
         return
     if not old_file.exists():
         return
@@ -245,7 +248,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
                                runtime)
     train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
     objective = DistillObjective(cache, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint, cfg.adversarial,
-                                 hint_teacher=_hint_member(predictor, cfg.hint) if cfg.hint.weight > 0 else None)
+                                 hint_teacher=_hint_member(predictor, cfg.hint) if cfg.hint.weight > 0 else None,
+                                 combine=cfg.combine)
     say(f"distilling {teacher} into {cfg.student}")
     student_record = _train(train_cfg, data, out / "student", objective)
     baseline_record = None

@@ -58,9 +58,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting KEY=VALUE overrides come anywhere (`... k=v --flag k2=v2`): argparse
+    fills a positional once, so overrides after an option would otherwise be rejected."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(t.startswith("-") or "=" not in t for t in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     set_quiet(getattr(args, "quiet", False))
     try:
         if "WORLD_SIZE" in os.environ:  # perhaps started by torchrun: join the other processes

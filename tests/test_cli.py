@@ -25,3 +25,17 @@ def test_user_error_is_one_line_and_exit_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1
     assert err.startswith("nasdose data: error: ") and "absent.h5" in err
+
+
+def test_overrides_may_follow_options(tmp_path):
+    """`k=v --flag k2=v2`: every override reaches the command, in order."""
+    parser = cli.build_parser(["train"])
+    args = cli.parse(parser, ["train", "--data", "d.h5", "--out", str(tmp_path), "epochs=2", "-q", "optim.lr=0.1"])
+    assert args.overrides == ["epochs=2", "optim.lr=0.1"]
+
+
+def test_unknown_argument_is_still_rejected(capsys):
+    parser = cli.build_parser(["train"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse(parser, ["train", "--data", "d.h5", "--out", "o", "epochs=2", "--bogus", "lr=1"])
+    assert exit_info.value.code == 2 and "--bogus" in capsys.readouterr().err

@@ -37,6 +37,23 @@ def test_ground_truth_and_teacher_terms_by_hand():
     assert objective.log_terms() == {}  # means since the last call
 
 
+@pytest.mark.parametrize("combine, loss, grad", [("sum", 1.0, 0.0), ("blend", 0.5, -2.0)])
+def test_blend_keeps_a_gradient_between_reference_and_teacher(combine, loss, grad):
+    """A prediction between the reference (0) and the teacher (1): two L1 terms cancel, the
+    L1 to their mean does not."""
+    objective = bound(DistillObjective(Path("unused.h5"), combine=combine))
+    pred = vector(0.25).requires_grad_(True)
+    value = objective.loss(pred, {"target": vector(0.0), "teacher": vector(1.0), "mask": vector(1.0)})
+    value.backward()
+    assert value.item() == pytest.approx(loss) and pred.grad.item() == pytest.approx(grad)
+    assert objective.log_terms() == pytest.approx({"loss_gt": 0.25, "loss_teacher": 0.75})
+
+
+def test_unknown_combine_is_a_config_error():
+    with pytest.raises(ConfigError, match="combine"):
+        DistillObjective(Path("unused.h5"), combine="max")
+
+
 def test_hint_loss_by_hand():
     adapter = nn.Conv3d(2, 1, 1)
     with torch.no_grad():
