@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..config import ConfigError, add_config_arguments, load_config, save_config, to_dict
+from ..config import ConfigError, add_config_arguments, check_run_folder, load_config, save_config
 from ..data.dataset import IN_CHANNELS
 from ..data.store import open_data
 from ..ensemble import Ensemble, load_predictor
@@ -112,22 +112,6 @@ class DistillConfig:
 BASELINE = "student arch., no distillation"
 # Keys that change what the student learns: a resumed run must keep them.
 TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "combine", "hint", "adversarial", "seed")
-
-
-def _check_out(out: Path, cfg: DistillConfig, resume: bool) -> None:
-    old_file = out / "config.yaml"
-    if not resume:
-        if old_file.exists() or (out / "student").exists():
-            raise input_error(out, "already holds a distillation run; use --resume to continue it or "
-                                   "choose another --out")
-        return
-    if not old_file.exists():
-        return
-    old, new = to_dict(load_config(DistillConfig, old_file)), to_dict(cfg)
-    changed = [k for k in TRAINING_KEYS if old[k] != new[k]]
-    if changed:
-        raise input_error(old_file, f"the run was made with a different {', '.join(changed)}; resume with "
-                                    "its config.yaml or choose another --out")
 
 
 def _check_teacher(out: Path, teacher: Path, data: Path, key: str) -> None:
@@ -237,7 +221,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     # Under torchrun the student and the baseline train data-parallel, the ranks predict the
     # teacher's patients between them; the steps that check or write files (and report) run on
     # the main rank alone.
-    distributed.on_main(_check_out, out, cfg, resume)
+    distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
     student = distributed.on_main(resolve_student, cfg.student, out)
     save_config(out / "config.yaml", cfg)
     runtime = Runtime(cfg.runtime)

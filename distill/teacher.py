@@ -20,14 +20,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
 from .. import distributed
-from ..data.augment import AugmentConfig, augment
-from ..data.dataset import ITEM_KINDS, DoseDataset, build_item
+from ..data.augment import AugmentConfig
+from ..data.dataset import DoseDataset
 from ..data.patient import DOSE_SCALE_GY
 from ..data.store import open_data, write_predictions
 from ..errors import NasDoseError, input_error
@@ -38,8 +36,6 @@ from ..runtime import Runtime
 
 CACHE_VERSION = 1
 KEY_ATTR = "teacher_key"
-# The teacher's prediction is a dose: resampled like the target.
-TEACHER_KINDS = {**ITEM_KINDS, "teacher": "continuous"}
 
 
 def _member_files(teacher: Path, key: str) -> list[Path]:
@@ -167,11 +163,9 @@ def ensure_cache(cache: Path, key: str, data: Path, ids: Sequence[str], load: Ca
 class TeacherDataset(DoseDataset):
     """DoseDataset's items plus `teacher` (1, G, G, G): the cached prediction (dose / 70).
 
-    Item i of epoch e is augmented with the transform DoseDataset draws for it, applied to the
-    teacher's prediction as to the target; the target and the teacher are zeroed outside the
-    augmented mask. The student's input, target and mask are thus those plain training sees
-    (the target exactly so where the reference dose is zero outside the possible-dose mask, as
-    in the synthetic data: it is masked here before it is moved).
+    Item i of epoch e is DoseDataset's item i of epoch e, the teacher's prediction moved by the
+    same transform as the target and zeroed outside the augmented mask (`build_item`): the
+    student's input, target and mask are exactly those plain training sees.
     """
 
     def __init__(self, path: Path, split: str, cache: Path, augment: AugmentConfig | None = None,
@@ -183,14 +177,5 @@ class TeacherDataset(DoseDataset):
             raise input_error(cache, f"holds no teacher prediction on the {self.grid}³ grid of patient(s) "
                                      f"{', '.join(missing[:3]) or 'of the data set'}")
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        pid = self.ids[index]
-        arrays = build_item(self.data.read(pid))
-        arrays["teacher"] = (self.cache.read_dose(pid) / np.float32(DOSE_SCALE_GY))[None]
-        if self.augmentation is not None:
-            rng = np.random.default_rng([self.seed, epoch, index])
-            arrays = augment(arrays, TEACHER_KINDS, self.augmentation, rng)
-        for name in ("target", "teacher"):
-            arrays[name] = arrays[name] * arrays["mask"]
-        return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "id": pid}
+    def doses(self, pid: str) -> dict[str, np.ndarray]:
+        return {"teacher": (self.cache.read_dose(pid) / np.float32(DOSE_SCALE_GY))[None]}

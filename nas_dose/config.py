@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
-from .errors import NasDoseError
+from .errors import NasDoseError, input_error
 from .io import load_yaml, save_yaml
 
 C = TypeVar("C")
@@ -208,7 +208,25 @@ def save_config(path: str | Path, config: Any) -> None:
 
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "save_config", "apply_overrides",
-           "parse_override", "add_config_arguments", "int_at_least"]
+           "parse_override", "add_config_arguments", "check_run_folder", "int_at_least"]
+
+
+def check_run_folder(out: Path, cfg: Any, resume: bool, what: str, started: Path,
+                     keys: tuple[str, ...]) -> None:
+    """A new run needs a folder without `out`/config.yaml and without `started` (its first
+    output); a resumed run the same values of `keys` as its config.yaml. `what` names the run."""
+    old_file = out / "config.yaml"
+    if not resume:
+        if old_file.exists() or started.exists():
+            raise input_error(out, f"already holds {what}; use --resume to continue it or choose another --out")
+        return
+    if not old_file.exists():
+        return
+    old, new = to_dict(load_config(type(cfg), old_file)), to_dict(cfg)
+    changed = [k for k in keys if old[k] != new[k]]
+    if changed:
+        raise input_error(old_file, f"the run was made with a different {', '.join(changed)}; resume with "
+                                    "its config.yaml or choose another --out")
 
 
 def int_at_least(low: int) -> Callable[[str], int]:

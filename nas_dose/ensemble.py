@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import ConfigError, add_config_arguments, load_config, save_config, to_dict
+from .config import ConfigError, add_config_arguments, check_run_folder, load_config, save_config
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
@@ -394,23 +394,6 @@ def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: Val
 # ---------------------------------------------------------------------------------------------
 # The run.
 
-def _check_out(out: Path, cfg: EnsembleConfig, resume: bool) -> None:
-    """A new run needs a fresh folder; a resumed one the same member training as before."""
-    old_file = out / "config.yaml"
-    if not resume:
-        if old_file.exists() or (out / "members").exists():
-            raise input_error(out, "already holds an ensemble run; use --resume to continue it "
-                                   "or choose another --out")
-        return
-    if not old_file.exists():
-        return
-    old = load_config(EnsembleConfig, old_file)
-    changed = [k for k in ("train", "seed") if to_dict(old)[k] != to_dict(cfg)[k]]
-    if changed:
-        raise input_error(old_file, f"the members were trained with a different {' and '.join(changed)}; "
-                                    "resume with this config or choose another --out")
-
-
 def run_ensemble(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig,
                  resume: bool = False) -> dict[str, Any]:
     """The whole command: train (or reuse) every member, cache, select, weight, report."""
@@ -423,7 +406,8 @@ def run_ensemble(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig,
         ids = d.ids(split)
     if not ids:
         raise input_error(data, f"no patients in split '{split}' to select the members on")
-    distributed.on_main(_check_out, out, cfg, resume)  # one rank checks, or another may see its config
+    # one rank checks, or another may see its config; the members' training must stay as it was
+    distributed.on_main(check_run_folder, out, cfg, resume, "an ensemble run", out / "members", ("train", "seed"))
     save_config(out / "config.yaml", cfg)
     runtime = Runtime(cfg.runtime)
 

@@ -14,7 +14,6 @@ rank steps on its share, validation is shared out and summed, and rank 0 writes 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -490,10 +489,7 @@ class _Trainer:
         done = state.stopped_early or state.step >= self.total_steps
         bar = None
         self.net.train()
-        batches = iter(()) if done else _batches(self.train_loader, self.train_set, state.step)
-        for i, batch in enumerate(batches):
-            if i == 0:  # the first batch, read once: the probe takes nothing from the data stream
-                self._probe(batch)
+        for batch in iter(()) if done else _batches(self.train_loader, self.train_set, state.step):
             epoch = state.step // spe + 1
             if bar is None:
                 bar = progress(total=spe, desc=f"epoch {epoch}/{self.config.epochs}")
@@ -515,20 +511,6 @@ class _Trainer:
                 break
         if bar is not None:
             bar.close()
-
-    def _probe(self, batch: dict[str, Any]) -> None:
-        """A forward and backward pass on the first batch, so that a run too big for the device
-        fails before it trains. It leaves no trace: the optimizer does not step, and the RNGs, the
-        model's buffers (norm statistics) and the objective's state are put back."""
-        rng, objective = rng_state(), copy.deepcopy(self.objective.state_dict())
-        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-        self._forward_backward(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for name, b in self.model.named_buffers():
-                b.copy_(buffers[name])
-        self.objective.load_state_dict(objective)
-        set_rng_state(rng)
 
     def _memory_error(self) -> NasDoseError:
         """The one-line error for a run that ran out of device memory, with what to change."""

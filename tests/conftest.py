@@ -1,4 +1,5 @@
-"""Shared fixtures: the real OpenKBP data (skipped when absent), and one torch thread.
+"""Shared fixtures: a small synthetic data set, the real OpenKBP data (skipped when absent), and
+one torch thread.
 
 The tests use tiny tensors, where a second thread only adds synchronization (and, when the
 cores are busy, spin-waiting that makes a test many times slower).
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nas_dose.data.store import write_dataset
+from nas_dose.data.synth import synth_patients
 from nas_dose.progress import set_quiet
 
 torch.set_num_threads(1)
@@ -24,6 +27,15 @@ def _process_settings():
     yield
     torch.set_num_threads(1)
     set_quiet(False)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """8 phantoms on a 16³ grid: 6 train (3 batches of 2), 2 validation. Shared by the whole
+    session, so read only; a module that needs other data defines its own `data`."""
+    path = tmp_path_factory.mktemp("data") / "synth16.h5"
+    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,7 @@ import torch
 
 from nas_dose import cli
 from nas_dose.config import load_config
-from nas_dose.data.store import open_data, write_dataset
-from nas_dose.data.synth import synth_patients
+from nas_dose.data.store import open_data
 from nas_dose.distill import cli as distill_cli
 from nas_dose.io import load_checkpoint, load_json, save_yaml
 from nas_dose.runtime import seed_everything
@@ -33,14 +32,6 @@ GENOTYPES = {
 TINY = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.log_every=1",
         "train.checkpoint_every=2", "runtime.device=cpu", "runtime.threads=1", "latency.size=16", "latency.runs=1"]
 STUDENT = "unet3d:widths=4,8"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """8 phantoms on a 16³ grid: 6 train, 2 validation."""
-    path = tmp_path_factory.mktemp("data") / "synth16.h5"
-    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from torch import nn
 from nas_dose import distributed
 from nas_dose.data.augment import AugmentConfig
 from nas_dose.data.dataset import DoseDataset
-from nas_dose.data.store import open_data, write_dataset, write_predictions
-from nas_dose.data.synth import synth_patients
+from nas_dose.data.store import open_data, write_predictions
 from nas_dose.distill import teacher as teacher_module
 from nas_dose.distill.teacher import KEY_ATTR, TeacherDataset, ensure_cache, teacher_key
 from nas_dose.errors import NasDoseError
@@ -30,13 +29,6 @@ from nas_dose.runtime import Runtime, RuntimeConfig
 CPU = Runtime(RuntimeConfig(device="cpu"))
 # every transform, often: flips, 40° rotations, shifts
 AUGMENT = AugmentConfig(probability=0.9)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "synth16.h5"
-    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
-    return path
 
 
 class Counting(nn.Module):

@@ -419,7 +419,7 @@ class IdsObjective(Objective):
         self.ids.append(list(batch["id"]))
         return super().loss(pred, batch)
 
-    def state_dict(self) -> dict[str, Any]:  # an objective's state restores it (the memory probe relies on it)
+    def state_dict(self) -> dict[str, Any]:  # an objective's state restores it (exact resume relies on it)
         return {"ids": [list(i) for i in self.ids]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

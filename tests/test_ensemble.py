@@ -9,8 +9,7 @@ from torch import nn
 
 from nas_dose import cli, ensemble
 from nas_dose.config import load_config
-from nas_dose.data.store import open_data, write_dataset
-from nas_dose.data.synth import synth_patients
+from nas_dose.data.store import open_data
 from nas_dose.ensemble import Ensemble, EnsembleConfig, load_ensemble, load_predictor, run_ensemble
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
@@ -34,14 +33,6 @@ GENOTYPES = {
 SETTINGS = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.log_every=1",
             "train.data.augment.enabled=false", "runtime.device=cpu", "runtime.threads=1", "plots=1",
             "selection.max_size=3"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """8 phantoms on a 16³ grid: 6 train, 2 validation."""
-    path = tmp_path_factory.mktemp("data") / "synth16.h5"
-    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
-    return path
 
 
 @pytest.fixture(scope="module")

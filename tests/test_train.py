@@ -8,8 +8,7 @@ from torch import nn
 
 from nas_dose.config import ConfigError, load_config
 from nas_dose.data.dataset import DoseDataset, make_loader
-from nas_dose.data.store import open_data, write_dataset
-from nas_dose.data.synth import synth_patients
+from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_yaml
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
@@ -30,14 +29,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # A tiny U-Net on one thread (tiny convolutions only lose from a second, shared core).
 SMALL = ["model.kwargs.widths=[4, 8, 16]", "runtime.device=cpu", "runtime.threads=1", "log_every=2",
          "optim.lr=0.003"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """8 synthetic patients on a 16³ grid: 6 train (3 batches of 2), 2 validation."""
-    path = tmp_path_factory.mktemp("data") / "synth16.h5"
-    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
-    return path
 
 
 def config(*overrides: str) -> TrainConfig:
@@ -224,19 +215,7 @@ def test_peak_memory_is_returned(data):
     assert peak["kind"] == "process_max_rss" and peak["bytes"] > 0
 
 
-def test_the_memory_probe_leaves_no_trace(data, monkeypatch):
-    # Dropout, batch norm statistics and augmentation: all three would show a probe's trace.
-    cfg = config("epochs=2", "model.kwargs.dropout=0.2", "model.kwargs.norm=batch")
-    probed = fresh(cfg)
-    train_model(probed, cfg, data)
-    monkeypatch.setattr(_Trainer, "_probe", lambda self, batch: None)
-    unprobed = fresh(cfg)
-    train_model(unprobed, cfg, data)
-    for key, value in unprobed.state_dict().items():
-        assert torch.equal(value, probed.state_dict()[key]), key
-
-
-def test_out_of_memory_in_the_probe_is_a_user_error_before_any_checkpoint(data, tmp_path):
+def test_out_of_memory_in_the_first_step_is_a_user_error_before_any_checkpoint(data, tmp_path):
     cfg = config("epochs=1")
     model = fresh(cfg)
 

@@ -73,20 +73,24 @@ def build_target(p: Patient) -> np.ndarray:
     return (p.dose.astype(np.float32) / np.float32(DOSE_SCALE_GY))[None]
 
 
-def build_item(p: Patient, cfg: AugmentConfig | None = None,
-               rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """Input, target and mask arrays of a patient, augmented when `cfg` is given.
+def build_item(p: Patient, cfg: AugmentConfig | None = None, rng: np.random.Generator | None = None,
+               doses: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Input, target and mask arrays of a patient, augmented when `cfg` is given; `doses` are
+    more (1, G, G, G) dose arrays of the patient (a teacher's prediction), moved and masked like
+    the target.
 
-    The target is zeroed outside the (augmented) mask: linear interpolation of the dose would
-    otherwise leak into voxels the nearest-neighbour mask leaves out.
+    The doses are zeroed outside the (augmented) mask: linear interpolation would otherwise leak
+    them into voxels the nearest-neighbour mask leaves out.
     """
+    doses = doses or {}
     arrays = {"input": build_input(p), "target": build_target(p),
-              "mask": p.possible_dose_mask.astype(np.float32)[None]}
+              "mask": p.possible_dose_mask.astype(np.float32)[None], **doses}
     if cfg is not None:
         if rng is None:
             raise ValueError("build_item: augmentation needs an rng")
-        arrays = augment(arrays, ITEM_KINDS, cfg, rng)
-    arrays["target"] = arrays["target"] * arrays["mask"]
+        arrays = augment(arrays, {**ITEM_KINDS, **dict.fromkeys(doses, "continuous")}, cfg, rng)
+    for name in ("target", *doses):
+        arrays[name] = arrays[name] * arrays["mask"]
     return arrays
 
 
@@ -140,8 +144,12 @@ class DoseDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         pid = self.ids[index]
         rng = np.random.default_rng([self.seed, epoch, index]) if self.augmentation else None
-        arrays = build_item(self.data.read(pid), self.augmentation, rng)
+        arrays = build_item(self.data.read(pid), self.augmentation, rng, self.doses(pid))
         return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "id": pid}
+
+    def doses(self, pid: str) -> dict[str, np.ndarray]:
+        """More dose arrays of an item, augmented with its target (none here; see build_item)."""
+        return {}
 
 
 class EpochSampler(Sampler):
