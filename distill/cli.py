@@ -17,15 +17,18 @@ The student minimizes  (alpha_gt + alpha_teacher) · L1(pred, blend), the blend 
 weighted mean of the dose and the teacher's prediction (combine=sum: alpha_gt · L1(pred, dose)
 + alpha_teacher · L1(pred, teacher)) [+ hint.weight · feature hints] [+ adversarial.weight · a
 trained discriminator's term] (see nas_dose.distill.losses). alpha_gt=0 drops the reference
-dose, only when asked for, with a warning; hints (one member runs online for its features) and the adversarial term (its
-discriminator trained by its own optimizer) are off by default; configs/distill.yaml lists
-every key. Its training is `nasdose train`'s (`train.*` keys: epochs, optim, data.augment,
+dose, only when asked for, with a warning. Patients of the data set's "unlabeled" split
+(contours, no plan; `unlabeled.split`) are trained on beside the training split with the
+teacher's term alone, the student's epochs cut so it takes as many steps as the baseline
+(`unlabeled.same_steps`). Hints (one member runs online for its features) and the adversarial
+term (its discriminator trained by its own optimizer) are off by default; configs/distill.yaml
+lists every key. Its training is `nasdose train`'s (`train.*` keys: epochs, optim, data.augment,
 ...), with the teacher's prediction augmented like the input; the checkpoint is chosen on the
 validation dose score against the reference dose.
 
 DIR receives:
-  teacher.h5        the teacher's predictions of the training and validation patients, made once;
-                    reused by --resume and by later runs given it as --teacher-cache
+  teacher.h5        the teacher's predictions of the training, unlabeled and validation patients,
+                    made once; reused by --resume and by later runs given it as --teacher-cache
   student/          the student's training run: best.pt (`nasdose predict --model DIR/student`)
   baseline/         the same architecture, same initial weights and budget, trained without the
                     teacher (--no-baseline skips it)
@@ -52,7 +55,7 @@ from torch import nn
 from .. import distributed
 from ..config import ConfigError, add_config_arguments, check_run_folder, load_config, save_config
 from ..data.dataset import IN_CHANNELS
-from ..data.store import open_data
+from ..data.store import SPLITS, open_data
 from ..ensemble import Ensemble, load_predictor
 from ..errors import NasDoseError, input_error
 from ..io import atomic_path, load_json, save_json, write_text
@@ -80,6 +83,22 @@ class LatencyConfig:
 
 
 @dataclass
+class UnlabeledConfig:
+    """Patients with contours but no plan, in the data set's `split`: the student learns from the
+    teacher alone on them, beside the training split (a split that is absent or empty adds
+    nothing; null: none). With `same_steps` the student's epochs are cut to
+    epochs · labeled / (labeled + unlabeled), so it takes as many optimizer steps as the baseline."""
+
+    split: str | None = "unlabeled"
+    same_steps: bool = True
+
+    def validate(self) -> None:
+        if self.split is not None and self.split not in SPLITS:
+            raise ConfigError(f"config key 'unlabeled.split': expected one of {', '.join(SPLITS)} or null, "
+                              f"got {self.split!r}")
+
+
+@dataclass
 class DistillConfig:
     """The student (`student`: a SPEC, or --student), its training (`train`, whose model, seed and
     runtime are set by `student`, `seed` and `runtime`), the loss weights, and the report."""
@@ -89,6 +108,7 @@ class DistillConfig:
     alpha_gt: float = 1.0
     alpha_teacher: float = 1.0
     combine: Combine = "blend"
+    unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
     hint: HintConfig = field(default_factory=HintConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     baseline: bool = True
@@ -107,11 +127,24 @@ class DistillConfig:
             check_non_negative(key, getattr(self, key))
         if self.seed < 0:
             raise ConfigError(f"config key 'seed': must not be negative, got {self.seed}")
+        if self.unlabeled.split in (self.train.data.train_split, self.train.data.val_split):
+            raise ConfigError(f"config key 'unlabeled.split': '{self.unlabeled.split}' is the training or "
+                              "validation split; its patients have a plan")
 
 
 BASELINE = "student arch., no distillation"
 # Keys that change what the student learns: a resumed run must keep them.
-TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "combine", "hint", "adversarial", "seed")
+TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "combine", "unlabeled", "hint", "adversarial",
+                 "seed")
+
+
+def student_epochs(cfg: DistillConfig, labeled: int, unlabeled: int) -> int:
+    """The student's epochs: those of `train`, cut with unlabeled patients under `same_steps` so
+    that its optimizer steps (batches per epoch x epochs) stay about the baseline's (unchanged
+    when `train.steps_per_epoch` fixes the steps)."""
+    if not unlabeled or not cfg.unlabeled.same_steps or cfg.train.steps_per_epoch is not None:
+        return cfg.train.epochs
+    return max(1, round(cfg.train.epochs * labeled / (labeled + unlabeled)))
 
 
 def _check_teacher(out: Path, teacher: Path, data: Path, key: str) -> None:
@@ -214,6 +247,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         if d.kind != "dataset":
             raise input_error(data, f"a nasdose {d.kind} file, expected a data set")
         train_ids, val_ids, grid = d.ids(split), d.ids(val_split), d.grid
+        unlabeled_ids = d.ids(cfg.unlabeled.split) if cfg.unlabeled.split is not None else []
     for name, ids in ((split, train_ids), (val_split, val_ids)):
         if not ids:
             raise input_error(data, f"no patients in split '{name}'")
@@ -228,20 +262,25 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     key = teacher_key(teacher, data)
     distributed.on_main(_check_teacher, out, teacher, data, key)
     cache = Path(teacher_cache) if teacher_cache is not None else out / "teacher.h5"
-    ran_teacher = ensure_cache(cache, key, data, train_ids + val_ids, lambda: runtime.prepare(predictor).eval(),
-                               runtime)
+    ran_teacher = ensure_cache(cache, key, data, train_ids + unlabeled_ids + val_ids,
+                               lambda: runtime.prepare(predictor).eval(), runtime)
     train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
+    student_cfg = replace(train_cfg, epochs=student_epochs(cfg, len(train_ids), len(unlabeled_ids)))
     objective = DistillObjective(cache, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint, cfg.adversarial,
                                  hint_teacher=_hint_member(predictor, cfg.hint) if cfg.hint.weight > 0 else None,
-                                 combine=cfg.combine)
-    say(f"distilling {teacher} into {cfg.student}")
-    student_record = _train(train_cfg, data, out / "student", objective)
+                                 combine=cfg.combine, unlabeled_split=cfg.unlabeled.split if unlabeled_ids else None)
+    say(f"distilling {teacher} into {cfg.student}"
+        + (f", with {len(unlabeled_ids)} unlabeled patients taught by the teacher alone "
+           f"({student_cfg.epochs} epochs)" if unlabeled_ids else ""))
+    student_record = _train(student_cfg, data, out / "student", objective)
     baseline_record = None
     if cfg.baseline:
         say("training the same architecture without distillation (baseline)")
         baseline_record = _train(train_cfg, data, out / "baseline", None)
     context = {"teacher": str(teacher), "data": str(data), "student": cfg.student, "teacher_key": key,
                "teacher_cache": str(cache), "teacher_recomputed": ran_teacher,
+               "training_patients": {"labeled": len(train_ids), "unlabeled": len(unlabeled_ids)},
+               "epochs": {"student": student_cfg.epochs, "baseline": train_cfg.epochs},
                "student_training": student_record, "baseline_training": baseline_record}
     return distributed.on_main(_report, teacher, predictor.cpu(), cache, out, data, val_ids, grid, cfg, runtime,
                                context)

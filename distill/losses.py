@@ -7,7 +7,9 @@
            + adversarial.weight · BCE(D(input, pred), real)
 
 L is the training engine's masked loss (`train.loss`, L1 by default) inside the possible-dose
-mask; the teacher is the ensemble's cached prediction. `blend` (the default) is one L1 to the
+mask; the teacher is the ensemble's cached prediction. An unlabeled patient (contours, no
+plan) has no reference dose: its alpha_gt is 0, so it learns from the teacher alone (its
+blend is the teacher's dose, weighted alpha_teacher). `blend` (the default) is one L1 to the
 weighted mean of the two targets. The `sum` of two L1 terms has a flat minimum: wherever the
 prediction lies between the reference and the teacher, with equal weights, the two gradients
 cancel and that voxel teaches nothing; on the synthetic default the distilled student then
@@ -187,12 +189,15 @@ class DistillObjective(Objective):
     """The training engine's objective for distillation (see the module docstring).
 
     `hint_teacher`: the network whose features the hints match (needed when hints are on).
+    `unlabeled_split`: a split of patients without a plan, trained on with the training split.
     """
 
     def __init__(self, cache: Path, alpha_gt: float = 1.0, alpha_teacher: float = 1.0,
                  hint: HintConfig | None = None, adversarial: AdversarialConfig | None = None,
-                 hint_teacher: nn.Module | None = None, combine: Combine = "blend") -> None:
+                 hint_teacher: nn.Module | None = None, combine: Combine = "blend",
+                 unlabeled_split: str | None = None) -> None:
         self.cache = Path(cache)
+        self.unlabeled_split = unlabeled_split
         self.alpha_gt, self.alpha_teacher = alpha_gt, alpha_teacher
         if combine not in COMBINE:
             raise ConfigError(f"config key 'combine': expected one of {', '.join(COMBINE)}, got {combine!r}")
@@ -218,7 +223,7 @@ class DistillObjective(Objective):
 
     def train_set(self, data: Path, config: TrainConfig) -> TeacherDataset:
         dataset = TeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment,
-                                 seed=config.seed)
+                                 seed=config.seed, unlabeled_split=self.unlabeled_split)
         self.grid = dataset.grid
         return dataset
 
@@ -247,15 +252,19 @@ class DistillObjective(Objective):
     def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         mask, zero = batch["mask"], torch.zeros((), device=pred.device)
         a, b = self.alpha_gt, self.alpha_teacher
+        # 1 per sample with a reference dose, 0 for an unlabeled patient: the teacher alone
+        labeled = batch["labeled"].float().view(-1, *(1,) * (pred.dim() - 1)) if "labeled" in batch else 1.0
+        w_gt = a * labeled
         blend = self.combine == "blend" and a + b > 0
         with torch.set_grad_enabled(not blend):  # both terms are logged either way
-            gt = masked_loss(pred, batch["target"], mask, self.kind)
+            gt = masked_loss(pred, batch["target"], mask * labeled, self.kind)  # over the labeled samples
             teacher = masked_loss(pred, batch["teacher"], mask, self.kind)
         if blend:
-            target = (a * batch["target"] + b * batch["teacher"]) / (a + b)
-            main = (a + b) * masked_loss(pred, target, mask, self.kind)
+            w = w_gt + b
+            target = (w_gt * batch["target"] + b * batch["teacher"]) / torch.as_tensor(w).clamp_min(1e-12)
+            main = masked_loss(pred, target, mask, self.kind, weight=w)
         else:
-            main = a * gt + b * teacher
+            main = masked_loss(pred, batch["target"], mask, self.kind, weight=w_gt) + b * teacher
         hint = adv = d_loss = zero
         if self.hint.weight > 0:
             with torch.no_grad(), self.runtime.autocast():

@@ -1,7 +1,7 @@
 """The teacher's predictions, computed once and cached in HDF5, and the dataset that serves them.
 
 Running the ensemble at every distillation step would cost all its members' forward passes per
-step. Instead every training and validation patient is predicted once, as `nasdose predict`
+step. Instead every training, unlabeled and validation patient is predicted once, as `nasdose predict`
 predicts it (on the data set's grid, non-negative, zero outside the possible-dose mask), into
 a nasdose predictions file (teacher.h5). A training item then carries the teacher's prediction
 moved by the same augmentation as its input, target and mask.
@@ -165,12 +165,16 @@ class TeacherDataset(DoseDataset):
 
     Item i of epoch e is DoseDataset's item i of epoch e, the teacher's prediction moved by the
     same transform as the target and zeroed outside the augmented mask (`build_item`): the
-    student's input, target and mask are exactly those plain training sees.
+    student's input, target and mask are exactly those plain training sees. The patients of
+    `unlabeled_split` (when given and present) follow those of `split`, unlabeled: their
+    target is zero and their dose, if any, is never read.
     """
 
     def __init__(self, path: Path, split: str, cache: Path, augment: AugmentConfig | None = None,
-                 seed: int = 0) -> None:
-        super().__init__(path, split, augment=augment, seed=seed)
+                 seed: int = 0, unlabeled_split: str | None = None) -> None:
+        splits = [split] if unlabeled_split is None else [split, unlabeled_split]
+        super().__init__(path, splits, augment=augment, seed=seed)
+        self.unlabeled = set(self.data.ids(unlabeled_split)) if unlabeled_split is not None else set()
         self.cache = open_data(cache)
         missing = [pid for pid in self.ids if pid not in self.cache]
         if self.cache.kind != "predictions" or self.cache.grid != self.grid or missing:
@@ -179,3 +183,6 @@ class TeacherDataset(DoseDataset):
 
     def doses(self, pid: str) -> dict[str, np.ndarray]:
         return {"teacher": (self.cache.read_dose(pid) / np.float32(DOSE_SCALE_GY))[None]}
+
+    def labeled(self, pid: str) -> bool:
+        return pid not in self.unlabeled

@@ -218,10 +218,13 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 # Losses and the validation score.
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                kind: Literal["l1", "mse"] = "l1") -> torch.Tensor:
-    """Mean error inside the possible-dose mask: summed over the batch, divided by its mask voxels."""
+                kind: Literal["l1", "mse"] = "l1", weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean error inside the possible-dose mask: summed over the batch, divided by its mask voxels.
+    `weight` (broadcast against the error) scales voxels or samples without changing the divisor."""
     diff = pred.float() - target
     err = diff.abs() if kind == "l1" else diff.square()
+    if weight is not None:
+        err = err * weight
     return (err * mask).sum() / mask.sum().clamp_min(1)
 
 

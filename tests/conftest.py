@@ -39,6 +39,14 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def unlabeled_data(tmp_path_factory) -> Path:
+    """`data`'s 8 phantoms and 4 more in the "unlabeled" split, without a dose (read only)."""
+    path = tmp_path_factory.mktemp("data") / "synth16_unlabeled.h5"
+    write_dataset(path, synth_patients(8, 16, seed=0, unlabeled=4), source="synth", grid=16)
+    return path
+
+
+@pytest.fixture(scope="session")
 def openkbp_dir() -> Path:
     """The shared OpenKBP folder (`NASDOSE_OPENKBP` overrides); the test skips when it is absent."""
     path = Path(os.environ.get("NASDOSE_OPENKBP", _DEFAULT_OPENKBP))

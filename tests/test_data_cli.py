@@ -169,3 +169,7 @@ def test_synth(tmp_path, nasdose):
         assert p.grid == 16 and p.attrs["split"] in ("train", "validation", "test")
     with h5py.File(out) as f:
         assert f.attrs["nasdose_format"] == "dataset"
+    more = tmp_path / "u.h5"
+    assert nasdose("synth", more, "--patients", "3", "--unlabeled", "2", "--grid", "16", "--seed", "5", "-q")[0] == 0
+    with open_data(more) as data:
+        assert data.ids("unlabeled") == ["pt_4", "pt_5"] and not data.has_dose("pt_4") and data.has_dose("pt_3")

@@ -103,13 +103,33 @@ def test_dataset_items(data_file):
     np.testing.assert_allclose(item["input"].numpy(), build_input(p))
     np.testing.assert_allclose(item["target"].numpy(), build_target(p), rtol=1e-6)
     np.testing.assert_array_equal(item["mask"].numpy()[0], p.possible_dose_mask)
+    assert item["labeled"].item() == 1.0
     assert [it["id"] for it in DoseDataset(data_file, "validation")] == ["pt_6", "pt_7"]
     assert len(DoseDataset(data_file, None)) == 8
+    # several splits, one after the other
+    assert DoseDataset(data_file, ["validation", "train"]).ids == ["pt_6", "pt_7"] + [f"pt_{i}" for i in range(6)]
+
+
+def test_an_unlabeled_item_has_a_zero_target_and_says_so():
+    p = _patient()
+    item = build_item(_patient("pt_9", dose=False), labeled=False)
+    assert item["labeled"] == 0.0 and item["target"].shape == (1, G, G, G) and not item["target"].any()
+    np.testing.assert_array_equal(item["input"], build_input(p))
+    assert build_item(p)["labeled"] == 1.0
+
+
+def test_training_on_a_patient_without_a_dose_names_it(unlabeled_data):
+    ds = DoseDataset(unlabeled_data, "unlabeled")
+    assert len(ds) == 4
+    with pytest.raises(NasDoseError, match="patient pt_9: no reference dose"):
+        ds[0]
 
 
 def test_empty_split_is_an_error(data_file):
     with pytest.raises(NasDoseError, match=r"d\.h5: no patients in split 'test'"):
         DoseDataset(data_file, "test")
+    with pytest.raises(NasDoseError, match=r"d\.h5: no patients in split 'test', 'unlabeled'"):
+        DoseDataset(data_file, ["test", "unlabeled"])
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(data_file):

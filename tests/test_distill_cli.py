@@ -143,6 +143,36 @@ def test_resume_is_exact_and_reuses_the_teacher(data, ensemble, nasdose, tmp_pat
     assert load_json(tmp_path / "cut" / "metrics.json")["teacher_recomputed"] is False
 
 
+def test_unlabeled_patients_are_taught_by_the_teacher_in_the_baselines_steps(unlabeled_data, ensemble, nasdose,
+                                                                            tmp_path):
+    """6 training and 4 unlabeled patients: the student's 4 epochs become round(4 · 6/10) = 2 of
+    5 batches (10 steps), the baseline's 4 epochs of 3 batches are 12."""
+    args = [ensemble, "--student", STUDENT, "--data", unlabeled_data, "-q", *TINY, "train.steps_per_epoch=null",
+            "train.epochs=4"]
+    assert nasdose("distill", *args, "--out", tmp_path / "run") == 0
+    metrics = load_json(tmp_path / "run" / "metrics.json")
+    assert metrics["training_patients"] == {"labeled": 6, "unlabeled": 4}
+    assert metrics["epochs"] == {"student": 2, "baseline": 4}
+    steps = {name: load_checkpoint(tmp_path / "run" / name / "checkpoints" / "last.pt")["step"]
+             for name in ("student", "baseline")}
+    assert steps == {"student": 10, "baseline": 12}
+    with open_data(tmp_path / "run" / "teacher.h5") as cache:
+        assert len(cache.ids()) == 12 and {"pt_9", "pt_12"} <= set(cache.ids())
+    # the unlabeled split switched off: the training split alone, for the full epochs
+    assert nasdose("distill", *args, "--no-baseline", "--out", tmp_path / "off", "unlabeled.split=null") == 0
+    metrics = load_json(tmp_path / "off" / "metrics.json")
+    assert metrics["training_patients"] == {"labeled": 6, "unlabeled": 0} and metrics["epochs"]["student"] == 4
+
+
+@pytest.mark.parametrize("same_steps, steps_per_epoch, expected", [(True, None, 15), (False, None, 60), (True, 5, 60)])
+def test_student_epochs(same_steps, steps_per_epoch, expected):
+    cfg = load_config(distill_cli.DistillConfig, overrides=[
+        "train.epochs=60", f"unlabeled.same_steps={str(same_steps).lower()}",
+        f"train.steps_per_epoch={'null' if steps_per_epoch is None else steps_per_epoch}"])
+    assert distill_cli.student_epochs(cfg, 16, 48) == expected
+    assert distill_cli.student_epochs(cfg, 16, 0) == 60
+
+
 def test_resume_with_another_loss_is_refused(run, data, ensemble, nasdose, capsys):
     out, _ = run
     rc = nasdose("distill", ensemble, "--student", STUDENT, "--data", data, "--out", out, "--resume", *TINY,

@@ -49,6 +49,37 @@ def test_blend_keeps_a_gradient_between_reference_and_teacher(combine, loss, gra
     assert objective.log_terms() == pytest.approx({"loss_gt": 0.25, "loss_teacher": 0.75})
 
 
+@pytest.mark.parametrize("combine", ["blend", "sum"])
+def test_an_unlabeled_sample_learns_from_the_teacher_alone(combine):
+    """Sample 0 has a reference dose, sample 1 none (its target is zero and must not count):
+    sample 1 weighs alpha_teacher times its L1 to the teacher, over the batch's mask voxels."""
+    objective = bound(DistillObjective(Path("unused.h5"), alpha_gt=2.0, alpha_teacher=0.5, combine=combine))
+    target = torch.cat([vector(1.0, 0.0), vector(0.0, 0.0)])
+    teacher = torch.cat([vector(0.5, 0.0), vector(0.25, 0.75)])
+    pred = torch.cat([vector(1.0, 0.0), vector(0.5, 0.5)]).requires_grad_(True)
+    batch = {"target": target, "teacher": teacher, "mask": torch.ones(2, 1, 1, 1, 2),
+             "labeled": torch.tensor([1.0, 0.0])}
+    value = objective.loss(pred, batch)
+    value.backward()
+    if combine == "blend":  # sample 0: 2.5·|1 - (2·1 + 0.5·0.5)/2.5| = 0.25; sample 1: 0.5·(0.25 + 0.25)
+        expected, grad0 = (0.25 + 0.25) / 4, 2.5 / 4
+    else:  # sample 0: 2·0 + 0.5·0.5; sample 1: 0.5·0.5 (no ground-truth term)
+        expected, grad0 = (0.25 + 0.25) / 4, 0.5 / 4
+    assert value.item() == pytest.approx(expected)
+    assert pred.grad[0, 0, 0, 0, 0].item() == pytest.approx(grad0)
+    assert pred.grad[1].abs().flatten().tolist() == pytest.approx([0.5 / 4] * 2)
+    # logged: the ground-truth term over the labeled sample's voxels only, the teacher's over all
+    assert objective.log_terms() == pytest.approx({"loss_gt": 0.0, "loss_teacher": (0.5 + 0.5) / 4})
+
+
+def test_all_labeled_flags_change_nothing():
+    objective = bound(DistillObjective(Path("unused.h5"), alpha_gt=2.0, alpha_teacher=0.5))
+    batch = {"target": vector(0.25, 0.0, 1.0, 0.5), "teacher": vector(0.5, 0.0, 0.0, 0.0),
+             "mask": vector(1.0, 1.0, 0.0, 0.0)}
+    pred = vector(0.5, -1.0, 2.0, 0.0)
+    assert objective.loss(pred, {**batch, "labeled": torch.ones(1)}).item() == objective.loss(pred, batch).item()
+
+
 def test_unknown_combine_is_a_config_error():
     with pytest.raises(ConfigError, match="combine"):
         DistillObjective(Path("unused.h5"), combine="max")

@@ -168,6 +168,27 @@ def test_cached_teacher_is_augmented_like_the_target(data, tmp_path):
     assert moved >= len(distill)  # the transforms did move the patients
 
 
+def test_unlabeled_patients_follow_the_training_split_without_a_target(unlabeled_data, tmp_path):
+    cache = tmp_path / "teacher.h5"
+    with open_data(unlabeled_data) as d:
+        train, unlabeled = d.ids("train"), d.ids("unlabeled")
+        write_predictions(cache, ((pid, np.full((16,) * 3, 7.0, np.float32), {KEY_ATTR: "k"}) for pid in d.ids()),
+                          grid=16)
+    distill = TeacherDataset(unlabeled_data, "train", cache, augment=AUGMENT, seed=3, unlabeled_split="unlabeled")
+    plain = DoseDataset(unlabeled_data, "train", augment=AUGMENT, seed=3)
+    assert distill.ids == train + unlabeled and len(unlabeled) == 4
+    for index, pid in enumerate(distill.ids):
+        item = distill[index, 1]
+        assert item["labeled"].item() == (pid in train)
+        if pid in train:  # the labeled items are plain training's
+            assert torch.equal(item["target"], plain[index, 1]["target"]) and item["target"].sum() > 0
+        else:  # an unlabeled one: zero target, the teacher's dose inside its mask
+            assert item["target"].abs().sum() == 0
+            assert torch.equal(item["teacher"], item["mask"] * np.float32(7.0 / 70.0))
+    # without `unlabeled_split` they are left out
+    assert TeacherDataset(unlabeled_data, "train", cache).ids == train
+
+
 def test_dataset_rejects_a_cache_without_the_patients(data, tmp_path):
     cache = tmp_path / "partial.h5"
     with open_data(data) as d:

@@ -84,7 +84,10 @@ def test_discover_split_folders_of_npz(tmp_path):
     (tmp_path / "test").mkdir()
     tiny_npz(tmp_path / "validation" / "pt_201.npz")
     tiny_npz(tmp_path / "test" / "pt_300.npz")
-    assert [(s.id, s.split) for s in discover(tmp_path)] == [("pt_201", "validation"), ("pt_300", "test")]
+    (tmp_path / "unlabeled").mkdir()
+    tiny_npz(tmp_path / "unlabeled" / "pt_400.npz", dose=None)
+    assert [(s.id, s.split) for s in discover(tmp_path)] == [("pt_201", "validation"), ("pt_300", "test"),
+                                                             ("pt_400", "unlabeled")]
     (tmp_path / "test" / "pt_201.npz").write_bytes(b"")
     with pytest.raises(NasDoseError, match="patient pt_201 appears twice"):
         discover(tmp_path)

@@ -133,7 +133,7 @@ def test_failed_write_leaves_no_file(tmp_path):
     (lambda p: p.structures.update(Cochlea=p.structures["PTV70"]),
      "patient pt_1: unknown structures ['Cochlea']"),
     (lambda p: p.attrs.update(split="val"),
-     "patient pt_1: split 'val' is not one of train, validation, test"),
+     "patient pt_1: split 'val' is not one of train, validation, test, unlabeled"),
     (lambda p: setattr(p, "id", "a/b"), "patient id 'a/b' cannot name an HDF5 group"),
 ])
 def test_bad_patient_is_an_input_error(tmp_path, bad, problem):

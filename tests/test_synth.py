@@ -80,6 +80,15 @@ def test_split_rule():
     assert splits == ["train", "validation"]
 
 
+def test_unlabeled_patients_come_after_the_cohort_without_their_dose(cohort):
+    more = list(synth_patients(N, GRID, SEED, unlabeled=2))
+    assert [p.attrs["split"] for p in more[N:]] == ["unlabeled"] * 2 and [p.id for p in more[N:]] == ["pt_17", "pt_18"]
+    assert all(p.dose is None for p in more[N:])
+    np.testing.assert_array_equal(more[N].ct, synth_patient(N, GRID, SEED).ct)  # the patient pt_17 would be
+    for a, b in zip(more[:N], cohort):  # the labeled cohort is unchanged
+        assert a.attrs == b.attrs and np.array_equal(a.dose, b.dose)
+
+
 def test_cohort_carries_split_and_source(cohort):
     splits = [p.attrs["split"] for p in cohort]
     assert [splits.count(s) for s in ("train", "validation", "test")] == [11, 3, 2]
@@ -96,6 +105,7 @@ def test_cohort_carries_split_and_source(cohort):
     lambda: next(synth_patients(1, 32, 0)),
     lambda: next(synth_patients(0, 32, 0)),
     lambda: next(synth_patients(4, 48, 0)),
+    lambda: next(synth_patients(4, 32, 0, unlabeled=-1)),
     lambda: split_for(0, 1),
 ])
 def test_invalid_arguments_raise(call):

@@ -2,8 +2,9 @@
 
   nasdose data import SRC OUT.h5 [--grid 128|64|32]
       an OpenKBP tree (CSV or npz layout) -> a data set, block-downsampled to the grid
-  nasdose data synth OUT.h5 [--patients N] [--grid G] [--seed S]
-      synthetic head-and-neck phantoms with a beam-model dose -> a data set
+  nasdose data synth OUT.h5 [--patients N] [--unlabeled M] [--grid G] [--seed S]
+      synthetic head-and-neck phantoms with a beam-model dose -> a data set (M more in the
+      "unlabeled" split, without their dose)
   nasdose data info FILE
       what a data set or prediction file holds: splits, voxel sizes, structures, doses
 """
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     p = sub.add_parser("synth", parents=[common], help="write synthetic head-and-neck phantoms")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--patients", type=int_at_least(1), default=24, help="number of patients (default %(default)s)")
+    p.add_argument("--unlabeled", type=int_at_least(0), default=0,
+                   help="more patients without a dose, in the 'unlabeled' split (default %(default)s)")
     p.add_argument("--grid", type=int_at_least(1), default=32, help="grid size (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.set_defaults(func=synth_command)
@@ -70,9 +73,10 @@ def import_command(args: argparse.Namespace) -> None:
 def synth_command(args: argparse.Namespace) -> None:
     from .synth import synth_patients
 
-    write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed),
-                  source=f"synth:seed={args.seed}", grid=args.grid, total=args.patients)
-    say(f"wrote {args.out}: {args.patients} synthetic patients on a {args.grid}^3 grid")
+    total = args.patients + args.unlabeled
+    write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed, args.unlabeled),
+                  source=f"synth:seed={args.seed}", grid=args.grid, total=total)
+    say(f"wrote {args.out}: {total} synthetic patients ({args.unlabeled} unlabeled) on a {args.grid}^3 grid")
 
 
 def _stats(values: list[float]) -> str:

@@ -7,7 +7,7 @@ and augmentations the uninterrupted run would have seen.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol
+from typing import Any, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -74,23 +74,26 @@ def build_target(p: Patient) -> np.ndarray:
 
 
 def build_item(p: Patient, cfg: AugmentConfig | None = None, rng: np.random.Generator | None = None,
-               doses: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Input, target and mask arrays of a patient, augmented when `cfg` is given; `doses` are
-    more (1, G, G, G) dose arrays of the patient (a teacher's prediction), moved and masked like
-    the target.
+               doses: dict[str, np.ndarray] | None = None, labeled: bool = True) -> dict[str, np.ndarray]:
+    """Input, target and mask arrays of a patient, augmented when `cfg` is given, and `labeled`
+    (a 0-d float: 1, or 0 for a patient taught without its dose, whose target is then all zero);
+    `doses` are more (1, G, G, G) dose arrays of the patient (a teacher's prediction), moved and
+    masked like the target.
 
     The doses are zeroed outside the (augmented) mask: linear interpolation would otherwise leak
     them into voxels the nearest-neighbour mask leaves out.
     """
     doses = doses or {}
-    arrays = {"input": build_input(p), "target": build_target(p),
-              "mask": p.possible_dose_mask.astype(np.float32)[None], **doses}
+    mask = p.possible_dose_mask.astype(np.float32)[None]
+    arrays = {"input": build_input(p), "target": build_target(p) if labeled else np.zeros_like(mask),
+              "mask": mask, **doses}
     if cfg is not None:
         if rng is None:
             raise ValueError("build_item: augmentation needs an rng")
         arrays = augment(arrays, {**ITEM_KINDS, **dict.fromkeys(doses, "continuous")}, cfg, rng)
     for name in ("target", *doses):
         arrays[name] = arrays[name] * arrays["mask"]
+    arrays["labeled"] = np.array(float(labeled), dtype=np.float32)
     return arrays
 
 
@@ -108,21 +111,23 @@ class EpochDataset(Protocol):
 
 
 class DoseDataset(Dataset):
-    """Patients of one split of an HDF5 data set, read lazily, as model-ready tensors.
+    """Patients of one split (or several, in turn) of an HDF5 data set, read lazily, as
+    model-ready tensors.
 
     An item is a dict: `input` (IN_CHANNELS, G, G, G), `target` (1, G, G, G), `mask`
-    (1, G, G, G) float tensors and `id`. The augmentation of item i in epoch e is drawn from
-    (seed, e, i) alone; `set_epoch` selects e.
+    (1, G, G, G) float tensors, `labeled` (a 0-d float, see `labeled`) and `id`. The
+    augmentation of item i in epoch e is drawn from (seed, e, i) alone; `set_epoch` selects e.
     """
 
-    def __init__(self, path: Path, split: str | None, augment: AugmentConfig | None = None,
+    def __init__(self, path: Path, split: str | Sequence[str] | None, augment: AugmentConfig | None = None,
                  seed: int = 0) -> None:
         if seed < 0:
             raise NasDoseError(f"{path}: the data seed must be >= 0, got {seed}")
         self.data = open_data(Path(path))
-        self.ids = self.data.ids(split)
+        splits = [split] if split is None or isinstance(split, str) else list(split)
+        self.ids = [pid for s in splits for pid in self.data.ids(s)]
         if not self.ids:
-            where = f"split '{split}'" if split is not None else "the file"
+            where = "split " + ", ".join(f"'{s}'" for s in splits) if split is not None else "the file"
             raise NasDoseError(f"{path}: no patients in {where}")
         self.augmentation = augment if augment is not None and augment.enabled else None
         self.seed = seed
@@ -144,12 +149,17 @@ class DoseDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         pid = self.ids[index]
         rng = np.random.default_rng([self.seed, epoch, index]) if self.augmentation else None
-        arrays = build_item(self.data.read(pid), self.augmentation, rng, self.doses(pid))
+        arrays = build_item(self.data.read(pid), self.augmentation, rng, self.doses(pid), self.labeled(pid))
         return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "id": pid}
 
     def doses(self, pid: str) -> dict[str, np.ndarray]:
         """More dose arrays of an item, augmented with its target (none here; see build_item)."""
         return {}
+
+    def labeled(self, pid: str) -> bool:
+        """Whether the patient's reference dose is its target (always here: a patient without
+        one is an error)."""
+        return True
 
 
 class EpochSampler(Sampler):

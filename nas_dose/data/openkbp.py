@@ -26,7 +26,7 @@ OPENKBP_SHAPE: Shape = (OPENKBP_GRID,) * 3
 # Split folders of the two layouts, mapped to the split names used everywhere in nasdose.
 SPLIT_FOLDERS: dict[str, str] = {
     "train-pats": "train", "validation-pats": "validation", "test-pats": "test",
-    "train": "train", "validation": "validation", "test": "test",
+    "train": "train", "validation": "validation", "test": "test", "unlabeled": "unlabeled",
 }
 CSV_HEADER = ",data"
 

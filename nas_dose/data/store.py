@@ -21,7 +21,9 @@ from .patient import ROIS, Patient
 
 FORMAT_VERSION = 1
 KINDS = ("dataset", "predictions")
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "unlabeled")
+# "unlabeled": patients with CT and contours but no plan (no dose), which only a teacher can
+# label: `nasdose distill` learns from them (see nas_dose.distill.teacher).
 CHUNK = 32
 # The one per-patient "attribute" that is an array: stored as a dataset beside ct and dose.
 SOURCE_MASK = "possible_dose_mask_source"
@@ -212,7 +214,7 @@ class DataFile:
         return [pid for pid, s in self._splits.items() if split is None or s == split]
 
     def splits(self) -> dict[str, list[str]]:
-        """The non-empty splits and their patients, in the order train, validation, test."""
+        """The non-empty splits and their patients, in the order of SPLITS."""
         return {s: ids for s in SPLITS if (ids := self.ids(s))}
 
     def _group(self, pid: str) -> h5py.Group:

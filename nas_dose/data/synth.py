@@ -67,13 +67,19 @@ def split_for(index: int, n: int) -> str:
     return "validation" if index < n_train + n_val else "test"
 
 
-def synth_patients(n: int, grid: int, seed: int) -> Iterator[Patient]:
-    """`n` phantoms pt_1..pt_n, each with its split and source in `attrs`."""
+def synth_patients(n: int, grid: int, seed: int, unlabeled: int = 0) -> Iterator[Patient]:
+    """`n` phantoms pt_1..pt_n, each with its split and source in `attrs`, then `unlabeled` more
+    (pt_n+1...) in the "unlabeled" split without their dose: contoured patients with no plan,
+    for distillation to learn from the teacher alone."""
     _check_count(n)
     _check_grid(grid)
-    for index in range(n):
+    if isinstance(unlabeled, bool) or not isinstance(unlabeled, (int, np.integer)) or unlabeled < 0:
+        raise NasDoseError(f"synth: the number of unlabeled patients must be >= 0 (got {unlabeled!r})")
+    for index in range(n + unlabeled):
         patient = synth_patient(index, grid, seed)
-        patient.attrs["split"] = split_for(index, n)
+        patient.attrs["split"] = split_for(index, n) if index < n else "unlabeled"
+        if index >= n:
+            patient.dose = None
         yield patient
 
 
