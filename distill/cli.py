@@ -251,6 +251,9 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     for name, ids in ((split, train_ids), (val_split, val_ids)):
         if not ids:
             raise input_error(data, f"no patients in split '{name}'")
+    if unlabeled_ids and cfg.alpha_teacher == 0:
+        raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
+                          "nothing; set unlabeled.split=null to leave them out")
     predictor = load_predictor(teacher)
     # Under torchrun the student and the baseline train data-parallel, the ranks predict the
     # teacher's patients between them; the steps that check or write files (and report) run on
@@ -294,6 +297,10 @@ def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: P
     note = (f"Validation split '{cfg.train.data.val_split}', {len(val_ids)} patients, grid {grid}³ (the "
             f"checkpoints, and the ensemble's members and weights, were chosen on these patients); latency: "
             f"median of {cfg.latency.runs} runs, batch 1, float32, {torch.get_num_threads()} CPU thread(s).")
+    unlabeled, epochs = context["training_patients"]["unlabeled"], context["epochs"]
+    if unlabeled:
+        note += (f" The student also learned from {unlabeled} unlabeled patients, from the teacher alone "
+                 f"({epochs['student']} epochs; the baseline {epochs['baseline']}).")
     write_text(out / "comparison.md", f"# nasdose distill: {out}\n\n{table}\n\n{note}\n")
     say(table)
     exported = None

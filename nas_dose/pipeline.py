@@ -1,12 +1,13 @@
 """Run the whole pipeline end to end on the embedded synthetic data set.
 
-  nasdose pipeline --out DIR [--patients N] [--grid G] [--seed S] [--quick]
+  nasdose pipeline --out DIR [--patients N] [--unlabeled M] [--grid G] [--seed S] [--quick]
 
 Stages, in order, each skipped when its outputs already exist, so an interrupted pipeline
 resumes where it stopped (interrupted training, search, ensemble and distillation runs resume
 from their checkpoints). Delete a stage's outputs to redo it and every stage after it.
 
-  data       DIR/data.h5                       synthetic phantoms (train / validation / test)
+  data       DIR/data.h5                       synthetic phantoms (train / validation / test, and
+                                               M unlabeled ones, without a dose, for the student)
   train      DIR/train/unet3d/                 the hand-designed 3D U-Net baseline
   search     DIR/search/pool.yaml              regularized evolution in the LENAS space: K accurate,
                                                diverse genotypes (weights inherited from a supernet)
@@ -63,6 +64,7 @@ class Context:
     grid: int
     seed: int
     quick: bool
+    unlabeled: int = 0
     models: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -85,8 +87,8 @@ class Stage:
 
 
 def _make_data(ctx: Context) -> None:
-    write_dataset(ctx.data, synth_patients(ctx.patients, ctx.grid, ctx.seed),
-                  source=f"synth:seed={ctx.seed}", grid=ctx.grid, total=ctx.patients)
+    write_dataset(ctx.data, synth_patients(ctx.patients, ctx.grid, ctx.seed, ctx.unlabeled),
+                  source=f"synth:seed={ctx.seed}", grid=ctx.grid, total=ctx.patients + ctx.unlabeled)
 
 
 def train_overrides(ctx: Context) -> list[str]:
@@ -210,7 +212,8 @@ STAGES: list[Stage] = [
 
 def run_pipeline(ctx: Context, stages: list[Stage] = STAGES) -> None:
     """Run the stages in order, skipping those whose outputs exist."""
-    settings = {"patients": ctx.patients, "grid": ctx.grid, "seed": ctx.seed, "quick": ctx.quick}
+    settings = {"patients": ctx.patients, "unlabeled": ctx.unlabeled, "grid": ctx.grid, "seed": ctx.seed,
+                "quick": ctx.quick}
     record = ctx.out / "config.yaml"
     if record.exists() and (earlier := load_yaml(record)) != settings:
         raise input_error(record, f"this folder holds a pipeline run with other settings ({earlier}); "
@@ -257,13 +260,16 @@ def report(ctx: Context) -> str:
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--patients", type=int_at_least(1), help="synthetic patients (default 24, quick 8)")
+    parser.add_argument("--unlabeled", type=int_at_least(0), default=0,
+                        help="more synthetic patients without a dose, which the student learns from the "
+                             "teacher alone (default %(default)s)")
     parser.add_argument("--grid", type=int_at_least(1), help="grid size (default 32, quick 16)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds (for tests)")
 
 
 def main(args: argparse.Namespace) -> None:
-    ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick,
+    ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, unlabeled=args.unlabeled,
                   patients=args.patients or (8 if args.quick else 24),
                   grid=args.grid or (16 if args.quick else 32))
     run_pipeline(ctx)

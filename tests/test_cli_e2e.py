@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_exit_1_and_no_output(capsys, workflow, bad, case)
 def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "pipe"
     capsys.readouterr()
-    assert main(["pipeline", "--out", str(out), "--quick"]) == 0
+    assert main(["pipeline", "--out", str(out), "--quick", "--unlabeled", "2"]) == 0
     first = capsys.readouterr().out
     assert "unet3d" in first and "all-zero dose" in first and str(out / "data.h5") in first
     for path in ["data.h5", "train/unet3d/best.pt", "predict/unet3d/predictions.h5", "evaluate/unet3d/metrics.json",
@@ -114,9 +114,11 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
                  "evaluate/ensemble/metrics.json", "evaluate/student/metrics.json"]:
         assert (out / path).exists(), path
     assert "best single member" in first and "student arch., no distillation" in first
-    assert main(["pipeline", "--out", str(out), "--quick"]) == 0
+    # the two unlabeled phantoms reach the student alone
+    assert json.loads((out / "distill" / "metrics.json").read_text())["training_patients"]["unlabeled"] == 2
+    assert main(["pipeline", "--out", str(out), "--quick", "--unlabeled", "2"]) == 0
     again = capsys.readouterr().out
     assert again.count("done already, skipped") == len(STAGES)
     assert again.split("scores on")[1] == first.split("scores on")[1]
-    code = main(["pipeline", "--out", str(out), "--quick", "--seed", "1"])
+    code = main(["pipeline", "--out", str(out), "--quick", "--unlabeled", "2", "--seed", "1"])
     assert code == 1 and "config.yaml" in capsys.readouterr().err

@@ -158,6 +158,11 @@ def test_unlabeled_patients_are_taught_by_the_teacher_in_the_baselines_steps(unl
     assert steps == {"student": 10, "baseline": 12}
     with open_data(tmp_path / "run" / "teacher.h5") as cache:
         assert len(cache.ids()) == 12 and {"pt_9", "pt_12"} <= set(cache.ids())
+    assert "4 unlabeled patients, from the teacher alone (2 epochs; the baseline 4)" in \
+        (tmp_path / "run" / "comparison.md").read_text()
+    # with no teacher term they would teach nothing: refused, nothing written
+    assert nasdose("distill", *args, "--out", tmp_path / "zero", "alpha_teacher=0") == 1
+    assert not (tmp_path / "zero" / "student").exists()
     # the unlabeled split switched off: the training split alone, for the full epochs
     assert nasdose("distill", *args, "--no-baseline", "--out", tmp_path / "off", "unlabeled.split=null") == 0
     metrics = load_json(tmp_path / "off" / "metrics.json")
