@@ -143,7 +143,8 @@ class Supernet(nn.Module):
             raise NasDoseError(f"{where}: genotype macro {g.macro} differs from the supernet's {self.macro}")
         for slot, value in self.fixed.items():
             if g.choices[slot] != value:
-                raise NasDoseError(f"{where}: slot '{slot}' is fixed to {value!r} here, genotype has {g.choices[slot]!r}")
+                raise NasDoseError(f"{where}: slot '{slot}' is fixed to {value!r} here, "
+                                   f"genotype has {g.choices[slot]!r}")
         return g
 
     def _select(self) -> None:

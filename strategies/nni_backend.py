@@ -16,10 +16,10 @@ copies the sample; and that grid ends at the first invalid point, so the grid sk
 NNI maximizes the metric, so a trial reports −score. TPE works on nasdose's spaces (they are
 all `Categorical`s; NNI's TPE fails on `InputChoice`, which nasdose does not use), but unlike
 NNI's other strategies it cannot draw again when a space rejects a combination: that ends the
-search with an error. It sleeps one second per trial inside NNI. Resuming: NNI's strategies do not restore their history, but
-every strategy here is seeded, so a resumed search proposes the same trials again and the
-evaluator's persisted cache answers those already scored. Budget: at most `budget` trials
-(the NNI strategies deduplicate, so trials are distinct genotypes).
+search with an error. It sleeps one second per trial inside NNI. Resuming: NNI's strategies do
+not restore their history, but every strategy here is seeded, so a resumed search proposes the
+same trials again and the evaluator's persisted cache answers those already scored. Budget: at
+most `budget` trials (the NNI strategies deduplicate, so trials are distinct genotypes).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from ..search_spaces import SearchSpace
 from .base import Candidate, SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, ScoringStrategy, derived_seed, ranked
 from .evolution import check_budget
+
 
 @dataclass
 class NniConfig:

@@ -86,9 +86,11 @@ def test_files_table_and_metrics(run):
         assert r["dose_score"] > 0 and r["dvh_score"] > 0 and r["flops"] > 0 and r["cpu_latency_s"] > 0
         assert r["checkpoint_bytes"] > 0
     # the student: the small U-Net; the ensemble: both members (about twice a member's size)
-    assert student["params"] == baseline["params"] == sum(p.numel() for p in load_model(out / "student")[0].parameters())
+    student_params = sum(p.numel() for p in load_model(out / "student")[0].parameters())
+    assert student["params"] == baseline["params"] == student_params
     assert student["params"] < single["params"] < teacher["params"]
-    assert teacher["flops"] > single["flops"] and student["checkpoint_bytes"] == (out / "student/best.pt").stat().st_size
+    assert teacher["flops"] > single["flops"]
+    assert student["checkpoint_bytes"] == (out / "student/best.pt").stat().st_size
     # the table's student score is the one the training engine chose the checkpoint by
     assert student["dose_score"] == pytest.approx(metrics["student_training"]["best_val_dose_score"], rel=1e-4)
     assert metrics["student_beats_baseline"]["dose_score"] == (student["dose_score"] < baseline["dose_score"])
@@ -137,7 +139,8 @@ def test_resume_is_exact_and_reuses_the_teacher(data, ensemble, nasdose, tmp_pat
     whole, cut = (load_checkpoint(tmp_path / run / "student" / "checkpoints" / "last.pt") for run in ("whole", "cut"))
     assert cut["step"] == 4
     for key in ("model", "optimizer"):
-        assert all(torch.equal(whole[key][k], cut[key][k]) for k in whole[key] if isinstance(whole[key][k], torch.Tensor))
+        tensors = [k for k in whole[key] if isinstance(whole[key][k], torch.Tensor)]
+        assert all(torch.equal(whole[key][k], cut[key][k]) for k in tensors)
     for k, v in whole["objective"]["discriminator"].items():
         assert torch.equal(v, cut["objective"]["discriminator"][k]), k
     assert load_json(tmp_path / "cut" / "metrics.json")["teacher_recomputed"] is False

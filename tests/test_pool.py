@@ -53,7 +53,8 @@ def _set(path, value):
     (_set(["format"], "other"), "not a nasdose pool file"),
     (_set(["version"], 2), "pool version 2 is not supported"),
     (_set(["space"], "nowhere"), "unknown search space 'nowhere'"),
-    (_set(["members", 1, "genotype", "choices", "down.op1"], "warp_drive"), r"member m1: invalid genotype .*warp_drive"),
+    (_set(["members", 1, "genotype", "choices", "down.op1"], "warp_drive"),
+     r"member m1: invalid genotype .*warp_drive"),
     (_set(["members", 0, "genotype", "space"], "lenas_levels"), "member m0: invalid genotype"),
     (_set(["members", 1, "name"], "m0"), "member names are not unique"),
     (_set(["members", 0, "search_score"], "good"), "member m0: search_score must be a number"),
@@ -61,7 +62,8 @@ def _set(path, value):
     (_set(["members"], []), "'members' must be a non-empty list"),
     (_set(["diversity", "members"], ["m1", "m0"]), r"diversity.members \[.*\] do not match the members"),
     (_set(["diversity", "disagreement"], [[0.0, 0.1]]), r"diversity.disagreement must be a 2×2 matrix"),
-    (_set(["diversity", "genotype_distance"], [[0.0, 0.1], [0.2, 0.0]]), "diversity.genotype_distance is not symmetric"),
+    (_set(["diversity", "genotype_distance"], [[0.0, 0.1], [0.2, 0.0]]),
+     "diversity.genotype_distance is not symmetric"),
     (_set(["seed"], "zero"), "'seed' must be an integer"),
 ])
 def test_validation_names_file_and_member(tmp_path, change, message):

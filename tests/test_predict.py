@@ -43,7 +43,8 @@ def run(coarse, tmp_path_factory) -> Path:
 
 
 def predict_cli(**kwargs) -> None:
-    args = {"split": None, "tta": False, "csv": True, "config": None, "overrides": ["runtime.device=cpu", "runtime.threads=1"]}
+    args = {"split": None, "tta": False, "csv": True, "config": None,
+            "overrides": ["runtime.device=cpu", "runtime.threads=1"]}
     args.update(kwargs)
     predict_main(argparse.Namespace(**args))
 
@@ -153,7 +154,10 @@ def test_flip_tta_averages_the_flips_with_the_parotids_swapped_when_mirrored():
 def test_write_outputs_takes_any_predictor(coarse, tmp_path):
     """An ensemble is any callable: here two constants averaged, 0.5 -> 35 Gy inside the mask."""
     members = [lambda x: torch.full_like(x[:, :1], 0.25), lambda x: torch.full_like(x[:, :1], 0.75)]
-    ensemble = lambda x: sum(m(x) for m in members) / len(members)
+
+    def ensemble(x: torch.Tensor) -> torch.Tensor:
+        return sum(m(x) for m in members) / len(members)
+
     rt = Runtime(RuntimeConfig(device="cpu"))
     with open_data(coarse) as data:
         ids = write_outputs(ensemble, data, "train", rt, tmp_path / "pred", model="mean of 2", csv=False)

@@ -137,7 +137,10 @@ def test_resume_continues_exactly(data, tmp_path, stop_at, checkpointed_at):
         assert torch.equal(value, resumed_model.state_dict()[key]), key
     for key, value in expected.best_state.items():
         assert torch.equal(value, resumed.best_state[key]), key
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]
+
+    def strip(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
     assert strip(resumed.history) == strip(expected.history)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert strip(log) == strip(expected.history)
