@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nas_dose import pipeline
 from nas_dose.cli import main
 from nas_dose.data.store import open_data
-from nas_dose.pipeline import STAGES
+from nas_dose.pipeline import STAGES, Context, train_overrides
 from nas_dose.scores import dose_error
 
 # Learns in seconds on the 16³ grid: a small U-Net, one patient per step, one thread.
@@ -122,3 +123,16 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
     assert again.split("scores on")[1] == first.split("scores on")[1]
     code = main(["pipeline", "--out", str(out), "--quick", "--unlabeled", "2", "--seed", "1"])
     assert code == 1 and "config.yaml" in capsys.readouterr().err
+
+
+def test_pipeline_epochs_set_every_training_budget(tmp_path, monkeypatch):
+    """--epochs E: the members, the student and its baseline E epochs, the reference U-Net E/2."""
+    ctx = Context(out=tmp_path, patients=24, grid=32, seed=0, quick=False, epochs=200)
+    assert "epochs=100" in train_overrides(ctx)
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_ensemble", lambda pool, data, out, cfg, resume: seen.update(ensemble=cfg))
+    monkeypatch.setattr(pipeline, "run_distill", lambda teacher, data, out, cfg, resume: seen.update(distill=cfg))
+    for stage in STAGES:
+        if stage.name in ("ensemble", "distill"):
+            stage.run(ctx)
+    assert seen["ensemble"].train.epochs == seen["distill"].train.epochs == 200
