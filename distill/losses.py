@@ -14,8 +14,8 @@ weighted mean of the two targets. The `sum` of two L1 terms has a flat minimum: 
 prediction lies between the reference and the teacher, with equal weights, the two gradients
 cancel and that voxel teaches nothing; on the synthetic default the distilled student then
 scored 4.27 Gy where the same network without a teacher scored 3.99 (blend: see the README).
-Unlike LENAS's published KDA-Net code,
-the ground truth is always part of the loss unless alpha_gt = 0 is asked for (which warns),
+Unlike LENAS's published KDA-Net code, the ground truth is always part of the loss unless
+alpha_gt = 0 is asked for (which warns),
 and the discriminator is trained: its own Adam, one update per student step on the teacher's
 (or the reference) dose against the student's detached prediction, before the student's update
 (alternating, as in a GAN), its weights and optimizer state in every checkpoint.
@@ -256,8 +256,9 @@ class DistillObjective(Objective):
         labeled = batch["labeled"].float().view(-1, *(1,) * (pred.dim() - 1)) if "labeled" in batch else 1.0
         w_gt = a * labeled
         blend = self.combine == "blend" and a + b > 0
-        with torch.set_grad_enabled(not blend):  # both terms are logged either way
-            gt = masked_loss(pred, batch["target"], mask * labeled, self.kind)  # over the labeled samples
+        with torch.no_grad():  # logged only, over the labeled samples
+            gt = masked_loss(pred, batch["target"], mask * labeled, self.kind)
+        with torch.set_grad_enabled(not blend):  # logged, and in `sum` a term of the loss
             teacher = masked_loss(pred, batch["teacher"], mask, self.kind)
         if blend:
             w = w_gt + b

@@ -1,9 +1,9 @@
 """The teacher's predictions, computed once and cached in HDF5, and the dataset that serves them.
 
 Running the ensemble at every distillation step would cost all its members' forward passes per
-step. Instead every training, unlabeled and validation patient is predicted once, as `nasdose predict`
-predicts it (on the data set's grid, non-negative, zero outside the possible-dose mask), into
-a nasdose predictions file (teacher.h5). A training item then carries the teacher's prediction
+step. Instead every training, unlabeled and validation patient is predicted once, as `nasdose
+predict` predicts it (on the data set's grid, non-negative, zero outside the possible-dose
+mask), into a nasdose predictions file (teacher.h5). A training item then carries the teacher's prediction
 moved by the same augmentation as its input, target and mask.
 
 The cache is keyed by a SHA-256 of the teacher's files (ensemble.yaml with its members'

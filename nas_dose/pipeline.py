@@ -163,10 +163,10 @@ def search_overrides(ctx: Context) -> list[str]:
                      "evaluator: {supernet_steps: 200, batch_size: 2}}"]
 
 
-def _budget(ctx: Context, epochs: int) -> list[str]:
-    """Member and student training: `epochs` of the standard recipe (quick: one tiny epoch)."""
+def _budget(ctx: Context) -> list[str]:
+    """Member and student training: `ctx.epochs` of the standard recipe (quick: one tiny epoch)."""
     budget = (["train.epochs=1", "train.data.batch_size=1", "train.data.augment.enabled=false", "runtime.threads=1"]
-              if ctx.quick else [f"train.epochs={epochs}", f"train.optim.lr={LR}"])
+              if ctx.quick else [f"train.epochs={ctx.epochs}", f"train.optim.lr={LR}"])
     return budget + [f"seed={ctx.seed}"]
 
 
@@ -185,7 +185,7 @@ def _search(ctx: Context) -> None:
 
 def _ensemble(ctx: Context) -> None:
     out, resume = _stage_folder(ctx, "ensemble")
-    cfg = load_config(EnsembleConfig, overrides=[*_budget(ctx, ctx.epochs), "selection.method=greedy",
+    cfg = load_config(EnsembleConfig, overrides=[*_budget(ctx), "selection.method=greedy",
                                                  "selection.combination=weighted", f"plots={1 if ctx.quick else 3}"])
     run_ensemble(ctx.out / "search" / "pool.yaml", ctx.data, out, cfg, resume=resume)
 
@@ -195,7 +195,7 @@ STUDENT = "unet3d:widths=8,16,32"  # a quarter of the members' width, no fifth l
 
 def _distill(ctx: Context) -> None:
     out, resume = _stage_folder(ctx, "distill")
-    overrides = [f"student={'unet3d:widths=2,4' if ctx.quick else STUDENT}", *_budget(ctx, ctx.epochs)]
+    overrides = [f"student={'unet3d:widths=2,4' if ctx.quick else STUDENT}", *_budget(ctx)]
     if ctx.quick:
         overrides += ["latency.size=16", "latency.runs=1"]
     cfg = load_config(DistillConfig, overrides=overrides)

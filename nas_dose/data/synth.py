@@ -77,9 +77,10 @@ def synth_patients(n: int, grid: int, seed: int, unlabeled: int = 0) -> Iterator
         raise NasDoseError(f"synth: the number of unlabeled patients must be >= 0 (got {unlabeled!r})")
     for index in range(n + unlabeled):
         patient = synth_patient(index, grid, seed)
-        patient.attrs["split"] = split_for(index, n) if index < n else "unlabeled"
-        if index >= n:
-            patient.dose = None
+        if index < n:
+            patient.attrs["split"] = split_for(index, n)
+        else:
+            patient.attrs["split"], patient.dose = "unlabeled", None
         yield patient
 
 
