@@ -24,7 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("ensemble", "nas_dose.ensemble", "train a pool's members, select and weight them on validation"),
     ("distill", "nas_dose.distill.cli", "distil an ensemble into one compact student; comparison table"),
     ("evaluate", "nas_dose.evaluate", "OpenKBP dose and DVH scores, per-structure table and plots"),
-    ("pipeline", "nas_dose.pipeline", "run the whole pipeline end to end on the synthetic default"),
+    ("pipeline", "nas_dose.pipeline", "run the whole pipeline end to end (synthetic default, or --data)"),
 ]
 
 

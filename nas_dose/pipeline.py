@@ -1,13 +1,16 @@
-"""Run the whole pipeline end to end on the embedded synthetic data set.
+"""Run the whole pipeline end to end: on the embedded synthetic data set, or on your own.
 
   nasdose pipeline --out DIR [--patients N] [--unlabeled M] [--grid G] [--epochs E] [--seed S] [--quick]
+  nasdose pipeline --out DIR --data SRC [--grid G] [--epochs E] [--seed S]
 
 Stages, in order, each skipped when its outputs already exist, so an interrupted pipeline
 resumes where it stopped (interrupted training, search, ensemble and distillation runs resume
 from their checkpoints). Delete a stage's outputs to redo it and every stage after it.
 
   data       DIR/data.h5                       synthetic phantoms (train / validation / test, and
-                                               M unlabeled ones, without a dose, for the student)
+                                               M unlabeled ones, without a dose, for the student);
+                                               with --data, the OpenKBP tree SRC imported at the grid
+                                               (a nasdose data set SRC.h5 is read where it lies)
   train      DIR/train/unet3d/                 the hand-designed 3D U-Net baseline
   search     DIR/search/pool.yaml              regularized evolution in the LENAS space: K accurate,
                                                diverse genotypes (weights inherited from a supernet)
@@ -34,11 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import int_at_least, load_config
+from .data.cli import import_tree
 from .data.store import open_data, write_dataset
 from .data.synth import synth_patients
 from .distill.cli import DistillConfig, run_distill
 from .ensemble import EnsembleConfig, run_ensemble
-from .errors import input_error
+from .errors import NasDoseError, input_error
 from .evaluate import evaluate_predictions
 from .io import load_yaml, save_yaml
 from .predict import load_predictor, write_outputs
@@ -69,11 +73,36 @@ class Context:
     quick: bool
     unlabeled: int = 0
     epochs: int = MEMBER_EPOCHS
+    source: Path | None = None  # an OpenKBP tree or a nasdose data set; None: synthetic phantoms
     models: dict[str, Path] = field(default_factory=dict)
 
     @property
     def data(self) -> Path:
+        if self.source is not None and self.source.is_file():
+            return self.source
         return self.out / "data.h5"
+
+
+def check_source(source: Path, grid: int | None, default_grid: int) -> int:
+    """A user's data for the pipeline: a data set with training and validation doses, or an
+    OpenKBP tree; the grid to run at (a data set's own; a tree is imported at `grid`)."""
+    if not source.exists():
+        raise input_error(source, "not found")
+    if not source.is_file():
+        return grid or default_grid
+    with open_data(source) as data:
+        if data.kind != "dataset":
+            raise input_error(source, "a prediction file, not a data set")
+        for split in ("train", EVAL_SPLIT):
+            ids = data.ids(split)
+            with_dose = sum(data.has_dose(pid) for pid in ids)
+            if not ids or with_dose < len(ids):
+                raise input_error(source, f"the pipeline needs {split} patients with a dose "
+                                          f"({len(ids)} {split} patients, {with_dose} with a dose)")
+        if grid is not None and grid != data.grid:
+            raise input_error(source, f"holds a {data.grid}^3 grid, not --grid {grid} (import the tree again "
+                                      "with nasdose data import --grid, or leave --grid out)")
+        return data.grid
 
 
 @dataclass(frozen=True)
@@ -91,6 +120,9 @@ class Stage:
 
 
 def _make_data(ctx: Context) -> None:
+    if ctx.source is not None:
+        import_tree(ctx.source, ctx.data, ctx.grid)
+        return
     write_dataset(ctx.data, synth_patients(ctx.patients, ctx.grid, ctx.seed, ctx.unlabeled),
                   source=f"synth:seed={ctx.seed}", grid=ctx.grid, total=ctx.patients + ctx.unlabeled)
 
@@ -218,6 +250,9 @@ def run_pipeline(ctx: Context, stages: list[Stage] = STAGES) -> None:
     """Run the stages in order, skipping those whose outputs exist."""
     settings = {"patients": ctx.patients, "unlabeled": ctx.unlabeled, "grid": ctx.grid, "epochs": ctx.epochs,
                 "seed": ctx.seed, "quick": ctx.quick}
+    if ctx.source is not None:
+        settings = {"data": str(ctx.source.resolve()), "grid": ctx.grid, "epochs": ctx.epochs, "seed": ctx.seed,
+                    "quick": ctx.quick}
     record = ctx.out / "config.yaml"
     if record.exists() and (earlier := load_yaml(record)) != settings:
         raise input_error(record, f"this folder holds a pipeline run with other settings ({earlier}); "
@@ -263,6 +298,10 @@ def report(ctx: Context) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--data", type=Path, metavar="SRC",
+                        help="your data instead of the synthetic phantoms: an OpenKBP tree (imported at "
+                             "--grid) or a data set from nasdose data import; it needs train and validation "
+                             "patients with a dose")
     parser.add_argument("--patients", type=int_at_least(1), help="synthetic patients (default 24, quick 8)")
     parser.add_argument("--unlabeled", type=int_at_least(0), default=0,
                         help="more synthetic patients without a dose, which the student learns from the "
@@ -276,8 +315,16 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 
 def main(args: argparse.Namespace) -> None:
-    ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, unlabeled=args.unlabeled, epochs=args.epochs,
-                  patients=args.patients or (8 if args.quick else 24),
-                  grid=args.grid or (16 if args.quick else 32))
+    if args.data is not None:
+        used = [flag for flag, value in (("--patients", args.patients), ("--unlabeled", args.unlabeled)) if value]
+        if used:
+            raise NasDoseError(f"{' and '.join(used)}: for the synthetic data set only, not with --data "
+                               "(an unlabeled/ folder in an OpenKBP tree holds patients without a plan)")
+        ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, epochs=args.epochs, patients=0,
+                      grid=check_source(args.data, args.grid, 16 if args.quick else 32), source=args.data)
+    else:
+        ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, unlabeled=args.unlabeled,
+                      epochs=args.epochs, patients=args.patients or (8 if args.quick else 24),
+                      grid=args.grid or (16 if args.quick else 32))
     run_pipeline(ctx)
     print(report(ctx))

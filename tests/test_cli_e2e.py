@@ -3,12 +3,14 @@ import json
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from nas_dose import pipeline
 from nas_dose.cli import main
 from nas_dose.data.store import open_data
+from nas_dose.io import load_yaml
 from nas_dose.pipeline import STAGES, Context, train_overrides
 from nas_dose.scores import dose_error
 
@@ -136,3 +138,76 @@ def test_pipeline_epochs_set_every_training_budget(tmp_path, monkeypatch):
         if stage.name in ("ensemble", "distill"):
             stage.run(ctx)
     assert seen["ensemble"].train.epochs == seen["distill"].train.epochs == 200
+
+
+def _openkbp_tree(root: Path, grid: int = 16) -> Path:
+    """Eight synthetic phantoms as an OpenKBP npz tree: six in train/, two in validation/."""
+    from nas_dose.data.synth import synth_patients
+
+    for p in synth_patients(8, grid, seed=3):
+        folder = root / p.attrs["split"] if p.attrs["split"] == "validation" else root / "train"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(folder / f"{p.id}.npz", ct=p.ct, dose=p.dose, possible_dose_mask=p.possible_dose_mask,
+                            voxel_dimensions_mm=np.array(p.voxel_mm, np.float32), **p.structures)
+    return root
+
+
+def test_pipeline_on_an_openkbp_tree(tmp_path, capsys):
+    """--data: the tree is imported into DIR/data.h5 and every stage runs on its patients."""
+    tree = _openkbp_tree(tmp_path / "kbp")
+    out = tmp_path / "pipe"
+    capsys.readouterr()
+    assert main(["pipeline", "--out", str(out), "--data", str(tree), "--grid", "16", "--quick", "-q"]) == 0
+    report = capsys.readouterr().out
+    with open_data(out / "data.h5") as data:
+        assert data.attrs["source"] == f"openkbp:{tree.resolve()}" and data.grid == 16
+        validation = data.ids("validation")
+    assert len(validation) == len(list((tree / "validation").glob("*.npz"))) > 0
+    for name in ("unet3d", "ensemble", "student"):
+        with open_data(out / "predict" / name / "predictions.h5") as pred:
+            assert pred.ids() == validation
+    assert "student arch., no distillation" in report
+    assert load_yaml(out / "config.yaml")["data"] == str(tree.resolve())
+
+
+def test_pipeline_reads_a_data_set_where_it_lies(tmp_path, monkeypatch):
+    """--data D.h5: no copy in DIR, the data stage skipped, the grid the file's own."""
+    assert main(["data", "synth", str(tmp_path / "d.h5"), "--patients", "8", "--grid", "16", "-q"]) == 0
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda ctx: seen.append(ctx))
+    monkeypatch.setattr(pipeline, "report", lambda ctx: "")
+    assert main(["pipeline", "--out", str(tmp_path / "pipe"), "--data", str(tmp_path / "d.h5")]) == 0
+    ctx = seen[0]
+    assert ctx.data == tmp_path / "d.h5" and ctx.grid == 16 and not ctx.quick
+    assert all(p.exists() for p in STAGES[0].outputs(ctx))  # so the data stage is skipped
+
+
+@pytest.mark.parametrize("case", ["patients", "grid", "no validation", "unlabeled validation", "missing",
+                                  "predictions"])
+def test_pipeline_refuses_unusable_data(tmp_path, capsys, case):
+    data = tmp_path / "d.h5"
+    assert main(["data", "synth", str(data), "--patients", "8", "--grid", "16", "-q"]) == 0
+    extra: list[str] = []
+    if case == "patients":
+        extra = ["--patients", "4"]
+    elif case == "grid":
+        extra = ["--grid", "32"]
+    elif case in ("no validation", "unlabeled validation"):
+        with h5py.File(data, "a") as f:
+            for group in [g for g in f["patients"].values() if g.attrs["split"] == "validation"]:
+                if case == "no validation":
+                    group.attrs["split"] = "train"
+                else:
+                    del group["dose"]
+                    break
+    elif case == "missing":
+        data = tmp_path / "nowhere"
+    else:
+        with h5py.File(data, "a") as f:
+            f.attrs["nasdose_format"] = "predictions"
+    code, err = nasdose(capsys, "pipeline", "--out", tmp_path / "pipe", "--data", data, *extra)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    named = {"patients": "--patients", "grid": "--grid 32", "no validation": "validation patients",
+             "unlabeled validation": "1 with a dose", "missing": "not found", "predictions": "prediction file"}[case]
+    assert named in err, err
+    assert not (tmp_path / "pipe").exists()

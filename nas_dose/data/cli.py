@@ -62,12 +62,16 @@ def _downsampled(sources: list[PatientSource], grid: int) -> Iterator[Patient]:
         yield downsample_patient(p, resample_factor(p.grid, grid))
 
 
-def import_command(args: argparse.Namespace) -> None:
-    src = args.src.resolve()
+def import_tree(src: Path, out: Path, grid: int) -> None:
+    """An OpenKBP tree (CSV or npz layout) -> one data set at `grid`, written atomically."""
+    src = src.resolve()
     sources = discover(src)
-    write_dataset(args.out, _downsampled(sources, args.grid), source=f"openkbp:{src}", grid=args.grid,
-                  total=len(sources))
-    say(f"wrote {args.out}: {_n_patients(len(sources))} on a {args.grid}^3 grid")
+    write_dataset(out, _downsampled(sources, grid), source=f"openkbp:{src}", grid=grid, total=len(sources))
+    say(f"wrote {out}: {_n_patients(len(sources))} on a {grid}^3 grid")
+
+
+def import_command(args: argparse.Namespace) -> None:
+    import_tree(args.src, args.out, args.grid)
 
 
 def synth_command(args: argparse.Namespace) -> None:
