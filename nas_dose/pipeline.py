@@ -24,9 +24,10 @@ Every model is chosen on the validation split; the test patients are never read.
 the comparison table (scores, parameters, FLOPs, CPU latency, file size) and the path of every
 artifact. The default budget (--epochs 60) took 18.5 minutes on 2 busy CPU cores (one thread);
 at it every network is still improving (README, "Results so far": at 200 epochs the ensemble is
-a much better teacher). On the 202 OpenKBP patients of ../shared/openkbp at 32³, --epochs 30
-took 76 minutes on one thread. --quick is a smoke run for tests (tiny grid, models and budgets)
-whose numbers mean nothing; with --data it checks that your data goes through every stage.
+a better teacher, yet a student given as many steps as its members beats it). On the 202
+OpenKBP patients of ../shared/openkbp at 32³, --epochs 30 took 76 minutes on one thread.
+--quick is a smoke run for tests (tiny grid, models and budgets) whose numbers mean nothing;
+with --data it checks that your data goes through every stage.
 """
 from __future__ import annotations
 
@@ -76,12 +77,11 @@ class Context:
     epochs: int = MEMBER_EPOCHS
     source: Path | None = None  # an OpenKBP tree or a nasdose data set; None: synthetic phantoms
     models: dict[str, Path] = field(default_factory=dict)
+    data: Path = field(init=False)  # the data set every stage reads: a given one, or DIR/data.h5
 
-    @property
-    def data(self) -> Path:
-        if self.source is not None and self.source.is_file():
-            return self.source
-        return self.out / "data.h5"
+    def __post_init__(self) -> None:
+        given = self.source is not None and self.source.is_file()
+        self.data = self.source if given else self.out / "data.h5"
 
 
 def check_source(source: Path, grid: int | None, default_grid: int) -> int:
@@ -249,11 +249,9 @@ STAGES: list[Stage] = [
 
 def run_pipeline(ctx: Context, stages: list[Stage] = STAGES) -> None:
     """Run the stages in order, skipping those whose outputs exist."""
-    settings = {"patients": ctx.patients, "unlabeled": ctx.unlabeled, "grid": ctx.grid, "epochs": ctx.epochs,
-                "seed": ctx.seed, "quick": ctx.quick}
-    if ctx.source is not None:
-        settings = {"data": str(ctx.source.resolve()), "grid": ctx.grid, "epochs": ctx.epochs, "seed": ctx.seed,
-                    "quick": ctx.quick}
+    data = ({"patients": ctx.patients, "unlabeled": ctx.unlabeled} if ctx.source is None
+            else {"data": str(ctx.source.resolve())})
+    settings = {**data, "grid": ctx.grid, "epochs": ctx.epochs, "seed": ctx.seed, "quick": ctx.quick}
     record = ctx.out / "config.yaml"
     if record.exists() and (earlier := load_yaml(record)) != settings:
         raise input_error(record, f"this folder holds a pipeline run with other settings ({earlier}); "
@@ -316,16 +314,17 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 
 def main(args: argparse.Namespace) -> None:
+    default_grid = 16 if args.quick else 32
     if args.data is not None:
         used = [flag for flag, value in (("--patients", args.patients), ("--unlabeled", args.unlabeled)) if value]
         if used:
             raise NasDoseError(f"{' and '.join(used)}: for the synthetic data set only, not with --data "
                                "(an unlabeled/ folder in an OpenKBP tree holds patients without a plan)")
         ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, epochs=args.epochs, patients=0,
-                      grid=check_source(args.data, args.grid, 16 if args.quick else 32), source=args.data)
+                      grid=check_source(args.data, args.grid, default_grid), source=args.data)
     else:
         ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, unlabeled=args.unlabeled,
                       epochs=args.epochs, patients=args.patients or (8 if args.quick else 24),
-                      grid=args.grid or (16 if args.quick else 32))
+                      grid=args.grid or default_grid)
     run_pipeline(ctx)
     print(report(ctx))

@@ -145,7 +145,7 @@ def _openkbp_tree(root: Path, grid: int = 16) -> Path:
     from nas_dose.data.synth import synth_patients
 
     for p in synth_patients(8, grid, seed=3):
-        folder = root / p.attrs["split"] if p.attrs["split"] == "validation" else root / "train"
+        folder = root / ("validation" if p.attrs["split"] == "validation" else "train")
         folder.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(folder / f"{p.id}.npz", ct=p.ct, dose=p.dose, possible_dose_mask=p.possible_dose_mask,
                             voxel_dimensions_mm=np.array(p.voxel_mm, np.float32), **p.structures)
