@@ -135,7 +135,15 @@ def train_overrides(ctx: Context) -> list[str]:
     if ctx.quick:
         return ["model.kwargs.widths=[4, 8, 16]", "epochs=2", "data.batch_size=1", "optim.lr=0.003",
                 "data.augment.enabled=false", "runtime.threads=1", f"seed={ctx.seed}"]
-    return [f"epochs={max(1, ctx.epochs // 2)}", f"optim.lr={LR}", f"seed={ctx.seed}"]
+    return [f"model.kwargs.widths={reference_widths(ctx.grid)}", f"epochs={max(1, ctx.epochs // 2)}",
+            f"optim.lr={LR}", f"seed={ctx.seed}"]
+
+
+def reference_widths(grid: int) -> list[int]:
+    """The standard unet3d's widths (16 to 256), the deepest levels dropped on a small grid so
+    the bottleneck keeps at least 2 voxels a side (instance norm needs more than one)."""
+    levels = max(2, min(5, int(math.log2(max(grid, 1)))))
+    return [16 * 2 ** i for i in range(levels)]
 
 
 def _reference_run(ctx: Context) -> Path:

@@ -14,6 +14,7 @@ rank steps on its share, validation is shared out and summed, and rank 0 writes 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -35,7 +36,7 @@ from .config import (
     to_dict,
 )
 from .data.augment import AugmentConfig
-from .data.dataset import DoseDataset, make_loader
+from .data.dataset import IN_CHANNELS, DoseDataset, make_loader
 from . import distributed
 from .data.patient import DOSE_SCALE_GY
 from .errors import NasDoseError, input_error
@@ -421,6 +422,14 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def check_input_size(model: nn.Module, grid: int) -> None:
+    """Fail before anything is written when the network cannot take `grid`³ volumes (a U-Net
+    too deep for the grid), not at the first step: one forward on the meta device (shapes only,
+    no memory, no arithmetic)."""
+    with torch.no_grad():
+        copy.deepcopy(model).to("meta")(torch.empty(1, IN_CHANNELS, grid, grid, grid, device="meta"))
+
+
 class _Trainer:
     """One training run: set up (or restored from a checkpoint), then stepped to its end."""
 
@@ -434,6 +443,7 @@ class _Trainer:
         self.train_set = self.objective.train_set(data, config)
         if self.train_set.data.kind != "dataset":
             raise input_error(data, "is a prediction file, not a data set")
+        check_input_size(model, self.train_set.grid)
         # Under torchrun each rank takes its share of every batch: data.batch_size is the global batch.
         workers = rt.loader_workers(config.data.num_workers)
         self.train_loader = make_loader(self.train_set, config.data.batch_size, shuffle=True,

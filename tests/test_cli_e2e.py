@@ -9,10 +9,12 @@ import pytest
 
 from nas_dose import pipeline
 from nas_dose.cli import main
+from nas_dose.config import load_config
 from nas_dose.data.store import open_data
 from nas_dose.io import load_yaml
 from nas_dose.pipeline import STAGES, Context, train_overrides
 from nas_dose.scores import dose_error
+from nas_dose.train import TrainConfig, build_model, check_input_size
 
 # Learns in seconds on the 16³ grid: a small U-Net, one patient per step, one thread.
 TRAIN = ["model.kwargs.widths=[8, 16, 32]", "epochs=8", "data.batch_size=1", "optim.lr=0.01",
@@ -138,6 +140,15 @@ def test_pipeline_epochs_set_every_training_budget(tmp_path, monkeypatch):
         if stage.name in ("ensemble", "distill"):
             stage.run(ctx)
     assert seen["ensemble"].train.epochs == seen["distill"].train.epochs == 200
+
+
+@pytest.mark.parametrize("grid, levels", [(16, 4), (32, 5), (128, 5)])
+def test_reference_unet_fits_every_grid(tmp_path, grid, levels):
+    """The standard 5-level unet3d, a level fewer at 16³ where its bottleneck would be 1 voxel."""
+    cfg = load_config(TrainConfig, overrides=train_overrides(Context(out=tmp_path, patients=24, grid=grid,
+                                                                     seed=0, quick=False)))
+    assert cfg.model.kwargs["widths"] == [16, 32, 64, 128, 256][:levels]
+    check_input_size(build_model(cfg.model), grid)
 
 
 def _openkbp_tree(root: Path, grid: int = 16) -> Path:

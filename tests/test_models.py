@@ -181,3 +181,11 @@ def test_register_a_factory(monkeypatch):
         register_model("linear_dose")(lambda: nn.Identity())
     with pytest.raises(NasDoseError, match="not a class or function"):
         register_model("broken")(42)
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (32, 32, 16)])
+def test_unet3d_too_deep_for_its_input_is_a_clear_error(shape):
+    """Five levels halve 16 voxels down to 1, where instance norm has nothing to normalize."""
+    with pytest.raises(NasDoseError, match=r"too small for 5 levels"):
+        create_model("unet3d")(_input(1, shape))
+    assert create_model("unet3d", widths=(4, 8, 16, 32))(_input(1, shape)).shape == (1, 1, *shape)

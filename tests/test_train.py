@@ -223,6 +223,8 @@ def test_out_of_memory_in_the_first_step_is_a_user_error_before_any_checkpoint(d
     model = fresh(cfg)
 
     def too_big(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "meta":  # the shape check before the run folder: no memory used
+            return x[:, :1]
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
 
     model.forward = too_big
@@ -231,6 +233,13 @@ def test_out_of_memory_in_the_first_step_is_a_user_error_before_any_checkpoint(d
         train_model(model, cfg, data, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_network_too_deep_for_the_grid_fails_before_the_run_folder_is_written(data, tmp_path):
+    cfg = config("model.kwargs.widths=[4, 8, 16, 32, 64]")  # 16³ halved four times: 1 voxel
+    with pytest.raises(NasDoseError, match=r"16x16x16 voxels is too small for 5 levels"):
+        train_model(fresh(cfg), cfg, data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_loader_workers_default_to_auto_which_is_0_on_cpu(data):

@@ -12,6 +12,7 @@ from torch import nn
 
 from .blocks import (DoubleConv, check_dropout, check_positive, check_widths, conv,
                      crop_to, downsample, pad_to_multiple, upsample)
+from ..errors import NasDoseError
 from .registry import register_model
 
 
@@ -31,7 +32,7 @@ class UNet(nn.Module):
         out_channels = check_positive("out_channels", out_channels)
         widths = check_widths(widths)
         dropout = check_dropout(dropout)
-        self.dims = dims
+        self.dims, self.norm = dims, norm
         self.factor = 2 ** (len(widths) - 1)
         block = dict(dims=dims, norm=norm, act=act, dropout=dropout)
         self.encoders = nn.ModuleList([DoubleConv(in_channels=in_channels, out_channels=widths[0], **block)])
@@ -47,6 +48,11 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-self.dims:]
+        # Instance norm needs more than one voxel: check the deepest level's size after padding.
+        if self.norm == "instance" and any(-(-n // self.factor) < 2 for n in size):
+            raise NasDoseError(f"U-Net: an input of {'x'.join(map(str, size))} voxels is too small for "
+                               f"{len(self.encoders)} levels with instance norm (the deepest would be 1 "
+                               "voxel a side); use fewer widths or a larger grid")
         h = pad_to_multiple(x, self.factor, self.dims)
         skips = []
         for i, encoder in enumerate(self.encoders):
