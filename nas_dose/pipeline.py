@@ -24,8 +24,9 @@ Every model is chosen on the validation split; the test patients are never read.
 the comparison table (scores, parameters, FLOPs, CPU latency, file size) and the path of every
 artifact. The default budget (--epochs 60) took 18.5 minutes on 2 busy CPU cores (one thread);
 at it every network is still improving, and the distilled student does not beat its twin
-(README, "Results so far": it does once every network is trained to convergence and the
-student also learns from --unlabeled patients, measured at 16³ with 733 epochs). On the 202
+(README, "Results so far": it did at 16³ once every network was trained to convergence, the
+teacher was better than a converged student, and the student also learned from --unlabeled
+patients). On the 202
 OpenKBP patients of ../shared/openkbp at 32³, --epochs 30 took 76 minutes on one thread.
 --quick is a smoke run for tests (tiny grid, models and budgets) whose numbers mean nothing;
 with --data it checks that your data goes through every stage.
