@@ -27,7 +27,6 @@ augmented input at each step (no gradients) while hints are on. They are off by 
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from ..config import ConfigError
 from ..data.dataset import IN_CHANNELS
 from ..errors import NasDoseError
 from ..runtime import Runtime
+from ..search_spaces.measure import meta_forward
 from ..train import Objective, TrainConfig, masked_loss, share_weight
 from .teacher import TeacherDataset
 
@@ -170,11 +170,9 @@ class FeatureTap:
 def feature_channels(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> list[int]:
     """Channels of the input of each named module, from a forward pass on the meta device
     (nothing is computed)."""
-    meta = copy.deepcopy(model).to("meta")
-    tap = FeatureTap(meta, names, always=True)
-    with torch.no_grad():
-        meta(torch.empty(tuple(input_shape), device="meta"))
-    return [f.shape[1] for f in tap.take()]
+    taps: list[FeatureTap] = []
+    meta_forward(model, input_shape, prepare=lambda meta: taps.append(FeatureTap(meta, names, always=True)))
+    return [f.shape[1] for f in taps[0].take()]
 
 
 # ---------------------------------------------------------------------------------------------

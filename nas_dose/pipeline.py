@@ -26,8 +26,8 @@ artifact. The default budget (--epochs 60) took 18.5 minutes on 2 busy CPU cores
 at it every network is still improving, and the distilled student does not beat its twin
 (README, "Results so far": it did at 16³ once every network was trained to convergence, the
 teacher was better than a converged student, and the student also learned from --unlabeled
-patients). On the 202
-OpenKBP patients of ../shared/openkbp at 32³, --epochs 30 took 76 minutes on one thread.
+patients). On the 202 OpenKBP patients of ../shared/openkbp at 32³, --epochs 30 took 76
+minutes on one thread.
 --quick is a smoke run for tests (tiny grid, models and budgets) whose numbers mean nothing;
 with --data it checks that your data goes through every stage.
 """
@@ -49,6 +49,7 @@ from .ensemble import EnsembleConfig, run_ensemble
 from .errors import NasDoseError, input_error
 from .evaluate import evaluate_predictions
 from .io import load_yaml, save_yaml
+from .models.unet3d import UNET3D_WIDTHS
 from .predict import load_predictor, write_outputs
 from .progress import say
 from .runtime import Runtime, RuntimeConfig, seed_everything
@@ -142,10 +143,9 @@ def train_overrides(ctx: Context) -> list[str]:
 
 
 def reference_widths(grid: int) -> list[int]:
-    """The standard unet3d's widths (16 to 256), the deepest levels dropped on a small grid so
-    the bottleneck keeps at least 2 voxels a side (instance norm needs more than one)."""
-    levels = max(2, min(5, int(math.log2(max(grid, 1)))))
-    return [16 * 2 ** i for i in range(levels)]
+    """The standard unet3d's widths, the deepest levels dropped on a small grid so the bottleneck
+    keeps at least 2 voxels a side (instance norm needs more than one)."""
+    return list(UNET3D_WIDTHS[:max(2, grid.bit_length() - 1)])
 
 
 def _reference_run(ctx: Context) -> Path:

@@ -14,7 +14,6 @@ rank steps on its share, validation is shared out and summed, and rank 0 writes 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -424,10 +423,10 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_input_size(model: nn.Module, grid: int) -> None:
     """Fail before anything is written when the network cannot take `grid`³ volumes (a U-Net
-    too deep for the grid), not at the first step: one forward on the meta device (shapes only,
-    no memory, no arithmetic)."""
-    with torch.no_grad():
-        copy.deepcopy(model).to("meta")(torch.empty(1, IN_CHANNELS, grid, grid, grid, device="meta"))
+    too deep for the grid), not at the first step: one forward on the meta device."""
+    from .search_spaces.measure import meta_forward
+
+    meta_forward(model, (1, IN_CHANNELS, grid, grid, grid))
 
 
 class _Trainer:

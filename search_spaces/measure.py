@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,18 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     products; norms, activations and pooling are not counted), on a copy of the model on the
     meta device, so nothing is computed or allocated: any input size is cheap.
     """
-    meta = copy.deepcopy(model).to("meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        meta(torch.empty(tuple(input_shape), device="meta"))
+    with FlopCounterMode(display=False) as counter:
+        meta_forward(model, input_shape)
     return int(counter.get_total_flops())
+
+
+def meta_forward(model: nn.Module, input_shape: Sequence[int],
+                 prepare: Callable[[nn.Module], object] | None = None) -> torch.Tensor:
+    """One forward pass of a copy of `model` on the meta device: shapes only, nothing computed or
+    allocated, so any input size is cheap; a shape error surfaces as it would on real data.
+    `prepare` sees the copy first (to hook its modules)."""
+    meta = copy.deepcopy(model).to("meta")
+    if prepare is not None:
+        prepare(meta)
+    with torch.no_grad():
+        return meta(torch.empty(tuple(input_shape), device="meta"))

@@ -66,9 +66,12 @@ class UNet(nn.Module):
         return crop_to(self.head(h), size)
 
 
+UNET3D_WIDTHS = (16, 32, 64, 128, 256)  # the standard 3D U-Net's levels
+
+
 @register_model("unet3d", small={"widths": (4, 8, 16)})
 def unet3d(in_channels: int = 10, out_channels: int = 1,
-           widths: Sequence[int] = (16, 32, 64, 128, 256), norm: str = "instance",
+           widths: Sequence[int] = UNET3D_WIDTHS, norm: str = "instance",
            act: str = "relu", dropout: float = 0.0, down: str = "max_pool") -> UNet:
     """3D U-Net on (N, C, D, H, W) volumes. norm: instance | batch; act: relu | leaky_relu;
     down: max_pool | conv (a learned 2x2x2 stride-2 conv)."""
