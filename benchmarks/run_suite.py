@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 SUITE: tuple[tuple[str, str], ...] = (
     ("throughput", "bench_throughput"), ("kernels", "bench_kernels"), ("runtime", "bench_runtime"),
     ("loader", "bench_loader"), ("search", "bench_search"), ("strategies", "compare_strategies"),
-    ("distill", "bench_distill"),
+    ("distill", "bench_distill"), ("parallel", "bench_parallel"),
 )
 
 

@@ -59,6 +59,7 @@ from ..data.store import SPLITS, open_data
 from ..ensemble import Ensemble, load_predictor
 from ..errors import NasDoseError, input_error
 from ..io import atomic_path, load_json, save_json, write_text
+from ..parallel import run_side_by_side, worker_threads
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
 from ..scores import Scores, score_patients
@@ -101,7 +102,9 @@ class UnlabeledConfig:
 @dataclass
 class DistillConfig:
     """The student (`student`: a SPEC, or --student), its training (`train`, whose model, seed and
-    runtime are set by `student`, `seed` and `runtime`), the loss weights, and the report."""
+    runtime are set by `student`, `seed` and `runtime`), the loss weights, and the report.
+    `parallel: 2` trains the student and the baseline at once, in two processes sharing
+    `runtime.threads` (nas_dose.parallel); not under torchrun."""
 
     student: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -116,6 +119,7 @@ class DistillConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     seed: int = 0
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    parallel: int = 1
 
     def validate(self) -> None:
         for key, default, owner in (("model", ModelConfig(), "student"), ("runtime", RuntimeConfig(), "runtime"),
@@ -127,6 +131,8 @@ class DistillConfig:
             check_non_negative(key, getattr(self, key))
         if self.seed < 0:
             raise ConfigError(f"config key 'seed': must not be negative, got {self.seed}")
+        if self.parallel < 1:
+            raise ConfigError(f"config key 'parallel': must be at least 1, got {self.parallel}")
         if self.unlabeled.split in (self.train.data.train_split, self.train.data.val_split):
             raise ConfigError(f"config key 'unlabeled.split': '{self.unlabeled.split}' is the training or "
                               "validation split; its patients have a plan")
@@ -274,12 +280,18 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
                                  combine=cfg.combine, unlabeled_split=cfg.unlabeled.split if unlabeled_ids else None)
     say(f"distilling {teacher} into {cfg.student}"
         + (f", with {len(unlabeled_ids)} unlabeled patients taught by the teacher alone "
-           f"({student_cfg.epochs} epochs)" if unlabeled_ids else ""))
-    student_record = _train(student_cfg, data, out / "student", objective)
-    baseline_record = None
+           f"({student_cfg.epochs} epochs)" if unlabeled_ids else "")
+        + (", and training the same architecture without distillation (baseline)" if cfg.baseline else ""))
+    jobs = [(student_cfg, data, out / "student", objective)]
     if cfg.baseline:
-        say("training the same architecture without distillation (baseline)")
-        baseline_record = _train(train_cfg, data, out / "baseline", None)
+        jobs.append((train_cfg, data, out / "baseline", None))
+    workers = min(cfg.parallel, len(jobs))
+    if workers > 1:
+        threads = worker_threads(workers, cfg.runtime.threads)
+        jobs = [(replace(c, runtime=replace(c.runtime, threads=threads)), *rest) for c, *rest in jobs]
+        say(f"student and baseline side by side, {threads} thread(s) each")
+    records = run_side_by_side(_train, jobs, workers)
+    student_record, baseline_record = records[0], (records[1] if cfg.baseline else None)
     context = {"teacher": str(teacher), "data": str(data), "student": cfg.student, "teacher_key": key,
                "teacher_cache": str(cache), "teacher_recomputed": ran_teacher,
                "training_patients": {"labeled": len(train_ids), "unlabeled": len(unlabeled_ids)},

@@ -22,12 +22,11 @@ from their checkpoints). Delete a stage's outputs to redo it and every stage aft
 
 Every model is chosen on the validation split; the test patients are never read. It ends with
 the comparison table (scores, parameters, FLOPs, CPU latency, file size) and the path of every
-artifact. The default budget (--epochs 60) took 18.5 minutes on 2 busy CPU cores (one thread);
-at it every network is still improving, and the distilled student does not beat its twin
-(README, "Results so far": it did at 16³ once every network was trained to convergence, the
-teacher was better than a converged student, and the student also learned from --unlabeled
-patients). On the 202 OpenKBP patients of ../shared/openkbp at 32³, --epochs 30 took 76
-minutes on one thread.
+artifact. On a CPU with two cores or more, two networks train at once (ensemble members, and the
+student beside its baseline), each on its share of the threads (nas_dose.parallel). The
+synthetic default (24 phantoms at 16³ and 48 without a plan, 450 epochs) took 14 min 45 s on 2
+CPU cores; on the 202 OpenKBP patients of ../shared/openkbp at 32³, --epochs 30 took 76 minutes
+on one thread, one training at a time (README, "Results so far").
 --quick is a smoke run for tests (tiny grid, models and budgets) whose numbers mean nothing;
 with --data it checks that your data goes through every stage.
 """
@@ -36,9 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from .config import int_at_least, load_config
 from .data.cli import import_tree
@@ -57,11 +59,18 @@ from .strategies.cli import SearchConfig, SearchRun, prepare_out
 from .train import TrainConfig, build_model, train_model
 
 EVAL_SPLIT = "validation"
-# Training budget of the default run (18.5 minutes on 2 busy CPU cores in all): each ensemble
-# member, the distilled student and its baseline train MEMBER_EPOCHS (--epochs), the reference
-# U-Net half as many. At 60 epochs every network is still improving and the ensemble is hardly a
-# better teacher than the student alone (README, "Results so far").
-MEMBER_EPOCHS = 60
+# The synthetic default: 24 phantoms at 16³ and 48 more without a plan, on which the student
+# learns from the teacher alone. Each ensemble member, the distilled student and its baseline
+# train SYNTH_EPOCHS (--epochs; 4,050 steps), the reference U-Net half as many. Distillation
+# needs a teacher clearly better than the student alone: at 300 epochs the members' ensemble
+# (3.30 Gy on validation) taught a student that beat its twin in 1 of 3 seeds there (README,
+# "Results so far"). On your data (--data) the default is DATA_EPOCHS at 32³.
+SYNTH_GRID, SYNTH_PATIENTS, SYNTH_UNLABELED, SYNTH_EPOCHS = 16, 24, 48, 450
+DATA_GRID, DATA_EPOCHS = 32, 30
+# Steps of the supernet that scores the search's candidates: at 200 the 16³ search kept mostly
+# shallow cells (op2 = identity) whose ensemble, trained 300 epochs, was a weaker teacher (3.43 Gy
+# on validation) than the pool of a 32³ search (3.23 Gy); at 1000 it kept two deep ones.
+SUPERNET_STEPS = 1000
 # Adam's step for these short runs (a few hundred steps): at 60 epochs lr 1e-3 took the student
 # from 4.82 to 3.99 Gy and the members from 4.62-4.98 to 4.02-4.30 Gy against the engine's 3e-4.
 LR = 1e-3
@@ -77,7 +86,7 @@ class Context:
     seed: int
     quick: bool
     unlabeled: int = 0
-    epochs: int = MEMBER_EPOCHS
+    epochs: int = SYNTH_EPOCHS
     source: Path | None = None  # an OpenKBP tree or a nasdose data set; None: synthetic phantoms
     models: dict[str, Path] = field(default_factory=dict)
     data: Path = field(init=False)  # the data set every stage reads: a given one, or DIR/data.h5
@@ -132,9 +141,8 @@ def _make_data(ctx: Context) -> None:
 
 
 def train_overrides(ctx: Context) -> list[str]:
-    """The reference model's budget: the standard unet3d for half the members' epochs (30) at lr LR
-    (at 15 epochs it scored 6.5 Gy on the default synthetic set's validation patients, where the
-    mean dose scores 18.1 Gy and zero 22.9 Gy). --quick: seconds, numbers meaningless."""
+    """The reference model's budget: the standard unet3d (its deepest level dropped on a small
+    grid) for half the members' epochs at lr LR. --quick: seconds, numbers meaningless."""
     if ctx.quick:
         return ["model.kwargs.widths=[4, 8, 16]", "epochs=2", "data.batch_size=1", "optim.lr=0.003",
                 "data.augment.enabled=false", "runtime.threads=1", f"seed={ctx.seed}"]
@@ -203,14 +211,24 @@ def search_overrides(ctx: Context) -> list[str]:
         return common + ["macro={stem: 2, widths: [4, 8]}", "options={budget: 4, population: 3, sample: 2, "
                          "evaluator: {supernet_steps: 4, batch_size: 1}}", "runtime.threads=1"]
     return common + ["macro={stem: 8, widths: [16, 32, 64]}", "options={budget: 16, population: 6, sample: 3, "
-                     "evaluator: {supernet_steps: 200, batch_size: 2}}"]
+                     f"evaluator: {{supernet_steps: {SUPERNET_STEPS}, batch_size: 2}}}}"]
 
 
 def _budget(ctx: Context) -> list[str]:
-    """Member and student training: `ctx.epochs` of the standard recipe (quick: one tiny epoch)."""
+    """Member and student training: `ctx.epochs` of the standard recipe (quick: one tiny epoch),
+    side by side where that is faster (`side_by_side`)."""
     budget = (["train.epochs=1", "train.data.batch_size=1", "train.data.augment.enabled=false", "runtime.threads=1"]
               if ctx.quick else [f"train.epochs={ctx.epochs}", f"train.optim.lr={LR}"])
-    return budget + [f"seed={ctx.seed}"]
+    return budget + [f"seed={ctx.seed}", f"parallel={side_by_side(ctx.quick)}"]
+
+
+def side_by_side(quick: bool) -> int:
+    """Trainings at once: two on a CPU with two cores or more, where small networks train as fast
+    on one thread as on two (nas_dose.parallel); one on a GPU, or in a --quick smoke run (whose
+    trainings take less time than starting a process)."""
+    if quick or torch.cuda.is_available():
+        return 1
+    return min(2, os.cpu_count() or 1)
 
 
 def _stage_folder(ctx: Context, name: str) -> tuple[Path, bool]:
@@ -311,30 +329,35 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="your data instead of the synthetic phantoms: an OpenKBP tree (imported at "
                              "--grid) or a data set from nasdose data import; it needs train and validation "
                              "patients with a dose")
-    parser.add_argument("--patients", type=int_at_least(1), help="synthetic patients (default 24, quick 8)")
-    parser.add_argument("--unlabeled", type=int_at_least(0), default=0,
+    parser.add_argument("--patients", type=int_at_least(1),
+                        help=f"synthetic patients with a dose (default {SYNTH_PATIENTS}, quick 8)")
+    parser.add_argument("--unlabeled", type=int_at_least(0),
                         help="more synthetic patients without a dose, which the student learns from the "
-                             "teacher alone (default %(default)s)")
-    parser.add_argument("--grid", type=int_at_least(1), help="grid size (default 32, quick 16)")
-    parser.add_argument("--epochs", type=int_at_least(1), default=MEMBER_EPOCHS,
+                             f"teacher alone (default {SYNTH_UNLABELED}, quick 0)")
+    parser.add_argument("--grid", type=int_at_least(1),
+                        help=f"grid size (default {SYNTH_GRID} for the phantoms, {DATA_GRID} for an OpenKBP tree)")
+    parser.add_argument("--epochs", type=int_at_least(1),
                         help="epochs of each ensemble member, the student and its baseline; the reference "
-                             "U-Net half as many (default %(default)s; quick: 1)")
+                             f"U-Net half as many (default {SYNTH_EPOCHS} on the phantoms, {DATA_EPOCHS} with "
+                             "--data; quick: 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds (for tests)")
 
 
 def main(args: argparse.Namespace) -> None:
-    default_grid = 16 if args.quick else 32
     if args.data is not None:
-        used = [flag for flag, value in (("--patients", args.patients), ("--unlabeled", args.unlabeled)) if value]
+        used = [flag for flag, value in (("--patients", args.patients), ("--unlabeled", args.unlabeled))
+                if value is not None]
         if used:
             raise NasDoseError(f"{' and '.join(used)}: for the synthetic data set only, not with --data "
                                "(an unlabeled/ folder in an OpenKBP tree holds patients without a plan)")
-        ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, epochs=args.epochs, patients=0,
-                      grid=check_source(args.data, args.grid, default_grid), source=args.data)
+        ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, epochs=args.epochs or DATA_EPOCHS,
+                      patients=0, grid=check_source(args.data, args.grid, 16 if args.quick else DATA_GRID),
+                      source=args.data)
     else:
-        ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, unlabeled=args.unlabeled,
-                      epochs=args.epochs, patients=args.patients or (8 if args.quick else 24),
-                      grid=args.grid or default_grid)
+        unlabeled = args.unlabeled if args.unlabeled is not None else (0 if args.quick else SYNTH_UNLABELED)
+        ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, unlabeled=unlabeled,
+                      epochs=args.epochs or SYNTH_EPOCHS, grid=args.grid or SYNTH_GRID,
+                      patients=args.patients or (8 if args.quick else SYNTH_PATIENTS))
     run_pipeline(ctx)
     print(report(ctx))

@@ -53,3 +53,21 @@ def test_the_suite_marks_a_missing_benchmark(suite):
     _, _, run_suite = suite
     outcome = run_suite.run_one("bench_not_written", quick=True, device="cpu")
     assert outcome["status"] == "missing" and "bench_not_written.py" in outcome["reason"]
+
+
+def test_side_by_side_benchmark_at_a_trivial_size(suite, monkeypatch):
+    """Both arms run (the side-by-side one in two processes) and give one positive ratio; with
+    one core there is nothing to compare, and the row says so."""
+    common, _, _ = suite
+    import bench_parallel
+
+    tiny = common.Workload(grid=8, batch=1, stem=2, widths=(4,), warmup=1, repeats=0)
+    res = bench_parallel.run(quick=True, device="cpu", w=tiny)
+    (row,) = res["ratios"]
+    assert row["status"] in ("met", "NOT MET") and row["value"] > 0 and math.isfinite(row["value"])
+    m = res["measurements"]
+    assert m["steps"] == 60 and m["in_turn_seconds"] > 0 and m["side_by_side_seconds"] > 0
+    json.dumps(res, allow_nan=False)
+    monkeypatch.setattr(bench_parallel.os, "cpu_count", lambda: 1)
+    (row,) = bench_parallel.run(quick=True, device="cpu", w=tiny)["ratios"]
+    assert row["status"] == "skipped" and "one core" in row["skipped"]

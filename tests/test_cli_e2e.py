@@ -140,6 +140,32 @@ def test_pipeline_epochs_set_every_training_budget(tmp_path, monkeypatch):
         if stage.name in ("ensemble", "distill"):
             stage.run(ctx)
     assert seen["ensemble"].train.epochs == seen["distill"].train.epochs == 200
+    # two trainings at once on a CPU with two cores or more; one at a time on a GPU
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: False)
+    assert pipeline.side_by_side(quick=False) == 2 and pipeline.side_by_side(quick=True) == 1
+    monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: True)
+    assert pipeline.side_by_side(quick=False) == 1
+    assert f"parallel={pipeline.side_by_side(quick=False)}" in pipeline._budget(ctx)
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], {"grid": 16, "patients": 24, "unlabeled": 48, "epochs": 450}),
+    (["--grid", "32", "--unlabeled", "0", "--epochs", "60"], {"grid": 32, "unlabeled": 0, "epochs": 60}),
+    (["--quick"], {"grid": 16, "patients": 8, "unlabeled": 0}),
+    (["--data", "TREE"], {"grid": 32, "epochs": 30, "patients": 0, "unlabeled": 0}),
+])
+def test_pipeline_defaults(tmp_path, monkeypatch, args, expected):
+    """The synthetic default: 24 phantoms at 16³ with 48 unlabeled ones, 450 epochs; an OpenKBP
+    tree: 32³, 30 epochs."""
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda ctx: seen.update(vars(ctx)))
+    monkeypatch.setattr(pipeline, "report", lambda ctx: "")
+    (tmp_path / "TREE").mkdir()
+    args = [str(tmp_path / a) if a == "TREE" else a for a in args]
+    assert main(["pipeline", "--out", str(tmp_path / "pipe"), *args]) == 0
+    assert {k: seen[k] for k in expected} == expected
+    assert (seen["source"] is None) == ("--data" not in args)
 
 
 @pytest.mark.parametrize("grid, levels", [(16, 4), (32, 5), (128, 5)])

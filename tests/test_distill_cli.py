@@ -146,6 +146,20 @@ def test_resume_is_exact_and_reuses_the_teacher(data, ensemble, nasdose, tmp_pat
     assert load_json(tmp_path / "cut" / "metrics.json")["teacher_recomputed"] is False
 
 
+def test_student_and_baseline_side_by_side_equal_one_after_another(run, data, ensemble, nasdose, tmp_path, capsys):
+    """parallel=2 trains the student (hints, discriminator) and the baseline in two processes,
+    with the same result as the single process of the `run` fixture."""
+    first, _ = run
+    assert nasdose("distill", ensemble, "--student", STUDENT, "--data", data, "--out", tmp_path / "side",
+                   "--teacher-cache", first / "teacher.h5", *TINY, "hint.weight=0.5", "adversarial.weight=0.1",
+                   "parallel=2") == 0
+    assert "side by side" in capsys.readouterr().out
+    for folder in ("student", "baseline"):
+        a, b = (load_checkpoint(root / folder / "checkpoints" / "last.pt") for root in (first, tmp_path / "side"))
+        assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6) for k in a["model"]), folder
+    assert load_json(tmp_path / "side" / "metrics.json")["teacher_recomputed"] is False
+
+
 def test_unlabeled_patients_are_taught_by_the_teacher_in_the_baselines_steps(unlabeled_data, ensemble, nasdose,
                                                                             tmp_path):
     """6 training and 4 unlabeled patients: the student's 4 epochs become round(4 · 6/10) = 2 of

@@ -175,6 +175,22 @@ def test_resume_reuses_finished_members_and_continues_a_half_trained_one(tmp_pat
     assert "config.yaml" in capsys.readouterr().err
 
 
+def test_members_trained_side_by_side_equal_those_trained_one_after_another(run, tmp_path, data, pool_file,
+                                                                             capsys):
+    """parallel=2: two processes of one thread each train the members as the single process did
+    (same seeds, same steps), and the ensemble chosen from them is the same."""
+    first, metrics = run
+    out = tmp_path / "side"
+    cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "selection.combination=weighted", "parallel=2"])
+    again = run_ensemble(pool_file, data, out, cfg)
+    assert "2 at a time" in capsys.readouterr().out
+    for name in GENOTYPES:
+        a, b = (load_checkpoint(root / "members" / name / "best.pt")["model"] for root in (first, out))
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    assert again["ensemble"]["picks"] == metrics["ensemble"]["picks"]
+    assert again["ensemble"]["weights"] == pytest.approx(metrics["ensemble"]["weights"], abs=1e-5)
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path, data, pool_file, capsys, nasdose):
     bad = tmp_path / "pool.yaml"
     save_yaml(bad, {"format": "nasdose-pool", "version": 1, "space": "lenas", "members": []})
