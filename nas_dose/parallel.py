@@ -3,11 +3,12 @@
 Small networks (a 16³ phantom, a compact student) hardly get faster with a second CPU thread,
 so two trainings in two single-thread processes take about the time of one (2 cores, 16³: LENAS
 members took 174-182 s per 2,700 steps alone on 2 threads, 166-187 s side by side on one thread
-each). `run_side_by_side` spreads jobs over `workers` processes and hands back results (or the
-first error, a NasDoseError as itself) in the jobs' order. Each job must be a top-level function
-whose arguments pickle, and must set its own threads (`worker_threads` shares them out: a
-process left to torch's default would take every core); workers run quietly (their progress
-bars would interleave), and the caller says what finished.
+each). `run_side_by_side` spreads jobs over `workers` processes and hands back their results in
+the jobs' order, or raises the first error (a NasDoseError as itself) at once, ending the
+others. Each job must be a top-level function whose arguments pickle, and must set its own
+threads (`worker_threads` shares them out: a process left to torch's default would take every
+core); workers run quietly (their progress bars would interleave), and the caller says what
+finished.
 """
 from __future__ import annotations
 
@@ -67,17 +68,29 @@ def run_side_by_side(fn: Callable[..., R], jobs: Sequence[tuple[Any, ...]], work
                 done(i, results[-1])
         return results
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools or open HDF5 files
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+    futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+    try:
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in sorted(finished, key=futures.__getitem__):
-                if future.exception() is not None:
-                    for other in pending:
-                        other.cancel()
-                    raise future.exception()  # type: ignore[misc]
+                error = future.exception()
+                if error is not None:
+                    raise error
                 if done is not None:
                     done(futures[future], future.result())
-        return [future.result() for future in sorted(futures, key=futures.__getitem__)]
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown()
+    return [future.result() for future in sorted(futures, key=futures.__getitem__)]
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the jobs not started and end the running ones now: after an error (or Ctrl-C) the
+    command must not wait minutes for the other trainings, which resume from their checkpoints."""
+    running = list((getattr(pool, "_processes", None) or {}).values())  # no public way to end them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in running:
+        process.terminate()

@@ -18,10 +18,6 @@ def pid_and_threads(tag: str) -> tuple[str, int, int]:
     return tag, os.getpid(), torch.get_num_threads()
 
 
-def fail(message: str) -> None:
-    raise NasDoseError(message)
-
-
 def test_results_come_back_in_order_from_other_processes():
     finished = []
     results = parallel.run_side_by_side(pid_and_threads, [("a",), ("b",), ("c",)], workers=2,
@@ -39,9 +35,18 @@ def test_one_worker_runs_the_jobs_here_in_order():
     assert finished == [0, 1]
 
 
-def test_an_error_in_a_worker_is_raised_here_as_itself():
+def test_an_error_in_a_worker_is_raised_here_as_itself_without_waiting_for_the_others():
+    """The other job would sleep ten minutes: it is ended, not waited for."""
+    start = time.monotonic()
     with pytest.raises(NasDoseError, match="member m1: bad genotype"):
-        parallel.run_side_by_side(fail, [("member m1: bad genotype",), ("other",)], workers=2)
+        parallel.run_side_by_side(fail_or_sleep, [(600,), ("member m1: bad genotype",), (600,)], workers=2)
+    assert time.monotonic() - start < 120
+
+
+def fail_or_sleep(what: str | int) -> None:
+    if isinstance(what, int):
+        time.sleep(what)
+    raise NasDoseError(str(what))
 
 
 def test_refused_under_torchrun_and_with_no_worker(monkeypatch):
