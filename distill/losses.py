@@ -42,7 +42,7 @@ from ..config import ConfigError
 from ..data.dataset import IN_CHANNELS
 from ..errors import NasDoseError
 from ..runtime import Runtime
-from ..search_spaces.measure import meta_forward
+from ..search_spaces.measure import meta_copy, meta_forward
 from ..train import Objective, TrainConfig, masked_loss, share_weight
 from .teacher import TeacherDataset
 
@@ -170,9 +170,10 @@ class FeatureTap:
 def feature_channels(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> list[int]:
     """Channels of the input of each named module, from a forward pass on the meta device
     (nothing is computed)."""
-    taps: list[FeatureTap] = []
-    meta_forward(model, input_shape, prepare=lambda meta: taps.append(FeatureTap(meta, names, always=True)))
-    return [f.shape[1] for f in taps[0].take()]
+    meta = meta_copy(model)
+    tap = FeatureTap(meta, names, always=True)
+    meta_forward(meta, input_shape)
+    return [f.shape[1] for f in tap.take()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,8 +66,8 @@ class EnsembleConfig:
 
     Member i trains with seed `seed` + i, and every network runs with `runtime`: set them here,
     not under `train`. `parallel` members train at once, each in its own process with its share
-    of `runtime.threads` (nas_dose.parallel: on a CPU, small networks train about as fast on one
-    thread as on two); not under torchrun, whose ranks already share the members.
+    of `runtime.threads` (nas_dose.parallel: faster on a CPU, where small networks gain little
+    from a second thread); not under torchrun, whose ranks already share the members.
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)

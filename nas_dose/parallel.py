@@ -1,9 +1,8 @@
 """Independent trainings side by side, each in its own process, on the cores of one machine.
 
-Small networks (a 16³ phantom, a compact student) hardly get faster with a second CPU thread,
-so two trainings in two single-thread processes take about the time of one (2 cores, 16³: LENAS
-members took 174-182 s per 2,700 steps alone on 2 threads, 166-187 s side by side on one thread
-each). `run_side_by_side` spreads jobs over `workers` processes and hands back their results in
+Small networks (a 16³ phantom, a compact student) gain little from a second CPU thread, so two
+trainings in two single-thread processes beat the same two in turn on both threads
+(benchmarks/bench_parallel.py on 2 cores, a LENAS network at 16³: 1.6x the steps per second). `run_side_by_side` spreads jobs over `workers` processes and hands back their results in
 the jobs' order, or raises the first error (a NasDoseError as itself) at once, ending the
 others. Each job must be a top-level function whose arguments pickle, and must set its own
 threads (`worker_threads` shares them out: a process left to torch's default would take every

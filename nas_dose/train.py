@@ -42,6 +42,7 @@ from .errors import NasDoseError, input_error
 from .io import atomic_path, load_checkpoint, save_checkpoint, save_json
 from .progress import progress, say
 from .runtime import Runtime, RuntimeConfig, rng_state, seed_everything, set_rng_state
+from .search_spaces.measure import meta_copy, meta_forward
 
 CHECKPOINT_FORMAT = "nasdose-checkpoint"
 
@@ -424,9 +425,7 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def check_input_size(model: nn.Module, grid: int) -> None:
     """Fail before anything is written when the network cannot take `grid`³ volumes (a U-Net
     too deep for the grid), not at the first step: one forward on the meta device."""
-    from .search_spaces.measure import meta_forward
-
-    meta_forward(model, (1, IN_CHANNELS, grid, grid, grid))
+    meta_forward(meta_copy(model), (1, IN_CHANNELS, grid, grid, grid))
 
 
 class _Trainer:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -22,17 +22,17 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     meta device, so nothing is computed or allocated: any input size is cheap.
     """
     with FlopCounterMode(display=False) as counter:
-        meta_forward(model, input_shape)
+        meta_forward(meta_copy(model), input_shape)
     return int(counter.get_total_flops())
 
 
-def meta_forward(model: nn.Module, input_shape: Sequence[int],
-                 prepare: Callable[[nn.Module], object] | None = None) -> torch.Tensor:
-    """One forward pass of a copy of `model` on the meta device: shapes only, nothing computed or
-    allocated, so any input size is cheap; a shape error surfaces as it would on real data.
-    `prepare` sees the copy first (to hook its modules)."""
-    meta = copy.deepcopy(model).to("meta")
-    if prepare is not None:
-        prepare(meta)
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the meta device: shapes only, nothing allocated."""
+    return copy.deepcopy(model).to("meta")
+
+
+def meta_forward(meta: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """One forward pass of a `meta_copy`: nothing is computed, so any input size is cheap, and a
+    shape error surfaces as it would on real data."""
     with torch.no_grad():
         return meta(torch.empty(tuple(input_shape), device="meta"))

@@ -8,19 +8,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from nas_dose import distributed, parallel
 from nas_dose.errors import NasDoseError
 
 
-def pid_and_threads(tag: str) -> tuple[str, int, int]:
-    return tag, os.getpid(), torch.get_num_threads()
+def tag_and_pid(tag: str) -> tuple[str, int]:
+    return tag, os.getpid()
 
 
 def test_results_come_back_in_order_from_other_processes():
     finished = []
-    results = parallel.run_side_by_side(pid_and_threads, [("a",), ("b",), ("c",)], workers=2,
+    results = parallel.run_side_by_side(tag_and_pid, [("a",), ("b",), ("c",)], workers=2,
                                         done=lambda i, r: finished.append((i, r[0])))
     assert [r[0] for r in results] == ["a", "b", "c"]
     assert os.getpid() not in {r[1] for r in results}
@@ -29,9 +28,9 @@ def test_results_come_back_in_order_from_other_processes():
 
 def test_one_worker_runs_the_jobs_here_in_order():
     finished = []
-    results = parallel.run_side_by_side(pid_and_threads, [("a",), ("b",)], workers=1,
+    results = parallel.run_side_by_side(tag_and_pid, [("a",), ("b",)], workers=1,
                                         done=lambda i, r: finished.append(i))
-    assert [(r[0], r[1]) for r in results] == [("a", os.getpid()), ("b", os.getpid())]
+    assert results == [("a", os.getpid()), ("b", os.getpid())]
     assert finished == [0, 1]
 
 
@@ -46,15 +45,16 @@ def test_an_error_in_a_worker_is_raised_here_as_itself_without_waiting_for_the_o
 def fail_or_sleep(what: str | int) -> None:
     if isinstance(what, int):
         time.sleep(what)
-    raise NasDoseError(str(what))
+    else:
+        raise NasDoseError(what)
 
 
 def test_refused_under_torchrun_and_with_no_worker(monkeypatch):
     with pytest.raises(NasDoseError, match="at least 1 worker"):
-        parallel.run_side_by_side(pid_and_threads, [("a",)], workers=0)
+        parallel.run_side_by_side(tag_and_pid, [("a",)], workers=0)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(NasDoseError, match="torchrun"):
-        parallel.run_side_by_side(pid_and_threads, [("a",), ("b",)], workers=2)
+        parallel.run_side_by_side(tag_and_pid, [("a",), ("b",)], workers=2)
 
 
 @pytest.mark.parametrize("workers, threads, cores, expected", [
