@@ -26,13 +26,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .config import add_config_arguments, load_config
+from .cascade import CascadeConfig, Refiner, predict_source, source_grids
+from .config import add_config_arguments, from_dict, load_config
 from .data.augment import Transform
 from .data.dataset import INPUT_LAYOUT, build_input
 from .data.openkbp import write_submission_csv
 from .data.patient import DOSE_SCALE_GY
-from .data.resample import upsample_dose
-from .data.store import SOURCE_MASK, SPLITS, DataFile, open_data, write_predictions
+from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
 from .io import save_yaml
 from .progress import say
@@ -88,30 +88,47 @@ def predict_patients(predictor: Predictor, data: DataFile, ids: list[str], runti
         yield pid, np.where(patient.possible_dose_mask, np.maximum(dose, 0), 0).astype(np.float32)
 
 
-def source_grid_dose(data: DataFile, pid: str, dose: np.ndarray) -> np.ndarray:
-    """The dose on the grid the data set was made from (itself when it was not resampled)."""
-    factor = int(data.patient_attrs(pid).get("resample_factor", 1))
-    if factor == 1:
-        return dose
-    source_mask = data.read(pid).attrs.get(SOURCE_MASK)
-    if source_mask is None:
-        raise input_error(data.path, f"patient {pid}: resampled by {factor} but holds no '{SOURCE_MASK}'")
-    return upsample_dose(dose, factor, mask=source_mask)
+@dataclass
+class Cascade:
+    """A coarse predictor and the refiner that takes its dose to the source grid."""
+
+    coarse: Predictor
+    refiner: torch.nn.Module
+    config: CascadeConfig
+
+    def predict(self, data: DataFile, ids: list[str], runtime: Runtime,
+                tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+        """(id, source-grid dose in Gy) per patient; `tta` averages the coarse stage's flips."""
+        factor = source_grids(data, ids)
+        for pid, coarse in predict_patients(self.coarse, data, ids, runtime, tta):
+            yield pid, predict_source(self.refiner, data.read_source(pid), coarse, factor, self.config,
+                                      runtime.device)
 
 
-def load_predictor(path: Path, runtime: Runtime) -> Predictor:
-    """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode."""
-    # Imported here: nas_dose.ensemble imports this module.
+def load_predictor(path: Path, runtime: Runtime) -> Predictor | Cascade:
+    """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
+    a cascade's full-resolution run comes with its coarse stage (the run's `cascade.coarse`)."""
+    # Imported here: nas_dose.ensemble and nas_dose.train import this module.
     from .ensemble import load_predictor as load_model_or_ensemble
+    from .train import load_model
 
-    return runtime.prepare(load_model_or_ensemble(path)).eval()
+    model = load_model_or_ensemble(path)
+    if not isinstance(model, Refiner):
+        return runtime.prepare(model).eval()
+    cfg = from_dict(CascadeConfig, load_model(path)[1]["config"].get("cascade"))
+    if cfg.coarse is None or Path(cfg.coarse).resolve() == Path(path).resolve():
+        raise input_error(path, "a refiner whose config names no coarse stage (cascade.coarse)")
+    coarse = load_predictor(Path(cfg.coarse), runtime)
+    if isinstance(coarse, Cascade):
+        raise input_error(path, f"its coarse stage {cfg.coarse} is itself a cascade")
+    return Cascade(coarse, runtime.prepare(model).eval(), cfg)
 
 
-def write_outputs(predictor: Predictor, data: DataFile, split: str | None, runtime: Runtime, out: Path,
+def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | None, runtime: Runtime, out: Path,
                   *, model: str, tta: bool = False, csv: bool = True) -> list[str]:
     """Predict the patients of `split` (all when None) into `out`; returns their ids.
 
-    predictions.h5, then submission/ whole or not at all (built aside, renamed into place), then
+    predictions.h5 (on the data set's grid, or on the source grid for a cascade), then submission/ whole or not at all (built aside, renamed into place), then
     config.yaml recording `model` (a path or a description), the data, the split and the runtime.
     """
     ids = data.ids(split)
@@ -120,14 +137,19 @@ def write_outputs(predictor: Predictor, data: DataFile, split: str | None, runti
     submission, staging = out / "submission", out / ".submission.partial"
     shutil.rmtree(staging, ignore_errors=True)
 
+    cascade = isinstance(predictor, Cascade)
+    doses = predictor.predict(data, ids, runtime, tta) if cascade else predict_patients(predictor, data, ids,
+                                                                                         runtime, tta)
+
     def records() -> Iterator[tuple[str, np.ndarray, dict]]:
-        for pid, dose in predict_patients(predictor, data, ids, runtime, tta):
+        for pid, dose in doses:
             if csv:
-                write_submission_csv(staging / f"{pid}.csv", source_grid_dose(data, pid, dose))
+                write_submission_csv(staging / f"{pid}.csv", dose if cascade else data.to_source_grid(pid, dose))
             yield pid, dose, data.patient_attrs(pid)
 
+    grid = data.source_grid(ids[0]) if cascade else data.grid
     try:
-        write_predictions(out / "predictions.h5", records(), grid=data.grid, source=model, total=len(ids))
+        write_predictions(out / "predictions.h5", records(), grid=grid, source=model, total=len(ids))
         shutil.rmtree(submission, ignore_errors=True)  # never leave CSVs of an earlier run
         if csv:
             staging.rename(submission)

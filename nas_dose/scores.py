@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .data.patient import OARS, ROIS, TARGETS, Patient
+from .data.store import DataFile
 from .errors import input_error
 
 OAR_METRICS: tuple[str, ...] = ("D_0.1_cc", "mean")
@@ -161,3 +162,19 @@ def score_patients(pairs: Iterable[tuple[Patient, np.ndarray]]) -> Scores:
     return Scores(dose_score=_nanmean(p["dose_error"] for p in per_patient.values()),
                   dvh_score=_nanmean(r.abs_error for r in table),
                   per_patient=per_patient, table=table)
+
+
+def score_on_source(data: DataFile, doses: Iterable[tuple[str, np.ndarray]]) -> Scores:
+    """The official scores of doses predicted on `data`'s grid: each upsampled to the patient's
+    source grid (as `nasdose predict` writes it) and scored against the source dose and masks.
+    This is the score to report; on a resampled data set a score on its own grid is a proxy."""
+    return score_patients((data.read_source(pid), data.to_source_grid(pid, dose)) for pid, dose in doses)
+
+
+def resampling_floor(data: DataFile, ids: Sequence[str]) -> Scores | None:
+    """The official scores of a perfect prediction on `data`'s grid (its own reference dose,
+    upsampled): no model trained on this grid can score better. None when not resampled."""
+    planned = [pid for pid in ids if data.has_dose(pid)]
+    if not planned or all(data.source_grid(pid) == data.grid for pid in planned):
+        return None
+    return score_on_source(data, ((pid, data.read_dose(pid)) for pid in planned))

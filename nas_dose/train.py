@@ -40,8 +40,11 @@ from . import distributed
 from .data.patient import DOSE_SCALE_GY
 from .errors import NasDoseError, input_error
 from .io import atomic_path, load_checkpoint, save_checkpoint, save_json
+from .data.store import open_data
 from .progress import progress, say
 from .runtime import Runtime, RuntimeConfig, rng_state, seed_everything, set_rng_state
+from .cascade import REFINER_CHANNELS, CascadeConfig, PatchDataset, Refiner
+from .losses import DVHLossConfig, dvh_moment_loss
 from .search_spaces.measure import meta_copy, meta_forward
 
 CHECKPOINT_FORMAT = "nasdose-checkpoint"
@@ -128,6 +131,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     loss: Literal["l1", "mse"] = "l1"
+    dvh_loss: DVHLossConfig = field(default_factory=DVHLossConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def validate(self) -> None:
         for key in ("epochs", "val_every", "checkpoint_every", "log_every"):
@@ -163,14 +168,20 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # Models: a plain-data spec that a checkpoint stores, so it rebuilds without the original files.
 
-def model_spec(cfg: ModelConfig) -> dict[str, Any]:
-    """{name, kwargs, genotype}: the genotype inline as plain data, not as a path."""
-    genotype = None
+def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
+    """{name, kwargs, genotype, refiner}: the genotype inline as plain data, not as a path;
+    `refiner`: the network is the full-resolution stage of a cascade (`nas_dose.cascade`), its
+    input one channel wider (the coarse dose) and its output added to that channel."""
+    kwargs, genotype = dict(cfg.kwargs), None
     if cfg.genotype is not None:
         from .search_spaces import load_genotype
 
         genotype = load_genotype(Path(cfg.genotype)).to_dict()
-    return {"name": cfg.name, "kwargs": dict(cfg.kwargs), "genotype": genotype}
+        if refiner:
+            genotype["macro"] = {**genotype["macro"], "in_channels": REFINER_CHANNELS}
+    elif refiner:
+        kwargs["in_channels"] = REFINER_CHANNELS
+    return {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
@@ -178,15 +189,17 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
         from .search_spaces import Genotype
         from .search_spaces import build_model as build_genotype
 
-        return build_genotype(Genotype.from_dict(spec["genotype"]))
-    from .models import create_model
+        net = build_genotype(Genotype.from_dict(spec["genotype"]))
+    else:
+        from .models import create_model
 
-    return create_model(spec["name"], **spec.get("kwargs", {}))
+        net = create_model(spec["name"], **spec.get("kwargs", {}))
+    return Refiner(net) if spec.get("refiner") else net
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, refiner: bool = False) -> nn.Module:
     """The network a ModelConfig describes, freshly initialized (seed first for repeatability)."""
-    return model_from_spec(model_spec(cfg))
+    return model_from_spec(model_spec(cfg, refiner))
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -316,20 +329,29 @@ class Objective:
     """
 
     kind: Literal["l1", "mse"] = "l1"
+    dvh = DVHLossConfig()
 
-    def train_set(self, data: Path, config: TrainConfig) -> DoseDataset:
+    def train_set(self, data: Path, config: TrainConfig) -> DoseDataset | PatchDataset:
         return DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed)
+
+    def val_set(self, data: Path, config: TrainConfig) -> DoseDataset | PatchDataset:
+        """What the checkpoint is chosen on (the validation patients, whole)."""
+        return DoseDataset(data, config.data.val_split)
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
         """Called once the model is on the runtime's device, before its optimizer is made."""
-        self.kind = config.loss
+        self.kind, self.dvh = config.loss, config.dvh_loss
 
     def parameters(self) -> list[nn.Parameter]:
         return []
 
     def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """The loss to minimize, given the model's prediction for `batch` (on the device)."""
-        return masked_loss(pred, batch["target"], batch["mask"], self.kind)
+        loss = masked_loss(pred, batch["target"], batch["mask"], self.kind)
+        if self.dvh.weight:
+            loss = loss + self.dvh.weight * dvh_moment_loss(pred * batch["mask"], batch["target"],
+                                                            batch["input"], self.dvh)
+        return loss
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -339,6 +361,37 @@ class Objective:
 
     def log_terms(self) -> dict[str, float]:
         return {}
+
+
+class CascadeObjective(Objective):
+    """The full-resolution stage of a cascade (`config.cascade`): source-grid patches with the
+    coarse dose as an extra channel. The checkpoint is chosen on fixed patches of the validation
+    patients whose coarse dose is the coarse model's own prediction, as at inference."""
+
+    def __init__(self, config: TrainConfig, data: Path) -> None:
+        self.cascade = config.cascade
+        if self.cascade.coarse is None:
+            raise ConfigError("config key 'cascade.coarse': the coarse stage to refine is needed")
+        # Imported here: the coarse stage may be an ensemble, a stage built on this module.
+        from .predict import load_predictor, predict_patients
+
+        runtime = Runtime(config.runtime)
+        predictor = load_predictor(Path(self.cascade.coarse), runtime)
+        splits = [config.data.val_split]
+        if self.cascade.coarse_input == "predictions":
+            splits.append(config.data.train_split)
+        with open_data(data) as d:
+            ids = [pid for split in splits for pid in d.ids(split)]
+            self.coarse_doses = dict(predict_patients(predictor, d, ids, runtime))
+
+    def train_set(self, data: Path, config: TrainConfig) -> PatchDataset:
+        doses = self.coarse_doses if self.cascade.coarse_input == "predictions" else None
+        return PatchDataset(data, config.data.train_split, self.cascade, augment=config.data.augment,
+                            seed=config.seed, coarse_doses=doses)
+
+    def val_set(self, data: Path, config: TrainConfig) -> PatchDataset:
+        return PatchDataset(data, config.data.val_split, self.cascade, seed=config.seed,
+                            coarse_doses=self.coarse_doses, fixed=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,10 +475,10 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def check_input_size(model: nn.Module, grid: int) -> None:
+def check_input_size(model: nn.Module, grid: int, channels: int = IN_CHANNELS) -> None:
     """Fail before anything is written when the network cannot take `grid`³ volumes (a U-Net
     too deep for the grid), not at the first step: one forward on the meta device."""
-    meta_forward(meta_copy(model), (1, IN_CHANNELS, grid, grid, grid))
+    meta_forward(meta_copy(model), (1, channels, grid, grid, grid))
 
 
 class _Trainer:
@@ -441,13 +494,13 @@ class _Trainer:
         self.train_set = self.objective.train_set(data, config)
         if self.train_set.data.kind != "dataset":
             raise input_error(data, "is a prediction file, not a data set")
-        check_input_size(model, self.train_set.grid)
+        check_input_size(model, self.train_set.grid, getattr(self.train_set, "in_channels", IN_CHANNELS))
         # Under torchrun each rank takes its share of every batch: data.batch_size is the global batch.
         workers = rt.loader_workers(config.data.num_workers)
         self.train_loader = make_loader(self.train_set, config.data.batch_size, shuffle=True,
                                         num_workers=workers, seed=config.seed,
                                         pin_memory=rt.pin_memory, shard="even")
-        self.val_loader = make_loader(DoseDataset(data, config.data.val_split), config.data.batch_size,
+        self.val_loader = make_loader(self.objective.val_set(data, config), config.data.batch_size,
                                       shuffle=False, num_workers=workers,
                                       pin_memory=rt.pin_memory, shard="exact")
         self.steps_per_epoch = config.steps_per_epoch or len(self.train_loader)
@@ -464,7 +517,7 @@ class _Trainer:
         self.clock = time.perf_counter()
         self.folder = _RunFolder(Path(out)) if out is not None else None
         if self.folder is not None:
-            self.spec = model_spec(config.model)
+            self.spec = model_spec(config.model, refiner=config.cascade.coarse is not None)
             self._open_folder(self.folder, resume)
         self.step_net = distributed.data_parallel(self.net, rt.device)  # what training steps call
         self.free_bytes = rt.free_memory()  # what the run has to work with, for an out-of-memory error
@@ -651,6 +704,8 @@ def train_model(model: nn.Module, config: TrainConfig, data: Path, out: Path | N
     chosen on the validation dose score against the reference dose.
     On return `model` holds the last weights; `best_state` the ones chosen on validation.
     """
+    if objective is None and config.cascade.coarse is not None:
+        objective = CascadeObjective(config, Path(data))
     return _Trainer(model, config, Path(data), out, resume, on_step, objective).run()
 
 
@@ -668,7 +723,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 def main(args: argparse.Namespace) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     seed_everything(config.seed)
-    model = build_model(config.model)
+    model = build_model(config.model, refiner=config.cascade.coarse is not None)
     result = train_model(model, config, args.data, args.out, resume=args.resume)
     say(f"best validation dose score {result.best_val_score:.3f} Gy at epoch {result.best_epoch} "
         f"(all-zero prediction: {result.zero_val_score:.3f} Gy); model: {Path(args.out) / 'best.pt'}")

@@ -51,7 +51,14 @@ def test_import_csv_tree_at_grid_32(openkbp_dir, csv_import32):
         assert got.voxel_mm == (15.624, 15.624, 10.0)
         assert got.attrs["resample_factor"] == 4 and got.attrs["source_grid"] == 128
         assert got.attrs["source"] == str(openkbp_dir / "csv" / "train-pats" / "pt_1")
-        assert np.array_equal(got.attrs["possible_dose_mask_source"], source.possible_dose_mask)
+        full = data.read_source("pt_1")
+        assert full.voxel_mm == source.voxel_mm and sorted(full.structures) == sorted(source.structures)
+        for a, b in [(full.ct, source.ct), (full.dose, source.dose),
+                     (full.possible_dose_mask, source.possible_dose_mask),
+                     (full.structures["PTV70"], source.structures["PTV70"])]:
+            assert np.array_equal(a, b)
+        box = (slice(60, 70), slice(0, 128), slice(5, 7))
+        assert np.array_equal(data.read_source("pt_1", box).dose, source.dose[box])
         for a, b in [(got.ct, expected.ct), (got.dose, expected.dose),
                      (got.possible_dose_mask, expected.possible_dose_mask)]:
             assert np.array_equal(a, b)
@@ -89,7 +96,7 @@ def test_info_of_a_data_set(csv_import32, nasdose):
     with open_data(csv_import32) as data:
         maxima = [float(data.read_dose(pid).max()) for pid in data.ids()]
     lines = text.splitlines()
-    assert lines[0] == f"{csv_import32}: nasdose dataset (format 1), grid 32^3"
+    assert lines[0] == f"{csv_import32}: nasdose dataset (format 2), grid 32^3"
     assert "patients: 3 (train 2, validation 1)" in lines
     assert "voxel size 15.624 x 15.624 x 10 mm: 2 patients" in lines
     assert "resampled by 4 from the 128^3 grid: 3 patients" in lines
@@ -105,7 +112,7 @@ def test_info_of_a_prediction_file(tmp_path, nasdose):
     write_predictions(path, doses, grid=4, source="ensemble")
     status, text, _ = nasdose("info", path)
     assert status == 0
-    assert text.splitlines()[:4] == [f"{path}: nasdose predictions (format 1), grid 4^3", "source: ensemble",
+    assert text.splitlines()[:4] == [f"{path}: nasdose predictions (format 2), grid 4^3", "source: ensemble",
                                      "patients: 2", "ids: pt_1, pt_2"]
     assert "  max dose per patient: mean 4.00 Gy, range 2.00-6.00 Gy" in text
 

@@ -10,7 +10,7 @@ from nas_dose.config import load_config
 from nas_dose.data.dataset import CHANNELS, IN_CHANNELS
 from nas_dose.data.openkbp import read_submission_csv
 from nas_dose.data.resample import downsample_patient, upsample_dose
-from nas_dose.data.store import SOURCE_MASK, open_data, write_dataset
+from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_yaml
@@ -63,7 +63,7 @@ def test_predict_writes_hdf5_and_csvs_on_the_source_grid(coarse, run, tmp_path):
             assert np.isfinite(dose).all() and dose.min() >= 0
             assert not dose[~patient.possible_dose_mask].any() and dose[patient.possible_dose_mask].any()
             # The CSV is on the 32³ source grid: upsampled back, zero outside the source mask.
-            source_mask = patient.attrs[SOURCE_MASK]
+            source_mask = data.source_mask(pid)
             csv = read_submission_csv(out / "submission" / f"{pid}.csv", shape=(32, 32, 32))
             np.testing.assert_array_equal(csv, upsample_dose(dose, 2, mask=source_mask))
             assert not csv[~source_mask].any() and csv[source_mask].any()

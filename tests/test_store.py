@@ -42,7 +42,7 @@ def test_dataset_round_trip(dataset):
     with open_data(path) as data:
         assert (data.kind, data.grid, data.path) == ("dataset", G, path)
         assert {k: data.attrs[k] for k in ("nasdose_format", "format_version", "grid", "source")} == {
-            "nasdose_format": "dataset", "format_version": 1, "grid": G, "source": "unit"}
+            "nasdose_format": "dataset", "format_version": 2, "grid": G, "source": "unit"}
         assert data.ids() == ["pt_10", "pt_2", "pt_3"] and len(data) == 3
         assert data.ids("validation") == ["pt_2"] and "pt_2" in data and "pt_4" not in data
         assert data.splits() == {"train": ["pt_10"], "validation": ["pt_2"], "test": ["pt_3"]}
@@ -81,19 +81,31 @@ def test_hdf5_layout_follows_the_architecture_notes(dataset):
         assert g["ct"].compression == "gzip" and g["ct"].shuffle and g["ct"].chunks == (G, G, G)
         assert g["structures"].chunks == (1, G, G, G)
         assert g.attrs["split"] == "train" and g.attrs["resample_factor"] == 1
-        assert "possible_dose_mask_source" not in g and "dose" not in f["patients/pt_3"]
+        assert "source" not in g and "dose" not in f["patients/pt_3"]
 
 
-def test_resampled_patient_keeps_source_mask(tmp_path):
+def test_resampled_patient_keeps_its_source_arrays(tmp_path):
     p = patient("pt_1")
     q = downsample_patient(p, 2)
     write_dataset(tmp_path / "r.h5", [q], source="unit", grid=G // 2)
     with open_data(tmp_path / "r.h5") as data:
         back = data.read("pt_1")
         assert back.attrs["resample_factor"] == 2 and back.attrs["source_grid"] == G
-        source_mask = back.attrs["possible_dose_mask_source"]
+        assert back.source is None  # read lazily: read_source
+        source_mask = data.source_mask("pt_1")
         assert source_mask.dtype == bool and np.array_equal(source_mask, p.possible_dose_mask)
         assert np.array_equal(back.dose, q.dose) and back.voxel_mm == (7.812, 7.812, 5.0)
+        full = data.read_source("pt_1")
+        assert full.voxel_mm == p.voxel_mm and sorted(full.structures) == sorted(p.structures)
+        for name in ("ct", "dose", "possible_dose_mask"):
+            assert np.array_equal(getattr(full, name), getattr(p, name))
+        box = (slice(2, 5), slice(0, G), slice(1, 2))
+        part = data.read_source("pt_1", box)
+        assert part.dose.shape == (3, G, 1) and np.array_equal(part.dose, p.dose[box])
+        assert all(np.array_equal(part.structures[n], p.structures[n][box]) for n in p.structures)
+    write_dataset(tmp_path / "s.h5", [p], source="unit", grid=G)
+    with open_data(tmp_path / "s.h5") as data:
+        assert np.array_equal(data.read_source("pt_1").dose, p.dose)
 
 
 def _dose_sum_in_child(data, pid):

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import int_at_least
 from ..progress import progress, say
+from ..scores import resampling_floor
 from .openkbp import PatientSource, discover, read_patient
 from .patient import OPENKBP_GRID, ROIS, Patient
 from .resample import downsample_patient, resample_factor
@@ -123,9 +124,16 @@ def summary(data: DataFile) -> str:
         if data.has_dose(pid):
             dose = data.read_dose(pid)
             max_dose.append(float(dose.max()))
-            if "PTV70" in attrs[pid].get("rois", []):
+            if data.kind == "dataset" and "PTV70" in attrs[pid].get("rois", []):
                 ptv70_dose.append(float(dose[data.read_structure(pid, "PTV70")].mean()))
     lines.append(f"dose: {_n_patients(len(max_dose))} with a dose")
+    if data.kind == "dataset":
+        for split, members in data.splits().items():
+            floor = resampling_floor(data, members)
+            if floor is not None:
+                lines.append(f"  resampling floor, {split}: dose score {floor.dose_score:.3f} Gy, DVH score "
+                             f"{floor.dvh_score:.3f} Gy (the reference dose on this grid, upsampled, "
+                             "scored on the source grid: no model on this grid does better)")
     lines.append(f"  max dose per patient: {_stats(max_dose)}")
     if data.kind == "dataset":
         lines.append(f"  mean PTV70 dose per patient: {_stats(ptv70_dose)}")

@@ -25,6 +25,8 @@ class Patient:
 
     ct: float32, HU + 1024 as OpenKBP stores it. dose: float32 Gy (None for a patient without a
     reference plan). structures: bool masks keyed by ROI name, only the contoured ones.
+    source: the same patient on the grid it was resampled from (None when it was not): the
+    official scores and the full-resolution stage of a cascade need it.
     """
 
     id: str
@@ -34,6 +36,7 @@ class Patient:
     voxel_mm: tuple[float, float, float]
     dose: np.ndarray | None = None
     attrs: dict[str, object] = field(default_factory=dict)
+    source: Patient | None = None
 
     @property
     def grid(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..errors import NasDoseError
 from .patient import Patient
@@ -40,7 +42,7 @@ def downsample_patient(p: Patient, factor: int) -> Patient:
 
     CT: block mean. Masks: a coarse voxel is set if any fine voxel is, so no structure can
     vanish. Dose: mean over the block's in-mask voxels, zero where the pooled mask is empty.
-    The source-grid possible-dose mask stays in attrs, for writing predictions back.
+    The patient as it was comes along as `source` (the first one, when resampled twice).
     """
     if factor < 1 or p.grid % factor:
         raise NasDoseError(f"patient {p.id}: grid {p.grid} is not divisible by the factor {factor}")
@@ -49,7 +51,6 @@ def downsample_patient(p: Patient, factor: int) -> Patient:
              "source_grid": int(p.attrs.get("source_grid", p.grid))}
     if factor == 1:
         return dataclasses.replace(p, attrs=attrs)
-    attrs.setdefault("possible_dose_mask_source", p.possible_dose_mask.astype(bool))
     mask = _any_pool(p.possible_dose_mask, factor)
     dose = None
     if p.dose is not None:
@@ -65,20 +66,18 @@ def downsample_patient(p: Patient, factor: int) -> Patient:
         voxel_mm=(p.voxel_mm[0] * factor, p.voxel_mm[1] * factor, p.voxel_mm[2] * factor),
         dose=dose,
         attrs=attrs,
+        source=p.source if p.source is not None else p,
     )
 
 
-def _upsample_axis(array: np.ndarray, factor: int, axis: int) -> np.ndarray:
-    """Linear interpolation along one axis between cell centres, clamped at the edges."""
-    n = array.shape[axis]
-    centres = (np.arange(n * factor) + 0.5) / factor - 0.5
-    centres = np.clip(centres, 0, n - 1)
-    low = np.floor(centres).astype(np.int64)
-    high = np.minimum(low + 1, n - 1)
-    shape = [1] * array.ndim
-    shape[axis] = -1
-    weight = (centres - low).astype(array.dtype).reshape(shape)
-    return np.take(array, low, axis=axis) * (1 - weight) + np.take(array, high, axis=axis) * weight
+def upsample(volumes: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, C, D, H, W) volumes on a grid `factor` times finer: trilinear between cell centres,
+    clamped at the edges (what `upsample_dose` does to one dose, batched and on any device)."""
+    if factor < 1:
+        raise NasDoseError(f"upsampling factor {factor}: must be at least 1")
+    if factor == 1:
+        return volumes
+    return F.interpolate(volumes, scale_factor=factor, mode="trilinear", align_corners=False)
 
 
 def upsample_dose(dose: np.ndarray, factor: int, mask: np.ndarray | None = None) -> np.ndarray:
@@ -86,12 +85,8 @@ def upsample_dose(dose: np.ndarray, factor: int, mask: np.ndarray | None = None)
 
     With `mask` (the source-grid possible-dose mask) the dose is zeroed outside it.
     """
-    if factor < 1:
-        raise NasDoseError(f"upsampling factor {factor}: must be at least 1")
-    out = np.asarray(dose, dtype=np.float32)
-    for axis in range(out.ndim):
-        out = _upsample_axis(out, factor, axis)
-    out = np.maximum(out, 0)
+    volume = torch.from_numpy(np.ascontiguousarray(dose, dtype=np.float32))[None, None]
+    out = upsample(volume, factor)[0, 0].clamp_min(0).numpy()
     if mask is not None:
         if mask.shape != out.shape:
             raise NasDoseError(f"possible-dose mask of shape {mask.shape} does not match the "

@@ -18,15 +18,16 @@ from ..errors import input_error
 from ..io import atomic_path
 from ..progress import progress
 from .patient import ROIS, Patient
+from .resample import upsample_dose
 
-FORMAT_VERSION = 1
+# 2: a resampled patient keeps its source-grid arrays in a `source` group (1 kept the mask only).
+FORMAT_VERSION = 2
 KINDS = ("dataset", "predictions")
 SPLITS = ("train", "validation", "test", "unlabeled")
 # "unlabeled": patients with CT and contours but no plan (no dose), which only a teacher can
 # label: `nasdose distill` learns from them (see nas_dose.distill.teacher).
 CHUNK = 32
-# The one per-patient "attribute" that is an array: stored as a dataset beside ct and dose.
-SOURCE_MASK = "possible_dose_mask_source"
+SOURCE = "source"
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -55,12 +56,8 @@ def _attr_value(key: str, value: Any) -> Any:
 
 
 def _write_attrs(group: h5py.Group, attrs: dict[str, Any]) -> None:
-    """Group attributes; the source-grid mask (an array) becomes a dataset beside the others."""
     for key, value in attrs.items():
-        if key == SOURCE_MASK:
-            _put(group, SOURCE_MASK, value, np.uint8)
-        else:
-            group.attrs[key] = _attr_value(key, value)
+        group.attrs[key] = _attr_value(key, value)
 
 
 def _plain(value: Any) -> Any:
@@ -101,6 +98,18 @@ def write_dataset(path: Path, patients: Iterable[Patient], *, source: str, grid:
 
 
 def _write_patient(patients: h5py.Group, p: Patient, grid: int, path: Path) -> None:
+    split = p.attrs.get("split")
+    if split not in SPLITS:
+        raise input_error(path, f"patient {p.id}: split {split!r} is not one of {', '.join(SPLITS)}")
+    g = _new_group(patients, p.id, path)
+    _write_attrs(g, {"source": "", "source_grid": grid, "resample_factor": 1, **p.attrs})
+    _write_arrays(g, p, grid, path)
+    if p.source is not None:
+        _write_arrays(g.create_group(SOURCE), p.source, int(p.attrs["source_grid"]), path)
+
+
+def _write_arrays(g: h5py.Group, p: Patient, grid: int, path: Path) -> None:
+    """ct, dose, possible_dose_mask, the stacked structures, voxel size and contoured ROIs."""
     cube = (grid,) * 3
     arrays = {"ct": p.ct, "possible_dose_mask": p.possible_dose_mask, **p.structures}
     if p.dose is not None:
@@ -111,12 +120,7 @@ def _write_patient(patients: h5py.Group, p: Patient, grid: int, path: Path) -> N
     unknown = sorted(set(p.structures) - set(ROIS))
     if unknown:
         raise input_error(path, f"patient {p.id}: unknown structures {unknown}")
-    split = p.attrs.get("split")
-    if split not in SPLITS:
-        raise input_error(path, f"patient {p.id}: split {split!r} is not one of {', '.join(SPLITS)}")
-    g = _new_group(patients, p.id, path)
-    _write_attrs(g, {"source": "", "source_grid": grid, "resample_factor": 1, **p.attrs,
-                     "voxel_mm": tuple(float(v) for v in p.voxel_mm),
+    _write_attrs(g, {"voxel_mm": tuple(float(v) for v in p.voxel_mm),
                      "rois": [name for name in ROIS if name in p.structures]})
     _put(g, "ct", p.ct, np.float32)
     if p.dose is not None:
@@ -166,7 +170,8 @@ class DataFile:
                 raise input_error(self.path, "not a nasdose file (no nasdose_format attribute)")
             if self.attrs.get("format_version") != FORMAT_VERSION:
                 raise input_error(self.path, f"format version {self.attrs.get('format_version')} "
-                                             f"is not supported (expected {FORMAT_VERSION})")
+                                             f"is not supported (expected {FORMAT_VERSION}: "
+                                             "make it again with this nasdose)")
             if not isinstance(self.attrs.get("grid"), int) or "patients" not in f:
                 raise input_error(self.path, "incomplete nasdose file (no grid or no patients)")
             self.grid: int = self.attrs["grid"]
@@ -256,28 +261,62 @@ class DataFile:
         return self._array(self._group(pid), pid, "structures", shape, ROIS.index(name)).astype(bool)
 
     def read(self, pid: str) -> Patient:
-        """One patient, whole; only its own arrays are read."""
+        """One patient, whole; only its own arrays are read (not its source-grid ones)."""
+        return self._read(pid, self._group(pid), self.grid)
+
+    def source_grid(self, pid: str) -> int:
+        """The grid of the patient's source arrays (the data set's grid when not resampled)."""
+        return int(self.patient_attrs(pid).get("source_grid", self.grid))
+
+    def _source_group(self, pid: str) -> tuple[h5py.Group, int]:
+        group = self._group(pid)
+        grid = self.source_grid(pid)
+        if SOURCE in group:
+            return group[SOURCE], grid
+        if grid != self.grid:
+            raise input_error(self.path, f"patient {pid}: resampled, but holds no source-grid arrays")
+        return group, grid
+
+    def source_mask(self, pid: str) -> np.ndarray:
+        """The possible-dose mask on the source grid (where predictions are written back)."""
+        group, grid = self._source_group(pid)
+        return self._array(group, pid, "possible_dose_mask", (grid,) * 3).astype(bool)
+
+    def to_source_grid(self, pid: str, dose: np.ndarray) -> np.ndarray:
+        """A dose on this data set's grid, upsampled to the patient's source grid and zeroed
+        outside its source mask, as `nasdose predict` writes it (itself when not resampled)."""
+        factor = self.source_grid(pid) // self.grid
+        return dose if factor == 1 else upsample_dose(dose, factor, mask=self.source_mask(pid))
+
+    def read_source(self, pid: str, region: tuple[slice, slice, slice] | None = None) -> Patient:
+        """The patient on the grid it was imported from, where the official scores are computed
+        and the full-resolution stage of a cascade works; `read(pid)` when it was not resampled.
+
+        `region` (three slices) reads that box only: HDF5 decompresses the chunks it touches.
+        """
+        return self._read(pid, *self._source_group(pid), region)
+
+    def _read(self, pid: str, group: h5py.Group, grid: int,
+              region: tuple[slice, slice, slice] | None = None) -> Patient:
         if self.kind != "dataset":
             raise input_error(self.path, "a prediction file holds doses only (use read_dose)")
-        group = self._group(pid)
         attrs = self.patient_attrs(pid)
-        cube = (self.grid,) * 3
-        rois = attrs.pop("rois", [])
-        voxel_mm = attrs.pop("voxel_mm", None)
+        arrays = {k: _plain(v) for k, v in group.attrs.items()}
+        rois, voxel_mm = arrays.get("rois", []), arrays.get("voxel_mm")
+        for key in ("rois", "voxel_mm"):
+            attrs.pop(key, None)
         if voxel_mm is None:
             raise input_error(self.path, f"patient {pid}: no voxel_mm attribute")
-        if SOURCE_MASK in group:
-            source_grid = attrs.get("source_grid", self.grid)
-            attrs[SOURCE_MASK] = self._array(group, pid, SOURCE_MASK, (source_grid,) * 3).astype(bool)
+        cube, index = (grid,) * 3, region or ()
         stack = (len(ROIS), *cube)
         return Patient(
             id=pid,
-            ct=self._array(group, pid, "ct", cube).astype(np.float32),
-            possible_dose_mask=self._array(group, pid, "possible_dose_mask", cube).astype(bool),
-            structures={name: self._array(group, pid, "structures", stack, ROIS.index(name)).astype(bool)
+            ct=self._array(group, pid, "ct", cube, index).astype(np.float32),
+            possible_dose_mask=self._array(group, pid, "possible_dose_mask", cube, index).astype(bool),
+            structures={name: self._array(group, pid, "structures", stack, (ROIS.index(name), *index)).astype(bool)
                         for name in rois},
             voxel_mm=tuple(voxel_mm),
-            dose=self.read_dose(pid) if "dose" in group else None,
+            dose=self._array(group, pid, "dose", cube, index).astype(np.float32) if "dose" in group else None,
             attrs=attrs,
         )
 

@@ -1,0 +1,199 @@
+"""The coarse-to-fine cascade: source-grid storage and scores, refiner, patches, windowed
+inference, the train/predict path, the DVH-aware term, and full-resolution training steps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nas_dose.cascade import REFINER_CHANNELS, CascadeConfig, PatchDataset, Refiner, refine, upsampled
+from nas_dose.cli import main
+from nas_dose.data.dataset import IN_CHANNELS, build_input
+from nas_dose.data.openkbp import read_submission_csv
+from nas_dose.data.patient import DOSE_SCALE_GY, Patient
+from nas_dose.data.resample import downsample_patient
+from nas_dose.data.store import open_data, write_dataset
+from nas_dose.data.synth import synth_patients
+from nas_dose.losses import DVHLossConfig, dvh_moment_loss, moments, structure_masks
+from nas_dose.models import create_model, list_models
+from nas_dose.scores import resampling_floor, score_on_source, score_patients
+
+FAST = ["epochs=2", "model.kwargs.widths=[4,8]", "data.augment.enabled=false", "runtime.device=cpu",
+        "runtime.threads=1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def coarse_data(tmp_path_factory) -> Path:
+    """6 phantoms made at 32³ and stored at 16³ with their 32³ arrays (5 train, 1 validation)."""
+    path = tmp_path_factory.mktemp("cascade") / "d16.h5"
+    write_dataset(path, [downsample_patient(p, 2) for p in synth_patients(6, 32, seed=0)], source="synth32",
+                  grid=16)
+    return path
+
+
+def test_resampling_floor_is_zero_for_block_constant_doses_and_none_when_not_resampled(tmp_path):
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:6, 2:6, 2:6] = True
+    dose = np.zeros((8, 8, 8), np.float32)
+    dose[2:4, 2:6, 2:6], dose[4:6, 2:6, 2:6] = 30.0, 60.0  # constant on each 2³ block
+    p = Patient("pt_1", np.zeros((8,) * 3, np.float32), mask, {"PTV70": mask.copy()}, (2.0, 2.0, 2.0), dose,
+                {"split": "validation"})
+    write_dataset(tmp_path / "c.h5", [downsample_patient(p, 2)], source="unit", grid=4)
+    write_dataset(tmp_path / "f.h5", [p], source="unit", grid=8)
+    with open_data(tmp_path / "c.h5") as coarse, open_data(tmp_path / "f.h5") as fine:
+        floor = resampling_floor(coarse, ["pt_1"])
+        # Trilinear upsampling blurs the step between the blocks: a floor above zero, and the
+        # official scorer's number for exactly that upsampled dose.
+        expected = score_patients([(p, coarse.to_source_grid("pt_1", coarse.read_dose("pt_1")))])
+        assert floor.dose_score == pytest.approx(expected.dose_score) and floor.dose_score > 0
+        assert resampling_floor(fine, ["pt_1"]) is None
+        # A prediction of the reference itself on the source grid scores zero there.
+        assert score_on_source(fine, [("pt_1", dose)]).dose_score == 0
+
+
+def test_refiner_starts_from_the_coarse_dose():
+    torch.manual_seed(0)
+    refiner = Refiner(create_model("unet3d", in_channels=REFINER_CHANNELS, widths=(4, 8)))
+    x = torch.rand(2, REFINER_CHANNELS, 16, 16, 16)
+    assert torch.equal(refiner(x), x[:, -1:])
+    with pytest.raises(Exception, match="ending in a convolution"):
+        Refiner(nn.Identity())
+
+
+class _Pointwise(nn.Module):
+    """A network without spatial context: windowed inference must equal one whole forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(REFINER_CHANNELS, 1, 1)
+        torch.manual_seed(1)
+        nn.init.normal_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, -1:] + self.conv(x)
+
+
+@pytest.mark.parametrize("window,overlap", [(8, 0.5), (12, 0.25), (32, 0.5)])
+def test_windowed_refinement_equals_a_whole_volume_forward_for_a_pointwise_network(window, overlap):
+    net = _Pointwise().eval()
+    x = torch.rand(1, REFINER_CHANNELS, 20, 20, 20)
+    with torch.no_grad():
+        whole, windowed = net(x), refine(net, x, window, overlap)
+    assert windowed.shape == whole.shape
+    torch.testing.assert_close(windowed, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_windows_without_mask_keep_the_coarse_dose():
+    net = _Pointwise().eval()
+    x = torch.rand(1, REFINER_CHANNELS, 16, 16, 16)
+    mask = torch.zeros(16, 16, 16, dtype=torch.bool)
+    mask[:4, :4, :4] = True
+    with torch.no_grad():
+        y = refine(net, x, 8, 0.5, mask)
+    torch.testing.assert_close(y[0, 0, :4, :4, :4], net(x)[0, 0, :4, :4, :4], atol=1e-5, rtol=1e-5)
+    assert torch.equal(y[0, 0, 12:, 12:, 12:], x[0, -1, 12:, 12:, 12:])
+
+
+def test_patches_are_source_grid_boxes_with_the_coarse_dose_last(coarse_data):
+    exact = CascadeConfig(coarse="unused", patch=16, blur=0.0, scale_error=0.0, noise_gy=0.0)
+    ds = PatchDataset(coarse_data, "train", exact, seed=3)
+    assert (len(ds), ds.grid, ds.in_channels, ds.factor) == (5, 16, REFINER_CHANNELS, 2)
+    item = ds[(1, 5)]
+    again = ds[(1, 5)]
+    assert all(torch.equal(item[k], again[k]) for k in ("input", "target", "mask"))
+    assert item["input"].shape == (REFINER_CHANNELS, 16, 16, 16) and item["target"].shape == (1, 16, 16, 16)
+    with open_data(coarse_data) as d:
+        pid = item["id"]
+        full = d.read_source(pid)
+        coarse_up = upsampled(d.read(pid).dose, 2) * full.possible_dose_mask
+        x = build_input(full)
+    # Find the box: the patch's input channels are a box of the whole source-grid input.
+    found = [(a, b, c) for a in range(17) for b in range(17) for c in range(17)
+             if np.array_equal(x[:, a:a + 16, b:b + 16, c:c + 16], item["input"][:IN_CHANNELS].numpy())]
+    assert len(found) >= 1
+    a, b, c = found[0]
+    box = (slice(a, a + 16), slice(b, b + 16), slice(c, c + 16))
+    np.testing.assert_allclose(item["input"][-1].numpy() * DOSE_SCALE_GY, coarse_up[box], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(item["target"][0].numpy() * DOSE_SCALE_GY, full.dose[box] * full.possible_dose_mask[box],
+                               rtol=1e-6, atol=1e-4)
+    noisy = PatchDataset(coarse_data, "train", CascadeConfig(coarse="unused", patch=16), seed=3)[(1, 5)]
+    assert not torch.equal(noisy["input"][-1], item["input"][-1])  # the degraded reference differs
+
+
+def test_fixed_patches_do_not_change_with_the_epoch(coarse_data):
+    ds = PatchDataset(coarse_data, "train", CascadeConfig(coarse="unused", patch=16, val_patches=2), fixed=True)
+    assert len(ds) == 10
+    assert torch.equal(ds[(3, 0)]["input"], ds[(3, 7)]["input"])
+
+
+def nasdose(*argv: object) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_cascade_trains_and_predicts_on_the_source_grid(coarse_data, tmp_path):
+    coarse, refiner, pred = tmp_path / "coarse", tmp_path / "refiner", tmp_path / "pred"
+    assert nasdose("train", "--data", coarse_data, "--out", coarse, *FAST) == 0
+    assert nasdose("train", "--data", coarse_data, "--out", refiner, *FAST, f"cascade.coarse={coarse}",
+                   "cascade.patch=16", "dvh_loss.weight=0.5") == 0
+    assert nasdose("predict", "--model", refiner, "--data", coarse_data, "--out", pred, "--split", "validation",
+                   "runtime.device=cpu", "--quiet") == 0
+    with open_data(coarse_data) as d, open_data(pred / "predictions.h5") as p:
+        assert p.grid == 32 and p.ids() == d.ids("validation")
+        pid = p.ids()[0]
+        dose = p.read_dose(pid)
+        mask = d.source_mask(pid)
+        assert dose.shape == (32, 32, 32) and not dose[~mask].any() and dose[mask].any()
+        np.testing.assert_array_equal(read_submission_csv(pred / "submission" / f"{pid}.csv", (32, 32, 32)), dose)
+
+
+def test_moments_and_the_dvh_term():
+    x = torch.zeros(1, IN_CHANNELS, 4, 4, 4)
+    x[0, 1, :2] = 1.0          # PTV70 in the first half
+    x[0, 1, 2:3] = 0.8         # PTV56 in one slab
+    x[0, 2, 3] = 1.0           # Brainstem, the last slab
+    masks = structure_masks(x)
+    assert masks.shape == (1, 10, 4, 4, 4)
+    assert masks[0, 0].sum() == 16 and masks[0, 9].sum() == 32  # Brainstem; PTV70
+    assert masks[0, 7].sum() == 48 and masks[0, 8].sum() == 32  # >= 56 Gy level; >= 63 Gy level
+    dose = torch.rand(1, 1, 4, 4, 4)
+    m = moments(dose, masks, (1.0, 2.0))
+    assert m[0, 0, 0] == pytest.approx(dose[0, 0, 3].mean().item(), rel=1e-5)
+    assert m[0, 0, 1] == pytest.approx(dose[0, 0, 3].square().mean().sqrt().item(), rel=1e-5)
+    cfg = DVHLossConfig(weight=1.0, powers=(1.0, 2.0, 10.0), min_voxels=1)
+    assert dvh_moment_loss(dose, dose, x, cfg) == pytest.approx(0.0, abs=1e-6)
+    dose[0, 0, 3] = 0.5        # a uniform brainstem dose: every moment of it is 0.5
+    hotter = dose.clone()
+    hotter[0, 0, 3] = 0.6      # only the brainstem changes: its 3 moments rise by 0.1 each
+    loss = dvh_moment_loss(hotter, dose, x, cfg)
+    assert loss.item() == pytest.approx(3 * 0.1 / (4 * 3), rel=1e-3)  # 4 structures present x 3 orders
+    hotter.requires_grad_(True)
+    dvh_moment_loss(hotter, dose, x, cfg).backward()
+    assert hotter.grad[0, 0, 3].abs().sum() > 0 and hotter.grad[0, 0, :3].abs().sum() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_a_full_resolution_training_step_of_every_reference_model(name):
+    """One step at the OpenKBP source grid (128³, batch 1) on the CPU: the path a GPU run takes."""
+    torch.manual_seed(0)
+    model = create_model(name)
+    x, target = torch.rand(1, IN_CHANNELS, 128, 128, 128), torch.rand(1, 1, 128, 128, 128)
+    loss = (model(x) - target).abs().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_a_full_resolution_training_step_of_a_lenas_size_genotype():
+    from nas_dose.search_spaces import build_model, get_space
+
+    space = get_space("lenas")
+    torch.manual_seed(0)
+    model = build_model(space.sample(np.random.RandomState(0)))
+    x = torch.rand(1, IN_CHANNELS, 128, 128, 128)
+    loss = model(x).abs().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and sum(p.numel() for p in model.parameters()) > 100_000
