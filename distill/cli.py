@@ -62,7 +62,7 @@ from ..io import atomic_path, load_json, save_json, write_text
 from ..parallel import run_side_by_side, worker_threads
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
-from ..scores import Scores, score_patients
+from ..scores import Scores, score_on_source
 from ..train import ModelConfig, Objective, TrainConfig, build_model, load_model, train_model
 from .losses import AdversarialConfig, Combine, DistillObjective, HintConfig, check_non_negative
 from .report import Row, comparison_table, cost, score_predictor
@@ -212,7 +212,7 @@ def _rows(teacher_path: Path, teacher: nn.Module, cache: Path, out: Path, data: 
     rows.append(_model_row("student (distilled)", arch, model, [out / "student" / "best.pt"], data, ids, grid,
                            cfg, runtime))
     with open_data(data) as d, open_data(cache) as c:
-        s = score_patients((d.read(pid), c.read_dose(pid)) for pid in ids)
+        s = score_on_source(d, ((pid, c.read_dose(pid)) for pid in ids))
     n = len(teacher.members) if isinstance(teacher, Ensemble) else 1
     rows.append(Row(f"ensemble (teacher, {n} member{'s' if n > 1 else ''})", "ensemble" if n > 1 else "teacher",
                     s.dose_score, s.dvh_score, checkpoint_bytes=_file_size(*teacher_files(teacher_path)),
@@ -306,8 +306,9 @@ def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: P
     """The table (printed, comparison.md), metrics.json and the export."""
     rows = _rows(teacher, predictor, cache, out, data, val_ids, grid, cfg, runtime)
     table = comparison_table(rows, grid, cfg.latency.size)
-    note = (f"Validation split '{cfg.train.data.val_split}', {len(val_ids)} patients, grid {grid}³ (the "
-            f"checkpoints, and the ensemble's members and weights, were chosen on these patients); latency: "
+    note = (f"Validation split '{cfg.train.data.val_split}', {len(val_ids)} patients, trained on a {grid}³ grid, "
+            f"scored as OpenKBP scores, on each patient's source grid (the checkpoints, and the ensemble's "
+            f"members and weights, were chosen on these patients); latency: "
             f"median of {cfg.latency.runs} runs, batch 1, float32, {torch.get_num_threads()} CPU thread(s).")
     unlabeled, epochs = context["training_patients"]["unlabeled"], context["epochs"]
     if unlabeled:

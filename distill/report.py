@@ -16,7 +16,7 @@ from ..data.dataset import IN_CHANNELS
 from ..data.store import open_data
 from ..predict import Predictor, predict_patients
 from ..runtime import Runtime
-from ..scores import Scores, score_patients
+from ..scores import Scores, score_on_source
 from ..search_spaces import count_flops, count_params
 
 
@@ -36,9 +36,10 @@ class Row:
 
 
 def score_predictor(predictor: Predictor, data: Path, ids: Sequence[str], runtime: Runtime) -> Scores:
-    """Official dose and DVH scores of a predictor's doses (as `nasdose predict` writes them)."""
+    """Official dose and DVH scores of a predictor's doses (as `nasdose predict` writes them, on
+    the source grid)."""
     with open_data(data) as d:
-        return score_patients((d.read(pid), dose) for pid, dose in predict_patients(predictor, d, list(ids), runtime))
+        return score_on_source(d, predict_patients(predictor, d, list(ids), runtime))
 
 
 def latency(model: nn.Module, size: int, runs: int, device: torch.device) -> float:

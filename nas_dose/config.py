@@ -195,6 +195,15 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raise
 
 
+def layered(cls: type[C], overrides: list[str], recipe: dict[str, Any], where: str) -> C:
+    """A config from `key=value` defaults with a recipe's mapping on top (a pipeline recipe's
+    section `where`, named in errors)."""
+    try:
+        return from_dict(cls, _deep_merge(apply_overrides({}, overrides), recipe))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
@@ -207,7 +216,7 @@ def save_config(path: str | Path, config: Any) -> None:
     save_yaml(path, to_dict(config))
 
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "save_config", "apply_overrides",
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "layered", "save_config", "apply_overrides",
            "parse_override", "add_config_arguments", "check_run_folder", "int_at_least"]
 
 

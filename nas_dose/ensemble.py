@@ -47,7 +47,7 @@ from .plots import new_figure, save_figure
 from .predict import flip_tta, predict_patients
 from .progress import say
 from .runtime import Runtime, RuntimeConfig, seed_everything
-from .scores import Scores, score_patients
+from .scores import Scores, score_on_source
 from .selection import (Selection, SelectionConfig, ValidationPredictions, diversity_matrices,
                         leave_one_patient_out, select)
 from .train import ModelConfig, TrainConfig, build_model, load_model, train_model
@@ -276,10 +276,11 @@ def _validation_predictions(members: Sequence[_Member], data: Path, ids: list[st
 # Scoring and reporting.
 
 def _score(vp: ValidationPredictions, data: Path, weights: np.ndarray) -> Scores:
-    """Official dose and DVH scores of a combination; `weights` (members,) or one row per patient."""
+    """Official dose and DVH scores of a combination (on the source grid); `weights` (members,)
+    or one row per patient."""
     rows = np.broadcast_to(np.asarray(weights, dtype=np.float64), (len(vp.ids), vp.n_members))
     with open_data(data) as d:
-        return score_patients((d.read(pid), vp.full_dose(rows[p], p)) for p, pid in enumerate(vp.ids))
+        return score_on_source(d, ((pid, vp.full_dose(rows[p], p)) for p, pid in enumerate(vp.ids)))
 
 
 def _best_single(vp: ValidationPredictions) -> np.ndarray:
@@ -440,7 +441,7 @@ def run_ensemble(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig,
     loo = metrics["validation_leave_one_patient_out"]
     best = metrics["best_member"]
     say(f"ensemble of {', '.join(f'{n} × {w:.2f}' for n, w in metrics['ensemble']['weights'].items())}: "
-        f"validation dose score {metrics['validation_in_sample']['dose_score']:.3f} Gy in-sample"
+        f"validation dose score (OpenKBP, source grid) {metrics['validation_in_sample']['dose_score']:.3f} Gy in-sample"
         + (f", {loo['dose_score']:.3f} Gy leave-one-patient-out" if loo else "")
         + f"; best member {best['name']} {best['dose_score']:.3f} Gy. Wrote {out / 'ensemble.yaml'}")
     return metrics

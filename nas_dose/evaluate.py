@@ -18,7 +18,7 @@ import numpy as np
 from .config import int_at_least
 from .data.openkbp import discover, natural_key, read_patient, read_submission_csv
 from .data.patient import Patient
-from .data.store import SPLITS, open_data
+from .data.store import SPLITS, DataFile, open_data
 from .errors import input_error
 from .io import save_json
 from .plots import plot_dose_slices, plot_dvh
@@ -52,14 +52,26 @@ def _open_predictions(path: Path, stack: ExitStack) -> _Source[np.ndarray]:
 
 
 def _open_references(path: Path, split: str | None, stack: ExitStack) -> _Source[Patient]:
+    """Reference patients on their source grid, where the official scores are computed."""
     if path.is_file() and path.suffix != ".npz":
         data = stack.enter_context(open_data(path))
         if data.kind != "dataset":
             raise input_error(path, f"a nasdose {data.kind} file, expected a data set")
-        return _Source(path, data.ids(split), data.read, lambda pid: path)
+        return _Source(path, data.ids(split), data.read_source, lambda pid: path)
     sources = {s.id: s for s in discover(path) if split is None or s.split == split}
     return _Source(path, list(sources), lambda pid: read_patient(sources[pid]),
                    lambda pid: sources[pid].path)
+
+
+def _on_source_grid(preds: _Source[np.ndarray], data: DataFile) -> _Source[np.ndarray]:
+    """Predictions on a resampled data set's own grid, read upsampled to the source grid (as
+    `nasdose predict` writes its CSVs); predictions already there are read as they are."""
+
+    def read(pid: str) -> np.ndarray:
+        dose = preds.read(pid)
+        return data.to_source_grid(pid, dose) if dose.shape == (data.grid,) * 3 else dose
+
+    return _Source(preds.path, preds.ids, read, preds.file_of)
 
 
 def _patient_ids(preds: _Source[np.ndarray], refs: _Source[Patient],
@@ -111,6 +123,8 @@ def evaluate_predictions(pred: Path, ref: Path, out: Path | None, split: str | N
     with ExitStack() as stack:
         preds = _open_predictions(pred, stack)
         refs = _open_references(ref, split, stack)
+        if ref.is_file() and ref.suffix != ".npz":
+            preds = _on_source_grid(preds, stack.enter_context(open_data(ref)))
         ids = _patient_ids(preds, refs, split)
         plot_dir = out / "plots" if out is not None else None
         scores = score_patients(_pairs(preds, refs, ids, plot_dir, plots))

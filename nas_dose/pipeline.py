@@ -39,10 +39,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .config import int_at_least, load_config
+from .config import ConfigError, int_at_least, layered, load_config, to_dict
 from .data.cli import import_tree
 from .data.store import open_data, write_dataset
 from .data.synth import synth_patients
@@ -54,6 +55,7 @@ from .io import load_yaml, save_yaml
 from .models.unet3d import UNET3D_WIDTHS
 from .predict import load_predictor, write_outputs
 from .progress import say
+from .scores import resampling_floor
 from .runtime import Runtime, RuntimeConfig, seed_everything
 from .strategies.cli import SearchConfig, SearchRun, prepare_out
 from .train import TrainConfig, build_model, train_model
@@ -76,6 +78,43 @@ SUPERNET_STEPS = 1000
 LR = 1e-3
 
 
+STAGE_NAMES = ("train", "search", "ensemble", "distill", "cascade")
+# What each stage reads from an earlier one.
+NEEDS = {"ensemble": "search", "distill": "ensemble"}
+COARSE_STAGE = {"unet3d": "train", "ensemble": "ensemble", "student": "distill"}
+
+
+@dataclass
+class Recipe:
+    """What `nasdose pipeline --config FILE` runs (configs/openkbp_cpu.yaml, openkbp_gpu.yaml):
+    the stages in order, the grid and budget (--grid and --epochs win over them), and each
+    stage's config (a TrainConfig for `train` and `cascade`, a SearchConfig, EnsembleConfig,
+    DistillConfig) laid over the pipeline's defaults for it. `cascade` trains the full-resolution
+    stage (nas_dose.cascade) that refines the model named by `coarse`."""
+
+    stages: list[str] = field(default_factory=lambda: ["train", "search", "ensemble", "distill"])
+    grid: int | None = None
+    epochs: int | None = None
+    coarse: str = "unet3d"
+    train: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+    ensemble: dict[str, Any] = field(default_factory=dict)
+    distill: dict[str, Any] = field(default_factory=dict)
+    cascade: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.stages):
+            if name not in STAGE_NAMES or name in self.stages[:i]:
+                raise ConfigError(f"config key 'stages': {name!r} is not one of {', '.join(STAGE_NAMES)} "
+                                  "or comes twice")
+            needed = COARSE_STAGE.get(self.coarse, "?") if name == "cascade" else NEEDS.get(name)
+            if needed is not None and needed not in self.stages[:i]:
+                raise ConfigError(f"config key 'stages': {name!r} needs the {needed!r} stage before it"
+                                  + (f" (it refines coarse: {self.coarse})" if name == "cascade" else ""))
+        if self.coarse not in COARSE_STAGE:
+            raise ConfigError(f"config key 'coarse': one of {', '.join(COARSE_STAGE)}, got {self.coarse!r}")
+
+
 @dataclass
 class Context:
     """The pipeline's settings and the models each stage hands on to be predicted and scored."""
@@ -88,6 +127,7 @@ class Context:
     unlabeled: int = 0
     epochs: int = SYNTH_EPOCHS
     source: Path | None = None  # an OpenKBP tree or a nasdose data set; None: synthetic phantoms
+    recipe: Recipe = field(default_factory=Recipe)
     models: dict[str, Path] = field(default_factory=dict)
     data: Path = field(init=False)  # the data set every stage reads: a given one, or DIR/data.h5
 
@@ -161,11 +201,23 @@ def _reference_run(ctx: Context) -> Path:
 
 
 def _train_reference(ctx: Context) -> None:
-    run = _reference_run(ctx)
-    config = load_config(TrainConfig, overrides=train_overrides(ctx))
+    _train(ctx, _reference_run(ctx), layered(TrainConfig, train_overrides(ctx), ctx.recipe.train, "recipe 'train'"))
+
+
+def _train(ctx: Context, run: Path, config: TrainConfig) -> None:
     seed_everything(config.seed)
-    train_model(build_model(config.model), config, ctx.data, run,
+    train_model(build_model(config.model, refiner=config.cascade.coarse is not None), config, ctx.data, run,
                 resume=(run / "checkpoints" / "last.pt").exists())
+
+
+def _cascade(ctx: Context) -> None:
+    """The full-resolution stage, refining the recipe's coarse model (its `cascade` config)."""
+    coarse = ctx.models[ctx.recipe.coarse].resolve()
+    overrides = [f"seed={ctx.seed}", f"cascade.coarse={coarse}"]
+    if ctx.quick:
+        overrides += ["model.kwargs.widths=[4, 8]", "epochs=1", "data.batch_size=1", "cascade.patch=16",
+                      "data.augment.enabled=false", "runtime.threads=1"]
+    _train(ctx, ctx.out / "cascade", layered(TrainConfig, overrides, ctx.recipe.cascade, "recipe 'cascade'"))
 
 
 def _predict(name: str) -> Callable[[Context], None]:
@@ -240,15 +292,15 @@ def _stage_folder(ctx: Context, name: str) -> tuple[Path, bool]:
 
 def _search(ctx: Context) -> None:
     out, resume = _stage_folder(ctx, "search")
-    cfg = load_config(SearchConfig, overrides=search_overrides(ctx))
+    cfg = layered(SearchConfig, search_overrides(ctx), ctx.recipe.search, "recipe 'search'")
     prepare_out(out, cfg, resume)
     SearchRun(cfg, ctx.data, out).run()
 
 
 def _ensemble(ctx: Context) -> None:
     out, resume = _stage_folder(ctx, "ensemble")
-    cfg = load_config(EnsembleConfig, overrides=[*_budget(ctx), "selection.method=greedy",
-                                                 "selection.combination=weighted", f"plots={1 if ctx.quick else 3}"])
+    cfg = layered(EnsembleConfig, [*_budget(ctx), "selection.method=greedy", "selection.combination=weighted",
+                                   f"plots={1 if ctx.quick else 3}"], ctx.recipe.ensemble, "recipe 'ensemble'")
     run_ensemble(ctx.out / "search" / "pool.yaml", ctx.data, out, cfg, resume=resume)
 
 
@@ -260,27 +312,36 @@ def _distill(ctx: Context) -> None:
     overrides = [f"student={'unet3d:widths=2,4' if ctx.quick else STUDENT}", *_budget(ctx)]
     if ctx.quick:
         overrides += ["latency.size=16", "latency.runs=1"]
-    cfg = load_config(DistillConfig, overrides=overrides)
+    cfg = layered(DistillConfig, overrides, ctx.recipe.distill, "recipe 'distill'")
     run_distill(ctx.out / "ensemble" / "ensemble.yaml", ctx.data, out, cfg, resume=resume)
 
 
-STAGES: list[Stage] = [
-    Stage("data", lambda ctx: [ctx.data], _make_data),
-    *scored(Stage("train unet3d", lambda ctx: [_reference_run(ctx) / "metrics.json"], _train_reference,
-                  model=("unet3d", _reference_run))),
-    Stage("search", lambda ctx: [ctx.out / "search" / "pool.yaml"], _search),
-    *scored(Stage("ensemble", lambda ctx: [ctx.out / "ensemble" / "ensemble.yaml"], _ensemble,
-                  model=("ensemble", lambda ctx: ctx.out / "ensemble" / "ensemble.yaml"))),
-    *scored(Stage("distill", lambda ctx: [ctx.out / "distill" / "comparison.md"], _distill,
-                  model=("student", lambda ctx: ctx.out / "distill" / "student"))),
-]
+STAGES: dict[str, list[Stage]] = {
+    "train": scored(Stage("train unet3d", lambda ctx: [_reference_run(ctx) / "metrics.json"], _train_reference,
+                          model=("unet3d", _reference_run))),
+    "search": [Stage("search", lambda ctx: [ctx.out / "search" / "pool.yaml"], _search)],
+    "ensemble": scored(Stage("ensemble", lambda ctx: [ctx.out / "ensemble" / "ensemble.yaml"], _ensemble,
+                             model=("ensemble", lambda ctx: ctx.out / "ensemble" / "ensemble.yaml"))),
+    "distill": scored(Stage("distill", lambda ctx: [ctx.out / "distill" / "comparison.md"], _distill,
+                            model=("student", lambda ctx: ctx.out / "distill" / "student"))),
+    "cascade": scored(Stage("cascade", lambda ctx: [ctx.out / "cascade" / "metrics.json"], _cascade,
+                            model=("cascade", lambda ctx: ctx.out / "cascade"))),
+}
 
 
-def run_pipeline(ctx: Context, stages: list[Stage] = STAGES) -> None:
-    """Run the stages in order, skipping those whose outputs exist."""
+def stages_for(recipe: Recipe) -> list[Stage]:
+    """The data stage, then the recipe's stages, each model followed by its prediction and scores."""
+    return [Stage("data", lambda ctx: [ctx.data], _make_data),
+            *(stage for name in recipe.stages for stage in STAGES[name])]
+
+
+def run_pipeline(ctx: Context, stages: list[Stage] | None = None) -> None:
+    """Run the stages (by default the recipe's) in order, skipping those whose outputs exist."""
+    stages = stages_for(ctx.recipe) if stages is None else stages
     data = ({"patients": ctx.patients, "unlabeled": ctx.unlabeled} if ctx.source is None
             else {"data": str(ctx.source.resolve())})
-    settings = {**data, "grid": ctx.grid, "epochs": ctx.epochs, "seed": ctx.seed, "quick": ctx.quick}
+    settings = {**data, "grid": ctx.grid, "epochs": ctx.epochs, "seed": ctx.seed, "quick": ctx.quick,
+                "recipe": to_dict(ctx.recipe)}
     record = ctx.out / "config.yaml"
     if record.exists() and (earlier := load_yaml(record)) != settings:
         raise input_error(record, f"this folder holds a pipeline run with other settings ({earlier}); "
@@ -305,10 +366,16 @@ def report(ctx: Context) -> str:
     for name in ctx.models:
         scores = json.loads((ctx.out / "evaluate" / name / "metrics.json").read_text())
         rows.append((name, f"{scores['dose_score']:.3f}", f"{scores['dvh_score']:.3f}"))
-    reference = json.loads((_reference_run(ctx) / "metrics.json").read_text())
-    rows.append(("all-zero dose", f"{reference.get('zero_dose_val_score', math.nan):.3f}", "-"))
+    with open_data(ctx.data) as data:
+        floor = resampling_floor(data, data.ids(EVAL_SPLIT))
+    if floor is not None:
+        rows.append((f"perfect {ctx.grid}³ dose (resampling floor)", f"{floor.dose_score:.3f}", f"{floor.dvh_score:.3f}"))
+    if (_reference_run(ctx) / "metrics.json").exists():
+        reference = json.loads((_reference_run(ctx) / "metrics.json").read_text())
+        rows.append(("all-zero dose", f"{reference.get('zero_dose_val_score', math.nan):.3f}", "-"))
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"scores on the {EVAL_SPLIT} patients:"]
+    where = "" if floor is None else f", OpenKBP scores on the {data.source_grid(data.ids(EVAL_SPLIT)[0])}³ source grid"
+    lines = [f"scores on the {EVAL_SPLIT} patients{where}:"]
     lines += [f"  {a:<{width}}{b:>16}{c:>16}" for a, b, c in rows]
     artifacts = [("data set", ctx.data)]
     for name, model in ctx.models.items():
@@ -318,7 +385,10 @@ def report(ctx: Context) -> str:
     if comparison.exists():
         table = [line for line in comparison.read_text().splitlines() if line.startswith("|")]
         lines += ["", "ensemble vs student (validation; from the distill stage):", *table]
-    artifacts += [("search pool and plots", ctx.out / "search"), ("distillation report", comparison)]
+    if "search" in ctx.recipe.stages:
+        artifacts.append(("search pool and plots", ctx.out / "search"))
+    if comparison.exists():
+        artifacts.append(("distillation report", comparison))
     width = max(len(a) for a, _ in artifacts) + 2
     lines += ["", "artifacts:"] + [f"  {a:<{width}}{p}" for a, p in artifacts]
     return "\n".join(lines)
@@ -342,10 +412,15 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                              f"U-Net half as many (default {SYNTH_EPOCHS} on the phantoms, {DATA_EPOCHS} with "
                              "--data; quick: 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    parser.add_argument("--config", type=Path, metavar="RECIPE.yaml",
+                        help="a recipe: stages, grid, budget and each stage's config (e.g. "
+                             "configs/openkbp_cpu.yaml: a coarse U-Net and its full-resolution cascade)")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds (for tests)")
 
 
 def main(args: argparse.Namespace) -> None:
+    recipe = load_config(Recipe, args.config) if args.config is not None else Recipe()
+    args.grid, args.epochs = args.grid or recipe.grid, args.epochs or recipe.epochs
     if args.data is not None:
         used = [flag for flag, value in (("--patients", args.patients), ("--unlabeled", args.unlabeled))
                 if value is not None]
@@ -354,11 +429,11 @@ def main(args: argparse.Namespace) -> None:
                                "(an unlabeled/ folder in an OpenKBP tree holds patients without a plan)")
         ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, epochs=args.epochs or DATA_EPOCHS,
                       patients=0, grid=check_source(args.data, args.grid, 16 if args.quick else DATA_GRID),
-                      source=args.data)
+                      source=args.data, recipe=recipe)
     else:
         unlabeled = args.unlabeled if args.unlabeled is not None else (0 if args.quick else SYNTH_UNLABELED)
         ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, unlabeled=unlabeled,
                       epochs=args.epochs or SYNTH_EPOCHS, grid=args.grid or SYNTH_GRID,
-                      patients=args.patients or (8 if args.quick else SYNTH_PATIENTS))
+                      patients=args.patients or (8 if args.quick else SYNTH_PATIENTS), recipe=recipe)
     run_pipeline(ctx)
     print(report(ctx))

@@ -37,6 +37,7 @@ from .errors import input_error
 from .io import save_yaml
 from .progress import say
 from .runtime import Runtime, RuntimeConfig
+from .scores import Scores, score_on_source, score_patients
 
 # Flip combinations of (axis 0, axis 1) that test-time augmentation averages over.
 TTA_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
@@ -122,6 +123,14 @@ def load_predictor(path: Path, runtime: Runtime) -> Predictor | Cascade:
     if isinstance(coarse, Cascade):
         raise input_error(path, f"its coarse stage {cfg.coarse} is itself a cascade")
     return Cascade(coarse, runtime.prepare(model).eval(), cfg)
+
+
+def official_scores(predictor: Predictor | Cascade, data: DataFile, ids: list[str], runtime: Runtime,
+                    tta: bool = False) -> Scores:
+    """The OpenKBP scores of a model's or a cascade's doses, on the source grid."""
+    if isinstance(predictor, Cascade):
+        return score_patients((data.read_source(pid), dose) for pid, dose in predictor.predict(data, ids, runtime, tta))
+    return score_on_source(data, predict_patients(predictor, data, ids, runtime, tta))
 
 
 def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | None, runtime: Runtime, out: Path,

@@ -39,7 +39,7 @@ from .data.dataset import IN_CHANNELS, DoseDataset, make_loader
 from . import distributed
 from .data.patient import DOSE_SCALE_GY
 from .errors import NasDoseError, input_error
-from .io import atomic_path, load_checkpoint, save_checkpoint, save_json
+from .io import atomic_path, load_checkpoint, load_json, save_checkpoint, save_json
 from .data.store import open_data
 from .progress import progress, say
 from .runtime import Runtime, RuntimeConfig, rng_state, seed_everything, set_rng_state
@@ -723,7 +723,31 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 def main(args: argparse.Namespace) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     seed_everything(config.seed)
-    model = build_model(config.model, refiner=config.cascade.coarse is not None)
+    cascade = config.cascade.coarse is not None
+    model = build_model(config.model, refiner=cascade)
     result = train_model(model, config, args.data, args.out, resume=args.resume)
-    say(f"best validation dose score {result.best_val_score:.3f} Gy at epoch {result.best_epoch} "
+    grid = "patches" if cascade else f"{open_data(args.data).grid}³ grid"
+    say(f"best validation dose score {result.best_val_score:.3f} Gy on the {grid} at epoch {result.best_epoch} "
         f"(all-zero prediction: {result.zero_val_score:.3f} Gy); model: {Path(args.out) / 'best.pt'}")
+    if distributed.writes_here():
+        _report_official(args.out, Path(args.data), config)
+
+
+def _report_official(run: Path, data: Path, config: TrainConfig) -> None:
+    """Where the data set was resampled (or the run refines a coarse stage), the checkpoint was
+    chosen on a proxy: score it as OpenKBP does, on the source grid, into metrics.json."""
+    # Imported here: prediction loads ensembles, a stage built on this module.
+    from .predict import load_predictor, official_scores
+
+    with open_data(data) as d:
+        ids = d.ids(config.data.val_split)
+        if config.cascade.coarse is None and all(d.source_grid(pid) == d.grid for pid in ids):
+            return
+        runtime = Runtime(config.runtime)
+        scores = official_scores(load_predictor(Path(run), runtime), d, ids, runtime)
+    metrics = load_json(Path(run) / "metrics.json")
+    save_json(Path(run) / "metrics.json", {**metrics, "official_val_scores": {
+        "dose_score": scores.dose_score, "dvh_score": scores.dvh_score, "patients": len(ids),
+        "grid": d.source_grid(ids[0])}})
+    say(f"official validation scores (OpenKBP, {d.source_grid(ids[0])}³ source grid, {len(ids)} patients): "
+        f"dose {scores.dose_score:.3f} Gy, DVH {scores.dvh_score:.3f} Gy")

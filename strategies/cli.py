@@ -274,5 +274,8 @@ def main(args: argparse.Namespace) -> None:
     distributed.on_main(prepare_out, out, cfg, args.resume)  # checks, then writes: one rank
     started = time.monotonic()
     pool = run.run()
-    say(f"pool of {len(pool.members)} in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s): " + ", ".join(
+    with open_data(args.data) as data:
+        grid = data.grid
+    say(f"pool of {len(pool.members)} in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s), search-time "
+        f"validation dose scores on the {grid}³ grid (proxies for ranking, not official scores): " + ", ".join(
         f"{m.name} {m.search_score:.3f} Gy" for m in pool.members))

@@ -197,3 +197,34 @@ def test_a_full_resolution_training_step_of_a_lenas_size_genotype():
     loss = model(x).abs().mean()
     loss.backward()
     assert torch.isfinite(loss) and sum(p.numel() for p in model.parameters()) > 100_000
+
+
+def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys):
+    from nas_dose.config import layered, load_config
+    from nas_dose.distill.cli import DistillConfig
+    from nas_dose.ensemble import EnsembleConfig
+    from nas_dose.pipeline import Recipe
+    from nas_dose.strategies.cli import SearchConfig
+    from nas_dose.train import TrainConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cpu, gpu = load_config(Recipe, configs / "openkbp_cpu.yaml"), load_config(Recipe, configs / "openkbp_gpu.yaml")
+    assert cpu.stages == ["train", "cascade"] and cpu.grid == 32 and gpu.grid == 128
+    for r in (cpu, gpu):  # every section is a valid config of its stage
+        for name, cls in [("train", TrainConfig), ("cascade", TrainConfig), ("search", SearchConfig),
+                          ("ensemble", EnsembleConfig), ("distill", DistillConfig)]:
+            layered(cls, ["cascade.coarse=x"] if name == "cascade" else [], getattr(r, name), name)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages: [train, cascade]\ncoarse: unet3d\n")
+    out = tmp_path / "pipe"
+    capsys.readouterr()
+    assert nasdose("pipeline", "--out", out, "--data", coarse_data, "--config", recipe, "--quick") == 0
+    report = capsys.readouterr().out
+    assert "32³ source grid" in report and "resampling floor" in report and "cascade" in report
+    with open_data(out / "predict" / "cascade" / "predictions.h5") as p:
+        assert p.grid == 32
+    assert (out / "evaluate" / "cascade" / "metrics.json").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [cascade]\n")
+    assert nasdose("pipeline", "--out", tmp_path / "pipe2", "--data", coarse_data, "--config", bad, "--quick") == 1
+    assert "needs the 'train' stage" in capsys.readouterr().err

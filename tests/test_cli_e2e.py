@@ -12,7 +12,7 @@ from nas_dose.cli import main
 from nas_dose.config import load_config
 from nas_dose.data.store import open_data
 from nas_dose.io import load_yaml
-from nas_dose.pipeline import STAGES, Context, train_overrides
+from nas_dose.pipeline import Context, Recipe, stages_for, train_overrides
 from nas_dose.scores import dose_error
 from nas_dose.train import TrainConfig, build_model, check_input_size
 
@@ -123,7 +123,7 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
     assert json.loads((out / "distill" / "metrics.json").read_text())["training_patients"]["unlabeled"] == 2
     assert main(["pipeline", "--out", str(out), "--quick", "--unlabeled", "2"]) == 0
     again = capsys.readouterr().out
-    assert again.count("done already, skipped") == len(STAGES)
+    assert again.count("done already, skipped") == len(stages_for(Recipe()))
     assert again.split("scores on")[1] == first.split("scores on")[1]
     code = main(["pipeline", "--out", str(out), "--quick", "--unlabeled", "2", "--seed", "1"])
     assert code == 1 and "config.yaml" in capsys.readouterr().err
@@ -136,7 +136,7 @@ def test_pipeline_epochs_set_every_training_budget(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(pipeline, "run_ensemble", lambda pool, data, out, cfg, resume: seen.update(ensemble=cfg))
     monkeypatch.setattr(pipeline, "run_distill", lambda teacher, data, out, cfg, resume: seen.update(distill=cfg))
-    for stage in STAGES:
+    for stage in stages_for(Recipe()):
         if stage.name in ("ensemble", "distill"):
             stage.run(ctx)
     assert seen["ensemble"].train.epochs == seen["distill"].train.epochs == 200
@@ -216,7 +216,7 @@ def test_pipeline_reads_a_data_set_where_it_lies(tmp_path, monkeypatch):
     assert main(["pipeline", "--out", str(tmp_path / "pipe"), "--data", str(tmp_path / "d.h5")]) == 0
     ctx = seen[0]
     assert ctx.data == tmp_path / "d.h5" and ctx.grid == 16 and not ctx.quick
-    assert all(p.exists() for p in STAGES[0].outputs(ctx))  # so the data stage is skipped
+    assert all(p.exists() for p in stages_for(ctx.recipe)[0].outputs(ctx))  # so the data stage is skipped
 
 
 @pytest.mark.parametrize("case", ["patients", "grid", "no validation", "unlabeled validation", "missing",
