@@ -12,7 +12,8 @@ training patients are far better than on new patients (in-sample), so a refiner 
 learns to trust its input. By default it learns from the reference dose block-averaged to the
 coarse grid and randomly degraded (blurred, scaled, smooth noise), so that it learns both to
 restore what resampling lost and to correct a coarse dose from the anatomy; `coarse_input:
-predictions` uses the coarse model's predictions instead (out-of-fold ones are the right kind).
+predictions` uses coarse predictions from a file instead (out-of-fold ones are the right kind:
+train the coarse stage with `data.folds`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ class CascadeConfig:
     coarse: str | None = None
     patch: int = 64
     coarse_input: Literal["reference", "predictions"] = "reference"
+    # With coarse_input: predictions, a prediction file (nasdose predict) holding the training
+    # patients' coarse doses, best made out-of-fold (data.folds): the coarse model's predictions
+    # of its own training patients are far better than at inference.
+    coarse_predictions: str | None = None
     # Degradation of the reference coarse dose (coarse_input: reference), drawn per patch:
     # Gaussian blur up to `blur` coarse voxels, a smooth relative error up to `scale_error`, and
     # smooth additive noise up to `noise_gy` Gy (standard deviations).
@@ -65,9 +70,12 @@ class CascadeConfig:
         for key in ("blur", "scale_error", "noise_gy"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'cascade.{key}': must be >= 0, got {getattr(self, key)}")
-        for key in ("focus", "overlap"):
-            if not 0 <= getattr(self, key) < 1 + (key == "focus"):
-                raise ConfigError(f"config key 'cascade.{key}': must be in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.focus <= 1:
+            raise ConfigError(f"config key 'cascade.focus': must be in [0, 1], got {self.focus}")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"config key 'cascade.overlap': must be in [0, 1), got {self.overlap}")
+        if self.coarse_input == "predictions" and self.coarse_predictions is None:
+            raise ConfigError("config key 'cascade.coarse_predictions': needed with coarse_input: predictions")
         if self.val_patches < 1:
             raise ConfigError(f"config key 'cascade.val_patches': must be at least 1, got {self.val_patches}")
 

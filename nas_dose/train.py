@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,7 +41,7 @@ from . import distributed
 from .data.patient import DOSE_SCALE_GY
 from .errors import NasDoseError, input_error
 from .io import atomic_path, load_checkpoint, load_json, save_checkpoint, save_json
-from .data.store import open_data
+from .data.store import DataFile, open_data
 from .progress import progress, say
 from .runtime import Runtime, RuntimeConfig, rng_state, seed_everything, set_rng_state
 from .cascade import REFINER_CHANNELS, CascadeConfig, PatchDataset, Refiner
@@ -72,9 +73,21 @@ class DataConfig:
     # loading in the training process measured faster, min(4, cores // 2) with CUDA.
     num_workers: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Cross-validation folds of the training split: with folds > 1 the run trains on all of it
+    # but fold `fold` (every folds-th patient, from the fold-th, in the data set's order), whose
+    # predictions are then out-of-fold (what a cascade's second stage should learn from).
+    folds: int = 1
+    fold: int = 0
+
+    def held_out(self, ids: list[str]) -> list[str]:
+        """The training patients of `ids` this run leaves out (none without folds)."""
+        return ids[self.fold::self.folds] if self.folds > 1 else []
 
     def validate(self) -> None:
         _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.folds", self.folds, 1)
+        if not 0 <= self.fold < self.folds:
+            raise ConfigError(f"config key 'data.fold': must be in [0, {self.folds - 1}], got {self.fold}")
         if self.num_workers is not None:
             _at_least("data.num_workers", self.num_workers, 0)
 
@@ -332,7 +345,10 @@ class Objective:
     dvh = DVHLossConfig()
 
     def train_set(self, data: Path, config: TrainConfig) -> DoseDataset | PatchDataset:
-        return DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed)
+        with open_data(data) as d:
+            held_out = config.data.held_out(d.ids(config.data.train_split))
+        return DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed,
+                           exclude=held_out)
 
     def val_set(self, data: Path, config: TrainConfig) -> DoseDataset | PatchDataset:
         """What the checkpoint is chosen on (the validation patients, whole)."""
@@ -377,12 +393,21 @@ class CascadeObjective(Objective):
 
         runtime = Runtime(config.runtime)
         predictor = load_predictor(Path(self.cascade.coarse), runtime)
-        splits = [config.data.val_split]
-        if self.cascade.coarse_input == "predictions":
-            splits.append(config.data.train_split)
         with open_data(data) as d:
-            ids = [pid for split in splits for pid in d.ids(split)]
-            self.coarse_doses = dict(predict_patients(predictor, d, ids, runtime))
+            self.coarse_doses = dict(predict_patients(predictor, d, d.ids(config.data.val_split), runtime))
+            if self.cascade.coarse_input == "predictions":
+                self.coarse_doses.update(self._training_predictions(d, config.data.train_split))
+
+    def _training_predictions(self, data: DataFile, split: str) -> dict[str, np.ndarray]:
+        """The coarse doses of the training patients, from `cascade.coarse_predictions`."""
+        path = Path(self.cascade.coarse_predictions or "")
+        with open_data(path) as preds:
+            if preds.kind != "predictions" or preds.grid != data.grid:
+                raise input_error(path, f"not a prediction file on the data set's {data.grid}³ grid")
+            missing = [pid for pid in data.ids(split) if pid not in preds]
+            if missing:
+                raise input_error(path, f"no coarse prediction for training patient(s) {', '.join(missing[:5])}")
+            return {pid: preds.read_dose(pid) for pid in data.ids(split)}
 
     def train_set(self, data: Path, config: TrainConfig) -> PatchDataset:
         doses = self.coarse_doses if self.cascade.coarse_input == "predictions" else None

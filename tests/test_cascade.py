@@ -228,3 +228,25 @@ def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys)
     bad.write_text("stages: [cascade]\n")
     assert nasdose("pipeline", "--out", tmp_path / "pipe2", "--data", coarse_data, "--config", bad, "--quick") == 1
     assert "needs the 'train' stage" in capsys.readouterr().err
+
+
+def test_folds_leave_out_every_kth_training_patient_and_feed_a_cascade(coarse_data, tmp_path):
+    from nas_dose.config import load_config
+    from nas_dose.train import DataConfig, Objective, TrainConfig
+
+    ids = [f"pt_{i}" for i in range(7)]
+    assert DataConfig(folds=3, fold=1).held_out(ids) == ["pt_1", "pt_4"] and DataConfig().held_out(ids) == []
+    with open_data(coarse_data) as d:
+        train = d.ids("train")
+    config = load_config(TrainConfig, overrides=["data.folds=2", "data.fold=1"])
+    assert Objective().train_set(coarse_data, config).ids == [train[0], train[2], train[4]]
+    fold = tmp_path / "fold0"
+    assert nasdose("train", "--data", coarse_data, "--out", fold, *FAST, "data.folds=2", "data.fold=0") == 0
+    # Coarse predictions from a file (here those of the fold model for every training patient).
+    pred = tmp_path / "pred"
+    assert nasdose("predict", "--model", fold, "--data", coarse_data, "--out", pred, "--split", "train",
+                   "--no-csv", "--quiet") == 0
+    common = [*FAST, f"cascade.coarse={fold}", "cascade.patch=16", "cascade.coarse_input=predictions"]
+    assert nasdose("train", "--data", coarse_data, "--out", tmp_path / "r", *common,
+                   f"cascade.coarse_predictions={pred / 'predictions.h5'}") == 0
+    assert nasdose("train", "--data", coarse_data, "--out", tmp_path / "r2", *common) == 1  # no file named

@@ -120,12 +120,13 @@ class DoseDataset(Dataset):
     """
 
     def __init__(self, path: Path, split: str | Sequence[str] | None, augment: AugmentConfig | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, exclude: Sequence[str] = ()) -> None:
         if seed < 0:
             raise NasDoseError(f"{path}: the data seed must be >= 0, got {seed}")
         self.data = open_data(Path(path))
         splits = [split] if split is None or isinstance(split, str) else list(split)
-        self.ids = [pid for s in splits for pid in self.data.ids(s)]
+        left_out = set(exclude)
+        self.ids = [pid for s in splits for pid in self.data.ids(s) if pid not in left_out]
         if not self.ids:
             where = "split " + ", ".join(f"'{s}'" for s in splits) if split is not None else "the file"
             raise NasDoseError(f"{path}: no patients in {where}")
