@@ -53,7 +53,7 @@ from .errors import NasDoseError, input_error
 from .evaluate import evaluate_predictions
 from .io import load_yaml, save_yaml
 from .models.unet3d import UNET3D_WIDTHS
-from .predict import load_predictor, write_outputs
+from .predict import load_predictor, write_out_of_fold, write_outputs
 from .progress import say
 from .scores import resampling_floor
 from .runtime import Runtime, RuntimeConfig, seed_everything
@@ -78,9 +78,9 @@ SUPERNET_STEPS = 1000
 LR = 1e-3
 
 
-STAGE_NAMES = ("train", "search", "ensemble", "distill", "cascade")
+STAGE_NAMES = ("train", "folds", "search", "ensemble", "distill", "cascade")
 # What each stage reads from an earlier one.
-NEEDS = {"ensemble": "search", "distill": "ensemble"}
+NEEDS = {"folds": "train", "ensemble": "search", "distill": "ensemble"}
 COARSE_STAGE = {"unet3d": "train", "ensemble": "ensemble", "student": "distill"}
 
 
@@ -90,12 +90,15 @@ class Recipe:
     the stages in order, the grid and budget (--grid and --epochs win over them), and each
     stage's config (a TrainConfig for `train` and `cascade`, a SearchConfig, EnsembleConfig,
     DistillConfig) laid over the pipeline's defaults for it. `cascade` trains the full-resolution
-    stage (nas_dose.cascade) that refines the model named by `coarse`."""
+    stage (nas_dose.cascade) that refines the model named by `coarse`; with the `folds` stage
+    before it, it learns from out-of-fold coarse predictions of the training patients (the
+    `train` stage's config trained `folds` times, each without one fold)."""
 
     stages: list[str] = field(default_factory=lambda: ["train", "search", "ensemble", "distill"])
     grid: int | None = None
     epochs: int | None = None
     coarse: str = "unet3d"
+    folds: int = 2
     train: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     ensemble: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +114,8 @@ class Recipe:
             if needed is not None and needed not in self.stages[:i]:
                 raise ConfigError(f"config key 'stages': {name!r} needs the {needed!r} stage before it"
                                   + (f" (it refines coarse: {self.coarse})" if name == "cascade" else ""))
+        if self.folds < 2:
+            raise ConfigError(f"config key 'folds': at least 2, got {self.folds}")
         if self.coarse not in COARSE_STAGE:
             raise ConfigError(f"config key 'coarse': one of {', '.join(COARSE_STAGE)}, got {self.coarse!r}")
 
@@ -210,10 +215,31 @@ def _train(ctx: Context, run: Path, config: TrainConfig) -> None:
                 resume=(run / "checkpoints" / "last.pt").exists())
 
 
+def _fold_runs(ctx: Context) -> list[Path]:
+    return [ctx.out / "folds" / f"fold{k}" for k in range(ctx.recipe.folds)]
+
+
+def _out_of_fold(ctx: Context) -> Path:
+    return ctx.out / "folds" / "out_of_fold.h5"
+
+
+def _folds(ctx: Context) -> None:
+    """The reference model's config trained once per fold, then its out-of-fold predictions."""
+    for k, run in enumerate(_fold_runs(ctx)):
+        say(f"fold {k + 1} of {ctx.recipe.folds}")
+        _train(ctx, run, layered(TrainConfig, [*train_overrides(ctx), f"data.folds={ctx.recipe.folds}",
+                                               f"data.fold={k}"], ctx.recipe.train, "recipe 'train'"))
+    runtime = Runtime(RuntimeConfig())
+    with open_data(ctx.data) as data:
+        write_out_of_fold(data, _fold_runs(ctx), _out_of_fold(ctx), runtime)
+
+
 def _cascade(ctx: Context) -> None:
     """The full-resolution stage, refining the recipe's coarse model (its `cascade` config)."""
     coarse = ctx.models[ctx.recipe.coarse].resolve()
     overrides = [f"seed={ctx.seed}", f"cascade.coarse={coarse}"]
+    if "folds" in ctx.recipe.stages:
+        overrides += ["cascade.coarse_input=predictions", f"cascade.coarse_predictions={_out_of_fold(ctx).resolve()}"]
     if ctx.quick:
         overrides += ["model.kwargs.widths=[4, 8]", "epochs=1", "data.batch_size=1", "cascade.patch=16",
                       "data.augment.enabled=false", "runtime.threads=1"]
@@ -319,6 +345,7 @@ def _distill(ctx: Context) -> None:
 STAGES: dict[str, list[Stage]] = {
     "train": scored(Stage("train unet3d", lambda ctx: [_reference_run(ctx) / "metrics.json"], _train_reference,
                           model=("unet3d", _reference_run))),
+    "folds": [Stage("folds", lambda ctx: [_out_of_fold(ctx)], _folds)],
     "search": [Stage("search", lambda ctx: [ctx.out / "search" / "pool.yaml"], _search)],
     "ensemble": scored(Stage("ensemble", lambda ctx: [ctx.out / "ensemble" / "ensemble.yaml"], _ensemble,
                              model=("ensemble", lambda ctx: ctx.out / "ensemble" / "ensemble.yaml"))),

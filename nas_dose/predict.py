@@ -133,6 +133,25 @@ def official_scores(predictor: Predictor | Cascade, data: DataFile, ids: list[st
     return score_on_source(data, predict_patients(predictor, data, ids, runtime, tta))
 
 
+def write_out_of_fold(data: DataFile, runs: list[Path], out: Path, runtime: Runtime) -> None:
+    """The training patients' doses, each predicted by the fold run (`data.folds`) that left it
+    out, into one prediction file on the data set's grid: what a cascade's full-resolution stage
+    should learn from (`cascade.coarse_predictions`)."""
+    # Imported here: nas_dose.train imports this module.
+    from .train import TrainConfig
+
+    records, seen = [], set()
+    for run in runs:
+        cfg = load_config(TrainConfig, run / "config.yaml")
+        held_out = cfg.data.held_out(data.ids(cfg.data.train_split))
+        if not held_out or seen & set(held_out):
+            raise input_error(run, "not one fold of a cross-validation (data.folds) beside the others")
+        seen.update(held_out)
+        records += [(pid, dose, data.patient_attrs(pid))
+                    for pid, dose in predict_patients(load_predictor(run, runtime), data, held_out, runtime)]
+    write_predictions(out, records, grid=data.grid, source="out-of-fold: " + ", ".join(map(str, runs)))
+
+
 def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | None, runtime: Runtime, out: Path,
                   *, model: str, tta: bool = False, csv: bool = True) -> list[str]:
     """Predict the patients of `split` (all when None) into `out`; returns their ids.

@@ -209,7 +209,7 @@ def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys)
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     cpu, gpu = load_config(Recipe, configs / "openkbp_cpu.yaml"), load_config(Recipe, configs / "openkbp_gpu.yaml")
-    assert cpu.stages == ["train", "cascade"] and cpu.grid == 32 and gpu.grid == 128
+    assert cpu.stages == ["train", "folds", "cascade"] and cpu.grid == 32 and gpu.grid == 128
     for r in (cpu, gpu):  # every section is a valid config of its stage
         for name, cls in [("train", TrainConfig), ("cascade", TrainConfig), ("search", SearchConfig),
                           ("ensemble", EnsembleConfig), ("distill", DistillConfig)]:
@@ -250,3 +250,21 @@ def test_folds_leave_out_every_kth_training_patient_and_feed_a_cascade(coarse_da
     assert nasdose("train", "--data", coarse_data, "--out", tmp_path / "r", *common,
                    f"cascade.coarse_predictions={pred / 'predictions.h5'}") == 0
     assert nasdose("train", "--data", coarse_data, "--out", tmp_path / "r2", *common) == 1  # no file named
+
+
+def test_a_pipeline_cascade_learns_from_out_of_fold_predictions(coarse_data, tmp_path):
+    from nas_dose.config import load_config
+    from nas_dose.train import TrainConfig
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages: [train, folds, cascade]\nfolds: 2\n")
+    out = tmp_path / "pipe"
+    assert nasdose("pipeline", "--out", out, "--data", coarse_data, "--config", recipe, "--quick") == 0
+    with open_data(coarse_data) as d, open_data(out / "folds" / "out_of_fold.h5") as oof:
+        train = d.ids("train")
+        assert sorted(oof.ids()) == sorted(train)
+        # each training patient predicted by the fold run that did not train on it
+        fold1 = load_config(TrainConfig, out / "folds" / "fold1" / "config.yaml")
+        assert (fold1.data.folds, fold1.data.fold) == (2, 1) and fold1.data.held_out(train) == train[1::2]
+    cascade = load_config(TrainConfig, out / "cascade" / "config.yaml").cascade
+    assert cascade.coarse_input == "predictions" and cascade.coarse_predictions.endswith("out_of_fold.h5")
