@@ -291,3 +291,26 @@ def test_score_patients_rejects_bad_input() -> None:
     b.dose = None
     with pytest.raises(NasDoseError, match="^pt_8: reference patient has no dose"):
         score_patients([(b, np.zeros((4, 4, 4)))])
+
+
+@pytest.mark.openkbp
+def test_source_grid_scores_of_a_32_import_agree_with_the_official_evaluator(openkbp_dir, tmp_path):
+    """A dose predicted on a 32³ import (here the import's own reference, the resampling floor)
+    is scored on the 128³ source grid exactly as the challenge scores its submission CSV."""
+    from nas_dose.cli import main
+    from nas_dose.data.openkbp import write_submission_csv
+    from nas_dose.data.store import open_data
+    from nas_dose.scores import resampling_floor
+
+    data_path = tmp_path / "kbp32.h5"
+    assert main(["data", "import", str(openkbp_dir / "csv"), str(data_path), "--grid", "32", "-q"]) == 0
+    folders = {p.name: p for split in ("train-pats", "validation-pats") for p in (openkbp_dir / "csv" / split).iterdir()}
+    with open_data(data_path) as data:
+        ids = data.ids()
+        floor = resampling_floor(data, ids)
+        for pid in ids:
+            write_submission_csv(tmp_path / f"{pid}.csv", data.to_source_grid(pid, data.read_dose(pid)))
+    official = official_evaluate({pid: official_load_csv_patient(folders[pid]) for pid in ids},
+                                 {pid: official_load_prediction(tmp_path / f"{pid}.csv") for pid in ids})
+    assert assert_agrees(floor, official) < 1e-3
+    assert floor.dose_score > 1.0  # the 32³ grid loses real accuracy: the floor is far from zero
