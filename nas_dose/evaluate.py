@@ -20,7 +20,7 @@ from .data.openkbp import discover, natural_key, read_patient, read_submission_c
 from .data.patient import Patient
 from .data.store import SPLITS, open_data
 from .errors import input_error
-from .io import save_json
+from .io import output_folder, save_json
 from .plots import plot_dose_slices, plot_dvh
 from .progress import progress, say
 from .scores import Scores, score_patients
@@ -137,4 +137,5 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 
 def main(args: argparse.Namespace) -> None:
-    evaluate_predictions(args.pred, args.ref, args.out, args.split, args.plots)
+    with output_folder(args.out):
+        evaluate_predictions(args.pred, args.ref, args.out, args.split, args.plots)

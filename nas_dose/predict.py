@@ -34,7 +34,7 @@ from .data.patient import DOSE_SCALE_GY
 from .data.resample import upsample_dose
 from .data.store import SOURCE_MASK, SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
-from .io import save_yaml
+from .io import output_folder, save_yaml
 from .progress import say
 from .runtime import Runtime, RuntimeConfig
 
@@ -99,12 +99,13 @@ def source_grid_dose(data: DataFile, pid: str, dose: np.ndarray) -> np.ndarray:
     return upsample_dose(dose, factor, mask=source_mask)
 
 
-def load_predictor(path: Path, runtime: Runtime) -> Predictor:
-    """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode."""
+def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Predictor:
+    """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
+    with `grid`, refused unless trained on that grid."""
     # Imported here: nas_dose.ensemble imports this module.
     from .ensemble import load_predictor as load_model_or_ensemble
 
-    return runtime.prepare(load_model_or_ensemble(path)).eval()
+    return runtime.prepare(load_model_or_ensemble(path, grid)).eval()
 
 
 def write_outputs(predictor: Predictor, data: DataFile, split: str | None, runtime: Runtime, out: Path,
@@ -160,10 +161,10 @@ class PredictConfig:
 
 def main(args: argparse.Namespace) -> None:
     runtime = Runtime(load_config(PredictConfig, args.config, args.overrides).runtime)
-    with open_data(args.data) as data:
+    with output_folder(args.out), open_data(args.data) as data:
         if data.kind != "dataset":
             raise input_error(args.data, "is a prediction file, not a data set")
-        predictor = load_predictor(args.model, runtime)
+        predictor = load_predictor(args.model, runtime, data.grid)
         ids = write_outputs(predictor, data, args.split, runtime, args.out, model=str(args.model),
                             tta=args.tta, csv=args.csv)
     say(f"predicted {len(ids)} patients: {args.out / 'predictions.h5'}"

@@ -39,7 +39,7 @@ from .data.dataset import IN_CHANNELS, DoseDataset, make_loader
 from . import distributed
 from .data.patient import DOSE_SCALE_GY
 from .errors import NasDoseError, input_error
-from .io import atomic_path, load_checkpoint, save_checkpoint, save_json
+from .io import atomic_path, load_checkpoint, output_folder, save_checkpoint, save_json
 from .progress import progress, say
 from .runtime import Runtime, RuntimeConfig, rng_state, seed_everything, set_rng_state
 from .search_spaces.measure import meta_copy, meta_forward
@@ -211,8 +211,18 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise input_error(file, f"weights do not fit the model they name ({first})") from None
-    meta = {k: v for k, v in ckpt.items() if k in ("model_config", "config", "epoch", "step", "val_dose_score")}
+    meta = {k: v for k, v in ckpt.items()
+            if k in ("model_config", "config", "epoch", "step", "val_dose_score", "grid")}
     return model.eval(), meta
+
+
+def check_trained_grid(file: Path, meta: dict[str, Any], grid: int | None) -> None:
+    """A model predicts the grid it was trained on: a network trained at 16³ runs on 32³ data
+    without a word, and predicts nonsense (checkpoints older than the grid record pass)."""
+    trained = meta.get("grid")
+    if grid is not None and trained is not None and trained != grid:
+        raise input_error(file, f"the model was trained on the {trained}^3 grid, but the data is on the {grid}^3 "
+                                f"grid (import the data with --grid {trained}, or train on this grid)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +594,8 @@ class _Trainer:
             if self.folder is not None:
                 save_checkpoint(self.folder.best, {
                     "format": CHECKPOINT_FORMAT, "model_config": self.spec, "config": to_dict(cfg),
-                    "model": self.best_state, "epoch": epoch, "step": state.step, "val_dose_score": val})
+                    "grid": self.train_set.grid, "model": self.best_state, "epoch": epoch, "step": state.step,
+                    "val_dose_score": val})
         state.stopped_early = cfg.patience is not None and epoch - state.best_epoch >= cfg.patience
         return val
 
@@ -612,7 +623,8 @@ class _Trainer:
         state, spe = self.state, self.steps_per_epoch
         save_checkpoint(self.folder.last, {
             "format": CHECKPOINT_FORMAT, "model_config": self.spec, "config": to_dict(self.config),
-            "step": state.step, "epoch": state.step // spe, "epoch_step": state.step % spe,
+            "grid": self.train_set.grid, "step": state.step, "epoch": state.step // spe,
+            "epoch_step": state.step % spe,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": rng_state(), "progress": to_dict(state), "best_model": self.best_state,
@@ -669,6 +681,7 @@ def main(args: argparse.Namespace) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     seed_everything(config.seed)
     model = build_model(config.model)
-    result = train_model(model, config, args.data, args.out, resume=args.resume)
+    with output_folder(args.out):
+        result = train_model(model, config, args.data, args.out, resume=args.resume)
     say(f"best validation dose score {result.best_val_score:.3f} Gy at epoch {result.best_epoch} "
         f"(all-zero prediction: {result.zero_val_score:.3f} Gy); model: {Path(args.out) / 'best.pt'}")

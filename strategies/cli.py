@@ -27,7 +27,7 @@ from .. import distributed
 from ..config import ConfigError, add_config_arguments, from_dict, load_config, save_config, to_dict
 from ..data.store import open_data
 from ..errors import NasDoseError, input_error
-from ..io import load_checkpoint, load_yaml, save_checkpoint
+from ..io import load_checkpoint, load_yaml, output_folder, save_checkpoint
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
 from ..search_spaces import get_space, import_plugins, save_genotype
@@ -270,9 +270,10 @@ def main(args: argparse.Namespace) -> None:
     if args.resume and config_path is None and (out / "config.yaml").exists():
         config_path = out / "config.yaml"
     cfg = load_config(SearchConfig, config_path, args.overrides)
-    run = SearchRun(cfg, args.data, out)
-    distributed.on_main(prepare_out, out, cfg, args.resume)  # checks, then writes: one rank
-    started = time.monotonic()
-    pool = run.run()
+    with output_folder(out):
+        run = SearchRun(cfg, args.data, out)
+        distributed.on_main(prepare_out, out, cfg, args.resume)  # checks, then writes: one rank
+        started = time.monotonic()
+        pool = run.run()
     say(f"pool of {len(pool.members)} in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s): " + ", ".join(
         f"{m.name} {m.search_score:.3f} Gy" for m in pool.members))

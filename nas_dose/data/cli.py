@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..config import int_at_least
+from ..io import output_file
 from ..progress import progress, say
 from .openkbp import PatientSource, discover, read_patient
 from .patient import OPENKBP_GRID, ROIS, Patient
@@ -71,15 +72,17 @@ def import_tree(src: Path, out: Path, grid: int) -> None:
 
 
 def import_command(args: argparse.Namespace) -> None:
-    import_tree(args.src, args.out, args.grid)
+    with output_file(args.out):
+        import_tree(args.src, args.out, args.grid)
 
 
 def synth_command(args: argparse.Namespace) -> None:
     from .synth import synth_patients
 
     total = args.patients + args.unlabeled
-    write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed, args.unlabeled),
-                  source=f"synth:seed={args.seed}", grid=args.grid, total=total)
+    with output_file(args.out):
+        write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed, args.unlabeled),
+                      source=f"synth:seed={args.seed}", grid=args.grid, total=total)
     say(f"wrote {args.out}: {total} synthetic patients ({args.unlabeled} unlabeled) on a {args.grid}^3 grid")
 
 
