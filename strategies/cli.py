@@ -94,11 +94,14 @@ def split_patients(data: Path, cfg: SplitConfig, seed: int) -> tuple[list[str], 
             arch = [pid for i, pid in enumerate(pool) if i in drawn]
         weight = [pid for pid in pool if pid not in set(arch)]
         diversity = f.ids(cfg.diversity_split)[:cfg.max_diversity_patients]
+        # Read them all once now: the validation patients are otherwise first read at the end.
+        f.verify([*pool, *arch, *diversity], values=True)
     if not weight or not arch:
         raise input_error(data, f"split '{cfg.search_split}' has {len(pool)} patient(s); a search needs "
                                 "at least one for the weights and one for the architecture")
-    if not diversity:
-        say(f"note: no '{cfg.diversity_split}' patients in {data}: diversity is measured by genotypes only")
+    if not diversity:  # the pool's accuracy and diversity would be NaN: nothing to choose on
+        raise input_error(data, f"no '{cfg.diversity_split}' patients: a search chooses its pool on them "
+                                "(set data.diversity_split to a split that has some)")
     return weight, arch, diversity
 
 

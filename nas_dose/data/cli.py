@@ -105,6 +105,7 @@ def summary(data: DataFile) -> str:
              f"grid {data.grid}^3",
              f"source: {data.attrs.get('source') or '-'}"]
     ids = data.ids()
+    data.verify(ids)
     attrs = {pid: data.patient_attrs(pid) for pid in ids}
     per_split = ", ".join(f"{s} {len(members)}" for s, members in data.splits().items())
     lines.append(f"patients: {len(ids)}" + (f" ({per_split})" if per_split else ""))
