@@ -30,11 +30,12 @@ T = TypeVar("T")
 
 @dataclass
 class _Source(Generic[T]):
-    """Patients of one input by id, read on demand; `file_of` names the file an error is about."""
+    """Patients of one input by id, read on demand; `file_of` names the file an error is about.
+    A prediction's `read` also takes the reference's shape (a submission CSV does not say it)."""
 
     path: Path
     ids: list[str]
-    read: Callable[[str], T]
+    read: Callable[..., T]
     file_of: Callable[[str], Path]
 
 
@@ -44,11 +45,11 @@ def _open_predictions(path: Path, stack: ExitStack) -> _Source[np.ndarray]:
         if not files:
             raise input_error(path, "no submission CSVs (pt_N.csv) in this folder")
         return _Source(path, sorted(files, key=natural_key),
-                       lambda pid: read_submission_csv(files[pid]), files.__getitem__)
+                       lambda pid, shape: read_submission_csv(files[pid], shape), files.__getitem__)
     data = stack.enter_context(open_data(path))
     if data.kind != "predictions":
         raise input_error(path, f"a nasdose {data.kind} file, expected predictions")
-    return _Source(path, data.ids(), data.read_dose, lambda pid: path)
+    return _Source(path, data.ids(), lambda pid, shape: data.read_dose(pid), lambda pid: path)
 
 
 def _open_references(path: Path, split: str | None, stack: ExitStack) -> _Source[Patient]:
@@ -90,7 +91,7 @@ def _pairs(preds: _Source[np.ndarray], refs: _Source[Patient], ids: list[str],
         patient = refs.read(pid)
         if patient.dose is None:
             raise input_error(refs.file_of(pid), f"patient {pid} has no reference dose")
-        dose = preds.read(pid)
+        dose = preds.read(pid, patient.dose.shape)
         if dose.shape != patient.dose.shape:
             raise input_error(preds.file_of(pid),
                               f"patient {pid}: predicted dose on a {dose.shape} grid, but the "

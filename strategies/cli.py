@@ -120,7 +120,7 @@ class SearchRun:
         self.space = get_space(cfg.space, source="config key 'space'")
         self.macro = self.space.check_macro(cfg.macro, "config key 'macro'")
         self.strategy_cls = get_strategy(cfg.strategy)
-        self.options = from_dict(self.strategy_cls.Config, cfg.options)
+        self.options = from_dict(self.strategy_cls.Config, cfg.options, prefix="options")
         cfg.options = to_dict(self.options)  # the resolved options go into config.yaml
         if cfg.diversity.mode == "sequential" and not self.strategy_cls.uses_references:
             raise NasDoseError(f"strategy '{cfg.strategy}' cannot search against earlier members; "
