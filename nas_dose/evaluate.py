@@ -16,10 +16,10 @@ from typing import Callable, Generic, Iterator, TypeVar
 import numpy as np
 
 from .config import int_at_least
-from .data.openkbp import discover, natural_key, read_patient, read_submission_csv
+from .data.openkbp import OPENKBP_SHAPE, discover, natural_key, read_patient, read_submission_csv
 from .data.patient import Patient
 from .data.store import SPLITS, open_data
-from .errors import input_error
+from .errors import NasDoseError, input_error
 from .io import output_folder, save_json
 from .plots import plot_dose_slices, plot_dvh
 from .progress import progress, say
@@ -45,11 +45,22 @@ def _open_predictions(path: Path, stack: ExitStack) -> _Source[np.ndarray]:
         if not files:
             raise input_error(path, "no submission CSVs (pt_N.csv) in this folder")
         return _Source(path, sorted(files, key=natural_key),
-                       lambda pid, shape: read_submission_csv(files[pid], shape), files.__getitem__)
+                       lambda pid, shape: _read_csv(files[pid], shape), files.__getitem__)
     data = stack.enter_context(open_data(path))
     if data.kind != "predictions":
         raise input_error(path, f"a nasdose {data.kind} file, expected predictions")
     return _Source(path, data.ids(), lambda pid, shape: data.read_dose(pid), lambda pid: path)
+
+
+def _read_csv(file: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """A submission CSV on the reference's grid (nasdose writes them on a data set's source
+    grid), else on the challenge's 128³, so that one of another grid is reported as such."""
+    try:
+        return read_submission_csv(file, shape)
+    except NasDoseError:
+        if shape == OPENKBP_SHAPE:
+            raise
+        return read_submission_csv(file)
 
 
 def _open_references(path: Path, split: str | None, stack: ExitStack) -> _Source[Patient]:
