@@ -28,6 +28,7 @@ TMP_SUFFIX = ".tmp"
 # atomic_path's temporaries: ".NAME." + mkstemp's 8 random characters + ".tmp".
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
 LOCK_NAME = ".nasdose.lock"
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # a network file system without flock
 # Files a refused fresh run may have made that a re-run reuses (checkpoints, data sets, caches):
 # a folder holding one is kept.
 _REUSABLE = (".pt", ".h5")
@@ -180,7 +181,8 @@ class _Hold:
     def __enter__(self) -> _Hold:
         _check_writable_path(self.path, self.folder)
         self.created = next((p for p in reversed([self.dir, *self.dir.parents]) if not p.exists()), None)
-        self.fresh = not self.folder or self.created is not None or not any(self.dir.iterdir())
+        self.fresh = (not self.folder or self.created is not None
+                      or all(p.name == LOCK_NAME for p in self.dir.iterdir()))  # a killed holder's lock
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.fd = self._acquire()
@@ -199,6 +201,12 @@ class _Hold:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in _NO_LOCKS:
+                    from .progress import say
+
+                    say(f"note: {self.dir}: this file system has no locks; nothing keeps a second nasdose "
+                        "process from writing here")
+                    return fd
                 pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
@@ -224,7 +232,8 @@ class _Hold:
         for root, dirs, files in os.walk(self.dir):
             dirs[:] = [d for d in dirs if not os.path.exists(os.path.join(root, d, LOCK_NAME))]
             for name in files:
-                if _TEMPORARY.fullmatch(name):
+                found = _TEMPORARY.fullmatch(name)
+                if found and not os.path.exists(os.path.join(root, f".{found['name']}.lock")):  # a held file's
                     Path(root, name).unlink(missing_ok=True)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:

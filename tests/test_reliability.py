@@ -161,14 +161,15 @@ def test_resume_removes_the_checkpoint_temporaries_a_kill_left(tmp_path, nasdose
     stale = [out / "checkpoints" / ".last.pt.k1ll3d_x.tmp", out / ".best.pt.abcdefgh.tmp",
              out / "sub" / ".metrics.json.0123abcd.tmp"]
     kept = [out / "notes.tmp", out / ".hidden.tmp"]  # not atomic_path's: the user's
-    held = out / "held" / ".x.pt.abcdefgh.tmp"  # in a subfolder another process holds
-    for path in [*stale, *kept, held]:
+    held = [out / "held" / ".x.pt.abcdefgh.tmp", out / ".d.h5.abcdefgh.tmp"]  # another process's outputs
+    for path in [*stale, *kept, *held]:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"half")
-    (held.parent / ".nasdose.lock").write_text("")
+    (out / "held" / ".nasdose.lock").write_text("")
+    (out / ".d.h5.lock").write_text("")
     assert nasdose("train", "-q", "--data", data, "--out", out, "--resume", *TRAIN)[0] == 0
     assert not any(p.exists() for p in stale)
-    assert all(p.exists() for p in [*kept, held])
+    assert all(p.exists() for p in [*kept, *held])
     assert not (out / ".nasdose.lock").exists()  # released and removed on exit
 
 
