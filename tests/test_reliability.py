@@ -222,6 +222,19 @@ def test_a_second_process_on_the_same_output_is_refused(tmp_path, nasdose, data,
     assert not (tmp_path / "d.h5").exists()
 
 
+def test_under_torchrun_every_rank_is_refused_and_none_writes(tmp_path, data, holder):
+    """The main rank holds the folder for all ranks; its refusal stops every one of them."""
+    out = tmp_path / "run"
+    pid = holder(out, "folder")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "nas_dose", "train", "-q", "--data", str(data), "--out", str(out),
+                           *TRAIN, "data.batch_size=2"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count(f"is in use by another nasdose process (pid {pid})") == 2, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".nasdose.lock"]
+
+
 def test_the_lock_file_of_a_killed_holder_does_not_block(tmp_path, nasdose, data, holder):
     out = tmp_path / "run"
     pid = holder(out, "folder")
