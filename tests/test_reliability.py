@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from nas_dose.cli import main
 from nas_dose.data.store import write_dataset
@@ -396,3 +397,38 @@ def test_an_override_error_is_not_blamed_on_the_config_file(tmp_path, nasdose, d
     assert "config.yaml" not in err
     refused(nasdose("search", "-q", "--data", data, "--out", tmp_path / "t", "strategy=evolution",
                     "options.budget=abc"), "config key 'options.budget'")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. A search interrupted in its supernet training resumes it.
+
+def test_an_interrupted_supernet_training_resumes_to_the_uninterrupted_weights(tmp_path, nasdose, data, monkeypatch):
+    from nas_dose.strategies import evaluator
+
+    search = [*SEARCH[:-2], "options={budget: 1, evaluator: {supernet_steps: 8, batch_size: 1}}", "runtime.threads=1"]
+    assert nasdose("search", "-q", "--data", data, "--out", tmp_path / "twin", *search)[0] == 0
+    monkeypatch.setattr(evaluator, "CHECKPOINT_EVERY", 3)
+    draws = []
+    draw = evaluator.random_path
+
+    def killed_at_step_8(*args):  # the 8th path is drawn before step 8: 6 steps checkpointed
+        draws.append(1)
+        if len(draws) == 8:
+            raise KeyboardInterrupt
+        return draw(*args)
+
+    monkeypatch.setattr(evaluator, "random_path", killed_at_step_8)
+    assert nasdose("search", "-q", "--data", data, "--out", tmp_path / "cut", *search)[0] == 130
+    folder = tmp_path / "cut" / "state" / "search" / "evaluator"
+    [partial] = folder.glob("supernet-*.partial.pt")
+    assert torch.load(partial, weights_only=True)["step"] == 6
+    monkeypatch.setattr(evaluator, "random_path", draw)
+    steps = []
+    loss = evaluator.masked_loss
+    monkeypatch.setattr(evaluator, "masked_loss", lambda *a: steps.append(1) or loss(*a))
+    assert nasdose("search", "-q", "--data", data, "--out", tmp_path / "cut", "--resume", *search)[0] == 0
+    assert len(steps) == 2 and not partial.exists()  # steps 7 and 8 only, then the partial file goes
+    [twin] = (tmp_path / "twin" / "state" / "search" / "evaluator").glob("supernet-*.pt")
+    resumed, whole = (torch.load(folder / twin.name, weights_only=True)["model"],
+                      torch.load(twin, weights_only=True)["model"])
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
