@@ -181,8 +181,8 @@ class _Hold:
     def __enter__(self) -> _Hold:
         _check_writable_path(self.path, self.folder)
         self.created = next((p for p in reversed([self.dir, *self.dir.parents]) if not p.exists()), None)
-        self.fresh = (not self.folder or self.created is not None
-                      or all(p.name == LOCK_NAME for p in self.dir.iterdir()))  # a killed holder's lock
+        self.empty = (self.folder and self.created is None
+                      and all(p.name == LOCK_NAME for p in self.dir.iterdir()))  # a killed holder's lock
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.fd = self._acquire()
@@ -239,14 +239,25 @@ class _Hold:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
         self.lock.unlink(missing_ok=True)  # before the unlock: a waiter then finds a new file
         os.close(self.fd)
-        if isinstance(error, NasDoseError) and self.fresh and not self._reusable():
-            if self.folder and self.created is None:
-                for child in self.dir.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if isinstance(error, NasDoseError):
+            self._leave_nothing()
+
+    def _leave_nothing(self) -> None:
+        """After a refusal: remove what this run made where there was nothing (folders it created,
+        or the content of a folder that was empty), unless it can be resumed from."""
+        if (self.created is None and not self.empty) or self._reusable():
+            return
+        if self.created is not None:
+            self._undo_created()
+            return
+        for child in self.dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
             else:
-                self._undo_created()
+                child.unlink()
 
     def _reusable(self) -> bool:
+        """Whether a refused run made something a re-run reuses (a checkpoint, a data set)."""
         if not self.folder:
             return self.path.exists()
         return any(p.suffix in _REUSABLE for p in self.dir.rglob("*") if p.is_file())
