@@ -222,7 +222,11 @@ class _Hold:
             os.close(fd)
 
     def _remove_stale(self) -> None:
-        """atomic_path's temporaries of this output: no live process writes them while it is held."""
+        """atomic_path's temporaries of this output: no live process writes them while it is held.
+        Inside a folder another command holds (its lock file is there), they are that command's:
+        its workers write into subfolders without a lock of their own."""
+        if any((p / LOCK_NAME).exists() for p in (self.dir.parents if self.folder else [self.dir, *self.dir.parents])):
+            return
         if not self.folder:
             for tmp in self.dir.iterdir():
                 found = _TEMPORARY.fullmatch(tmp.name)

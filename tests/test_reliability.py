@@ -246,9 +246,14 @@ def test_the_lock_file_of_a_killed_holder_does_not_block(tmp_path, nasdose, data
 
 
 def test_a_held_folder_does_not_block_its_subfolders(tmp_path, nasdose, data, holder):
-    """Side-by-side trainings write into subfolders of the folder their command holds."""
+    """Side-by-side trainings write into subfolders of the folder their command holds, without a
+    lock of their own: a command there is not refused, and leaves their temporaries alone."""
     holder(tmp_path / "parent", "folder")
+    live = tmp_path / "parent" / "member" / "checkpoints" / ".last.pt.abcdefgh.tmp"
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"being written")
     assert nasdose("train", "-q", "--data", data, "--out", tmp_path / "parent" / "member", *TRAIN)[0] == 0
+    assert live.exists()
 
 
 # ---------------------------------------------------------------------------------------------
