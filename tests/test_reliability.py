@@ -190,7 +190,7 @@ HOLD = textwrap.dedent("""
     from nas_dose.io import output_file, output_folder
     with (output_folder if sys.argv[2] == "folder" else output_file)(sys.argv[1]):
         print("held", flush=True)
-        time.sleep(60)
+        time.sleep(3600)  # until the test kills it
 """)
 
 
