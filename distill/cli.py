@@ -58,7 +58,7 @@ from ..data.dataset import IN_CHANNELS
 from ..data.store import SPLITS, open_data
 from ..ensemble import Ensemble, load_predictor
 from ..errors import NasDoseError, input_error
-from ..io import atomic_path, load_json, save_json, write_text
+from ..io import atomic_path, load_json, output_folder, save_json, write_text
 from ..parallel import run_side_by_side, worker_threads
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
@@ -260,7 +260,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     if unlabeled_ids and cfg.alpha_teacher == 0:
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
-    predictor = load_predictor(teacher)
+    predictor = load_predictor(teacher, grid)
     # Under torchrun the student and the baseline train data-parallel, the ranks predict the
     # teacher's patients between them; the steps that check or write files (and report) run on
     # the main rank alone.
@@ -362,5 +362,6 @@ def main(args: argparse.Namespace) -> None:
     cfg = load_config(DistillConfig, args.config, args.overrides)
     flags = {k: v for k, v in (("student", args.student), ("baseline", args.baseline), ("export", args.export))
              if v is not None}
-    run_distill(args.teacher, args.data, args.out, replace(cfg, **flags), resume=args.resume,
-                teacher_cache=args.teacher_cache)
+    with output_folder(args.out):
+        run_distill(args.teacher, args.data, args.out, replace(cfg, **flags), resume=args.resume,
+                    teacher_cache=args.teacher_cache)

@@ -118,9 +118,10 @@ def _from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
     return obj
 
 
-def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
-    """Build and validate a config dataclass from plain data (unknown keys are errors)."""
-    return _from_dict(cls, data or {})
+def from_dict(cls: type[C], data: dict[str, Any] | None, prefix: str = "") -> C:
+    """Build and validate a config dataclass from plain data (unknown keys are errors); `prefix`
+    is where the data sits in a larger config, so that errors name the whole dotted key."""
+    return _from_dict(cls, data or {}, prefix)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -176,7 +177,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
                 base: dict[str, Any] | None = None) -> C:
     """Defaults, then `base`, then the YAML file at `path`, then overrides; validated.
 
-    Errors from the file name the file, so the user sees which config and which key is wrong.
+    Errors from the file name the file, so the user sees which config and which key is wrong;
+    an error the overrides brought in is theirs (the file alone does not have it).
     """
     data: dict[str, Any] = dict(base or {})
     if path is not None:
@@ -186,13 +188,21 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a YAML mapping")
         data = _deep_merge(data, loaded)
-    data = apply_overrides(data, overrides or [])
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, apply_overrides(data, overrides or []))
     except ConfigError as e:
-        if path is not None:
-            raise ConfigError(f"{path}: {e}") from None
-        raise
+        if path is None or (overrides and _error_of(cls, data) != str(e)):
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _error_of(cls: type, data: dict[str, Any]) -> str | None:
+    """The config error `data` alone raises, if any."""
+    try:
+        from_dict(cls, data)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def layered(cls: type[C], overrides: list[str], recipe: dict[str, Any], where: str) -> C:

@@ -41,7 +41,7 @@ from .config import ConfigError, add_config_arguments, check_run_folder, load_co
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
-from .io import load_json, load_yaml, save_json, save_yaml
+from .io import load_json, load_yaml, output_folder, save_json, save_yaml
 from .parallel import run_side_by_side, worker_threads
 from .plots import new_figure, save_figure
 from .predict import flip_tta, predict_patients
@@ -50,7 +50,7 @@ from .runtime import Runtime, RuntimeConfig, seed_everything
 from .scores import Scores, score_on_source
 from .selection import (Selection, SelectionConfig, ValidationPredictions, diversity_matrices,
                         leave_one_patient_out, select)
-from .train import ModelConfig, TrainConfig, build_model, load_model, train_model
+from .train import ModelConfig, TrainConfig, build_model, check_trained_grid, load_model, train_model
 
 if TYPE_CHECKING:
     from .search_spaces import Genotype
@@ -132,11 +132,11 @@ def save_ensemble(path: Path, names: Sequence[str], weights: Sequence[float], cf
                      "weight": float(w)} for n, w in zip(names, weights)]})
 
 
-def load_ensemble(path: str | Path) -> Ensemble:
+def load_ensemble(path: str | Path, grid: int | None = None) -> Ensemble:
     """The ensemble an ensemble.yaml describes, on the CPU in eval mode.
 
     Weights must be non-negative; they are normalized to sum to 1. Each checkpoint must hold
-    the network of the genotype file listed beside it.
+    the network of the genotype file listed beside it (trained on `grid`³ volumes, if given).
     """
     from .search_spaces import load_genotype
 
@@ -159,6 +159,7 @@ def load_ensemble(path: str | Path) -> Ensemble:
                 or not m["weight"] >= 0):
             raise input_error(path, f"member {i}: needs name, genotype, checkpoint (strings) and a weight >= 0")
         model, meta = load_model(path.parent / m["checkpoint"])
+        check_trained_grid(path.parent / m["checkpoint"], meta, grid)
         genotype = load_genotype(path.parent / m["genotype"])
         if meta["model_config"].get("genotype") != genotype.to_dict():
             raise input_error(path, f"member {m['name']}: {m['checkpoint']} does not hold the network "
@@ -172,13 +173,16 @@ def load_ensemble(path: str | Path) -> Ensemble:
     return Ensemble(models, [w / total for w in weights], bool(data.get("tta", False)), names).eval()
 
 
-def load_predictor(path: str | Path) -> nn.Module:
+def load_predictor(path: str | Path, grid: int | None = None) -> nn.Module:
     """A single trained model (run folder or checkpoint) or an ensemble (its .yaml file), on
-    the CPU in eval mode: what `nasdose predict --model` accepts."""
+    the CPU in eval mode: what `nasdose predict --model` accepts. With `grid`, every network
+    must have been trained on that grid."""
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
-        return load_ensemble(path)
-    return load_model(path)[0]
+        return load_ensemble(path, grid)
+    model, meta = load_model(path)
+    check_trained_grid(path, meta, grid)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,4 +483,5 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_config(EnsembleConfig, args.config, args.overrides)
-    run_ensemble(args.pool, args.data, args.out, cfg, resume=args.resume)
+    with output_folder(args.out):
+        run_ensemble(args.pool, args.data, args.out, cfg, resume=args.resume)

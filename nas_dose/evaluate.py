@@ -16,11 +16,11 @@ from typing import Callable, Generic, Iterator, TypeVar
 import numpy as np
 
 from .config import int_at_least
-from .data.openkbp import discover, natural_key, read_patient, read_submission_csv
+from .data.openkbp import OPENKBP_SHAPE, discover, natural_key, read_patient, read_submission_csv
 from .data.patient import Patient
 from .data.store import SPLITS, DataFile, open_data
-from .errors import input_error
-from .io import save_json
+from .errors import NasDoseError, input_error
+from .io import output_folder, save_json
 from .plots import plot_dose_slices, plot_dvh
 from .progress import progress, say
 from .scores import Scores, score_patients
@@ -30,11 +30,12 @@ T = TypeVar("T")
 
 @dataclass
 class _Source(Generic[T]):
-    """Patients of one input by id, read on demand; `file_of` names the file an error is about."""
+    """Patients of one input by id, read on demand; `file_of` names the file an error is about.
+    A prediction's `read` also takes the reference's shape (a submission CSV does not say it)."""
 
     path: Path
     ids: list[str]
-    read: Callable[[str], T]
+    read: Callable[..., T]
     file_of: Callable[[str], Path]
 
 
@@ -44,11 +45,22 @@ def _open_predictions(path: Path, stack: ExitStack) -> _Source[np.ndarray]:
         if not files:
             raise input_error(path, "no submission CSVs (pt_N.csv) in this folder")
         return _Source(path, sorted(files, key=natural_key),
-                       lambda pid: read_submission_csv(files[pid]), files.__getitem__)
+                       lambda pid, shape: _read_csv(files[pid], shape), files.__getitem__)
     data = stack.enter_context(open_data(path))
     if data.kind != "predictions":
         raise input_error(path, f"a nasdose {data.kind} file, expected predictions")
-    return _Source(path, data.ids(), data.read_dose, lambda pid: path)
+    return _Source(path, data.ids(), lambda pid, shape: data.read_dose(pid), lambda pid: path)
+
+
+def _read_csv(file: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """A submission CSV on the reference's grid (nasdose writes them on a data set's source
+    grid), else on the challenge's 128³, so that one of another grid is reported as such."""
+    try:
+        return read_submission_csv(file, shape)
+    except NasDoseError:
+        if shape == OPENKBP_SHAPE:
+            raise
+        return read_submission_csv(file)
 
 
 def _open_references(path: Path, split: str | None, stack: ExitStack) -> _Source[Patient]:
@@ -67,9 +79,9 @@ def _on_source_grid(preds: _Source[np.ndarray], data: DataFile) -> _Source[np.nd
     """Predictions on a resampled data set's own grid, read upsampled to the source grid (as
     `nasdose predict` writes its CSVs); predictions already there are read as they are."""
 
-    def read(pid: str) -> np.ndarray:
-        dose = preds.read(pid)
-        return data.to_source_grid(pid, dose) if dose.shape == (data.grid,) * 3 else dose
+    def read(pid: str, shape: tuple[int, int, int]) -> np.ndarray:
+        dose = preds.read(pid, shape)
+        return data.to_source_grid(pid, dose) if dose.shape == (data.grid,) * 3 != shape else dose
 
     return _Source(preds.path, preds.ids, read, preds.file_of)
 
@@ -102,7 +114,7 @@ def _pairs(preds: _Source[np.ndarray], refs: _Source[Patient], ids: list[str],
         patient = refs.read(pid)
         if patient.dose is None:
             raise input_error(refs.file_of(pid), f"patient {pid} has no reference dose")
-        dose = preds.read(pid)
+        dose = preds.read(pid, patient.dose.shape)
         if dose.shape != patient.dose.shape:
             raise input_error(preds.file_of(pid),
                               f"patient {pid}: predicted dose on a {dose.shape} grid, but the "
@@ -151,4 +163,5 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 
 def main(args: argparse.Namespace) -> None:
-    evaluate_predictions(args.pred, args.ref, args.out, args.split, args.plots)
+    with output_folder(args.out):
+        evaluate_predictions(args.pred, args.ref, args.out, args.split, args.plots)

@@ -51,7 +51,7 @@ from .distill.cli import DistillConfig, run_distill
 from .ensemble import EnsembleConfig, run_ensemble
 from .errors import NasDoseError, input_error
 from .evaluate import evaluate_predictions
-from .io import load_yaml, save_yaml
+from .io import load_yaml, output_folder, save_yaml
 from .models.unet3d import UNET3D_WIDTHS
 from .predict import load_predictor, write_out_of_fold, write_outputs
 from .progress import say
@@ -250,7 +250,7 @@ def _predict(name: str) -> Callable[[Context], None]:
     def run(ctx: Context) -> None:
         runtime = Runtime(RuntimeConfig())
         with open_data(ctx.data) as data:
-            write_outputs(load_predictor(ctx.models[name], runtime), data, EVAL_SPLIT, runtime,
+            write_outputs(load_predictor(ctx.models[name], runtime, data.grid), data, EVAL_SPLIT, runtime,
                           ctx.out / "predict" / name, model=str(ctx.models[name]))
 
     return run
@@ -462,5 +462,6 @@ def main(args: argparse.Namespace) -> None:
         ctx = Context(out=Path(args.out), seed=args.seed, quick=args.quick, unlabeled=unlabeled,
                       epochs=args.epochs or SYNTH_EPOCHS, grid=args.grid or SYNTH_GRID,
                       patients=args.patients or (8 if args.quick else SYNTH_PATIENTS), recipe=recipe)
-    run_pipeline(ctx)
+    with output_folder(ctx.out):
+        run_pipeline(ctx)
     print(report(ctx))

@@ -34,7 +34,7 @@ from .data.openkbp import write_submission_csv
 from .data.patient import DOSE_SCALE_GY
 from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
-from .io import save_yaml
+from .io import output_folder, save_yaml
 from .progress import say
 from .runtime import Runtime, RuntimeConfig
 from .scores import Scores, score_on_source, score_patients
@@ -106,20 +106,21 @@ class Cascade:
                                       runtime.device)
 
 
-def load_predictor(path: Path, runtime: Runtime) -> Predictor | Cascade:
+def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:
     """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
-    a cascade's full-resolution run comes with its coarse stage (the run's `cascade.coarse`)."""
+    with `grid`, refused unless trained on that grid. A cascade's full-resolution run comes with
+    its coarse stage (the run's `cascade.coarse`)."""
     # Imported here: nas_dose.ensemble and nas_dose.train import this module.
     from .ensemble import load_predictor as load_model_or_ensemble
     from .train import load_model
 
-    model = load_model_or_ensemble(path)
+    model = load_model_or_ensemble(path, grid)
     if not isinstance(model, Refiner):
         return runtime.prepare(model).eval()
     cfg = from_dict(CascadeConfig, load_model(path)[1]["config"].get("cascade"))
     if cfg.coarse is None or Path(cfg.coarse).resolve() == Path(path).resolve():
         raise input_error(path, "a refiner whose config names no coarse stage (cascade.coarse)")
-    coarse = load_predictor(Path(cfg.coarse), runtime)
+    coarse = load_predictor(Path(cfg.coarse), runtime, grid)
     if isinstance(coarse, Cascade):
         raise input_error(path, f"its coarse stage {cfg.coarse} is itself a cascade")
     return Cascade(coarse, runtime.prepare(model).eval(), cfg)
@@ -210,10 +211,10 @@ class PredictConfig:
 
 def main(args: argparse.Namespace) -> None:
     runtime = Runtime(load_config(PredictConfig, args.config, args.overrides).runtime)
-    with open_data(args.data) as data:
+    with output_folder(args.out), open_data(args.data) as data:
         if data.kind != "dataset":
             raise input_error(args.data, "is a prediction file, not a data set")
-        predictor = load_predictor(args.model, runtime)
+        predictor = load_predictor(args.model, runtime, data.grid)
         ids = write_outputs(predictor, data, args.split, runtime, args.out, model=str(args.model),
                             tta=args.tta, csv=args.csv)
     say(f"predicted {len(ids)} patients: {args.out / 'predictions.h5'}"

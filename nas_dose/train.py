@@ -40,7 +40,7 @@ from .data.dataset import IN_CHANNELS, DoseDataset, make_loader
 from . import distributed
 from .data.patient import DOSE_SCALE_GY
 from .errors import NasDoseError, input_error
-from .io import atomic_path, load_checkpoint, load_json, save_checkpoint, save_json
+from .io import atomic_path, load_checkpoint, load_json, output_folder, save_checkpoint, save_json
 from .data.store import DataFile, open_data
 from .progress import progress, say
 from .runtime import Runtime, RuntimeConfig, rng_state, seed_everything, set_rng_state
@@ -237,8 +237,18 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise input_error(file, f"weights do not fit the model they name ({first})") from None
-    meta = {k: v for k, v in ckpt.items() if k in ("model_config", "config", "epoch", "step", "val_dose_score")}
+    meta = {k: v for k, v in ckpt.items()
+            if k in ("model_config", "config", "epoch", "step", "val_dose_score", "grid")}
     return model.eval(), meta
+
+
+def check_trained_grid(file: Path, meta: dict[str, Any], grid: int | None) -> None:
+    """A model predicts the grid it was trained on: a network trained at 16³ runs on 32³ data
+    without a word, and predicts nonsense (checkpoints older than the grid record pass)."""
+    trained = meta.get("grid")
+    if grid is not None and trained is not None and trained != grid:
+        raise input_error(file, f"the model was trained on the {trained}^3 grid, but the data is on the {grid}^3 "
+                                f"grid (import the data with --grid {trained}, or train on this grid)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,7 +672,8 @@ class _Trainer:
             if self.folder is not None:
                 save_checkpoint(self.folder.best, {
                     "format": CHECKPOINT_FORMAT, "model_config": self.spec, "config": to_dict(cfg),
-                    "model": self.best_state, "epoch": epoch, "step": state.step, "val_dose_score": val})
+                    "grid": self.train_set.data.grid, "model": self.best_state, "epoch": epoch, "step": state.step,
+                    "val_dose_score": val})
         state.stopped_early = cfg.patience is not None and epoch - state.best_epoch >= cfg.patience
         return val
 
@@ -690,7 +701,8 @@ class _Trainer:
         state, spe = self.state, self.steps_per_epoch
         save_checkpoint(self.folder.last, {
             "format": CHECKPOINT_FORMAT, "model_config": self.spec, "config": to_dict(self.config),
-            "step": state.step, "epoch": state.step // spe, "epoch_step": state.step % spe,
+            "grid": self.train_set.data.grid, "step": state.step, "epoch": state.step // spe,
+            "epoch_step": state.step % spe,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": rng_state(), "progress": to_dict(state), "best_model": self.best_state,
@@ -750,12 +762,13 @@ def main(args: argparse.Namespace) -> None:
     seed_everything(config.seed)
     cascade = config.cascade.coarse is not None
     model = build_model(config.model, refiner=cascade)
-    result = train_model(model, config, args.data, args.out, resume=args.resume)
-    grid = "patches" if cascade else f"{open_data(args.data).grid}³ grid"
-    say(f"best validation dose score {result.best_val_score:.3f} Gy on the {grid} at epoch {result.best_epoch} "
-        f"(all-zero prediction: {result.zero_val_score:.3f} Gy); model: {Path(args.out) / 'best.pt'}")
-    if distributed.writes_here():
-        _report_official(args.out, Path(args.data), config)
+    with output_folder(args.out):
+        result = train_model(model, config, args.data, args.out, resume=args.resume)
+        grid = "patches" if cascade else f"{open_data(args.data).grid}³ grid"
+        say(f"best validation dose score {result.best_val_score:.3f} Gy on the {grid} at epoch {result.best_epoch} "
+            f"(all-zero prediction: {result.zero_val_score:.3f} Gy); model: {Path(args.out) / 'best.pt'}")
+        if distributed.writes_here():
+            _report_official(args.out, Path(args.data), config)
 
 
 def _report_official(run: Path, data: Path, config: TrainConfig) -> None:

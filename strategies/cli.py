@@ -27,7 +27,7 @@ from .. import distributed
 from ..config import ConfigError, add_config_arguments, from_dict, load_config, save_config, to_dict
 from ..data.store import open_data
 from ..errors import NasDoseError, input_error
-from ..io import load_checkpoint, load_yaml, save_checkpoint
+from ..io import load_checkpoint, load_yaml, output_folder, save_checkpoint
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
 from ..search_spaces import get_space, import_plugins, save_genotype
@@ -94,11 +94,14 @@ def split_patients(data: Path, cfg: SplitConfig, seed: int) -> tuple[list[str], 
             arch = [pid for i, pid in enumerate(pool) if i in drawn]
         weight = [pid for pid in pool if pid not in set(arch)]
         diversity = f.ids(cfg.diversity_split)[:cfg.max_diversity_patients]
+        # Read them all once now: the validation patients are otherwise first read at the end.
+        f.verify([*pool, *arch, *diversity], values=True)
     if not weight or not arch:
         raise input_error(data, f"split '{cfg.search_split}' has {len(pool)} patient(s); a search needs "
                                 "at least one for the weights and one for the architecture")
-    if not diversity:
-        say(f"note: no '{cfg.diversity_split}' patients in {data}: diversity is measured by genotypes only")
+    if not diversity:  # the pool's accuracy and diversity would be NaN: nothing to choose on
+        raise input_error(data, f"no '{cfg.diversity_split}' patients: a search chooses its pool on them "
+                                "(set data.diversity_split to a split that has some)")
     return weight, arch, diversity
 
 
@@ -117,7 +120,7 @@ class SearchRun:
         self.space = get_space(cfg.space, source="config key 'space'")
         self.macro = self.space.check_macro(cfg.macro, "config key 'macro'")
         self.strategy_cls = get_strategy(cfg.strategy)
-        self.options = from_dict(self.strategy_cls.Config, cfg.options)
+        self.options = from_dict(self.strategy_cls.Config, cfg.options, prefix="options")
         cfg.options = to_dict(self.options)  # the resolved options go into config.yaml
         if cfg.diversity.mode == "sequential" and not self.strategy_cls.uses_references:
             raise NasDoseError(f"strategy '{cfg.strategy}' cannot search against earlier members; "
@@ -270,10 +273,11 @@ def main(args: argparse.Namespace) -> None:
     if args.resume and config_path is None and (out / "config.yaml").exists():
         config_path = out / "config.yaml"
     cfg = load_config(SearchConfig, config_path, args.overrides)
-    run = SearchRun(cfg, args.data, out)
-    distributed.on_main(prepare_out, out, cfg, args.resume)  # checks, then writes: one rank
-    started = time.monotonic()
-    pool = run.run()
+    with output_folder(out):
+        run = SearchRun(cfg, args.data, out)
+        distributed.on_main(prepare_out, out, cfg, args.resume)  # checks, then writes: one rank
+        started = time.monotonic()
+        pool = run.run()
     with open_data(args.data) as data:
         grid = data.grid
     say(f"pool of {len(pool.members)} in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s), search-time "

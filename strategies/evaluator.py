@@ -20,8 +20,9 @@ score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids
 search trains and scores on disjoint patient subsets that need not be whole splits.
 
 Scores are cached by `Genotype.key()`; with `ctx.state_path`, each entry and each trained
-supernet is its own file under ``evaluator/``, so a resumed search never re-scores. An
-interrupted supernet training is redone from its seed (it is deterministic), not resumed.
+supernet is its own file under ``evaluator/``, so a resumed search never re-scores. A supernet
+in training is checkpointed every CHECKPOINT_EVERY steps, so an interrupted search resumes it
+where it stopped, to the weights an uninterrupted one reaches.
 """
 from __future__ import annotations
 
@@ -43,13 +44,14 @@ from ..config import ConfigError, to_dict
 from ..errors import NasDoseError
 from ..io import load_checkpoint, load_json, save_checkpoint, save_json
 from ..progress import progress
-from ..runtime import seed_everything
+from ..runtime import rng_state, seed_everything, set_rng_state
 from ..search_spaces import Genotype, Supernet, count_flops, count_params
 from ..train import OptimConfig, make_optimizer, masked_loss
 from .base import Candidate, SearchContext, Strategy
 
 CACHE_FORMAT = "nasdose-evaluator"
 CACHE_VERSION = 1
+CHECKPOINT_EVERY = 100  # supernet steps between checkpoints (the pipeline's 1,000 take minutes on a CPU)
 
 
 @dataclass
@@ -219,23 +221,44 @@ class CandidateEvaluator:
             supernet.load_state_dict(state["model"])
         else:
             rng = np.random.RandomState(seed)
+            partial = path.with_suffix(".partial.pt") if path is not None else None
             self._fit(net, supernet.weight_parameters(), self.cfg.supernet_steps, seed,
-                      desc="supernet", before_step=lambda: supernet.fix(random_path(supernet, rng)))
-            if path is not None:
+                      desc="supernet", before_step=lambda: supernet.fix(random_path(supernet, rng)),
+                      checkpoint=None if partial is None else (partial, supernet))
+            if path is not None and partial is not None:
                 save_checkpoint(path, {"fixed": fixed, "steps": self.cfg.supernet_steps,
                                        "model": supernet.state_dict()})
+                partial.unlink(missing_ok=True)
         self._supernets[key] = (supernet, net)
         return supernet, net
 
     def _fit(self, net: nn.Module, params: Iterable[nn.Parameter], steps: int, seed: int, desc: str,
-             before_step: Callable[[], None] | None = None) -> None:
-        """`steps` Adam steps of `params` on the masked L1 loss of `net` on weight-patient batches."""
+             before_step: Callable[[], None] | None = None,
+             checkpoint: tuple[Path, nn.Module] | None = None) -> None:
+        """`steps` Adam steps of `params` on the masked L1 loss of `net` on weight-patient batches.
+
+        `checkpoint` (a file, the module whose weights it keeps): saved every CHECKPOINT_EVERY
+        steps and, when present, continued from; `before_step` is replayed for the steps done,
+        so the draws it makes (a supernet's paths) go on as in an uninterrupted run.
+        """
         runtime = self.ctx.runtime
         optimizer = make_optimizer(params, OptimConfig(lr=self.cfg.lr))
         scaler = runtime.grad_scaler()
         net.train()
         loss_sum = torch.zeros((), device=runtime.device)
-        for _, batch in zip(progress(range(steps), desc=desc), self._batches(seed)):
+        start = 0
+        if checkpoint is not None and checkpoint[0].is_file():
+            state = load_checkpoint(checkpoint[0], map_location=runtime.device)
+            checkpoint[1].load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            loss_sum += state["loss_sum"]
+            set_rng_state(state["rng"])
+            start = state["step"]
+            for _ in range(start):
+                if before_step is not None:
+                    before_step()
+        for step, batch in zip(progress(range(start, steps), desc=desc), self._batches(seed, start)):
             if before_step is not None:
                 before_step()
             batch = runtime.to_device(batch)
@@ -247,15 +270,25 @@ class CandidateEvaluator:
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss.detach()
+            if checkpoint is not None and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < steps:
+                save_checkpoint(checkpoint[0], {
+                    "step": step + 1, "model": checkpoint[1].state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "loss_sum": loss_sum.cpu(), "rng": rng_state()})
         if not math.isfinite(loss_sum.item()):
             raise NasDoseError(f"{desc} training diverged (loss {loss_sum.item()}); try a lower evaluator.lr")
 
-    def _batches(self, seed: int) -> Iterator[dict[str, Any]]:
-        """Shuffled weight-patient batches, pass after pass, each pass's order drawn from (seed, pass)."""
+    def _batches(self, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """Shuffled weight-patient batches from batch `start` on, pass after pass, each pass's
+        order drawn from (seed, pass): the same stream whether a training was resumed or not."""
         for epoch in itertools.count():
             pass_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-            yield from self.ctx.loader(self.ctx.weight_ids, train=True, batch_size=self.cfg.batch_size,
-                                       seed=pass_seed)
+            loader = self.ctx.loader(self.ctx.weight_ids, train=True, batch_size=self.cfg.batch_size,
+                                     seed=pass_seed)
+            if start >= len(loader):  # a pass done before the checkpoint: not read again
+                start -= len(loader)
+                continue
+            yield from itertools.islice(loader, start, None)
+            start = 0
 
     # -- persistence ---------------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ def test_files_table_and_metrics(run):
 def test_student_checkpoint_predicts(run, data, nasdose, tmp_path):
     out, _ = run
     _, meta = load_model(out / "student")
-    assert meta["model_config"] == {"name": "unet3d", "kwargs": {"widths": [4, 8]}, "genotype": None}
+    assert meta["model_config"] == {"name": "unet3d", "kwargs": {"widths": [4, 8]}, "genotype": None, "refiner": False}
     assert nasdose("predict", "-q", "--model", out / "student", "--data", data, "--out", tmp_path / "p",
                    "--split", "validation", "--no-csv", "runtime.device=cpu") == 0
     with open_data(tmp_path / "p" / "predictions.h5") as preds:

@@ -257,7 +257,8 @@ def test_load_model_round_trip(data, tmp_path):
     result = train_model(model, cfg, data, tmp_path / "run")
     x = torch.rand(1, 10, 16, 16, 16)
     best, meta = load_model(tmp_path / "run")
-    assert meta["model_config"] == {"name": "unet3d", "kwargs": {"widths": [4, 8, 16]}, "genotype": None}
+    assert meta["model_config"] == {"name": "unet3d", "kwargs": {"widths": [4, 8, 16]}, "genotype": None,
+                                   "refiner": False}
     reference = build_model(cfg.model).eval()
     reference.load_state_dict(result.best_state)
     with torch.no_grad():

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..config import int_at_least
+from ..io import output_file
 from ..progress import progress, say
 from ..scores import resampling_floor
 from .openkbp import PatientSource, discover, read_patient
@@ -72,15 +73,17 @@ def import_tree(src: Path, out: Path, grid: int) -> None:
 
 
 def import_command(args: argparse.Namespace) -> None:
-    import_tree(args.src, args.out, args.grid)
+    with output_file(args.out):
+        import_tree(args.src, args.out, args.grid)
 
 
 def synth_command(args: argparse.Namespace) -> None:
     from .synth import synth_patients
 
     total = args.patients + args.unlabeled
-    write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed, args.unlabeled),
-                  source=f"synth:seed={args.seed}", grid=args.grid, total=total)
+    with output_file(args.out):
+        write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed, args.unlabeled),
+                      source=f"synth:seed={args.seed}", grid=args.grid, total=total)
     say(f"wrote {args.out}: {total} synthetic patients ({args.unlabeled} unlabeled) on a {args.grid}^3 grid")
 
 
@@ -103,6 +106,7 @@ def summary(data: DataFile) -> str:
              f"grid {data.grid}^3",
              f"source: {data.attrs.get('source') or '-'}"]
     ids = data.ids()
+    data.verify(ids)
     attrs = {pid: data.patient_attrs(pid) for pid in ids}
     per_split = ", ".join(f"{s} {len(members)}" for s, members in data.splits().items())
     lines.append(f"patients: {len(ids)}" + (f" ({per_split})" if per_split else ""))

@@ -130,6 +130,7 @@ class DoseDataset(Dataset):
         if not self.ids:
             where = "split " + ", ".join(f"'{s}'" for s in splits) if split is not None else "the file"
             raise NasDoseError(f"{path}: no patients in {where}")
+        self.data.verify(self.ids)
         self.augmentation = augment if augment is not None and augment.enabled else None
         self.seed = seed
         self.epoch = 0

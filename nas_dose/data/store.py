@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import input_error
 from ..io import atomic_path
 from ..progress import progress
-from .patient import ROIS, Patient
+from .patient import ROIS, TARGETS, Patient
 from .resample import upsample_dose
 
 # 2: a resampled patient keeps its source-grid arrays in a `source` group (1 kept the mask only).
@@ -98,6 +98,7 @@ def write_dataset(path: Path, patients: Iterable[Patient], *, source: str, grid:
 
 
 def _write_patient(patients: h5py.Group, p: Patient, grid: int, path: Path) -> None:
+    _check_physical(p, path)
     split = p.attrs.get("split")
     if split not in SPLITS:
         raise input_error(path, f"patient {p.id}: split {split!r} is not one of {', '.join(SPLITS)}")
@@ -133,6 +134,19 @@ def _write_arrays(g: h5py.Group, p: Patient, grid: int, path: Path) -> None:
     _put(g, "structures", stack, np.uint8)
 
 
+def _check_physical(p: Patient, path: Path) -> None:
+    """Refuse a patient no plan could belong to, naming its source file (else the output)."""
+    source = str(p.attrs.get("source") or "")
+    where = source if source and Path(source).exists() else path
+    for name, array in (("ct", p.ct), ("dose", p.dose)):
+        if array is not None and not np.isfinite(array).all():
+            raise input_error(where, f"patient {p.id}: the {name} holds NaN or infinite values")
+    if p.dose is not None and (p.dose < 0).any():
+        raise input_error(where, f"patient {p.id}: the dose holds negative values (min {float(p.dose.min()):g} Gy)")
+    if not any(p.structures.get(name, np.zeros(0)).any() for name in TARGETS):
+        raise input_error(where, f"patient {p.id}: no target contoured (none of {', '.join(TARGETS)})")
+
+
 def write_predictions(path: Path, doses: Iterable[tuple[str, np.ndarray, dict[str, Any]]], *,
                       grid: int, source: str = "", total: int | None = None) -> None:
     """Write predicted doses (Gy) with their per-patient attributes (e.g. voxel_mm)."""
@@ -144,6 +158,8 @@ def write_predictions(path: Path, doses: Iterable[tuple[str, np.ndarray, dict[st
             dose = np.asarray(dose)
             if dose.shape != cube:
                 raise input_error(path, f"patient {pid}: dose has shape {dose.shape}, expected {cube}")
+            if not np.isfinite(dose).all():
+                raise input_error(path, f"patient {pid}: the dose holds NaN or infinite values")
             g = _new_group(group, pid, path)
             _write_attrs(g, attrs)
             _put(g, "dose", dose, np.float32)
@@ -227,19 +243,45 @@ class DataFile:
             raise input_error(self.path, f"no patient {pid!r}")
         return self._h5()["patients"][pid]
 
-    def _array(self, group: h5py.Group, pid: str, name: str, shape: tuple[int, ...],
-               index: Any = ()) -> np.ndarray:
-        """One dataset of a patient, checked for shape, read whole or at `index`."""
+    def _dataset(self, group: h5py.Group, pid: str, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
         if name not in group:
             raise input_error(self.path, f"patient {pid}: no '{name}' array")
         ds = group[name]
         if not isinstance(ds, h5py.Dataset) or ds.shape != shape:
             found = getattr(ds, "shape", "a group")
             raise input_error(self.path, f"patient {pid}: '{name}' has shape {found}, expected {shape}")
+        return ds
+
+    def _array(self, group: h5py.Group, pid: str, name: str, shape: tuple[int, ...],
+               index: Any = ()) -> np.ndarray:
+        """One dataset of a patient, checked for shape (and finite values), read whole or at `index`."""
+        ds = self._dataset(group, pid, name, shape)
         try:
-            return ds[index]
+            array = ds[index]
         except OSError:
             raise input_error(self.path, f"patient {pid}: '{name}' cannot be read (corrupt file)") from None
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise input_error(self.path, f"patient {pid}: '{name}' holds NaN or infinite values")
+        return array
+
+    def verify(self, ids: Iterable[str], values: bool = False) -> None:
+        """Check that each patient holds every array its kind needs, in the right shapes (and,
+        with `values`, finite values: every array is read), so that a broken patient is an error
+        before any work starts, not when a run first reads it."""
+        cube = (self.grid,) * 3
+        for pid in ids:
+            group = self._group(pid)
+            if self.kind == "predictions":
+                self._dataset(group, pid, "dose", cube)
+            else:
+                for name, shape in (("ct", cube), ("possible_dose_mask", cube), ("structures", (len(ROIS), *cube))):
+                    self._dataset(group, pid, name, shape)
+                if "dose" in group:
+                    self._dataset(group, pid, "dose", cube)
+            if values and self.kind == "dataset":
+                self.read(pid)
+            elif values:
+                self.read_dose(pid)
 
     def patient_attrs(self, pid: str) -> dict[str, Any]:
         """A patient's group attributes as plain Python."""
