@@ -764,7 +764,8 @@ def main(args: argparse.Namespace) -> None:
     model = build_model(config.model, refiner=cascade)
     with output_folder(args.out):
         result = train_model(model, config, args.data, args.out, resume=args.resume)
-        grid = "patches" if cascade else f"{open_data(args.data).grid}³ grid"
+        with open_data(args.data) as data:
+            grid = "patches" if cascade else f"{data.grid}³ grid"
         say(f"best validation dose score {result.best_val_score:.3f} Gy on the {grid} at epoch {result.best_epoch} "
             f"(all-zero prediction: {result.zero_val_score:.3f} Gy); model: {Path(args.out) / 'best.pt'}")
         if distributed.writes_here():
