@@ -174,7 +174,7 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
         for pid, dose in doses:
             if csv:
                 write_submission_csv(staging / f"{pid}.csv", dose if cascade else data.to_source_grid(pid, dose))
-            yield pid, dose, data.patient_attrs(pid)
+            yield pid, dose, data.source_attrs(pid) if cascade else data.patient_attrs(pid)
 
     grid = data.source_grid(ids[0]) if cascade else data.grid
     try:

@@ -146,6 +146,7 @@ def test_cascade_trains_and_predicts_on_the_source_grid(coarse_data, tmp_path):
         dose = p.read_dose(pid)
         mask = d.source_mask(pid)
         assert dose.shape == (32, 32, 32) and not dose[~mask].any() and dose[mask].any()
+        assert p.patient_attrs(pid)["voxel_mm"] == list(d.read_source(pid).voxel_mm)  # the 32³ grid's
         np.testing.assert_array_equal(read_submission_csv(pred / "submission" / f"{pid}.csv", (32, 32, 32)), dose)
 
 

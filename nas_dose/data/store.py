@@ -324,6 +324,12 @@ class DataFile:
         group, grid = self._source_group(pid)
         return self._array(group, pid, "possible_dose_mask", (grid,) * 3).astype(bool)
 
+    def source_attrs(self, pid: str) -> dict[str, Any]:
+        """The patient's attributes as they hold on its source grid (voxel size, no resampling)."""
+        group, grid = self._source_group(pid)
+        return {**self.patient_attrs(pid), "voxel_mm": _plain(group.attrs["voxel_mm"]), "resample_factor": 1,
+                "source_grid": grid}
+
     def to_source_grid(self, pid: str, dose: np.ndarray) -> np.ndarray:
         """A dose on this data set's grid, upsampled to the patient's source grid and zeroed
         outside its source mask, as `nasdose predict` writes it (itself when not resampled)."""
