@@ -30,7 +30,7 @@ from .config import ConfigError
 from .data.augment import AugmentConfig, ChannelLayout, augment
 from .data.dataset import IN_CHANNELS, INPUT_LAYOUT, build_input
 from .data.patient import DOSE_SCALE_GY, TARGETS, Patient
-from .data.resample import upsample
+from .data.resample import upsample_dose
 from .data.store import DataFile, open_data
 from .errors import NasDoseError
 
@@ -104,12 +104,6 @@ def refiner_input(patient: Patient, coarse_gy: np.ndarray) -> np.ndarray:
     """(REFINER_CHANNELS, ...) float32: the model input of a source-grid patient (or a box of
     one) and the upsampled coarse dose in Gy on the same voxels."""
     return np.concatenate([build_input(patient), (coarse_gy / np.float32(DOSE_SCALE_GY))[None]]).astype(np.float32)
-
-
-def upsampled(coarse_gy: np.ndarray, factor: int) -> np.ndarray:
-    """A coarse dose on the source grid (trilinear, non-negative), not yet masked."""
-    return upsample(torch.from_numpy(np.ascontiguousarray(coarse_gy, np.float32))[None, None],
-                    factor)[0, 0].clamp_min(0).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +203,7 @@ class PatchDataset(torch.utils.data.Dataset):
         if fine.dose is None:
             raise NasDoseError(f"{self.data.path}: patient {pid} has no reference dose to learn from")
         coarse_gy = self.coarse_doses[pid] if self.coarse_doses is not None else degraded(coarse, self.cfg, rng)
-        coarse_up = upsampled(coarse_gy, self.factor)[box] * fine.possible_dose_mask
+        coarse_up = upsample_dose(coarse_gy, self.factor)[box] * fine.possible_dose_mask
         mask = fine.possible_dose_mask.astype(np.float32)[None]
         arrays = {"input": refiner_input(fine, coarse_up),
                   "target": (fine.dose / np.float32(DOSE_SCALE_GY))[None] * mask, "mask": mask}
@@ -272,7 +266,7 @@ def predict_source(refiner: nn.Module, patient: Patient, coarse_gy: np.ndarray, 
     """The source-grid dose (Gy) of `patient` (read on the source grid) from its coarse dose:
     non-negative and zero outside the possible-dose mask, like every nasdose prediction."""
     mask = patient.possible_dose_mask
-    coarse_up = upsampled(coarse_gy, factor) * mask
+    coarse_up = upsample_dose(coarse_gy, factor, mask)
     x = torch.from_numpy(refiner_input(patient, coarse_up))[None].to(device)
     with torch.inference_mode():
         y = refine(refiner, x, cfg.patch, cfg.overlap, torch.from_numpy(mask).to(device))

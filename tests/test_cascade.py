@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from nas_dose.cascade import REFINER_CHANNELS, CascadeConfig, PatchDataset, Refiner, refine, upsampled
+from nas_dose.cascade import REFINER_CHANNELS, CascadeConfig, PatchDataset, Refiner, refine
 from nas_dose.cli import main
 from nas_dose.data.dataset import IN_CHANNELS, build_input
 from nas_dose.data.openkbp import read_submission_csv
 from nas_dose.data.patient import DOSE_SCALE_GY, Patient
-from nas_dose.data.resample import downsample_patient
+from nas_dose.data.resample import downsample_patient, upsample_dose
 from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.losses import DVHLossConfig, dvh_moment_loss, moments, structure_masks
@@ -108,7 +108,7 @@ def test_patches_are_source_grid_boxes_with_the_coarse_dose_last(coarse_data):
     with open_data(coarse_data) as d:
         pid = item["id"]
         full = d.read_source(pid)
-        coarse_up = upsampled(d.read(pid).dose, 2) * full.possible_dose_mask
+        coarse_up = upsample_dose(d.read(pid).dose, 2) * full.possible_dose_mask
         x = build_input(full)
     # Find the box: the patch's input channels are a box of the whole source-grid input.
     found = [(a, b, c) for a in range(17) for b in range(17) for c in range(17)
