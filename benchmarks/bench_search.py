@@ -88,7 +88,7 @@ def run(quick: bool, device: str = "auto", w: Workload | None = None) -> dict[st
     space = get_space("lenas")
     batch = random_batch(w)
     seed_everything(0)
-    supernet = space.build_supernet(w.macro())
+    supernet = Supernet(space, w.macro())
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         for a in supernet.arch_parameters():

@@ -199,10 +199,10 @@ def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     if spec.get("genotype") is not None:
-        from .search_spaces import Genotype
+        from .search_spaces import genotype_from_dict
         from .search_spaces import build_model as build_genotype
 
-        net = build_genotype(Genotype.from_dict(spec["genotype"]))
+        net = build_genotype(genotype_from_dict(spec["genotype"]))
     else:
         from .models import create_model
 

@@ -3,7 +3,7 @@
 Spaces: ``lenas`` (the published space, 75,000 architectures) and ``lenas_levels`` (a cell
 design per level, extended ops, width and depth slots). A genotype (YAML) names a space, its
 version, one value per slot and the macro; ``build_model(g)`` returns a plain ``torch.nn``
-network and ``space.build_supernet()`` the differentiable supernet over the same cells.
+network and ``Supernet(space)`` the differentiable supernet over the same cells.
 
 Adding an op (one file, one registration)::
 
@@ -23,15 +23,16 @@ or spaces, and ``get_space("mypkg.spaces:MySpace")`` loads a
 space class by import path (unregistered, it is named by that path in its genotypes).
 """
 from .cells import Cell, CellUNet, cell_slots
-from .genotype import Genotype, load_genotype, save_genotype
+from .genotype import Genotype, save_genotype
 from .measure import count_flops, count_params
 from .ops import OpSpec, get_op, list_ops, make_op, register_op
-from .space import SearchSpace, build_model, get_space, import_plugins, list_spaces, register_space
+from .space import (SearchSpace, build_model, genotype_from_dict, get_space, import_plugins, list_spaces,
+                    load_genotype, register_space)
 from .supernet import MixedOp, Supernet
 from . import lenas, lenas_levels  # noqa: F401  (registers the built-in spaces)
 
 __all__ = [
-    "Cell", "CellUNet", "cell_slots", "Genotype", "load_genotype", "save_genotype", "count_flops",
+    "Cell", "CellUNet", "cell_slots", "Genotype", "genotype_from_dict", "load_genotype", "save_genotype", "count_flops",
     "count_params", "OpSpec", "get_op", "list_ops", "make_op", "register_op", "SearchSpace",
     "build_model", "get_space", "import_plugins", "list_spaces", "register_space", "MixedOp", "Supernet",
 ]

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import importlib
 import math
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch.nn as nn
 
 from ..errors import NasDoseError
+from ..io import load_yaml
 from .cells import SlotFactory
-from .genotype import Genotype
+from .genotype import Genotype, check_fields
 from .ops import list_ops, make_op
 
 
@@ -171,15 +173,22 @@ class SearchSpace:
         self.validate(g)
         return self.construct(g.choices, g.macro, _single_op_factory(g.choices))
 
-    def build_supernet(self, macro: Mapping[str, Any] | None = None, fixed: Mapping[str, Any] | None = None,
-                       mode: str = "softmax", tau: float = 1.0):
-        """A supernet mixing every op slot not in ``fixed``; other slots from ``fixed`` or defaults.
 
-        Built with the same macro (and cells) as the final networks of this space.
-        """
-        from .supernet import Supernet
 
-        return Supernet(self, macro, fixed, mode=mode, tau=tau)
+def genotype_from_dict(d: Any, source: str = "") -> Genotype:
+    """Parse and validate against its space; errors start with ``source`` (a file name) and name
+    the bad field, slot or op."""
+    where = source or "genotype"
+    fields = check_fields(d, where)
+    space = get_space(fields["space"], source=where)
+    g = Genotype(fields["space"], fields["version"], dict(fields["choices"]),
+                 space.check_macro(fields["macro"], where))
+    space.validate(g, source=where)
+    return g
+
+
+def load_genotype(path: str | Path) -> Genotype:
+    return genotype_from_dict(load_yaml(path), source=str(path))
 
 
 def _positive_int(v: Any) -> bool:

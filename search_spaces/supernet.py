@@ -13,7 +13,7 @@ network, so what the search evaluates is what ``SearchSpace.build`` later builds
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn as nn
@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from ..errors import NasDoseError
 from .genotype import Genotype
 from .ops import make_op
+from .space import SearchSpace
 
-if TYPE_CHECKING:
-    from .space import SearchSpace
 
 MODES = ("softmax", "gumbel")
 

@@ -50,10 +50,10 @@ class Candidate:
     @classmethod
     def from_state(cls, state: dict[str, Any], source: str) -> Candidate:
         """Inverse of `to_state`; the genotype is validated (errors name `source`)."""
-        from ..search_spaces import Genotype
+        from ..search_spaces import genotype_from_dict
 
         preds = state["predictions"]
-        return cls(Genotype.from_dict(state["genotype"], source=source), state["score"], state["metrics"],
+        return cls(genotype_from_dict(state["genotype"], source=source), state["score"], state["metrics"],
                    None if preds is None else {k: v.numpy() for k, v in preds.items()})
 
 

@@ -6,7 +6,7 @@ one every step (LENAS reused one batch). With references (sequential diversity m
 architecture loss adds weight × max(0, margin − disagreement) against each earlier member's
 prediction on the same patients: α is what has to move for the new network to differ.
 
-The supernet is `space.build_supernet(ctx.macro)`, the same cells and macro as the network
+The supernet is `Supernet(space, ctx.macro)`, the same cells and macro as the network
 that is finally built. At the end, the `candidates` most probable genotypes under α (the first
 is the strongest op per slot) are scored by the supernet fixed to each on the architecture
 patients. The search's answer comes first in the returned list: the strongest-op genotype
@@ -175,7 +175,7 @@ class DifferentiableSearch(Strategy):
         if result_path is not None and result_path.exists():
             return self._load_result(ctx, result_path)
         seed_everything(ctx.seed)
-        supernet = ctx.space.build_supernet(ctx.macro, mode=cfg.mode, tau=cfg.tau_start)
+        supernet = Supernet(ctx.space, ctx.macro, mode=cfg.mode, tau=cfg.tau_start)
         net = ctx.runtime.prepare(supernet)
         w_opt = make_optimizer(supernet.weight_parameters(), cfg.weight_optim)
         a_opt = make_optimizer(supernet.arch_parameters(), cfg.arch_optim)

@@ -211,7 +211,7 @@ class CandidateEvaluator:
             return self._supernets[key]
         seed = derived_seed(self.ctx.seed, "supernet", key)
         seed_everything(seed)
-        supernet = self.space.build_supernet(self.macro, fixed)
+        supernet = Supernet(self.space, self.macro, fixed)
         net = self.ctx.runtime.prepare(supernet)
         path = self.folder / f"supernet-{_digest(key)}.pt" if self.folder is not None else None
         if path is not None and path.is_file():

@@ -31,7 +31,7 @@ from .. import distributed
 from ..config import ConfigError, to_dict
 from ..errors import NasDoseError
 from ..io import load_checkpoint, save_checkpoint
-from ..search_spaces import Genotype
+from ..search_spaces import Genotype, genotype_from_dict
 from .base import Candidate, SearchContext, register_strategy
 from .diversity import DiversityConfig, prediction_disagreement
 from .evaluator import EvaluatorConfig, Scorer, ScoringStrategy, derived_seed, prediction_ids, ranked
@@ -122,7 +122,7 @@ def _restore(path: Path, name: str, settings: dict[str, Any], ctx: SearchContext
     keys = state["rng"]
     rng.set_state(("MT19937", keys["keys"].numpy().astype(np.uint32), keys["pos"], keys["has_gauss"],
                    keys["cached_gaussian"]))
-    return [scorer.score(Genotype.from_dict(d, source=str(path))) for d in state["children"]]
+    return [scorer.score(genotype_from_dict(d, source=str(path))) for d in state["children"]]
 
 
 def _rng_state(rng: np.random.RandomState) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def _is_number(x: Any) -> bool:
 
 
 def _member(path: Path, index: int, raw: Any, space_name: str) -> PoolMember:
-    from ..search_spaces import Genotype, get_space
+    from ..search_spaces import genotype_from_dict, get_space
 
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
         raise NasDoseError(f"{path}: member {index} needs a mapping with a 'name'")
@@ -85,7 +85,7 @@ def _member(path: Path, index: int, raw: Any, space_name: str) -> PoolMember:
     if not isinstance(raw.get("genotype"), dict):
         raise bad("no genotype mapping")
     try:
-        genotype = Genotype.from_dict(raw["genotype"])
+        genotype = genotype_from_dict(raw["genotype"])
         if genotype.space != space_name:
             raise bad(f"genotype of space {genotype.space!r}, but the pool's space is {space_name!r}")
         get_space(space_name).validate(genotype)

@@ -16,7 +16,7 @@ from nas_dose.config import ConfigError, from_dict
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint
 from nas_dose.runtime import Runtime, RuntimeConfig
-from nas_dose.search_spaces import Genotype, SearchSpace, get_space
+from nas_dose.search_spaces import Genotype, SearchSpace, genotype_from_dict, get_space
 from nas_dose.strategies.base import Candidate, SearchContext
 from nas_dose.strategies.diversity import DiversityConfig
 from nas_dose.strategies.evaluator import derived_seed
@@ -94,7 +94,7 @@ def test_mutation_changes_exactly_one_slot_of_a_population_member(tmp_path):
     run_evolution(space, tmp_path, budget=50, population=6)
     log = children_log(tmp_path)
     state = load_checkpoint(tmp_path / "state" / "evolution.pt")
-    genotypes = [Genotype.from_dict(d) for d in state["children"]]
+    genotypes = [genotype_from_dict(d) for d in state["children"]]
     assert len(genotypes) == len(log)
     mutated = [r for r in log if r["parent"] is not None]
     assert [r["parent"] for r in log[:6]] == [None] * 6 and len(mutated) == len(log) - 6

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nas_dose.errors import NasDoseError
-from nas_dose.search_spaces import MixedOp, get_space
+from nas_dose.search_spaces import MixedOp, Supernet, get_space
 from test_spaces import SPACES
 
 
@@ -15,7 +15,7 @@ from test_spaces import SPACES
 def small_supernet(name: str, **kw):
     space = get_space(name)
     fixed = {"depth": 2} if "depth" in space.slots() else {}  # the smallest network: fast, 5-voxel inputs
-    return space, space.build_supernet(space.small_macro(), fixed=fixed, **kw)
+    return space, Supernet(space, space.small_macro(), fixed=fixed, **kw)
 
 
 def input_for(sn, size_offset: int = 1) -> torch.Tensor:
@@ -121,7 +121,7 @@ def test_genotype_takes_the_strongest_op_per_slot():
 
 def test_fixed_slots_are_not_mixed_and_must_match():
     space = get_space("lenas")
-    sn = space.build_supernet(space.small_macro(), fixed={"down.down": "max_pool"})
+    sn = Supernet(space, space.small_macro(), fixed={"down.down": "max_pool"})
     assert "down.down" not in sn.mixed_slots and len(sn.alphas) == 7
     g = sn.genotype()
     assert g.choices["down.down"] == "max_pool"
@@ -130,7 +130,7 @@ def test_fixed_slots_are_not_mixed_and_must_match():
     with pytest.raises(NasDoseError, match="macro"):
         sn.fix(space.genotype(g.choices, {"stem": 2, "widths": [8, 16]}))
     with pytest.raises(NasDoseError, match="slot 'down.down': 'conv' is not allowed"):
-        space.build_supernet(fixed={"down.down": "conv"})
+        Supernet(space, fixed={"down.down": "conv"})
     with pytest.raises(NasDoseError, match="mode must be one of"):
         sn.mode = "hard"
 
