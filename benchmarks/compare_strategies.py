@@ -38,7 +38,7 @@ from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everyt
 from nas_dose.search_spaces import Genotype, get_space
 from nas_dose.strategies import SearchContext, get_strategy
 from nas_dose.strategies.cli import SplitConfig, split_patients
-from nas_dose.strategies.diversity import DiversityConfig
+from nas_dose.pool import DiversityConfig
 from nas_dose.train import DataConfig, OptimConfig, TrainConfig, train_model
 
 STRATEGIES = ("differentiable", "evolution", "random", "nni-tpe", "nni-evolution")

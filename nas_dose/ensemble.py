@@ -54,7 +54,7 @@ from .train import ModelConfig, TrainConfig, build_model, check_trained_grid, lo
 
 if TYPE_CHECKING:
     from .search_spaces import Genotype
-    from .strategies import Pool
+    from .pool import Pool
 
 FORMAT = "nasdose-ensemble"
 VERSION = 1
@@ -200,7 +200,7 @@ class _Member:
 
 
 def _members(pool_path: Path, out: Path) -> tuple[Pool, list[_Member]]:
-    from .strategies import load_pool
+    from .pool import load_pool
 
     pool = load_pool(pool_path)
     members = []
@@ -360,8 +360,8 @@ NOTES = {
 def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: ValidationPredictions,
             data: Path, out: Path) -> dict[str, Any]:
     """Select and weight; write ensemble.yaml, validation.h5, the metrics and the plots."""
-    from .strategies.diversity import MATRICES, diversity_key
-    from .strategies.plots import plot_diversity
+    from .pool.diversity import MATRICES, diversity_key
+    from .pool.plots import plot_diversity
 
     names = vp.names
     genotypes = [m.genotype for m in members]

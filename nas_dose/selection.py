@@ -3,7 +3,7 @@
 Everything here works on predictions already made (numpy and scipy, no network), so a
 selection, a weight fit and the leave-one-patient-out check of both cost no forward pass.
 Scores are the official OpenKBP dose error (`nas_dose.scores.dose_error`); the diversity
-measures and the accuracy-diversity pick are the search's own (`strategies.diversity`).
+measures and the accuracy-diversity pick are the search's own (`nas_dose.pool.diversity`).
 
 - greedy: forward selection (Caruana et al. 2004): start from the best single member, then
   repeatedly add the member (again, when `replacement`) whose addition gives the lowest
@@ -25,6 +25,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .config import ConfigError
+from .pool import Candidate, pairwise_matrices, select_pool
 from .scores import dose_error
 
 if TYPE_CHECKING:
@@ -186,9 +187,6 @@ def greedy_order(vp: ValidationPredictions, max_size: int, replacement: bool = T
 def diversity_matrices(vp: ValidationPredictions, genotypes: Sequence[Genotype]) -> dict[str, np.ndarray]:
     """The search's pairwise matrices (disagreement, error correlation, genotype distance)
     between the members' validation predictions."""
-    from .strategies.base import Candidate
-    from .strategies.diversity import pairwise_matrices
-
     cands = [Candidate(g, np.nan, predictions={pid: vp.preds[p][m] for p, pid in enumerate(vp.ids)})
              for m, g in enumerate(genotypes)]
     targets = {pid: vp.refs[p] for p, pid in enumerate(vp.ids)}
@@ -199,9 +197,6 @@ def diversity_matrices(vp: ValidationPredictions, genotypes: Sequence[Genotype])
 def diversity_order(vp: ValidationPredictions, genotypes: Sequence[Genotype], max_size: int, lam: float,
                     matrices: dict[str, np.ndarray] | None = None) -> list[int]:
     """The search's accuracy + lam × diversity pick over the members (`select_pool`)."""
-    from .strategies.base import Candidate
-    from .strategies.diversity import select_pool
-
     if len(genotypes) != vp.n_members:
         raise ValueError(f"{len(genotypes)} genotypes for {vp.n_members} members")
     matrices = matrices if matrices is not None else diversity_matrices(vp, genotypes)

@@ -31,10 +31,9 @@ from ..io import load_checkpoint, load_yaml, output_folder, save_checkpoint
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
 from ..search_spaces import get_space, import_plugins, save_genotype
-from .base import Candidate, SearchContext, Strategy, get_strategy
-from .diversity import DiversityConfig, pairwise_matrices, select_pool
-from .plots import plot_arch_weights, plot_diversity, plot_fitness
-from .pool import Pool, PoolMember, save_pool
+from ..pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
+from ..pool.plots import plot_arch_weights, plot_diversity, plot_fitness
+from .base import SearchContext, Strategy, get_strategy
 
 
 @dataclass

@@ -36,8 +36,9 @@ from ..progress import progress
 from ..runtime import rng_state, seed_everything, set_rng_state
 from ..search_spaces import Genotype, SearchSpace, Supernet, count_flops, count_params
 from ..train import OptimConfig, make_optimizer, masked_loss, share_weight
-from .base import Candidate, SearchContext, Strategy, register_strategy
-from .diversity import diversity_hinge
+from ..pool import Candidate
+from .base import SearchContext, Strategy, register_strategy
+from ..pool.diversity import diversity_hinge
 
 STATE = "differentiable.pt"
 RESULT = "differentiable_result.pt"

@@ -47,7 +47,8 @@ from ..progress import progress
 from ..runtime import rng_state, seed_everything, set_rng_state
 from ..search_spaces import Genotype, Supernet, count_flops, count_params
 from ..train import OptimConfig, make_optimizer, masked_loss
-from .base import Candidate, SearchContext, Strategy
+from ..pool import Candidate
+from .base import SearchContext, Strategy
 
 CACHE_FORMAT = "nasdose-evaluator"
 CACHE_VERSION = 1

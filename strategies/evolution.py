@@ -32,8 +32,9 @@ from ..config import ConfigError, to_dict
 from ..errors import NasDoseError
 from ..io import load_checkpoint, save_checkpoint
 from ..search_spaces import Genotype, genotype_from_dict
-from .base import Candidate, SearchContext, register_strategy
-from .diversity import DiversityConfig, prediction_disagreement
+from ..pool import Candidate
+from .base import SearchContext, register_strategy
+from ..pool.diversity import DiversityConfig, prediction_disagreement
 from .evaluator import EvaluatorConfig, Scorer, ScoringStrategy, derived_seed, prediction_ids, ranked
 
 STATE_FORMAT = "nasdose-trials"

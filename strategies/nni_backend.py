@@ -33,7 +33,8 @@ from typing import Any, Literal
 from ..config import ConfigError
 from ..errors import NasDoseError
 from ..search_spaces import SearchSpace
-from .base import Candidate, SearchContext, register_strategy
+from ..pool import Candidate
+from .base import SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, ScoringStrategy, derived_seed, ranked
 from .evolution import check_budget
 

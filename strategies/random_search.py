@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..search_spaces import Genotype
-from .base import Candidate, SearchContext, register_strategy
+from ..pool import Candidate
+from .base import SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, ScoringStrategy
 from .evolution import check_budget, run_trials
 

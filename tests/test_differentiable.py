@@ -14,7 +14,8 @@ from nas_dose.errors import NasDoseError
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import SearchSpace, get_space, register_space
-from nas_dose.strategies import DiversityConfig, SearchContext, get_strategy
+from nas_dose.pool import DiversityConfig
+from nas_dose.strategies import SearchContext, get_strategy
 from nas_dose.strategies.differentiable import DifferentiableSearch, most_probable, tau_at
 
 

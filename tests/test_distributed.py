@@ -27,7 +27,7 @@ from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_json, save_json
 from nas_dose.runtime import seed_everything
 from nas_dose.search_spaces import Genotype, get_space, save_genotype
-from nas_dose.strategies.base import Candidate
+from nas_dose.pool import Candidate
 from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
 from nas_dose.train import Objective, TrainConfig, build_model, train_model
 
@@ -242,7 +242,7 @@ def test_a_run_whose_rank_died_resumes_from_rank_0s_checkpoint(two, one):
 def test_distributed_differentiable_search_matches_one_process(two, data, tmp_path):
     reference = tmp_path / "search"
     assert cli.main(["search", "-q", "--data", str(data), "--out", str(reference), *SEARCH]) == 0
-    from nas_dose.strategies import load_pool
+    from nas_dose.pool import load_pool
 
     got, want = load_pool(two / "search" / "pool.yaml"), load_pool(reference / "pool.yaml")
     assert [m.genotype for m in got.members] == [m.genotype for m in want.members]
@@ -375,8 +375,7 @@ def _ensemble(data: Path, out: Path) -> dict[str, list[str]]:
     from test_ensemble import GENOTYPES, MACRO, SETTINGS
 
     from nas_dose import ensemble
-    from nas_dose.strategies import Pool, PoolMember, save_pool
-    from nas_dose.strategies.diversity import MATRICES
+    from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
 
     space = get_space("lenas")
     members = [PoolMember(name, space.genotype(choices, MACRO), 1.0 + i)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nas_dose.config import ConfigError, from_dict
-from nas_dose.strategies.base import Candidate
-from nas_dose.strategies.diversity import (DiversityConfig, diversity_hinge, diversity_key, error_correlation,
+from nas_dose.pool import Candidate
+from nas_dose.pool.diversity import (DiversityConfig, diversity_hinge, diversity_key, error_correlation,
                                            prediction_disagreement, select_pool)
 
 A = np.array([1.0, 2.0, 3.0, 4.0])

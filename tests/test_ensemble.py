@@ -16,8 +16,7 @@ from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
 from nas_dose.predict import flip_tta, predict_patients
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import get_space
-from nas_dose.strategies import Pool, PoolMember, save_pool
-from nas_dose.strategies.diversity import MATRICES
+from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
 from nas_dose.train import train_model
 
 MACRO = {"stem": 4, "widths": [8, 8]}

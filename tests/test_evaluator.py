@@ -14,8 +14,9 @@ from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import count_params, get_space
-from nas_dose.strategies.base import Candidate, SearchContext
-from nas_dose.strategies.diversity import DiversityConfig
+from nas_dose.pool import Candidate
+from nas_dose.strategies.base import SearchContext
+from nas_dose.pool import DiversityConfig
 from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, ranked
 from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
 from nas_dose.strategies.random_search import RandomConfig, RandomStrategy

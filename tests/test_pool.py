@@ -4,7 +4,7 @@ import yaml
 
 from nas_dose.errors import NasDoseError
 from nas_dose.search_spaces import get_space
-from nas_dose.strategies.pool import Pool, PoolMember, load_pool, save_pool
+from nas_dose.pool import Pool, PoolMember, load_pool, save_pool
 
 
 def make_pool() -> Pool:

@@ -10,7 +10,8 @@ from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.progress import set_quiet
 from nas_dose.search_spaces import load_genotype
-from nas_dose.strategies import SearchContext, load_pool
+from nas_dose.pool import load_pool
+from nas_dose.strategies import SearchContext
 from nas_dose.strategies import cli
 
 import test_differentiable  # noqa: F401  (registers the rigged space 'test_rigged')

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import NasDoseError
 from ..io import load_yaml, save_yaml
+from ..search_spaces import Genotype, genotype_from_dict, get_space
 from .diversity import MATRICES
 
-if TYPE_CHECKING:
-    from ..search_spaces import Genotype
 
 FORMAT = "nasdose-pool"
 VERSION = 1
@@ -73,8 +72,6 @@ def _is_number(x: Any) -> bool:
 
 
 def _member(path: Path, index: int, raw: Any, space_name: str) -> PoolMember:
-    from ..search_spaces import genotype_from_dict, get_space
-
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
         raise NasDoseError(f"{path}: member {index} needs a mapping with a 'name'")
     name = raw["name"]
@@ -104,8 +101,6 @@ def _member(path: Path, index: int, raw: Any, space_name: str) -> PoolMember:
 
 def load_pool(path: str | Path) -> Pool:
     """Read and validate pool.yaml; any fault is a NasDoseError naming the file (and member)."""
-    from ..search_spaces import get_space
-
     path = Path(path)
     data = load_yaml(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -8,15 +8,15 @@ hinge, is the sequential-search penalty that pushes a new network away from earl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..search_spaces import get_space
+from .candidate import Candidate
 
-if TYPE_CHECKING:
-    from .base import Candidate
 
 MATRICES = ("disagreement", "error_correlation", "genotype_distance")
 
@@ -99,8 +99,6 @@ def pairwise_matrices(cands: Sequence[Candidate], targets: Mapping[str, np.ndarr
     The prediction measures are means over the patients both candidates predicted (those in
     `targets`); they are NaN for a pair where either candidate carries no predictions.
     """
-    from ..search_spaces import get_space
-
     n = len(cands)
     out = {name: np.full((n, n), np.nan) for name in MATRICES}
     for i, ci in enumerate(cands):
