@@ -25,9 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    Row,
+    Timing,
+    Workload,
+    genotype_network,
+    lenas_conv_genotype,
+    main,
+    result,
+    si,
+    speedup,
+    synchronize,
+    time_cases,
+    torch_state_restored,
+    workload,
+)
 
-from common import (Row, Timing, Workload, genotype_network, lenas_conv_genotype, main, result, si, speedup,
-                    synchronize, time_cases, torch_state_restored, workload)
 from nas_dose.config import load_config
 from nas_dose.data.dataset import IN_CHANNELS
 from nas_dose.data.store import open_data, write_dataset
@@ -35,11 +48,12 @@ from nas_dose.data.synth import synth_patients
 from nas_dose.distill.losses import DistillObjective
 from nas_dose.distill.student import scale_genotype
 from nas_dose.distill.teacher import ensure_cache
-from nas_dose.ensemble import Ensemble
+from nas_dose.inference import Ensemble
+from nas_dose.models.factory import build_model
 from nas_dose.progress import is_quiet, set_quiet
 from nas_dose.runtime import Runtime, resolve_device, seed_everything
 from nas_dose.search_spaces import count_params, save_genotype
-from nas_dose.train import TrainConfig, build_model, train_model
+from nas_dose.training import TrainConfig, train_model
 
 TARGET = 1.3
 MEMBERS = 3

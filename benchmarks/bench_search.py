@@ -28,7 +28,8 @@ from common import main as bench_main
 from nas_dose.runtime import Runtime, resolve_device, seed_everything
 from nas_dose.search_spaces import Supernet, get_space
 from nas_dose.strategies.evaluator import random_path
-from nas_dose.train import OptimConfig, make_optimizer, masked_loss
+from nas_dose.training import OptimConfig, masked_loss
+from nas_dose.training.optimization import make_optimizer
 
 # search step -> (what it is, highest allowed ratio to the final network's step or None)
 STEPS: dict[str, tuple[str, float | None]] = {

@@ -32,7 +32,8 @@ from nas_dose.errors import NasDoseError
 from nas_dose.io import save_json
 from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
 from nas_dose.search_spaces import Genotype, build_model, get_space
-from nas_dose.train import OptimConfig, make_optimizer, masked_loss
+from nas_dose.training import OptimConfig, masked_loss
+from nas_dose.training.optimization import make_optimizer
 
 # The LENAS genotype with a plain 3×3×3 conv in every slot: the network the throughput
 # benchmark writes out by hand, and the one the runtime and loader benchmarks train.
@@ -99,7 +100,7 @@ def random_batch(w: Workload, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 class Stepper:
-    """A model run the way `nas_dose.train.train_model` runs it: prepared by a Runtime, Adam,
+    """A model run the way `nas_dose.training.train_model` runs it: prepared by a Runtime, Adam,
     masked L1 under the runtime's autocast and loss scaler. Owns a copy of the model, so several
     steppers can be interleaved without sharing weights or optimizer state."""
 

@@ -10,7 +10,7 @@ RegularizedEvolution train an SPOS supernet for the same steps ("inherit" evalua
 score `candidates` genotypes. Diversity is off: this compares accuracy only.
 
 The yardstick is the same for every strategy: the best genotype found is trained from
-scratch with identical settings (`nas_dose.train.train_model`, same seed, same steps) on
+scratch with identical settings (`nas_dose.training.train_model`, same seed, same steps) on
 the training split and scored on the validation split (dose score, Gy; lower is better).
 Without `--data`, a synthetic data set is made in the work folder. Prints each run, then
 mean ± std per strategy and the paired (same seed) difference to random search.
@@ -33,13 +33,13 @@ from nas_dose.data.augment import AugmentConfig
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.io import save_json
+from nas_dose.pool import DiversityConfig
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
 from nas_dose.search_spaces import Genotype, get_space
 from nas_dose.strategies import SearchContext, get_strategy
 from nas_dose.strategies.cli import SplitConfig, split_patients
-from nas_dose.pool import DiversityConfig
-from nas_dose.train import DataConfig, OptimConfig, TrainConfig, train_model
+from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
 
 STRATEGIES = ("differentiable", "evolution", "random", "nni-tpe", "nni-evolution")
 

@@ -56,14 +56,15 @@ from .. import distributed
 from ..config import ConfigError, add_config_arguments, check_run_folder, load_config, save_config
 from ..data.dataset import IN_CHANNELS
 from ..data.store import SPLITS, open_data
-from ..ensemble import Ensemble, load_predictor
 from ..errors import NasDoseError, input_error
+from ..inference import Ensemble, load_model_or_ensemble
 from ..io import atomic_path, load_json, output_folder, save_json, write_text
+from ..models.factory import ModelConfig, build_model, load_model
 from ..parallel import run_side_by_side, worker_threads
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
 from ..scores import Scores, score_on_source
-from ..train import ModelConfig, Objective, TrainConfig, build_model, load_model, train_model
+from ..training import Objective, TrainConfig, train_model
 from .losses import AdversarialConfig, Combine, DistillObjective, HintConfig, check_non_negative
 from .report import Row, comparison_table, cost, score_predictor
 from .student import resolve_student
@@ -260,7 +261,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     if unlabeled_ids and cfg.alpha_teacher == 0:
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
-    predictor = load_predictor(teacher, grid)
+    predictor = load_model_or_ensemble(teacher, grid)
     # Under torchrun the student and the baseline train data-parallel, the ranks predict the
     # teacher's patients between them; the steps that check or write files (and report) run on
     # the main rank alone.

@@ -43,7 +43,8 @@ from ..data.dataset import IN_CHANNELS
 from ..errors import NasDoseError
 from ..runtime import Runtime
 from ..search_spaces.measure import meta_copy, meta_forward
-from ..train import Objective, TrainConfig, masked_loss, share_weight
+from ..training import Objective, TrainConfig, masked_loss
+from ..training.losses import share_weight
 from .teacher import TeacherDataset
 
 

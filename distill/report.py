@@ -14,7 +14,7 @@ from torch import nn
 
 from ..data.dataset import IN_CHANNELS
 from ..data.store import open_data
-from ..predict import Predictor, predict_patients
+from ..inference import Predictor, predict_patients
 from ..runtime import Runtime
 from ..scores import Scores, score_on_source
 from ..search_spaces import count_flops, count_params

@@ -24,8 +24,8 @@ import yaml
 from ..config import ConfigError, from_dict
 from ..errors import NasDoseError
 from ..io import load_yaml
+from ..models.factory import ModelConfig, build_model
 from ..search_spaces import Genotype, get_space, load_genotype, save_genotype
-from ..train import ModelConfig, build_model
 
 GENOTYPE_FILE = "student_genotype.yaml"
 _YAML_SUFFIXES = (".yaml", ".yml")

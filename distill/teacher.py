@@ -29,8 +29,8 @@ from ..data.dataset import DoseDataset
 from ..data.patient import DOSE_SCALE_GY
 from ..data.store import open_data, write_predictions
 from ..errors import NasDoseError, input_error
+from ..inference import Predictor, predict_patients
 from ..io import load_yaml
-from ..predict import Predictor, predict_patients
 from ..progress import say
 from ..runtime import Runtime
 

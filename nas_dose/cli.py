@@ -12,6 +12,7 @@ import os
 import sys
 
 from . import __version__
+from .distributed import session
 from .errors import NasDoseError
 from .progress import set_quiet
 
@@ -75,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     set_quiet(getattr(args, "quiet", False))
     try:
         if "WORLD_SIZE" in os.environ:  # perhaps started by torchrun: join the other processes
-            from .distributed import session
-
             with session(allowed=args.command in DISTRIBUTED):
                 args.func(args)
         else:

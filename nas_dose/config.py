@@ -7,6 +7,7 @@ typo fails at once with the key's dotted name instead of deep inside a run.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import re
 import types
@@ -156,8 +157,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `data` with each `key.sub=value` override set (nested mappings created)."""
-    import copy
-
     out = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)

@@ -30,34 +30,35 @@ import argparse
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from . import distributed
 from .config import ConfigError, add_config_arguments, check_run_folder, load_config, save_config
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
-from .io import load_json, load_yaml, output_folder, save_json, save_yaml
+from .inference import Ensemble, predict_patients, save_ensemble
+from .io import load_json, output_folder, save_json
+from .models.factory import ModelConfig, build_model, load_model
 from .parallel import run_side_by_side, worker_threads
 from .plots import new_figure, save_figure
-from .predict import flip_tta, predict_patients
+from .pool import MATRICES, Pool, diversity_key, load_pool
+from .pool.plots import plot_diversity
 from .progress import say
 from .runtime import Runtime, RuntimeConfig, seed_everything
 from .scores import Scores, score_on_source
-from .selection import (Selection, SelectionConfig, ValidationPredictions, diversity_matrices,
-                        leave_one_patient_out, select)
-from .train import ModelConfig, TrainConfig, build_model, check_trained_grid, load_model, train_model
-
-if TYPE_CHECKING:
-    from .search_spaces import Genotype
-    from .pool import Pool
-
-FORMAT = "nasdose-ensemble"
-VERSION = 1
+from .search_spaces import Genotype, load_genotype, save_genotype
+from .selection import (
+    Selection,
+    SelectionConfig,
+    ValidationPredictions,
+    diversity_matrices,
+    leave_one_patient_out,
+    select,
+)
+from .training import TrainConfig, train_model
 
 
 @dataclass
@@ -94,95 +95,12 @@ class EnsembleConfig:
 # ---------------------------------------------------------------------------------------------
 # The ensemble as a predictor, and ensemble.yaml.
 
-class Ensemble(nn.Module):
-    """The weighted sum of the members' outputs (dose / 70), usable wherever one model is.
-
-    Each member's output is clamped at zero before weighting, as `predict` clamps a single
-    model's, so the ensemble's prediction is exactly the weighted mean of its members' own
-    predictions; with `tta` each member is averaged over predict's flips first.
-    """
-
-    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], tta: bool = False,
-                 names: Sequence[str] | None = None) -> None:
-        super().__init__()
-        if len(members) != len(weights) or not members:
-            raise ValueError(f"{len(members)} members for {len(weights)} weights")
-        self.members = nn.ModuleList(members)
-        self.weights = [float(w) for w in weights]
-        self.tta = tta
-        self.names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
-
-    def combine(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        for w, member in zip(self.weights, self.members):
-            y = member(x).float().clamp_min(0) * w
-            out = y if out is None else out + y
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return flip_tta(self.combine, x) if self.tta else self.combine(x)
 
 
-def save_ensemble(path: Path, names: Sequence[str], weights: Sequence[float], cfg: EnsembleConfig) -> None:
-    """ensemble.yaml, member files relative to it, so the folder can be moved whole."""
-    save_yaml(path, {
-        "format": FORMAT, "version": VERSION, "selection": cfg.selection.method,
-        "combination": cfg.selection.combination, "tta": cfg.tta,
-        "members": [{"name": n, "genotype": f"members/{n}/genotype.yaml", "checkpoint": f"members/{n}/best.pt",
-                     "weight": float(w)} for n, w in zip(names, weights)]})
 
 
-def load_ensemble(path: str | Path, grid: int | None = None) -> Ensemble:
-    """The ensemble an ensemble.yaml describes, on the CPU in eval mode.
-
-    Weights must be non-negative; they are normalized to sum to 1. Each checkpoint must hold
-    the network of the genotype file listed beside it (trained on `grid`³ volumes, if given).
-    """
-    from .search_spaces import load_genotype
-
-    path = Path(path)
-    data = load_yaml(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise input_error(path, f"not a nasdose ensemble file (format is not '{FORMAT}')")
-    if data.get("version") != VERSION:
-        raise input_error(path, f"ensemble version {data.get('version')!r} is not supported (expected {VERSION})")
-    raw = data.get("members")
-    if not isinstance(raw, list) or not raw:
-        raise input_error(path, "'members' must be a non-empty list")
-    if not isinstance(data.get("tta", False), bool):
-        raise input_error(path, "'tta' must be true or false")
-    models, weights, names = [], [], []
-    for i, m in enumerate(raw):
-        if (not isinstance(m, dict)
-                or not all(isinstance(m.get(k), str) for k in ("name", "genotype", "checkpoint"))
-                or isinstance(m.get("weight"), bool) or not isinstance(m.get("weight"), (int, float))
-                or not m["weight"] >= 0):
-            raise input_error(path, f"member {i}: needs name, genotype, checkpoint (strings) and a weight >= 0")
-        model, meta = load_model(path.parent / m["checkpoint"])
-        check_trained_grid(path.parent / m["checkpoint"], meta, grid)
-        genotype = load_genotype(path.parent / m["genotype"])
-        if meta["model_config"].get("genotype") != genotype.to_dict():
-            raise input_error(path, f"member {m['name']}: {m['checkpoint']} does not hold the network "
-                                    f"of {m['genotype']}")
-        models.append(model)
-        weights.append(float(m["weight"]))
-        names.append(m["name"])
-    total = sum(weights)
-    if not total > 0:
-        raise input_error(path, "the member weights sum to zero")
-    return Ensemble(models, [w / total for w in weights], bool(data.get("tta", False)), names).eval()
 
 
-def load_predictor(path: str | Path, grid: int | None = None) -> nn.Module:
-    """A single trained model (run folder or checkpoint) or an ensemble (its .yaml file), on
-    the CPU in eval mode: what `nasdose predict --model` accepts. With `grid`, every network
-    must have been trained on that grid."""
-    path = Path(path)
-    if path.suffix in (".yaml", ".yml"):
-        return load_ensemble(path, grid)
-    model, meta = load_model(path)
-    check_trained_grid(path, meta, grid)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +118,6 @@ class _Member:
 
 
 def _members(pool_path: Path, out: Path) -> tuple[Pool, list[_Member]]:
-    from .pool import load_pool
-
     pool = load_pool(pool_path)
     members = []
     for m in pool.members:
@@ -218,8 +134,6 @@ def _member_config(cfg: EnsembleConfig, member: _Member, index: int, space: str)
 
 def _place_genotype(member: _Member, pool_path: Path) -> None:
     """The member's genotype file; on resume it must be the genotype the member was trained as."""
-    from .search_spaces import load_genotype, save_genotype
-
     file = member.folder / "genotype.yaml"
     if file.exists():
         if load_genotype(file).key() != member.genotype.key():
@@ -360,16 +274,14 @@ NOTES = {
 def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: ValidationPredictions,
             data: Path, out: Path) -> dict[str, Any]:
     """Select and weight; write ensemble.yaml, validation.h5, the metrics and the plots."""
-    from .pool.diversity import MATRICES, diversity_key
-    from .pool.plots import plot_diversity
-
     names = vp.names
     genotypes = [m.genotype for m in members]
     matrices = diversity_matrices(vp, genotypes)
     sel = select(vp, cfg.selection, genotypes, matrices)
     scores = _scores(cfg, vp, data, genotypes, sel)
     kept = [i for i in range(vp.n_members) if sel.weights[i] > 0]
-    save_ensemble(out / "ensemble.yaml", [names[i] for i in kept], [sel.weights[i] for i in kept], cfg)
+    save_ensemble(out / "ensemble.yaml", [names[i] for i in kept], [sel.weights[i] for i in kept],
+                  selection=cfg.selection.method, combination=cfg.selection.combination, tta=cfg.tta)
     with open_data(data) as d:
         write_predictions(out / "validation.h5",
                           ((pid, vp.full_dose(sel.weights, p), d.patient_attrs(pid))

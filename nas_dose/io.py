@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import yaml
 
 from .errors import NasDoseError, input_error
+from .progress import say
 
 TMP_SUFFIX = ".tmp"
 # atomic_path's temporaries: ".NAME." + mkstemp's 8 random characters + ".tmp".
@@ -105,7 +106,7 @@ def load_json(path: str | Path) -> Any:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Save a checkpoint of tensors and plain Python values (loadable with weights_only=True)."""
-    import torch
+    import torch  # here, not at the top: `nasdose data` and the configs work without loading torch
 
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -113,7 +114,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: no pickled code is ever executed."""
-    import torch
+    import torch  # as in save_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -202,8 +203,6 @@ class _Hold:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno in _NO_LOCKS:
-                    from .progress import say
-
                     say(f"note: {self.dir}: this file system has no locks; nothing keeps a second nasdose "
                         "process from writing here")
                     return fd

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from . import train
 from .config import ConfigError, int_at_least, layered, load_config, to_dict
 from .data.cli import import_tree
 from .data.store import open_data, write_dataset
@@ -51,14 +52,15 @@ from .distill.cli import DistillConfig, run_distill
 from .ensemble import EnsembleConfig, run_ensemble
 from .errors import NasDoseError, input_error
 from .evaluate import evaluate_predictions
+from .inference import load_predictor
 from .io import load_yaml, output_folder, save_yaml
 from .models.unet3d import UNET3D_WIDTHS
-from .predict import load_predictor, write_out_of_fold, write_outputs
+from .predict import write_out_of_fold, write_outputs
 from .progress import say
+from .runtime import Runtime, RuntimeConfig
 from .scores import resampling_floor
-from .runtime import Runtime, RuntimeConfig, seed_everything
 from .strategies.cli import SearchConfig, SearchRun, prepare_out
-from .train import TrainConfig, build_model, train_model
+from .training import TrainConfig
 
 EVAL_SPLIT = "validation"
 # The synthetic default: 24 phantoms at 16³ and 48 more without a plan, on which the student
@@ -210,9 +212,7 @@ def _train_reference(ctx: Context) -> None:
 
 
 def _train(ctx: Context, run: Path, config: TrainConfig) -> None:
-    seed_everything(config.seed)
-    train_model(build_model(config.model, refiner=config.cascade.coarse is not None), config, ctx.data, run,
-                resume=(run / "checkpoints" / "last.pt").exists())
+    train.run(config, train.Inputs(ctx.data), run, resume=(run / "checkpoints" / "last.pt").exists(), official=False)
 
 
 def _fold_runs(ctx: Context) -> list[Path]:

@@ -21,117 +21,18 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
-import torch
 
-from .cascade import CascadeConfig, Refiner, predict_source, source_grids
-from .config import add_config_arguments, from_dict, load_config
-from .data.augment import Transform
-from .data.dataset import INPUT_LAYOUT, build_input
+from .config import add_config_arguments, load_config
 from .data.openkbp import write_submission_csv
-from .data.patient import DOSE_SCALE_GY
 from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
+from .inference import Cascade, Predictor, load_predictor, predict_patients
 from .io import output_folder, save_yaml
 from .progress import say
 from .runtime import Runtime, RuntimeConfig
-from .scores import Scores, score_on_source, score_patients
-
-# Flip combinations of (axis 0, axis 1) that test-time augmentation averages over.
-TTA_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
-
-
-class Predictor(Protocol):
-    """Input batch (N, IN_CHANNELS, D, H, W) on the runtime's device -> dose / 70 (N, 1, D, H, W).
-
-    A model in eval mode is one; an ensemble is any callable that averages its members.
-    """
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
-def _flip(x: torch.Tensor, flips: tuple[bool, bool]) -> torch.Tensor:
-    dims = [axis + 2 for axis, flipped in enumerate(flips) if flipped]
-    return x.flip(dims) if dims else x
-
-
-def _mirror_channels(x: torch.Tensor) -> torch.Tensor:
-    """Swap the channels of paired left/right structures (a mirrored right parotid is a left one)."""
-    order = list(range(x.shape[1]))
-    for right, left in INPUT_LAYOUT.mirror_pairs:
-        order[right], order[left] = left, right
-    return x[:, order]
-
-
-def flip_tta(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
-    """Mean of the predictions over TTA_FLIPS, each flipped back to the original orientation."""
-    total = None
-    for flips in TTA_FLIPS:
-        xi = _flip(x, flips)
-        if Transform(flips=flips).mirrors:
-            xi = _mirror_channels(xi)
-        yi = _flip(predictor(xi).float(), flips)
-        total = yi if total is None else total + yi
-    return total / len(TTA_FLIPS)
-
-
-def predict_patients(predictor: Predictor, data: DataFile, ids: list[str], runtime: Runtime,
-                     tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """(id, dose in Gy on the data set's grid) per patient: non-negative, zero outside the mask."""
-    for pid in ids:
-        patient = data.read(pid)
-        x = runtime.to_device(torch.from_numpy(build_input(patient))[None])
-        with torch.inference_mode(), runtime.autocast():
-            y = flip_tta(predictor, x) if tta else predictor(x)
-        dose = y.float()[0, 0].cpu().numpy() * DOSE_SCALE_GY
-        yield pid, np.where(patient.possible_dose_mask, np.maximum(dose, 0), 0).astype(np.float32)
-
-
-@dataclass
-class Cascade:
-    """A coarse predictor and the refiner that takes its dose to the source grid."""
-
-    coarse: Predictor
-    refiner: torch.nn.Module
-    config: CascadeConfig
-
-    def predict(self, data: DataFile, ids: list[str], runtime: Runtime,
-                tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-        """(id, source-grid dose in Gy) per patient; `tta` averages the coarse stage's flips."""
-        factor = source_grids(data, ids)
-        for pid, coarse in predict_patients(self.coarse, data, ids, runtime, tta):
-            yield pid, predict_source(self.refiner, data.read_source(pid), coarse, factor, self.config,
-                                      runtime.device)
-
-
-def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:
-    """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
-    with `grid`, refused unless trained on that grid. A cascade's full-resolution run comes with
-    its coarse stage (the run's `cascade.coarse`)."""
-    # Imported here: nas_dose.ensemble and nas_dose.train import this module.
-    from .ensemble import load_predictor as load_model_or_ensemble
-    from .train import load_model
-
-    model = load_model_or_ensemble(path, grid)
-    if not isinstance(model, Refiner):
-        return runtime.prepare(model).eval()
-    cfg = from_dict(CascadeConfig, load_model(path)[1]["config"].get("cascade"))
-    if cfg.coarse is None or Path(cfg.coarse).resolve() == Path(path).resolve():
-        raise input_error(path, "a refiner whose config names no coarse stage (cascade.coarse)")
-    coarse = load_predictor(Path(cfg.coarse), runtime, grid)
-    if isinstance(coarse, Cascade):
-        raise input_error(path, f"its coarse stage {cfg.coarse} is itself a cascade")
-    return Cascade(coarse, runtime.prepare(model).eval(), cfg)
-
-
-def official_scores(predictor: Predictor | Cascade, data: DataFile, ids: list[str], runtime: Runtime,
-                    tta: bool = False) -> Scores:
-    """The OpenKBP scores of a model's or a cascade's doses, on the source grid."""
-    if isinstance(predictor, Cascade):
-        return score_patients((data.read_source(pid), dose) for pid, dose in predictor.predict(data, ids, runtime, tta))
-    return score_on_source(data, predict_patients(predictor, data, ids, runtime, tta))
+from .training import TrainConfig
 
 
 def write_out_of_fold(data: DataFile, runs: list[Path], out: Path, runtime: Runtime) -> None:
@@ -139,7 +40,6 @@ def write_out_of_fold(data: DataFile, runs: list[Path], out: Path, runtime: Runt
     out, into one prediction file on the data set's grid: what a cascade's full-resolution stage
     should learn from (`cascade.coarse_predictions`)."""
     # Imported here: nas_dose.train imports this module.
-    from .train import TrainConfig
 
     records, seen = [], set()
     for run in runs:

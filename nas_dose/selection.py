@@ -19,7 +19,7 @@ selection and a weight fit are judged on the patients they were made on, which f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
@@ -27,9 +27,7 @@ from scipy.optimize import minimize
 from .config import ConfigError
 from .pool import Candidate, pairwise_matrices, select_pool
 from .scores import dose_error
-
-if TYPE_CHECKING:
-    from .search_spaces import Genotype
+from .search_spaces import Genotype
 
 
 @dataclass

@@ -22,14 +22,22 @@ From outside the package: ``import_plugins(["mypkg.ops"])`` imports modules that
 or spaces, and ``get_space("mypkg.spaces:MySpace")`` loads a
 space class by import path (unregistered, it is named by that path in its genotypes).
 """
+from . import lenas, lenas_levels  # noqa: F401  (registers the built-in spaces)
 from .cells import Cell, CellUNet, cell_slots
 from .genotype import Genotype, save_genotype
 from .measure import count_flops, count_params
 from .ops import OpSpec, get_op, list_ops, make_op, register_op
-from .space import (SearchSpace, build_model, genotype_from_dict, get_space, import_plugins, list_spaces,
-                    load_genotype, register_space)
+from .space import (
+                    SearchSpace,
+                    build_model,
+                    genotype_from_dict,
+                    get_space,
+                    import_plugins,
+                    list_spaces,
+                    load_genotype,
+                    register_space,
+)
 from .supernet import MixedOp, Supernet
-from . import lenas, lenas_levels  # noqa: F401  (registers the built-in spaces)
 
 __all__ = [
     "Cell", "CellUNet", "cell_slots", "Genotype", "genotype_from_dict", "load_genotype", "save_genotype", "count_flops",

@@ -24,7 +24,6 @@ from .genotype import Genotype
 from .ops import make_op
 from .space import SearchSpace
 
-
 MODES = ("softmax", "gumbel")
 
 

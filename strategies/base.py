@@ -12,7 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
 import numpy as np
 import torch
@@ -23,13 +23,12 @@ from .. import distributed
 from ..config import from_dict
 from ..data.dataset import DoseDataset
 from ..errors import NasDoseError
-from ..train import dose_errors_gy
 from ..pool.candidate import Candidate
 from ..pool.diversity import DiversityConfig
+from ..runtime import Runtime
+from ..search_spaces import SearchSpace
+from ..training import dose_errors_gy
 
-if TYPE_CHECKING:
-    from ..runtime import Runtime
-    from ..search_spaces import Genotype, SearchSpace
 
 @dataclass
 class SearchContext:

@@ -28,11 +28,11 @@ from ..config import ConfigError, add_config_arguments, from_dict, load_config, 
 from ..data.store import open_data
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint, load_yaml, output_folder, save_checkpoint
+from ..pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
+from ..pool.plots import plot_arch_weights, plot_diversity, plot_fitness
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
 from ..search_spaces import get_space, import_plugins, save_genotype
-from ..pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
-from ..pool.plots import plot_arch_weights, plot_diversity, plot_fitness
 from .base import SearchContext, Strategy, get_strategy
 
 

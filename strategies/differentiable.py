@@ -32,13 +32,15 @@ from .. import distributed
 from ..config import ConfigError, to_dict
 from ..errors import NasDoseError
 from ..io import load_checkpoint, save_checkpoint
+from ..pool import Candidate
+from ..pool.diversity import diversity_hinge
 from ..progress import progress
 from ..runtime import rng_state, seed_everything, set_rng_state
 from ..search_spaces import Genotype, SearchSpace, Supernet, count_flops, count_params
-from ..train import OptimConfig, make_optimizer, masked_loss, share_weight
-from ..pool import Candidate
+from ..training import OptimConfig, masked_loss
+from ..training.losses import share_weight
+from ..training.optimization import make_optimizer
 from .base import SearchContext, Strategy, register_strategy
-from ..pool.diversity import diversity_hinge
 
 STATE = "differentiable.pt"
 RESULT = "differentiable_result.pt"

@@ -43,11 +43,12 @@ from torch import nn
 from ..config import ConfigError, to_dict
 from ..errors import NasDoseError
 from ..io import load_checkpoint, load_json, save_checkpoint, save_json
+from ..pool import Candidate
 from ..progress import progress
 from ..runtime import rng_state, seed_everything, set_rng_state
 from ..search_spaces import Genotype, Supernet, count_flops, count_params
-from ..train import OptimConfig, make_optimizer, masked_loss
-from ..pool import Candidate
+from ..training import OptimConfig, masked_loss
+from ..training.optimization import make_optimizer
 from .base import SearchContext, Strategy
 
 CACHE_FORMAT = "nasdose-evaluator"

@@ -31,10 +31,10 @@ from .. import distributed
 from ..config import ConfigError, to_dict
 from ..errors import NasDoseError
 from ..io import load_checkpoint, save_checkpoint
-from ..search_spaces import Genotype, genotype_from_dict
 from ..pool import Candidate
-from .base import SearchContext, register_strategy
 from ..pool.diversity import DiversityConfig, prediction_disagreement
+from ..search_spaces import Genotype, genotype_from_dict
+from .base import SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, Scorer, ScoringStrategy, derived_seed, prediction_ids, ranked
 
 STATE_FORMAT = "nasdose-trials"

@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 from ..config import ConfigError
 from ..errors import NasDoseError
-from ..search_spaces import SearchSpace
 from ..pool import Candidate
+from ..search_spaces import SearchSpace
 from .base import SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, ScoringStrategy, derived_seed, ranked
 from .evolution import check_budget
@@ -60,7 +60,7 @@ class NniConfig:
 
 
 def _nni_strategy(cfg: NniConfig, seed: int) -> Any:
-    from nni.nas import strategy
+    from nni.nas import strategy  # NNI (heavy, optional) is imported only when a search uses it
 
     if cfg.algorithm == "random":
         return strategy.Random(seed=seed)
@@ -91,7 +91,7 @@ def drive(space: SearchSpace, cfg: NniConfig, seed: int, trial: Callable[[dict[s
     `trial(choices)` gets a validated sample (slot -> value) and returns its score (lower is
     better); `stop()` true ends the search before the next trial.
     """
-    import nni
+    import nni  # as in _nni_strategy
     from nni.mutable.exception import SampleValidationError
     from nni.nas.evaluator import FunctionalEvaluator
     from nni.nas.execution import SequentialExecutionEngine

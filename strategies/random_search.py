@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..search_spaces import Genotype
 from ..pool import Candidate
+from ..search_spaces import Genotype
 from .base import SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, ScoringStrategy
 from .evolution import check_budget, run_trials

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 
 from nas_dose.config import ConfigError, from_dict
-from nas_dose.data.augment import (AugmentConfig, ChannelLayout, Transform, apply_transform, augment,
-                                   sample_transform)
+from nas_dose.data.augment import AugmentConfig, ChannelLayout, Transform, apply_transform, augment, sample_transform
 from nas_dose.data.dataset import CHANNELS, INPUT_LAYOUT, ITEM_KINDS
 from nas_dose.errors import NasDoseError
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from nas_dose.cascade import REFINER_CHANNELS, CascadeConfig, PatchDataset, Refiner, refine
+from nas_dose.cascade.patches import CascadeConfig, PatchDataset
+from nas_dose.cascade.windows import refine
 from nas_dose.cli import main
 from nas_dose.data.dataset import IN_CHANNELS, build_input
 from nas_dose.data.openkbp import read_submission_csv
@@ -17,9 +18,11 @@ from nas_dose.data.patient import DOSE_SCALE_GY, Patient
 from nas_dose.data.resample import downsample_patient, upsample_dose
 from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patients
-from nas_dose.losses import DVHLossConfig, dvh_moment_loss, moments, structure_masks
 from nas_dose.models import create_model, list_models
+from nas_dose.models.refiner import REFINER_CHANNELS, Refiner
 from nas_dose.scores import resampling_floor, score_on_source, score_patients
+from nas_dose.training import DVHLossConfig
+from nas_dose.training.losses import dvh_moment_loss, moments, structure_masks
 
 FAST = ["epochs=2", "model.kwargs.widths=[4,8]", "data.augment.enabled=false", "runtime.device=cpu",
         "runtime.threads=1", "--quiet"]
@@ -206,7 +209,7 @@ def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys)
     from nas_dose.ensemble import EnsembleConfig
     from nas_dose.pipeline import Recipe
     from nas_dose.strategies.cli import SearchConfig
-    from nas_dose.train import TrainConfig
+    from nas_dose.training import TrainConfig
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     cpu, gpu = load_config(Recipe, configs / "openkbp_cpu.yaml"), load_config(Recipe, configs / "openkbp_gpu.yaml")
@@ -233,7 +236,7 @@ def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys)
 
 def test_folds_leave_out_every_kth_training_patient_and_feed_a_cascade(coarse_data, tmp_path):
     from nas_dose.config import load_config
-    from nas_dose.train import DataConfig, Objective, TrainConfig
+    from nas_dose.training import DataConfig, Objective, TrainConfig
 
     ids = [f"pt_{i}" for i in range(7)]
     assert DataConfig(folds=3, fold=1).held_out(ids) == ["pt_1", "pt_4"] and DataConfig().held_out(ids) == []
@@ -255,7 +258,7 @@ def test_folds_leave_out_every_kth_training_patient_and_feed_a_cascade(coarse_da
 
 def test_a_pipeline_cascade_learns_from_out_of_fold_predictions(coarse_data, tmp_path):
     from nas_dose.config import load_config
-    from nas_dose.train import TrainConfig
+    from nas_dose.training import TrainConfig
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stages: [train, folds, cascade]\nfolds: 2\n")

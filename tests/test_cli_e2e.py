@@ -12,9 +12,10 @@ from nas_dose.cli import main
 from nas_dose.config import load_config
 from nas_dose.data.store import open_data
 from nas_dose.io import load_yaml
+from nas_dose.models.factory import build_model, check_input_size
 from nas_dose.pipeline import Context, Recipe, stages_for, train_overrides
 from nas_dose.scores import dose_error
-from nas_dose.train import TrainConfig, build_model, check_input_size
+from nas_dose.training import TrainConfig
 
 # Learns in seconds on the 16³ grid: a small U-Net, one patient per step, one thread.
 TRAIN = ["model.kwargs.widths=[8, 16, 32]", "epochs=8", "data.batch_size=1", "optim.lr=0.01",

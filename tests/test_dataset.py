@@ -3,8 +3,16 @@ import pytest
 import torch
 
 from nas_dose.data.augment import AugmentConfig
-from nas_dose.data.dataset import (CHANNELS, IN_CHANNELS, INPUT_LAYOUT, DoseDataset, build_input,
-                                   build_item, build_target, make_loader)
+from nas_dose.data.dataset import (
+    CHANNELS,
+    IN_CHANNELS,
+    INPUT_LAYOUT,
+    DoseDataset,
+    build_input,
+    build_item,
+    build_target,
+    make_loader,
+)
 from nas_dose.data.patient import OARS, Patient
 from nas_dose.data.store import write_dataset
 from nas_dose.errors import NasDoseError

@@ -11,10 +11,10 @@ from nas_dose.config import ConfigError
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
+from nas_dose.pool import DiversityConfig
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import SearchSpace, get_space, register_space
-from nas_dose.pool import DiversityConfig
 from nas_dose.strategies import SearchContext, get_strategy
 from nas_dose.strategies.differentiable import DifferentiableSearch, most_probable, tau_at
 

@@ -18,9 +18,10 @@ from nas_dose.config import load_config
 from nas_dose.data.store import open_data
 from nas_dose.distill import cli as distill_cli
 from nas_dose.io import load_checkpoint, load_json, save_yaml
+from nas_dose.models.factory import build_model, load_model
 from nas_dose.runtime import seed_everything
 from nas_dose.search_spaces import get_space, save_genotype
-from nas_dose.train import TrainConfig, build_model, load_model, train_model
+from nas_dose.training import TrainConfig, train_model
 
 GENOTYPES = {
     "a": {"down.op1": "conv", "down.op2": "identity", "down.connect": "identity", "down.down": "max_pool",

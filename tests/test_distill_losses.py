@@ -8,10 +8,18 @@ import torch
 from torch import nn
 
 from nas_dose.config import ConfigError
-from nas_dose.distill.losses import (AdversarialConfig, DistillObjective, FeatureTap, HintConfig,
-                                     discriminator_loss, feature_channels, generator_loss, hint_loss)
+from nas_dose.distill.losses import (
+    AdversarialConfig,
+    DistillObjective,
+    FeatureTap,
+    HintConfig,
+    discriminator_loss,
+    feature_channels,
+    generator_loss,
+    hint_loss,
+)
 from nas_dose.runtime import Runtime, RuntimeConfig
-from nas_dose.train import TrainConfig
+from nas_dose.training import TrainConfig
 
 CPU = Runtime(RuntimeConfig(device="cpu"))
 

@@ -4,8 +4,8 @@ import pytest
 from nas_dose.distill.student import GENOTYPE_FILE, resolve_student, scale_genotype
 from nas_dose.errors import NasDoseError
 from nas_dose.io import save_yaml
+from nas_dose.models.factory import ModelConfig, build_model
 from nas_dose.search_spaces import count_params, get_space, load_genotype, save_genotype
-from nas_dose.train import ModelConfig, build_model
 
 CHOICES = {"down.op1": "conv", "down.op2": "identity", "down.connect": "identity", "down.down": "max_pool",
            "up.op1": "conv", "up.op2": "identity", "up.connect": "identity", "up.up": "up_interpolate"}

@@ -25,11 +25,12 @@ from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_json, save_json
+from nas_dose.models.factory import build_model
+from nas_dose.pool import Candidate
 from nas_dose.runtime import seed_everything
 from nas_dose.search_spaces import Genotype, get_space, save_genotype
-from nas_dose.pool import Candidate
 from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
-from nas_dose.train import Objective, TrainConfig, build_model, train_model
+from nas_dose.training import Objective, TrainConfig, train_model
 
 # Augmentation on: its draws depend on (seed, epoch, patient) only. SGD, not Adam: Adam does not
 # see a gradient's scale, so it would hide a wrong average over the ranks.

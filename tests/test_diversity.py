@@ -6,8 +6,14 @@ import torch
 
 from nas_dose.config import ConfigError, from_dict
 from nas_dose.pool import Candidate
-from nas_dose.pool.diversity import (DiversityConfig, diversity_hinge, diversity_key, error_correlation,
-                                           prediction_disagreement, select_pool)
+from nas_dose.pool.diversity import (
+    DiversityConfig,
+    diversity_hinge,
+    diversity_key,
+    error_correlation,
+    prediction_disagreement,
+    select_pool,
+)
 
 A = np.array([1.0, 2.0, 3.0, 4.0])
 B = np.array([1.0, 2.0, 5.0, 0.0])

@@ -10,14 +10,14 @@ from torch import nn
 from nas_dose import cli, ensemble
 from nas_dose.config import load_config
 from nas_dose.data.store import open_data
-from nas_dose.ensemble import Ensemble, EnsembleConfig, load_ensemble, load_predictor, run_ensemble
+from nas_dose.ensemble import EnsembleConfig, run_ensemble
 from nas_dose.errors import NasDoseError
+from nas_dose.inference import Ensemble, flip_tta, load_ensemble, load_model_or_ensemble, predict_patients
 from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
-from nas_dose.predict import flip_tta, predict_patients
+from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import get_space
-from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
-from nas_dose.train import train_model
+from nas_dose.training import train_model
 
 MACRO = {"stem": 4, "widths": [8, 8]}
 GENOTYPES = {
@@ -95,11 +95,11 @@ def test_ensemble_yaml_loads_and_equals_the_weighted_mean_of_members(run, data):
     weights = {m["name"]: m["weight"] for m in spec["members"]}
     assert weights == pytest.approx(metrics["ensemble"]["weights"]) and sum(weights.values()) == pytest.approx(1)
     ens = load_ensemble(out / "ensemble.yaml")
-    assert isinstance(load_predictor(out / "ensemble.yaml"), Ensemble)
-    assert not isinstance(load_predictor(out / "members" / "a"), Ensemble)
+    assert isinstance(load_model_or_ensemble(out / "ensemble.yaml"), Ensemble)
+    assert not isinstance(load_model_or_ensemble(out / "members" / "a"), Ensemble)
     x = torch.randn(1, 10, 16, 16, 16)
     with torch.no_grad():
-        expected = sum(w * load_predictor(out / "members" / n)(x).clamp_min(0) for n, w in weights.items())
+        expected = sum(w * load_model_or_ensemble(out / "members" / n)(x).clamp_min(0) for n, w in weights.items())
         np.testing.assert_allclose(ens(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     # predicting with the ensemble gives the validation predictions made from the members' cache
     runtime = Runtime(RuntimeConfig(device="cpu"))

@@ -12,15 +12,13 @@ from nas_dose.config import ConfigError, from_dict
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
+from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import count_params, get_space
-from nas_dose.pool import Candidate
 from nas_dose.strategies.base import SearchContext
-from nas_dose.pool import DiversityConfig
 from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, ranked
 from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
 from nas_dose.strategies.random_search import RandomConfig, RandomStrategy
-
 
 WEIGHT, ARCH, DIVERSITY = ["pt_1", "pt_2", "pt_3"], ["pt_4", "pt_5"], ["pt_6"]
 TINY = {"stem": 4, "widths": [8, 16]}

@@ -15,11 +15,10 @@ import pytest
 from nas_dose.config import ConfigError, from_dict
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint
+from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import Genotype, SearchSpace, genotype_from_dict, get_space
-from nas_dose.pool import Candidate
 from nas_dose.strategies.base import SearchContext
-from nas_dose.pool import DiversityConfig
 from nas_dose.strategies.evaluator import derived_seed
 from nas_dose.strategies.evolution import PATIENCE, EvolutionConfig, EvolutionStrategy, fitness, mean_disagreement
 from nas_dose.strategies.random_search import RandomConfig, RandomStrategy

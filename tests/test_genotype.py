@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_spaces import SPACES
 
 from nas_dose.errors import NasDoseError
 from nas_dose.search_spaces import Genotype, build_model, genotype_from_dict, get_space, load_genotype, save_genotype
-from test_spaces import SPACES
 
 
 def lenas_genotype() -> Genotype:

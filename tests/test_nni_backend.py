@@ -8,14 +8,13 @@ import sys
 import textwrap
 
 import pytest
+from test_evolution import Interrupted, TargetScorer, TinySpace, fake_context, hidden_target
 
 from nas_dose.config import ConfigError, from_dict
 from nas_dose.errors import NasDoseError
 from nas_dose.search_spaces import get_space
 from nas_dose.strategies import get_strategy
 from nas_dose.strategies.nni_backend import NniConfig, NniStrategy, drive
-
-from test_evolution import Interrupted, TargetScorer, TinySpace, fake_context, hidden_target
 
 
 class ConstrainedSpace(TinySpace):

@@ -3,9 +3,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nas_dose.data.openkbp import (discover, natural_key, read_csv_patient, read_npz_patient,
-                                   read_patient, read_sparse_csv, read_submission_csv,
-                                   write_submission_csv)
+from nas_dose.data.openkbp import (
+    discover,
+    natural_key,
+    read_csv_patient,
+    read_npz_patient,
+    read_patient,
+    read_sparse_csv,
+    read_submission_csv,
+    write_submission_csv,
+)
 from nas_dose.data.patient import ROIS
 from nas_dose.errors import NasDoseError
 

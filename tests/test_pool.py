@@ -3,8 +3,8 @@ import pytest
 import yaml
 
 from nas_dose.errors import NasDoseError
-from nas_dose.search_spaces import get_space
 from nas_dose.pool import Pool, PoolMember, load_pool, save_pool
+from nas_dose.search_spaces import get_space
 
 
 def make_pool() -> Pool:

@@ -13,11 +13,13 @@ from nas_dose.data.resample import downsample_patient, upsample_dose
 from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
+from nas_dose.inference import TTA_FLIPS, flip_tta, predict_patients
 from nas_dose.io import load_yaml
-from nas_dose.predict import TTA_FLIPS, flip_tta, predict_patients, write_outputs
+from nas_dose.models.factory import build_model
 from nas_dose.predict import main as predict_main
+from nas_dose.predict import write_outputs
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
-from nas_dose.train import TrainConfig, build_model, train_model
+from nas_dose.training import TrainConfig, train_model
 
 RIGHT, LEFT = CHANNELS.index("RightParotid"), CHANNELS.index("LeftParotid")
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_evolution import Interrupted, TargetScorer, TinySpace, fake_context, hidden_target
 
 from nas_dose.config import from_dict
 from nas_dose.search_spaces import get_space
 from nas_dose.strategies import get_strategy
 from nas_dose.strategies.random_search import RandomConfig, RandomStrategy
-
-from test_evolution import Interrupted, TargetScorer, TinySpace, fake_context, hidden_target
 
 
 def run_random(space, tmp, seed=0, scorer=None, budget=20):

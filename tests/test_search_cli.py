@@ -3,18 +3,16 @@ import json
 from pathlib import Path
 
 import pytest
+import test_differentiable  # noqa: F401  (registers the rigged space 'test_rigged')
 
 from nas_dose.config import load_config
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
+from nas_dose.pool import load_pool
 from nas_dose.progress import set_quiet
 from nas_dose.search_spaces import load_genotype
-from nas_dose.pool import load_pool
-from nas_dose.strategies import SearchContext
-from nas_dose.strategies import cli
-
-import test_differentiable  # noqa: F401  (registers the rigged space 'test_rigged')
+from nas_dose.strategies import SearchContext, cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

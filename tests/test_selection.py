@@ -5,8 +5,17 @@ import pytest
 from nas_dose.config import ConfigError, load_config
 from nas_dose.scores import dose_error
 from nas_dose.search_spaces import get_space
-from nas_dose.selection import (SelectionConfig, ValidationPredictions, diversity_matrices, diversity_order,
-                                fit_weights, greedy_order, leave_one_patient_out, mean_weights, select)
+from nas_dose.selection import (
+    SelectionConfig,
+    ValidationPredictions,
+    diversity_matrices,
+    diversity_order,
+    fit_weights,
+    greedy_order,
+    leave_one_patient_out,
+    mean_weights,
+    select,
+)
 
 SHAPE = (4, 4, 4)
 

@@ -8,13 +8,24 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from nni.mutable import Categorical, MutableDict  # after nas_dose: NNI_FRAMEWORK=none
 
 from nas_dose.errors import NasDoseError
-from nas_dose.search_spaces import (CellUNet, SearchSpace, build_model, cell_slots, count_flops, count_params,
-                                    get_op, get_space, import_plugins, list_ops, list_spaces)
+from nas_dose.search_spaces import (
+    CellUNet,
+    SearchSpace,
+    build_model,
+    cell_slots,
+    count_flops,
+    count_params,
+    get_op,
+    get_space,
+    import_plugins,
+    list_ops,
+    list_spaces,
+)
 from nas_dose.search_spaces import ops as ops_module
 from nas_dose.search_spaces import space as space_module
-from nni.mutable import Categorical, MutableDict  # after nas_dose: NNI_FRAMEWORK=none
 
 # every space nasdose ships (other test modules register toy spaces of their own)
 SPACES = [n for n in list_spaces() if type(get_space(n)).__module__.startswith("nas_dose.")]

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_spaces import SPACES
 
 from nas_dose.errors import NasDoseError
 from nas_dose.search_spaces import MixedOp, Supernet, get_space
-from test_spaces import SPACES
-
 
 
 def small_supernet(name: str, **kw):

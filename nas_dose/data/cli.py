@@ -25,6 +25,7 @@ from .openkbp import PatientSource, discover, read_patient
 from .patient import OPENKBP_GRID, ROIS, Patient
 from .resample import downsample_patient, resample_factor
 from .store import DataFile, open_data, write_dataset
+from .synth import synth_patients
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -78,8 +79,6 @@ def import_command(args: argparse.Namespace) -> None:
 
 
 def synth_command(args: argparse.Namespace) -> None:
-    from .synth import synth_patients
-
     total = args.patients + args.unlabeled
     with output_file(args.out):
         write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed, args.unlabeled),

@@ -10,9 +10,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .blocks import (DoubleConv, check_dropout, check_positive, check_widths, conv,
-                     crop_to, downsample, pad_to_multiple, upsample)
 from ..errors import NasDoseError
+from .blocks import (
+    DoubleConv,
+    check_dropout,
+    check_positive,
+    check_widths,
+    conv,
+    crop_to,
+    downsample,
+    pad_to_multiple,
+    upsample,
+)
 from .registry import register_model
 
 

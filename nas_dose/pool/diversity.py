@@ -17,7 +17,6 @@ from ..config import ConfigError
 from ..search_spaces import get_space
 from .candidate import Candidate
 
-
 MATRICES = ("disagreement", "error_correlation", "genotype_distance")
 
 

@@ -17,7 +17,6 @@ from ..io import load_yaml, save_yaml
 from ..search_spaces import Genotype, genotype_from_dict, get_space
 from .diversity import MATRICES
 
-
 FORMAT = "nasdose-pool"
 VERSION = 1
 

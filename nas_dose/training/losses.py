@@ -1,4 +1,5 @@
-"""A DVH-aware training term: dose-volume moments per structure.
+"""Training losses: the masked voxel loss, the per-sample OpenKBP dose score that validation and
+the search use, and a DVH-aware term, dose-volume moments per structure.
 
 The voxel-wise L1 loss treats a voxel in a small organ like any other, while the OpenKBP DVH
 score compares per-structure statistics (targets' D99/D95/D1, OARs' D_0.1cc and mean). The
@@ -16,12 +17,14 @@ as in the input; the term compares prediction and reference on the same regions 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from .config import ConfigError
-from .data.dataset import CHANNELS
-from .data.patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS
+from .. import distributed
+from ..config import ConfigError
+from ..data.dataset import CHANNELS
+from ..data.patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS
 
 
 @dataclass
@@ -70,3 +73,30 @@ def dvh_moment_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
     present = (masks.flatten(2).sum(-1) >= cfg.min_voxels).float()[..., None]
     diff = (moments(pred, masks, cfg.powers) - moments(target, masks, cfg.powers)).abs()
     return (diff * present).sum() / (present.sum() * len(cfg.powers)).clamp_min(1)
+
+
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                kind: Literal["l1", "mse"] = "l1", weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean error inside the possible-dose mask: summed over the batch, divided by its mask voxels.
+    `weight` (broadcast against the error) scales voxels or samples without changing the divisor."""
+    diff = pred.float() - target
+    err = diff.abs() if kind == "l1" else diff.square()
+    if weight is not None:
+        err = err * weight
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+def dose_errors_gy(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """OpenKBP dose score of each sample (Gy): the prediction, non-negative and zeroed outside the
+    mask as `nasdose predict` writes it, against the whole target, per mask voxel."""
+    pred = pred.float().clamp_min(0) * mask
+    dims = tuple(range(1, pred.dim()))
+    return (pred - target).abs().sum(dims) / mask.sum(dims).clamp_min(1) * DOSE_SCALE_GY
+
+
+def share_weight(mask: torch.Tensor) -> torch.Tensor:
+    """The factor of a rank's loss (a mean over its share of the batch's mask voxels) that makes
+    the ranks' losses, averaged as DDP averages gradients, the mean over the whole batch's mask
+    voxels: world size × the rank's fraction of those voxels. Collective."""
+    voxels = mask.sum()
+    return voxels * distributed.world_size() / distributed.all_reduce(voxels.detach().clone()).clamp_min(1)

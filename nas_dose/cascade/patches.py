@@ -1,40 +1,24 @@
-"""Coarse-to-fine cascade: a full-resolution stage that refines an upsampled coarse dose.
-
-A network trained on a coarse grid (cheap) cannot score better than its grid's resampling floor
-on the source grid, where OpenKBP scores. The second stage (the approach of the OpenKBP winner's
-cascaded U-Nets and of nnU-Net's cascade) sees the source-grid CT and contours plus the coarse
-dose, upsampled, as an extra channel, and predicts the source-grid dose as that coarse dose plus
-a learned correction (`Refiner`). It trains on source-grid patches, drawn with extra weight on
-target edges and steep dose, and predicts whole volumes window by window (`refine`).
-
-What the second stage learns from matters: coarse predictions of the coarse model's own
-training patients are far better than on new patients (in-sample), so a refiner trained on them
-learns to trust its input. By default it learns from the reference dose block-averaged to the
-coarse grid and randomly degraded (blurred, scaled, smooth noise), so that it learns both to
-restore what resampling lost and to correct a coarse dose from the anatomy; `coarse_input:
-predictions` uses coarse predictions from a file instead (out-of-fold ones are the right kind:
-train the coarse stage with `data.folds`).
-"""
+"""The cascade's configuration and its training items: source-grid patches whose extra channel is a
+coarse dose (degraded reference, or the coarse model's predictions)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import nn
 
-from .config import ConfigError
-from .data.augment import AugmentConfig, ChannelLayout, augment
-from .data.dataset import IN_CHANNELS, INPUT_LAYOUT, build_input
-from .data.patient import DOSE_SCALE_GY, TARGETS, Patient
-from .data.resample import upsample_dose
-from .data.store import DataFile, open_data
-from .errors import NasDoseError
+from ..config import ConfigError
+from ..data.augment import AugmentConfig, ChannelLayout, augment
+from ..data.dataset import INPUT_LAYOUT, build_input
+from ..data.patient import DOSE_SCALE_GY, TARGETS, Patient
+from ..data.resample import upsample_dose
+from ..data.store import open_data
+from ..errors import NasDoseError
+from ..models.refiner import REFINER_CHANNELS
 
-REFINER_CHANNELS = IN_CHANNELS + 1  # the model input, then the upsampled coarse dose / 70 Gy
 REFINER_LAYOUT = ChannelLayout(kinds=(*INPUT_LAYOUT.kinds, "continuous"), mirror_pairs=INPUT_LAYOUT.mirror_pairs)
 ITEM_KINDS: dict[str, str | ChannelLayout] = {"input": REFINER_LAYOUT, "target": "continuous", "mask": "mask"}
 
@@ -80,34 +64,11 @@ class CascadeConfig:
             raise ConfigError(f"config key 'cascade.val_patches': must be at least 1, got {self.val_patches}")
 
 
-class Refiner(nn.Module):
-    """The full-resolution stage: input channel -1 (coarse dose / 70 Gy) plus `net`'s correction.
-
-    The last convolution of `net` starts at zero, so training starts from the coarse dose itself.
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        convs = [m for m in net.modules() if isinstance(m, (nn.Conv3d, nn.Conv2d))]
-        if not convs:
-            raise NasDoseError(f"{type(net).__name__}: a refiner needs a network ending in a convolution")
-        nn.init.zeros_(convs[-1].weight)
-        if convs[-1].bias is not None:
-            nn.init.zeros_(convs[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, -1:] + self.net(x)
-
-
 def refiner_input(patient: Patient, coarse_gy: np.ndarray) -> np.ndarray:
     """(REFINER_CHANNELS, ...) float32: the model input of a source-grid patient (or a box of
     one) and the upsampled coarse dose in Gy on the same voxels."""
     return np.concatenate([build_input(patient), (coarse_gy / np.float32(DOSE_SCALE_GY))[None]]).astype(np.float32)
 
-
-# ---------------------------------------------------------------------------------------------
-# Training items: source-grid patches.
 
 def _focus_voxels(p: Patient) -> np.ndarray:
     """Coarse voxels (flat indices) on a target's edge or where the dose is steepest, in the mask."""
@@ -212,71 +173,3 @@ class PatchDataset(torch.utils.data.Dataset):
             arrays["target"] = arrays["target"] * arrays["mask"]
         return {**{k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()},
                 "labeled": torch.tensor(1.0), "id": pid}
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference: whole source-grid volumes, window by window.
-
-def _starts(size: int, window: int, step: int) -> list[int]:
-    starts = list(range(0, max(size - window, 0) + 1, step))
-    if starts[-1] != size - window:
-        starts.append(size - window)
-    return starts
-
-
-def _window_weight(window: int) -> torch.Tensor:
-    """Gaussian importance (sigma = window / 8, as nnU-Net): a window's centre counts most,
-    so seams between windows do not show."""
-    axis = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
-    g = torch.exp(-axis.square() / (2 * (window / 8) ** 2))
-    w = g[:, None, None] * g[None, :, None] * g[None, None, :]
-    return (w / w.max()).clamp_min(1e-3)
-
-
-def refine(refiner: nn.Module, x: torch.Tensor, window: int, overlap: float = 0.5,
-           mask: torch.Tensor | None = None, batch: int = 2) -> torch.Tensor:
-    """The refiner's prediction for a whole (1, C, D, H, W) input, from overlapping windows of
-    the side it was trained on (statistics such as instance norm's then match training).
-    Windows without a voxel of `mask` keep the coarse dose (the input's last channel)."""
-    if x.shape[0] != 1:
-        raise ValueError("refine: one volume at a time")
-    size = x.shape[2:]
-    sides = [min(window, s) for s in size]
-    step = [max(1, int(round(w * (1 - overlap)))) for w in sides]
-    weight = _window_weight(window).to(x.device)[:sides[0], :sides[1], :sides[2]]
-    total = torch.zeros(size, device=x.device)
-    norm = torch.zeros(size, device=x.device)
-    boxes = [(a, b, c) for a in _starts(size[0], sides[0], step[0]) for b in _starts(size[1], sides[1], step[1])
-             for c in _starts(size[2], sides[2], step[2])]
-    boxes = [tuple(slice(s, s + w) for s, w in zip(corner, sides)) for corner in boxes]
-    if mask is not None:
-        boxes = [b for b in boxes if mask[b].any()]
-    for i in range(0, len(boxes), batch):
-        chunk = boxes[i:i + batch]
-        y = refiner(torch.cat([x[(0, slice(None), *b)][None] for b in chunk])).float()
-        for b, yi in zip(chunk, y):
-            total[b] += yi[0] * weight
-            norm[b] += weight
-    coarse = x[0, -1].float()
-    return torch.where(norm > 0, total / norm.clamp_min(1e-8), coarse)[None, None]
-
-
-def predict_source(refiner: nn.Module, patient: Patient, coarse_gy: np.ndarray, factor: int,
-                   cfg: CascadeConfig, device: torch.device) -> np.ndarray:
-    """The source-grid dose (Gy) of `patient` (read on the source grid) from its coarse dose:
-    non-negative and zero outside the possible-dose mask, like every nasdose prediction."""
-    mask = patient.possible_dose_mask
-    coarse_up = upsample_dose(coarse_gy, factor, mask)
-    x = torch.from_numpy(refiner_input(patient, coarse_up))[None].to(device)
-    with torch.inference_mode():
-        y = refine(refiner, x, cfg.patch, cfg.overlap, torch.from_numpy(mask).to(device))
-    dose = y[0, 0].cpu().numpy() * DOSE_SCALE_GY
-    return np.where(mask, np.maximum(dose, 0), 0).astype(np.float32)
-
-
-def source_grids(data: DataFile, ids: Sequence[str]) -> int:
-    """The one factor from `data`'s grid to its patients' source grid (an error when mixed)."""
-    factors = {data.source_grid(pid) // data.grid for pid in ids}
-    if len(factors) != 1:
-        raise NasDoseError(f"{data.path}: patients come from different source grids")
-    return factors.pop()

@@ -1,0 +1,212 @@
+"""Inference: what a trained model, an ensemble (ensemble.yaml) or a cascade predicts for a data
+set's patients, with flip test-time augmentation; the one loader of every kind of predictor."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cascade.patches import CascadeConfig
+from .cascade.windows import predict_source, source_grids
+from .config import from_dict
+from .data.augment import Transform
+from .data.dataset import INPUT_LAYOUT, build_input
+from .data.patient import DOSE_SCALE_GY
+from .data.store import DataFile
+from .errors import input_error
+from .io import load_yaml, save_yaml
+from .models.factory import check_trained_grid, load_model
+from .models.refiner import Refiner
+from .runtime import Runtime
+from .scores import Scores, score_on_source, score_patients
+from .search_spaces import load_genotype
+
+TTA_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+
+
+class Predictor(Protocol):
+    """Input batch (N, IN_CHANNELS, D, H, W) on the runtime's device -> dose / 70 (N, 1, D, H, W).
+
+    A model in eval mode is one; an ensemble is any callable that averages its members.
+    """
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _flip(x: torch.Tensor, flips: tuple[bool, bool]) -> torch.Tensor:
+    dims = [axis + 2 for axis, flipped in enumerate(flips) if flipped]
+    return x.flip(dims) if dims else x
+
+
+def _mirror_channels(x: torch.Tensor) -> torch.Tensor:
+    """Swap the channels of paired left/right structures (a mirrored right parotid is a left one)."""
+    order = list(range(x.shape[1]))
+    for right, left in INPUT_LAYOUT.mirror_pairs:
+        order[right], order[left] = left, right
+    return x[:, order]
+
+
+def flip_tta(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
+    """Mean of the predictions over TTA_FLIPS, each flipped back to the original orientation."""
+    total = None
+    for flips in TTA_FLIPS:
+        xi = _flip(x, flips)
+        if Transform(flips=flips).mirrors:
+            xi = _mirror_channels(xi)
+        yi = _flip(predictor(xi).float(), flips)
+        total = yi if total is None else total + yi
+    return total / len(TTA_FLIPS)
+
+
+def predict_patients(predictor: Predictor, data: DataFile, ids: list[str], runtime: Runtime,
+                     tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, dose in Gy on the data set's grid) per patient: non-negative, zero outside the mask."""
+    for pid in ids:
+        patient = data.read(pid)
+        x = runtime.to_device(torch.from_numpy(build_input(patient))[None])
+        with torch.inference_mode(), runtime.autocast():
+            y = flip_tta(predictor, x) if tta else predictor(x)
+        dose = y.float()[0, 0].cpu().numpy() * DOSE_SCALE_GY
+        yield pid, np.where(patient.possible_dose_mask, np.maximum(dose, 0), 0).astype(np.float32)
+
+
+@dataclass
+class Cascade:
+    """A coarse predictor and the refiner that takes its dose to the source grid."""
+
+    coarse: Predictor
+    refiner: torch.nn.Module
+    config: CascadeConfig
+
+    def predict(self, data: DataFile, ids: list[str], runtime: Runtime,
+                tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+        """(id, source-grid dose in Gy) per patient; `tta` averages the coarse stage's flips."""
+        factor = source_grids(data, ids)
+        for pid, coarse in predict_patients(self.coarse, data, ids, runtime, tta):
+            yield pid, predict_source(self.refiner, data.read_source(pid), coarse, factor, self.config,
+                                      runtime.device)
+
+
+FORMAT = "nasdose-ensemble"
+
+
+VERSION = 1
+
+
+class Ensemble(nn.Module):
+    """The weighted sum of the members' outputs (dose / 70), usable wherever one model is.
+
+    Each member's output is clamped at zero before weighting, as `predict` clamps a single
+    model's, so the ensemble's prediction is exactly the weighted mean of its members' own
+    predictions; with `tta` each member is averaged over predict's flips first.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], tta: bool = False,
+                 names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if len(members) != len(weights) or not members:
+            raise ValueError(f"{len(members)} members for {len(weights)} weights")
+        self.members = nn.ModuleList(members)
+        self.weights = [float(w) for w in weights]
+        self.tta = tta
+        self.names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
+
+    def combine(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for w, member in zip(self.weights, self.members):
+            y = member(x).float().clamp_min(0) * w
+            out = y if out is None else out + y
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return flip_tta(self.combine, x) if self.tta else self.combine(x)
+
+
+def save_ensemble(path: Path, names: Sequence[str], weights: Sequence[float], *, selection: str,
+                  combination: str, tta: bool) -> None:
+    """ensemble.yaml, member files relative to it, so the folder can be moved whole."""
+    save_yaml(path, {
+        "format": FORMAT, "version": VERSION, "selection": selection,
+        "combination": combination, "tta": tta,
+        "members": [{"name": n, "genotype": f"members/{n}/genotype.yaml", "checkpoint": f"members/{n}/best.pt",
+                     "weight": float(w)} for n, w in zip(names, weights)]})
+
+
+def load_ensemble(path: str | Path, grid: int | None = None) -> Ensemble:
+    """The ensemble an ensemble.yaml describes, on the CPU in eval mode.
+
+    Weights must be non-negative; they are normalized to sum to 1. Each checkpoint must hold
+    the network of the genotype file listed beside it (trained on `grid`³ volumes, if given).
+    """
+    path = Path(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise input_error(path, f"not a nasdose ensemble file (format is not '{FORMAT}')")
+    if data.get("version") != VERSION:
+        raise input_error(path, f"ensemble version {data.get('version')!r} is not supported (expected {VERSION})")
+    raw = data.get("members")
+    if not isinstance(raw, list) or not raw:
+        raise input_error(path, "'members' must be a non-empty list")
+    if not isinstance(data.get("tta", False), bool):
+        raise input_error(path, "'tta' must be true or false")
+    models, weights, names = [], [], []
+    for i, m in enumerate(raw):
+        if (not isinstance(m, dict)
+                or not all(isinstance(m.get(k), str) for k in ("name", "genotype", "checkpoint"))
+                or isinstance(m.get("weight"), bool) or not isinstance(m.get("weight"), (int, float))
+                or not m["weight"] >= 0):
+            raise input_error(path, f"member {i}: needs name, genotype, checkpoint (strings) and a weight >= 0")
+        model, meta = load_model(path.parent / m["checkpoint"])
+        check_trained_grid(path.parent / m["checkpoint"], meta, grid)
+        genotype = load_genotype(path.parent / m["genotype"])
+        if meta["model_config"].get("genotype") != genotype.to_dict():
+            raise input_error(path, f"member {m['name']}: {m['checkpoint']} does not hold the network "
+                                    f"of {m['genotype']}")
+        models.append(model)
+        weights.append(float(m["weight"]))
+        names.append(m["name"])
+    total = sum(weights)
+    if not total > 0:
+        raise input_error(path, "the member weights sum to zero")
+    return Ensemble(models, [w / total for w in weights], bool(data.get("tta", False)), names).eval()
+
+
+def load_model_or_ensemble(path: str | Path, grid: int | None = None) -> nn.Module:
+    """A single trained model (run folder or checkpoint) or an ensemble (its .yaml file), on
+    the CPU in eval mode: what `nasdose predict --model` accepts. With `grid`, every network
+    must have been trained on that grid."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        return load_ensemble(path, grid)
+    model, meta = load_model(path)
+    check_trained_grid(path, meta, grid)
+    return model
+
+
+def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:
+    """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
+    with `grid`, refused unless trained on that grid. A cascade's full-resolution run comes with
+    its coarse stage (the run's `cascade.coarse`)."""
+    model = load_model_or_ensemble(path, grid)
+    if not isinstance(model, Refiner):
+        return runtime.prepare(model).eval()
+    cfg = from_dict(CascadeConfig, load_model(path)[1]["config"].get("cascade"))
+    if cfg.coarse is None or Path(cfg.coarse).resolve() == Path(path).resolve():
+        raise input_error(path, "a refiner whose config names no coarse stage (cascade.coarse)")
+    coarse = load_predictor(Path(cfg.coarse), runtime, grid)
+    if isinstance(coarse, Cascade):
+        raise input_error(path, f"its coarse stage {cfg.coarse} is itself a cascade")
+    return Cascade(coarse, runtime.prepare(model).eval(), cfg)
+
+
+def official_scores(predictor: Predictor | Cascade, data: DataFile, ids: list[str], runtime: Runtime,
+                    tta: bool = False) -> Scores:
+    """The OpenKBP scores of a model's or a cascade's doses, on the source grid."""
+    if isinstance(predictor, Cascade):
+        return score_patients((data.read_source(pid), dose) for pid, dose in predictor.predict(data, ids, runtime, tta))
+    return score_on_source(data, predict_patients(predictor, data, ids, runtime, tta))

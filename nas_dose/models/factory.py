@@ -1,0 +1,104 @@
+"""Model construction in one place: a registered model by name, a searched genotype, or the
+full-resolution stage of a cascade around either, from a config or from the plain-data spec that
+a checkpoint stores (so a trained model rebuilds without the files it was made from)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import ConfigError
+from ..data.dataset import IN_CHANNELS
+from ..errors import NasDoseError, input_error
+from ..io import load_checkpoint
+from ..search_spaces import build_model as build_genotype
+from ..search_spaces import genotype_from_dict, load_genotype
+from ..search_spaces.measure import meta_copy, meta_forward
+from .refiner import REFINER_CHANNELS, Refiner
+from .registry import create_model
+
+CHECKPOINT_FORMAT = "nasdose-checkpoint"
+
+
+@dataclass
+class ModelConfig:
+    """A registered model (`name` with `kwargs`) or, when `genotype` is a file, a searched network."""
+
+    name: str = "unet3d"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    genotype: str | None = None
+
+    def validate(self) -> None:
+        if self.genotype is not None and self.kwargs:
+            raise ConfigError("config key 'model.kwargs': a genotype model takes no kwargs")
+
+
+def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
+    """{name, kwargs, genotype, refiner}: the genotype inline as plain data, not as a path;
+    `refiner`: the network is the full-resolution stage of a cascade (`nas_dose.cascade`), its
+    input one channel wider (the coarse dose) and its output added to that channel."""
+    kwargs, genotype = dict(cfg.kwargs), None
+    if cfg.genotype is not None:
+        genotype = load_genotype(Path(cfg.genotype)).to_dict()
+        if refiner:
+            genotype["macro"] = {**genotype["macro"], "in_channels": REFINER_CHANNELS}
+    elif refiner:
+        kwargs["in_channels"] = REFINER_CHANNELS
+    return {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    if spec.get("genotype") is not None:
+        net = build_genotype(genotype_from_dict(spec["genotype"]))
+    else:
+        net = create_model(spec["name"], **spec.get("kwargs", {}))
+    return Refiner(net) if spec.get("refiner") else net
+
+
+def build_model(cfg: ModelConfig, refiner: bool = False) -> nn.Module:
+    """The network a ModelConfig describes, freshly initialized (seed first for repeatability)."""
+    return model_from_spec(model_spec(cfg, refiner))
+
+
+def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model (CPU, eval mode) from a run folder (its best.pt) or a checkpoint file.
+
+    Returns the model and the checkpoint's metadata (config, epoch, score; no tensors).
+    """
+    path = Path(path)
+    file = path / "best.pt" if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise input_error(path, "not a training run folder (no best.pt)")
+    ckpt = load_checkpoint(file)
+    spec, weights = ckpt.get("model_config"), ckpt.get("model")
+    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(spec, dict) or not isinstance(weights, dict):
+        raise input_error(file, "not a nasdose model checkpoint")
+    try:
+        model = model_from_spec(spec)
+    except NasDoseError as e:
+        raise input_error(file, f"cannot rebuild its model ({e})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise input_error(file, f"weights do not fit the model they name ({first})") from None
+    meta = {k: v for k, v in ckpt.items()
+            if k in ("model_config", "config", "epoch", "step", "val_dose_score", "grid")}
+    return model.eval(), meta
+
+
+def check_trained_grid(file: Path, meta: dict[str, Any], grid: int | None) -> None:
+    """A model predicts the grid it was trained on: a network trained at 16³ runs on 32³ data
+    without a word, and predicts nonsense (checkpoints older than the grid record pass)."""
+    trained = meta.get("grid")
+    if grid is not None and trained is not None and trained != grid:
+        raise input_error(file, f"the model was trained on the {trained}^3 grid, but the data is on the {grid}^3 "
+                                f"grid (import the data with --grid {trained}, or train on this grid)")
+
+
+def check_input_size(model: nn.Module, grid: int, channels: int = IN_CHANNELS) -> None:
+    """Fail before anything is written when the network cannot take `grid`³ volumes (a U-Net
+    too deep for the grid), not at the first step: one forward on the meta device."""
+    meta_forward(meta_copy(model), (1, channels, grid, grid, grid))

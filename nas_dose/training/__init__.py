@@ -1,0 +1,9 @@
+"""Training one network: its configuration, losses, optimizer and schedule, the pluggable
+objective, and the engine (exact resume, data-parallel under torchrun)."""
+from .config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
+from .engine import TrainResult, train_model, validate
+from .losses import DVHLossConfig, dose_errors_gy, masked_loss
+from .objective import Objective
+
+__all__ = ["DataConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "train_model", "validate",
+           "DVHLossConfig", "dose_errors_gy", "masked_loss", "Objective"]

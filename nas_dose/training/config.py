@@ -1,0 +1,109 @@
+"""The training configuration: what a run depends on, saved as its config.yaml."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..cascade.patches import CascadeConfig
+from ..config import ConfigError
+from ..data.augment import AugmentConfig
+from ..models.factory import ModelConfig
+from ..runtime import RuntimeConfig
+from .losses import DVHLossConfig
+
+
+@dataclass
+class DataConfig:
+    train_split: str = "train"
+    val_split: str = "validation"
+    batch_size: int = 2
+    # Loader worker processes; None picks by device (Runtime.loader_workers): 0 on a CPU, where
+    # loading in the training process measured faster, min(4, cores // 2) with CUDA.
+    num_workers: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Cross-validation folds of the training split: with folds > 1 the run trains on all of it
+    # but fold `fold` (every folds-th patient, from the fold-th, in the data set's order), whose
+    # predictions are then out-of-fold (what a cascade's second stage should learn from).
+    folds: int = 1
+    fold: int = 0
+
+    def held_out(self, ids: list[str]) -> list[str]:
+        """The training patients of `ids` this run leaves out (none without folds)."""
+        return ids[self.fold::self.folds] if self.folds > 1 else []
+
+    def validate(self) -> None:
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.folds", self.folds, 1)
+        if not 0 <= self.fold < self.folds:
+            raise ConfigError(f"config key 'data.fold': must be in [0, {self.folds - 1}], got {self.fold}")
+        if self.num_workers is not None:
+            _at_least("data.num_workers", self.num_workers, 0)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    momentum: float = 0.9
+    grad_clip: float | None = None
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"config key 'optim.lr': must be positive, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"config key 'optim.betas': expected 2 numbers, got {len(self.betas)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"config key 'optim.grad_clip': must be positive, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate factor per optimizer step: linear warmup, then constant, cosine or step decay."""
+
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    step_epochs: int = 30
+    gamma: float = 0.5
+
+    def validate(self) -> None:
+        _at_least("schedule.warmup_steps", self.warmup_steps, 0)
+        _at_least("schedule.step_epochs", self.step_epochs, 1)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"config key 'schedule.min_lr_ratio': must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as the run's config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    epochs: int = 40
+    steps_per_epoch: int | None = None
+    val_every: int = 1
+    patience: int | None = None
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    loss: Literal["l1", "mse"] = "l1"
+    dvh_loss: DVHLossConfig = field(default_factory=DVHLossConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+
+    def validate(self) -> None:
+        for key in ("epochs", "val_every", "checkpoint_every", "log_every"):
+            _at_least(key, getattr(self, key), 1)
+        if self.steps_per_epoch is not None:
+            _at_least("steps_per_epoch", self.steps_per_epoch, 1)
+        if self.patience is not None:
+            _at_least("patience", self.patience, 1)
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"config key '{key}': must be at least {low}, got {value}")
