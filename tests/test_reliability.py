@@ -448,6 +448,10 @@ def log_records(text: str) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in text.splitlines()]
 
 
+def interrupted(*args) -> None:
+    raise KeyboardInterrupt
+
+
 def test_a_re_run_search_logs_its_selection_and_pool_once(tmp_path, nasdose, data):
     """A finished search re-run derives its selection and pool again from its state: the log
     keeps them once, and a pool event a kill cut short is written again, whole."""
@@ -462,3 +466,23 @@ def test_a_re_run_search_logs_its_selection_and_pool_once(tmp_path, nasdose, dat
     assert nasdose("search", "-q", "--data", data, "--out", out, "--resume", *search)[0] == 0
     assert log_records(log.read_text()) == log_records(whole)
 
+
+def test_a_resumed_distillation_reports_the_teacher_made_as_its_twin_does(tmp_path, nasdose, data, ensemble,
+                                                                          monkeypatch):
+    """`teacher_recomputed` says whether the run made its teacher cache, at whichever start: a
+    run stopped after making it reports it made, as its uninterrupted twin; a run given that
+    cache reports it reused."""
+    from nas_dose.distill import cli as distill_cli
+
+    distill = ["distill", "-q", ensemble, "--student", "unet3d:widths=2,4", "--data", data, "--no-baseline",
+               "train.epochs=1", "train.steps_per_epoch=1", "latency.size=16", "latency.runs=1", *RUNTIME]
+    assert nasdose(*distill, "--out", tmp_path / "twin")[0] == 0
+    with monkeypatch.context() as patch:  # stopped once the teacher's cache is made
+        patch.setattr(distill_cli, "run_side_by_side", interrupted)
+        assert nasdose(*distill, "--out", tmp_path / "cut")[0] == 130
+    assert (tmp_path / "cut" / "teacher.h5").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    assert nasdose(*distill, "--out", tmp_path / "cut", "--resume")[0] == 0
+    assert nasdose(*distill, "--out", tmp_path / "reuse", "--teacher-cache", tmp_path / "twin" / "teacher.h5")[0] == 0
+    made = {run: json.loads((tmp_path / run / "metrics.json").read_text())["teacher_recomputed"]
+            for run in ("twin", "cut", "reuse")}
+    assert made == {"twin": True, "cut": True, "reuse": False}
