@@ -34,7 +34,9 @@ DIR receives:
                     teacher (--no-baseline skips it)
   comparison.md     student, ensemble, best single member and baseline on validation dose and DVH
                     scores, parameters, FLOPs, latency, checkpoint size (also printed)
-  metrics.json      the same numbers, the training records and the settings
+  metrics.json      the same numbers, the training records and the settings; teacher_recomputed:
+                    whether the run (at any of its starts) computed the teacher's predictions,
+                    false when it reused a cache made before it (--teacher-cache)
   student.pt2       with --export: the student as a torch.export program (batch 1, data grid)
   config.yaml       the resolved config
 
@@ -68,7 +70,7 @@ from ..training import Objective, TrainConfig, train_model
 from .losses import AdversarialConfig, Combine, DistillObjective, HintConfig, check_non_negative
 from .report import Row, comparison_table, cost, score_predictor
 from .student import resolve_student
-from .teacher import ensure_cache, member_checkpoints, teacher_files, teacher_key
+from .teacher import cache_is_current, ensure_cache, member_checkpoints, teacher_files, teacher_key
 
 
 @dataclass
@@ -154,13 +156,20 @@ def student_epochs(cfg: DistillConfig, labeled: int, unlabeled: int) -> int:
     return max(1, round(cfg.train.epochs * labeled / (labeled + unlabeled)))
 
 
-def _check_teacher(out: Path, teacher: Path, data: Path, key: str) -> None:
-    """Record which teacher and data the student learns from; a resumed student must keep them."""
+def _check_teacher(out: Path, teacher: Path, data: Path, key: str, cache: Path, ids: list[str], grid: int) -> bool:
+    """Record which teacher and data the student learns from (a resumed student must keep them)
+    and whether the run computes the teacher's predictions, at this start or an earlier one;
+    returns the latter. Recorded before the teacher runs: a run stopped once its cache is made
+    reports it computed on resume, as the uninterrupted run does."""
     record = out / "teacher.json"
-    if record.exists() and (out / "student").exists() and load_json(record).get("key") != key:
+    old = load_json(record) if record.exists() else {}
+    if record.exists() and (out / "student").exists() and old.get("key") != key:
         raise input_error(record, "the student was distilled from another teacher or data set; "
                                   "resume with those or choose another --out")
-    save_json(record, {"teacher": str(teacher), "data": str(data), "key": key})
+    computed_before = old.get("key") == key and old.get("recomputed", False)
+    recomputed = computed_before or not cache_is_current(cache, key, ids, grid)
+    save_json(record, {"teacher": str(teacher), "data": str(data), "key": key, "recomputed": recomputed})
+    return recomputed
 
 
 def _hint_member(teacher: nn.Module, hint: HintConfig) -> nn.Module:
@@ -270,10 +279,10 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     save_config(out / "config.yaml", cfg)
     runtime = Runtime(cfg.runtime)
     key = teacher_key(teacher, data)
-    distributed.on_main(_check_teacher, out, teacher, data, key)
     cache = Path(teacher_cache) if teacher_cache is not None else out / "teacher.h5"
-    ran_teacher = ensure_cache(cache, key, data, train_ids + unlabeled_ids + val_ids,
-                               lambda: runtime.prepare(predictor).eval(), runtime)
+    ids = train_ids + unlabeled_ids + val_ids
+    recomputed = distributed.on_main(_check_teacher, out, teacher, data, key, cache, ids, grid)
+    ensure_cache(cache, key, data, ids, lambda: runtime.prepare(predictor).eval(), runtime)
     train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
     student_cfg = replace(train_cfg, epochs=student_epochs(cfg, len(train_ids), len(unlabeled_ids)))
     objective = DistillObjective(cache, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint, cfg.adversarial,
@@ -294,7 +303,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     records = run_side_by_side(_train, jobs, workers)
     student_record, baseline_record = records[0], (records[1] if cfg.baseline else None)
     context = {"teacher": str(teacher), "data": str(data), "student": cfg.student, "teacher_key": key,
-               "teacher_cache": str(cache), "teacher_recomputed": ran_teacher,
+               "teacher_cache": str(cache), "teacher_recomputed": recomputed,
                "training_patients": {"labeled": len(train_ids), "unlabeled": len(unlabeled_ids)},
                "epochs": {"student": student_cfg.epochs, "baseline": train_cfg.epochs},
                "student_training": student_record, "baseline_training": baseline_record}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from ..pool.diversity import DiversityConfig
 from ..runtime import Runtime
 from ..search_spaces import SearchSpace
 from ..training import dose_errors_gy
+
+# Fields of a log record that a re-run derives differently: when it was logged, how long scoring took.
+WALL_CLOCK = ("time", "seconds")
 
 
 @dataclass
@@ -50,6 +54,8 @@ class SearchContext:
     deadline: float | None = None  # time.monotonic() after which should_stop() is true
     _all: DoseDataset | None = field(default=None, init=False, repr=False)
     _index: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _logged: set[str] = field(default_factory=set, init=False, repr=False)  # see _logged_records
+    _log_size: int = field(default=-1, init=False, repr=False)  # the log's size when _logged was read
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -96,13 +102,36 @@ class SearchContext:
         return self.state_dir / name
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line (with a wall-clock time and the context's log fields)."""
+        """Append one JSON line (with a wall-clock time and the context's log fields) unless the log
+        holds the record already, wall-clock fields aside. Records are logged before the state
+        they describe is checkpointed, so a resumed search derives again those a kill cut off
+        from their checkpoint (and a finished search its selection and pool): written once, its
+        log is an uninterrupted search's, nothing lost and nothing repeated."""
         if self.log_path is None or not distributed.writes_here():
             return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"time": round(time.time(), 3), **self.log_fields, **record}, default=_plain)
-        with open(self.log_path, "a") as f:
-            f.write(line + "\n")
+        identity = _identity(line)
+        if identity in self._logged_records(self.log_path):
+            return
+        with open(self.log_path, "ab") as f:
+            f.write(line.encode() + b"\n")
+            self._log_size = f.tell()
+        self._logged.add(identity)
+
+    def _logged_records(self, path: Path) -> set[str]:
+        """The identities of the log's records, read again whenever the log changed since (another
+        context of the search or an earlier run wrote it). A last line a kill cut short is
+        dropped: its record is derived and written again."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = path.stat().st_size if path.exists() else 0
+        if size != self._log_size:
+            text = path.read_bytes() if size else b""
+            whole = text.rfind(b"\n") + 1
+            if whole < size:
+                os.truncate(path, whole)
+            self._logged = {_identity(line) for line in text[:whole].decode().splitlines()}
+            self._log_size = whole
+        return self._logged
 
     def should_stop(self) -> bool:
         """True once the search's time budget is spent (by the main rank's clock: every rank of
@@ -193,6 +222,11 @@ def get_strategy(name: str) -> type[Strategy]:
 def list_strategies() -> list[str]:
     """Names of the built-in and registered strategies, sorted."""
     return sorted(set(_REGISTRY) | set(_BUILTIN))
+
+
+def _identity(line: str) -> str:
+    """A log line as a re-derived record is compared with it: without its wall-clock fields."""
+    return json.dumps({k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}, sort_keys=True)
 
 
 def _plain(value: Any) -> Any:

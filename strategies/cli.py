@@ -10,7 +10,9 @@ accuracy + lam × diversity; "none" takes the K best.
 
 DIR receives config.yaml, search_log.jsonl, pool.yaml (read by `nasdose ensemble`),
 genotypes/<member>.yaml and plots/ (arch_weights.png, fitness.png, diversity.png). State is
-checkpointed under DIR/state; `--resume` continues an interrupted search to the same result.
+checkpointed under DIR/state; `--resume` continues an interrupted search to the same result and
+log (a differentiable search adds a `resume` record): what a re-run derives again, such as a
+finished search's selection and pool, is logged once.
 """
 from __future__ import annotations
 

@@ -205,13 +205,13 @@ class DifferentiableSearch(Strategy):
             supernet.tau = tau_at(cfg, epoch)
             record = self._epoch(ctx, supernet, net, (w_opt, a_opt), scalers, refs, epoch)
             self.history.append(supernet.arch_weights())
+            ctx.log({**record, "arch_weights": self.history[-1], **self._track(ctx, supernet, net)})
             if state_path is not None:
                 save_checkpoint(state_path, {
                     "fingerprint": self._fingerprint(ctx), "epoch": epoch + 1, "supernet": supernet.state_dict(),
                     "weight_optim": w_opt.state_dict(), "arch_optim": a_opt.state_dict(),
                     "scalers": {k: s.state_dict() for k, s in scalers.items()}, "rng": rng_state(),
                     "history": self.history})
-            ctx.log({**record, "arch_weights": self.history[-1], **self._track(ctx, supernet, net)})
         candidates = self._score(ctx, supernet, net)
         if result_path is not None:
             save_checkpoint(result_path, {

@@ -162,9 +162,9 @@ class CandidateEvaluator:
         if cand is None:
             cand = self._score(g)
             self.scored += 1
-            self._save(cand)
             self.ctx.log({"event": "scored", "mode": self.cfg.mode, "genotype": g.to_dict(),
                           "score": cand.score, **cand.metrics})
+            self._save(cand)
         self._cache[key] = cand
         return cand
 

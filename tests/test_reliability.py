@@ -3,6 +3,7 @@ nasdose process per output, temporaries of killed runs removed, physically inval
 refused, nothing half-made left by a refused run, and the smaller command-line errors.
 
 Every refusal must be one line on stderr naming the file, exit status 1, and no new output."""
+import json
 import os
 import shutil
 import signal
@@ -437,3 +438,51 @@ def test_an_interrupted_supernet_training_resumes_to_the_uninterrupted_weights(t
     resumed, whole = (torch.load(folder / twin.name, weights_only=True)["model"],
                       torch.load(twin, weights_only=True)["model"])
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. A re-run ends with the artifacts of one uninterrupted run (benchmarks/chaos.py).
+
+def log_records(text: str) -> list[dict]:
+    """The records of a JSON-lines log without their wall-clock time."""
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in text.splitlines()]
+
+
+def interrupted(*args) -> None:
+    raise KeyboardInterrupt
+
+
+def test_a_re_run_search_logs_its_selection_and_pool_once(tmp_path, nasdose, data):
+    """A finished search re-run derives its selection and pool again from its state: the log
+    keeps them once, and a pool event a kill cut short is written again, whole."""
+    out, search = tmp_path / "s", [*SEARCH, "pool_size=2", "options.budget=2"]
+    assert nasdose("search", "-q", "--data", data, "--out", out, *search)[0] == 0
+    log = out / "search_log.jsonl"
+    whole = log.read_text()
+    assert [r["event"] for r in log_records(whole)][-2:] == ["selection", "pool"]
+    assert nasdose("search", "-q", "--data", data, "--out", out, "--resume", *search)[0] == 0
+    assert log.read_text() == whole
+    log.write_text(whole[:whole.rindex('"members"')])  # killed while it wrote the pool event
+    assert nasdose("search", "-q", "--data", data, "--out", out, "--resume", *search)[0] == 0
+    assert log_records(log.read_text()) == log_records(whole)
+
+
+def test_a_resumed_distillation_reports_the_teacher_made_as_its_twin_does(tmp_path, nasdose, data, ensemble,
+                                                                          monkeypatch):
+    """`teacher_recomputed` says whether the run made its teacher cache, at whichever start: a
+    run stopped after making it reports it made, as its uninterrupted twin; a run given that
+    cache reports it reused."""
+    from nas_dose.distill import cli as distill_cli
+
+    distill = ["distill", "-q", ensemble, "--student", "unet3d:widths=2,4", "--data", data, "--no-baseline",
+               "train.epochs=1", "train.steps_per_epoch=1", "latency.size=16", "latency.runs=1", *RUNTIME]
+    assert nasdose(*distill, "--out", tmp_path / "twin")[0] == 0
+    with monkeypatch.context() as patch:  # stopped once the teacher's cache is made
+        patch.setattr(distill_cli, "run_side_by_side", interrupted)
+        assert nasdose(*distill, "--out", tmp_path / "cut")[0] == 130
+    assert (tmp_path / "cut" / "teacher.h5").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    assert nasdose(*distill, "--out", tmp_path / "cut", "--resume")[0] == 0
+    assert nasdose(*distill, "--out", tmp_path / "reuse", "--teacher-cache", tmp_path / "twin" / "teacher.h5")[0] == 0
+    made = {run: json.loads((tmp_path / run / "metrics.json").read_text())["teacher_recomputed"]
+            for run in ("twin", "cut", "reuse")}
+    assert made == {"twin": True, "cut": True, "reuse": False}

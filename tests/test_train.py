@@ -14,8 +14,8 @@ from nas_dose.io import load_checkpoint, load_yaml
 from nas_dose.models.factory import build_model, load_model
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.scores import dose_error
-from nas_dose.training.engine import _Trainer
 from nas_dose.training import TrainConfig, dose_errors_gy, masked_loss, train_model, validate
+from nas_dose.training.engine import _Trainer
 from nas_dose.training.optimization import lr_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
