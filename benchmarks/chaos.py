@@ -39,7 +39,7 @@ import yaml
 
 TRAIN = ["model.kwargs.widths=[4, 8]", "epochs=4", "data.batch_size=1", "data.augment.enabled=false",
          "checkpoint_every=1", "runtime.device=cpu", "runtime.threads=1", "--quiet"]
-# a tiny regularized evolution (pipeline.search_overrides --quick) whose supernet takes 250 steps,
+# a tiny regularized evolution (configs/pipeline_quick.yaml's search) whose supernet takes 250 steps,
 # so that it is checkpointed (every 100 steps, to supernet-<key>.partial.pt) and killed in between
 SEARCH = ["space=lenas", "strategy=evolution", "pool_size=2", "diversity.mode=pool", "diversity.lam=0.5", "seed=0",
           "macro={stem: 2, widths: [4, 8]}", "options={budget: 4, population: 3, sample: 2, members: 2, "

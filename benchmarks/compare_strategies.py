@@ -38,7 +38,7 @@ from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
 from nas_dose.search_spaces import Genotype, get_space
 from nas_dose.strategies import SearchContext, get_strategy
-from nas_dose.strategies.cli import SplitConfig, split_patients
+from nas_dose.strategies.search import SplitConfig, split_patients
 from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
 
 STRATEGIES = ("differentiable", "evolution", "random", "nni-tpe", "nni-evolution")

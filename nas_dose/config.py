@@ -186,7 +186,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a YAML mapping")
-        data = _deep_merge(data, loaded)
+        data = deep_merge(data, loaded)
     try:
         return from_dict(cls, apply_overrides(data, overrides or []))
     except ConfigError as e:
@@ -204,19 +204,19 @@ def _error_of(cls: type, data: dict[str, Any]) -> str | None:
     return None
 
 
-def layered(cls: type[C], overrides: list[str], recipe: dict[str, Any], where: str) -> C:
-    """A config from `key=value` defaults with a recipe's mapping on top (a pipeline recipe's
-    section `where`, named in errors)."""
+def layered(cls: type[C], base: dict[str, Any], recipe: dict[str, Any], where: str) -> C:
+    """A config from `base` with a recipe's mapping on top (a pipeline recipe's section `where`,
+    named in errors)."""
     try:
-        return from_dict(cls, _deep_merge(apply_overrides({}, overrides), recipe))
+        return from_dict(cls, deep_merge(base, recipe))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
     return out
 
 

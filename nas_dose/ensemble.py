@@ -26,7 +26,6 @@ from its last checkpoint, and changed selection settings are applied without ret
 """
 from __future__ import annotations
 
-import argparse
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import distributed
-from .config import ConfigError, add_config_arguments, check_run_folder, load_config, save_config
+from .config import ConfigError, check_run_folder, save_config
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
@@ -320,10 +319,23 @@ def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: Val
 # ---------------------------------------------------------------------------------------------
 # The run.
 
-def run_ensemble(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig,
-                 resume: bool = False) -> dict[str, Any]:
-    """The whole command: train (or reuse) every member, cache, select, weight, report."""
-    pool_path, data, out = Path(pool_path), Path(data), Path(out)
+Config = EnsembleConfig
+
+
+@dataclass(frozen=True)
+class Inputs:
+    pool: Path  # a pool file (nasdose search)
+    data: Path  # a nasdose data set
+
+
+def run(config: EnsembleConfig, inputs: Inputs, out: Path, resume: bool = False) -> dict[str, Any]:
+    """Train (or reuse) every member, cache, select, weight, report into `out`; returns the metrics."""
+    with output_folder(out):
+        return _run(inputs.pool, inputs.data, Path(out), config, resume)
+
+
+def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bool) -> dict[str, Any]:
+    pool_path, data = Path(pool_path), Path(data)
     pool, members = _members(pool_path, out)
     split = cfg.train.data.val_split
     with open_data(data) as d:
@@ -382,18 +394,3 @@ def _train_side_by_side(cfg: EnsembleConfig, pool_path: Path, space: str, member
         say(f"member {i + 1}/{len(members)}: {m.name} trained in {record['seconds'] / 60:.1f} min")
 
     run_side_by_side(_train_member, [(share, m, i, space, data) for i, m in todo], workers, done=done)
-
-
-def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    parser.add_argument("pool", type=Path, metavar="POOL.yaml", help="pool file written by nasdose search")
-    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in DIR: finished members are reused, a half-trained one resumes")
-    add_config_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> None:
-    cfg = load_config(EnsembleConfig, args.config, args.overrides)
-    with output_folder(args.out):
-        run_ensemble(args.pool, args.data, args.out, cfg, resume=args.resume)

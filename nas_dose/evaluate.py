@@ -7,7 +7,6 @@ plot under OUT/plots/.
 """
 from __future__ import annotations
 
-import argparse
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
-from .config import int_at_least
+from .config import ConfigError
 from .data.openkbp import OPENKBP_SHAPE, discover, natural_key, read_patient, read_submission_csv
 from .data.patient import Patient
 from .data.store import SPLITS, DataFile, open_data
@@ -148,20 +147,29 @@ def evaluate_predictions(pred: Path, ref: Path, out: Path | None, split: str | N
     return scores
 
 
-def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred", type=Path, required=True, metavar="PRED",
-                        help="folder of submission CSVs (pt_N.csv) or a predictions HDF5")
-    parser.add_argument("--ref", type=Path, required=True, metavar="DATA",
-                        help="OpenKBP folder (CSV or npz layout) or a data set HDF5")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="output folder for metrics.json and plots/")
-    parser.add_argument("--split", choices=SPLITS,
-                        help="score exactly the reference patients of this split "
-                             "(default: every predicted patient)")
-    parser.add_argument("--plots", type=int_at_least(0), default=3, metavar="N",
-                        help="plot the first N patients (default %(default)s)")
+@dataclass
+class Config:
+    """`split`: score exactly the reference patients of this split (None: every predicted one);
+    `plots`: DVH and dose-slice plots of the first `plots` patients."""
+
+    split: str | None = None
+    plots: int = 3
+
+    def validate(self) -> None:
+        if self.split is not None and self.split not in SPLITS:
+            raise ConfigError(f"config key 'split': one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.plots < 0:
+            raise ConfigError(f"config key 'plots': must not be negative, got {self.plots}")
 
 
-def main(args: argparse.Namespace) -> None:
-    with output_folder(args.out):
-        evaluate_predictions(args.pred, args.ref, args.out, args.split, args.plots)
+@dataclass(frozen=True)
+class Inputs:
+    pred: Path  # a folder of submission CSVs or a predictions HDF5
+    ref: Path  # an OpenKBP tree or a nasdose data set
+
+
+def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> Scores:
+    """Score into `out` (metrics.json, plots/). Nothing to resume: scoring is redone whole."""
+    with output_folder(out):
+        return evaluate_predictions(inputs.pred, inputs.ref, Path(out), config.split, config.plots)
+

@@ -16,7 +16,6 @@ training never shows the model an upside-down patient.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import add_config_arguments, load_config
+from .config import ConfigError, load_config
 from .data.openkbp import write_submission_csv
 from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
@@ -89,33 +88,38 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
     return ids
 
 
-def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, metavar="MODEL",
-                        help="training run folder (its best.pt), a checkpoint file or an ensemble .yaml")
-    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--split", choices=SPLITS, help="predict this split only (default: every patient)")
-    parser.add_argument("--tta", action="store_true",
-                        help="average over flips along axes 0 and 1 (test-time augmentation)")
-    parser.add_argument("--no-csv", dest="csv", action="store_false",
-                        help="skip the OpenKBP submission CSVs")
-    add_config_arguments(parser)
-
-
 @dataclass
-class PredictConfig:
-    """How the networks run (the same `runtime` section as every other command's config)."""
+class Config:
+    """What to predict and how the networks run (the same `runtime` section as every other
+    command's config); `split`: None predicts every patient; `tta`: flip test-time augmentation."""
 
+    split: str | None = None
+    tta: bool = False
+    csv: bool = True
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def validate(self) -> None:
+        if self.split is not None and self.split not in SPLITS:
+            raise ConfigError(f"config key 'split': one of {', '.join(SPLITS)}, got {self.split!r}")
 
-def main(args: argparse.Namespace) -> None:
-    runtime = Runtime(load_config(PredictConfig, args.config, args.overrides).runtime)
-    with output_folder(args.out), open_data(args.data) as data:
+
+@dataclass(frozen=True)
+class Inputs:
+    model: Path  # a training run folder (its best.pt), a checkpoint or an ensemble .yaml
+    data: Path  # a nasdose data set
+
+
+def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> list[str]:
+    """Predict into `out`; returns the patients predicted. Nothing to resume: a prediction is
+    made again whole (written atomically)."""
+    runtime = Runtime(config.runtime)
+    with output_folder(out), open_data(inputs.data) as data:
         if data.kind != "dataset":
-            raise input_error(args.data, "is a prediction file, not a data set")
-        predictor = load_predictor(args.model, runtime, data.grid)
-        ids = write_outputs(predictor, data, args.split, runtime, args.out, model=str(args.model),
-                            tta=args.tta, csv=args.csv)
-    say(f"predicted {len(ids)} patients: {args.out / 'predictions.h5'}"
-        + (f", {args.out / 'submission'}/" if args.csv else ""))
+            raise input_error(inputs.data, "is a prediction file, not a data set")
+        predictor = load_predictor(inputs.model, runtime, data.grid)
+        ids = write_outputs(predictor, data, config.split, runtime, Path(out), model=str(inputs.model),
+                            tta=config.tta, csv=config.csv)
+    say(f"predicted {len(ids)} patients: {Path(out) / 'predictions.h5'}"
+        + (f", {Path(out) / 'submission'}/" if config.csv else ""))
+    return ids
+

@@ -13,13 +13,11 @@ rank steps on its share, validation is shared out and summed, and rank 0 writes 
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
 from .cascade.objective import CascadeObjective
-from .config import add_config_arguments, load_config
 from .data.store import open_data
 from .inference import load_predictor, official_scores
 from .io import load_json, output_folder, save_json
@@ -71,15 +69,3 @@ def _report_official(run: Path, data: Path, config: TrainConfig) -> None:
         "grid": d.source_grid(ids[0])}})
     say(f"official validation scores (OpenKBP, {d.source_grid(ids[0])}³ source grid, {len(ids)} patients): "
         f"dose {scores.dose_score:.3f} Gy, DVH {scores.dvh_score:.3f} Gy")
-
-
-def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
-    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in RUN from its last checkpoint")
-    add_config_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> None:
-    run(load_config(TrainConfig, args.config, args.overrides), Inputs(args.data), args.out, args.resume)

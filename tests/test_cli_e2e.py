@@ -13,7 +13,8 @@ from nas_dose.config import load_config
 from nas_dose.data.store import open_data
 from nas_dose.io import load_yaml
 from nas_dose.models.factory import build_model, check_input_size
-from nas_dose.pipeline import Context, Recipe, stages_for, train_overrides
+from nas_dose.pipeline import Context, members_base, side_by_side, stages_for, train_base
+from nas_dose.recipe import load_recipe
 from nas_dose.scores import dose_error
 from nas_dose.training import TrainConfig
 
@@ -124,30 +125,30 @@ def test_quick_pipeline_runs_and_resumes(tmp_path, capsys):
     assert json.loads((out / "distill" / "metrics.json").read_text())["training_patients"]["unlabeled"] == 2
     assert main(["pipeline", "--out", str(out), "--quick", "--unlabeled", "2"]) == 0
     again = capsys.readouterr().out
-    assert again.count("done already, skipped") == len(stages_for(Recipe()))
-    assert again.split("scores on")[1] == first.split("scores on")[1]
+    assert again.count("done already, skipped") == len(stages_for(load_recipe()))
+    assert again.split("scores on the validation")[1] == first.split("scores on the validation")[1]
     code = main(["pipeline", "--out", str(out), "--quick", "--unlabeled", "2", "--seed", "1"])
     assert code == 1 and "config.yaml" in capsys.readouterr().err
 
 
 def test_pipeline_epochs_set_every_training_budget(tmp_path, monkeypatch):
     """--epochs E: the members, the student and its baseline E epochs, the reference U-Net E/2."""
-    ctx = Context(out=tmp_path, patients=24, grid=32, seed=0, quick=False, epochs=200)
-    assert "epochs=100" in train_overrides(ctx)
+    ctx = Context(tmp_path, load_recipe(), grid=32, epochs=200)
+    assert train_base(ctx)["epochs"] == 100
     seen = {}
-    monkeypatch.setattr(pipeline, "run_ensemble", lambda pool, data, out, cfg, resume: seen.update(ensemble=cfg))
-    monkeypatch.setattr(pipeline, "run_distill", lambda teacher, data, out, cfg, resume: seen.update(distill=cfg))
-    for stage in stages_for(Recipe()):
+    monkeypatch.setattr(pipeline.ensemble, "run", lambda cfg, inputs, out, resume: seen.update(ensemble=cfg))
+    monkeypatch.setattr(pipeline.distill, "run", lambda cfg, inputs, out, resume: seen.update(distill=cfg))
+    for stage in stages_for(ctx.recipe):
         if stage.name in ("ensemble", "distill"):
             stage.run(ctx)
     assert seen["ensemble"].train.epochs == seen["distill"].train.epochs == 200
     # two trainings at once on a CPU with two cores or more; one at a time on a GPU
     monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: False)
-    assert pipeline.side_by_side(quick=False) == 2 and pipeline.side_by_side(quick=True) == 1
+    assert side_by_side(quick=False) == 2 and side_by_side(quick=True) == 1
     monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: True)
-    assert pipeline.side_by_side(quick=False) == 1
-    assert f"parallel={pipeline.side_by_side(quick=False)}" in pipeline._budget(ctx)
+    assert side_by_side(quick=False) == 1
+    assert members_base(ctx)["parallel"] == side_by_side(quick=False)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -160,7 +161,13 @@ def test_pipeline_defaults(tmp_path, monkeypatch, args, expected):
     """The synthetic default: 24 phantoms at 16³ with 48 unlabeled ones, 450 epochs; an OpenKBP
     tree: 32³, 30 epochs."""
     seen = {}
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda ctx: seen.update(vars(ctx)))
+
+    def record(ctx):
+        data = ctx.recipe.synthetic
+        seen.update(grid=ctx.grid, epochs=ctx.epochs, source=ctx.source, patients=data.patients if ctx.source is None
+                    else 0, unlabeled=data.unlabeled if ctx.source is None else 0)
+
+    monkeypatch.setattr(pipeline, "run_stages", record)
     monkeypatch.setattr(pipeline, "report", lambda ctx: "")
     (tmp_path / "TREE").mkdir()
     args = [str(tmp_path / a) if a == "TREE" else a for a in args]
@@ -172,8 +179,7 @@ def test_pipeline_defaults(tmp_path, monkeypatch, args, expected):
 @pytest.mark.parametrize("grid, levels", [(16, 4), (32, 5), (128, 5)])
 def test_reference_unet_fits_every_grid(tmp_path, grid, levels):
     """The standard 5-level unet3d, a level fewer at 16³ where its bottleneck would be 1 voxel."""
-    cfg = load_config(TrainConfig, overrides=train_overrides(Context(out=tmp_path, patients=24, grid=grid,
-                                                                     seed=0, quick=False)))
+    cfg = load_config(TrainConfig, base=train_base(Context(tmp_path, load_recipe(), grid=grid, epochs=450)))
     assert cfg.model.kwargs["widths"] == [16, 32, 64, 128, 256][:levels]
     check_input_size(build_model(cfg.model), grid)
 
@@ -212,11 +218,11 @@ def test_pipeline_reads_a_data_set_where_it_lies(tmp_path, monkeypatch):
     """--data D.h5: no copy in DIR, the data stage skipped, the grid the file's own."""
     assert main(["data", "synth", str(tmp_path / "d.h5"), "--patients", "8", "--grid", "16", "-q"]) == 0
     seen = []
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda ctx: seen.append(ctx))
+    monkeypatch.setattr(pipeline, "run_stages", lambda ctx: seen.append(ctx))
     monkeypatch.setattr(pipeline, "report", lambda ctx: "")
     assert main(["pipeline", "--out", str(tmp_path / "pipe"), "--data", str(tmp_path / "d.h5")]) == 0
     ctx = seen[0]
-    assert ctx.data == tmp_path / "d.h5" and ctx.grid == 16 and not ctx.quick
+    assert ctx.data == tmp_path / "d.h5" and ctx.grid == 16 and not ctx.recipe.quick
     assert all(p.exists() for p in stages_for(ctx.recipe)[0].outputs(ctx))  # so the data stage is skipped
 
 

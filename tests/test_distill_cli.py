@@ -16,7 +16,7 @@ import torch
 from nas_dose import cli
 from nas_dose.config import load_config
 from nas_dose.data.store import open_data
-from nas_dose.distill import cli as distill_cli
+from nas_dose.distill import distill as distill_stage
 from nas_dose.io import load_checkpoint, load_json, save_yaml
 from nas_dose.models.factory import build_model, load_model
 from nas_dose.runtime import seed_everything
@@ -132,11 +132,11 @@ def test_resume_is_exact_and_reuses_the_teacher(data, ensemble, nasdose, tmp_pat
         if step == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill_cli, "train_model", functools.partial(train_model, on_step=stop_at_3))
+    monkeypatch.setattr(distill_stage, "train_model", functools.partial(train_model, on_step=stop_at_3))
     assert nasdose("distill", *args, "--out", tmp_path / "cut") == 130
     assert load_checkpoint(tmp_path / "cut" / "student" / "checkpoints" / "last.pt")["step"] == 2
     made = (tmp_path / "cut" / "teacher.h5").stat().st_mtime_ns
-    monkeypatch.setattr(distill_cli, "train_model", train_model)
+    monkeypatch.setattr(distill_stage, "train_model", train_model)
     assert nasdose("distill", *args, "--out", tmp_path / "cut", "--resume") == 0
     assert (tmp_path / "cut" / "teacher.h5").stat().st_mtime_ns == made
     whole, cut = (load_checkpoint(tmp_path / run / "student" / "checkpoints" / "last.pt") for run in ("whole", "cut"))
@@ -192,11 +192,11 @@ def test_unlabeled_patients_are_taught_by_the_teacher_in_the_baselines_steps(unl
 
 @pytest.mark.parametrize("same_steps, steps_per_epoch, expected", [(True, None, 15), (False, None, 60), (True, 5, 60)])
 def test_student_epochs(same_steps, steps_per_epoch, expected):
-    cfg = load_config(distill_cli.DistillConfig, overrides=[
+    cfg = load_config(distill_stage.DistillConfig, overrides=[
         "train.epochs=60", f"unlabeled.same_steps={str(same_steps).lower()}",
         f"train.steps_per_epoch={'null' if steps_per_epoch is None else steps_per_epoch}"])
-    assert distill_cli.student_epochs(cfg, 16, 48) == expected
-    assert distill_cli.student_epochs(cfg, 16, 0) == 60
+    assert distill_stage.student_epochs(cfg, 16, 48) == expected
+    assert distill_stage.student_epochs(cfg, 16, 0) == 60
 
 
 def test_resume_with_another_loss_is_refused(run, data, ensemble, nasdose, capsys):

@@ -312,9 +312,9 @@ def test_evolution_scores_its_random_start_over_the_ranks_with_one_process_resul
 def test_ensemble_members_are_spread_over_the_ranks(two, data, tmp_path):
     from test_ensemble import SETTINGS
 
-    from nas_dose.ensemble import EnsembleConfig, run_ensemble
+    from nas_dose.ensemble import EnsembleConfig, Inputs, run
 
-    metrics = run_ensemble(two / "pool.yaml", data, tmp_path / "ens", load_config(EnsembleConfig, overrides=SETTINGS))
+    metrics = run(load_config(EnsembleConfig, overrides=SETTINGS), Inputs(two / "pool.yaml", data), tmp_path / "ens")
     got = load_json(two / "ensemble" / "metrics.json")
     assert got["members"].keys() == metrics["members"].keys() and len(got["members"]) == 3
     for name, m in metrics["members"].items():  # each member trained by one rank alone: equal
@@ -391,7 +391,7 @@ def _ensemble(data: Path, out: Path) -> dict[str, list[str]]:
 
     ensemble.train_model = train_model_here  # type: ignore[assignment]
     cfg = load_config(ensemble.EnsembleConfig, overrides=SETTINGS)
-    ensemble.run_ensemble(out / "pool.yaml", data, out / "ensemble", cfg)
+    ensemble.run(cfg, ensemble.Inputs(out / "pool.yaml", data), out / "ensemble")
     return {str(r): names for r, names in enumerate(distributed.gather_objects([trained]))}
 
 

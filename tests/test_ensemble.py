@@ -10,7 +10,7 @@ from torch import nn
 from nas_dose import cli, ensemble
 from nas_dose.config import load_config
 from nas_dose.data.store import open_data
-from nas_dose.ensemble import EnsembleConfig, run_ensemble
+from nas_dose.ensemble import EnsembleConfig, Inputs
 from nas_dose.errors import NasDoseError
 from nas_dose.inference import Ensemble, flip_tta, load_ensemble, load_model_or_ensemble, predict_patients
 from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
@@ -49,7 +49,7 @@ def pool_file(tmp_path_factory) -> Path:
 def run(tmp_path_factory, data, pool_file) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ens") / "run"
     cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "selection.combination=weighted"])
-    return out, run_ensemble(pool_file, data, out, cfg)
+    return out, ensemble.run(cfg, Inputs(pool_file, data), out)
 
 
 @pytest.fixture
@@ -145,14 +145,14 @@ def test_resume_reuses_finished_members_and_continues_a_half_trained_one(tmp_pat
 
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(ensemble, "train_model", interrupted)
-        run_ensemble(pool_file, data, out, cfg)
+        ensemble.run(cfg, Inputs(pool_file, data), out)
     assert load_checkpoint(members / "c" / "checkpoints" / "last.pt")["step"] == 2
     assert not (members / "c" / "metrics.json").exists() and not (out / "ensemble.yaml").exists()
     done = mtimes(members)
     with pytest.raises(NasDoseError, match="use --resume"):
-        run_ensemble(pool_file, data, out, cfg)
+        ensemble.run(cfg, Inputs(pool_file, data), out)
     capsys.readouterr()
-    run_ensemble(pool_file, data, out, cfg, resume=True)
+    ensemble.run(cfg, Inputs(pool_file, data), out, resume=True)
     before_c, c = capsys.readouterr().out.split("member 3/3")
     assert "resuming" in c and "resuming" not in before_c  # a and b were not touched
     assert mtimes(members) == done
@@ -181,7 +181,7 @@ def test_members_trained_side_by_side_equal_those_trained_one_after_another(run,
     first, metrics = run
     out = tmp_path / "side"
     cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "selection.combination=weighted", "parallel=2"])
-    again = run_ensemble(pool_file, data, out, cfg)
+    again = ensemble.run(cfg, Inputs(pool_file, data), out)
     assert "2 at a time" in capsys.readouterr().out
     for name in GENOTYPES:
         a, b = (load_checkpoint(root / "members" / name / "best.pt")["model"] for root in (first, out))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from nas_dose.cli.predict import main as predict_main
 from nas_dose.config import load_config
 from nas_dose.data.dataset import CHANNELS, IN_CHANNELS
 from nas_dose.data.openkbp import read_submission_csv
@@ -16,7 +17,6 @@ from nas_dose.errors import NasDoseError
 from nas_dose.inference import TTA_FLIPS, flip_tta, predict_patients
 from nas_dose.io import load_yaml
 from nas_dose.models.factory import build_model
-from nas_dose.predict import main as predict_main
 from nas_dose.predict import write_outputs
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.training import TrainConfig, train_model

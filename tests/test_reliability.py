@@ -472,13 +472,13 @@ def test_a_resumed_distillation_reports_the_teacher_made_as_its_twin_does(tmp_pa
     """`teacher_recomputed` says whether the run made its teacher cache, at whichever start: a
     run stopped after making it reports it made, as its uninterrupted twin; a run given that
     cache reports it reused."""
-    from nas_dose.distill import cli as distill_cli
+    from nas_dose.distill import distill as distill_stage
 
     distill = ["distill", "-q", ensemble, "--student", "unet3d:widths=2,4", "--data", data, "--no-baseline",
                "train.epochs=1", "train.steps_per_epoch=1", "latency.size=16", "latency.runs=1", *RUNTIME]
     assert nasdose(*distill, "--out", tmp_path / "twin")[0] == 0
     with monkeypatch.context() as patch:  # stopped once the teacher's cache is made
-        patch.setattr(distill_cli, "run_side_by_side", interrupted)
+        patch.setattr(distill_stage, "run_side_by_side", interrupted)
         assert nasdose(*distill, "--out", tmp_path / "cut")[0] == 130
     assert (tmp_path / "cut" / "teacher.h5").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
     assert nasdose(*distill, "--out", tmp_path / "cut", "--resume")[0] == 0

@@ -162,11 +162,11 @@ def test_oar_sparing_lowers_oar_dose():
     for index in range(4):
         p = synth_patient(index, GRID, SEED)
         rng = np.random.default_rng(np.random.SeedSequence([SEED, index]))
-        synth._draw_anatomy(rng)
-        plan = synth._draw_plan(rng)
-        coords, hu = synth._axes(GRID), p.ct - 1024.0
-        spared = synth._plan_dose(coords, GRID, hu, p.structures, plan)
-        blind = synth._plan_dose(coords, GRID, hu, {t: m for t, m in p.structures.items()
+        synth.anatomy.draw_anatomy(rng)
+        plan = synth.anatomy.draw_plan(rng)
+        coords, hu = synth.anatomy.axes(GRID), p.ct - 1024.0
+        spared = synth.beam.plan_dose(coords, GRID, hu, p.structures, plan)
+        blind = synth.beam.plan_dose(coords, GRID, hu, {t: m for t, m in p.structures.items()
                                                     if t in TARGETS}, plan)
         oars = [o for o in ("RightParotid", "LeftParotid", "SpinalCord") if o in p.structures]
         for o in oars:

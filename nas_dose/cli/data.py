@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from ..config import int_at_least
-from ..io import output_file
-from ..progress import progress, say
+from ..data import importer, synth
+from ..data.patient import OPENKBP_GRID, ROIS
+from ..data.store import DataFile, open_data
+from ..progress import progress
 from ..scores import resampling_floor
-from .openkbp import PatientSource, discover, read_patient
-from .patient import OPENKBP_GRID, ROIS, Patient
-from .resample import downsample_patient, resample_factor
-from .store import DataFile, open_data, write_dataset
-from .synth import synth_patients
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -37,53 +34,38 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--grid", type=int_at_least(1), default=OPENKBP_GRID,
                    help=f"grid to store, dividing {OPENKBP_GRID} (e.g. 128, 64, 32; default %(default)s)")
-    p.set_defaults(func=import_command)
     p = sub.add_parser("synth", parents=[common], help="write synthetic head-and-neck phantoms")
     p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument("--patients", type=int_at_least(1), default=24, help="number of patients (default %(default)s)")
-    p.add_argument("--unlabeled", type=int_at_least(0), default=0,
+    defaults = synth.Config()
+    p.add_argument("--patients", type=int_at_least(1), default=defaults.patients,
+                   help="number of patients (default %(default)s)")
+    p.add_argument("--unlabeled", type=int_at_least(0), default=defaults.unlabeled,
                    help="more patients without a dose, in the 'unlabeled' split (default %(default)s)")
-    p.add_argument("--grid", type=int_at_least(1), default=32, help="grid size (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    p.set_defaults(func=synth_command)
+    p.add_argument("--grid", type=int_at_least(1), default=defaults.grid, help="grid size (default %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     p = sub.add_parser("info", parents=[common], help="summarize a data set or prediction file")
     p.add_argument("file", type=Path, metavar="FILE")
-    p.set_defaults(func=info_command)
 
 
 def main(args: argparse.Namespace) -> None:
-    """Run the chosen sub-command (the sub-parsers also set it as `func`)."""
     commands: dict[str, Callable[[argparse.Namespace], None]] = {
         "import": import_command, "synth": synth_command, "info": info_command}
     commands[args.data_command](args)
 
 
-def _downsampled(sources: list[PatientSource], grid: int) -> Iterator[Patient]:
-    """Read patients one at a time, each block-downsampled to `grid`."""
-    for source in sources:
-        p = read_patient(source)
-        yield downsample_patient(p, resample_factor(p.grid, grid))
-
-
-def import_tree(src: Path, out: Path, grid: int) -> None:
-    """An OpenKBP tree (CSV or npz layout) -> one data set at `grid`, written atomically."""
-    src = src.resolve()
-    sources = discover(src)
-    write_dataset(out, _downsampled(sources, grid), source=f"openkbp:{src}", grid=grid, total=len(sources))
-    say(f"wrote {out}: {_n_patients(len(sources))} on a {grid}^3 grid")
-
-
 def import_command(args: argparse.Namespace) -> None:
-    with output_file(args.out):
-        import_tree(args.src, args.out, args.grid)
+    importer.run(importer.Config(grid=args.grid), importer.Inputs(args.src), args.out)
 
 
 def synth_command(args: argparse.Namespace) -> None:
-    total = args.patients + args.unlabeled
-    with output_file(args.out):
-        write_dataset(args.out, synth_patients(args.patients, args.grid, args.seed, args.unlabeled),
-                      source=f"synth:seed={args.seed}", grid=args.grid, total=total)
-    say(f"wrote {args.out}: {total} synthetic patients ({args.unlabeled} unlabeled) on a {args.grid}^3 grid")
+    config = synth.Config(patients=args.patients, unlabeled=args.unlabeled, grid=args.grid, seed=args.seed)
+    synth.run(config, synth.Inputs(), args.out)
+
+
+def info_command(args: argparse.Namespace) -> None:
+    with open_data(args.file) as data:
+        text = summary(data)
+    print(text)
 
 
 def _stats(values: list[float]) -> str:
@@ -141,10 +123,3 @@ def summary(data: DataFile) -> str:
     if data.kind == "dataset":
         lines.append(f"  mean PTV70 dose per patient: {_stats(ptv70_dose)}")
     return "\n".join(lines)
-
-
-def info_command(args: argparse.Namespace) -> None:
-    with open_data(args.file) as data:
-        text = summary(data)
-    print(text)
-

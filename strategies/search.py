@@ -16,7 +16,6 @@ finished search's selection and pool, is logged once.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import distributed
-from ..config import ConfigError, add_config_arguments, from_dict, load_config, save_config, to_dict
+from ..config import ConfigError, from_dict, save_config, to_dict
 from ..data.store import open_data
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint, load_yaml, output_folder, save_checkpoint
@@ -260,27 +259,27 @@ def prepare_out(out: Path, cfg: SearchConfig, resume: bool) -> None:
     save_config(saved, cfg)
 
 
-def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="search folder")
-    parser.add_argument("--resume", action="store_true", help="continue the search in DIR where it stopped "
-                        "(without --config, from DIR/config.yaml; only runtime.* overrides may differ)")
-    add_config_arguments(parser)
+Config = SearchConfig
 
 
-def main(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    config_path = args.config
-    if args.resume and config_path is None and (out / "config.yaml").exists():
-        config_path = out / "config.yaml"
-    cfg = load_config(SearchConfig, config_path, args.overrides)
+@dataclass(frozen=True)
+class Inputs:
+    data: Path  # a nasdose data set
+
+
+def run(config: SearchConfig, inputs: Inputs, out: Path, resume: bool = False) -> Pool:
+    """Search and choose the pool into `out` (pool.yaml, genotypes, log, plots); `resume`
+    continues a search there (its config must be the same, runtime aside)."""
+    out = Path(out)
     with output_folder(out):
-        run = SearchRun(cfg, args.data, out)
-        distributed.on_main(prepare_out, out, cfg, args.resume)  # checks, then writes: one rank
+        search = SearchRun(config, inputs.data, out)
+        distributed.on_main(prepare_out, out, config, resume)  # checks, then writes: one rank
         started = time.monotonic()
-        pool = run.run()
-    with open_data(args.data) as data:
+        pool = search.run()
+    with open_data(inputs.data) as data:
         grid = data.grid
     say(f"pool of {len(pool.members)} in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s), search-time "
         f"validation dose scores on the {grid}³ grid (proxies for ranking, not official scores): " + ", ".join(
         f"{m.name} {m.search_score:.3f} Gy" for m in pool.members))
+    return pool
+

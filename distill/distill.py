@@ -45,7 +45,6 @@ are reused and a half-trained one resumes from its last checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import io
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -55,7 +54,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..config import ConfigError, add_config_arguments, check_run_folder, load_config, save_config
+from ..config import ConfigError, check_run_folder, save_config
 from ..data.dataset import IN_CHANNELS
 from ..data.store import SPLITS, open_data
 from ..errors import NasDoseError, input_error
@@ -350,28 +349,18 @@ def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: P
     return metrics
 
 
-def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    parser.add_argument("teacher", type=Path, metavar="ENSEMBLE.yaml",
-                        help="ensemble file written by nasdose ensemble (or a run folder / checkpoint)")
-    parser.add_argument("--student", metavar="SPEC",
-                        help="the student's architecture: NAME:key=value..., FILE.yaml or GENOTYPE.yaml:width=F "
-                             "(see above)")
-    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in DIR")
-    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                        help="also train the student's architecture without distillation (default: on)")
-    parser.add_argument("--export", action="store_true", default=None,
-                        help="write DIR/student.pt2 (torch.export) of the student")
-    parser.add_argument("--teacher-cache", type=Path, metavar="FILE",
-                        help="teacher predictions file to reuse or write (default: DIR/teacher.h5)")
-    add_config_arguments(parser)
+Config = DistillConfig
 
 
-def main(args: argparse.Namespace) -> None:
-    cfg = load_config(DistillConfig, args.config, args.overrides)
-    flags = {k: v for k, v in (("student", args.student), ("baseline", args.baseline), ("export", args.export))
-             if v is not None}
-    with output_folder(args.out):
-        run_distill(args.teacher, args.data, args.out, replace(cfg, **flags), resume=args.resume,
-                    teacher_cache=args.teacher_cache)
+@dataclass(frozen=True)
+class Inputs:
+    teacher: Path  # an ensemble .yaml (or a run folder / checkpoint: one network)
+    data: Path  # a nasdose data set
+    teacher_cache: Path | None = None  # the teacher's predictions to reuse or write (default: OUT/teacher.h5)
+
+
+def run(config: DistillConfig, inputs: Inputs, out: Path, resume: bool = False) -> dict[str, Any]:
+    """Cache the teacher, train the student (and its baseline), compare, into `out`; returns the metrics."""
+    with output_folder(out):
+        return run_distill(inputs.teacher, inputs.data, Path(out), config, resume, inputs.teacher_cache)
+

@@ -1,8 +1,9 @@
-"""The `nasdose` command line: one sub-command per pipeline stage.
+"""The `nasdose` command line: one sub-command per pipeline stage, each a thin adapter.
 
-Each stage module provides `add_arguments(parser)` and `main(args)`; this file only lists them,
-so a stage's options live next to its code. User errors (`NasDoseError`) become one line on
-stderr and exit status 1, never a traceback.
+Each module of this package turns its command's arguments into the stage's `Config` and
+`Inputs` and calls the stage's `run(config, inputs, out, resume)`: `add_arguments(parser,
+common)` and `main(args)`, and `STAGE`, the stage module whose docstring is the command's help.
+User errors (`NasDoseError`) become one line on stderr and exit status 1, never a traceback.
 """
 from __future__ import annotations
 
@@ -11,21 +12,21 @@ import importlib
 import os
 import sys
 
-from . import __version__
-from .distributed import session
-from .errors import NasDoseError
-from .progress import set_quiet
+from .. import __version__
+from ..distributed import session
+from ..errors import NasDoseError
+from ..progress import set_quiet
 
 # (command, module, one-line help) in pipeline order.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("data", "nas_dose.data.cli", "import OpenKBP data, make synthetic phantoms, summarize a data set"),
-    ("train", "nas_dose.train", "train one network (reference model or genotype)"),
-    ("predict", "nas_dose.predict", "predict doses with a trained model, write HDF5 and OpenKBP CSVs"),
-    ("search", "nas_dose.strategies.cli", "search architectures and choose an accurate, diverse pool"),
-    ("ensemble", "nas_dose.ensemble", "train a pool's members, select and weight them on validation"),
-    ("distill", "nas_dose.distill.cli", "distil an ensemble into one compact student; comparison table"),
-    ("evaluate", "nas_dose.evaluate", "OpenKBP dose and DVH scores, per-structure table and plots"),
-    ("pipeline", "nas_dose.pipeline", "run the whole pipeline end to end (synthetic default, or --data)"),
+    ("data", "nas_dose.cli.data", "import OpenKBP data, make synthetic phantoms, summarize a data set"),
+    ("train", "nas_dose.cli.train", "train one network (reference model or genotype)"),
+    ("predict", "nas_dose.cli.predict", "predict doses with a trained model, write HDF5 and OpenKBP CSVs"),
+    ("search", "nas_dose.cli.search", "search architectures and choose an accurate, diverse pool"),
+    ("ensemble", "nas_dose.cli.ensemble", "train a pool's members, select and weight them on validation"),
+    ("distill", "nas_dose.cli.distill", "distil an ensemble into one compact student; comparison table"),
+    ("evaluate", "nas_dose.cli.evaluate", "OpenKBP dose and DVH scores, per-structure table and plots"),
+    ("pipeline", "nas_dose.cli.pipeline", "run the whole pipeline end to end (synthetic default, or --data)"),
 ]
 
 
@@ -51,7 +52,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=help_text, parents=[common])
             continue
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+        p = sub.add_parser(name, help=help_text, description=(getattr(mod, "STAGE", mod).__doc__ or help_text).strip(),
                            parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p, common)
         if not p.get_default("func"):
@@ -88,6 +89,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

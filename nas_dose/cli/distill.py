@@ -1,0 +1,37 @@
+"""`nasdose distill`: arguments -> nas_dose.distill.distill.run."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import add_config_arguments, load_config
+from ..distill import distill
+
+STAGE = distill
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("teacher", type=Path, metavar="ENSEMBLE.yaml",
+                        help="ensemble file written by nasdose ensemble (or a run folder / checkpoint)")
+    parser.add_argument("--student", metavar="SPEC",
+                        help="the student's architecture: NAME:key=value..., FILE.yaml or GENOTYPE.yaml:width=F "
+                             "(see above)")
+    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in DIR")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train the student's architecture without distillation (default: on)")
+    parser.add_argument("--export", action="store_true", default=None,
+                        help="write DIR/student.pt2 (torch.export) of the student")
+    parser.add_argument("--teacher-cache", type=Path, metavar="FILE",
+                        help="teacher predictions file to reuse or write (default: DIR/teacher.h5)")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> None:
+    config = load_config(distill.Config, args.config, args.overrides)
+    flags = {k: v for k, v in (("student", args.student), ("baseline", args.baseline), ("export", args.export))
+             if v is not None}
+    distill.run(replace(config, **flags), distill.Inputs(args.teacher, args.data, args.teacher_cache), args.out,
+                args.resume)

@@ -1,0 +1,31 @@
+"""`nasdose predict`: arguments -> nas_dose.predict.run."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from .. import predict
+from ..config import add_config_arguments, load_config
+from ..data.store import SPLITS
+
+STAGE = predict
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, metavar="MODEL",
+                        help="training run folder (its best.pt), a checkpoint file or an ensemble .yaml")
+    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--split", choices=SPLITS, help="predict this split only (default: every patient)")
+    parser.add_argument("--tta", action="store_true", default=None,
+                        help="average over flips along axes 0 and 1 (test-time augmentation)")
+    parser.add_argument("--no-csv", dest="csv", action="store_false", default=None,
+                        help="skip the OpenKBP submission CSVs")
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> None:
+    config = load_config(predict.Config, args.config, args.overrides)
+    flags = {k: v for k, v in (("split", args.split), ("tta", args.tta), ("csv", args.csv)) if v is not None}
+    predict.run(replace(config, **flags), predict.Inputs(args.model, args.data), args.out)
