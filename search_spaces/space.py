@@ -77,7 +77,7 @@ class SearchSpace:
 
         NNI is imported on first use (about a second), not when nasdose is imported.
         """
-        from nni.mutable import Categorical, MutableDict
+        from nni.mutable import Categorical, MutableDict  # NNI (heavy) only when a mutable is asked for
 
         return MutableDict({s: Categorical(list(c), label=s) for s, c in self.slots().items()})
 
@@ -106,7 +106,7 @@ class SearchSpace:
 
         Errors name the slot and the bad op; NNI's SampleValidationError becomes NasDoseError.
         """
-        from nni.mutable import MutableDict
+        from nni.mutable import MutableDict  # as in mutable()
         from nni.mutable.exception import SampleMissingError, SampleValidationError
 
         where = source or f"search space '{self.name}'"
