@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..config import ConfigError, check_run_folder, save_config
+from ..config import ConfigError, at_least, check_run_folder, save_config
 from ..data.dataset import IN_CHANNELS
 from ..data.store import SPLITS, open_data
 from ..errors import NasDoseError, input_error
@@ -131,10 +131,8 @@ class DistillConfig:
                                   f"'{owner}'; leave it out")
         for key in ("alpha_gt", "alpha_teacher"):
             check_non_negative(key, getattr(self, key))
-        if self.seed < 0:
-            raise ConfigError(f"config key 'seed': must not be negative, got {self.seed}")
-        if self.parallel < 1:
-            raise ConfigError(f"config key 'parallel': must be at least 1, got {self.parallel}")
+        at_least("seed", self.seed, 0)
+        at_least("parallel", self.parallel, 1)
         if self.unlabeled.split in (self.train.data.train_split, self.train.data.val_split):
             raise ConfigError(f"config key 'unlabeled.split': '{self.unlabeled.split}' is the training or "
                               "validation split; its patients have a plan")

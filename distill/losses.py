@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..config import ConfigError
+from ..config import ConfigError, at_least
 from ..data.dataset import IN_CHANNELS
 from ..errors import NasDoseError
 from ..runtime import Runtime
@@ -81,8 +81,7 @@ class AdversarialConfig:
             raise ConfigError(f"config key 'adversarial.lr': must be positive, got {self.lr}")
         if len(self.betas) != 2:
             raise ConfigError(f"config key 'adversarial.betas': expected 2 numbers, got {len(self.betas)}")
-        if self.width < 1:
-            raise ConfigError(f"config key 'adversarial.width': must be at least 1, got {self.width}")
+        at_least("adversarial.width", self.width, 1)
 
 
 def check_non_negative(key: str, value: float) -> None:

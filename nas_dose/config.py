@@ -247,6 +247,12 @@ def check_run_folder(out: Path, cfg: Any, resume: bool, what: str, started: Path
                                     "its config.yaml or choose another --out")
 
 
+def at_least(key: str, value: float, low: float) -> None:
+    """The one check most config fields need, with the one message for it."""
+    if value < low:
+        raise ConfigError(f"config key '{key}': must be at least {low}, got {value}")
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type for integers >= `low` (a count, a grid size), with a readable error."""
 

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import distributed
-from .config import ConfigError, check_run_folder, save_config
+from .config import ConfigError, at_least, check_run_folder, save_config
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
@@ -83,23 +83,9 @@ class EnsembleConfig:
             if getattr(self.train, key) != default:
                 where = "comes from the pool" if key == "model" else f"is set by the top-level '{key}'"
                 raise ConfigError(f"config key 'train.{key}': a member's {key} {where}; leave it out")
-        if self.seed < 0:
-            raise ConfigError(f"config key 'seed': must not be negative, got {self.seed}")
-        if self.plots < 0:
-            raise ConfigError(f"config key 'plots': must not be negative, got {self.plots}")
-        if self.parallel < 1:
-            raise ConfigError(f"config key 'parallel': must be at least 1, got {self.parallel}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The ensemble as a predictor, and ensemble.yaml.
-
-
-
-
-
-
-
+        at_least("seed", self.seed, 0)
+        at_least("plots", self.plots, 0)
+        at_least("parallel", self.parallel, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
-from .config import ConfigError
+from .config import ConfigError, at_least
 from .data.openkbp import OPENKBP_SHAPE, discover, natural_key, read_patient, read_submission_csv
 from .data.patient import Patient
 from .data.store import SPLITS, DataFile, open_data
@@ -158,8 +158,7 @@ class Config:
     def validate(self) -> None:
         if self.split is not None and self.split not in SPLITS:
             raise ConfigError(f"config key 'split': one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.plots < 0:
-            raise ConfigError(f"config key 'plots': must not be negative, got {self.plots}")
+        at_least("plots", self.plots, 0)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Small networks (a 16³ phantom, a compact student) gain little from a second CPU thread, so two
 trainings in two single-thread processes beat the same two in turn on both threads
-(benchmarks/bench_parallel.py on 2 cores, a LENAS network at 16³: 1.6x the steps per second). `run_side_by_side` spreads jobs over `workers` processes and hands back their results in
+(benchmarks/bench_parallel.py measures it). `run_side_by_side` spreads jobs over `workers`
+processes and hands back their results in
 the jobs' order, or raises the first error (a NasDoseError as itself) at once, ending the
 others. Each job must be a top-level function whose arguments pickle, and must set its own
 threads (`worker_threads` shares them out: a process left to torch's default would take every

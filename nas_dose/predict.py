@@ -56,8 +56,9 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
                   *, model: str, tta: bool = False, csv: bool = True) -> list[str]:
     """Predict the patients of `split` (all when None) into `out`; returns their ids.
 
-    predictions.h5 (on the data set's grid, or on the source grid for a cascade), then submission/ whole or not at all (built aside, renamed into place), then
-    config.yaml recording `model` (a path or a description), the data, the split and the runtime.
+    predictions.h5 (on the data set's grid, or on the source grid for a cascade), then submission/
+    whole or not at all (built aside, renamed into place), then config.yaml recording `model` (a
+    path or a description), the data, the split and the runtime.
     """
     ids = data.ids(split)
     if not ids:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Literal, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
-from .config import ConfigError
+from .config import at_least
 from .pool import Candidate, pairwise_matrices, select_pool
 from .scores import dose_error
 from .search_spaces import Genotype
@@ -46,10 +46,8 @@ class SelectionConfig:
     combination: Literal["mean", "weighted"] = "mean"
 
     def validate(self) -> None:
-        if self.max_size < 1:
-            raise ConfigError(f"config key 'selection.max_size': must be at least 1, got {self.max_size}")
-        if self.lam < 0:
-            raise ConfigError(f"config key 'selection.lam': must not be negative, got {self.lam}")
+        at_least("selection.max_size", self.max_size, 1)
+        at_least("selection.lam", self.lam, 0)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..config import ConfigError, to_dict
+from ..config import ConfigError, at_least, to_dict
 from ..errors import NasDoseError
 from ..io import load_checkpoint, save_checkpoint
 from ..pool import Candidate
@@ -46,29 +46,35 @@ Propose = Callable[[list[Candidate], np.random.RandomState], tuple[Genotype, int
 
 
 def check_budget(budget: int) -> None:
-    if budget < 1:
-        raise ConfigError(f"config key 'budget': must be at least 1, got {budget}")
+    at_least("budget", budget, 1)
 
 
 @dataclass
-class EvolutionConfig:
-    """budget: distinct genotypes scored; population P; sample S (tournament size); members:
-    how many of the best candidates the pool-diversity bonus compares a candidate with."""
+class PopulationConfig:
+    """What the population-based strategies share: budget (distinct genotypes scored, or trials),
+    population P, sample S (tournament size) and the candidate evaluator."""
 
     budget: int = 100
     population: int = 20
     sample: int = 5
-    members: int = 4
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
 
     def validate(self) -> None:
         check_budget(self.budget)
-        if self.population < 2:
-            raise ConfigError(f"config key 'population': must be at least 2, got {self.population}")
         if not 1 <= self.sample <= self.population:
             raise ConfigError(f"config key 'sample': must be in [1, population={self.population}], got {self.sample}")
-        if self.members < 1:
-            raise ConfigError(f"config key 'members': must be at least 1, got {self.members}")
+
+
+@dataclass
+class EvolutionConfig(PopulationConfig):
+    """members: how many of the best candidates the pool-diversity bonus compares a candidate with."""
+
+    members: int = 4
+
+    def validate(self) -> None:
+        at_least("population", self.population, 2)
+        super().validate()
+        at_least("members", self.members, 1)
 
 
 def run_trials(ctx: SearchContext, scorer: Scorer, name: str, config: Any, propose: Propose,

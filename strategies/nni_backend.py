@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..config import ConfigError
@@ -35,26 +35,20 @@ from ..errors import NasDoseError
 from ..pool import Candidate
 from ..search_spaces import SearchSpace
 from .base import SearchContext, register_strategy
-from .evaluator import EvaluatorConfig, ScoringStrategy, derived_seed, ranked
-from .evolution import check_budget
+from .evaluator import ScoringStrategy, derived_seed, ranked
+from .evolution import PopulationConfig
 
 
 @dataclass
-class NniConfig:
+class NniConfig(PopulationConfig):
     """algorithm: which NNI strategy; budget: most trials. population, sample and mutation_prob
     (per-slot probability) are RegularizedEvolution's."""
 
     algorithm: Literal["random", "grid", "evolution", "tpe"] = "tpe"
-    budget: int = 100
-    population: int = 20
-    sample: int = 5
     mutation_prob: float = 0.2
-    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
 
     def validate(self) -> None:
-        check_budget(self.budget)
-        if not 1 <= self.sample <= self.population:
-            raise ConfigError(f"config key 'sample': must be in [1, population={self.population}], got {self.sample}")
+        super().validate()
         if not 0 < self.mutation_prob <= 1:
             raise ConfigError(f"config key 'mutation_prob': must be in (0, 1], got {self.mutation_prob}")
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import distributed
-from ..config import ConfigError, from_dict, save_config, to_dict
+from ..config import ConfigError, at_least, from_dict, save_config, to_dict
 from ..data.store import open_data
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint, load_yaml, output_folder, save_checkpoint
@@ -76,8 +76,7 @@ class SearchConfig:
     time_budget_min: float | None = None  # whole command; a search stops at its next checkpoint
 
     def validate(self) -> None:
-        if self.pool_size < 1:
-            raise ConfigError(f"config key 'pool_size': must be at least 1, got {self.pool_size}")
+        at_least("pool_size", self.pool_size, 1)
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ConfigError(f"config key 'time_budget_min': must be positive, got {self.time_budget_min}")
 

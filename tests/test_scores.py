@@ -304,7 +304,8 @@ def test_source_grid_scores_of_a_32_import_agree_with_the_official_evaluator(ope
 
     data_path = tmp_path / "kbp32.h5"
     assert main(["data", "import", str(openkbp_dir / "csv"), str(data_path), "--grid", "32", "-q"]) == 0
-    folders = {p.name: p for split in ("train-pats", "validation-pats") for p in (openkbp_dir / "csv" / split).iterdir()}
+    folders = {p.name: p for split in ("train-pats", "validation-pats")
+               for p in (openkbp_dir / "csv" / split).iterdir()}
     with open_data(data_path) as data:
         ids = data.ids()
         floor = resampling_floor(data, ids)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import test_differentiable  # noqa: F401  (registers the rigged space 'test_rigged')
 
+from nas_dose.cli import search as search_cli
 from nas_dose.config import load_config
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
@@ -12,7 +13,8 @@ from nas_dose.errors import NasDoseError
 from nas_dose.pool import load_pool
 from nas_dose.progress import set_quiet
 from nas_dose.search_spaces import load_genotype
-from nas_dose.strategies import SearchContext, cli
+from nas_dose.strategies import SearchContext
+from nas_dose.strategies import search as search_stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -27,10 +29,10 @@ def data(tmp_path_factory) -> Path:
 
 def search(data: Path, out: Path, *overrides: str, resume: bool = False, config: Path | None = None) -> None:
     parser = argparse.ArgumentParser()
-    cli.add_arguments(parser, argparse.ArgumentParser(add_help=False))
+    search_cli.add_arguments(parser, argparse.ArgumentParser(add_help=False))
     argv = ["--data", str(data), "--out", str(out), *(["--resume"] if resume else []),
             *(["--config", str(config)] if config else []), "runtime.device=cpu", *overrides]
-    cli.main(parser.parse_args(argv))
+    search_cli.main(parser.parse_args(argv))
 
 
 def log_records(out: Path) -> list[dict]:
@@ -55,7 +57,7 @@ def test_lenas_search_writes_a_valid_pool(data, tmp_path):
         assert load_genotype(out / "genotypes" / f"{m.name}.yaml") == m.genotype
     for name in ("arch_weights", "fitness", "diversity"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 5000
-    saved = load_config(cli.SearchConfig, out / "config.yaml")
+    saved = load_config(search_stage.SearchConfig, out / "config.yaml")
     assert saved.options["epochs"] == 1 and saved.options["weight_optim"]["lr"] == 1e-3  # resolved options
     assert pool.config["options"] == saved.options
     events = [r["event"] for r in log_records(out)]
@@ -115,13 +117,14 @@ def test_interrupted_sequential_search_resumes_to_the_same_pool(data, tmp_path, 
 
 
 def test_split_is_disjoint_and_seeded(data):
-    cfg = cli.SplitConfig()
-    weight, arch, div = cli.split_patients(data, cfg, seed=0)
+    cfg = search_stage.SplitConfig()
+    weight, arch, div = search_stage.split_patients(data, cfg, seed=0)
     assert sorted(weight + arch) == sorted(f"pt_{i}" for i in range(1, 8)) and not set(weight) & set(arch)
     assert len(arch) == 2 and div == ["pt_8", "pt_9"]
-    assert cli.split_patients(data, cfg, seed=0) == (weight, arch, div)
-    assert any(cli.split_patients(data, cfg, seed=s)[1] != arch for s in range(1, 5))
-    w, a, _ = cli.split_patients(data, cli.SplitConfig(arch_split="validation", max_diversity_patients=1), 0)
+    assert search_stage.split_patients(data, cfg, seed=0) == (weight, arch, div)
+    assert any(search_stage.split_patients(data, cfg, seed=s)[1] != arch for s in range(1, 5))
+    split = search_stage.SplitConfig(arch_split="validation", max_diversity_patients=1)
+    w, a, _ = search_stage.split_patients(data, split, 0)
     assert a == ["pt_8", "pt_9"] and len(w) == 7
 
 
@@ -140,5 +143,5 @@ def test_bad_configs_fail_before_any_work(data, tmp_path, overrides, message):
 
 @pytest.mark.parametrize("name", ["search_differentiable.yaml", "search_evolution.yaml"])
 def test_example_configs_resolve(name):
-    cfg = load_config(cli.SearchConfig, CONFIGS / name)
-    cli.get_strategy(cfg.strategy).from_options(cfg.options)
+    cfg = load_config(search_stage.SearchConfig, CONFIGS / name)
+    search_stage.get_strategy(cfg.strategy).from_options(cfg.options)

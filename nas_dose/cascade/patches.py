@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..config import ConfigError
+from ..config import ConfigError, at_least
 from ..data.augment import AugmentConfig, ChannelLayout, augment
 from ..data.dataset import INPUT_LAYOUT, build_input
 from ..data.patient import DOSE_SCALE_GY, TARGETS, Patient
@@ -60,8 +60,7 @@ class CascadeConfig:
             raise ConfigError(f"config key 'cascade.overlap': must be in [0, 1), got {self.overlap}")
         if self.coarse_input == "predictions" and self.coarse_predictions is None:
             raise ConfigError("config key 'cascade.coarse_predictions': needed with coarse_input: predictions")
-        if self.val_patches < 1:
-            raise ConfigError(f"config key 'cascade.val_patches': must be at least 1, got {self.val_patches}")
+        at_least("cascade.val_patches", self.val_patches, 1)
 
 
 def refiner_input(patient: Patient, coarse_gy: np.ndarray) -> np.ndarray:
@@ -155,7 +154,8 @@ class PatchDataset(torch.utils.data.Dataset):
             raise NasDoseError(f"{self.data.path}: patient {pid} comes from a {self.data.source_grid(pid)}³ "
                                f"grid, the others from {self.source}³")
         focus = _focus_voxels(coarse)
-        candidates = focus if len(focus) and rng.random() < self.cfg.focus else np.flatnonzero(coarse.possible_dose_mask)
+        use_focus = len(focus) and rng.random() < self.cfg.focus
+        candidates = focus if use_focus else np.flatnonzero(coarse.possible_dose_mask)
         if not len(candidates):
             candidates = np.arange(coarse.possible_dose_mask.size)
         cell = np.array(np.unravel_index(int(rng.choice(candidates)), coarse.possible_dose_mask.shape))

@@ -4,18 +4,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import add_config_arguments, load_config
+from ..config import load_config
 from ..strategies import search
+from .common import add_run_arguments
 
 STAGE = search
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="search folder")
-    parser.add_argument("--resume", action="store_true", help="continue the search in DIR where it stopped "
-                        "(without --config, from DIR/config.yaml; only runtime.* overrides may differ)")
-    add_config_arguments(parser)
+    add_run_arguments(parser, "DIR", "continue the search in DIR where it stopped (without --config, from "
+                      "DIR/config.yaml; only runtime.* overrides may differ)")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..config import ConfigError
+from ..config import at_least
 from ..io import output_file
 from ..progress import say
 from .openkbp import PatientSource, discover, read_patient
@@ -21,8 +21,7 @@ class Config:
     grid: int = OPENKBP_GRID  # the grid to store: one dividing the source grid (128, 64, 32, ...)
 
     def validate(self) -> None:
-        if self.grid < 1:
-            raise ConfigError(f"config key 'grid': must be at least 1, got {self.grid}")
+        at_least("grid", self.grid, 1)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..cascade.patches import CascadeConfig
-from ..config import ConfigError
+from ..config import ConfigError, at_least
 from ..data.augment import AugmentConfig
 from ..models.factory import ModelConfig
 from ..runtime import RuntimeConfig
@@ -32,12 +32,12 @@ class DataConfig:
         return ids[self.fold::self.folds] if self.folds > 1 else []
 
     def validate(self) -> None:
-        _at_least("data.batch_size", self.batch_size, 1)
-        _at_least("data.folds", self.folds, 1)
+        at_least("data.batch_size", self.batch_size, 1)
+        at_least("data.folds", self.folds, 1)
         if not 0 <= self.fold < self.folds:
             raise ConfigError(f"config key 'data.fold': must be in [0, {self.folds - 1}], got {self.fold}")
         if self.num_workers is not None:
-            _at_least("data.num_workers", self.num_workers, 0)
+            at_least("data.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -69,8 +69,8 @@ class ScheduleConfig:
     gamma: float = 0.5
 
     def validate(self) -> None:
-        _at_least("schedule.warmup_steps", self.warmup_steps, 0)
-        _at_least("schedule.step_epochs", self.step_epochs, 1)
+        at_least("schedule.warmup_steps", self.warmup_steps, 0)
+        at_least("schedule.step_epochs", self.step_epochs, 1)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"config key 'schedule.min_lr_ratio': must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -97,13 +97,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         for key in ("epochs", "val_every", "checkpoint_every", "log_every"):
-            _at_least(key, getattr(self, key), 1)
+            at_least(key, getattr(self, key), 1)
         if self.steps_per_epoch is not None:
-            _at_least("steps_per_epoch", self.steps_per_epoch, 1)
+            at_least("steps_per_epoch", self.steps_per_epoch, 1)
         if self.patience is not None:
-            _at_least("patience", self.patience, 1)
+            at_least("patience", self.patience, 1)
 
-
-def _at_least(key: str, value: int, low: int) -> None:
-    if value < low:
-        raise ConfigError(f"config key '{key}': must be at least {low}, got {value}")
