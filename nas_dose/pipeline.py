@@ -223,9 +223,8 @@ def scored(stage: Stage) -> list[Stage]:
 
 def side_by_side(quick: bool) -> int:
     """Trainings at once: two on a CPU with two cores or more, where two small networks on one
-    thread each take 1.6x the steps per second of the same two in turn (benchmarks/
-    bench_parallel.py); one on a GPU, or in a --quick smoke run (whose trainings take less time
-    than starting a process)."""
+    thread each beat the same two in turn (benchmarks/bench_parallel.py measures it); one on a
+    GPU, or in a --quick smoke run (whose trainings take less time than starting a process)."""
     if quick or torch.cuda.is_available():
         return 1
     return min(2, os.cpu_count() or 1)

@@ -9,7 +9,7 @@ model is chosen and training stops early on the validation split only, never on 
 
 Started by torchrun the run is data-parallel (DDP): data.batch_size is the global batch, each
 rank steps on its share, validation is shared out and summed, and rank 0 writes the files
-(docs/DISTRIBUTED.md); the result is that of one process up to rounding.
+(docs/how-to/distributed.md); the result is that of one process up to rounding.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ follow by score. State is checkpointed each epoch; a resumed search continues ex
 
 Under torchrun both steps are data-parallel: each rank takes its share of every batch
 (`batch_size` is the global batch) and the stepped parameters' gradients are averaged over the
-ranks; the final candidates are scored spread over the ranks (docs/DISTRIBUTED.md).
+ranks; the final candidates are scored spread over the ranks (docs/how-to/distributed.md).
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-# Commands that run over several processes under torchrun (docs/DISTRIBUTED.md); the others
+# Commands that run over several processes under torchrun (docs/how-to/distributed.md); the others
 # refuse to, rather than run N times over the same files.
 DISTRIBUTED = {"train", "search", "ensemble", "distill"}
 

@@ -2,7 +2,7 @@
 
 A training run touches each patient many times; chunked, compressed HDF5 lets a loader read
 one patient without loading the set, and `DataFile` reopens the file lazily in each process so
-torch DataLoader workers never share an HDF5 handle. The layout is in docs/ARCHITECTURE.md.
+torch DataLoader workers never share an HDF5 handle. The layout is in docs/reference/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The training loop: one run set up (or restored from its checkpoint exactly), stepped to its end,
-validated, checkpointed; data-parallel under torchrun (docs/DISTRIBUTED.md)."""
+validated, checkpointed; data-parallel under torchrun (docs/how-to/distributed.md)."""
 from __future__ import annotations
 
 import itertools
