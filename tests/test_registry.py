@@ -207,6 +207,17 @@ def test_importing_nasdose_loads_no_strategy_and_no_nni(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("command, listing", [("search", lambda: list_spaces() + list_strategies()),
+                                              ("train", list_models)])
+def test_help_lists_the_registered_names(command, listing, capsys):
+    from nas_dose.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in listing()), out
+
+
 # ---------------------------------------------------------------------------------------------
 # the class itself
 
