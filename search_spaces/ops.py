@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import NasDoseError
+from ..registry import Registry
 
 OpKind = Literal["cell", "connect", "down", "up"]
 KINDS: tuple[str, ...] = ("cell", "connect", "down", "up")
@@ -43,7 +44,7 @@ class OpSpec:
         return self.factory(c_in, c_out, **kw)
 
 
-_OPS: dict[str, OpSpec] = {}
+OPS: Registry[Factory] = Registry("op", paths_need_registration=True)
 
 
 def register_op(name: str, kind: OpKind | Sequence[OpKind], doc: str = "") -> Callable[[Factory], Factory]:
@@ -60,27 +61,23 @@ def register_op(name: str, kind: OpKind | Sequence[OpKind], doc: str = "") -> Ca
         raise NasDoseError(f"op '{name}': an op name must be an identifier (letters, digits, _)")
 
     def decorate(factory: Factory) -> Factory:
-        if name in _OPS:
-            raise NasDoseError(f"op '{name}': already registered")
         text = doc or (factory.__doc__ or "").strip().split("\n")[0]
-        _OPS[name] = OpSpec(name, kinds, factory, text)
-        return factory
+        return OPS.register(name, kinds=kinds, doc=text)(factory)
 
     return decorate
 
 
 def get_op(name: str) -> OpSpec:
-    try:
-        return _OPS[name]
-    except KeyError:
-        raise NasDoseError(f"op '{name}': not registered (known: {', '.join(sorted(_OPS))})") from None
+    """The op registered as ``name`` (or, by import path, the registered op of that factory)."""
+    entry = OPS.get(name)
+    return OpSpec(entry.name, entry.meta["kinds"], entry.obj, entry.meta["doc"])
 
 
 def list_ops(kind: OpKind | None = None) -> list[str]:
-    """Registered op names (of one kind, if given), in registration order."""
+    """Registered op names (of one kind, if given), sorted."""
     if kind is not None and kind not in KINDS:
         raise NasDoseError(f"op kind '{kind}': unknown (known: {', '.join(KINDS)})")
-    return [n for n, s in _OPS.items() if kind is None or kind in s.kinds]
+    return [n for n in OPS.names() if kind is None or kind in get_op(n).kinds]
 
 
 def make_op(name: str, kind: str, c_in: int, c_out: int, slot: str = "") -> nn.Module:

@@ -6,7 +6,6 @@ building, the supernet, mutation, distance) is derived here, so a new space is o
 """
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -16,6 +15,7 @@ import torch.nn as nn
 
 from ..errors import NasDoseError
 from ..io import load_yaml
+from ..registry import Registry, import_module
 from .cells import SlotFactory
 from .genotype import Genotype, check_fields
 from .ops import list_ops, make_op
@@ -205,26 +205,17 @@ def _single_op_factory(choices: Mapping[str, Any]) -> SlotFactory:
 # ---------------------------------------------------------------------------------------------
 # registry
 
-_SPACES: dict[str, type[SearchSpace]] = {}
+SPACES: Registry[type[SearchSpace]] = Registry("search space", base=SearchSpace, named=True)
 
 
 def register_space(name: str) -> Callable[[type[SearchSpace]], type[SearchSpace]]:
     """Class decorator: register a SearchSpace subclass under ``name`` (sets ``cls.name``)."""
-
-    def decorate(cls: type[SearchSpace]) -> type[SearchSpace]:
-        if not (isinstance(cls, type) and issubclass(cls, SearchSpace)):
-            raise NasDoseError(f"search space '{name}': {cls!r} is not a SearchSpace subclass")
-        if name in _SPACES and _SPACES[name] is not cls:
-            raise NasDoseError(f"search space '{name}': already registered")
-        cls.name = name
-        _SPACES[name] = cls
-        return cls
-
-    return decorate
+    return SPACES.register(name)
 
 
 def list_spaces() -> list[str]:
-    return list(_SPACES)
+    """Names of the registered spaces, sorted."""
+    return SPACES.names()
 
 
 def get_space(name: str, source: str = "") -> SearchSpace:
@@ -233,33 +224,13 @@ def get_space(name: str, source: str = "") -> SearchSpace:
     A space loaded by path that is not registered takes the path as its name, so its
     genotypes record where to find it.
     """
-    where = source or "search space"
-    if name in _SPACES:
-        return _SPACES[name]()
-    if ":" not in name:
-        raise NasDoseError(f"{where}: unknown search space '{name}' (known: {', '.join(_SPACES)}; "
-                           "or give package.module:ClassName)")
-    module, _, attr = name.partition(":")
-    cls = getattr(_import(module, where), attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, SearchSpace)):
-        raise NasDoseError(f"{where}: '{name}' is not a SearchSpace subclass")
-    space = cls()
-    if _SPACES.get(cls.name) is not cls:
-        space.name = name
-    return space
+    return SPACES.get(name, source).obj()
 
 
 def import_plugins(modules: list[str]) -> None:
     """Import modules that register ops or spaces as a side effect (``mypkg.ops``)."""
     for module in modules:
-        _import(module, "plugin")
-
-
-def _import(module: str, where: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise NasDoseError(f"{where}: cannot import '{module}' ({e})") from None
+        import_module(module, "plugin")
 
 
 def build_model(g: Genotype) -> nn.Module:

@@ -6,7 +6,6 @@ to checkpoint and a log, so strategies stay interchangeable under `nasdose searc
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -26,6 +25,7 @@ from ..data.dataset import DoseDataset
 from ..errors import NasDoseError
 from ..pool.candidate import Candidate
 from ..pool.diversity import DiversityConfig
+from ..registry import Registry
 from ..runtime import Runtime
 from ..search_spaces import SearchSpace
 from ..training import dose_errors_gy
@@ -187,41 +187,28 @@ class Strategy(ABC):
 
 
 S = TypeVar("S", bound=type[Strategy])
-_REGISTRY: dict[str, type[Strategy]] = {}
 # Built-in strategies are imported on first use, so that e.g. NNI is only loaded when asked for.
-_BUILTIN: dict[str, str] = {
-    "differentiable": "differentiable",
-    "evolution": "evolution",
-    "random": "random_search",
-    "nni": "nni_backend",
-}
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", base=Strategy, named=True, builtins={
+    "differentiable": f"{__package__}.differentiable",
+    "evolution": f"{__package__}.evolution",
+    "random": f"{__package__}.random_search",
+    "nni": f"{__package__}.nni_backend",
+})
 
 
 def register_strategy(name: str) -> Callable[[S], S]:
     """Class decorator: make a Strategy available to `nasdose search` as `strategy: name`."""
-
-    def add(cls: S) -> S:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"strategy {name!r} is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return add
+    return STRATEGIES.register(name)
 
 
 def get_strategy(name: str) -> type[Strategy]:
-    """The Strategy class registered as `name` (an unknown name is a user error)."""
-    if name not in _REGISTRY and name in _BUILTIN:
-        importlib.import_module(f"{__package__}.{_BUILTIN[name]}")
-    if name not in _REGISTRY:
-        raise NasDoseError(f"strategy: unknown strategy {name!r} (known: {', '.join(list_strategies())})")
-    return _REGISTRY[name]
+    """The Strategy class registered as `name`, or imported from `package.module:Class`."""
+    return STRATEGIES.get(name).obj
 
 
 def list_strategies() -> list[str]:
     """Names of the built-in and registered strategies, sorted."""
-    return sorted(set(_REGISTRY) | set(_BUILTIN))
+    return STRATEGIES.names()
 
 
 def _identity(line: str) -> str:

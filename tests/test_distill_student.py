@@ -49,7 +49,7 @@ def test_genotype_with_a_width_multiplier(tmp_path, genotype_file):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("nomodel:widths=4", "model 'nomodel': unknown"),
+    ("nomodel:widths=4", "unknown model 'nomodel'"),
     ("unet3d:depth=3", "depth"),
     ("unet3d:widths=4:widths=8", "repeated key"),
     ("unet3d:widths=4:extra", "follows the options"),

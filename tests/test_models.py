@@ -142,7 +142,7 @@ def test_unet2d_uses_batchnorm_maxpool_and_dropout():
 
 
 @pytest.mark.parametrize("name, kwargs, message", [
-    ("unet4d", {}, r"model 'unet4d': unknown \(known: .*unet2d, unet3d"),
+    ("unet4d", {}, r"unknown model 'unet4d' \(known: .*unet2d, unet3d"),
     ("unet3d", {"widht": (4, 8)}, r"model 'unet3d': unknown argument 'widht' \(arguments: in_channels"),
     ("unet3d", {"norm": "group"}, r"model 'unet3d': argument 'norm': expected one of 'instance', 'batch'"),
     ("unet3d", {"act": "gelu"}, "argument 'act'"),
@@ -168,7 +168,7 @@ def test_models_import_from_outside_the_package():
 
 
 def test_register_a_factory(monkeypatch):
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(registry.MODELS, "_entries", dict(registry.MODELS._entries))
 
     @register_model("linear_dose", small={"hidden": 2})
     def linear_dose(in_channels: int = 10, hidden: int = 8) -> nn.Module:
@@ -176,7 +176,7 @@ def test_register_a_factory(monkeypatch):
 
     assert "linear_dose" in list_models() and small_kwargs("linear_dose") == {"hidden": 2}
     assert _n_params(create_model("linear_dose", hidden=3)) == 10 * 3 + 3 + 3 + 1
-    register_model("linear_dose")(linear_dose)  # the same factory again: harmless
+    register_model("linear_dose", small={"hidden": 2})(linear_dose)  # the same registration again: harmless
     with pytest.raises(NasDoseError, match="model 'linear_dose': already registered by .*linear_dose"):
         register_model("linear_dose")(lambda: nn.Identity())
     with pytest.raises(NasDoseError, match="not a class or function"):

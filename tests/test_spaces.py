@@ -227,7 +227,7 @@ def test_lenas_levels_needs_four_widths():
 def test_unknown_space_and_bad_import_paths():
     with pytest.raises(NasDoseError, match="unknown search space 'nope'"):
         get_space("nope")
-    with pytest.raises(NasDoseError, match="cannot import 'no_such_module_xyz'"):
+    with pytest.raises(NasDoseError, match="cannot import module 'no_such_module_xyz'"):
         get_space("no_such_module_xyz:Space")
     with pytest.raises(NasDoseError, match="is not a SearchSpace subclass"):
         get_space("nas_dose.search_spaces.ops:Zero")
@@ -267,8 +267,8 @@ register_space("tiny_plugin")(type("RegisteredTinySpace", (TinySpace,), {}))
 def test_plugins_add_ops_and_spaces_from_outside_the_package(tmp_path, monkeypatch):
     (tmp_path / "my_nas_plugin.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(ops_module, "_OPS", dict(ops_module._OPS))  # the registries are restored afterwards
-    monkeypatch.setattr(space_module, "_SPACES", dict(space_module._SPACES))
+    for reg in (ops_module.OPS, space_module.SPACES):  # the registries are restored afterwards
+        monkeypatch.setattr(reg, "_entries", dict(reg._entries))
     import_plugins(["my_nas_plugin"])
     assert "plugin_conv_k1" in list_ops("cell") and "tiny_plugin" in list_spaces()
 

@@ -5,7 +5,9 @@ import argparse
 from pathlib import Path
 
 from ..config import load_config
-from ..strategies import search
+from ..registry import PATH_HINT
+from ..search_spaces import list_spaces
+from ..strategies import list_strategies, search
 from .common import add_run_arguments
 
 STAGE = search
@@ -14,6 +16,8 @@ STAGE = search
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "DIR", "continue the search in DIR where it stopped (without --config, from "
                       "DIR/config.yaml; only runtime.* overrides may differ)")
+    parser.epilog = (f"space: {', '.join(list_spaces())} or {PATH_HINT}\n"
+                     f"strategy: {', '.join(list_strategies())} or {PATH_HINT}")
 
 
 def main(args: argparse.Namespace) -> None:

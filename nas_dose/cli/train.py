@@ -5,6 +5,8 @@ import argparse
 
 from .. import train
 from ..config import load_config
+from ..models import list_models
+from ..registry import PATH_HINT
 from .common import add_run_arguments
 
 STAGE = train
@@ -12,6 +14,7 @@ STAGE = train
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "RUN", "continue the run in RUN from its last checkpoint")
+    parser.epilog = f"model.name: {', '.join(list_models())} or {PATH_HINT} (or model.genotype: FILE)"
 
 
 def main(args: argparse.Namespace) -> None:

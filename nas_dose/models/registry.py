@@ -1,30 +1,21 @@
 """Model registry (timm style): models are created by name, so configs, checkpoints and the CLI
 refer to an architecture by a string, and tests can run over every registered model.
 
-A name `package.module:attr` loads a model from outside nasdose without registering it.
+A name `package.module:attr` loads a model from outside nasdose without registering it. The
+registry is a `nas_dose.registry.Registry`, so models, ops, spaces and strategies behave alike.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, Callable, Mapping, TypeVar
 
 from torch import nn
 
 from ..errors import NasDoseError
+from ..registry import Registry, qualname
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
-
-
-class _Entry:
-    """A registered factory and the arguments of a small instance of it."""
-
-    def __init__(self, factory: Callable[..., nn.Module], small: Mapping[str, Any]) -> None:
-        self.factory = factory
-        self.small = dict(small)
-
-
-_MODELS: dict[str, _Entry] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register_model(name: str, *, small: Mapping[str, Any] | None = None) -> Callable[[F], F]:
@@ -33,27 +24,17 @@ def register_model(name: str, *, small: Mapping[str, Any] | None = None) -> Call
     `small`: keyword arguments of a small, fast instance (a few thousand parameters, inputs of
     16 voxels a side work), used by the tests that run over every model and by smoke runs.
     """
-
-    def decorate(factory: F) -> F:
-        if not callable(factory):
-            raise NasDoseError(f"model '{name}': {factory!r} is not a class or function")
-        existing = _MODELS.get(name)
-        if existing is not None and existing.factory is not factory:
-            raise NasDoseError(f"model '{name}': already registered by {_qualname(existing.factory)}")
-        _MODELS[name] = _Entry(factory, small or {})
-        return factory
-
-    return decorate
+    return MODELS.register(name, small=dict(small or {}))
 
 
 def list_models() -> list[str]:
     """Names of the registered models, sorted."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def small_kwargs(name: str) -> dict[str, Any]:
     """Keyword arguments of a small instance of the registered model `name`."""
-    return dict(_entry(name).small)
+    return dict(MODELS.get(name).meta.get("small", {}))
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -62,39 +43,16 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Unknown or missing arguments and invalid values are NasDoseErrors that name the model and
     the argument, so a config typo fails before any training starts.
     """
-    factory = _import(name) if ":" in name else _entry(name).factory
+    factory = MODELS.get(name).obj
     _check_arguments(name, factory, kwargs)
     try:
         model = factory(**kwargs)
     except NasDoseError as e:
         raise NasDoseError(f"model '{name}': {e}") from None
     if not isinstance(model, nn.Module):
-        raise NasDoseError(f"model '{name}': {_qualname(factory)} returned {type(model).__name__}, "
+        raise NasDoseError(f"model '{name}': {qualname(factory)} returned {type(model).__name__}, "
                            "not a torch.nn.Module")
     return model
-
-
-def _entry(name: str) -> _Entry:
-    if name not in _MODELS:
-        raise NasDoseError(f"model '{name}': unknown (known: {', '.join(list_models())}; "
-                           "or give package.module:attr)")
-    return _MODELS[name]
-
-
-def _import(name: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise NasDoseError(f"model '{name}': cannot import module '{module_name}' ({e})") from None
-    factory = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise NasDoseError(f"model '{name}': module '{module_name}' has no attribute '{attr}'")
-    if not callable(factory):
-        raise NasDoseError(f"model '{name}': '{attr}' is not a class or function")
-    return factory
 
 
 def _check_arguments(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
@@ -114,6 +72,3 @@ def _check_arguments(name: str, factory: Callable[..., Any], kwargs: dict[str, A
     except TypeError as e:
         raise NasDoseError(f"model '{name}': {e}") from None
 
-
-def _qualname(obj: object) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
