@@ -46,10 +46,10 @@ from nas_dose.data.dataset import IN_CHANNELS
 from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.distill.losses import DistillObjective
-from nas_dose.distill.student import scale_genotype
 from nas_dose.distill.teacher import ensure_cache
 from nas_dose.inference import Ensemble
 from nas_dose.models.factory import build_model
+from nas_dose.models.spec import scale_genotype
 from nas_dose.progress import is_quiet, set_quiet
 from nas_dose.runtime import Runtime, resolve_device, seed_everything
 from nas_dose.search_spaces import count_params, save_genotype

@@ -2,12 +2,12 @@
 
 The teacher's predictions are cached once (`teacher`), the student learns from the reference
 dose and the teacher through the training engine's pluggable objective (`losses`), its
-architecture is named by a short spec (`student`), and `report` compares it with the ensemble,
-the best member and its own architecture trained without distillation.
+architecture is named by a short spec (`nas_dose.models.spec`), `report` compares it with the
+ensemble, the best member and its own architecture trained without distillation, and `distill`
+is the stage (`Config`, `Inputs`, `run`).
 """
 from .losses import AdversarialConfig, Discriminator, DistillObjective, HintConfig
-from .student import resolve_student, scale_genotype
 from .teacher import TeacherDataset, ensure_cache, teacher_key
 
-__all__ = ["AdversarialConfig", "Discriminator", "DistillObjective", "HintConfig", "resolve_student",
-           "scale_genotype", "TeacherDataset", "ensure_cache", "teacher_key"]
+__all__ = ["AdversarialConfig", "Discriminator", "DistillObjective", "HintConfig", "TeacherDataset", "ensure_cache",
+           "teacher_key"]

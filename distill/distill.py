@@ -61,6 +61,7 @@ from ..errors import NasDoseError, input_error
 from ..inference import Ensemble, load_model_or_ensemble
 from ..io import atomic_path, load_json, output_folder, save_json, write_text
 from ..models.factory import ModelConfig, build_model, load_model
+from ..models.spec import resolve_student
 from ..parallel import run_side_by_side, worker_threads
 from ..progress import say
 from ..runtime import Runtime, RuntimeConfig, seed_everything
@@ -68,7 +69,6 @@ from ..scores import Scores, score_on_source
 from ..training import Objective, TrainConfig, train_model
 from .losses import AdversarialConfig, Combine, DistillObjective, HintConfig, check_non_negative
 from .report import Row, comparison_table, cost, score_predictor
-from .student import resolve_student
 from .teacher import cache_is_current, ensure_cache, member_checkpoints, teacher_files, teacher_key
 
 

@@ -1,10 +1,10 @@
 """Student specs: registered models with arguments, YAML model sections, scaled genotypes."""
 import pytest
 
-from nas_dose.distill.student import GENOTYPE_FILE, resolve_student, scale_genotype
 from nas_dose.errors import NasDoseError
 from nas_dose.io import save_yaml
 from nas_dose.models.factory import ModelConfig, build_model
+from nas_dose.models.spec import GENOTYPE_FILE, resolve_student, scale_genotype
 from nas_dose.search_spaces import count_params, get_space, load_genotype, save_genotype
 
 CHOICES = {"down.op1": "conv", "down.op2": "identity", "down.connect": "identity", "down.down": "max_pool",

@@ -1,4 +1,5 @@
-"""Student architectures, named on the command line by a short spec.
+"""A model named on the command line by a short spec (a distillation's student), as a ModelConfig
+that `factory.build_model` builds.
 
 SPEC forms (`nasdose distill --student SPEC`):
 
@@ -24,8 +25,8 @@ import yaml
 from ..config import ConfigError, from_dict
 from ..errors import NasDoseError
 from ..io import load_yaml
-from ..models.factory import ModelConfig, build_model
 from ..search_spaces import Genotype, get_space, load_genotype, save_genotype
+from .factory import ModelConfig, build_model
 
 GENOTYPE_FILE = "student_genotype.yaml"
 _YAML_SUFFIXES = (".yaml", ".yml")
