@@ -34,11 +34,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import distributed
+from .cascade.objective import CascadeObjective
+from .cascade.windows import source_grids
 from .config import ConfigError, at_least, check_run_folder, save_config
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
-from .inference import Ensemble, predict_patients, save_ensemble
+from .inference import Cascade, Ensemble, load_predictor, predict_patients, save_ensemble
 from .io import load_json, output_folder, save_json
 from .models.factory import ModelConfig, build_model, load_model
 from .parallel import run_side_by_side, worker_threads
@@ -67,7 +69,10 @@ class EnsembleConfig:
     Member i trains with seed `seed` + i, and every network runs with `runtime`: set them here,
     not under `train`. `parallel` members train at once, each in its own process with its share
     of `runtime.threads` (nas_dose.parallel: faster on a CPU, where small networks gain little
-    from a second thread); not under torchrun, whose ranks already share the members.
+    from a second thread); not under torchrun, whose ranks already share the members. With
+    `train.cascade.coarse` every member is the full-resolution stage of a cascade refining that
+    coarse model: members are chosen and scored on the source grid, and ensemble.yaml predicts as
+    a cascade whose stage is the members' weighted mean.
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -137,18 +142,26 @@ def _train_member(cfg: EnsembleConfig, member: _Member, index: int, space: str, 
     if _trained(member):
         return
     config = _member_config(cfg, member, index, space)
+    cascade = config.cascade.coarse is not None
     seed_everything(config.seed)
-    train_model(build_model(config.model), config, data, member.folder, resume=True)
+    model = build_model(config.model, refiner=cascade)
+    objective = CascadeObjective(config, data) if cascade else None
+    train_model(model, config, data, member.folder, resume=True, objective=objective)
 
 
 def _predict_member(member: _Member, data: Path, ids: list[str], runtime: Runtime, tta: bool) -> None:
-    """Cache the member's validation predictions (its best checkpoint, as the ensemble runs it)."""
-    model, _ = load_model(member.folder)
-    predictor = runtime.prepare(Ensemble([model], [1.0], tta)).eval()
+    """Cache the member's validation predictions (its best checkpoint, as the ensemble runs it):
+    on the data set's grid, or on the source grid for the full-resolution stage of a cascade."""
     with open_data(data) as d:
-        records = ((pid, dose, d.patient_attrs(pid))
-                   for pid, dose in predict_patients(predictor, d, ids, runtime))
-        write_predictions(member.cache(tta), records, grid=d.grid, source=f"{member.folder} (tta={tta})",
+        predictor = load_predictor(member.folder, runtime, d.grid)
+        if isinstance(predictor, Cascade):
+            doses, grid = predictor.predict(d, ids, runtime, tta), d.grid * source_grids(d, ids)
+        else:
+            model, _ = load_model(member.folder)
+            tta_model = runtime.prepare(Ensemble([model], [1.0], tta)).eval()
+            doses, grid = predict_patients(tta_model, d, ids, runtime), d.grid
+        records = ((pid, dose, d.patient_attrs(pid)) for pid, dose in doses)
+        write_predictions(member.cache(tta), records, grid=grid, source=f"{member.folder} (tta={tta})",
                           total=len(ids))
 
 
@@ -164,10 +177,13 @@ def _validation_predictions(members: Sequence[_Member], data: Path, ids: list[st
     with ExitStack() as stack:
         ref = stack.enter_context(open_data(data))
         caches = [stack.enter_context(open_data(m.cache(tta))) for m in members]
+        if len({c.grid for c in caches}) > 1:
+            raise input_error(data, "the members predict different grids (whole-volume networks and cascades mixed)")
+        read = ref.read if caches[0].grid == ref.grid else ref.read_source  # a cascade's: the source grid
 
         def patients() -> Iterator[tuple[str, np.ndarray, np.ndarray, list[np.ndarray]]]:
             for pid in ids:
-                p = ref.read(pid)
+                p = read(pid)
                 if p.dose is None:
                     raise input_error(data, f"validation patient {pid} has no reference dose")
                 yield pid, p.dose, p.possible_dose_mask, [c.read_dose(pid) for c in caches]
@@ -271,7 +287,8 @@ def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: Val
         write_predictions(out / "validation.h5",
                           ((pid, vp.full_dose(sel.weights, p), d.patient_attrs(pid))
                            for p, pid in enumerate(vp.ids)),
-                          grid=d.grid, source=str(out / "ensemble.yaml"), total=len(vp.ids))
+                          grid=d.grid if cfg.train.cascade.coarse is None else d.grid * source_grids(d, vp.ids),
+                          source=str(out / "ensemble.yaml"), total=len(vp.ids))
     split = cfg.train.data.val_split
     in_sample = evaluate_predictions(out / "validation.h5", data, out, split=split, plots=cfg.plots)
     plot_diversity(names, matrices, out / "plots" / "diversity.png")

@@ -19,8 +19,8 @@ from .data.dataset import INPUT_LAYOUT, build_input
 from .data.patient import DOSE_SCALE_GY
 from .data.store import DataFile
 from .errors import input_error
-from .io import load_yaml, save_yaml
-from .models.factory import check_trained_grid, load_model
+from .io import load_checkpoint, load_yaml, save_yaml
+from .models.factory import check_trained_grid, load_model, spec_genotype
 from .models.refiner import Refiner
 from .runtime import Runtime
 from .scores import Scores, score_on_source, score_patients
@@ -164,7 +164,7 @@ def load_ensemble(path: str | Path, grid: int | None = None) -> Ensemble:
         model, meta = load_model(path.parent / m["checkpoint"])
         check_trained_grid(path.parent / m["checkpoint"], meta, grid)
         genotype = load_genotype(path.parent / m["genotype"])
-        if meta["model_config"].get("genotype") != genotype.to_dict():
+        if meta["model_config"].get("genotype") != spec_genotype(genotype, bool(meta["model_config"].get("refiner"))):
             raise input_error(path, f"member {m['name']}: {m['checkpoint']} does not hold the network "
                                     f"of {m['genotype']}")
         models.append(model)
@@ -193,15 +193,32 @@ def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Pre
     with `grid`, refused unless trained on that grid. A cascade's full-resolution run comes with
     its coarse stage (the run's `cascade.coarse`)."""
     model = load_model_or_ensemble(path, grid)
-    if not isinstance(model, Refiner):
+    networks = list(model.members) if isinstance(model, Ensemble) else [model]
+    refiners = sum(isinstance(m, Refiner) for m in networks)
+    if not refiners:
         return runtime.prepare(model).eval()
-    cfg = from_dict(CascadeConfig, load_model(path)[1]["config"].get("cascade"))
+    if refiners < len(networks):
+        raise input_error(path, "mixes full-resolution stages of a cascade with whole-volume networks")
+    cfg = _cascade_config(Path(path))
     if cfg.coarse is None or Path(cfg.coarse).resolve() == Path(path).resolve():
         raise input_error(path, "a refiner whose config names no coarse stage (cascade.coarse)")
     coarse = load_predictor(Path(cfg.coarse), runtime, grid)
     if isinstance(coarse, Cascade):
         raise input_error(path, f"its coarse stage {cfg.coarse} is itself a cascade")
     return Cascade(coarse, runtime.prepare(model).eval(), cfg)
+
+
+def _cascade_config(path: Path) -> CascadeConfig:
+    """The `cascade` section a refiner was trained with; for an ensemble of refiners the one its
+    members share (the same coarse stage and windows)."""
+    ensemble = path.suffix in (".yaml", ".yml")
+    files = [path.parent / m["checkpoint"] for m in load_yaml(path)["members"]] if ensemble else [path]
+    configs = [from_dict(CascadeConfig, load_checkpoint(f / "best.pt" if f.is_dir() else f)["config"].get("cascade"))
+               for f in files]
+    if any((c.coarse, c.patch, c.overlap) != (configs[0].coarse, configs[0].patch, configs[0].overlap)
+           for c in configs):
+        raise input_error(path, "its members refine different coarse stages or use different windows")
+    return configs[0]
 
 
 def official_scores(predictor: Predictor | Cascade, data: DataFile, ids: list[str], runtime: Runtime,

@@ -272,3 +272,46 @@ def test_a_pipeline_cascade_learns_from_out_of_fold_predictions(coarse_data, tmp
         assert (fold1.data.folds, fold1.data.fold) == (2, 1) and fold1.data.held_out(train) == train[1::2]
     cascade = load_config(TrainConfig, out / "cascade" / "config.yaml").cascade
     assert cascade.coarse_input == "predictions" and cascade.coarse_predictions.endswith("out_of_fold.h5")
+
+
+def test_an_ensemble_of_full_resolution_stages(coarse_data, tmp_path):
+    """`nasdose ensemble` with `train.cascade.coarse`: each pool member is trained as the
+    full-resolution stage refining one coarse model; selection and scores are on the source grid,
+    and ensemble.yaml predicts as a cascade whose stage is the weighted mean of the members'."""
+    from nas_dose import ensemble
+    from nas_dose.config import load_config
+    from nas_dose.inference import Cascade, Ensemble, load_predictor
+    from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
+    from nas_dose.runtime import Runtime, RuntimeConfig
+    from nas_dose.search_spaces import get_space
+
+    coarse = tmp_path / "coarse"
+    assert nasdose("train", "--data", coarse_data, "--out", coarse, *FAST) == 0
+    space = get_space("lenas")
+    a = {"down.op1": "conv", "down.op2": "identity", "down.connect": "identity", "down.down": "max_pool",
+         "up.op1": "conv", "up.op2": "identity", "up.connect": "identity", "up.up": "up_interpolate"}
+    choices = [a, {**a, "down.op1": "dep_conv", "up.up": "up_conv"}]
+    members = [PoolMember(f"m{i}", space.genotype(c, {"stem": 4, "widths": [8, 8]}), 1.0)
+               for i, c in enumerate(choices)]
+    save_pool(tmp_path / "pool.yaml", Pool("lenas", "hand", 0, members, {k: np.zeros((2, 2)) for k in MATRICES}))
+    cfg = load_config(ensemble.Config, overrides=[
+        f"train.cascade.coarse={coarse}", "train.cascade.patch=16", "train.epochs=1", "train.steps_per_epoch=2",
+        "train.data.augment.enabled=false", "runtime.device=cpu", "runtime.threads=1", "plots=1",
+        "selection.combination=weighted"])
+    out = tmp_path / "ens"
+    metrics = ensemble.run(cfg, ensemble.Inputs(tmp_path / "pool.yaml", coarse_data), out)
+    runtime = Runtime(RuntimeConfig(device="cpu", threads=1))
+    with open_data(coarse_data) as d:
+        predictor = load_predictor(out / "ensemble.yaml", runtime, d.grid)
+        assert isinstance(predictor, Cascade) and isinstance(predictor.refiner, Ensemble)
+        pid = d.ids("validation")[0]
+        (_, dose), = predictor.predict(d, [pid], runtime)
+        weights = metrics["ensemble"]["weights"]
+        mean = 0
+        for name, w in weights.items():
+            with open_data(out / "members" / name / "validation.h5") as member:
+                mean = mean + w * member.read_dose(pid)
+        assert dose.shape == (32, 32, 32)
+        np.testing.assert_allclose(dose, mean, atol=2e-4)
+        official = score_patients([(d.read_source(pid), dose)])
+    assert metrics["validation_in_sample"]["dose_score"] == pytest.approx(official.dose_score, abs=1e-4)

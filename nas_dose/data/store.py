@@ -332,9 +332,11 @@ class DataFile:
 
     def to_source_grid(self, pid: str, dose: np.ndarray) -> np.ndarray:
         """A dose on this data set's grid, upsampled to the patient's source grid and zeroed
-        outside its source mask, as `nasdose predict` writes it (itself when not resampled)."""
+        outside its source mask, as `nasdose predict` writes it (itself when not resampled, or
+        when it is on the source grid already: a cascade's)."""
         factor = self.source_grid(pid) // self.grid
-        return dose if factor == 1 else upsample_dose(dose, factor, mask=self.source_mask(pid))
+        on_source = dose.shape == (self.source_grid(pid),) * 3
+        return dose if factor == 1 or on_source else upsample_dose(dose, factor, mask=self.source_mask(pid))
 
     def read_source(self, pid: str, region: tuple[slice, slice, slice] | None = None) -> Patient:
         """The patient on the grid it was imported from, where the official scores are computed

@@ -14,7 +14,7 @@ from ..data.dataset import IN_CHANNELS
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint
 from ..search_spaces import build_model as build_genotype
-from ..search_spaces import genotype_from_dict, load_genotype
+from ..search_spaces import Genotype, genotype_from_dict, load_genotype
 from ..search_spaces.measure import meta_copy, meta_forward
 from .refiner import REFINER_CHANNELS, Refiner
 from .registry import create_model
@@ -41,12 +41,19 @@ def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
     input one channel wider (the coarse dose) and its output added to that channel."""
     kwargs, genotype = dict(cfg.kwargs), None
     if cfg.genotype is not None:
-        genotype = load_genotype(Path(cfg.genotype)).to_dict()
-        if refiner:
-            genotype["macro"] = {**genotype["macro"], "in_channels": REFINER_CHANNELS}
+        genotype = spec_genotype(load_genotype(Path(cfg.genotype)), refiner)
     elif refiner:
         kwargs["in_channels"] = REFINER_CHANNELS
     return {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
+
+
+def spec_genotype(genotype: Genotype, refiner: bool) -> dict[str, Any]:
+    """The genotype as a checkpoint's spec holds it: a refiner's takes the coarse dose as one more
+    input channel."""
+    data = genotype.to_dict()
+    if refiner:
+        data["macro"] = {**data["macro"], "in_channels": REFINER_CHANNELS}
+    return data
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
