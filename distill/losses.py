@@ -37,14 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
-from ..config import ConfigError
-from ..data.dataset import IN_CHANNELS
-from ..errors import NasDoseError
-from ..runtime import Runtime
-from ..search_spaces.measure import meta_copy, meta_forward
-from ..training import Objective, TrainConfig, masked_loss
-from ..training.losses import share_weight
+from nas_dose import distributed
+from nas_dose.config import ConfigError
+from nas_dose.data.dataset import IN_CHANNELS
+from nas_dose.errors import NasDoseError
+from nas_dose.runtime import Runtime
+from nas_dose.search_spaces.measure import meta_copy, meta_forward
+from nas_dose.training import Objective, TrainConfig, masked_loss
+from nas_dose.training.losses import share_weight
+
 from .teacher import TeacherDataset
 
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, from_dict
-from ..errors import NasDoseError
-from ..io import load_yaml
-from ..models.factory import ModelConfig, build_model
-from ..search_spaces import Genotype, get_space, load_genotype, save_genotype
+from nas_dose.config import ConfigError, from_dict
+from nas_dose.errors import NasDoseError
+from nas_dose.io import load_yaml
+from nas_dose.models.factory import ModelConfig, build_model
+from nas_dose.search_spaces import Genotype, get_space, load_genotype, save_genotype
 
 GENOTYPE_FILE = "student_genotype.yaml"
 _YAML_SUFFIXES = (".yaml", ".yml")

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nas_dose.search_spaces import load_genotype
+
 from .cascade.patches import CascadeConfig
 from .cascade.windows import predict_source, source_grids
 from .config import from_dict
@@ -24,7 +26,6 @@ from .models.factory import check_trained_grid, load_model
 from .models.refiner import Refiner
 from .runtime import Runtime
 from .scores import Scores, score_on_source, score_patients
-from .search_spaces import load_genotype
 
 TTA_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
 

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
-from ..errors import NasDoseError
+from nas_dose.errors import NasDoseError
+
 from .cells import CellUNet, SlotFactory
 from .genotype import Genotype
 from .lenas import CELL_OPS, DEFAULT_MACRO, DOWN_OPS, UP_OPS, cell_candidates

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import NasDoseError
+from nas_dose.errors import NasDoseError
 
 OpKind = Literal["cell", "connect", "down", "up"]
 KINDS: tuple[str, ...] = ("cell", "connect", "down", "up")

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import NasDoseError
+from nas_dose.errors import NasDoseError
+
 from .genotype import Genotype
 from .ops import make_op
 from .space import SearchSpace

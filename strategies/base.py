@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
-from .. import distributed
-from ..config import from_dict
-from ..data.dataset import DoseDataset
-from ..errors import NasDoseError
-from ..pool.candidate import Candidate
-from ..pool.diversity import DiversityConfig
-from ..runtime import Runtime
-from ..search_spaces import SearchSpace
-from ..training import dose_errors_gy
+from nas_dose import distributed
+from nas_dose.config import from_dict
+from nas_dose.data.dataset import DoseDataset
+from nas_dose.errors import NasDoseError
+from nas_dose.pool.candidate import Candidate
+from nas_dose.pool.diversity import DiversityConfig
+from nas_dose.runtime import Runtime
+from nas_dose.search_spaces import SearchSpace
+from nas_dose.training import dose_errors_gy
 
 
 @dataclass

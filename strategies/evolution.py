@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import distributed
-from ..config import ConfigError, to_dict
-from ..errors import NasDoseError
-from ..io import load_checkpoint, save_checkpoint
-from ..pool import Candidate
-from ..pool.diversity import DiversityConfig, prediction_disagreement
-from ..search_spaces import Genotype, genotype_from_dict
+from nas_dose import distributed
+from nas_dose.config import ConfigError, to_dict
+from nas_dose.errors import NasDoseError
+from nas_dose.io import load_checkpoint, save_checkpoint
+from nas_dose.pool import Candidate
+from nas_dose.pool.diversity import DiversityConfig, prediction_disagreement
+from nas_dose.search_spaces import Genotype, genotype_from_dict
+
 from .base import SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, Scorer, ScoringStrategy, derived_seed, prediction_ids, ranked
 

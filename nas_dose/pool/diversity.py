@@ -13,8 +13,9 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from nas_dose.search_spaces import get_space
+
 from ..config import ConfigError
-from ..search_spaces import get_space
 from .candidate import Candidate
 
 MATRICES = ("disagreement", "error_correlation", "genotype_distance")

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from nas_dose.search_spaces import Genotype, genotype_from_dict, get_space
+
 from ..errors import NasDoseError
 from ..io import load_yaml, save_yaml
-from ..search_spaces import Genotype, genotype_from_dict, get_space
 from .diversity import MATRICES
 
 FORMAT = "nasdose-pool"
