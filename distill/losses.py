@@ -28,7 +28,7 @@ augmented input at each step (no gradients) while hints are on. They are off by 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,7 +72,7 @@ class AdversarialConfig:
 
     weight: float = 0.0
     lr: float = 2e-4
-    betas: tuple[float, ...] = (0.5, 0.999)
+    betas: tuple[float, float] = (0.5, 0.999)
     width: int = 8
     real: Literal["teacher", "target"] = "teacher"
 
@@ -80,8 +80,6 @@ class AdversarialConfig:
         check_non_negative("adversarial.weight", self.weight)
         if not self.lr > 0:
             raise ConfigError(f"config key 'adversarial.lr': must be positive, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"config key 'adversarial.betas': expected 2 numbers, got {len(self.betas)}")
         if self.width < 1:
             raise ConfigError(f"config key 'adversarial.width': must be at least 1, got {self.width}")
 
@@ -95,7 +93,7 @@ def check_non_negative(key: str, value: float) -> None:
 # The terms.
 
 def hint_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-              adapters: Sequence[nn.Module]) -> torch.Tensor:
+              adapters: Iterable[nn.Module]) -> torch.Tensor:
     """Mean over layers of the MSE between adapted student features (resized to the teacher's
     spatial size when they differ) and teacher features."""
     total = torch.zeros((), device=teacher[0].device)
@@ -104,7 +102,7 @@ def hint_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
         if a.shape[2:] != t.shape[2:]:
             a = F.interpolate(a, size=t.shape[2:], mode="trilinear", align_corners=False)
         total = total + F.mse_loss(a, t.float())
-    return total / len(adapters)
+    return total / len(teacher)
 
 
 class Discriminator(nn.Module):
@@ -269,6 +267,7 @@ class DistillObjective(Objective):
             main = masked_loss(pred, batch["target"], mask, self.kind, weight=w_gt) + b * teacher
         hint = adv = d_loss = zero
         if self.hint.weight > 0:
+            assert self.hint_teacher is not None
             with torch.no_grad(), self.runtime.autocast():
                 self.hint_teacher(batch["input"])
             hint = hint_loss(self.student_tap.take(), self.teacher_tap.take(), self.adapters)

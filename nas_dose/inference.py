@@ -2,8 +2,10 @@
 set's patients, with flip test-time augmentation; the one loader of every kind of predictor."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -52,16 +54,17 @@ def _mirror_channels(x: torch.Tensor) -> torch.Tensor:
     return x[:, order]
 
 
+def _flipped_prediction(predictor: Predictor, x: torch.Tensor, flips: tuple[bool, bool]) -> torch.Tensor:
+    """The prediction for `x` flipped by `flips`, flipped back to the original orientation."""
+    xi = _flip(x, flips)
+    if Transform(flips=flips).mirrors:
+        xi = _mirror_channels(xi)
+    return _flip(predictor(xi).float(), flips)
+
+
 def flip_tta(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
     """Mean of the predictions over TTA_FLIPS, each flipped back to the original orientation."""
-    total = None
-    for flips in TTA_FLIPS:
-        xi = _flip(x, flips)
-        if Transform(flips=flips).mirrors:
-            xi = _mirror_channels(xi)
-        yi = _flip(predictor(xi).float(), flips)
-        total = yi if total is None else total + yi
-    return total / len(TTA_FLIPS)
+    return reduce(operator.add, (_flipped_prediction(predictor, x, flips) for flips in TTA_FLIPS)) / len(TTA_FLIPS)
 
 
 def predict_patients(predictor: Predictor, data: DataFile, ids: list[str], runtime: Runtime,
@@ -118,11 +121,8 @@ class Ensemble(nn.Module):
         self.names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
 
     def combine(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        for w, member in zip(self.weights, self.members):
-            y = member(x).float().clamp_min(0) * w
-            out = y if out is None else out + y
-        return out
+        weighted = (member(x).float().clamp_min(0) * w for w, member in zip(self.weights, self.members))
+        return reduce(operator.add, weighted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return flip_tta(self.combine, x) if self.tta else self.combine(x)

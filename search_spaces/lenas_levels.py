@@ -60,8 +60,8 @@ class LenasLevelsSpace(SearchSpace):
         return out
 
     def active_slots(self, g: Genotype) -> list[str]:
-        depth = g.choices["depth"]
-        return [s for s in self.slots() if _level(s) is None or _level(s) < depth]
+        depth = int(g.choices["depth"])
+        return [s for s in self.slots() if (level := _level(s)) is None or level < depth]
 
     def construct(self, choices: Mapping[str, Any], macro: Mapping[str, Any], make: SlotFactory) -> nn.Module:
         depth, percent = int(choices["depth"]), int(choices["width"])

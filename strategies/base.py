@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Iterable, TypeVar
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
 
 from nas_dose import distributed
 from nas_dose.config import from_dict
@@ -59,7 +59,7 @@ class SearchContext:
         if not self.weight_ids or not self.arch_ids:
             raise NasDoseError(f"{self.data}: a search needs weight and architecture patients")
 
-    def dataset(self, ids: Iterable[str]) -> Dataset:
+    def dataset(self, ids: Iterable[str]) -> Subset:
         """The patients `ids` (of any split), in that order, without augmentation."""
         if self._all is None:
             self._all = DoseDataset(self.data, None)

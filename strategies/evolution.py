@@ -129,9 +129,9 @@ def _restore(path: Path, name: str, settings: dict[str, Any], ctx: SearchContext
 
 def _rng_state(rng: np.random.RandomState) -> dict[str, Any]:
     """A RandomState's state as a tensor and plain values (a weights_only checkpoint)."""
-    _, keys, pos, has_gauss, cached = rng.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    state = rng.get_state(legacy=False)
+    return {"keys": torch.from_numpy(state["state"]["key"].astype(np.int64)), "pos": int(state["state"]["pos"]),
+            "has_gauss": int(state["has_gauss"]), "cached_gaussian": float(state["gauss"])}
 
 
 def mean_disagreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable, TypeGuard
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def save_pool(path: str | Path, pool: Pool) -> None:
     save_yaml(path, data)
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: Any) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -118,7 +118,7 @@ def load_pool(path: str | Path) -> Pool:
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise NasDoseError(f"{path}: member names are not unique ({', '.join(names)})")
-    seen: dict[str, str] = {}
+    seen: dict[Hashable, str] = {}
     for m in members:
         other = seen.setdefault(m.genotype.key(), m.name)
         if other != m.name:
