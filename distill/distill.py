@@ -53,20 +53,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed
-from ..config import ConfigError, at_least, check_run_folder, save_config
-from ..data.dataset import IN_CHANNELS
-from ..data.store import SPLITS, open_data
-from ..errors import NasDoseError, input_error
-from ..inference import Ensemble, load_model_or_ensemble
-from ..io import atomic_path, load_json, output_folder, save_json, write_text
-from ..models.factory import ModelConfig, build_model, load_model
-from ..models.spec import resolve_student
-from ..parallel import run_side_by_side, worker_threads
-from ..progress import say
-from ..runtime import Runtime, RuntimeConfig, seed_everything
-from ..scores import Scores, score_on_source
-from ..training import Objective, TrainConfig, train_model
+from nas_dose import distributed
+from nas_dose.config import ConfigError, at_least, check_run_folder, save_config
+from nas_dose.data.dataset import IN_CHANNELS
+from nas_dose.data.store import SPLITS, open_data
+from nas_dose.errors import NasDoseError, input_error
+from nas_dose.inference import Ensemble, load_model_or_ensemble
+from nas_dose.io import atomic_path, load_json, output_folder, save_json, write_text
+from nas_dose.models.factory import ModelConfig, build_model, load_model
+from nas_dose.models.spec import resolve_student
+from nas_dose.parallel import run_side_by_side, worker_threads
+from nas_dose.progress import say
+from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
+from nas_dose.scores import Scores, score_on_source
+from nas_dose.training import Objective, TrainConfig, train_model
+
 from .losses import AdversarialConfig, Combine, DistillObjective, HintConfig, check_non_negative
 from .report import Row, comparison_table, cost, score_predictor
 from .teacher import cache_is_current, ensure_cache, member_checkpoints, teacher_files, teacher_key
@@ -289,13 +290,13 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         + (f", with {len(unlabeled_ids)} unlabeled patients taught by the teacher alone "
            f"({student_cfg.epochs} epochs)" if unlabeled_ids else "")
         + (", and training the same architecture without distillation (baseline)" if cfg.baseline else ""))
-    jobs = [(student_cfg, data, out / "student", objective)]
+    jobs: list[tuple[TrainConfig, Path, Path, Objective | None]] = [(student_cfg, data, out / "student", objective)]
     if cfg.baseline:
         jobs.append((train_cfg, data, out / "baseline", None))
     workers = min(cfg.parallel, len(jobs))
     if workers > 1:
         threads = worker_threads(workers, cfg.runtime.threads)
-        jobs = [(replace(c, runtime=replace(c.runtime, threads=threads)), *rest) for c, *rest in jobs]
+        jobs = [(replace(c, runtime=replace(c.runtime, threads=threads)), d, o, obj) for c, d, o, obj in jobs]
         say(f"student and baseline side by side, {threads} thread(s) each")
     records = run_side_by_side(_train, jobs, workers)
     student_record, baseline_record = records[0], (records[1] if cfg.baseline else None)

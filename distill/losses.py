@@ -27,7 +27,7 @@ augmented input at each step (no gradients) while hints are on. They are off by 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,14 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
-from ..config import ConfigError, at_least
-from ..data.dataset import IN_CHANNELS
-from ..errors import NasDoseError
-from ..runtime import Runtime
-from ..search_spaces.measure import meta_copy, meta_forward
-from ..training import Objective, TrainConfig, masked_loss
-from ..training.losses import share_weight
+from nas_dose import distributed
+from nas_dose.config import ConfigError, at_least
+from nas_dose.data.dataset import IN_CHANNELS
+from nas_dose.errors import NasDoseError
+from nas_dose.runtime import Runtime
+from nas_dose.search_spaces.measure import meta_copy, meta_forward
+from nas_dose.training import Objective, TrainConfig, masked_loss
+from nas_dose.training.losses import share_weight
+
 from .teacher import TeacherDataset
 
 
@@ -70,7 +71,7 @@ class AdversarialConfig:
 
     weight: float = 0.0
     lr: float = 2e-4
-    betas: tuple[float, ...] = (0.5, 0.999)
+    betas: tuple[float, float] = (0.5, 0.999)
     width: int = 8
     real: Literal["teacher", "target"] = "teacher"
 
@@ -78,8 +79,6 @@ class AdversarialConfig:
         check_non_negative("adversarial.weight", self.weight)
         if not self.lr > 0:
             raise ConfigError(f"config key 'adversarial.lr': must be positive, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"config key 'adversarial.betas': expected 2 numbers, got {len(self.betas)}")
         at_least("adversarial.width", self.width, 1)
 
 
@@ -92,7 +91,7 @@ def check_non_negative(key: str, value: float) -> None:
 # The terms.
 
 def hint_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-              adapters: Sequence[nn.Module]) -> torch.Tensor:
+              adapters: Iterable[nn.Module]) -> torch.Tensor:
     """Mean over layers of the MSE between adapted student features (resized to the teacher's
     spatial size when they differ) and teacher features."""
     total = torch.zeros((), device=teacher[0].device)
@@ -101,7 +100,7 @@ def hint_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
         if a.shape[2:] != t.shape[2:]:
             a = F.interpolate(a, size=t.shape[2:], mode="trilinear", align_corners=False)
         total = total + F.mse_loss(a, t.float())
-    return total / len(adapters)
+    return total / len(teacher)
 
 
 class Discriminator(nn.Module):
@@ -266,6 +265,7 @@ class DistillObjective(Objective):
             main = masked_loss(pred, batch["target"], mask, self.kind, weight=w_gt) + b * teacher
         hint = adv = d_loss = zero
         if self.hint.weight > 0:
+            assert self.hint_teacher is not None
             with torch.no_grad(), self.runtime.autocast():
                 self.hint_teacher(batch["input"])
             hint = hint_loss(self.student_tap.take(), self.teacher_tap.take(), self.adapters)

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.dataset import IN_CHANNELS
-from ..data.store import open_data
-from ..inference import Predictor, predict_patients
-from ..runtime import Runtime
-from ..scores import Scores, score_on_source
-from ..search_spaces import count_flops, count_params
+from nas_dose.data.dataset import IN_CHANNELS
+from nas_dose.data.store import open_data
+from nas_dose.inference import Predictor, predict_patients
+from nas_dose.runtime import Runtime
+from nas_dose.scores import Scores, score_on_source
+from nas_dose.search_spaces import count_flops, count_params
 
 
 @dataclass

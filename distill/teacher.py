@@ -23,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import distributed
-from ..data.augment import AugmentConfig
-from ..data.dataset import DoseDataset
-from ..data.patient import DOSE_SCALE_GY
-from ..data.store import open_data, write_predictions
-from ..errors import NasDoseError, input_error
-from ..inference import Predictor, predict_patients
-from ..io import load_yaml
-from ..progress import say
-from ..runtime import Runtime
+from nas_dose import distributed
+from nas_dose.data.augment import AugmentConfig
+from nas_dose.data.dataset import DoseDataset
+from nas_dose.data.patient import DOSE_SCALE_GY
+from nas_dose.data.store import open_data, write_predictions
+from nas_dose.errors import NasDoseError, input_error
+from nas_dose.inference import Predictor, predict_patients
+from nas_dose.io import load_yaml
+from nas_dose.progress import say
+from nas_dose.runtime import Runtime
 
 CACHE_VERSION = 1
 KEY_ATTR = "teacher_key"

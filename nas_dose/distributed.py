@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -208,7 +208,7 @@ def on_main(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
             outcome = ("ok", fn(*args, **kwargs))
         except NasDoseError as e:
             error, outcome = e, ("error", str(e))
-    kind, value = broadcast_object(outcome)
+    kind, value = cast("tuple[str, Any]", broadcast_object(outcome))  # the main rank's, never None
     if error is not None:
         raise error
     if kind == "error":

@@ -33,6 +33,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from nas_dose.search_spaces import Genotype, load_genotype, save_genotype
+
 from . import distributed
 from .cascade.objective import CascadeObjective
 from .cascade.windows import source_grids
@@ -40,7 +42,7 @@ from .config import ConfigError, at_least, check_run_folder, save_config
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
-from .inference import Cascade, Ensemble, load_predictor, predict_patients, save_ensemble
+from .inference import Cascade, Ensemble, load_predictor, predictions, save_ensemble
 from .io import load_json, output_folder, save_json
 from .models.factory import ModelConfig, build_model, load_model
 from .parallel import run_side_by_side, worker_threads
@@ -50,7 +52,6 @@ from .pool.plots import plot_diversity
 from .progress import say
 from .runtime import Runtime, RuntimeConfig, seed_everything
 from .scores import Scores, score_on_source
-from .search_spaces import Genotype, load_genotype, save_genotype
 from .selection import (
     Selection,
     SelectionConfig,
@@ -154,12 +155,9 @@ def _predict_member(member: _Member, data: Path, ids: list[str], runtime: Runtim
     on the data set's grid, or on the source grid for the full-resolution stage of a cascade."""
     with open_data(data) as d:
         predictor = load_predictor(member.folder, runtime, d.grid)
-        if isinstance(predictor, Cascade):
-            doses, grid = predictor.predict(d, ids, runtime, tta), d.grid * source_grids(d, ids)
-        else:
-            model, _ = load_model(member.folder)
-            tta_model = runtime.prepare(Ensemble([model], [1.0], tta)).eval()
-            doses, grid = predict_patients(tta_model, d, ids, runtime), d.grid
+        if not isinstance(predictor, Cascade):  # clamped, then flip-averaged: as the ensemble runs it
+            predictor = runtime.prepare(Ensemble([load_model(member.folder)[0]], [1.0], tta)).eval()
+        grid, doses = predictions(predictor, d, ids, runtime, tta and isinstance(predictor, Cascade))
         records = ((pid, dose, d.patient_attrs(pid)) for pid, dose in doses)
         write_predictions(member.cache(tta), records, grid=grid, source=f"{member.folder} (tta={tta})",
                           total=len(ids))

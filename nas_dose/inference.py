@@ -2,14 +2,18 @@
 set's patients, with flip test-time augmentation; the one loader of every kind of predictor."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from nas_dose.search_spaces import load_genotype
 
 from .cascade.patches import CascadeConfig
 from .cascade.windows import predict_source, source_grids
@@ -23,8 +27,7 @@ from .io import load_checkpoint, load_yaml, save_yaml
 from .models.factory import check_trained_grid, load_model, spec_genotype
 from .models.refiner import Refiner
 from .runtime import Runtime
-from .scores import Scores, score_on_source, score_patients
-from .search_spaces import load_genotype
+from .scores import Scores, score_on_source
 
 TTA_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
 
@@ -51,16 +54,17 @@ def _mirror_channels(x: torch.Tensor) -> torch.Tensor:
     return x[:, order]
 
 
+def _flipped_prediction(predictor: Predictor, x: torch.Tensor, flips: tuple[bool, bool]) -> torch.Tensor:
+    """The prediction for `x` flipped by `flips`, flipped back to the original orientation."""
+    xi = _flip(x, flips)
+    if Transform(flips=flips).mirrors:
+        xi = _mirror_channels(xi)
+    return _flip(predictor(xi).float(), flips)
+
+
 def flip_tta(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
     """Mean of the predictions over TTA_FLIPS, each flipped back to the original orientation."""
-    total = None
-    for flips in TTA_FLIPS:
-        xi = _flip(x, flips)
-        if Transform(flips=flips).mirrors:
-            xi = _mirror_channels(xi)
-        yi = _flip(predictor(xi).float(), flips)
-        total = yi if total is None else total + yi
-    return total / len(TTA_FLIPS)
+    return reduce(operator.add, (_flipped_prediction(predictor, x, flips) for flips in TTA_FLIPS)) / len(TTA_FLIPS)
 
 
 def predict_patients(predictor: Predictor, data: DataFile, ids: list[str], runtime: Runtime,
@@ -117,11 +121,8 @@ class Ensemble(nn.Module):
         self.names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
 
     def combine(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        for w, member in zip(self.weights, self.members):
-            y = member(x).float().clamp_min(0) * w
-            out = y if out is None else out + y
-        return out
+        weighted = (member(x).float().clamp_min(0) * w for w, member in zip(self.weights, self.members))
+        return reduce(operator.add, weighted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return flip_tta(self.combine, x) if self.tta else self.combine(x)
@@ -221,9 +222,17 @@ def _cascade_config(path: Path) -> CascadeConfig:
     return configs[0]
 
 
+def predictions(predictor: Predictor | Cascade, data: DataFile, ids: list[str], runtime: Runtime,
+                tta: bool = False) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
+    """The grid a predictor's doses are on (a cascade's: the source grid), and (id, dose in Gy)
+    per patient: non-negative, zero outside the mask."""
+    if isinstance(predictor, Cascade):
+        return data.grid * source_grids(data, ids), predictor.predict(data, ids, runtime, tta)
+    return data.grid, predict_patients(predictor, data, ids, runtime, tta)
+
+
 def official_scores(predictor: Predictor | Cascade, data: DataFile, ids: list[str], runtime: Runtime,
                     tta: bool = False) -> Scores:
     """The OpenKBP scores of a model's or a cascade's doses, on the source grid."""
-    if isinstance(predictor, Cascade):
-        return score_patients((data.read_source(pid), dose) for pid, dose in predictor.predict(data, ids, runtime, tta))
-    return score_on_source(data, predict_patients(predictor, data, ids, runtime, tta))
+    _, doses = predictions(predictor, data, ids, runtime, tta)
+    return score_on_source(data, doses)

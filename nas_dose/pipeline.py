@@ -41,15 +41,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+
+from nas_dose.distill import distill
+from nas_dose.strategies import search
 
 from . import ensemble, evaluate, predict, train
 from .config import deep_merge, layered, to_dict
 from .data import importer, synth
 from .data.store import open_data
-from .distill import distill
 from .errors import input_error
 from .io import load_yaml, output_folder, save_yaml
 from .models.unet3d import UNET3D_WIDTHS
@@ -58,12 +60,14 @@ from .progress import say
 from .recipe import Recipe
 from .runtime import Runtime, RuntimeConfig
 from .scores import resampling_floor
-from .strategies import search
 from .training import TrainConfig
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 Config = Recipe  # laid over the default recipe: nas_dose.recipe.load_recipe
 EVAL_SPLIT = "validation"
-C = TypeVar("C")
+C = TypeVar("C", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class Context:
 
     def __post_init__(self) -> None:
         given = self.source is not None and self.source.is_file()
-        self.data = self.source if given else self.out / "data.h5"
+        self.data = self.source if self.source is not None and given else self.out / "data.h5"
 
     def config(self, cls: type[C], section: str, base: dict[str, Any]) -> C:
         """Stage `section`'s config: the pipeline's `base` (seed, budget), the recipe's on top."""

@@ -119,7 +119,7 @@ def plot_dose_slices(ct: np.ndarray, ref_dose: np.ndarray, pred_dose: np.ndarray
         slice_index = axial_centre(ptv70) if ptv70 is not None else None
     if slice_index is None:
         slice_index = axial_centre(ref_dose >= 0.95 * float(np.max(ref_dose)))
-    if not 0 <= slice_index < ct.shape[2]:
+    if slice_index is None or not 0 <= slice_index < ct.shape[2]:
         raise ValueError(f"slice {slice_index} outside 0..{ct.shape[2] - 1}")
     hu = ct[:, :, slice_index].astype(np.float64) - CT_OFFSET
     ref, pred = ref_dose[:, :, slice_index], pred_dose[:, :, slice_index]

@@ -27,7 +27,7 @@ from .config import ConfigError, load_config
 from .data.openkbp import write_submission_csv
 from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
-from .inference import Cascade, Predictor, load_predictor, predict_patients
+from .inference import Cascade, Predictor, load_predictor, predict_patients, predictions
 from .io import output_folder, save_yaml
 from .progress import say
 from .runtime import Runtime, RuntimeConfig
@@ -38,17 +38,18 @@ def write_out_of_fold(data: DataFile, runs: list[Path], out: Path, runtime: Runt
     """The training patients' doses, each predicted by the fold run (`data.folds`) that left it
     out, into one prediction file on the data set's grid: what a cascade's full-resolution stage
     should learn from (`cascade.coarse_predictions`)."""
-    # Imported here: nas_dose.train imports this module.
-
-    records, seen = [], set()
+    records, seen = [], set[str]()
     for run in runs:
         cfg = load_config(TrainConfig, run / "config.yaml")
         held_out = cfg.data.held_out(data.ids(cfg.data.train_split))
         if not held_out or seen & set(held_out):
             raise input_error(run, "not one fold of a cross-validation (data.folds) beside the others")
         seen.update(held_out)
+        predictor = load_predictor(run, runtime)
+        if isinstance(predictor, Cascade):
+            raise input_error(run, "a cascade's stage, not a fold of a coarse model")
         records += [(pid, dose, data.patient_attrs(pid))
-                    for pid, dose in predict_patients(load_predictor(run, runtime), data, held_out, runtime)]
+                    for pid, dose in predict_patients(predictor, data, held_out, runtime)]
     write_predictions(out, records, grid=data.grid, source="out-of-fold: " + ", ".join(map(str, runs)))
 
 
@@ -66,9 +67,8 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
     submission, staging = out / "submission", out / ".submission.partial"
     shutil.rmtree(staging, ignore_errors=True)
 
-    cascade = isinstance(predictor, Cascade)
-    doses = predictor.predict(data, ids, runtime, tta) if cascade else predict_patients(predictor, data, ids,
-                                                                                         runtime, tta)
+    grid, doses = predictions(predictor, data, ids, runtime, tta)
+    cascade = grid != data.grid
 
     def records() -> Iterator[tuple[str, np.ndarray, dict]]:
         for pid, dose in doses:
@@ -76,7 +76,6 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
                 write_submission_csv(staging / f"{pid}.csv", dose if cascade else data.to_source_grid(pid, dose))
             yield pid, dose, data.source_attrs(pid) if cascade else data.patient_attrs(pid)
 
-    grid = data.source_grid(ids[0]) if cascade else data.grid
     try:
         write_predictions(out / "predictions.h5", records(), grid=grid, source=model, total=len(ids))
         shutil.rmtree(submission, ignore_errors=True)  # never leave CSVs of an earlier run

@@ -1,11 +1,12 @@
 """Progress bars that a single `--quiet` switch turns off for scripts and logs."""
 from __future__ import annotations
 
-from typing import Iterable, TypeVar
+from typing import Iterable, NoReturn, TypeAlias, TypeVar, overload
 
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
+Bar: TypeAlias = "tqdm[NoReturn]"  # a bar without an iterable, advanced with .update()
 _QUIET = False
 
 
@@ -18,8 +19,17 @@ def is_quiet() -> bool:
     return _QUIET
 
 
+@overload
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", leave: bool = False) -> tqdm[T]: ...
+
+
+@overload
+def progress(iterable: None = None, total: int | None = None, desc: str = "",
+             leave: bool = False) -> Bar: ...
+
+
 def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc: str = "",
-             leave: bool = False) -> "tqdm[T]":
+             leave: bool = False) -> tqdm[T] | Bar:
     """A tqdm bar (to stderr) unless quiet; usable as an iterator or with `.update()`."""
     return tqdm(iterable, total=total, desc=desc, leave=leave, disable=_QUIET, dynamic_ncols=True)
 

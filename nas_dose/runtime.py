@@ -91,13 +91,14 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The global RNG states as tensors and plain values (a checkpoint loadable with weights_only)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=False)
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {"keys": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                  "cached_gaussian": float(numpy_state["gauss"])},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
 
@@ -155,7 +156,8 @@ class Runtime:
         """
         model = model.to(self.device)
         if self.cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last_3d)
+            # Module.to takes memory_format, which torch's type hints leave out.
+            model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         if self.cfg.compile:
             return torch.compile(model)  # type: ignore[return-value]
         return model

@@ -24,10 +24,11 @@ from typing import Callable, Iterable, Literal, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
+from nas_dose.search_spaces import Genotype
+
 from .config import at_least
 from .pool import Candidate, pairwise_matrices, select_pool
 from .scores import dose_error
-from .search_spaces import Genotype
 
 
 @dataclass

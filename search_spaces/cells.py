@@ -24,7 +24,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import NasDoseError
+from nas_dose.errors import NasDoseError
+
 from .ops import conv_op
 
 # (slot name, slot kind, c_in, c_out) -> module for that slot

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Hashable
 
-from ..errors import NasDoseError
-from ..io import save_yaml
+from nas_dose.errors import NasDoseError
+from nas_dose.io import save_yaml
 
 FIELDS = ("space", "version", "choices", "macro")
 

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
-from ..errors import NasDoseError
+from nas_dose.errors import NasDoseError
+
 from .cells import CellUNet, SlotFactory
 from .genotype import Genotype
 from .lenas import CELL_OPS, DEFAULT_MACRO, DOWN_OPS, UP_OPS, cell_candidates
@@ -59,8 +60,8 @@ class LenasLevelsSpace(SearchSpace):
         return out
 
     def active_slots(self, g: Genotype) -> list[str]:
-        depth = g.choices["depth"]
-        return [s for s in self.slots() if _level(s) is None or _level(s) < depth]
+        depth = int(g.choices["depth"])
+        return [s for s in self.slots() if (level := _level(s)) is None or level < depth]
 
     def construct(self, choices: Mapping[str, Any], macro: Mapping[str, Any], make: SlotFactory) -> nn.Module:
         depth, percent = int(choices["depth"]), int(choices["width"])

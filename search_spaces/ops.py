@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import NasDoseError
-from ..registry import Registry
+from nas_dose.errors import NasDoseError
+from nas_dose.registry import Registry
 
 OpKind = Literal["cell", "connect", "down", "up"]
 KINDS: tuple[str, ...] = ("cell", "connect", "down", "up")

@@ -13,9 +13,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch.nn as nn
 
-from ..errors import NasDoseError
-from ..io import load_yaml
-from ..registry import Registry, import_module
+from nas_dose.errors import NasDoseError
+from nas_dose.io import load_yaml
+from nas_dose.registry import Registry, import_module
+
 from .cells import SlotFactory
 from .genotype import Genotype, check_fields
 from .ops import list_ops, make_op

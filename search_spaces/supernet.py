@@ -19,12 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import NasDoseError
+from nas_dose.errors import NasDoseError
+
 from .genotype import Genotype
 from .ops import make_op
 from .space import SearchSpace
 
-MODES = ("softmax", "gumbel")
+Mode = Literal["softmax", "gumbel"]
+MODES: tuple[Mode, ...] = ("softmax", "gumbel")
 
 
 class MixedOp(nn.Module):
@@ -76,7 +78,7 @@ class Supernet(nn.Module):
         self._path: Genotype | None = None
 
     @property
-    def mode(self) -> Literal["softmax", "gumbel"]:
+    def mode(self) -> Mode:
         return self._mode
 
     @mode.setter

@@ -17,18 +17,18 @@ from typing import Any, Callable, ClassVar, Iterable, TypeVar
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
 
-from .. import distributed
-from ..config import from_dict
-from ..data.dataset import DoseDataset
-from ..errors import NasDoseError
-from ..pool.candidate import Candidate
-from ..pool.diversity import DiversityConfig
-from ..registry import Registry
-from ..runtime import Runtime
-from ..search_spaces import SearchSpace
-from ..training import dose_errors_gy
+from nas_dose import distributed
+from nas_dose.config import from_dict
+from nas_dose.data.dataset import DoseDataset
+from nas_dose.errors import NasDoseError
+from nas_dose.pool.candidate import Candidate
+from nas_dose.pool.diversity import DiversityConfig
+from nas_dose.registry import Registry
+from nas_dose.runtime import Runtime
+from nas_dose.search_spaces import SearchSpace
+from nas_dose.training import dose_errors_gy
 
 # Fields of a log record that a re-run derives differently: when it was logged, how long scoring took.
 WALL_CLOCK = ("time", "seconds")
@@ -65,7 +65,7 @@ class SearchContext:
         if not self.weight_ids or not self.arch_ids:
             raise NasDoseError(f"{self.data}: a search needs weight and architecture patients")
 
-    def dataset(self, ids: Iterable[str]) -> Dataset:
+    def dataset(self, ids: Iterable[str]) -> Subset:
         """The patients `ids` (of any split), in that order, without augmentation."""
         if self._all is None:
             self._all = DoseDataset(self.data, None)

@@ -28,18 +28,19 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from .. import distributed
-from ..config import ConfigError, to_dict
-from ..errors import NasDoseError
-from ..io import load_checkpoint, save_checkpoint
-from ..pool import Candidate
-from ..pool.diversity import diversity_hinge
-from ..progress import progress
-from ..runtime import rng_state, seed_everything, set_rng_state
-from ..search_spaces import Genotype, SearchSpace, Supernet, count_flops, count_params
-from ..training import OptimConfig, masked_loss
-from ..training.losses import share_weight
-from ..training.optimization import make_optimizer
+from nas_dose import distributed
+from nas_dose.config import ConfigError, to_dict
+from nas_dose.errors import NasDoseError
+from nas_dose.io import load_checkpoint, save_checkpoint
+from nas_dose.pool import Candidate
+from nas_dose.pool.diversity import diversity_hinge
+from nas_dose.progress import progress
+from nas_dose.runtime import rng_state, seed_everything, set_rng_state
+from nas_dose.search_spaces import Genotype, SearchSpace, Supernet, count_flops, count_params
+from nas_dose.training import OptimConfig, masked_loss
+from nas_dose.training.losses import share_weight
+from nas_dose.training.optimization import make_optimizer
+
 from .base import SearchContext, Strategy, register_strategy
 
 STATE = "differentiable.pt"

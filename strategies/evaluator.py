@@ -40,15 +40,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError, to_dict
-from ..errors import NasDoseError
-from ..io import load_checkpoint, load_json, save_checkpoint, save_json
-from ..pool import Candidate
-from ..progress import progress
-from ..runtime import rng_state, seed_everything, set_rng_state
-from ..search_spaces import Genotype, Supernet, count_flops, count_params
-from ..training import OptimConfig, masked_loss
-from ..training.optimization import make_optimizer
+from nas_dose.config import ConfigError, to_dict
+from nas_dose.errors import NasDoseError
+from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json
+from nas_dose.pool import Candidate
+from nas_dose.progress import progress
+from nas_dose.runtime import rng_state, seed_everything, set_rng_state
+from nas_dose.search_spaces import Genotype, Supernet, count_flops, count_params
+from nas_dose.training import OptimConfig, masked_loss
+from nas_dose.training.optimization import make_optimizer
+
 from .base import SearchContext, Strategy
 
 CACHE_FORMAT = "nasdose-evaluator"

@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import distributed
-from ..config import ConfigError, at_least, to_dict
-from ..errors import NasDoseError
-from ..io import load_checkpoint, save_checkpoint
-from ..pool import Candidate
-from ..pool.diversity import DiversityConfig, prediction_disagreement
-from ..search_spaces import Genotype, genotype_from_dict
+from nas_dose import distributed
+from nas_dose.config import ConfigError, at_least, to_dict
+from nas_dose.errors import NasDoseError
+from nas_dose.io import load_checkpoint, save_checkpoint
+from nas_dose.pool import Candidate
+from nas_dose.pool.diversity import DiversityConfig, prediction_disagreement
+from nas_dose.search_spaces import Genotype, genotype_from_dict
+
 from .base import SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, Scorer, ScoringStrategy, derived_seed, prediction_ids, ranked
 
@@ -134,9 +135,9 @@ def _restore(path: Path, name: str, settings: dict[str, Any], ctx: SearchContext
 
 def _rng_state(rng: np.random.RandomState) -> dict[str, Any]:
     """A RandomState's state as a tensor and plain values (a weights_only checkpoint)."""
-    _, keys, pos, has_gauss, cached = rng.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    state = rng.get_state(legacy=False)
+    return {"keys": torch.from_numpy(state["state"]["key"].astype(np.int64)), "pos": int(state["state"]["pos"]),
+            "has_gauss": int(state["has_gauss"]), "cached_gaussian": float(state["gauss"])}
 
 
 def mean_disagreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> float:

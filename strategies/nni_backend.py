@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..config import ConfigError
-from ..errors import NasDoseError
-from ..pool import Candidate
-from ..search_spaces import SearchSpace
+from nas_dose.config import ConfigError
+from nas_dose.errors import NasDoseError
+from nas_dose.pool import Candidate
+from nas_dose.search_spaces import SearchSpace
+
 from .base import SearchContext, register_strategy
 from .evaluator import ScoringStrategy, derived_seed, ranked
 from .evolution import PopulationConfig

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..pool import Candidate
-from ..search_spaces import Genotype
+from nas_dose.pool import Candidate
+from nas_dose.search_spaces import Genotype
+
 from .base import SearchContext, register_strategy
 from .evaluator import EvaluatorConfig, ScoringStrategy
 from .evolution import check_budget, run_trials

@@ -24,16 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from .. import distributed
-from ..config import ConfigError, at_least, from_dict, save_config, to_dict
-from ..data.store import open_data
-from ..errors import NasDoseError, input_error
-from ..io import load_checkpoint, load_yaml, output_folder, save_checkpoint
-from ..pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
-from ..pool.plots import plot_arch_weights, plot_diversity, plot_fitness
-from ..progress import say
-from ..runtime import Runtime, RuntimeConfig, seed_everything
-from ..search_spaces import get_space, import_plugins, save_genotype
+from nas_dose import distributed
+from nas_dose.config import ConfigError, at_least, from_dict, save_config, to_dict
+from nas_dose.data.store import open_data
+from nas_dose.errors import NasDoseError, input_error
+from nas_dose.io import load_checkpoint, load_yaml, output_folder, save_checkpoint
+from nas_dose.pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
+from nas_dose.pool.plots import plot_arch_weights, plot_diversity, plot_fitness
+from nas_dose.progress import say
+from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
+from nas_dose.search_spaces import get_space, import_plugins, save_genotype
+
 from .base import SearchContext, Strategy, get_strategy
 
 
@@ -119,7 +120,7 @@ class SearchRun:
         self.space = get_space(cfg.space, source="config key 'space'")
         self.macro = self.space.check_macro(cfg.macro, "config key 'macro'")
         self.strategy_cls = get_strategy(cfg.strategy)
-        self.options = from_dict(self.strategy_cls.Config, cfg.options, prefix="options")
+        self.options: Any = from_dict(self.strategy_cls.Config, cfg.options, prefix="options")
         cfg.options = to_dict(self.options)  # the resolved options go into config.yaml
         if cfg.diversity.mode == "sequential" and not self.strategy_cls.uses_references:
             raise NasDoseError(f"strategy '{cfg.strategy}' cannot search against earlier members; "

@@ -136,12 +136,12 @@ def test_resume_reuses_finished_members_and_continues_a_half_trained_one(tmp_pat
     members = out / "members"
     cfg = load_config(EnsembleConfig, overrides=SETTINGS)
 
-    def interrupted(model, config, data, out, resume=False):
+    def interrupted(model, config, data, out, resume=False, objective=None):
         """Member c stops after step 3; its last checkpoint is the end of epoch 1 (step 2)."""
         def stop(step):
             if step == 3 and Path(out).name == "c":
                 raise KeyboardInterrupt
-        return train_model(model, config, data, out, resume, on_step=stop)
+        return train_model(model, config, data, out, resume, on_step=stop, objective=objective)
 
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(ensemble, "train_model", interrupted)

@@ -9,7 +9,7 @@ import numpy as np
 from ..config import ConfigError
 from ..data.store import DataFile, open_data
 from ..errors import input_error
-from ..inference import load_predictor, predict_patients
+from ..inference import Cascade, load_predictor, predict_patients
 from ..runtime import Runtime
 from ..training.config import TrainConfig
 from ..training.objective import Objective
@@ -27,6 +27,8 @@ class CascadeObjective(Objective):
             raise ConfigError("config key 'cascade.coarse': the coarse stage to refine is needed")
         runtime = Runtime(config.runtime)
         predictor = load_predictor(Path(self.cascade.coarse), runtime)
+        if isinstance(predictor, Cascade):
+            raise ConfigError(f"config key 'cascade.coarse': {self.cascade.coarse} is itself a cascade")
         with open_data(data) as d:
             self.coarse_doses = dict(predict_patients(predictor, d, d.ids(config.data.val_split), runtime))
             if self.cascade.coarse_input == "predictions":

@@ -44,14 +44,14 @@ def refine(refiner: nn.Module, x: torch.Tensor, window: int, overlap: float = 0.
     weight = _window_weight(window).to(x.device)[:sides[0], :sides[1], :sides[2]]
     total = torch.zeros(size, device=x.device)
     norm = torch.zeros(size, device=x.device)
-    boxes = [(a, b, c) for a in _starts(size[0], sides[0], step[0]) for b in _starts(size[1], sides[1], step[1])
-             for c in _starts(size[2], sides[2], step[2])]
-    boxes = [tuple(slice(s, s + w) for s, w in zip(corner, sides)) for corner in boxes]
+    corners = [(a, b, c) for a in _starts(size[0], sides[0], step[0]) for b in _starts(size[1], sides[1], step[1])
+               for c in _starts(size[2], sides[2], step[2])]
+    boxes = [tuple(slice(s, s + w) for s, w in zip(corner, sides)) for corner in corners]
     if mask is not None:
         boxes = [b for b in boxes if mask[b].any()]
     for i in range(0, len(boxes), batch):
         chunk = boxes[i:i + batch]
-        y = refiner(torch.cat([x[(0, slice(None), *b)][None] for b in chunk])).float()
+        y = refiner(torch.cat([x[:, :, d, h, w] for d, h, w in chunk])).float()
         for b, yi in zip(chunk, y):
             total[b] += yi[0] * weight
             norm[b] += weight

@@ -5,8 +5,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from nas_dose.distill import distill
+
 from ..config import add_config_arguments, load_config
-from ..distill import distill
 
 STAGE = distill
 

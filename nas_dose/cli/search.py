@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nas_dose.search_spaces import list_spaces
+from nas_dose.strategies import list_strategies, search
+
 from ..config import load_config
 from ..registry import PATH_HINT
-from ..search_spaces import list_spaces
-from ..strategies import list_strategies, search
 from .common import add_run_arguments
 
 STAGE = search

@@ -80,12 +80,12 @@ def sample_transform(cfg: AugmentConfig, rng: np.random.Generator) -> Transform:
     u = rng.random(4)
     steps = math.ceil(360.0 / cfg.rotation_step_deg - 1e-9)
     k = int(rng.integers(1, steps))
-    shift = rng.integers(-cfg.max_shift, cfg.max_shift + 1, size=3)
+    dx, dy, dz = (int(s) for s in rng.integers(-cfg.max_shift, cfg.max_shift + 1, size=3))
     p = cfg.probability
     return Transform(
         flips=(bool(cfg.flip and u[0] < p), bool(cfg.flip and u[1] < p)),
         angle_deg=k * cfg.rotation_step_deg if cfg.rotate and u[2] < p else 0.0,
-        shift=tuple(int(s) for s in shift) if u[3] < p else (0, 0, 0),
+        shift=(dx, dy, dz) if u[3] < p else (0, 0, 0),
     )
 
 

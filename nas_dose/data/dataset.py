@@ -7,7 +7,7 @@ and augmentations the uninterrupted run would have seen.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import Any, Iterator, Literal, Protocol, Sequence, cast
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from ..distributed import ShardedBatches
 from ..errors import NasDoseError
 from .augment import AugmentConfig, ChannelLayout, augment
 from .patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS, Patient
-from .store import open_data
+from .store import DataFile, open_data
 
 CHANNELS: tuple[str, ...] = ("ct", "ptv", *OARS, "possible_dose_mask")
 IN_CHANNELS = len(CHANNELS)
@@ -108,6 +108,15 @@ class EpochDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, key: int | tuple[int, int]) -> Any: ...
+
+
+class TrainingSet(EpochDataset, Protocol):
+    """What the training loop trains on: an EpochDataset of an open data set, on its grid."""
+
+    data: DataFile
+
+    @property
+    def grid(self) -> int: ...
 
 
 class DoseDataset(Dataset):
@@ -205,11 +214,12 @@ def make_loader(dataset: EpochDataset, batch_size: int, shuffle: bool, num_worke
         raise NasDoseError(f"loader seed must be >= 0, got {seed}")
     generator = torch.Generator()
     generator.manual_seed(seed)
+    items = cast(Dataset, dataset)  # DataLoader takes any __getitem__ and __len__; its hints ask for a Dataset
     if shard is not None:
         batches = ShardedBatches(EpochSampler(dataset, shuffle, seed), batch_size, even=shard == "even",
                                  drop_last=drop_last)
-        return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+        return DataLoader(items, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
                           generator=generator, persistent_workers=num_workers > 0)
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed),
+    return DataLoader(items, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed),
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
                       generator=generator, persistent_workers=num_workers > 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class Patient:
     structures: dict[str, np.ndarray]
     voxel_mm: tuple[float, float, float]
     dose: np.ndarray | None = None
-    attrs: dict[str, object] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
     source: Patient | None = None
 
     @property

@@ -7,6 +7,7 @@ upsampled back to the source grid for scoring.
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ _IN_BLOCK = (1, 3, 5)
 
 
 def _any_pool(mask: np.ndarray, factor: int) -> np.ndarray:
-    return _blocks(mask, factor).any(axis=_IN_BLOCK)
+    return cast(np.ndarray, _blocks(mask, factor).any(axis=_IN_BLOCK))  # an array: axes are left
 
 
 def downsample_patient(p: Patient, factor: int) -> Patient:

@@ -5,6 +5,7 @@ and the 2D slice U-Net (MONAI-style), and every choice a user can configure is c
 """
 from __future__ import annotations
 
+from types import EllipsisType
 from typing import Sequence
 
 import torch
@@ -115,5 +116,5 @@ def pad_to_multiple(x: torch.Tensor, factor: int, dims: int) -> torch.Tensor:
 
 def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Undo `pad_to_multiple`: keep the first `size` voxels of the last len(size) axes."""
-    index = (Ellipsis, *(slice(0, s) for s in size))
+    index: tuple[EllipsisType | slice, ...] = (Ellipsis, *(slice(0, s) for s in size))
     return x[index]

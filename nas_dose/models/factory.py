@@ -9,13 +9,14 @@ from typing import Any
 
 from torch import nn
 
+from nas_dose.search_spaces import Genotype, genotype_from_dict, load_genotype
+from nas_dose.search_spaces import build_model as build_genotype
+from nas_dose.search_spaces.measure import meta_copy, meta_forward
+
 from ..config import ConfigError
 from ..data.dataset import IN_CHANNELS
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint
-from ..search_spaces import build_model as build_genotype
-from ..search_spaces import Genotype, genotype_from_dict, load_genotype
-from ..search_spaces.measure import meta_copy, meta_forward
 from .refiner import REFINER_CHANNELS, Refiner
 from .registry import create_model
 

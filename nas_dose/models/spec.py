@@ -22,10 +22,11 @@ from typing import Any
 
 import yaml
 
+from nas_dose.search_spaces import Genotype, get_space, load_genotype, save_genotype
+
 from ..config import ConfigError, from_dict
 from ..errors import NasDoseError
 from ..io import load_yaml
-from ..search_spaces import Genotype, get_space, load_genotype, save_genotype
 from .factory import ModelConfig, build_model
 
 GENOTYPE_FILE = "student_genotype.yaml"

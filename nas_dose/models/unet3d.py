@@ -5,6 +5,7 @@ registered `unet3d` is its 3D form.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -43,16 +44,15 @@ class UNet(nn.Module):
         dropout = check_dropout(dropout)
         self.dims, self.norm = dims, norm
         self.factor = 2 ** (len(widths) - 1)
-        block = dict(dims=dims, norm=norm, act=act, dropout=dropout)
-        self.encoders = nn.ModuleList([DoubleConv(in_channels=in_channels, out_channels=widths[0], **block)])
+        block = partial(DoubleConv, dims, norm=norm, act=act, dropout=dropout)
+        self.encoders = nn.ModuleList([block(in_channels, widths[0])])
         self.downs = nn.ModuleList()
         for prev, width in zip(widths[:-1], widths[1:]):
             self.downs.append(downsample(down, prev, dims))
-            self.encoders.append(DoubleConv(in_channels=prev, out_channels=width, **block))
+            self.encoders.append(block(prev, width))
         # Decoder levels from the deepest up: up[i] maps widths[i+1] -> widths[i].
         self.ups = nn.ModuleList(upsample(w_deep, w, dims) for w, w_deep in zip(widths[:-1], widths[1:]))
-        self.decoders = nn.ModuleList(DoubleConv(in_channels=2 * w, out_channels=w, **block)
-                                      for w in widths[:-1])
+        self.decoders = nn.ModuleList(block(2 * w, w) for w in widths[:-1])
         self.head = conv(dims, widths[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

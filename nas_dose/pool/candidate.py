@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..search_spaces import Genotype, genotype_from_dict
+from nas_dose.search_spaces import Genotype, genotype_from_dict
 
 
 @dataclass

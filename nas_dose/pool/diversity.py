@@ -8,13 +8,14 @@ hinge, is the sequential-search penalty that pushes a new network away from earl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Hashable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from nas_dose.search_spaces import get_space
+
 from ..config import ConfigError
-from ..search_spaces import get_space
 from .candidate import Candidate
 
 MATRICES = ("disagreement", "error_correlation", "genotype_distance")
@@ -153,7 +154,7 @@ def select_pool(cands: Sequence[Candidate], k: int, lam: float,
     top = off.max() if off.size else 0.0
     div_n = np.nan_to_num(div / top if top > 0 else np.zeros_like(div), nan=0.0)
     chosen: list[int] = []
-    keys: set[str] = set()
+    keys: set[Hashable] = set()
     while len(chosen) < k:
         best, best_value = -1, -np.inf
         for i in range(n):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable, TypeGuard
 
 import numpy as np
 
+from nas_dose.search_spaces import Genotype, genotype_from_dict, get_space
+
 from ..errors import NasDoseError
 from ..io import load_yaml, save_yaml
-from ..search_spaces import Genotype, genotype_from_dict, get_space
 from .diversity import MATRICES
 
 FORMAT = "nasdose-pool"
@@ -66,7 +67,7 @@ def save_pool(path: str | Path, pool: Pool) -> None:
     save_yaml(path, data)
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: Any) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -117,7 +118,7 @@ def load_pool(path: str | Path) -> Pool:
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise NasDoseError(f"{path}: member names are not unique ({', '.join(names)})")
-    seen: dict[str, str] = {}
+    seen: dict[Hashable, str] = {}
     for m in members:
         other = seen.setdefault(m.genotype.key(), m.name)
         if other != m.name:

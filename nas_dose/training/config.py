@@ -45,15 +45,13 @@ class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 3e-4
     weight_decay: float = 0.0
-    betas: tuple[float, ...] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
     grad_clip: float | None = None
 
     def validate(self) -> None:
         if not self.lr > 0:
             raise ConfigError(f"config key 'optim.lr': must be positive, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"config key 'optim.betas': expected 2 numbers, got {len(self.betas)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"config key 'optim.grad_clip': must be positive, got {self.grad_clip}")
 

@@ -15,11 +15,11 @@ from torch import nn
 
 from .. import distributed
 from ..config import ConfigError, from_dict, save_config, to_dict
-from ..data.dataset import IN_CHANNELS, DoseDataset, make_loader
+from ..data.dataset import IN_CHANNELS, EpochDataset, make_loader
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint, save_checkpoint, save_json
 from ..models.factory import CHECKPOINT_FORMAT, check_input_size, model_spec
-from ..progress import progress, say
+from ..progress import Bar, progress, say
 from ..runtime import Runtime, rng_state, seed_everything, set_rng_state
 from .checkpoints import RunFolder, check_resumable
 from .config import TrainConfig
@@ -85,7 +85,7 @@ class _Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _batches(loader: Any, dataset: DoseDataset, start: int) -> Iterator[dict[str, Any]]:
+def _batches(loader: Any, dataset: EpochDataset, start: int) -> Iterator[dict[str, Any]]:
     """Training batches from global batch index `start` on, pass after pass over the split.
 
     The loader draws pass p's order and augmentations from (seed, p) alone, so the stream is the
@@ -173,7 +173,7 @@ class _Trainer:
     def _loop(self) -> None:
         state, spe = self.state, self.steps_per_epoch
         done = state.stopped_early or state.step >= self.total_steps
-        bar = None
+        bar: Bar | None = None
         self.net.train()
         for batch in iter(()) if done else _batches(self.train_loader, self.train_set, state.step):
             epoch = state.step // spe + 1

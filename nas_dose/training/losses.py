@@ -76,7 +76,7 @@ def dvh_moment_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                kind: Literal["l1", "mse"] = "l1", weight: torch.Tensor | None = None) -> torch.Tensor:
+                kind: Literal["l1", "mse"] = "l1", weight: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean error inside the possible-dose mask: summed over the batch, divided by its mask voxels.
     `weight` (broadcast against the error) scales voxels or samples without changing the divisor."""
     diff = pred.float() - target

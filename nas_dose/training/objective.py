@@ -6,9 +6,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from ..data.dataset import DoseDataset
+from ..data.dataset import DoseDataset, EpochDataset, TrainingSet
 from ..data.store import open_data
 from ..runtime import Runtime
 from .config import TrainConfig
@@ -31,13 +30,13 @@ class Objective:
     kind: Literal["l1", "mse"] = "l1"
     dvh = DVHLossConfig()
 
-    def train_set(self, data: Path, config: TrainConfig) -> Dataset:
+    def train_set(self, data: Path, config: TrainConfig) -> TrainingSet:
         with open_data(data) as d:
             held_out = config.data.held_out(d.ids(config.data.train_split))
         return DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed,
                            exclude=held_out)
 
-    def val_set(self, data: Path, config: TrainConfig) -> Dataset:
+    def val_set(self, data: Path, config: TrainConfig) -> EpochDataset:
         """What the checkpoint is chosen on (the validation patients, whole)."""
         return DoseDataset(data, config.data.val_split)
 

@@ -77,7 +77,7 @@ def _draw_targets(rng: np.random.Generator, side: float) -> dict:
         "oral_cavity": [u(-58, -42), side * u(0, 18), u(-32, -14)],
         "neck_node": [u(-12, 4), side * u(28, 40), u(-5, 35)],
     }[site]
-    lobes = []
+    lobes: list[tuple[np.ndarray, list[float]]] = []
     for _ in range(int(rng.integers(1, 4))):
         shift = rng.normal(0.0, 8.0, 3) if lobes else np.zeros(3)
         lobes.append((np.array(centre) + shift, [u(19, 35), u(19, 35), u(22, 44)]))
@@ -195,7 +195,8 @@ def _organ_fields(p: tuple, an: dict) -> dict[str, np.ndarray]:
     segments = np.abs(np.mod(ps + 40.0, 18.0) - 7.0) - 7.0  # vertebrae 14 mm, discs 4 mm
     vertebra = np.maximum(_tube(p, cord_a - 20.0, 0.0, 10.0, 13.0, -35.0, 400.0), segments)
     f["spine"] = np.minimum(np.minimum(arch, spinous), vertebra)
-    f["airway"] = _tube(p, air_a, 0.0, *an["airway_r"], -45.0, 400.0)
+    airway_a, airway_r = an["airway_r"]
+    f["airway"] = _tube(p, air_a, 0.0, airway_a, airway_r, -45.0, 400.0)
     s_lar, lar_radii = an["larynx"]
     f["Larynx"] = _ellipsoid(p, [float(np.interp(s_lar, [20.0, 60.0], [-26.0, -32.0])), 0.0,
                                  s_lar], lar_radii)

@@ -114,7 +114,7 @@ def _rotate_plane(volume: np.ndarray, c: float, s: float,
     a0, r0 = np.floor(fa).astype(int), np.floor(fr).astype(int)
     wa, wr = fa - a0, fr - r0
     rows = volume.reshape(g * g, g)
-    nonzero = rows.any(axis=1)
+    nonzero = np.asarray(rows.any(axis=1))
     wanted = np.ones(g * g, dtype=bool) if needed is None else needed.ravel()
     out = np.zeros_like(rows)
     for da, dr, w in ((0, 0, (1 - wa) * (1 - wr)), (1, 0, wa * (1 - wr)), (0, 1, (1 - wa) * wr),
@@ -153,7 +153,7 @@ def plan_dose(coords: tuple, grid: int, hu: np.ndarray, structures: dict[str, np
     voxels["any"], voxels["oar"] = np.nonzero(any_target), np.nonzero(oar)
     rows = _rows(structures, targets, oars, plan)
     at = np.unravel_index(rows["index"], hu.shape)
-    footprint = (density > 0).any(axis=2)  # in-plane pixels where the patient is
+    footprint = np.asarray((density > 0).any(axis=2))  # in-plane pixels where the patient is
 
     beams = []
     summed = np.zeros((len(rows["index"]), len(targets)))  # each target's beams, equal weights
