@@ -101,7 +101,7 @@ def run(quick: bool, device: str = "auto", w: Workload | None = None) -> dict[st
             write_dataset(data, synth_patients(8, w.grid, seed=0), source="synth", grid=w.grid)
             with open_data(data) as d:
                 ids = d.ids("train") + d.ids("validation")
-            ensure_cache(cache, "bench", data, ids, lambda: runtime.prepare(ensemble).eval(), runtime)
+            ensure_cache(cache, "bench", data, ids, lambda: runtime.prepare(ensemble).eval(), runtime, w.grid)
             rounds: dict[str, list[float]] = {"plain": [], "distill": []}
             for r in range(w.repeats):
                 for name in ("plain", "distill") if r % 2 == 0 else ("distill", "plain"):

@@ -5,7 +5,11 @@
                   [key=value ...]
 
 ENSEMBLE.yaml is an ensemble written by `nasdose ensemble` (a training run folder or a
-checkpoint works too: one network as the teacher). SPEC names the student's architecture:
+checkpoint works too: one network as the teacher). When the teacher is a cascade's
+full-resolution stage (an ensemble trained with `train.cascade.coarse`, or one such run), so are
+the student and its baseline: they refine the same coarse model, learn on source-grid patches
+from the teacher's source-grid doses (the L1 terms; no hints, no adversary, no unlabeled
+patients), and are scored as cascades. SPEC names the student's architecture:
 
   unet3d:widths=8,16,32       a registered model and its arguments (a list with commas; more
                               arguments with ':', e.g. unet3d:widths=8,16,32:norm=batch)
@@ -48,42 +52,36 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from nas_dose import distributed
+from nas_dose.cascade.objective import CascadeObjective
 from nas_dose.config import ConfigError, at_least, check_run_folder, save_config
 from nas_dose.data.dataset import IN_CHANNELS
 from nas_dose.data.store import SPLITS, open_data
 from nas_dose.errors import NasDoseError, input_error
-from nas_dose.inference import Ensemble, load_model_or_ensemble
+from nas_dose.inference import Cascade, Ensemble, load_predictor
 from nas_dose.io import atomic_path, load_json, output_folder, save_json, write_text
 from nas_dose.models.factory import ModelConfig, build_model, load_model
 from nas_dose.models.spec import resolve_student
 from nas_dose.parallel import run_side_by_side, worker_threads
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
-from nas_dose.scores import Scores, score_on_source
 from nas_dose.training import Objective, TrainConfig, train_model
 
-from .losses import AdversarialConfig, Combine, DistillObjective, HintConfig, check_non_negative
-from .report import Row, comparison_table, cost, score_predictor
-from .teacher import cache_is_current, ensure_cache, member_checkpoints, teacher_files, teacher_key
-
-
-@dataclass
-class LatencyConfig:
-    """Latency is the median of `runs` forward passes on one `size`³ volume (batch 1)."""
-
-    size: int = 128
-    runs: int = 3
-
-    def validate(self) -> None:
-        for key in ("size", "runs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key 'latency.{key}': must be at least 1, got {getattr(self, key)}")
+from .losses import (
+    AdversarialConfig,
+    CascadeDistillObjective,
+    Combine,
+    DistillObjective,
+    HintConfig,
+    check_non_negative,
+)
+from .report import BASELINE, LatencyConfig, Mode, comparison_rows, comparison_table
+from .teacher import cache_is_current, ensure_cache, teacher_key
 
 
 @dataclass
@@ -139,7 +137,6 @@ class DistillConfig:
                               "validation split; its patients have a plan")
 
 
-BASELINE = "student arch., no distillation"
 # Keys that change what the student learns: a resumed run must keep them.
 TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "combine", "unlabeled", "hint", "adversarial",
                  "seed")
@@ -187,62 +184,26 @@ def _train(cfg: TrainConfig, data: Path, folder: Path, objective: Objective | No
     record = folder / "metrics.json"
     if not distributed.on_main(record.exists):
         seed_everything(cfg.seed)
-        train_model(build_model(cfg.model), cfg, data, folder, resume=True, objective=objective)
+        cascade = cfg.cascade.coarse is not None
+        if cascade and objective is None:  # the baseline of a cascade's stage
+            objective = CascadeObjective(cfg, data)
+        train_model(build_model(cfg.model, refiner=cascade), cfg, data, folder, resume=True, objective=objective)
     return distributed.on_main(load_json, record)
 
 
-def _file_size(*files: Path) -> int:
-    return sum(f.stat().st_size for f in files)
 
 
-def _model_row(name: str, arch: str, model: nn.Module, files: list[Path], data: Path, ids: list[str],
-               grid: int, cfg: DistillConfig, runtime: Runtime, scores: Scores | None = None) -> Row:
-    s = scores or score_predictor(runtime.prepare(model).eval(), data, ids, runtime)
-    return Row(name, arch, s.dose_score, s.dvh_score, checkpoint_bytes=_file_size(*files),
-               **cost(model, grid, cfg.latency.size, cfg.latency.runs))  # type: ignore[arg-type]
 
 
-def _architecture(model_config: dict[str, Any]) -> str:
-    genotype = model_config.get("genotype")
-    if genotype is not None:
-        macro = genotype["macro"]
-        return f"{genotype['space']} genotype, stem {macro['stem']}, widths {','.join(map(str, macro['widths']))}"
-    kwargs = ", ".join(f"{k}={v}" for k, v in model_config.get("kwargs", {}).items())
-    return f"{model_config['name']}({kwargs})"
 
 
-def _rows(teacher_path: Path, teacher: nn.Module, cache: Path, out: Path, data: Path, ids: list[str],
-          grid: int, cfg: DistillConfig, runtime: Runtime) -> list[Row]:
-    """Student, ensemble, best single member (for an ensemble teacher), baseline."""
-    rows = []
-    model, meta = load_model(out / "student")
-    arch = _architecture(meta["model_config"])
-    rows.append(_model_row("student (distilled)", arch, model, [out / "student" / "best.pt"], data, ids, grid,
-                           cfg, runtime))
-    with open_data(data) as d, open_data(cache) as c:
-        s = score_on_source(d, ((pid, c.read_dose(pid)) for pid in ids))
-    n = len(teacher.members) if isinstance(teacher, Ensemble) else 1
-    rows.append(Row(f"ensemble (teacher, {n} member{'s' if n > 1 else ''})", "ensemble" if n > 1 else "teacher",
-                    s.dose_score, s.dvh_score, checkpoint_bytes=_file_size(*teacher_files(teacher_path)),
-                    **cost(teacher, grid, cfg.latency.size, cfg.latency.runs)))  # type: ignore[arg-type]
-    if isinstance(teacher, Ensemble):
-        singles = [Ensemble([m], [1.0], teacher.tta) for m in teacher.members]
-        scores = [score_predictor(runtime.prepare(m).eval(), data, ids, runtime) for m in singles]
-        best = min(range(n), key=lambda i: scores[i].dose_score)
-        checkpoint = member_checkpoints(teacher_path)[best]
-        rows.append(_model_row(f"best single member ({teacher.names[best]})",
-                               _architecture(load_model(checkpoint)[1]["model_config"]), singles[best],
-                               [checkpoint], data, ids, grid, cfg, runtime, scores[best]))
-    if cfg.baseline:
-        model, _ = load_model(out / "baseline")
-        rows.append(_model_row(BASELINE, arch, model, [out / "baseline" / "best.pt"],
-                               data, ids, grid, cfg, runtime))
-    return rows
 
 
-def export_student(model: nn.Module, grid: int, path: Path) -> None:
-    """The student as a torch.export program for (1, IN_CHANNELS, grid, grid, grid) inputs."""
-    example = torch.zeros(1, IN_CHANNELS, grid, grid, grid)
+
+
+def export_student(model: nn.Module, grid: int, path: Path, channels: int = IN_CHANNELS) -> None:
+    """The student as a torch.export program for (1, channels, grid, grid, grid) inputs."""
+    example = torch.zeros(1, channels, grid, grid, grid)
     program = torch.export.export(model.eval(), (example,))
     buffer = io.BytesIO()  # saved whole, then written atomically under its own name
     torch.export.save(program, buffer)
@@ -261,6 +222,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         if d.kind != "dataset":
             raise input_error(data, f"a nasdose {d.kind} file, expected a data set")
         train_ids, val_ids, grid = d.ids(split), d.ids(val_split), d.grid
+        source = d.source_grid(val_ids[0]) if val_ids else grid
         unlabeled_ids = d.ids(cfg.unlabeled.split) if cfg.unlabeled.split is not None else []
     for name, ids in ((split, train_ids), (val_split, val_ids)):
         if not ids:
@@ -268,24 +230,40 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     if unlabeled_ids and cfg.alpha_teacher == 0:
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
-    predictor = load_model_or_ensemble(teacher, grid)
+    runtime = Runtime(cfg.runtime)
+    loaded = load_predictor(teacher, runtime, grid)
+    stage = Mode(grid, source, loaded if isinstance(loaded, Cascade) else None)
+    if stage.cascade is not None:
+        if cfg.hint.weight or cfg.adversarial.weight:
+            raise ConfigError("a cascade's stage is distilled with the L1 terms only: set hint.weight=0 and "
+                              "adversarial.weight=0")
+        unlabeled_ids = []  # a stage learns on patches of patients with a plan
+    # the network(s) the teacher runs: a cascade's full-resolution stage, or the ensemble itself
+    predictor: nn.Module = loaded.refiner if isinstance(loaded, Cascade) else cast(nn.Module, loaded)
     # Under torchrun the student and the baseline train data-parallel, the ranks predict the
     # teacher's patients between them; the steps that check or write files (and report) run on
     # the main rank alone.
     distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
     student = distributed.on_main(resolve_student, cfg.student, out)
     save_config(out / "config.yaml", cfg)
-    runtime = Runtime(cfg.runtime)
     key = teacher_key(teacher, data)
     cache = Path(teacher_cache) if teacher_cache is not None else out / "teacher.h5"
     ids = train_ids + unlabeled_ids + val_ids
-    recomputed = distributed.on_main(_check_teacher, out, teacher, data, key, cache, ids, grid)
-    ensure_cache(cache, key, data, ids, lambda: runtime.prepare(predictor).eval(), runtime)
+    recomputed = distributed.on_main(_check_teacher, out, teacher, data, key, cache, ids, stage.cache_grid)
+    ensure_cache(cache, key, data, ids, lambda: loaded, runtime, stage.cache_grid)
     train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
+    if stage.cascade is not None:  # the student refines the teacher's coarse stage, as the teacher does
+        train_cfg = replace(train_cfg, cascade=stage.cascade.config)
     student_cfg = replace(train_cfg, epochs=student_epochs(cfg, len(train_ids), len(unlabeled_ids)))
-    objective = DistillObjective(cache, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint, cfg.adversarial,
-                                 hint_teacher=_hint_member(predictor, cfg.hint) if cfg.hint.weight > 0 else None,
-                                 combine=cfg.combine, unlabeled_split=cfg.unlabeled.split if unlabeled_ids else None)
+    objective: DistillObjective
+    if stage.cascade is not None:
+        objective = CascadeDistillObjective(cache, CascadeObjective(student_cfg, data), cfg.alpha_gt,
+                                            cfg.alpha_teacher, combine=cfg.combine)
+    else:
+        hint_teacher = _hint_member(predictor, cfg.hint) if cfg.hint.weight > 0 else None
+        objective = DistillObjective(cache, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint, cfg.adversarial,
+                                     hint_teacher=hint_teacher, combine=cfg.combine,
+                                     unlabeled_split=cfg.unlabeled.split if unlabeled_ids else None)
     say(f"distilling {teacher} into {cfg.student}"
         + (f", with {len(unlabeled_ids)} unlabeled patients taught by the teacher alone "
            f"({student_cfg.epochs} epochs)" if unlabeled_ids else "")
@@ -305,19 +283,23 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
                "training_patients": {"labeled": len(train_ids), "unlabeled": len(unlabeled_ids)},
                "epochs": {"student": student_cfg.epochs, "baseline": train_cfg.epochs},
                "student_training": student_record, "baseline_training": baseline_record}
-    return distributed.on_main(_report, teacher, predictor.cpu(), cache, out, data, val_ids, grid, cfg, runtime,
+    return distributed.on_main(_report, teacher, predictor.cpu(), cache, out, data, val_ids, stage, cfg, runtime,
                                context)
 
 
 def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: Path, val_ids: list[str],
-            grid: int, cfg: DistillConfig, runtime: Runtime, context: dict[str, Any]) -> dict[str, Any]:
+            stage: Mode, cfg: DistillConfig, runtime: Runtime, context: dict[str, Any]) -> dict[str, Any]:
     """The table (printed, comparison.md), metrics.json and the export."""
-    rows = _rows(teacher, predictor, cache, out, data, val_ids, grid, cfg, runtime)
-    table = comparison_table(rows, grid, cfg.latency.size)
+    rows = comparison_rows(teacher, predictor, cache, out, data, val_ids, stage, cfg.latency, runtime, cfg.baseline)
+    table = comparison_table(rows, stage.size, cfg.latency.size)
+    grid = stage.grid
     note = (f"Validation split '{cfg.train.data.val_split}', {len(val_ids)} patients, trained on a {grid}³ grid, "
             f"scored as OpenKBP scores, on each patient's source grid (the checkpoints, and the ensemble's "
             f"members and weights, were chosen on these patients); latency: "
             f"median of {cfg.latency.runs} runs, batch 1, float32, {torch.get_num_threads()} CPU thread(s).")
+    if stage.cascade is not None:
+        note += (f" The networks are the full-resolution stage of a cascade refining {stage.cascade.config.coarse}: "
+                 f"trained on {stage.size}³ source-grid patches, their FLOPs and latency per window.")
     unlabeled, epochs = context["training_patients"]["unlabeled"], context["epochs"]
     if unlabeled:
         note += (f" The student also learned from {unlabeled} unlabeled patients, from the teacher alone "
@@ -327,7 +309,7 @@ def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: P
     exported = None
     if cfg.export:
         exported = out / "student.pt2"
-        export_student(load_model(out / "student")[0], grid, exported)
+        export_student(load_model(out / "student")[0], stage.size, exported, stage.channels)
     student_row, baseline_row = rows[0], next((r for r in rows if r.name == BASELINE), None)
     metrics = {
         **context, "split": cfg.train.data.val_split, "patients": val_ids, "grid": grid,

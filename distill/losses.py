@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_dose import distributed
+from nas_dose.cascade.objective import CascadeObjective
+from nas_dose.cascade.patches import PatchDataset
 from nas_dose.config import ConfigError, at_least
-from nas_dose.data.dataset import IN_CHANNELS
+from nas_dose.data.dataset import IN_CHANNELS, TrainingSet
 from nas_dose.errors import NasDoseError
 from nas_dose.runtime import Runtime
 from nas_dose.search_spaces.measure import meta_copy, meta_forward
@@ -218,7 +220,7 @@ class DistillObjective(Objective):
         self.disc: Discriminator | None = None
         self.d_optimizer: torch.optim.Optimizer | None = None
 
-    def train_set(self, data: Path, config: TrainConfig) -> TeacherDataset:
+    def train_set(self, data: Path, config: TrainConfig) -> TrainingSet:
         dataset = TeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment,
                                  seed=config.seed, unlabeled_split=self.unlabeled_split)
         self.grid = dataset.grid
@@ -329,3 +331,25 @@ class DistillObjective(Objective):
         active = {"gt": True, "teacher": True, "hint": self.hint.weight > 0,
                   "adversarial": self.disc is not None, "discriminator": self.disc is not None}
         return {f"loss_{name}": v for name, v in zip(TERMS, means) if active[name]}
+
+
+class CascadeDistillObjective(DistillObjective):
+    """Distillation of the full-resolution stage of a cascade: the student learns on source-grid
+    patches (`nas_dose.cascade.patches`) whose `teacher` is the teacher cascade's dose in the same
+    box, and its checkpoint is chosen on the stage's fixed validation patches (`stage`)."""
+
+    def __init__(self, cache: Path, stage: CascadeObjective, alpha_gt: float = 1.0, alpha_teacher: float = 1.0,
+                 combine: Combine = "blend") -> None:
+        super().__init__(cache, alpha_gt, alpha_teacher, combine=combine)
+        self.stage = stage
+
+    def train_set(self, data: Path, config: TrainConfig) -> PatchDataset:
+        cascade = self.stage.cascade
+        doses = self.stage.coarse_doses if cascade.coarse_input == "predictions" else None
+        dataset = PatchDataset(data, config.data.train_split, cascade, augment=config.data.augment,
+                               seed=config.seed, coarse_doses=doses, teacher=self.cache)
+        self.grid = dataset.grid
+        return dataset
+
+    def val_set(self, data: Path, config: TrainConfig) -> PatchDataset:
+        return self.stage.val_set(data, config)

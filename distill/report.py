@@ -8,16 +8,36 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from nas_dose.config import at_least
 from nas_dose.data.dataset import IN_CHANNELS
 from nas_dose.data.store import open_data
-from nas_dose.inference import Predictor, predict_patients
+from nas_dose.inference import Cascade, Ensemble, Predictor, predictions
+from nas_dose.models.factory import load_model
+from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.runtime import Runtime
 from nas_dose.scores import Scores, score_on_source
 from nas_dose.search_spaces import count_flops, count_params
+
+from .teacher import member_checkpoints, teacher_files
+
+BASELINE = "student arch., no distillation"
+
+
+@dataclass
+class LatencyConfig:
+    """Latency is the median of `runs` forward passes on one `size`³ volume (batch 1)."""
+
+    size: int = 128
+    runs: int = 3
+
+    def validate(self) -> None:
+        for key in ("size", "runs"):
+            at_least(f"latency.{key}", getattr(self, key), 1)
 
 
 @dataclass
@@ -35,18 +55,18 @@ class Row:
     checkpoint_bytes: int
 
 
-def score_predictor(predictor: Predictor, data: Path, ids: Sequence[str], runtime: Runtime) -> Scores:
+def score_predictor(predictor: Predictor | Cascade, data: Path, ids: Sequence[str], runtime: Runtime) -> Scores:
     """Official dose and DVH scores of a predictor's doses (as `nasdose predict` writes them, on
     the source grid)."""
     with open_data(data) as d:
-        return score_on_source(d, predict_patients(predictor, d, list(ids), runtime))
+        return score_on_source(d, predictions(predictor, d, list(ids), runtime)[1])
 
 
-def latency(model: nn.Module, size: int, runs: int, device: torch.device) -> float:
-    """Median seconds of `runs` forward passes on one (1, IN_CHANNELS, size³) volume, after one
+def latency(model: nn.Module, size: int, runs: int, device: torch.device, channels: int = IN_CHANNELS) -> float:
+    """Median seconds of `runs` forward passes on one (1, channels, size³) volume, after one
     untimed warm-up pass, in eval mode without autograd."""
     model = model.to(device).eval()
-    x = torch.zeros(1, IN_CHANNELS, size, size, size, device=device)
+    x = torch.zeros(1, channels, size, size, size, device=device)
     times = []
     with torch.inference_mode():
         for i in range(runs + 1):
@@ -61,13 +81,15 @@ def latency(model: nn.Module, size: int, runs: int, device: torch.device) -> flo
     return statistics.median(times)
 
 
-def cost(model: nn.Module, grid: int, latency_size: int, runs: int) -> dict[str, float | int | None]:
-    """Parameters, FLOPs at the data grid, CPU latency and (with CUDA) GPU latency."""
+def cost(model: nn.Module, grid: int, latency_size: int, runs: int,
+         channels: int = IN_CHANNELS) -> dict[str, float | int | None]:
+    """Parameters, FLOPs at `grid`, CPU latency and (with CUDA) GPU latency, for inputs of
+    `channels` channels."""
     gpu = None
     if torch.cuda.is_available():
-        gpu = latency(model, latency_size, runs, torch.device("cuda"))
-    cpu = latency(model, latency_size, runs, torch.device("cpu"))
-    return {"params": count_params(model), "flops": count_flops(model, (1, IN_CHANNELS, grid, grid, grid)),
+        gpu = latency(model, latency_size, runs, torch.device("cuda"), channels)
+    cpu = latency(model, latency_size, runs, torch.device("cpu"), channels)
+    return {"params": count_params(model), "flops": count_flops(model, (1, channels, grid, grid, grid)),
             "cpu_latency_s": cpu, "gpu_latency_s": gpu}
 
 
@@ -96,3 +118,81 @@ def comparison_table(rows: Sequence[Row], grid: int, latency_size: int) -> str:
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([render(lines[0]), rule, *(render(line) for line in lines[1:])])
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a distillation's networks run: whole volumes on the data set's grid, or as the
+    full-resolution stage of the teacher's cascade (windows of its patch side on the source grid,
+    one input channel more: the coarse dose)."""
+
+    grid: int  # the data set's
+    source: int  # its patients' source grid
+    cascade: Cascade | None = None
+
+    @property
+    def size(self) -> int:
+        """The side a network's FLOPs are counted at and it is exported for."""
+        return self.grid if self.cascade is None else self.cascade.config.patch
+
+    @property
+    def channels(self) -> int:
+        return IN_CHANNELS if self.cascade is None else REFINER_CHANNELS
+
+    @property
+    def cache_grid(self) -> int:
+        """The teacher's predictions' grid: the data set's, or the source grid of a cascade's."""
+        return self.grid if self.cascade is None else self.source
+
+    def predictor(self, model: nn.Module, runtime: Runtime) -> Predictor | Cascade:
+        net = runtime.prepare(model).eval()
+        return net if self.cascade is None else Cascade(self.cascade.coarse, net, self.cascade.config)
+
+
+def file_size(*files: Path) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+def model_row(name: str, arch: str, model: nn.Module, files: list[Path], data: Path, ids: list[str],
+               stage: Mode, latency_cfg: LatencyConfig, runtime: Runtime, scores: Scores | None = None) -> Row:
+    s = scores or score_predictor(stage.predictor(model, runtime), data, ids, runtime)
+    return Row(name, arch, s.dose_score, s.dvh_score, checkpoint_bytes=file_size(*files),
+               **cost(model, stage.size, latency_cfg.size, latency_cfg.runs, stage.channels))  # type: ignore[arg-type]
+
+
+def architecture(model_config: dict[str, Any]) -> str:
+    genotype = model_config.get("genotype")
+    if genotype is not None:
+        macro = genotype["macro"]
+        return f"{genotype['space']} genotype, stem {macro['stem']}, widths {','.join(map(str, macro['widths']))}"
+    kwargs = ", ".join(f"{k}={v}" for k, v in model_config.get("kwargs", {}).items())
+    return f"{model_config['name']}({kwargs})"
+
+
+def comparison_rows(teacher_path: Path, teacher: nn.Module, cache: Path, out: Path, data: Path, ids: list[str],
+          stage: Mode, latency_cfg: LatencyConfig, runtime: Runtime, baseline: bool) -> list[Row]:
+    """Student, ensemble, best single member (for an ensemble teacher), baseline."""
+    rows = []
+    model, meta = load_model(out / "student")
+    arch = architecture(meta["model_config"])
+    rows.append(model_row("student (distilled)", arch, model, [out / "student" / "best.pt"], data, ids, stage,
+                           latency_cfg, runtime))
+    with open_data(data) as d, open_data(cache) as c:
+        s = score_on_source(d, ((pid, c.read_dose(pid)) for pid in ids))
+    n = len(teacher.members) if isinstance(teacher, Ensemble) else 1
+    rows.append(Row(f"ensemble (teacher, {n} member{'s' if n > 1 else ''})", "ensemble" if n > 1 else "teacher",
+                    s.dose_score, s.dvh_score, checkpoint_bytes=file_size(*teacher_files(teacher_path)),
+                    **cost(teacher, stage.size, latency_cfg.size, latency_cfg.runs, stage.channels)))  # type: ignore[arg-type]
+    if isinstance(teacher, Ensemble):
+        singles = [Ensemble([m], [1.0], teacher.tta) for m in teacher.members]
+        scores = [score_predictor(stage.predictor(m, runtime), data, ids, runtime) for m in singles]
+        best = min(range(n), key=lambda i: scores[i].dose_score)
+        checkpoint = member_checkpoints(teacher_path)[best]
+        rows.append(model_row(f"best single member ({teacher.names[best]})",
+                               architecture(load_model(checkpoint)[1]["model_config"]), singles[best],
+                               [checkpoint], data, ids, stage, latency_cfg, runtime, scores[best]))
+    if baseline:
+        model, _ = load_model(out / "baseline")
+        rows.append(model_row(BASELINE, arch, model, [out / "baseline" / "best.pt"],
+                               data, ids, stage, latency_cfg, runtime))
+    return rows

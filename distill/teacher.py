@@ -29,7 +29,7 @@ from nas_dose.data.dataset import DoseDataset
 from nas_dose.data.patient import DOSE_SCALE_GY
 from nas_dose.data.store import open_data, write_predictions
 from nas_dose.errors import NasDoseError, input_error
-from nas_dose.inference import Predictor, predict_patients
+from nas_dose.inference import Cascade, Predictor, predictions
 from nas_dose.io import load_yaml
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime
@@ -102,13 +102,14 @@ def cache_is_current(cache: Path, key: str, ids: Sequence[str], grid: int) -> bo
         return f.grid == grid and all(attrs.get(pid, {}).get(KEY_ATTR) == key for pid in ids)
 
 
-def write_cache(predictor: Predictor, data: Path, ids: Sequence[str], cache: Path, key: str,
+def write_cache(predictor: Predictor | Cascade, data: Path, ids: Sequence[str], cache: Path, key: str,
                 runtime: Runtime) -> None:
-    """Predict `ids` with the teacher into `cache` (atomically), each patient tagged with `key`."""
+    """Predict `ids` with the teacher into `cache` (atomically), each patient tagged with `key`:
+    on the data set's grid, or on the source grid for a cascade."""
     with open_data(data) as d:
-        records = ((pid, dose, {**d.patient_attrs(pid), KEY_ATTR: key})
-                   for pid, dose in predict_patients(predictor, d, list(ids), runtime))
-        write_predictions(cache, records, grid=d.grid, source=f"nasdose distill teacher {key}", total=len(ids))
+        grid, doses = predictions(predictor, d, list(ids), runtime)
+        records = ((pid, dose, {**d.patient_attrs(pid), KEY_ATTR: key}) for pid, dose in doses)
+        write_predictions(cache, records, grid=grid, source=f"nasdose distill teacher {key}", total=len(ids))
 
 
 def merge_parts(cache: Path, parts: Sequence[Path], ids: Sequence[str]) -> None:
@@ -127,16 +128,14 @@ def merge_parts(cache: Path, parts: Sequence[Path], ids: Sequence[str]) -> None:
         part.unlink()
 
 
-def ensure_cache(cache: Path, key: str, data: Path, ids: Sequence[str], load: Callable[[], Predictor],
-                 runtime: Runtime) -> bool:
-    """Make the cache unless it is current; `load` gives the teacher only when it must run.
-    Returns whether the teacher was run.
+def ensure_cache(cache: Path, key: str, data: Path, ids: Sequence[str], load: Callable[[], Predictor | Cascade],
+                 runtime: Runtime, grid: int) -> bool:
+    """Make the cache (its doses on `grid`) unless it is current; `load` gives the teacher only
+    when it must run. Returns whether the teacher was run.
 
     Under torchrun each rank predicts its `distributed.shard` of `ids` alone into its own part
     file, and rank 0 merges them; with one process the cache is written directly.
     """
-    with open_data(data) as d:
-        grid = d.grid
     if distributed.on_main(cache_is_current, cache, key, ids, grid):
         say(f"teacher predictions: reusing {cache}")
         return False

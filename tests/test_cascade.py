@@ -274,17 +274,16 @@ def test_a_pipeline_cascade_learns_from_out_of_fold_predictions(coarse_data, tmp
     assert cascade.coarse_input == "predictions" and cascade.coarse_predictions.endswith("out_of_fold.h5")
 
 
-def test_an_ensemble_of_full_resolution_stages(coarse_data, tmp_path):
-    """`nasdose ensemble` with `train.cascade.coarse`: each pool member is trained as the
-    full-resolution stage refining one coarse model; selection and scores are on the source grid,
-    and ensemble.yaml predicts as a cascade whose stage is the weighted mean of the members'."""
+@pytest.fixture(scope="module")
+def stage_ensemble(coarse_data, tmp_path_factory) -> tuple[Path, dict]:
+    """`nasdose ensemble` with `train.cascade.coarse`: two pool members trained as full-resolution
+    stages refining one coarse U-Net (one epoch of two 16³ patches each)."""
     from nas_dose import ensemble
     from nas_dose.config import load_config
-    from nas_dose.inference import Cascade, Ensemble, load_predictor
     from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
-    from nas_dose.runtime import Runtime, RuntimeConfig
     from nas_dose.search_spaces import get_space
 
+    tmp_path = tmp_path_factory.mktemp("stages")
     coarse = tmp_path / "coarse"
     assert nasdose("train", "--data", coarse_data, "--out", coarse, *FAST) == 0
     space = get_space("lenas")
@@ -299,19 +298,55 @@ def test_an_ensemble_of_full_resolution_stages(coarse_data, tmp_path):
         "train.data.augment.enabled=false", "runtime.device=cpu", "runtime.threads=1", "plots=1",
         "selection.combination=weighted"])
     out = tmp_path / "ens"
-    metrics = ensemble.run(cfg, ensemble.Inputs(tmp_path / "pool.yaml", coarse_data), out)
+    return out, ensemble.run(cfg, ensemble.Inputs(tmp_path / "pool.yaml", coarse_data), out)
+
+
+def test_an_ensemble_of_full_resolution_stages(coarse_data, stage_ensemble):
+    """Selection and scores are on the source grid, and ensemble.yaml predicts as a cascade whose
+    stage is the weighted mean of the members'."""
+    from nas_dose.inference import Cascade, Ensemble, load_predictor
+    from nas_dose.runtime import Runtime, RuntimeConfig
+
+    out, metrics = stage_ensemble
     runtime = Runtime(RuntimeConfig(device="cpu", threads=1))
     with open_data(coarse_data) as d:
         predictor = load_predictor(out / "ensemble.yaml", runtime, d.grid)
         assert isinstance(predictor, Cascade) and isinstance(predictor.refiner, Ensemble)
         pid = d.ids("validation")[0]
         (_, dose), = predictor.predict(d, [pid], runtime)
-        weights = metrics["ensemble"]["weights"]
         mean = 0
-        for name, w in weights.items():
+        for name, w in metrics["ensemble"]["weights"].items():
             with open_data(out / "members" / name / "validation.h5") as member:
                 mean = mean + w * member.read_dose(pid)
         assert dose.shape == (32, 32, 32)
         np.testing.assert_allclose(dose, mean, atol=2e-4)
         official = score_patients([(d.read_source(pid), dose)])
     assert metrics["validation_in_sample"]["dose_score"] == pytest.approx(official.dose_score, abs=1e-4)
+
+
+def test_distilling_an_ensemble_of_full_resolution_stages(coarse_data, stage_ensemble, tmp_path):
+    """The student (and its baseline) is a full-resolution stage refining the same coarse model,
+    taught on patches by the teacher's source-grid doses; its row is its cascade's official score."""
+    from nas_dose.config import load_config
+    from nas_dose.distill import distill
+    from nas_dose.inference import Cascade, load_predictor, official_scores
+    from nas_dose.models.factory import load_model
+    from nas_dose.runtime import Runtime, RuntimeConfig
+
+    teacher = stage_ensemble[0] / "ensemble.yaml"
+    cfg = load_config(distill.Config, overrides=[
+        "student=unet3d:widths=4,8", "train.epochs=1", "train.steps_per_epoch=2", "train.data.augment.enabled=false",
+        "runtime.device=cpu", "runtime.threads=1", "latency.size=16", "latency.runs=1"])
+    out = tmp_path / "distill"
+    metrics = distill.run(cfg, distill.Inputs(teacher, coarse_data), out)
+    for run in ("student", "baseline"):
+        assert isinstance(load_model(out / run)[0], Refiner)
+    with open_data(out / "teacher.h5") as cache:
+        assert cache.grid == 32
+    runtime = Runtime(RuntimeConfig(device="cpu", threads=1))
+    with open_data(coarse_data) as d:
+        student = load_predictor(out / "student", runtime, d.grid)
+        assert isinstance(student, Cascade)
+        official = official_scores(student, d, d.ids("validation"), runtime)
+    assert metrics["rows"][0]["dose_score"] == pytest.approx(official.dose_score, abs=1e-4)
+    assert "full-resolution stage" in (out / "comparison.md").read_text()

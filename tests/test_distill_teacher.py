@@ -53,7 +53,7 @@ def test_cache_is_written_once_and_reused(data, tmp_path):
         return teacher
 
     cache = tmp_path / "teacher.h5"
-    assert ensure_cache(cache, "k1", data, ids, load, CPU) is True
+    assert ensure_cache(cache, "k1", data, ids, load, CPU, 16) is True
     assert teacher.calls == len(ids) == 8 and len(loads) == 1
     with open_data(cache) as c, open_data(data) as d:
         assert c.kind == "predictions" and c.ids() == ids
@@ -63,11 +63,11 @@ def test_cache_is_written_once_and_reused(data, tmp_path):
             [p.structures[s] * v for s, v in (("PTV70", 1.0), ("PTV63", 0.9), ("PTV56", 0.8)) if s in p.structures]), 0)
         np.testing.assert_allclose(c.read_dose(ids[0]), expected, rtol=1e-5, atol=1e-4)
     # reused: the teacher is neither loaded nor run again
-    assert ensure_cache(cache, "k1", data, ids, load, CPU) is False
-    assert ensure_cache(cache, "k1", data, ids[:3], load, CPU) is False
+    assert ensure_cache(cache, "k1", data, ids, load, CPU, 16) is False
+    assert ensure_cache(cache, "k1", data, ids[:3], load, CPU, 16) is False
     assert teacher.calls == 8 and len(loads) == 1
     # another teacher or data set (another key): recomputed
-    assert ensure_cache(cache, "k2", data, ids, load, CPU) is True
+    assert ensure_cache(cache, "k2", data, ids, load, CPU, 16) is True
     assert teacher.calls == 16 and len(loads) == 2
 
 
@@ -76,7 +76,7 @@ def test_two_processes_share_the_patients_and_write_the_one_process_cache(data, 
     with open_data(data) as d:
         ids = d.ids()[::-1]  # not the file's order: the merged cache must keep this one
     one = tmp_path / "one.h5"
-    assert ensure_cache(one, "k1", data, ids, Counting, CPU) is True
+    assert ensure_cache(one, "k1", data, ids, Counting, CPU, 16) is True
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"data": str(data), "out": str(tmp_path / "two"), "ids": ids}))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -100,16 +100,16 @@ def _two_ranks(spec: dict[str, Any]) -> None:
     out, ids = Path(spec["out"]), spec["ids"]
     torch.set_num_threads(1)
     predicted: list[str] = []
-    predict = teacher_module.predict_patients
+    predict = teacher_module.predictions
 
     def recording(predictor: Any, d: Any, share: list[str], runtime: Runtime) -> Any:
         predicted.extend(share)
         return predict(predictor, d, share, runtime)
 
-    teacher_module.predict_patients = recording  # type: ignore[assignment]
+    teacher_module.predictions = recording  # type: ignore[assignment]
     teacher = Counting()
     with distributed.session():
-        ran = [ensure_cache(out / "teacher.h5", "k1", Path(spec["data"]), ids, lambda: teacher, CPU)
+        ran = [ensure_cache(out / "teacher.h5", "k1", Path(spec["data"]), ids, lambda: teacher, CPU, 16)
                for _ in range(2)]
         ranks = distributed.gather_objects([{"rank": distributed.rank(), "predicted": predicted,
                                              "calls": teacher.calls}])
@@ -119,7 +119,7 @@ def _two_ranks(spec: dict[str, Any]) -> None:
 def test_a_foreign_file_is_never_overwritten(data, tmp_path):
     before = data.read_bytes()
     with pytest.raises(NasDoseError, match=f"{data}: exists and is not a teacher cache"):
-        ensure_cache(data, "k", data, ["pt_1"], Counting, CPU)
+        ensure_cache(data, "k", data, ["pt_1"], Counting, CPU, 16)
     assert data.read_bytes() == before
 
 

@@ -20,7 +20,8 @@ from ..errors import NasDoseError
 from ..models.refiner import REFINER_CHANNELS
 
 REFINER_LAYOUT = ChannelLayout(kinds=(*INPUT_LAYOUT.kinds, "continuous"), mirror_pairs=INPUT_LAYOUT.mirror_pairs)
-ITEM_KINDS: dict[str, str | ChannelLayout] = {"input": REFINER_LAYOUT, "target": "continuous", "mask": "mask"}
+ITEM_KINDS: dict[str, str | ChannelLayout] = {"input": REFINER_LAYOUT, "target": "continuous", "mask": "mask",
+                                              "teacher": "continuous"}
 
 
 @dataclass
@@ -112,14 +113,16 @@ class PatchDataset(torch.utils.data.Dataset):
     `fixed`, the same ones every time (validation).
 
     `coarse_doses`: coarse-grid doses (Gy) by patient id to use as the coarse input; without
-    them the degraded reference is (see `degraded`).
+    them the degraded reference is (see `degraded`). `teacher`: a prediction file on the source
+    grid (a distillation's teacher cache); its dose in the same box, moved by the same transform,
+    is the item's `teacher` (dose / 70).
     """
 
     in_channels = REFINER_CHANNELS
 
     def __init__(self, path: Path, split: str, cfg: CascadeConfig, *, augment: AugmentConfig | None = None,
                  seed: int = 0, coarse_doses: dict[str, np.ndarray] | None = None,
-                 fixed: bool = False) -> None:
+                 fixed: bool = False, teacher: Path | None = None) -> None:
         self.data = open_data(Path(path))
         self.ids = self.data.ids(split)
         if not self.ids:
@@ -133,6 +136,12 @@ class PatchDataset(torch.utils.data.Dataset):
             raise NasDoseError(f"{path}: cascade.patch {cfg.patch} is larger than the source grid {self.source}")
         self.per_patient = cfg.val_patches if fixed else 1
         self.epoch = 0
+        self.teacher = open_data(teacher) if teacher is not None else None
+        if self.teacher is not None:
+            missing = [pid for pid in self.ids if pid not in self.teacher]
+            if self.teacher.kind != "predictions" or self.teacher.grid != self.source or missing:
+                raise NasDoseError(f"{teacher}: holds no teacher prediction on the {self.source}³ source grid of "
+                                   f"patient(s) {', '.join(missing[:3]) or 'of the data set'}")
 
     @property
     def grid(self) -> int:
@@ -168,8 +177,12 @@ class PatchDataset(torch.utils.data.Dataset):
         mask = fine.possible_dose_mask.astype(np.float32)[None]
         arrays = {"input": refiner_input(fine, coarse_up),
                   "target": (fine.dose / np.float32(DOSE_SCALE_GY))[None] * mask, "mask": mask}
+        if self.teacher is not None:
+            arrays["teacher"] = (self.teacher.read_dose(pid)[box] / np.float32(DOSE_SCALE_GY))[None] * mask
         if self.augmentation is not None:
             arrays = augment(arrays, ITEM_KINDS, self.augmentation, rng)
-            arrays["target"] = arrays["target"] * arrays["mask"]
+            for name in ("target", "teacher"):
+                if name in arrays:
+                    arrays[name] = arrays[name] * arrays["mask"]
         return {**{k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()},
                 "labeled": torch.tensor(1.0), "id": pid}
