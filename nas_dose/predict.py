@@ -1,12 +1,14 @@
 """Predict doses with a trained model: an HDF5 file on the data set's grid and OpenKBP CSVs.
 
   nasdose predict --model MODEL --data DATA.h5 --out DIR [--split S] [--tta] [--no-csv]
-                  [device=cpu amp=off ...]
+                  [runtime.device=cpu runtime.amp=off ...]
 
-DIR receives predictions.h5 (on the data set's grid), submission/pt_N.csv (the challenge's
-format, on the source grid: a prediction made on a downsampled data set is upsampled back and
-zeroed outside the original possible-dose mask) and config.yaml (what was predicted, how).
-Trailing key=value pairs set the runtime (device, amp, channels_last, ...).
+DIR receives predictions.h5 (on the data set's grid; a cascade's on the source grid),
+submission/pt_N.csv (the challenge's format, on the source grid: a prediction made on a
+downsampled data set is upsampled back and zeroed outside the original possible-dose mask) and
+config.yaml (what was predicted, how).
+Trailing key=value pairs set the config: `runtime.*` (device, amp, channels_last, ...), `split`,
+`tta`, `csv`.
 
 Test-time augmentation (--tta) averages the flips the training augmentation uses: along axis 0
 (anterior-posterior) and axis 1 (right-left), each alone and both. A flip along one of them

@@ -14,7 +14,7 @@ supernet. "inherit" keeps one supernet per combination of those non-op slots, ea
 with the same `supernet_steps`, so that every score comes from the same kind of proxy (mixing
 inherited and trained scores would rank candidates by how they were scored, not by quality).
 
-Both modes train with the training engine's masked L1 loss (`nas_dose.train.masked_loss`) and
+Both modes train with the training engine's masked L1 loss (`nas_dose.training.masked_loss`) and
 score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids` and
 `ctx.arch_ids`: not with `train_model`, which addresses patients by split name, whereas the
 search trains and scores on disjoint patient subsets that need not be whole splits.

@@ -43,6 +43,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Neural architecture search, ensembles and distillation for 3D radiotherapy "
                     "dose prediction.")
     parser.add_argument("--version", action="version", version=f"nasdose {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines (for scripts)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars or status lines (for scripts)")
