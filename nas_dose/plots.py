@@ -7,7 +7,7 @@ Every PNG is written atomically.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -138,4 +138,19 @@ def plot_dose_slices(ct: np.ndarray, ref_dose: np.ndarray, pred_dose: np.ndarray
     image_panel(axes[0, 3], diff, "prediction - reference", DIFF_CMAP, -diff_max, diff_max,
                 label="Gy")
     fig.suptitle(f"{title}{': ' if title else ''}axial slice {slice_index}")
+    save_figure(fig, path)
+
+
+def plot_training_curve(history: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """The training loss and the validation dose score by epoch (log.jsonl's records)."""
+    fig, axes = new_figure(ncols=2, panel_inches=(4.8, 3.6))
+    steps = [h for h in history if h.get("loss") is not None]
+    val = [h for h in history if h.get("val_dose_score") is not None]
+    loss_ax, val_ax = axes[0, 0], axes[0, 1]
+    loss_ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], lw=1)
+    loss_ax.set(xlabel="step", ylabel="training loss", yscale="log")
+    val_ax.plot([h["epoch"] for h in val], [h["val_dose_score"] for h in val], marker="o", ms=3)
+    val_ax.set(xlabel="epoch", ylabel="validation dose score (Gy)")
+    for ax in (loss_ax, val_ax):
+        ax.grid(alpha=0.3)
     save_figure(fig, path)

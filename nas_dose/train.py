@@ -2,10 +2,11 @@
 
   nasdose train --data DATA.h5 --out RUN [--config CFG.yaml] [--resume] [key=value ...]
 
-RUN receives config.yaml (the resolved config), log.jsonl, metrics.json, best.pt (the weights
-with the best validation dose score) and checkpoints/last.pt, written every `checkpoint_every`
-steps and at each epoch end; `--resume` continues from it exactly where the run stopped. The
-model is chosen and training stops early on the validation split only, never on test patients.
+RUN receives config.yaml (the resolved config), log.jsonl, metrics.json, curve.png (the loss
+and the validation score), best.pt (the weights with the best validation dose score) and
+checkpoints/last.pt, written every `checkpoint_every` steps and at each epoch end; `--resume`
+continues from it exactly where the run stopped. Each epoch prints one line. The model is chosen
+and training stops early on the validation split only, never on test patients.
 
 Started by torchrun the run is data-parallel (DDP): data.batch_size is the global batch, each
 rank steps on its share, validation is shared out and summed, and rank 0 writes the files
@@ -22,6 +23,7 @@ from .data.store import open_data
 from .inference import load_predictor, official_scores
 from .io import load_json, output_folder, save_json
 from .models.factory import build_model
+from .plots import plot_training_curve
 from .progress import say
 from .runtime import Runtime, seed_everything
 from .training import TrainConfig, TrainResult, train_model
@@ -49,8 +51,10 @@ def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
             grid = "patches" if cascade else f"{data.grid}³ grid"
         say(f"best validation dose score {result.best_val_score:.3f} Gy on the {grid} at epoch {result.best_epoch} "
             f"(all-zero prediction: {result.zero_val_score:.3f} Gy); model: {Path(out) / 'best.pt'}")
-        if official and distributed.writes_here():
-            _report_official(out, Path(inputs.data), config)
+        if distributed.writes_here():
+            plot_training_curve(result.history, Path(out) / "curve.png")
+            if official:
+                _report_official(out, Path(inputs.data), config)
     return result
 
 

@@ -50,7 +50,7 @@ def workflow(tmp_path_factory) -> Path:
 def test_workflow_files_and_finite_metrics(workflow):
     run = workflow / "run"
     for path in ["data.h5", "run/config.yaml", "run/log.jsonl", "run/best.pt", "run/checkpoints/last.pt",
-                 "run/metrics.json", "pred/predictions.h5", "pred/config.yaml", "eval/metrics.json"]:
+                 "run/metrics.json", "run/curve.png", "pred/predictions.h5", "pred/config.yaml", "eval/metrics.json"]:
         assert (workflow / path).is_file(), path
     assert sorted(p.name for p in (workflow / "pred" / "submission").iterdir()) == ["pt_7.csv", "pt_8.csv"]
     assert list((workflow / "eval" / "plots").glob("*.png"))
@@ -61,6 +61,18 @@ def test_workflow_files_and_finite_metrics(workflow):
     scores = json.loads((workflow / "eval" / "metrics.json").read_text())
     assert math.isfinite(scores["dose_score"]) and math.isfinite(scores["dvh_score"])
     assert scores["n_patients"] == 2
+
+
+def test_training_prints_one_line_per_epoch(workflow, tmp_path, capsys):
+    """What a user watching a run sees: each epoch's loss, learning rate and validation score."""
+    capsys.readouterr()
+    assert main(["train", "--data", str(workflow / "data.h5"), "--out", str(tmp_path / "run"), *TRAIN]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": loss " in line]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    ends = [e for e in log if e["val_dose_score"] is not None]
+    assert len(lines) == len(ends) == 8
+    last = f"validation dose score {ends[-1]['val_dose_score']:.3f} Gy"
+    assert lines[-1].startswith("epoch 8/8: loss ") and last in lines[-1]
 
 
 def test_trained_model_beats_the_all_zero_prediction(workflow):

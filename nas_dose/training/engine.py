@@ -103,6 +103,13 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def _epoch_line(entry: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: what a user watching a run wants to see."""
+    val = entry["val_dose_score"]
+    return (f"epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}"
+            + (f", validation dose score {val:.3f} Gy" if val is not None else "") + f", {entry['seconds']:.0f} s")
+
+
 class _Trainer:
     """One training run: set up (or restored from a checkpoint), then stepped to its end."""
 
@@ -189,6 +196,8 @@ class _Trainer:
             if epoch_end:
                 bar.close()
                 bar = None
+                if distributed.writes_here():
+                    say(_epoch_line(entry, self.config.epochs))
             if epoch_end or state.step % self.config.checkpoint_every == 0:
                 self._checkpoint()
             if self.on_step is not None:
