@@ -273,7 +273,10 @@ class DistillObjective(Objective):
             hint = hint_loss(self.student_tap.take(), self.teacher_tap.take(), self.adapters)
         if self.disc is not None:
             x, fake = batch["input"], pred.float() * mask
-            real = batch["teacher" if self.adv.real == "teacher" else "target"]
+            # A patient without a plan has no reference dose (its target is zero): the teacher's
+            # dose is the real one there, whatever `adversarial.real` says.
+            real = batch["teacher"] if self.adv.real == "teacher" else torch.where(
+                torch.as_tensor(labeled, device=pred.device) > 0, batch["target"], batch["teacher"])
             d_loss = self.discriminator_step(x, real, fake.detach())
             self.disc.requires_grad_(False)
             adv = generator_loss(self.disc, x, fake)

@@ -208,3 +208,18 @@ def test_hints_through_adapters_from_an_online_teacher():
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(Exception, match="no module 'nope'"):
         FeatureTap(student, ["nope"])
+
+
+def test_an_unlabeled_patient_shows_the_discriminator_the_teachers_dose_as_real():
+    """With adversarial.real=target, a patient without a plan (target zero) must not teach the
+    critic that an empty dose is real: its real dose is the teacher's."""
+    torch.manual_seed(0)
+    objective = bound(DistillObjective(Path("unused.h5"), adversarial=AdversarialConfig(weight=1.0, real="target")))
+    seen = []
+    objective.discriminator_step = lambda x, real, fake: seen.append(real) or torch.zeros(())  # type: ignore
+    batch = adversarial_batch()
+    batch = {k: torch.cat([v, v]) for k, v in batch.items()}
+    batch["target"] = torch.stack([batch["teacher"][0] * 0.5, torch.zeros_like(batch["teacher"][0])])
+    batch["labeled"] = torch.tensor([1.0, 0.0])
+    objective.loss(torch.zeros(2, 1, 16, 16, 16, requires_grad=True), batch)
+    assert torch.equal(seen[0][0], batch["target"][0]) and torch.equal(seen[0][1], batch["teacher"][1])
