@@ -180,3 +180,15 @@ def test_synth(tmp_path, nasdose):
     assert nasdose("synth", more, "--patients", "3", "--unlabeled", "2", "--grid", "16", "--seed", "5", "-q")[0] == 0
     with open_data(more) as data:
         assert data.ids("unlabeled") == ["pt_4", "pt_5"] and not data.has_dose("pt_4") and data.has_dose("pt_3")
+
+
+def test_an_existing_data_set_is_replaced_only_when_asked(tmp_path, nasdose):
+    out = tmp_path / "s.h5"
+    assert nasdose("synth", out, "--patients", "3", "--grid", "16", "-q")[0] == 0
+    before = out.read_bytes()
+    status, _, err = nasdose("synth", out, "--patients", "4", "--grid", "16", "-q")
+    assert status == 1 and f"{out}: exists; give --overwrite" in err and err.count("\n") == 1
+    assert out.read_bytes() == before
+    assert nasdose("synth", out, "--patients", "4", "--grid", "16", "--overwrite", "-q")[0] == 0
+    with open_data(out) as data:
+        assert len(data) == 4

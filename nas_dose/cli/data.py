@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--grid", type=int_at_least(1), default=OPENKBP_GRID,
                    help=f"grid to store, dividing {OPENKBP_GRID} (e.g. 128, 64, 32; default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
     p = sub.add_parser("synth", parents=[common], help="write synthetic head-and-neck phantoms")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     defaults = synth.Config()
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                    help="more patients without a dose, in the 'unlabeled' split (default %(default)s)")
     p.add_argument("--grid", type=int_at_least(1), default=defaults.grid, help="grid size (default %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
     p = sub.add_parser("info", parents=[common], help="summarize a data set or prediction file")
     p.add_argument("file", type=Path, metavar="FILE")
 
@@ -54,11 +56,12 @@ def main(args: argparse.Namespace) -> None:
 
 
 def import_command(args: argparse.Namespace) -> None:
-    importer.run(importer.Config(grid=args.grid), importer.Inputs(args.src), args.out)
+    importer.run(importer.Config(grid=args.grid, overwrite=args.overwrite), importer.Inputs(args.src), args.out)
 
 
 def synth_command(args: argparse.Namespace) -> None:
-    config = synth.Config(patients=args.patients, unlabeled=args.unlabeled, grid=args.grid, seed=args.seed)
+    config = synth.Config(patients=args.patients, unlabeled=args.unlabeled, grid=args.grid, seed=args.seed,
+                          overwrite=args.overwrite)
     synth.run(config, synth.Inputs(), args.out)
 
 

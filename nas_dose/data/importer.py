@@ -13,12 +13,13 @@ from ..progress import say
 from .openkbp import PatientSource, discover, read_patient
 from .patient import OPENKBP_GRID, Patient
 from .resample import downsample_patient, resample_factor
-from .store import write_dataset
+from .store import refuse_existing, write_dataset
 
 
 @dataclass
 class Config:
     grid: int = OPENKBP_GRID  # the grid to store: one dividing the source grid (128, 64, 32, ...)
+    overwrite: bool = False  # replace an existing data set file (else it is an error)
 
     def validate(self) -> None:
         at_least("grid", self.grid, 1)
@@ -39,6 +40,7 @@ def _downsampled(sources: list[PatientSource], grid: int) -> Iterator[Patient]:
 def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> None:
     """The tree -> the data set file `out`, written atomically (a killed import is redone whole)."""
     with output_file(out):
+        refuse_existing(out, config.overwrite)
         source = Path(inputs.source).resolve()
         sources = discover(source)
         write_dataset(out, _downsampled(sources, config.grid), source=f"openkbp:{source}", grid=config.grid,
