@@ -20,7 +20,7 @@ from .cascade.windows import predict_source, source_grids
 from .config import from_dict
 from .data.augment import Transform
 from .data.dataset import INPUT_LAYOUT, build_input
-from .data.patient import DOSE_SCALE_GY
+from .data.patient import DOSE_SCALE_GY, Patient
 from .data.store import DataFile
 from .errors import input_error
 from .io import load_checkpoint, load_yaml, save_yaml
@@ -71,12 +71,16 @@ def predict_patients(predictor: Predictor, data: DataFile, ids: list[str], runti
                      tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """(id, dose in Gy on the data set's grid) per patient: non-negative, zero outside the mask."""
     for pid in ids:
-        patient = data.read(pid)
-        x = runtime.to_device(torch.from_numpy(build_input(patient))[None])
-        with torch.inference_mode(), runtime.autocast():
-            y = flip_tta(predictor, x) if tta else predictor(x)
-        dose = y.float()[0, 0].cpu().numpy() * DOSE_SCALE_GY
-        yield pid, np.where(patient.possible_dose_mask, np.maximum(dose, 0), 0).astype(np.float32)
+        yield pid, predict_patient(predictor, data.read(pid), runtime, tta)
+
+
+def predict_patient(predictor: Predictor, patient: Patient, runtime: Runtime, tta: bool = False) -> np.ndarray:
+    """The dose (Gy) of one patient on its own grid: non-negative, zero outside its mask."""
+    x = runtime.to_device(torch.from_numpy(build_input(patient))[None])
+    with torch.inference_mode(), runtime.autocast():
+        y = flip_tta(predictor, x) if tta else predictor(x)
+    dose = y.float()[0, 0].cpu().numpy() * DOSE_SCALE_GY
+    return np.where(patient.possible_dose_mask, np.maximum(dose, 0), 0).astype(np.float32)
 
 
 @dataclass
@@ -207,6 +211,16 @@ def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Pre
     if isinstance(coarse, Cascade):
         raise input_error(path, f"its coarse stage {cfg.coarse} is itself a cascade")
     return Cascade(coarse, runtime.prepare(model).eval(), cfg)
+
+
+def trained_grid(path: Path) -> int | None:
+    """The grid the model at `path` (a run, a checkpoint, an ensemble .yaml) was trained on: its
+    input grid, a cascade's coarse stage's (None for checkpoints older than the record)."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        path = path.parent / load_yaml(path)["members"][0]["checkpoint"]
+    grid = load_checkpoint(path / "best.pt" if path.is_dir() else path).get("grid")
+    return None if grid is None else int(grid)
 
 
 def _cascade_config(path: Path) -> CascadeConfig:

@@ -350,3 +350,29 @@ def test_distilling_an_ensemble_of_full_resolution_stages(coarse_data, stage_ens
         official = official_scores(student, d, d.ids("validation"), runtime)
     assert metrics["rows"][0]["dose_score"] == pytest.approx(official.dose_score, abs=1e-4)
     assert "full-resolution stage" in (out / "comparison.md").read_text()
+
+
+def test_the_python_api_predicts_a_patient_on_its_own_grid(coarse_data, tmp_path):
+    """DosePredictor: a source-grid patient (or its npz file) in, its dose in Gy on that grid out,
+    equal to what `nasdose predict` writes, for a coarse model and for a cascade."""
+    from nas_dose.api import DosePredictor
+    from nas_dose.inference import load_predictor, predict_patients
+    from nas_dose.runtime import Runtime, RuntimeConfig
+
+    coarse, refiner = tmp_path / "coarse", tmp_path / "refiner"
+    assert nasdose("train", "--data", coarse_data, "--out", coarse, *FAST) == 0
+    assert nasdose("train", "--data", coarse_data, "--out", refiner, *FAST, f"cascade.coarse={coarse}",
+                   "cascade.patch=16") == 0
+    patient = next(p for p in synth_patients(6, 32, seed=0) if p.attrs["split"] == "validation")
+    runtime = Runtime(RuntimeConfig(device="cpu", threads=1))
+    with open_data(coarse_data) as d:
+        (_, low), = predict_patients(load_predictor(coarse, runtime, d.grid), d, [patient.id], runtime)
+        expected_coarse = d.to_source_grid(patient.id, low)
+        (_, expected_cascade), = load_predictor(refiner, runtime, d.grid).predict(d, [patient.id], runtime)
+    np.testing.assert_allclose(DosePredictor(coarse, device="cpu").predict(patient), expected_coarse, atol=1e-5)
+    npz = tmp_path / f"{patient.id}.npz"
+    np.savez_compressed(npz, ct=patient.ct, dose=patient.dose, possible_dose_mask=patient.possible_dose_mask,
+                        voxel_dimensions_mm=np.array(patient.voxel_mm, np.float32), **patient.structures)
+    dose = DosePredictor(refiner, device="cpu").predict(npz)
+    assert dose.shape == (32, 32, 32) and not dose[~patient.possible_dose_mask].any()
+    np.testing.assert_allclose(dose, expected_cascade, atol=1e-4)
