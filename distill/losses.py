@@ -45,7 +45,7 @@ from nas_dose.errors import NasDoseError
 from nas_dose.runtime import Runtime
 from nas_dose.search_spaces.measure import meta_copy, meta_forward
 from nas_dose.training import Objective, TrainConfig, masked_loss
-from nas_dose.training.losses import share_weight
+from nas_dose.training.losses import dvh_moment_loss, share_weight
 
 from .teacher import TeacherDataset
 
@@ -179,7 +179,7 @@ def feature_channels(model: nn.Module, names: Sequence[str], input_shape: Sequen
 # ---------------------------------------------------------------------------------------------
 # The objective.
 
-TERMS = ("gt", "teacher", "hint", "adversarial", "discriminator")
+TERMS = ("gt", "teacher", "hint", "adversarial", "discriminator", "dvh")
 Combine = Literal["blend", "sum"]
 COMBINE: tuple[str, ...] = ("blend", "sum")
 
@@ -265,7 +265,11 @@ class DistillObjective(Objective):
             main = masked_loss(pred, target, mask, self.kind, weight=w)
         else:
             main = masked_loss(pred, batch["target"], mask, self.kind, weight=w_gt) + b * teacher
-        hint = adv = d_loss = zero
+        # the reference where there is one, the teacher's dose for a patient without a plan
+        reference = torch.where(torch.as_tensor(labeled, device=pred.device) > 0, batch["target"], batch["teacher"])
+        hint = adv = d_loss = dvh = zero
+        if self.dvh.weight > 0:  # `train.dvh_loss`: what the DVH score measures, per structure
+            dvh = dvh_moment_loss(pred * mask, reference, batch["input"], self.dvh)
         if self.hint.weight > 0:
             assert self.hint_teacher is not None
             with torch.no_grad(), self.runtime.autocast():
@@ -275,13 +279,12 @@ class DistillObjective(Objective):
             x, fake = batch["input"], pred.float() * mask
             # A patient without a plan has no reference dose (its target is zero): the teacher's
             # dose is the real one there, whatever `adversarial.real` says.
-            real = batch["teacher"] if self.adv.real == "teacher" else torch.where(
-                torch.as_tensor(labeled, device=pred.device) > 0, batch["target"], batch["teacher"])
+            real = batch["teacher"] if self.adv.real == "teacher" else reference
             d_loss = self.discriminator_step(x, real, fake.detach())
             self.disc.requires_grad_(False)
             adv = generator_loss(self.disc, x, fake)
             self.disc.requires_grad_(True)
-        per_sample = self.hint.weight * hint + self.adv.weight * adv
+        per_sample = self.hint.weight * hint + self.adv.weight * adv + self.dvh.weight * dvh
         share = torch.ones((), device=pred.device)
         if distributed.world_size() > 1:
             # The engine weights each rank's loss by its share of the batch's mask voxels, right
@@ -290,7 +293,7 @@ class DistillObjective(Objective):
             per_sample = per_sample / share.clamp_min(1e-12)
         total = main + per_sample
         # logged as the whole batch's means once averaged over the ranks
-        self.sums += torch.stack([gt * share, teacher * share, hint, adv, d_loss]).detach().float()
+        self.sums += torch.stack([gt * share, teacher * share, hint, adv, d_loss, dvh]).detach().float()
         self.count += 1
         return total
 
@@ -332,7 +335,8 @@ class DistillObjective(Objective):
         self.sums.zero_()
         self.count = 0
         active = {"gt": True, "teacher": True, "hint": self.hint.weight > 0,
-                  "adversarial": self.disc is not None, "discriminator": self.disc is not None}
+                  "adversarial": self.disc is not None, "discriminator": self.disc is not None,
+                  "dvh": self.dvh.weight > 0}
         return {f"loss_{name}": v for name, v in zip(TERMS, means) if active[name]}
 
 

@@ -19,7 +19,7 @@ from nas_dose.distill.losses import (
     hint_loss,
 )
 from nas_dose.runtime import Runtime, RuntimeConfig
-from nas_dose.training import TrainConfig
+from nas_dose.training import DVHLossConfig, TrainConfig
 
 CPU = Runtime(RuntimeConfig(device="cpu"))
 
@@ -223,3 +223,50 @@ def test_an_unlabeled_patient_shows_the_discriminator_the_teachers_dose_as_real(
     batch["labeled"] = torch.tensor([1.0, 0.0])
     objective.loss(torch.zeros(2, 1, 16, 16, 16, requires_grad=True), batch)
     assert torch.equal(seen[0][0], batch["target"][0]) and torch.equal(seen[0][1], batch["teacher"][1])
+
+
+def _dvh_batch(labeled: list[float]) -> dict[str, torch.Tensor]:
+    """Two 8³ items: an OAR (channel of the first OAR) and a PTV70, target and teacher doses."""
+    from nas_dose.data.dataset import CHANNELS
+    from nas_dose.data.patient import OARS
+
+    n = len(labeled)
+    x = torch.zeros(n, 10, 8, 8, 8)
+    x[:, CHANNELS.index(OARS[0]), :4] = 1.0
+    x[:, CHANNELS.index("ptv"), 4:] = 1.0
+    gen = torch.Generator().manual_seed(1)
+    return {"input": x, "target": torch.rand(n, 1, 8, 8, 8, generator=gen),
+            "teacher": torch.rand(n, 1, 8, 8, 8, generator=gen), "mask": torch.ones(n, 1, 8, 8, 8),
+            "labeled": torch.tensor(labeled)}
+
+
+def test_the_dvh_term_of_distillation_uses_the_teacher_where_there_is_no_plan():
+    from nas_dose.training.losses import dvh_moment_loss
+
+    dvh = DVHLossConfig(weight=0.5)
+    batch = _dvh_batch([1.0, 0.0])
+    plain = bound(DistillObjective(Path("unused.h5")))
+    with_dvh = DistillObjective(Path("unused.h5"))
+    with_dvh.grid = 16
+    with_dvh.bind(nn.Identity(), CPU, TrainConfig(dvh_loss=dvh))
+    pred = torch.stack([batch["target"][0], batch["teacher"][1]])  # each item equals its DVH reference
+    assert with_dvh.loss(pred, batch).item() == pytest.approx(plain.loss(pred, batch).item())
+    assert with_dvh.log_terms()["loss_dvh"] == pytest.approx(0.0, abs=1e-6)
+    other = torch.zeros_like(pred)
+    expected = dvh_moment_loss(other, torch.stack([batch["target"][0], batch["teacher"][1]]), batch["input"], dvh)
+    assert with_dvh.loss(other, batch).item() == pytest.approx(plain.loss(other, batch).item()
+                                                               + 0.5 * expected.item(), rel=1e-5)
+
+
+def test_dvh_weights_select_targets_or_organs():
+    from nas_dose.training.losses import dvh_moment_loss
+
+    batch = _dvh_batch([1.0])
+    pred = batch["target"].clone()
+    pred[..., 4:, :, :] += 0.3  # wrong only inside the PTV
+    only_oars = DVHLossConfig(weight=1.0, target_weight=0.0, oar_weight=1.0)
+    only_targets = DVHLossConfig(weight=1.0, target_weight=1.0, oar_weight=0.0)
+    assert dvh_moment_loss(pred, batch["target"], batch["input"], only_oars).item() == pytest.approx(0.0, abs=1e-6)
+    assert dvh_moment_loss(pred, batch["target"], batch["input"], only_targets).item() > 0.1
+    with pytest.raises(ConfigError, match="not both 0"):
+        DVHLossConfig(target_weight=0.0, oar_weight=0.0).validate()

@@ -29,17 +29,24 @@ from ..data.patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS
 
 @dataclass
 class DVHLossConfig:
-    """weight: the term's weight beside the L1 loss (0: off). powers: the moments' orders."""
+    """weight: the term's weight beside the L1 loss (0: off). powers: the moments' orders (a high
+    one approaches the maximum). target_weight, oar_weight: each target's and each OAR's share of
+    the term, relative (the DVH score's target criteria are D99/D95/D1, an OAR's its maximum and
+    mean: raising one emphasizes those)."""
 
     weight: float = 0.0
     powers: tuple[float, ...] = (1.0, 2.0, 10.0)
     min_voxels: int = 8  # a structure with fewer voxels in an item (a patch's edge) is left out
+    target_weight: float = 1.0
+    oar_weight: float = 1.0
 
     def validate(self) -> None:
         if self.weight < 0:
             raise ConfigError(f"config key 'dvh_loss.weight': must be >= 0, got {self.weight}")
         if not self.powers or any(p < 1 for p in self.powers):
             raise ConfigError(f"config key 'dvh_loss.powers': orders must be >= 1, got {list(self.powers)}")
+        if min(self.target_weight, self.oar_weight) < 0 or not self.target_weight + self.oar_weight > 0:
+            raise ConfigError("config keys 'dvh_loss.target_weight', 'dvh_loss.oar_weight': >= 0, not both 0")
 
 
 _PTV = CHANNELS.index("ptv")
@@ -68,11 +75,13 @@ def moments(dose: torch.Tensor, masks: torch.Tensor, powers: tuple[float, ...]) 
 
 def dvh_moment_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
                     cfg: DVHLossConfig) -> torch.Tensor:
-    """Mean |M_p(pred) - M_p(target)| over the items' structures (of at least min_voxels) and orders."""
+    """Weighted mean |M_p(pred) - M_p(target)| over the items' structures (of at least min_voxels)
+    and orders (the OARs' and the targets' weights from `cfg`)."""
     masks = structure_masks(x)
-    present = (masks.flatten(2).sum(-1) >= cfg.min_voxels).float()[..., None]
+    kinds = torch.tensor([cfg.oar_weight] * len(OARS) + [cfg.target_weight] * len(TARGETS), device=masks.device)
+    present = (masks.flatten(2).sum(-1) >= cfg.min_voxels).float()[..., None] * kinds[:, None]
     diff = (moments(pred, masks, cfg.powers) - moments(target, masks, cfg.powers)).abs()
-    return (diff * present).sum() / (present.sum() * len(cfg.powers)).clamp_min(1)
+    return (diff * present).sum() / (present.sum() * len(cfg.powers)).clamp_min(1e-12)
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
