@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas_dose.config import ConfigError, to_dict
+from nas_dose.config import ConfigError, at_least, to_dict
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json
 from nas_dose.pool import Candidate
@@ -59,15 +59,22 @@ CHECKPOINT_EVERY = 100  # supernet steps between checkpoints (the pipeline's 1,0
 
 @dataclass
 class EvaluatorConfig:
-    """Scoring options; `supernet_steps` for "inherit", `train_steps` for "train"."""
+    """Scoring options; `supernet_steps` for "inherit", `train_steps` for "train". `max_params` and
+    `max_flops` (a forward pass at the data set's grid) are hard constraints: a genotype over either
+    is rejected before any training, its score infinite (never chosen for a pool)."""
 
     mode: Literal["inherit", "train"] = "inherit"
     supernet_steps: int = 1000
     train_steps: int = 200
     batch_size: int = 1
     lr: float = 1e-3
+    max_params: int | None = None
+    max_flops: float | None = None
 
     def validate(self) -> None:
+        for key in ("max_params", "max_flops"):
+            if getattr(self, key) is not None:
+                at_least(f"evaluator.{key}", getattr(self, key), 1)
         for key in ("supernet_steps", "train_steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'evaluator.{key}': must be at least 1, got {getattr(self, key)}")
@@ -177,6 +184,11 @@ class CandidateEvaluator:
             raise NasDoseError(f"candidate: genotype macro {g.macro} differs from the search macro {self.macro}")
         started = time.perf_counter()
         final = self._final_network(g)
+        cost = {"params": float(count_params(final)), "flops": float(count_flops(final, self._input_shape()))}
+        over = [k for k, limit in (("params", self.cfg.max_params), ("flops", self.cfg.max_flops))
+                if limit is not None and cost[k] > limit]
+        if over:
+            return Candidate(g, math.inf, {**cost, "rejected": 1.0, "seconds": round(time.perf_counter() - started, 3)})
         if self.cfg.mode == "inherit":
             supernet, net = self._supernet(g)
             supernet.fix(g)
@@ -187,9 +199,7 @@ class CandidateEvaluator:
         errors, preds = self.ctx.evaluate(net, dict.fromkeys([*self.ctx.arch_ids, *self.kept]))
         score = float(np.mean([errors[pid] for pid in self.ctx.arch_ids]))
         predictions = {pid: preds[pid].astype(np.float16) for pid in self.kept} if self.kept else None
-        metrics = {"params": float(count_params(final)),
-                   "flops": float(count_flops(final, self._input_shape())),
-                   "seconds": round(time.perf_counter() - started, 3)}
+        metrics = {**cost, "seconds": round(time.perf_counter() - started, 3)}
         return Candidate(g, score, metrics, predictions)
 
     def _final_network(self, g: Genotype) -> nn.Module:

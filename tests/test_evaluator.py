@@ -147,3 +147,37 @@ def test_config_is_validated():
         from_dict(EvaluatorConfig, {"lr": 0})
     with pytest.raises(ConfigError, match="mode"):
         from_dict(EvaluatorConfig, {"mode": "oneshot"})
+
+
+def test_hard_constraints_reject_a_genotype_before_training(data, tmp_path, monkeypatch):
+    """max_params / max_flops: a genotype over a limit scores inf without any training, is logged
+    and cached as rejected, and a search's pool holds only genotypes within the limits."""
+    ctx = context(data, tmp_path)
+    gs = genotypes(ctx, 6, seed=3)
+    sizes = sorted(count_params(ctx.space.build(g)) for g in gs)
+    limit = sizes[len(sizes) // 2]
+    monkeypatch.setattr(CandidateEvaluator, "_fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fit")))
+    ev = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=3, max_params=limit - 1))
+    big = next(g for g in gs if count_params(ctx.space.build(g)) >= limit)
+    rejected = ev.score(big)
+    assert rejected.score == float("inf") and rejected.metrics["rejected"] == 1.0
+    assert rejected.predictions is None and not list((tmp_path / "evaluator").glob("supernet-*.pt"))
+    assert CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=3, max_params=limit - 1)).score(big).score == \
+        float("inf")  # from the cache
+    with pytest.raises(ConfigError, match="max_flops"):
+        from_dict(EvaluatorConfig, {"max_flops": 0})
+
+
+def test_a_pool_holds_only_genotypes_within_the_limits(data):
+    from nas_dose.pool import MATRICES, select_pool
+
+    ctx = context(data, None)
+    sizes = sorted(count_params(ctx.space.build(g)) for g in genotypes(ctx, 8, seed=0))
+    limit = sizes[len(sizes) // 2]
+    cfg = from_dict(RandomConfig, {"budget": 8, "evaluator": {"supernet_steps": 3, "max_params": limit}})
+    cands = RandomStrategy(cfg).run(ctx)
+    rejected = [c for c in cands if c.metrics.get("rejected")]
+    assert rejected and all(c.metrics["params"] > limit for c in rejected)
+    n = len(cands)
+    chosen = select_pool(cands, n, 0.0, {k: np.zeros((n, n)) for k in MATRICES})
+    assert chosen and all(cands[i].metrics["params"] <= limit for i in chosen)
