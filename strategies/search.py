@@ -17,6 +17,7 @@ finished search's selection and pool, is logged once.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError, input_error
 from nas_dose.io import load_checkpoint, load_yaml, output_folder, save_checkpoint
 from nas_dose.pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
-from nas_dose.pool.plots import plot_arch_weights, plot_diversity, plot_fitness
+from nas_dose.pool.pareto import Cost, front_record, pareto_front, within_budget
+from nas_dose.pool.plots import plot_arch_weights, plot_diversity, plot_fitness, plot_pareto
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.search_spaces import get_space, import_plugins, save_genotype
@@ -75,9 +77,15 @@ class SearchConfig:
     seed: int = 0
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     time_budget_min: float | None = None  # whole command; a search stops at its next checkpoint
+    # The candidates' cost (pool.yaml records the accuracy-cost front, plots/pareto.png draws it)
+    # and, with pool_max_cost, a budget: the pool is the most accurate (and diverse) within it.
+    cost: Cost = "flops"
+    pool_max_cost: float | None = None
 
     def validate(self) -> None:
         at_least("pool_size", self.pool_size, 1)
+        if self.pool_max_cost is not None and not self.pool_max_cost > 0:
+            raise ConfigError(f"config key 'pool_max_cost': must be positive, got {self.pool_max_cost}")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ConfigError(f"config key 'time_budget_min': must be positive, got {self.time_budget_min}")
 
@@ -130,6 +138,9 @@ class SearchRun:
         budget = cfg.time_budget_min
         self.deadline = None if budget is None else time.monotonic() + 60.0 * budget
         self.histories: list[list[dict[str, list[float]]]] = []  # α per epoch of each search, if any
+        # the candidates of a single search (its accuracy-cost front); a sequential one's are its
+        # members, the only candidates a resumed sequence still holds
+        self.scored: list[Candidate] = []
         self.base = self.context("search", [], {})  # for data access and the command's own log records
 
     def context(self, state: str, references: list[dict[str, np.ndarray]], fields: dict[str, Any]) -> SearchContext:
@@ -165,6 +176,7 @@ class SearchRun:
                 say(f"time budget spent: {k} of {self.cfg.pool_size} members found")
                 break
             cands, history = self._search(ctx)
+            cands = within_budget(cands, self.cfg.cost, self.cfg.pool_max_cost)
             found = {m.genotype.key() for m in members}
             distinct = [c for c in cands if c.genotype.key() not in found]
             if not distinct:
@@ -184,6 +196,12 @@ class SearchRun:
     def single(self) -> list[Candidate]:
         """One search; K of its candidates by accuracy + lam × diversity (lam = 0 in mode none)."""
         cands, _ = self._search(self.base)
+        self.scored.extend(cands)
+        affordable = within_budget(cands, self.cfg.cost, self.cfg.pool_max_cost)
+        if not affordable:
+            raise NasDoseError(f"{self.out}: no candidate within pool_max_cost={self.cfg.pool_max_cost:g} "
+                               f"{self.cfg.cost}")
+        cands = affordable
         lam = self.cfg.diversity.lam if self.cfg.diversity.mode == "pool" else 0.0
         matrices = pairwise_matrices(cands, *self.targets())
         chosen = select_pool(cands, self.cfg.pool_size, lam, matrices)
@@ -207,21 +225,23 @@ class SearchRun:
         if not members:
             raise NasDoseError(f"{self.out}: the search produced no usable candidate")
         names = [f"m{i}" for i in range(len(members))]
+        seen = self.scored or members
         matrices = pairwise_matrices(members, *self.targets())
         source = self.strategy_cls.predictions_from
         pool = Pool(self.space.name, self.cfg.strategy, self.cfg.seed,
                     [PoolMember(n, m.genotype, m.score, m.metrics) for n, m in zip(names, members)], matrices,
                     f"{source}; validation patients: {', '.join(self.diversity_ids) or 'none'}",
-                    to_dict(self.cfg))
+                    to_dict(self.cfg), front_record(seen, self.cfg.cost))
         for name, m in zip(names, members):
             save_genotype(self.out / "genotypes" / f"{name}.yaml", m.genotype)
         save_pool(self.out / "pool.yaml", pool)
         if distributed.writes_here():  # the plots read the log, which only the main rank writes
-            self.plots(pool)
+            self.plots(pool, seen)
         self.base.log({"event": "pool", "members": names, "scores": [m.score for m in members]})
         return pool
 
-    def plots(self, pool: Pool) -> None:
+    def plots(self, pool: Pool, seen: list[Candidate]) -> None:
+        """Architecture weights, fitness, diversity, and `seen` (the scored candidates) against cost."""
         folder = self.out / "plots"
         if self.histories:
             titles = [f"search {k}" for k in range(len(self.histories))] if len(self.histories) > 1 else None
@@ -233,6 +253,10 @@ class SearchRun:
                   for r in scored]
         plot_fitness([r["score"] for r in scored], labels, folder / "fitness.png")
         plot_diversity(pool.names, pool.matrices, folder / "diversity.png")
+        keys = [c.genotype.key() for c in seen]
+        chosen = [keys.index(m.genotype.key()) for m in pool.members if m.genotype.key() in keys]
+        plot_pareto([c.score for c in seen], [c.metrics.get(self.cfg.cost, math.nan) for c in seen],
+                    pareto_front(seen, self.cfg.cost), chosen, self.cfg.cost, folder / "pareto.png")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -145,3 +145,31 @@ def test_bad_configs_fail_before_any_work(data, tmp_path, overrides, message):
 def test_example_configs_resolve(name):
     cfg = load_config(search_stage.SearchConfig, CONFIGS / name)
     search_stage.get_strategy(cfg.strategy).from_options(cfg.options)
+
+
+def test_the_pool_records_the_accuracy_cost_front_and_keeps_within_a_budget(data, tmp_path):
+    from nas_dose.pool import Candidate
+    from nas_dose.pool.pareto import pareto_front
+
+    common = ["strategy=random", "macro.stem=4", "macro.widths=[8]", "pool_size=2", "diversity.mode=none",
+              "options={budget: 6, evaluator: {supernet_steps: 3}}", "cost=params"]
+    out = tmp_path / "free"
+    search(data, out, *common)
+    front = load_pool(out / "pool.yaml").pareto
+    assert front["cost"] == "params" and front["front"]
+    scored = [r for r in log_records(out) if r["event"] == "scored"]
+    points = [(r["score"], r["params"]) for r in scored]
+    for f in front["front"]:  # every front point is scored, and none is beaten on both axes
+        assert (f["search_score"], f["params"]) in points
+        assert not any(s <= f["search_score"] and p <= f["params"] and (s, p) != (f["search_score"], f["params"])
+                       for s, p in points)
+    assert (out / "plots" / "pareto.png").stat().st_size > 5000
+    budget = sorted(p for _, p in points)[2]
+    out = tmp_path / "budget"
+    search(data, out, *common, f"pool_max_cost={budget}")
+    assert all(m.metrics["params"] <= budget for m in load_pool(out / "pool.yaml").members)
+    # the front by hand: a candidate dominated on both axes is left out
+    def cand(score: float, params: float) -> Candidate:
+        return Candidate(load_pool(out / "pool.yaml").members[0].genotype, score, {"params": params})
+    cands = [cand(1.0, 10.0), cand(2.0, 5.0), cand(2.5, 20.0), cand(0.5, 30.0)]
+    assert pareto_front(cands, "params") == [1, 0, 3]

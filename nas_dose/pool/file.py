@@ -43,6 +43,7 @@ class Pool:
     matrices: dict[str, np.ndarray]
     predictions: str = ""  # how the predictions behind the matrices were made, on which patients
     config: dict[str, Any] = field(default_factory=dict)
+    pareto: dict[str, Any] = field(default_factory=dict)  # the search's accuracy-cost front (pareto.py)
 
     @property
     def names(self) -> list[str]:
@@ -63,6 +64,7 @@ def save_pool(path: str | Path, pool: Pool) -> None:
                       **{k: [[float(x) for x in row] for row in np.asarray(pool.matrices[k])]
                          for k in MATRICES}},
         "config": pool.config,
+        "pareto": pool.pareto,
     }
     save_yaml(path, data)
 
@@ -147,8 +149,11 @@ def load_pool(path: str | Path) -> Pool:
     if not isinstance(config, dict):
         raise NasDoseError(f"{path}: 'config' must be a mapping")
     predictions = div.get("predictions", "")
+    pareto = data.get("pareto", {}) or {}
+    if not isinstance(pareto, dict):
+        raise NasDoseError(f"{path}: 'pareto' must be a mapping")
     return Pool(space, data["strategy"], seed, members, matrices,
-                predictions if isinstance(predictions, str) else str(predictions), config)
+                predictions if isinstance(predictions, str) else str(predictions), config, pareto)
 
 
 __all__ = ["FORMAT", "VERSION", "Pool", "PoolMember", "save_pool", "load_pool"]

@@ -91,3 +91,23 @@ def plot_diversity(names: Sequence[str], matrices: Mapping[str, np.ndarray], pat
         ax.set_yticks(range(n), names)
         ax.set_title(MATRIX_TITLES[key], fontsize="medium")
     save_figure(fig, path)
+
+
+def plot_pareto(scores: Sequence[float], costs: Sequence[float], front: Sequence[int], chosen: Sequence[int],
+                cost: str, path: str | Path) -> None:
+    """Every scored candidate by cost and score, the Pareto front, and the pool's members."""
+    fig, axes = new_figure(panel_inches=(6.0, 4.2))
+    ax = axes[0, 0]
+    x, y = np.asarray(costs, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    ax.scatter(x[ok], y[ok], s=12, color="0.6", label="candidates")
+    if len(front):
+        ax.step(x[list(front)], y[list(front)], where="post", color="C0", label="Pareto front")
+    if len(chosen):
+        ax.scatter(x[list(chosen)], y[list(chosen)], s=40, facecolors="none", edgecolors="C3", label="pool")
+    ax.set_xscale("log")
+    ax.set_xlabel(cost)
+    ax.set_ylabel("dose score on architecture patients (Gy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", frameon=False)
+    save_figure(fig, path)
