@@ -103,13 +103,9 @@ class SearchSpace:
         return out
 
     def check_choices(self, choices: Mapping[str, Any], source: str = "", complete: bool = True) -> dict[str, Any]:
-        """Validate slot values through the NNI mutable (all slots, or only those given).
-
-        Errors name the slot and the bad op; NNI's SampleValidationError becomes NasDoseError.
-        """
-        from nni.mutable import MutableDict  # as in mutable()
-        from nni.mutable.exception import SampleMissingError, SampleValidationError
-
+        """Validate slot values (all slots, or only those given), in slot order. Plain Python, as
+        NNI's categorical sample checks do, so that loading and building a genotype never needs NNI
+        (a machine without it predicts with searched networks). Errors name the slot and the op."""
         where = source or f"search space '{self.name}'"
         slots = self.slots()
         for slot, value in choices.items():
@@ -117,20 +113,16 @@ class SearchSpace:
                 raise NasDoseError(f"{where}: unknown slot '{slot}' in space '{self.name}'")
             if isinstance(value, bool) or not isinstance(value, (str, int)):
                 raise NasDoseError(f"{where}: slot '{slot}': {value!r} is not an op name or an integer")
-        mutable = self.mutable()
-        if not complete:
-            mutable = MutableDict({s: mutable[s] for s in choices})
-        try:
-            return dict(mutable.freeze(dict(choices)))
-        except SampleMissingError as e:
-            raise NasDoseError(f"{where}: missing slot '{e.paths[-1] if e.paths else e}'") from None
-        except SampleValidationError as e:
-            slot = e.paths[-1] if e.paths else "?"
-            raise NasDoseError(f"{where}: slot '{slot}': {choices.get(slot)!r} is not allowed "
-                               f"(allowed: {', '.join(map(str, slots.get(slot, [])))})") from None
+            if value not in slots[slot]:
+                raise NasDoseError(f"{where}: slot '{slot}': {value!r} is not allowed "
+                                   f"(allowed: {', '.join(map(str, slots[slot]))})")
+        missing = [s for s in slots if s not in choices]
+        if complete and missing:
+            raise NasDoseError(f"{where}: missing slot '{missing[0]}'")
+        return {s: choices[s] for s in slots if s in choices}
 
     def validate(self, g: Genotype, source: str = "") -> None:
-        """Check space, version, every slot (through NNI) and the macro."""
+        """Check space, version, every slot and the macro."""
         where = source or "genotype"
         if g.space != self.name:
             raise NasDoseError(f"{where}: genotype of space '{g.space}' given to space '{self.name}'")

@@ -208,3 +208,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path, data, pool_file, capsys, nasdo
     save_yaml(spec, {"format": "nasdose-ensemble", "version": 1, "members": [{"name": "a", "weight": -1}]})
     with pytest.raises(NasDoseError, match=f"{spec}: member 0"):
         load_ensemble(spec)
+
+
+def test_a_searched_ensemble_predicts_without_nni(run, data, tmp_path):
+    """NNI is the search's vocabulary, not a need of a searched network: with `nni` unimportable,
+    `nasdose predict` loads and runs the ensemble of searched genotypes."""
+    import subprocess
+    import sys
+
+    out, _ = run
+    code = ("import sys; sys.modules['nni'] = None; from nas_dose.cli import main; "
+            f"sys.exit(main(['predict', '--model', {str(out / 'ensemble.yaml')!r}, '--data', {str(data)!r}, "
+            f"'--out', {str(tmp_path / 'pred')!r}, '--split', 'validation', '-q', 'runtime.device=cpu']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "nni" not in done.stderr and (tmp_path / "pred" / "predictions.h5").exists()
+    check = subprocess.run([sys.executable, "-c", "import sys; sys.modules['nni'] = None; import nni"],
+                           capture_output=True, text=True)
+    assert check.returncode != 0  # the blocking works
