@@ -193,6 +193,7 @@ STRATEGIES: Registry[type[Strategy]] = Registry("strategy", base=Strategy, named
     "evolution": f"{__package__}.evolution",
     "random": f"{__package__}.random_search",
     "nni": f"{__package__}.nni_backend",
+    "optuna": f"{__package__}.optuna_backend",
 })
 
 

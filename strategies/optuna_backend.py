@@ -1,0 +1,95 @@
+"""Strategy `optuna`: Optuna's samplers (TPE, NSGA-II for several objectives, random) over
+nasdose's spaces, scored by the same evaluator as `evolution`, `random` and `nni`.
+
+A maintained engine beside NNI (NNI 3.0 has had no release since 2023 and no wheels off x86-64).
+Each slot is one categorical parameter; a sample the space rejects is pruned (it counts against
+the budget). `objectives` chooses what is minimized: the validation score alone, or with a cost
+(`params`, `flops`) for a multi-objective search whose trials trace an accuracy-cost front.
+
+Resuming: the sampler is seeded and the study kept in memory, so a resumed search proposes the
+same trials again and the evaluator's persisted cache answers those already scored: it ends
+where an uninterrupted one ends. The finished study's trials are written beside the search's
+state (optuna_trials.json) for inspection.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from nas_dose.config import ConfigError
+from nas_dose.errors import NasDoseError
+from nas_dose.io import save_json
+from nas_dose.pool import Candidate
+
+from .base import SearchContext, register_strategy
+from .evaluator import ScoringStrategy, derived_seed, ranked
+from .evolution import PopulationConfig
+
+Objective = Literal["score", "params", "flops"]
+
+
+@dataclass
+class OptunaConfig(PopulationConfig):
+    """sampler: tpe, nsga2 (several objectives) or random; budget: trials; population: NSGA-II's
+    (`sample` is unused); objectives: what is minimized, the score first."""
+
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    objectives: tuple[Objective, ...] = ("score",)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.objectives or self.objectives[0] != "score" or len(set(self.objectives)) < len(self.objectives):
+            raise ConfigError("config key 'objectives': 'score' first, then costs (params, flops), each once")
+        if len(self.objectives) > 1 and self.sampler == "tpe":
+            raise ConfigError("config key 'sampler': several objectives need nsga2 (or random)")
+
+
+def _sampler(cfg: OptunaConfig, seed: int) -> Any:
+    import optuna  # optional: only a search that asks for this strategy needs it
+
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=seed)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+@register_strategy("optuna")
+class OptunaStrategy(ScoringStrategy):
+    """Optuna's samplers (see the module docstring)."""
+
+    Config = OptunaConfig
+
+    def run(self, ctx: SearchContext) -> list[Candidate]:
+        import optuna  # as in _sampler
+
+        cfg: OptunaConfig = self.config
+        scorer = self.make_scorer(ctx)
+        found: list[Candidate] = []
+        slots = ctx.space.slots()
+
+        def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
+            choices = {slot: trial.suggest_categorical(slot, list(values)) for slot, values in slots.items()}
+            try:
+                genotype = ctx.space.genotype(choices, ctx.macro)
+            except NasDoseError:
+                raise optuna.TrialPruned() from None  # a combination the space rejects
+            cand = scorer.score(genotype)
+            found.append(cand)
+            ctx.log({"event": "trial", "strategy": f"optuna-{cfg.sampler}", "trial": trial.number,
+                     "score": cand.score})
+            values = tuple(cand.score if o == "score" else cand.metrics.get(o, math.inf) for o in cfg.objectives)
+            return values[0] if len(values) == 1 else values
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(directions=["minimize"] * len(cfg.objectives),
+                                    sampler=_sampler(cfg, derived_seed(ctx.seed, "optuna", cfg.sampler)))
+        study.optimize(objective, n_trials=cfg.budget,
+                       callbacks=[lambda study, trial: study.stop() if ctx.should_stop() else None])
+        record = ctx.state_path("optuna_trials.json")
+        if record is not None:
+            save_json(record, {"objectives": list(cfg.objectives), "trials": [
+                {"number": t.number, "state": t.state.name, "params": t.params, "values": t.values}
+                for t in study.trials]})
+        return ranked(found)
