@@ -6,11 +6,13 @@ building, the supernet, mutation, distance) is derived here, so a new space is o
 """
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from nas_dose.errors import NasDoseError
@@ -19,6 +21,7 @@ from nas_dose.registry import Registry, import_module
 
 from .cells import SlotFactory
 from .genotype import Genotype, check_fields
+from .measure import meta_forward
 from .ops import list_ops, make_op
 
 
@@ -166,6 +169,59 @@ class SearchSpace:
         self.validate(g)
         return self.construct(g.choices, g.macro, _single_op_factory(g.choices))
 
+    def fitted(self, macro: Mapping[str, Any], grid: int) -> tuple[SearchSpace, dict[str, list]]:
+        """This space without the values of its non-op slots (width, depth) that a ``grid``³ input
+        cannot take (a depth whose bottleneck would be one voxel), and what was removed, so that a
+        search never proposes them instead of failing in the middle. Each combination of those
+        slots is tried on the meta device (shapes only) with the first candidate of every op."""
+        slots, ops = self.slots(), set(self.op_slots())
+        macro = self.check_macro(macro)
+        shape = (1, macro["in_channels"], grid, grid, grid)
+        first = {s: c[0] for s, c in slots.items() if s in ops}
+        other = {s: c for s, c in slots.items() if s not in ops}
+
+        def fits(values: tuple[Any, ...]) -> bool:
+            choices = {**first, **dict(zip(other, values))}
+            try:
+                with torch.device("meta"):  # nothing allocated, nothing computed
+                    meta_forward(self.construct(choices, macro, _single_op_factory(choices)), shape)
+            except (NasDoseError, RuntimeError, ValueError):
+                return False
+            return True
+
+        fitting = [values for values in itertools.product(*other.values()) if fits(values)]
+        if not fitting:
+            raise NasDoseError(f"search space '{self.name}': no network of it takes a {grid}³ input "
+                               f"with macro {macro}")
+        removed = {s: [v for v in c if all(f[i] != v for f in fitting)] for i, (s, c) in enumerate(other.items())}
+        removed = {s: v for s, v in removed.items() if v}
+        return (_Restricted(self, removed), removed) if removed else (self, {})
+
+class _Restricted(SearchSpace):
+    """A space with some candidates removed (`SearchSpace.fitted`); its genotypes are the inner
+    space's (same name and version), so they load and build without the restriction."""
+
+    def __init__(self, inner: SearchSpace, removed: Mapping[str, list]) -> None:
+        self.inner, self.removed = inner, dict(removed)
+        self.name, self.version = inner.name, inner.version
+
+    def slots(self) -> dict[str, list]:
+        return {s: [v for v in c if v not in self.removed.get(s, [])] for s, c in self.inner.slots().items()}
+
+    def default_macro(self) -> dict[str, Any]:
+        return self.inner.default_macro()
+
+    def small_macro(self) -> dict[str, Any]:
+        return self.inner.small_macro()
+
+    def check_macro(self, macro: Mapping[str, Any], source: str = "") -> dict[str, Any]:
+        return self.inner.check_macro(macro, source)
+
+    def active_slots(self, g: Genotype) -> list[str]:
+        return self.inner.active_slots(g)
+
+    def construct(self, choices: Mapping[str, Any], macro: Mapping[str, Any], make: SlotFactory) -> nn.Module:
+        return self.inner.construct(choices, macro, make)
 
 
 def genotype_from_dict(d: Any, source: str = "") -> Genotype:

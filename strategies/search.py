@@ -135,6 +135,13 @@ class SearchRun:
                                "use diversity.mode=pool or none")
         self.runtime = Runtime(cfg.runtime)
         self.weight_ids, self.arch_ids, self.diversity_ids = split_patients(self.data, cfg.data, cfg.seed)
+        with open_data(self.data) as d:
+            grid = d.grid
+        self.space, self.removed = self.space.fitted(self.macro, grid)
+        if self.removed:
+            say(f"search space '{self.space.name}' on the {grid}³ grid: left out "
+                + "; ".join(f"{s} {', '.join(map(str, v))}" for s, v in self.removed.items())
+                + " (no network with them takes the input)")
         budget = cfg.time_budget_min
         self.deadline = None if budget is None else time.monotonic() + 60.0 * budget
         self.histories: list[list[dict[str, list[float]]]] = []  # α per epoch of each search, if any
@@ -221,6 +228,8 @@ class SearchRun:
                 {it["id"]: it["mask"][0].numpy() > 0 for it in items})
 
     def run(self) -> Pool:
+        if self.removed:
+            self.base.log({"event": "space_fitted", "removed": self.removed})
         members = self.sequential() if self.cfg.diversity.mode == "sequential" else self.single()
         if not members:
             raise NasDoseError(f"{self.out}: the search produced no usable candidate")

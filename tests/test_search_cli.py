@@ -66,7 +66,7 @@ def test_lenas_search_writes_a_valid_pool(data, tmp_path):
     assert selection["candidates"] == 3 and len(selection["chosen"]) == 2
 
     with pytest.raises(NasDoseError, match="already holds a search"):
-        search(data, out, "macro.stem=4")
+        search(data, out, "macro.stem=4", "macro.widths=[8]")
     with pytest.raises(NasDoseError, match=r"different config \(pool_size\)"):
         search(data, out, resume=True, config=out / "config.yaml", *["pool_size=3"])
     before = (out / "pool.yaml").read_text()
@@ -173,3 +173,24 @@ def test_the_pool_records_the_accuracy_cost_front_and_keeps_within_a_budget(data
         return Candidate(load_pool(out / "pool.yaml").members[0].genotype, score, {"params": params})
     cands = [cand(1.0, 10.0), cand(2.0, 5.0), cand(2.5, 20.0), cand(0.5, 30.0)]
     assert pareto_front(cands, "params") == [1, 0, 3]
+
+
+def test_a_depth_the_grid_cannot_hold_is_left_out_before_the_search(data, tmp_path, capsys):
+    """lenas_levels at 16³: depth 4 would end in a one-voxel bottleneck; it is removed from the
+    space (a line and a log record say so), so no candidate has it and nothing fails."""
+    from nas_dose.search_spaces import get_space
+
+    out = tmp_path / "levels"
+    set_quiet(False)
+    try:
+        search(data, out, "space=lenas_levels", "macro={stem: 2, widths: [4, 4, 8, 8]}", "strategy=random",
+               "pool_size=2", "diversity.mode=none", "options={budget: 6, evaluator: {supernet_steps: 2}}")
+    finally:
+        set_quiet(True)
+    assert "left out depth 4" in capsys.readouterr().out
+    fitted = next(r for r in log_records(out) if r["event"] == "space_fitted")
+    assert fitted["removed"] == {"depth": [4]}
+    scored = [r for r in log_records(out) if r["event"] == "scored"]
+    assert scored and all(r["genotype"]["choices"]["depth"] in (2, 3) for r in scored)
+    space, removed = get_space("lenas_levels").fitted({"stem": 2, "widths": [4, 4, 8, 8]}, 32)
+    assert removed == {} and space.slots()["depth"] == [2, 3, 4]
