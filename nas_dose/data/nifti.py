@@ -125,8 +125,8 @@ def check_names(where: Path, folders: list[Path], aliases: Aliases) -> None:
     if unmapped:
         listed = "; ".join(f"{name} ({', '.join(pids[:3])}{', ...' if len(pids) > 3 else ''})"
                            for name, pids in sorted(unmapped.items()))
-        raise input_error(where, f"structure names not in the ROI vocabulary or the alias table: {listed}; map "
-                                 f"them to one of {', '.join(ROIS)} (or null to skip) in aliases.yaml")
+        raise input_error(where, f"structure names not in the ROI vocabulary or the alias table: {listed}; map them "
+                                 f"to one of {', '.join(ROIS)} (or null to skip) in aliases.yaml or --aliases FILE")
 
 
 def _image(path: Path) -> nib.Nifti1Image:
