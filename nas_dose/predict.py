@@ -1,14 +1,16 @@
-"""Predict doses with a trained model: an HDF5 file on the data set's grid and OpenKBP CSVs.
+"""Predict doses with a trained model: an HDF5 file on the data set's grid and OpenKBP CSVs (or NIfTI).
 
   nasdose predict --model MODEL --data DATA.h5 --out DIR [--split S] [--tta] [--no-csv]
-                  [runtime.device=cpu runtime.amp=off ...]
+                  [--format csv|nifti] [runtime.device=cpu runtime.amp=off ...]
 
 DIR receives predictions.h5 (on the data set's grid; a cascade's on the source grid),
 submission/pt_N.csv (the challenge's format, on the source grid: a prediction made on a
 downsampled data set is upsampled back and zeroed outside the original possible-dose mask) and
-config.yaml (what was predicted, how).
+config.yaml (what was predicted, how). With `format: nifti` the same source-grid doses go to
+nifti/pt_N.nii.gz instead (float32 Gy, in the patient's original NIfTI orientation and affine; an
+OpenKBP patient's affine is made from its voxel size, nas_dose.data.nifti.openkbp_affine).
 Trailing key=value pairs set the config: `runtime.*` (device, amp, channels_last, ...), `split`,
-`tta`, `csv`.
+`tta`, `csv` (false: no submission files in either format), `format`.
 
 Test-time augmentation (--tta) averages the flips the training augmentation uses: along axis 0
 (anterior-posterior) and axis 1 (right-left), each alone and both. A flip along one of them
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, load_config
+from .data.nifti import write_nifti_dose
 from .data.openkbp import write_submission_csv
 from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
@@ -55,18 +58,34 @@ def write_out_of_fold(data: DataFile, runs: list[Path], out: Path, runtime: Runt
     write_predictions(out, records, grid=data.grid, source="out-of-fold: " + ", ".join(map(str, runs)))
 
 
+# Submission formats: the folder each writes into.
+FORMATS = {"csv": "submission", "nifti": "nifti"}
+
+
+def _write_submission(folder: Path, fmt: str, pid: str, dose: np.ndarray, data: DataFile) -> None:
+    """One patient's source-grid dose in the submission format `fmt`."""
+    if fmt == "nifti":
+        write_nifti_dose(folder / f"{pid}.nii.gz", dose, data.source_attrs(pid))
+    else:
+        write_submission_csv(folder / f"{pid}.csv", dose)
+
+
 def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | None, runtime: Runtime, out: Path,
-                  *, model: str, tta: bool = False, csv: bool = True) -> list[str]:
+                  *, model: str, tta: bool = False, csv: bool = True, format: str = "csv") -> list[str]:
     """Predict the patients of `split` (all when None) into `out`; returns their ids.
 
-    predictions.h5 (on the data set's grid, or on the source grid for a cascade), then submission/
-    whole or not at all (built aside, renamed into place), then config.yaml recording `model` (a
-    path or a description), the data, the split and the runtime.
+    predictions.h5 (on the data set's grid, or on the source grid for a cascade), then the
+    submission files (`csv`: unless false; `format`: submission/ CSVs or nifti/ .nii.gz) whole or
+    not at all (built aside, renamed into place), then config.yaml recording `model` (a path or a
+    description), the data, the split and the runtime.
     """
+    if format not in FORMATS:
+        raise ConfigError(f"submission format: one of {', '.join(FORMATS)}, got {format!r}")
     ids = data.ids(split)
     if not ids:
         raise input_error(data.path, f"no patients in split '{split}'")
-    submission, staging = out / "submission", out / ".submission.partial"
+    submission = out / FORMATS[format]
+    staging = out / f".{submission.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
 
     grid, doses = predictions(predictor, data, ids, runtime, tta)
@@ -75,32 +94,37 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
     def records() -> Iterator[tuple[str, np.ndarray, dict]]:
         for pid, dose in doses:
             if csv:
-                write_submission_csv(staging / f"{pid}.csv", dose if cascade else data.to_source_grid(pid, dose))
+                _write_submission(staging, format, pid, dose if cascade else data.to_source_grid(pid, dose), data)
             yield pid, dose, data.source_attrs(pid) if cascade else data.patient_attrs(pid)
 
     try:
         write_predictions(out / "predictions.h5", records(), grid=grid, source=model, total=len(ids))
-        shutil.rmtree(submission, ignore_errors=True)  # never leave CSVs of an earlier run
+        for folder in FORMATS.values():  # never leave submission files of an earlier run
+            shutil.rmtree(out / folder, ignore_errors=True)
         if csv:
             staging.rename(submission)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     save_yaml(out / "config.yaml", {"model": model, "data": str(data.path), "split": split, "tta": tta,
-                                    "csv": csv, "runtime": runtime.describe()})
+                                    "csv": csv, "format": format, "runtime": runtime.describe()})
     return ids
 
 
 @dataclass
 class Config:
     """What to predict and how the networks run (the same `runtime` section as every other
-    command's config); `split`: None predicts every patient; `tta`: flip test-time augmentation."""
+    command's config); `split`: None predicts every patient; `tta`: flip test-time augmentation;
+    `csv`: false writes no submission files; `format`: csv (OpenKBP) or nifti."""
 
     split: str | None = None
     tta: bool = False
     csv: bool = True
+    format: str = "csv"
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"config key 'format': one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.split is not None and self.split not in SPLITS:
             raise ConfigError(f"config key 'split': one of {', '.join(SPLITS)}, got {self.split!r}")
 
@@ -120,8 +144,8 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> list
             raise input_error(inputs.data, "is a prediction file, not a data set")
         predictor = load_predictor(inputs.model, runtime, data.grid)
         ids = write_outputs(predictor, data, config.split, runtime, Path(out), model=str(inputs.model),
-                            tta=config.tta, csv=config.csv)
+                            tta=config.tta, csv=config.csv, format=config.format)
     say(f"predicted {len(ids)} patients: {Path(out) / 'predictions.h5'}"
-        + (f", {Path(out) / 'submission'}/" if config.csv else ""))
+        + (f", {Path(out) / FORMATS[config.format]}/" if config.csv else ""))
     return ids
 

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from nas_dose.config import load_config
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
+from nas_dose.models.factory import build_model
 from nas_dose.progress import set_quiet
+from nas_dose.runtime import seed_everything
+from nas_dose.training import TrainConfig, train_model
 
 torch.set_num_threads(1)
 
@@ -53,3 +57,18 @@ def openkbp_dir() -> Path:
     if not (path / "csv").is_dir():
         pytest.skip(f"OpenKBP data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """Train a tiny U-Net (widths 4, 8, 16) for one epoch on a data set into a run folder: a
+    real model, in seconds, for the tests of what reads one (predict and its formats)."""
+
+    def train(data: Path, out: Path) -> Path:
+        cfg = load_config(TrainConfig, overrides=["model.kwargs.widths=[4, 8, 16]", "epochs=1", "runtime.device=cpu",
+                                                  "runtime.threads=1", "data.augment.enabled=false"])
+        seed_everything(0)
+        train_model(build_model(cfg.model), cfg, data, out)
+        return out
+
+    return train

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from nas_dose.cli.predict import main as predict_main
-from nas_dose.config import load_config
 from nas_dose.data.dataset import CHANNELS, IN_CHANNELS
 from nas_dose.data.openkbp import read_submission_csv
 from nas_dose.data.resample import downsample_patient, upsample_dose
@@ -16,10 +15,8 @@ from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.inference import TTA_FLIPS, flip_tta, predict_patients
 from nas_dose.io import load_yaml
-from nas_dose.models.factory import build_model
 from nas_dose.predict import write_outputs
-from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
-from nas_dose.training import TrainConfig, train_model
+from nas_dose.runtime import Runtime, RuntimeConfig
 
 RIGHT, LEFT = CHANNELS.index("RightParotid"), CHANNELS.index("LeftParotid")
 
@@ -34,18 +31,13 @@ def coarse(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(coarse, tmp_path_factory) -> Path:
+def run(coarse, train_tiny, tmp_path_factory) -> Path:
     """A tiny U-Net trained for one epoch on the downsampled data set."""
-    cfg = load_config(TrainConfig, overrides=["model.kwargs.widths=[4, 8, 16]", "epochs=1", "runtime.device=cpu",
-                                              "runtime.threads=1", "data.augment.enabled=false"])
-    seed_everything(0)
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    train_model(build_model(cfg.model), cfg, coarse, out)
-    return out
+    return train_tiny(coarse, tmp_path_factory.mktemp("runs") / "tiny")
 
 
 def predict_cli(**kwargs) -> None:
-    args = {"split": None, "tta": False, "csv": True, "config": None,
+    args = {"split": None, "tta": False, "csv": True, "format": None, "config": None,
             "overrides": ["runtime.device=cpu", "runtime.threads=1"]}
     args.update(kwargs)
     predict_main(argparse.Namespace(**args))

@@ -1,7 +1,8 @@
 """Build and inspect nasdose HDF5 data sets.
 
-  nasdose data import SRC OUT.h5 [--grid 128|64|32]
-      an OpenKBP tree (CSV or npz layout) -> a data set, block-downsampled to the grid
+  nasdose data import SRC OUT.h5 [--grid 128|64|32] [--aliases FILE]
+      an OpenKBP tree (CSV or npz layout) or NIfTI patient folders -> a data set,
+      block-downsampled to the grid
   nasdose data synth OUT.h5 [--patients N] [--unlabeled M] [--grid G] [--seed S]
       synthetic head-and-neck phantoms with a beam-model dose -> a data set (M more in the
       "unlabeled" split, without their dose)
@@ -27,14 +28,16 @@ from ..scores import resampling_floor
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    p = sub.add_parser("import", parents=[common], help="import an OpenKBP tree (CSV or npz layout)")
+    p = sub.add_parser("import", parents=[common], help="import an OpenKBP tree (CSV or npz layout) or NIfTI patients")
     p.add_argument("src", type=Path, metavar="SRC",
                    help="OpenKBP folder (train-pats/... or train/... split folders), a folder of "
-                        "patients, or one patient")
+                        "patients (OpenKBP, or NIfTI folders holding ct.nii.gz), or one patient")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--grid", type=int_at_least(1), default=OPENKBP_GRID,
                    help=f"grid to store, dividing {OPENKBP_GRID} (e.g. 128, 64, 32; default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
+    p.add_argument("--aliases", metavar="FILE", help="NIfTI structure names -> ROI names (YAML or JSON; "
+                                                     "default: aliases.yaml in SRC)")
     p = sub.add_parser("synth", parents=[common], help="write synthetic head-and-neck phantoms")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     defaults = synth.Config()
@@ -56,7 +59,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def import_command(args: argparse.Namespace) -> None:
-    importer.run(importer.Config(grid=args.grid, overwrite=args.overwrite), importer.Inputs(args.src), args.out)
+    config = importer.Config(grid=args.grid, overwrite=args.overwrite, aliases=args.aliases)
+    importer.run(config, importer.Inputs(args.src), args.out)
 
 
 def synth_command(args: argparse.Namespace) -> None:

@@ -21,11 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("--tta", action="store_true", default=None,
                         help="average over flips along axes 0 and 1 (test-time augmentation)")
     parser.add_argument("--no-csv", dest="csv", action="store_false", default=None,
-                        help="skip the OpenKBP submission CSVs")
+                        help="skip the submission files (CSVs, or NIfTI with --format nifti)")
+    parser.add_argument("--format", choices=tuple(predict.FORMATS), default=None,
+                        help="submission files: csv (OpenKBP, submission/; the default) or nifti (nifti/*.nii.gz, "
+                             "in each patient's original orientation and affine)")
     add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> None:
     config = load_config(predict.Config, args.config, args.overrides)
-    flags = {k: v for k, v in (("split", args.split), ("tta", args.tta), ("csv", args.csv)) if v is not None}
+    given = (("split", args.split), ("tta", args.tta), ("csv", args.csv), ("format", args.format))
+    flags = {k: v for k, v in given if v is not None}
     predict.run(replace(config, **flags), predict.Inputs(args.model, args.data), args.out)

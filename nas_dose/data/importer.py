@@ -1,6 +1,6 @@
-"""Import an OpenKBP tree (CSV or npz layout) into one nasdose data set, block-downsampled to a grid
-whose divisor of the source grid is an integer; each patient's source arrays are kept beside it
-(data set format 2) for scoring on the source grid."""
+"""Import an OpenKBP tree (CSV or npz layout) or NIfTI patient folders into one nasdose data set,
+block-downsampled to a grid whose divisor of the source grid is an integer; each patient's source
+arrays are kept beside it (data set format 2) for scoring on the source grid."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +10,7 @@ from typing import Iterator
 from ..config import at_least
 from ..io import output_file
 from ..progress import say
+from .nifti import BODY_RULE
 from .openkbp import PatientSource, discover, read_patient
 from .patient import OPENKBP_GRID, Patient
 from .resample import downsample_patient, resample_factor
@@ -20,6 +21,7 @@ from .store import refuse_existing, write_dataset
 class Config:
     grid: int = OPENKBP_GRID  # the grid to store: one dividing the source grid (128, 64, 32, ...)
     overwrite: bool = False  # replace an existing data set file (else it is an error)
+    aliases: str | None = None  # NIfTI structure names -> ROIs (YAML/JSON); default: SRC/aliases.yaml
 
     def validate(self) -> None:
         at_least("grid", self.grid, 1)
@@ -30,10 +32,13 @@ class Inputs:
     source: Path  # an OpenKBP folder (split folders), a folder of patients, or one patient
 
 
-def _downsampled(sources: list[PatientSource], grid: int) -> Iterator[Patient]:
-    """Read patients one at a time, each block-downsampled to `grid`."""
+def _downsampled(sources: list[PatientSource], grid: int, bodies: list[str]) -> Iterator[Patient]:
+    """Read patients one at a time, each block-downsampled to `grid`; the ids of those whose
+    possible-dose mask is their body (NIfTI without one) go to `bodies`."""
     for source in sources:
         p = read_patient(source)
+        if "possible_dose_mask_from" in p.attrs:
+            bodies.append(p.id)
         yield downsample_patient(p, resample_factor(p.grid, grid))
 
 
@@ -42,7 +47,11 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> None
     with output_file(out):
         refuse_existing(out, config.overwrite)
         source = Path(inputs.source).resolve()
-        sources = discover(source)
-        write_dataset(out, _downsampled(sources, config.grid), source=f"openkbp:{source}", grid=config.grid,
-                      total=len(sources))
+        sources = discover(source, None if config.aliases is None else Path(config.aliases))
+        kind = "nifti" if all(s.layout == "nifti" for s in sources) else "openkbp"
+        bodies: list[str] = []
+        write_dataset(out, _downsampled(sources, config.grid, bodies), source=f"{kind}:{source}",
+                      grid=config.grid, total=len(sources))
     say(f"wrote {out}: {len(sources)} patient{'' if len(sources) == 1 else 's'} on a {config.grid}^3 grid")
+    if bodies:
+        say(f"no possible_dose_mask.nii.gz for {', '.join(bodies)}: their body ({BODY_RULE}) is the mask")

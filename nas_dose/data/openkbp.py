@@ -10,7 +10,8 @@ import math
 import re
 import zipfile
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -18,9 +19,10 @@ import numpy as np
 
 from ..errors import input_error
 from ..io import atomic_path
+from .nifti import check_names, find_aliases, is_nifti_patient, load_aliases, read_nifti_patient
 from .patient import CT_STORED_RANGE, OPENKBP_GRID, ROIS, Patient
 
-Layout = Literal["csv", "npz"]
+Layout = Literal["csv", "npz", "nifti"]
 Shape = tuple[int, int, int]
 OPENKBP_SHAPE: Shape = (OPENKBP_GRID,) * 3
 # Split folders of the two layouts, mapped to the split names used everywhere in nasdose.
@@ -39,6 +41,7 @@ class PatientSource:
     path: Path
     layout: Layout
     split: str
+    aliases: Mapping[str, str | None] = field(default_factory=dict)  # NIfTI structure name -> ROI
 
 
 def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
@@ -58,15 +61,19 @@ def _is_npz_patient(path: Path) -> bool:
 def _patients_in(folder: Path, split: str) -> list[PatientSource]:
     found = []
     for child in folder.iterdir():
-        if _is_csv_patient(child):
+        if is_nifti_patient(child):
+            found.append(PatientSource(child.name, child, "nifti", split))
+        elif _is_csv_patient(child):
             found.append(PatientSource(child.name, child, "csv", split))
         elif _is_npz_patient(child):
             found.append(PatientSource(child.stem, child, "npz", split))
     return found
 
 
-def discover(src: Path) -> list[PatientSource]:
-    """The patients of an OpenKBP tree (split folders), a folder of patients, or one patient.
+def discover(src: Path, aliases: Path | None = None) -> list[PatientSource]:
+    """The patients of an OpenKBP tree (split folders), a folder of patients, or one patient; the
+    same for NIfTI patient folders (nas_dose.data.nifti), whose structure names are checked here,
+    against `aliases` or the aliases.yaml found in `src` (or, for one patient, its parent).
 
     The split comes from the enclosing folder's name (train-pats, validation, ...); patients
     outside any split folder are training patients.
@@ -81,14 +88,26 @@ def discover(src: Path) -> list[PatientSource]:
         raise input_error(src, "neither a folder nor a .npz file")
     if (src / "ct.csv").is_file():
         return [PatientSource(src.name, src, "csv", split)]
+    found = [PatientSource(src.name, src, "nifti", split)] if is_nifti_patient(src) else _tree(src)
+    nifti = [s for s in found if s.layout == "nifti"]
+    if nifti:
+        table = load_aliases(aliases) if aliases is not None else find_aliases(src, src.parent)
+        check_names(src, [s.path for s in nifti], table)
+        for s in nifti:
+            s.aliases = table
+    return found
+
+
+def _tree(src: Path) -> list[PatientSource]:
+    """The patients in a folder's split folders, else in the folder itself, in natural order."""
     split_dirs = [d for d in src.iterdir() if d.is_dir() and d.name in SPLIT_FOLDERS]
     if split_dirs:
         found = [s for d in split_dirs for s in _patients_in(d, SPLIT_FOLDERS[d.name])]
     else:
         found = _patients_in(src, SPLIT_FOLDERS.get(src.name, "train"))
     if not found:
-        raise input_error(src, "no OpenKBP patients found (expected pt_N/ CSV folders or pt_N.npz "
-                               "files, directly or in train/validation/test folders)")
+        raise input_error(src, "no OpenKBP patients found (expected pt_N/ CSV folders or pt_N.npz files, or NIfTI "
+                               "folders holding ct.nii.gz, directly or in train/validation/test folders)")
     found.sort(key=lambda s: (natural_key(s.id), s.split))
     for a, b in zip(found, found[1:]):
         if a.id == b.id:
@@ -256,5 +275,7 @@ def read_npz_patient(path: Path, *, split: str = "train") -> Patient:
 
 def read_patient(src: PatientSource) -> Patient:
     """Read a discovered patient with the reader of its layout."""
+    if src.layout == "nifti":
+        return read_nifti_patient(src.path, split=src.split, aliases=src.aliases)
     reader = read_csv_patient if src.layout == "csv" else read_npz_patient
     return reader(src.path, split=src.split)
