@@ -203,7 +203,7 @@ def _channel_scaling(names: list[str]) -> dict[str, str]:
 def describe(model: nn.Module, source: Path, config: Config, grid: int, check: dict[str, Any]) -> dict[str, Any]:
     """model.yaml: what a program needs to feed the graph and read its output."""
     names = channel_names(model)
-    multiple = check.pop("multiple")
+    multiple = check["multiple"]
     spatial: list[int | str] = ["D", "H", "W"] if config.dynamic else [grid] * 3
     info: dict[str, Any] = {
         "format": config.format, "file": f"model.{config.format}", "source": str(source),
@@ -217,7 +217,7 @@ def describe(model: nn.Module, source: Path, config: Config, grid: int, check: d
         "grids": {"example": grid, "dynamic": config.dynamic, "multiple": multiple, "minimum": 2 * multiple,
                   "accepts": (f"any D, H, W that are multiples of {multiple} and at least {2 * multiple} "
                               "(not checked by the graph)") if config.dynamic else f"{grid}^3 only"},
-        "check": check,
+        "check": {k: v for k, v in check.items() if k != "multiple"},
     }
     if config.format == "onnx":
         info["opset"] = config.opset
