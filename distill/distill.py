@@ -41,7 +41,8 @@ DIR receives:
   metrics.json      the same numbers, the training records and the settings; teacher_recomputed:
                     whether the run (at any of its starts) computed the teacher's predictions,
                     false when it reused a cache made before it (--teacher-cache)
-  student.pt2       with --export: the student as a torch.export program (batch 1, data grid)
+  student.pt2       with --export: the student as a torch.export program (batch 1, data grid),
+                    checked against torch (`nasdose export` makes ONNX and dynamic sizes too)
   config.yaml       the resolved config
 
 --resume continues an interrupted run: the cached teacher predictions and finished trainings
@@ -49,7 +50,6 @@ are reused and a half-trained one resumes from its last checkpoint.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -60,11 +60,12 @@ from torch import nn
 from nas_dose import distributed
 from nas_dose.cascade.objective import CascadeObjective
 from nas_dose.config import ConfigError, at_least, check_run_folder, save_config
-from nas_dose.data.dataset import IN_CHANNELS
 from nas_dose.data.store import SPLITS, open_data
 from nas_dose.errors import NasDoseError, input_error
+from nas_dose.export import Config as ExportConfig
+from nas_dose.export import export_model
 from nas_dose.inference import Cascade, Ensemble, load_predictor
-from nas_dose.io import atomic_path, load_json, output_folder, save_json, write_text
+from nas_dose.io import load_json, output_folder, save_json, write_text
 from nas_dose.models.factory import ModelConfig, build_model, load_model
 from nas_dose.models.spec import resolve_student
 from nas_dose.parallel import run_side_by_side, worker_threads
@@ -191,26 +192,6 @@ def _train(cfg: TrainConfig, data: Path, folder: Path, objective: Objective | No
     return distributed.on_main(load_json, record)
 
 
-
-
-
-
-
-
-
-
-
-
-def export_student(model: nn.Module, grid: int, path: Path, channels: int = IN_CHANNELS) -> None:
-    """The student as a torch.export program for (1, channels, grid, grid, grid) inputs."""
-    example = torch.zeros(1, channels, grid, grid, grid)
-    program = torch.export.export(model.eval(), (example,))
-    buffer = io.BytesIO()  # saved whole, then written atomically under its own name
-    torch.export.save(program, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
-
-
 def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume: bool = False,
                 teacher_cache: Path | None = None) -> dict[str, Any]:
     """The whole command: cache the teacher, train the student (and the baseline), compare."""
@@ -309,7 +290,7 @@ def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: P
     exported = None
     if cfg.export:
         exported = out / "student.pt2"
-        export_student(load_model(out / "student")[0], stage.size, exported, stage.channels)
+        export_model(load_model(out / "student")[0], exported, ExportConfig(format="pt2", dynamic=False), stage.size)
     student_row, baseline_row = rows[0], next((r for r in rows if r.name == BASELINE), None)
     metrics = {
         **context, "split": cfg.train.data.val_split, "patients": val_ids, "grid": grid,

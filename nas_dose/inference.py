@@ -204,7 +204,7 @@ def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Pre
         return runtime.prepare(model).eval()
     if refiners < len(networks):
         raise input_error(path, "mixes full-resolution stages of a cascade with whole-volume networks")
-    cfg = _cascade_config(Path(path))
+    cfg = cascade_config(Path(path))
     if cfg.coarse is None or Path(cfg.coarse).resolve() == Path(path).resolve():
         raise input_error(path, "a refiner whose config names no coarse stage (cascade.coarse)")
     coarse = load_predictor(Path(cfg.coarse), runtime, grid)
@@ -223,7 +223,7 @@ def trained_grid(path: Path) -> int | None:
     return None if grid is None else int(grid)
 
 
-def _cascade_config(path: Path) -> CascadeConfig:
+def cascade_config(path: Path) -> CascadeConfig:
     """The `cascade` section a refiner was trained with; for an ensemble of refiners the one its
     members share (the same coarse stage and windows)."""
     ensemble = path.suffix in (".yaml", ".yml")
