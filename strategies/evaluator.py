@@ -106,6 +106,24 @@ class ScoringStrategy(Strategy):
         return self.scorer(ctx) if self.scorer is not None else CandidateEvaluator(ctx, self.config.evaluator)
 
 
+class Trials:
+    """A strategy driven by an outside engine (NNI, Optuna): its trials scored in order, each
+    logged; `ranked()` gives the strategy's result."""
+
+    def __init__(self, ctx: SearchContext, scorer: Scorer, strategy: str) -> None:
+        self.ctx, self.scorer, self.strategy = ctx, scorer, strategy
+        self.found: list[Candidate] = []
+
+    def score(self, g: Genotype) -> Candidate:
+        cand = self.scorer.score(g)
+        self.found.append(cand)
+        self.ctx.log({"event": "trial", "strategy": self.strategy, "trial": len(self.found) - 1, "score": cand.score})
+        return cand
+
+    def ranked(self) -> list[Candidate]:
+        return ranked(self.found)
+
+
 def ranked(cands: Iterable[Candidate]) -> list[Candidate]:
     """Distinct genotypes (first kept), best (lowest finite score) first; ties keep their order."""
     seen: dict[Hashable, Candidate] = {}

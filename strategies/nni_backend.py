@@ -36,7 +36,7 @@ from nas_dose.pool import Candidate
 from nas_dose.search_spaces import SearchSpace
 
 from .base import SearchContext, register_strategy
-from .evaluator import ScoringStrategy, derived_seed, ranked
+from .evaluator import ScoringStrategy, Trials, derived_seed
 from .evolution import PopulationConfig
 
 
@@ -161,15 +161,10 @@ class NniStrategy(ScoringStrategy):
 
     def run(self, ctx: SearchContext) -> list[Candidate]:
         cfg: NniConfig = self.config
-        scorer = self.make_scorer(ctx)
-        found: list[Candidate] = []
+        trials = Trials(ctx, self.make_scorer(ctx), f"nni-{cfg.algorithm}")
 
         def trial(choices: dict[str, Any]) -> float:
-            cand = scorer.score(ctx.space.genotype(choices, ctx.macro))
-            found.append(cand)
-            ctx.log({"event": "trial", "strategy": f"nni-{cfg.algorithm}", "trial": len(found) - 1,
-                     "score": cand.score})
-            return cand.score
+            return trials.score(ctx.space.genotype(choices, ctx.macro)).score
 
         drive(ctx.space, cfg, derived_seed(ctx.seed, "nni", cfg.algorithm), trial, ctx.should_stop)
-        return ranked(found)
+        return trials.ranked()

@@ -23,7 +23,7 @@ from nas_dose.io import save_json
 from nas_dose.pool import Candidate
 
 from .base import SearchContext, register_strategy
-from .evaluator import ScoringStrategy, derived_seed, ranked
+from .evaluator import ScoringStrategy, Trials, derived_seed
 from .evolution import PopulationConfig
 
 Objective = Literal["score", "params", "flops"]
@@ -64,10 +64,8 @@ class OptunaStrategy(ScoringStrategy):
     def run(self, ctx: SearchContext) -> list[Candidate]:
         import optuna  # as in _sampler
 
-        cfg: OptunaConfig = self.config
-        scorer = self.make_scorer(ctx)
-        found: list[Candidate] = []
-        slots = ctx.space.slots()
+        slots, cfg = ctx.space.slots(), self.config
+        trials = Trials(ctx, self.make_scorer(ctx), f"optuna-{cfg.sampler}")
 
         def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
             choices = {slot: trial.suggest_categorical(slot, list(values)) for slot, values in slots.items()}
@@ -75,10 +73,7 @@ class OptunaStrategy(ScoringStrategy):
                 genotype = ctx.space.genotype(choices, ctx.macro)
             except NasDoseError:
                 raise optuna.TrialPruned() from None  # a combination the space rejects
-            cand = scorer.score(genotype)
-            found.append(cand)
-            ctx.log({"event": "trial", "strategy": f"optuna-{cfg.sampler}", "trial": trial.number,
-                     "score": cand.score})
+            cand = trials.score(genotype)
             values = tuple(cand.score if o == "score" else cand.metrics.get(o, math.inf) for o in cfg.objectives)
             return values[0] if len(values) == 1 else values
 
@@ -92,4 +87,4 @@ class OptunaStrategy(ScoringStrategy):
             save_json(record, {"objectives": list(cfg.objectives), "trials": [
                 {"number": t.number, "state": t.state.name, "params": t.params, "values": t.values}
                 for t in study.trials]})
-        return ranked(found)
+        return trials.ranked()
