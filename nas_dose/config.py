@@ -180,9 +180,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """Defaults, then `base`, then the YAML file at `path`, then overrides; validated.
 
     Errors from the file name the file, so the user sees which config and which key is wrong;
-    an error the overrides brought in is theirs (the file alone does not have it).
+    an error the overrides brought in is theirs (the file alone does not have it). `path` may
+    name one of the configs shipped with nasdose (`search_evolution`: nas_dose/configs/*.yaml).
     """
     data: dict[str, Any] = dict(base or {})
+    path = shipped_config(path) if path is not None else None
     if path is not None:
         loaded = load_yaml(path)
         if loaded is None:
@@ -205,6 +207,16 @@ def _error_of(cls: type, data: dict[str, Any]) -> str | None:
     except ConfigError as e:
         return str(e)
     return None
+
+
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_config(path: str | Path) -> Path:
+    """`path` itself, or where it names a shipped config (a bare name, no such file here) that one."""
+    path = Path(path)
+    named = SHIPPED / f"{path.name}.yaml"
+    return named if not path.exists() and path.suffix == "" and path.parent == Path(".") and named.exists() else path
 
 
 def layered(cls: type[C], base: dict[str, Any], recipe: dict[str, Any], where: str) -> C:
@@ -273,7 +285,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config options every configurable command shares: `--config FILE` and `key=value`s."""
-    parser.add_argument("--config", metavar="FILE", help="YAML config (defaults are used for what it omits)")
+    parser.add_argument("--config", metavar="FILE", help="YAML config (defaults are used for what it omits), or the "
+                        f"name of a shipped one: {', '.join(sorted(p.stem for p in SHIPPED.glob('*.yaml')))}")
     overrides = parser.add_argument("overrides", nargs="+", metavar="KEY=VALUE",
                                     help="config overrides, e.g. optim.lr=1e-3 epochs=5 (values parsed as YAML)")
     # An optional '+' positional rather than '*': argparse consumes an empty '*' together with an

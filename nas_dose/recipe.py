@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_config, to_dict
+from .config import SHIPPED, ConfigError, load_config, to_dict
 from .io import load_yaml
 
-RECIPES = Path(__file__).resolve().parent / "configs"
-DEFAULT_RECIPE, QUICK_RECIPE = RECIPES / "pipeline.yaml", RECIPES / "pipeline_quick.yaml"
+DEFAULT_RECIPE, QUICK_RECIPE = SHIPPED / "pipeline.yaml", SHIPPED / "pipeline_quick.yaml"
 STAGE_NAMES = ("train", "folds", "search", "ensemble", "distill", "cascade")
 # What each stage reads from an earlier one.
 NEEDS = {"folds": "train", "ensemble": "search", "distill": "ensemble"}

@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -74,3 +75,13 @@ def test_exponent_floats_and_fixed_tuples(tmp_path):
         load_config(Pairs, overrides=["betas=[1, 2, 3]"])
     with pytest.raises(ConfigError, match=r"config key 'lr': expected float"):
         load_config(Pairs, overrides=["lr=fast"])
+
+
+def test_a_shipped_config_is_named_without_its_path(tmp_path, monkeypatch):
+    from nas_dose.config import SHIPPED, shipped_config
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert shipped_config("search_evolution") == SHIPPED / "search_evolution.yaml"
+    assert shipped_config("nowhere") == Path("nowhere")  # not shipped: the path as given (its error names it)
+    (tmp_path / "search_evolution").write_text("{}")
+    assert shipped_config("search_evolution") == Path("search_evolution")  # a file here wins

@@ -103,11 +103,12 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _epoch_line(entry: dict[str, Any], epochs: int) -> str:
+def _epoch_line(entry: dict[str, Any], epochs: int, best: float, eta_s: float) -> str:
     """One line per epoch: what a user watching a run wants to see."""
     val = entry["val_dose_score"]
     return (f"epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}"
-            + (f", validation dose score {val:.3f} Gy" if val is not None else "") + f", {entry['seconds']:.0f} s")
+            + (f", validation dose score {val:.3f} Gy (best {best:.3f})" if val is not None else "")
+            + f", {entry['seconds']:.0f} s, ETA {eta_s:.0f} s")
 
 
 class _Trainer:
@@ -197,7 +198,8 @@ class _Trainer:
                 bar.close()
                 bar = None
                 if distributed.writes_here():
-                    say(_epoch_line(entry, self.config.epochs))
+                    eta = state.seconds / max(state.step, 1) * (self.total_steps - state.step)
+                    say(_epoch_line(entry, self.config.epochs, state.best_score, eta))
             if epoch_end or state.step % self.config.checkpoint_every == 0:
                 self._checkpoint()
             if self.on_step is not None:
