@@ -404,14 +404,18 @@ def run_arguments(run: Callable[..., Any], quick: bool, device: str, repeats: in
     return kwargs
 
 
-def main(name: str, run: Callable[..., dict[str, Any]], description: str) -> None:
-    """Standalone entry point of one benchmark: run it, print its table, write JSON if asked."""
-    args = parse_args(description)
+def main(name: str, run: Callable[..., dict[str, Any]], description: str,
+         add: Callable[[argparse.ArgumentParser], None] | None = None,
+         options: Callable[[argparse.Namespace], dict[str, Any]] | None = None) -> None:
+    """Standalone entry point of one benchmark: run it, print its table, write JSON if asked.
+    `add` declares a benchmark's own options; `options` turns them into more arguments of `run`."""
+    args = parse_args(description, add=add)
     try:
         device = resolve_device(args.device)
     except NasDoseError as e:
         sys.exit(f"error: {e}")
-    res = run(**run_arguments(run, args.quick, args.device, args.repeats))
+    extra = options(args) if options is not None else {}
+    res = run(**run_arguments(run, args.quick, args.device, args.repeats), **extra)
     info = machine(device)
     print(describe_machine(info))
     print(format_table(table_rows(name, res)))

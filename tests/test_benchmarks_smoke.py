@@ -71,3 +71,33 @@ def test_side_by_side_benchmark_at_a_trivial_size(suite, monkeypatch):
     monkeypatch.setattr(bench_parallel.os, "cpu_count", lambda: 1)
     (row,) = bench_parallel.run(quick=True, device="cpu", w=tiny)["ratios"]
     assert row["status"] == "skipped" and "one core" in row["skipped"]
+
+
+def test_rank_correlation_at_a_trivial_size(suite):
+    """Both evaluators score the same genotypes as the search does, every genotype is trained,
+    and the rows are well-formed rank statistics."""
+    import rank_correlation
+
+    res = rank_correlation.run(quick=True, device="cpu")
+    m = res["measurements"]
+    assert res["benchmark"] == "rank_correlation" and [r["mode"] for r in m["summary"]] == ["inherit", "train"]
+    assert len(m["runs"]) == 2 and m["runs"][0]["genotypes"] == m["runs"][1]["genotypes"]
+    for run in m["runs"]:
+        assert len(run["cheap_scores"]) == len(run["trained_scores"]) == len(run["genotypes"]) == 4
+        assert all(math.isfinite(x) and x > 0 for x in run["cheap_scores"] + run["trained_scores"])
+        assert 0 <= run["top_k_hits"] <= 3
+    assert len(res["ratios"]) == 6 and all(r["status"] in ("info", "error") for r in res["ratios"])
+    json.dumps(res)
+
+
+def test_rank_statistics(suite):
+    import rank_correlation
+
+    trained = [10, 20, 30, 40, 50, 60]
+    same = rank_correlation.rank_stats([1, 2, 3, 4, 5, 6], trained, 3)
+    assert same == pytest.approx({"kendall_tau": 1.0, "spearman_rho": 1.0, "top_k_hits": 3.0})
+    reversed_ = rank_correlation.rank_stats([6, 5, 4, 3, 2, 1], trained, 3)
+    assert reversed_ == pytest.approx({"kendall_tau": -1.0, "spearman_rho": -1.0, "top_k_hits": 0.0})
+    # the best two agree, the third swaps with the fourth: 2 of the top 3
+    assert rank_correlation.rank_stats([1, 2, 4, 3, 5, 6], trained, 3)["top_k_hits"] == 2.0
+    assert rank_correlation.mean_sd([1.0, 3.0]) == (2.0, math.sqrt(2.0))

@@ -1,0 +1,228 @@
+"""Does the search's cheap score rank architectures the way full training ranks them?
+
+    python benchmarks/rank_correlation.py [--quick] [--modes inherit train] [--archs 12] [--seeds 0 1]
+        [--supernet-steps N] [--train-steps N] [--full-epochs N] [--full-steps N] [--out FILE.json]
+
+Every search strategy that scores genotypes one by one trusts a proxy: the "inherit" evaluator
+(the genotype's path through an SPOS supernet trained once) or the "train" evaluator (a short
+training from scratch). This measures whether the proxy ranks, instead of assuming it.
+
+Per seed, on a fresh synthetic data set (`nas_dose.data.synth`, made in a temporary folder):
+
+1. cheap scores: `nasdose search`'s own objects score `--archs` genotypes, for each evaluator
+   mode: a `SearchRun` (random strategy, budget = archs, diversity off) builds the search
+   context (the seed's weight/architecture split of the training patients) and the strategy
+   draws and scores the genotypes with its `CandidateEvaluator`, exactly as a search does. The
+   random strategy's draws do not depend on scores, so every mode scores the same genotypes;
+2. trained scores: each genotype is trained from scratch by `nas_dose.training.train_model`
+   with one fixed budget and seed for all (`--full-epochs` × `--full-steps`, batch 1, no
+   augmentation) on the whole training split and scored on the validation split (best
+   validation dose score, Gy, as `nasdose train` chooses its model);
+3. Kendall τ and Spearman ρ (scipy.stats) between the two, and the top-k hits: how many of the
+   k best trained genotypes are among the k best by the cheap score.
+
+Seeds change the drawn genotypes, the patient split and the supernet; the table gives the mean
+± sample sd over seeds. Lower scores are better in both, so τ > 0 means the proxy agrees.
+Not in the suite (the full size takes half an hour on a CPU); `run(quick)` is its entry point.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from common import Row, result
+from common import main as bench_main
+from scipy import stats
+
+from nas_dose.data import synth
+from nas_dose.data.augment import AugmentConfig
+from nas_dose.pool import Candidate, DiversityConfig
+from nas_dose.progress import set_quiet
+from nas_dose.runtime import RuntimeConfig, resolve_device, seed_everything
+from nas_dose.search_spaces import Genotype, get_space
+from nas_dose.strategies.search import SearchConfig, SearchRun
+from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
+
+MODES = ("inherit", "train")
+
+
+@dataclass
+class Settings:
+    """What one measurement runs; the defaults fit about half an hour on one CPU thread at 16³."""
+
+    patients: int = 24
+    grid: int = 16
+    data_seed: int = 0
+    space: str = "lenas"
+    stem: int = 4
+    widths: list[int] = field(default_factory=lambda: [8, 16])
+    archs: int = 12
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    supernet_steps: int = 1000  # "inherit": SPOS supernet steps (once per seed); EvaluatorConfig's default
+    train_steps: int = 200  # "train": steps of each genotype's short training; EvaluatorConfig's default
+    lr: float = 1e-3  # the evaluator's and the full training's
+    full_epochs: int = 6
+    full_steps: int = 100  # per epoch: 600 steps of full training per genotype by default
+    full_seed: int = 1000  # the same initialization and batch order for every genotype
+    top_k: int = 3
+    threads: int | None = 1  # small volumes run fastest on one thread
+
+    def quick(self) -> Settings:
+        """Seconds: 8 patients, a tiny network, 4 genotypes, one seed, a few steps of each kind."""
+        return replace(self, patients=8, stem=2, widths=[4, 8], archs=4, seeds=[0], supernet_steps=8,
+                       train_steps=4, full_epochs=1, full_steps=6)
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.modes) - set(MODES))
+        if unknown:
+            raise ValueError(f"unknown evaluator modes {unknown} (known: {', '.join(MODES)})")
+        if self.archs < 3 or not 1 <= self.top_k <= self.archs:
+            raise ValueError(f"need at least 3 genotypes and 1 <= top-k <= archs (got {self.archs}, {self.top_k})")
+
+
+def cheap_scores(s: Settings, mode: str, seed: int, data: Path, folder: Path, device: str) -> dict[Any, Candidate]:
+    """Genotype key -> candidate for the `s.archs` genotypes a random search of seed `seed` draws,
+    scored by its evaluator in `mode`: the search's own SearchRun, context, strategy and evaluator."""
+    evaluator = {"mode": mode, "supernet_steps": s.supernet_steps, "train_steps": s.train_steps,
+                 "batch_size": 1, "lr": s.lr}
+    cfg = SearchConfig(space=s.space, macro={"stem": s.stem, "widths": list(s.widths)}, strategy="random",
+                       options={"budget": s.archs, "evaluator": evaluator}, pool_size=1,
+                       diversity=DiversityConfig(mode="none"), seed=seed,
+                       runtime=RuntimeConfig(device=device, threads=s.threads))
+    search = SearchRun(cfg, data, folder)
+    seed_everything(seed)
+    strategy = search.strategy_cls(search.options)
+    return {c.genotype.key(): c for c in strategy.run(search.base)}
+
+
+def trained_score(s: Settings, g: Genotype, data: Path, device: str) -> float:
+    """Validation dose score (Gy) of `g` trained from scratch on the fixed budget, the same for all."""
+    cfg = TrainConfig(epochs=s.full_epochs, steps_per_epoch=s.full_steps, seed=s.full_seed,
+                      data=DataConfig(batch_size=1, augment=AugmentConfig(enabled=False)),
+                      optim=OptimConfig(lr=s.lr), runtime=RuntimeConfig(device=device, threads=s.threads))
+    seed_everything(cfg.seed)
+    return train_model(get_space(g.space).build(g), cfg, data).best_val_score
+
+
+def rank_stats(cheap: Sequence[float], trained: Sequence[float], k: int) -> dict[str, float]:
+    """Kendall τ (τ-b), Spearman ρ and top-k hits of two score lists (lower is better in both)."""
+    def best(scores: Sequence[float]) -> set[int]:
+        return set(sorted(range(len(scores)), key=lambda i: scores[i])[:k])
+
+    return {"kendall_tau": float(stats.kendalltau(cheap, trained).statistic),
+            "spearman_rho": float(stats.spearmanr(cheap, trained).statistic),
+            "top_k_hits": float(len(best(cheap) & best(trained)))}
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
+    """One record per (seed, mode), printed as it ends; genotypes drawn twice are trained once."""
+    s.validate()
+    set_quiet(True)
+    data = workdir / f"synth_{s.patients}_g{s.grid}.h5"
+    synth.run(synth.Config(patients=s.patients, grid=s.grid, seed=s.data_seed), synth.Inputs(), data)
+    trained: dict[Any, tuple[float, float]] = {}  # genotype key -> (score, seconds)
+    runs = []
+    for seed in s.seeds:
+        cheap: dict[str, tuple[dict[Any, Candidate], float]] = {}
+        for mode in s.modes:
+            started = time.perf_counter()
+            cands = cheap_scores(s, mode, seed, data, workdir / f"seed{seed}-{mode}", device)
+            cheap[mode] = cands, time.perf_counter() - started
+        genotypes = [c.genotype for c in cheap[s.modes[0]][0].values()]
+        if any(set(cands) != {g.key() for g in genotypes} for cands, _ in cheap.values()):
+            raise RuntimeError(f"seed {seed}: the evaluator modes scored different genotypes")
+        for g in genotypes:
+            if g.key() not in trained:
+                started = time.perf_counter()
+                trained[g.key()] = trained_score(s, g, data, device), time.perf_counter() - started
+        full = [trained[g.key()][0] for g in genotypes]
+        for mode, (cands, seconds) in cheap.items():
+            scores = [cands[g.key()].score for g in genotypes]
+            ranks = rank_stats(scores, full, s.top_k)
+            runs.append({"seed": seed, "mode": mode, **ranks, "cheap_seconds": round(seconds, 2),
+                         "full_seconds": round(sum(trained[g.key()][1] for g in genotypes), 2),
+                         "cheap_scores": scores, "trained_scores": full,
+                         "genotypes": [g.to_dict() for g in genotypes]})
+            print(f"  seed {seed} {mode:<8} τ {ranks['kendall_tau']:+.3f}  ρ {ranks['spearman_rho']:+.3f}  "
+                  f"top-{s.top_k} hits {ranks['top_k_hits']:.0f}  cheap {seconds:.0f} s", flush=True)
+    return runs
+
+
+def summarize(s: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± sd over seeds of τ, ρ and the top-k hits, per evaluator mode."""
+    out = []
+    for mode in s.modes:
+        mine = [r for r in runs if r["mode"] == mode]
+        out.append({"mode": mode, "archs": s.archs, "seeds": [r["seed"] for r in mine],
+                    **{key: mean_sd([r[key] for r in mine]) for key in ("kendall_tau", "spearman_rho", "top_k_hits")},
+                    "cheap_seconds": statistics.fmean(r["cheap_seconds"] for r in mine)})
+    return out
+
+
+def budget(s: Settings) -> str:
+    return (f"{s.archs} genotypes of {s.space} (stem {s.stem}, widths {s.widths}) at {s.grid}³, "
+            f"{s.patients} synthetic patients; inherit: {s.supernet_steps} supernet steps; train: "
+            f"{s.train_steps} steps; full: {s.full_epochs}×{s.full_steps} steps, seed {s.full_seed}")
+
+
+def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> dict[str, Any]:
+    """Benchmark entry point: the measurement at `quick` size (or `settings`) in a temporary folder."""
+    dev = resolve_device(device)
+    s = settings or (Settings().quick() if quick else Settings())
+    print(f"rank correlation: {budget(s)}; seeds {s.seeds}", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = measure(s, Path(tmp), str(dev))
+    summary = summarize(s, runs)
+    rows = []
+    for r in summary:
+        where = f"{r['mode']}, {r['archs']} archs, {len(r['seeds'])} seeds"
+        rows += [Row(f"Kendall τ cheap vs trained ({where})", r["kendall_tau"][0],
+                     detail="mean ± sd {:+.3f} ± {:.3f}".format(*r["kendall_tau"])),
+                 Row(f"Spearman ρ cheap vs trained ({where})", r["spearman_rho"][0],
+                     detail="mean ± sd {:+.3f} ± {:.3f}".format(*r["spearman_rho"])),
+                 Row(f"top-{s.top_k} hits ({where})", r["top_k_hits"][0],
+                     detail=f"mean ± sd {r['top_k_hits'][0]:.2f} ± {r['top_k_hits'][1]:.2f} of {s.top_k}; "
+                            f"cheap scoring {r['cheap_seconds']:.0f} s per seed")]
+    wall = time.perf_counter() - started
+    return result("rank_correlation", dev, rows,
+                  measurements={"settings": asdict(s), "summary": summary, "runs": runs, "wall_seconds": wall},
+                  notes=[f"budget: {budget(s)}",
+                         "τ, ρ > 0: the cheap score ranks as full training does (1: the same order); "
+                         f"top-{s.top_k} hits by chance: {s.top_k ** 2 / s.archs:.2f} on average",
+                         f"wall time {wall / 60:.1f} min"])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every Settings field as an option (--threads is common's and sets runtime.threads here)."""
+    for key, value in asdict(Settings()).items():
+        if key == "threads":
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, list):
+            p.add_argument(flag, nargs="+", type=str if key == "modes" else int, default=None)
+        else:
+            p.add_argument(flag, type=type(value), default=None)
+
+
+def settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The `settings` argument of `run`: the chosen size with the options given on top."""
+    s = Settings().quick() if args.quick else Settings()
+    given = {k: v for k, v in vars(args).items() if k in asdict(s) and k != "threads" and v is not None}
+    threads = {"threads": args.threads} if args.threads is not None else {}
+    return {"settings": replace(s, **given, **threads)}
+
+
+if __name__ == "__main__":
+    bench_main("rank_correlation", run, __doc__.splitlines()[0], add=add_arguments, options=settings_from)
