@@ -12,7 +12,7 @@ plan) has no reference dose: its alpha_gt is 0, so it learns from the teacher al
 blend is the teacher's dose, weighted alpha_teacher). `blend` (the default) is one L1 to the
 weighted mean of the two targets. The `sum` of two L1 terms has a flat minimum: wherever the
 prediction lies between the reference and the teacher, with equal weights, the two gradients
-cancel and that voxel teaches nothing (docs/explanation/results.md has the measured cost of that).
+cancel and that voxel teaches nothing.
 Unlike LENAS's published KDA-Net code, the ground truth is always part of the loss unless
 alpha_gt = 0 is asked for (which warns),
 and the discriminator is trained: its own Adam, one update per student step on the teacher's

@@ -42,9 +42,10 @@ from .config import ConfigError, at_least, check_run_folder, save_config
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
-from .inference import Cascade, Ensemble, load_predictor, predictions, save_ensemble
+from .inference import Cascade, Ensemble, as_predictor, predictions, save_ensemble
 from .io import load_json, output_folder, save_json
 from .models.factory import ModelConfig, build_model, load_model
+from .models.refiner import Refiner
 from .parallel import run_side_by_side, worker_threads
 from .plots import new_figure, save_figure
 from .pool import MATRICES, Pool, diversity_key, load_pool
@@ -154,9 +155,10 @@ def _predict_member(member: _Member, data: Path, ids: list[str], runtime: Runtim
     """Cache the member's validation predictions (its best checkpoint, as the ensemble runs it):
     on the data set's grid, or on the source grid for the full-resolution stage of a cascade."""
     with open_data(data) as d:
-        predictor = load_predictor(member.folder, runtime, d.grid)
-        if not isinstance(predictor, Cascade):  # clamped, then flip-averaged: as the ensemble runs it
-            predictor = runtime.prepare(Ensemble([load_model(member.folder)[0]], [1.0], tta)).eval()
+        model, _ = load_model(member.folder)
+        predictor = (as_predictor(member.folder, model, runtime, d.grid) if isinstance(model, Refiner)
+                     # clamped, then flip-averaged: as the ensemble runs it
+                     else runtime.prepare(Ensemble([model], [1.0], tta)).eval())
         grid, doses = predictions(predictor, d, ids, runtime, tta and isinstance(predictor, Cascade))
         records = ((pid, dose, d.patient_attrs(pid)) for pid, dose in doses)
         write_predictions(member.cache(tta), records, grid=grid, source=f"{member.folder} (tta={tta})",

@@ -197,7 +197,12 @@ def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Pre
     """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
     with `grid`, refused unless trained on that grid. A cascade's full-resolution run comes with
     its coarse stage (the run's `cascade.coarse`)."""
-    model = load_model_or_ensemble(path, grid)
+    return as_predictor(Path(path), load_model_or_ensemble(path, grid), runtime, grid)
+
+
+def as_predictor(path: Path, model: nn.Module, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:
+    """The model loaded from `path` ready to predict: prepared on the runtime, and for a cascade's
+    full-resolution stage with its coarse stage loaded beside it."""
     networks = list(model.members) if isinstance(model, Ensemble) else [model]
     refiners = sum(isinstance(m, Refiner) for m in networks)
     if not refiners:

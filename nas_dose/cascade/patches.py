@@ -178,7 +178,7 @@ class PatchDataset(torch.utils.data.Dataset):
         arrays = {"input": refiner_input(fine, coarse_up),
                   "target": (fine.dose / np.float32(DOSE_SCALE_GY))[None] * mask, "mask": mask}
         if self.teacher is not None:
-            arrays["teacher"] = (self.teacher.read_dose(pid)[box] / np.float32(DOSE_SCALE_GY))[None] * mask
+            arrays["teacher"] = (self.teacher.read_dose(pid, box) / np.float32(DOSE_SCALE_GY))[None] * mask
         if self.augmentation is not None:
             arrays = augment(arrays, ITEM_KINDS, self.augmentation, rng)
             for name in ("target", "teacher"):

@@ -291,9 +291,9 @@ class DataFile:
         """Whether the patient has a dose (a data set's patient without a plan has none)."""
         return "dose" in self._group(pid)
 
-    def read_dose(self, pid: str) -> np.ndarray:
-        """A patient's dose (float32 Gy); an error for a patient without one."""
-        return self._array(self._group(pid), pid, "dose", (self.grid,) * 3).astype(np.float32)
+    def read_dose(self, pid: str, region: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+        """A patient's dose (float32 Gy), whole or the box `region`; an error for a patient without one."""
+        return self._array(self._group(pid), pid, "dose", (self.grid,) * 3, region or ()).astype(np.float32)
 
     def read_structure(self, pid: str, name: str) -> np.ndarray:
         """One structure mask (bool), all False where it was not contoured; the others stay unread."""
