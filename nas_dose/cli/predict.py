@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="skip the submission files (CSVs, or NIfTI with --format nifti)")
     parser.add_argument("--format", choices=tuple(predict.FORMATS), default=None,
                         help="submission files: csv (OpenKBP, submission/; the default) or nifti (nifti/*.nii.gz, "
-                             "in each patient's original orientation and affine)")
+                             "on each patient's original voxel grid and affine)")
     add_config_arguments(parser)
 
 

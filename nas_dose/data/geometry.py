@@ -187,7 +187,8 @@ def _permutation(m: np.ndarray, source: Geometry, target: Geometry) -> tuple[lis
     """When target index -> source index (`m`, 4x4) only swaps and reverses axes within the source,
     the source axis of each target axis and whether it runs backwards; else None."""
     rounded = np.round(m[:3, :3])
-    if not np.allclose(m[:3, :3], rounded, atol=_TOL / max(target.shape)) or not np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=_TOL):
+    if not (np.allclose(m[:3, :3], rounded, atol=_TOL / max(target.shape))
+            and np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=_TOL)):
         return None
     axes = [int(np.abs(rounded[:, a]).argmax()) for a in range(3)]
     if sorted(axes) != [0, 1, 2] or np.abs(rounded).sum() != 3:
