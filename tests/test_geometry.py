@@ -198,7 +198,11 @@ def imported(tree, tmp_path_factory) -> Path:
     return out
 
 
-def test_import_resamples_onto_a_cube_the_grid_divides_keeping_the_original_grid(phantoms, tree, imported):
+def test_import_resamples_onto_a_cube_the_grid_divides_keeping_the_original_grid(phantoms, tree, imported, capsys):
+    assert nasdose("data", "info", imported) == 0
+    info = capsys.readouterr().out
+    assert "resampled by 2 from the 96^3 grid: 3 patients" in info
+    assert "resampled from their files' own voxel grid, which predictions go back to: 3 patients" in info
     with open_data(imported) as data:
         assert data.grid == GRID and data.ids() == [p.id for p in phantoms]
         for p in phantoms:
@@ -310,3 +314,12 @@ def test_a_real_patient_of_another_grid_goes_through_and_back(openkbp_dir, run48
     smooth = (ndimage.maximum_filter(slope, size=5) < 2) & (want > 1)
     error = np.abs(back - want)[smooth]
     assert smooth.sum() > 1000 and error.mean() < 0.25 and error.max() < 1.2
+
+
+def test_spacing_is_refused_for_an_openkbp_patient(openkbp_dir, tmp_path, capsys):
+    patient = openkbp_dir / "npz128" / "train" / "pt_1.npz"
+    assert nasdose("data", "import", patient, tmp_path / "d.h5", "--spacing", 3, "-q") == 1
+    err = capsys.readouterr().err
+    assert err == f"nasdose data: error: {patient}: an OpenKBP patient is not resampled to a voxel spacing (it is " \
+                  "block-downsampled to the grid): import it without --spacing\n"
+    assert not (tmp_path / "d.h5").exists()
