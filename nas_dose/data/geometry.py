@@ -206,12 +206,10 @@ def _permutation(m: np.ndarray, source: Geometry, target: Geometry) -> tuple[lis
     return axes, flips
 
 
-def resample(volume: np.ndarray, source: Geometry, target: Geometry, *, order: int = 1,
-             fill: float = 0.0) -> np.ndarray:
-    """`volume` (on `source`) on the `target` grid: interpolated (`order` 1: trilinear, 0: nearest;
-    `fill` outside the source volume, the edge voxels' values out to the volume's boundary) as
-    float32, or its voxels exactly (any dtype) when `target` is `source` with axes swapped or
-    reversed."""
+def resample(volume: np.ndarray, source: Geometry, target: Geometry, *, fill: float = 0.0) -> np.ndarray:
+    """`volume` (on `source`) on the `target` grid: trilinear as float32 (`fill` outside the
+    source volume, the edge voxels' values out to the volume's boundary), or its voxels exactly
+    (any dtype) when `target` is `source` with axes swapped or reversed."""
     if volume.shape != source.shape:
         raise ValueError(f"a volume of shape {volume.shape} on a grid of shape {source.shape}")
     m = np.linalg.solve(source.affine(), target.affine())  # target index -> source index
@@ -221,7 +219,7 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, *, order: i
         turned = np.transpose(volume, axes)
         return np.ascontiguousarray(turned[tuple(slice(None, None, -1) if f else slice(None) for f in flips)])
     out = ndimage.affine_transform(np.asarray(volume, dtype=np.float32), m[:3, :3], offset=m[:3, 3],
-                                   output_shape=target.shape, order=order, mode="nearest")
+                                   output_shape=target.shape, order=1, mode="nearest")
     out[~_inside(m, source.shape, target.shape)] = fill
     return out
 
