@@ -195,8 +195,8 @@ def _cascade(ctx: Context) -> None:
 
 def _predict(name: str) -> Callable[[Context], None]:
     def run(ctx: Context) -> None:
-        predict.run(predict.Config(split=EVAL_SPLIT), predict.Inputs(ctx.models[name], ctx.data),
-                    ctx.out / "predict" / name)
+        config = ctx.config(predict.Config, "predict", {"split": EVAL_SPLIT})
+        predict.run(config, predict.Inputs(ctx.models[name], ctx.data), ctx.out / "predict" / name)
 
     return run
 
