@@ -251,7 +251,8 @@ def check_run_folder(out: Path, cfg: Any, resume: bool, what: str, started: Path
     old_file = out / "config.yaml"
     if not resume:
         if old_file.exists() or started.exists():
-            raise input_error(out, f"already holds {what}; use --resume to continue it or choose another --out")
+            raise input_error(out, f"already holds {what}; use --resume to continue it, --force to replace it, "
+                                  "or another --out")
         return
     if not old_file.exists():
         return

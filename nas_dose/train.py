@@ -37,14 +37,15 @@ class Inputs:
 
 
 def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
-        official: bool = True) -> TrainResult:
+        official: bool = True, force: bool = False) -> TrainResult:
     """Train the network `config.model` names (the full-resolution stage of a cascade when
     `config.cascade.coarse` is set) into the run folder `out`. `official`: where the data set was
-    resampled, also score the chosen model as OpenKBP does (a pipeline does it in its own stage)."""
+    resampled, also score the chosen model as OpenKBP does (a pipeline does it in its own stage).
+    `force`: an earlier run in `out` is removed and training starts afresh."""
     seed_everything(config.seed)
     cascade = config.cascade.coarse is not None
     model = build_model(config.model, refiner=cascade)
-    with output_folder(out):
+    with output_folder(out, replace=force):
         objective = CascadeObjective(config, inputs.data) if cascade else None
         result = train_model(model, config, inputs.data, out, resume=resume, objective=objective)
         with open_data(inputs.data) as data:

@@ -280,7 +280,8 @@ def prepare_out(out: Path, cfg: SearchConfig, resume: bool) -> None:
     saved = out / "config.yaml"
     if saved.exists():
         if not resume:
-            raise input_error(out, "already holds a search; use --resume to continue it or choose another --out")
+            raise input_error(out, "already holds a search; use --resume to continue it, --force to replace it, "
+                                  "or another --out")
         old = {k: v for k, v in (load_yaml(saved) or {}).items() if k != "runtime"}
         new = {k: v for k, v in to_dict(cfg).items() if k != "runtime"}
         changed = _differences(old, new)
@@ -300,11 +301,12 @@ class Inputs:
     data: Path  # a nasdose data set
 
 
-def run(config: SearchConfig, inputs: Inputs, out: Path, resume: bool = False) -> Pool:
+def run(config: SearchConfig, inputs: Inputs, out: Path, resume: bool = False, *, force: bool = False) -> Pool:
     """Search and choose the pool into `out` (pool.yaml, genotypes, log, plots); `resume`
-    continues a search there (its config must be the same, runtime aside)."""
+    continues a search there (its config must be the same, runtime aside), `force` removes an
+    earlier one first."""
     out = Path(out)
-    with output_folder(out):
+    with output_folder(out, replace=force):
         search = SearchRun(config, inputs.data, out)
         distributed.on_main(prepare_out, out, config, resume)  # checks, then writes: one rank
         started = time.monotonic()

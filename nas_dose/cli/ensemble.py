@@ -18,4 +18,4 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 def main(args: argparse.Namespace) -> None:
     config = load_config(ensemble.Config, args.config, args.overrides)
-    ensemble.run(config, ensemble.Inputs(args.pool, args.data), args.out, args.resume)
+    ensemble.run(config, ensemble.Inputs(args.pool, args.data), args.out, args.resume, force=args.force)

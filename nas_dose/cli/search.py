@@ -26,4 +26,4 @@ def main(args: argparse.Namespace) -> None:
     if args.resume and config_path is None and (Path(args.out) / "config.yaml").exists():
         config_path = Path(args.out) / "config.yaml"
     config = load_config(search.Config, config_path, args.overrides)
-    search.run(config, search.Inputs(args.data), args.out, args.resume)
+    search.run(config, search.Inputs(args.data), args.out, args.resume, force=args.force)

@@ -19,4 +19,4 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 def main(args: argparse.Namespace) -> None:
     config = load_config(train.Config, args.config, args.overrides)
-    train.run(config, train.Inputs(args.data), args.out, args.resume)
+    train.run(config, train.Inputs(args.data), args.out, args.resume, force=args.force)

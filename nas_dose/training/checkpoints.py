@@ -24,8 +24,8 @@ class RunFolder:
 
     def check_new(self) -> None:
         if self.last.exists() or self.best.exists():
-            raise input_error(self.out, "already holds a training run; use --resume to continue it "
-                                        "or choose another --out")
+            raise input_error(self.out, "already holds a training run; use --resume to continue it, "
+                                        "--force to replace it, or another --out")
 
     def rewrite_log(self, history: list[dict[str, Any]]) -> None:
         """The log as of the checkpoint (entries written after it are dropped on resume)."""
