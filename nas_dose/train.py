@@ -5,7 +5,9 @@
 RUN receives config.yaml (the resolved config), log.jsonl, metrics.json, curve.png (the loss
 and the validation score), best.pt (the weights with the best validation dose score) and
 checkpoints/last.pt, written every `checkpoint_every` steps and at each epoch end; `--resume`
-continues from it exactly where the run stopped. Each epoch prints one line. The model is chosen
+continues from it exactly where the run stopped. Each epoch prints one line. With
+`logging.tensorboard=true` RUN also receives TensorBoard event files (`tensorboard --logdir RUN`):
+train/loss, train/lr, val/dose_score and val/best_dose_score by step. The model is chosen
 and training stops early on the validation split only, never on test patients.
 
 Started by torchrun the run is data-parallel (DDP): data.batch_size is the global batch, each
