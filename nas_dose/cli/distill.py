@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="write DIR/student.pt2 (torch.export) of the student")
     parser.add_argument("--teacher-cache", type=Path, metavar="FILE",
                         help="teacher predictions file to reuse or write (default: DIR/teacher.h5)")
-    add_run_arguments(parser, "DIR", "continue the run in DIR")
+    add_run_arguments(parser, "DIR", "continue the run in DIR", "train.epochs=20 alpha_teacher=0.5")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -13,7 +13,8 @@ STAGE = ensemble
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     parser.add_argument("pool", type=Path, metavar="POOL.yaml", help="pool file written by nasdose search")
-    add_run_arguments(parser, "DIR", "continue the run in DIR: finished members are reused, a half-trained one resumes")
+    add_run_arguments(parser, "DIR", "continue the run in DIR: finished members are reused, a half-trained one resumes",
+                      "train.epochs=20 parallel=2")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("--format", choices=get_args(export.Format),
                         help="onnx (default) or pt2 (torch.export)")
     add_force_argument(parser, "the export in DIR")
-    add_config_arguments(parser)
+    add_config_arguments(parser, "grid=32 dynamic=false")
 
 
 def main(args: argparse.Namespace) -> None:

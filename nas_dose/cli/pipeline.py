@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="a recipe laid over the default one (e.g. configs/openkbp_cpu.yaml: a coarse "
                              "U-Net and its full-resolution cascade)")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds (for tests)")
-    add_force_argument(parser, "an earlier pipeline run in DIR (otherwise the run resumes where it stopped), "
-                               "starting afresh,")
+    add_force_argument(parser, "the earlier pipeline run in DIR, starting afresh, even one with the same "
+                               "settings (which otherwise resumes)")
 
 
 def main(args: argparse.Namespace) -> None:

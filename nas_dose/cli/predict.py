@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="submission files: csv (OpenKBP, submission/; the default) or nifti (nifti/*.nii.gz, "
                              "in each patient's original orientation and affine)")
     add_force_argument(parser, "the predictions in DIR")
-    add_config_arguments(parser)
+    add_config_arguments(parser, "runtime.device=cpu tta=true")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ STAGE = train
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser, "RUN", "continue the run in RUN from its last checkpoint")
+    add_run_arguments(parser, "RUN", "continue the run in RUN from its last checkpoint", "optim.lr=1e-3 epochs=5")
     parser.epilog = f"model.name: {', '.join(list_models())} or {PATH_HINT} (or model.genotype: FILE)"
 
 
