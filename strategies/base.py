@@ -27,9 +27,9 @@ from nas_dose.pool.candidate import Candidate
 from nas_dose.pool.diversity import DiversityConfig
 from nas_dose.registry import Registry
 from nas_dose.runtime import Runtime
-from nas_dose.training.events import EventLog
 from nas_dose.search_spaces import SearchSpace
 from nas_dose.training import dose_errors_gy
+from nas_dose.training.events import EventLog
 
 # Fields of a log record that a re-run derives differently: when it was logged, how long scoring took.
 WALL_CLOCK = ("time", "seconds")

@@ -166,6 +166,7 @@ def test_a_wrong_layer_is_caught():
 def test_import_nas_dose_loads_no_layer_above_the_core():
     """`import nas_dose` is cheap (no torch, no stage); `nas_dose.load` then brings the API."""
     code = ("import sys, nas_dose; before = set(sys.modules); nas_dose.load; "
-            "print(sorted(m for m in before if m.startswith('nas_dose.') or m == 'torch'), 'nas_dose.api' in sys.modules)")
+            "print(sorted(m for m in before if m.startswith('nas_dose.') or m == 'torch'), "
+            "'nas_dose.api' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "True"]

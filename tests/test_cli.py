@@ -88,4 +88,5 @@ def test_quiet_anywhere(where, tmp_path, capsys):
 def test_configs_are_addressable_by_name(tmp_path):
     parser = cli.build_parser(["search"])
     args = cli.parse(parser, ["search", "--data", "d.h5", "--out", str(tmp_path), "--config", "search_evolution"])
-    assert load_config(importlib.import_module("nas_dose.strategies.search").Config, args.config).strategy == "evolution"
+    config = load_config(importlib.import_module("nas_dose.strategies.search").Config, args.config)
+    assert config.strategy == "evolution"

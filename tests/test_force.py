@@ -110,7 +110,8 @@ def pool_file(tmp_path_factory) -> Path:
     space = get_space("lenas")
     genotype = space.sample(np.random.RandomState(0), macro=space.small_macro())
     path = tmp_path_factory.mktemp("pool") / "pool.yaml"
-    save_pool(path, Pool("lenas", "hand", 0, [PoolMember("m0", genotype, 1.0)], {k: np.zeros((1, 1)) for k in MATRICES}))
+    members = [PoolMember("m0", genotype, 1.0)]
+    save_pool(path, Pool("lenas", "hand", 0, members, {k: np.zeros((1, 1)) for k in MATRICES}))
     return path
 
 

@@ -16,7 +16,8 @@ STAGE = search
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "DIR", "continue the search in DIR where it stopped (without --config, from "
-                      "DIR/config.yaml; only runtime.* and logging.* overrides may differ)", "strategy=evolution pool_size=4")
+                      "DIR/config.yaml; only runtime.* and logging.* overrides may differ)",
+                      "strategy=evolution pool_size=4")
     parser.epilog = (f"space: {', '.join(list_spaces())} or {PATH_HINT}\n"
                      f"strategy: {', '.join(list_strategies())} or {PATH_HINT}")
 
