@@ -12,7 +12,8 @@ import pytest
 from nas_dose.cli import main
 from nas_dose.config import ConfigError, load_config
 from nas_dose.search_spaces import get_space
-from nas_dose.training import TrainConfig
+from nas_dose.models.factory import build_model
+from nas_dose.training import TrainConfig, train_model
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -89,3 +90,27 @@ def test_a_differentiable_search_writes_its_losses_and_architecture_weights(data
             assert [curve(board, t)[r["epoch"]] for t in ops] == pytest.approx(probs, rel=1e-6)
     assert curve(board, alpha[0]).keys() == {0, 1, 2}  # the start, then every epoch
     assert set(board.Tags()["histograms"]) == {f"search/alpha/{s}" for s in slots}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_resumed_run_replaces_what_it_logs_again(data, tmp_path):
+    """Killed at step 5, checkpointed at 4: the resumed run logs 5 again, and the curve holds each
+    step once, as log.jsonl does."""
+    cfg = load_config(TrainConfig, overrides=[*TINY, "epochs=2", "log_every=1", "checkpoint_every=2",
+                                              "logging.tensorboard=true"])
+
+    def stop(step: int) -> None:
+        if step == 5:
+            raise Interrupt
+
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_model(build_model(cfg.model), cfg, data, run, on_step=stop)
+    train_model(build_model(cfg.model), cfg, data, run, resume=True)
+    steps = [e.step for e in events(run).Scalars("train/loss")]
+    log = records(run / "log.jsonl")
+    assert steps == [e["step"] for e in log] == list(range(1, 7))
+    assert curve(events(run), "train/loss") == pytest.approx({e["step"]: e["loss"] for e in log}, rel=1e-6)

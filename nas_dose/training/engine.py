@@ -151,7 +151,7 @@ class _Trainer:
             self.spec = model_spec(config.model, refiner=config.cascade.coarse is not None)
             self._open_folder(self.folder, resume)
         self.events = EventLog.open(Path(out) if out is not None else None, config.logging,
-                                    purge_step=self.state.step if self.state.step else None)
+                                    purge_step=self.state.step + 1 if self.state.step else None)
         self.step_net = distributed.data_parallel(self.net, rt.device)  # what training steps call
         self.free_bytes = rt.free_memory()  # what the run has to work with, for an out-of-memory error
 

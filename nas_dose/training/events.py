@@ -40,8 +40,8 @@ class EventLog:
     @classmethod
     def open(cls, folder: Path | None, config: LoggingConfig, purge_step: int | None = None) -> EventLog:
         """The event log of the run folder `folder` (None: a run without files; off). A resumed
-        run passes its step as `purge_step`: what an earlier process logged from it on, after its
-        last checkpoint, is dropped as the run logs it again."""
+        run passes the step after its checkpoint's as `purge_step`: what an earlier process logged
+        from there on is dropped, as the run logs it again."""
         if folder is None or not config.tensorboard or not distributed.writes_here():
             return cls()
         # here, not at the top: tensorboard is optional and loaded only when asked for
