@@ -55,7 +55,7 @@ class DosePredictor:
         if isinstance(self.predictor, Cascade):
             dose = predict_patient(self.predictor.coarse, coarse, self.runtime, self.tta)
             return predict_source(self.predictor.refiner, patient, dose, factor, self.predictor.config,
-                                  self.runtime.device)
+                                  self.runtime.device, self.tta)
         dose = predict_patient(self.predictor, coarse, self.runtime, self.tta)
         return dose if factor == 1 else upsample_dose(dose, factor, mask=patient.possible_dose_mask)
 

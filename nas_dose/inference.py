@@ -18,18 +18,16 @@ from nas_dose.search_spaces import load_genotype
 from .cascade.patches import CascadeConfig
 from .cascade.windows import predict_source, source_grids
 from .config import from_dict
-from .data.augment import Transform
-from .data.dataset import INPUT_LAYOUT, build_input
+from .data.dataset import build_input
 from .data.patient import DOSE_SCALE_GY, Patient
 from .data.store import DataFile
+from .data.tta import flip_tta
 from .errors import input_error
 from .io import load_checkpoint, load_yaml, save_yaml
 from .models.factory import check_trained_grid, load_model, spec_genotype
 from .models.refiner import Refiner
 from .runtime import Runtime
 from .scores import Scores, score_on_source
-
-TTA_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
 
 
 class Predictor(Protocol):
@@ -39,32 +37,6 @@ class Predictor(Protocol):
     """
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
-def _flip(x: torch.Tensor, flips: tuple[bool, bool]) -> torch.Tensor:
-    dims = [axis + 2 for axis, flipped in enumerate(flips) if flipped]
-    return x.flip(dims) if dims else x
-
-
-def _mirror_channels(x: torch.Tensor) -> torch.Tensor:
-    """Swap the channels of paired left/right structures (a mirrored right parotid is a left one)."""
-    order = list(range(x.shape[1]))
-    for right, left in INPUT_LAYOUT.mirror_pairs:
-        order[right], order[left] = left, right
-    return x[:, order]
-
-
-def _flipped_prediction(predictor: Predictor, x: torch.Tensor, flips: tuple[bool, bool]) -> torch.Tensor:
-    """The prediction for `x` flipped by `flips`, flipped back to the original orientation."""
-    xi = _flip(x, flips)
-    if Transform(flips=flips).mirrors:
-        xi = _mirror_channels(xi)
-    return _flip(predictor(xi).float(), flips)
-
-
-def flip_tta(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
-    """Mean of the predictions over TTA_FLIPS, each flipped back to the original orientation."""
-    return reduce(operator.add, (_flipped_prediction(predictor, x, flips) for flips in TTA_FLIPS)) / len(TTA_FLIPS)
 
 
 def predict_patients(predictor: Predictor, data: DataFile, ids: list[str], runtime: Runtime,
@@ -93,11 +65,11 @@ class Cascade:
 
     def predict(self, data: DataFile, ids: list[str], runtime: Runtime,
                 tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-        """(id, source-grid dose in Gy) per patient; `tta` averages the coarse stage's flips."""
+        """(id, source-grid dose in Gy) per patient; `tta` averages the flips of both stages."""
         factor = source_grids(data, ids)
         for pid, coarse in predict_patients(self.coarse, data, ids, runtime, tta):
             yield pid, predict_source(self.refiner, data.read_source(pid), coarse, factor, self.config,
-                                      runtime.device)
+                                      runtime.device, tta)
 
 
 FORMAT = "nasdose-ensemble"

@@ -198,8 +198,8 @@ def _cascade(ctx: Context) -> None:
 # the earlier ones are stale, so they are replaced (force).
 def _predict(name: str) -> Callable[[Context], None]:
     def run(ctx: Context) -> None:
-        predict.run(predict.Config(split=EVAL_SPLIT), predict.Inputs(ctx.models[name], ctx.data),
-                    ctx.out / "predict" / name, force=True)
+        config = ctx.config(predict.Config, "predict", {"split": EVAL_SPLIT})
+        predict.run(config, predict.Inputs(ctx.models[name], ctx.data), ctx.out / "predict" / name, force=True)
 
     return run
 

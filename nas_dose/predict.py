@@ -16,7 +16,8 @@ Test-time augmentation (--tta) averages the flips the training augmentation uses
 (anterior-posterior) and axis 1 (right-left), each alone and both. A flip along one of them
 mirrors the patient, so the right and left parotid channels trade places in the input, exactly
 as in training; the prediction is flipped back. Axis 2 (superior-inferior) is never flipped:
-training never shows the model an upside-down patient.
+training never shows the model an upside-down patient. A cascade averages the flips of both
+stages: its full-resolution stage refines each flipped patient (four times the work).
 """
 from __future__ import annotations
 

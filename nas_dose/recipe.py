@@ -44,9 +44,10 @@ class Recipe:
     member, the student and its baseline, the reference U-Net half as many; None: as the stage
     sections say), which win over the `synthetic` or `real` data defaults; each stage's config (a
     TrainConfig for `train`, `folds` and `cascade`, a SearchConfig, EnsembleConfig, DistillConfig,
-    evaluate's Config). `cascade` trains the full-resolution stage (nas_dose.cascade) refining the
-    model named by `coarse`; after `folds` it learns from out-of-fold coarse predictions of the
-    training patients (the `train` stage's config trained `folds` times, each without one fold)."""
+    and the Configs of predict and evaluate, which score every model on validation). `cascade`
+    trains the full-resolution stage (nas_dose.cascade) refining the model named by `coarse`;
+    after `folds` it learns from out-of-fold coarse predictions of the training patients (the
+    `train` stage's config trained `folds` times, each without one fold)."""
 
     stages: list[str]
     synthetic: SynthData
@@ -62,6 +63,7 @@ class Recipe:
     ensemble: dict[str, Any] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)
     cascade: dict[str, Any] = field(default_factory=dict)
+    predict: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

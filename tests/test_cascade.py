@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from nas_dose.cascade.patches import CascadeConfig, PatchDataset
-from nas_dose.cascade.windows import refine
+from nas_dose.cascade.patches import CascadeConfig, PatchDataset, refiner_input
+from nas_dose.cascade.windows import predict_source, refine
 from nas_dose.cli import main
-from nas_dose.data.dataset import IN_CHANNELS, build_input
+from nas_dose.data.dataset import CHANNELS, IN_CHANNELS, build_input
 from nas_dose.data.openkbp import read_submission_csv
 from nas_dose.data.patient import DOSE_SCALE_GY, Patient
 from nas_dose.data.resample import downsample_patient, upsample_dose
 from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patients
+from nas_dose.io import load_yaml
 from nas_dose.models import create_model, list_models
 from nas_dose.models.refiner import REFINER_CHANNELS, Refiner
 from nas_dose.scores import resampling_floor, score_on_source, score_patients
@@ -98,6 +99,28 @@ def test_windows_without_mask_keep_the_coarse_dose():
         y = refine(net, x, 8, 0.5, mask)
     torch.testing.assert_close(y[0, 0, :4, :4, :4], net(x)[0, 0, :4, :4, :4], atol=1e-5, rtol=1e-5)
     assert torch.equal(y[0, 0, 12:, 12:, 12:], x[0, -1, 12:, 12:, 12:])
+
+
+def test_refiner_tta_averages_the_patient_and_its_mirror_image():
+    """A pointwise refiner sees each voxel alone, so its flips cancel but for the mirrored ones, in
+    which the right parotid's channel carries the left parotid: half the flips see that."""
+    net, patient = _Pointwise().eval(), next(iter(synth_patients(2, 32, seed=2)))
+    nn.init.constant_(net.conv.bias, 1.0)  # a dose well above zero, which the clamp keeps
+    mask = patient.possible_dose_mask
+    assert patient.structures["RightParotid"].any() and patient.structures["LeftParotid"].any()
+    coarse = patient.dose * 0.9
+    plain, tta = (predict_source(net, patient, coarse, 1, CascadeConfig(patch=16), torch.device("cpu"), tta)
+                  for tta in (False, True))
+    x = torch.from_numpy(refiner_input(patient, np.where(mask, coarse, 0)))[None]
+    right, left = CHANNELS.index("RightParotid"), CHANNELS.index("LeftParotid")
+    order = list(range(x.shape[1]))
+    order[right], order[left] = left, right
+    with torch.no_grad():
+        expected = [np.where(mask, np.maximum(y[0, 0].numpy() * DOSE_SCALE_GY, 0), 0)
+                    for y in (net(x), (net(x) + net(x[:, order])) / 2)]
+    np.testing.assert_allclose(plain, expected[0], atol=1e-3)
+    np.testing.assert_allclose(tta, expected[1], atol=1e-3)
+    assert np.abs(tta - plain).max() > 0.1
 
 
 def test_patches_are_source_grid_boxes_with_the_coarse_dose_last(coarse_data):
@@ -219,7 +242,7 @@ def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys)
                           ("ensemble", EnsembleConfig), ("distill", DistillConfig)]:
             layered(cls, {"cascade": {"coarse": "x"}} if name == "cascade" else {}, getattr(r, name), name)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("stages: [train, cascade]\ncoarse: unet3d\n")
+    recipe.write_text("stages: [train, cascade]\ncoarse: unet3d\npredict: {tta: true}\n")
     out = tmp_path / "pipe"
     capsys.readouterr()
     assert nasdose("pipeline", "--out", out, "--data", coarse_data, "--config", recipe, "--quick") == 0
@@ -227,6 +250,7 @@ def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys)
     assert "32³ source grid" in report and "resampling floor" in report and "cascade" in report
     with open_data(out / "predict" / "cascade" / "predictions.h5") as p:
         assert p.grid == 32
+    assert load_yaml(out / "predict" / "cascade" / "config.yaml")["tta"] is True  # the recipe's predict section
     assert (out / "evaluate" / "cascade" / "metrics.json").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [cascade]\n")

@@ -10,9 +10,10 @@ from torch import nn
 from nas_dose import cli, ensemble
 from nas_dose.config import load_config
 from nas_dose.data.store import open_data
+from nas_dose.data.tta import flip_tta
 from nas_dose.ensemble import EnsembleConfig, Inputs
 from nas_dose.errors import NasDoseError
-from nas_dose.inference import Ensemble, flip_tta, load_ensemble, load_model_or_ensemble, predict_patients
+from nas_dose.inference import Ensemble, load_ensemble, load_model_or_ensemble, predict_patients
 from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
 from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
 from nas_dose.runtime import Runtime, RuntimeConfig

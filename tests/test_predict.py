@@ -12,8 +12,9 @@ from nas_dose.data.openkbp import read_submission_csv
 from nas_dose.data.resample import downsample_patient, upsample_dose
 from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patients
+from nas_dose.data.tta import TTA_FLIPS, flip_tta
 from nas_dose.errors import NasDoseError
-from nas_dose.inference import TTA_FLIPS, flip_tta, predict_patients
+from nas_dose.inference import predict_patients
 from nas_dose.io import load_yaml
 from nas_dose.predict import write_outputs
 from nas_dose.runtime import Runtime, RuntimeConfig

@@ -11,6 +11,7 @@ from torch import nn
 from ..data.patient import DOSE_SCALE_GY, Patient
 from ..data.resample import upsample_dose
 from ..data.store import DataFile
+from ..data.tta import flip_tta
 from ..errors import NasDoseError
 from .patches import CascadeConfig, refiner_input
 
@@ -60,14 +61,21 @@ def refine(refiner: nn.Module, x: torch.Tensor, window: int, overlap: float = 0.
 
 
 def predict_source(refiner: nn.Module, patient: Patient, coarse_gy: np.ndarray, factor: int,
-                   cfg: CascadeConfig, device: torch.device) -> np.ndarray:
+                   cfg: CascadeConfig, device: torch.device, tta: bool = False) -> np.ndarray:
     """The source-grid dose (Gy) of `patient` (read on the source grid) from its coarse dose:
-    non-negative and zero outside the possible-dose mask, like every nasdose prediction."""
+    non-negative and zero outside the possible-dose mask, like every nasdose prediction. `tta`
+    averages the whole refinement over the flips of the patient (4 times the work)."""
     mask = patient.possible_dose_mask
     coarse_up = upsample_dose(coarse_gy, factor, mask)
     x = torch.from_numpy(refiner_input(patient, coarse_up))[None].to(device)
+
+    def whole(xm: torch.Tensor) -> torch.Tensor:
+        # The mask rides along as the last channel, so that it is flipped with the patient.
+        return refine(refiner, xm[:, :-1], cfg.patch, cfg.overlap, xm[0, -1] > 0)
+
     with torch.inference_mode():
-        y = refine(refiner, x, cfg.patch, cfg.overlap, torch.from_numpy(mask).to(device))
+        xm = torch.cat([x, torch.from_numpy(mask).to(device, x.dtype)[None, None]], dim=1)
+        y = flip_tta(whole, xm) if tta else whole(xm)
     dose = y[0, 0].cpu().numpy() * DOSE_SCALE_GY
     return np.where(mask, np.maximum(dose, 0), 0).astype(np.float32)
 
