@@ -84,7 +84,7 @@ def read_patient(path: str | Path, pid: str | None = None) -> Patient:
 
 
 def score(prediction: np.ndarray | str | Path, reference: Patient | str | Path, *,
-           split: str | None = None) -> Scores:
+          split: str | None = None) -> Scores:
     """The OpenKBP dose and DVH scores (Gy, mean absolute errors: lower is better) of
     `prediction` against `reference`'s plan, as `nasdose evaluate` computes them.
 
