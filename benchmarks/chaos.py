@@ -79,7 +79,7 @@ def commands(root: Path) -> dict[str, Command]:
         "train": Command(lambda out: nasdose("train", "--data", data, "--out", out, "--resume", *TRAIN),
                          ("checkpoints/last.pt", "best.pt", "log.jsonl")),
         # an import is redone whole, so its re-run replaces what a run that finished left
-        "import": Command(lambda out: nasdose("data", "import", tree, out, "--grid", 16, "--overwrite", "-q"),
+        "import": Command(lambda out: nasdose("data", "import", tree, out, "--grid", 16, "--force", "-q"),
                           suffix=".h5"),
         "search": Command(search, ("pool.yaml", "search_log.jsonl", "genotypes/*.yaml", "state/**/*.pt")),
         "ensemble": Command(lambda out: nasdose("ensemble", "-q", twin(root, "search") / "pool.yaml", "--data", data,

@@ -321,8 +321,10 @@ class Inputs:
     teacher_cache: Path | None = None  # the teacher's predictions to reuse or write (default: OUT/teacher.h5)
 
 
-def run(config: DistillConfig, inputs: Inputs, out: Path, resume: bool = False) -> dict[str, Any]:
-    """Cache the teacher, train the student (and its baseline), compare, into `out`; returns the metrics."""
-    with output_folder(out):
+def run(config: DistillConfig, inputs: Inputs, out: Path, resume: bool = False, *,
+        force: bool = False) -> dict[str, Any]:
+    """Cache the teacher, train the student (and its baseline), compare, into `out`; returns the metrics.
+    `force`: an earlier run in `out` is removed first."""
+    with output_folder(out, replace=force):
         return run_distill(inputs.teacher, inputs.data, Path(out), config, resume, inputs.teacher_cache)
 

@@ -62,6 +62,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in get_args(tp):
+            return "on" if value else "off"  # YAML 1.1 reads `off` (runtime.amp=off) as false
         if value in get_args(tp):
             return value
         raise ConfigError(f"config key '{key}': expected one of {_type_name(tp)}, got {value!r}")
@@ -251,7 +253,8 @@ def check_run_folder(out: Path, cfg: Any, resume: bool, what: str, started: Path
     old_file = out / "config.yaml"
     if not resume:
         if old_file.exists() or started.exists():
-            raise input_error(out, f"already holds {what}; use --resume to continue it or choose another --out")
+            raise input_error(out, f"already holds {what}; use --resume to continue it, --force to replace it, "
+                                  "or another --out")
         return
     if not old_file.exists():
         return
@@ -294,12 +297,13 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The config options every configurable command shares: `--config FILE` and `key=value`s."""
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """The config options every configurable command shares: `--config FILE` and `key=value`s;
+    `example`: overrides of this command's config, for its help (tests/test_cli.py parses them)."""
     parser.add_argument("--config", metavar="FILE", help="YAML config (defaults are used for what it omits), or the "
                         f"name of a shipped one: {', '.join(sorted(p.stem for p in SHIPPED.glob('*.yaml')))}")
     overrides = parser.add_argument("overrides", nargs="+", metavar="KEY=VALUE",
-                                    help="config overrides, e.g. optim.lr=1e-3 epochs=5 (values parsed as YAML)")
+                                    help=f"config overrides, e.g. {example} (values parsed as YAML)")
     # An optional '+' positional rather than '*': argparse consumes an empty '*' together with an
     # earlier positional (`nasdose ensemble POOL.yaml --out D k=v` would then reject `k=v`).
     overrides.required, overrides.default = False, []

@@ -331,9 +331,11 @@ class Inputs:
     data: Path  # a nasdose data set
 
 
-def run(config: EnsembleConfig, inputs: Inputs, out: Path, resume: bool = False) -> dict[str, Any]:
-    """Train (or reuse) every member, cache, select, weight, report into `out`; returns the metrics."""
-    with output_folder(out):
+def run(config: EnsembleConfig, inputs: Inputs, out: Path, resume: bool = False, *,
+        force: bool = False) -> dict[str, Any]:
+    """Train (or reuse) every member, cache, select, weight, report into `out`; returns the metrics.
+    `force`: an earlier run in `out` is removed first (none of its members is reused)."""
+    with output_folder(out, replace=force):
         return _run(inputs.pool, inputs.data, Path(out), config, resume)
 
 

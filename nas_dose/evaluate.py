@@ -7,6 +7,7 @@ plot under OUT/plots/.
 """
 from __future__ import annotations
 
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .data.openkbp import OPENKBP_SHAPE, discover, natural_key, read_patient, re
 from .data.patient import Patient
 from .data.store import SPLITS, DataFile, open_data
 from .errors import NasDoseError, input_error
-from .io import output_folder, save_json
+from .io import output_folder, refuse_existing, save_json
 from .plots import plot_dose_slices, plot_dvh
 from .progress import progress, say
 from .scores import Scores, score_patients
@@ -167,8 +168,11 @@ class Inputs:
     ref: Path  # an OpenKBP tree or a nasdose data set
 
 
-def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> Scores:
-    """Score into `out` (metrics.json, plots/). Nothing to resume: scoring is redone whole."""
+def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, force: bool = False) -> Scores:
+    """Score into `out` (metrics.json, plots/). Nothing to resume: scoring is redone whole; earlier
+    scores in `out` are replaced only with `force`."""
     with output_folder(out):
+        refuse_existing([Path(out) / "metrics.json"], force)
+        shutil.rmtree(Path(out) / "plots", ignore_errors=True)  # an earlier run's, of other patients perhaps
         return evaluate_predictions(inputs.pred, inputs.ref, Path(out), config.split, config.plots)
 

@@ -41,7 +41,7 @@ from .data.dataset import CHANNELS, CT_HU_RANGE, CT_SCALE
 from .data.patient import DOSE_SCALE_GY, PRESCRIPTION_GY, TARGETS
 from .errors import NasDoseError, input_error
 from .inference import Ensemble, cascade_config, load_model_or_ensemble, trained_grid
-from .io import atomic_path, output_folder, save_yaml
+from .io import atomic_path, output_folder, refuse_existing, save_yaml
 from .models.refiner import Refiner
 from .models.unet3d import UNet
 from .progress import say
@@ -240,11 +240,12 @@ def default_grid(model: nn.Module, path: Path) -> int:
     return grid
 
 
-def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> dict[str, Any]:
+def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, force: bool = False) -> dict[str, Any]:
     """Export into `out`; returns model.yaml's content. Nothing to resume: an export is made again
-    whole."""
+    whole; an earlier one in `out` is replaced only with `force`."""
     out = Path(out)
     with output_folder(out):
+        refuse_existing([out / "model.yaml", out / f"model.{config.format}"], force)
         if config.format == "onnx":
             _require_onnx()
         model = load_model_or_ensemble(inputs.model)

@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -132,7 +132,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 # The output a command holds.
 
 @contextlib.contextmanager
-def output_folder(path: str | Path) -> Iterator[Path]:
+def output_folder(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     """Hold `path` as this command's output folder until the block ends.
 
     Before any work: a path that cannot be a writable folder is a one-line error, and so is a
@@ -140,8 +140,11 @@ def output_folder(path: str | Path) -> Iterator[Path]:
     run are removed (not in subfolders held on their own). If the block raises a NasDoseError
     and the folder was new or empty, what it created is removed, unless it holds a checkpoint or
     data set to resume from. Under torchrun the main rank holds it, for all ranks.
+
+    `replace` (a run's --force): once held, an earlier run in it (a folder holding the
+    config.yaml every run writes) is removed whole, so that nothing of it is resumed or reused.
     """
-    with _held(Path(path), folder=True):
+    with _held(Path(path), folder=True, replace=replace):
         yield Path(path)
 
 
@@ -154,16 +157,16 @@ def output_file(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _held(path: Path, folder: bool) -> Iterator[None]:
+def _held(path: Path, folder: bool, replace: bool = False) -> Iterator[None]:
     distributed = sys.modules.get("nas_dose.distributed")
     if distributed is None or distributed.world_size() == 1:
-        with _Hold(path, folder):
+        with _Hold(path, folder, replace):
             yield
         return
     with contextlib.ExitStack() as holder:
 
         def hold() -> None:
-            holder.enter_context(_Hold(path, folder))
+            holder.enter_context(_Hold(path, folder, replace))
 
         distributed.on_main(hold)  # the main rank holds it; a refusal is raised on every rank
         yield
@@ -173,8 +176,8 @@ class _Hold:
     """An exclusive `fcntl.flock` on a lock file in the folder (beside a file output), released
     by the kernel when the process dies, so a lock file left by a kill never blocks a re-run."""
 
-    def __init__(self, path: Path, folder: bool) -> None:
-        self.path, self.folder = path, folder
+    def __init__(self, path: Path, folder: bool, replace: bool = False) -> None:
+        self.path, self.folder, self.replace = path, folder, replace
         self.dir = path if folder else path.parent
         self.lock = self.dir / (LOCK_NAME if folder else f".{path.name}.lock")
         self.fd = -1
@@ -194,7 +197,19 @@ class _Hold:
             self._undo_created()
             raise
         self._remove_stale()
+        if self.replace and (self.dir / "config.yaml").is_file():
+            self._remove_earlier_run()
         return self
+
+    def _remove_earlier_run(self) -> None:
+        say(f"--force: removing the earlier run in {self.dir}")
+        for child in self.dir.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
     def _acquire(self) -> int:
         while True:
@@ -268,6 +283,14 @@ class _Hold:
     def _undo_created(self) -> None:
         if self.created is not None:
             shutil.rmtree(self.created, ignore_errors=True)
+
+
+def refuse_existing(paths: Iterable[str | Path], force: bool) -> None:
+    """An output a command would replace: an error naming the first that exists, unless `force`
+    (the command's --force)."""
+    for path in paths:
+        if Path(path).exists() and not force:
+            raise input_error(path, "exists; give --force to replace it")
 
 
 def _check_writable_path(path: Path, folder: bool) -> None:

@@ -10,7 +10,8 @@ recipe given with --config is laid over the default one; --quick lays configs/pi
 
 Stages, in order, each skipped when its outputs already exist, so an interrupted pipeline
 resumes where it stopped (interrupted training, search, ensemble and distillation runs resume
-from their checkpoints). Delete a stage's outputs to redo it and every stage after it.
+from their checkpoints). Delete a stage's outputs to redo it and every stage after it; --force
+redoes them all (DIR's earlier run is removed first).
 
   data       DIR/data.h5                       synthetic phantoms (train / validation / test, and
                                                M unlabeled ones, without a dose, for the student);
@@ -193,10 +194,12 @@ def _cascade(ctx: Context) -> None:
     _train(ctx.out / "cascade", ctx.config(TrainConfig, "cascade", {"seed": ctx.recipe.seed, "cascade": cascade}), ctx)
 
 
+# A prediction or its scores run again only because the model did (or they were incomplete):
+# the earlier ones are stale, so they are replaced (force).
 def _predict(name: str) -> Callable[[Context], None]:
     def run(ctx: Context) -> None:
         config = ctx.config(predict.Config, "predict", {"split": EVAL_SPLIT})
-        predict.run(config, predict.Inputs(ctx.models[name], ctx.data), ctx.out / "predict" / name)
+        predict.run(config, predict.Inputs(ctx.models[name], ctx.data), ctx.out / "predict" / name, force=True)
 
     return run
 
@@ -205,7 +208,7 @@ def _evaluate(name: str) -> Callable[[Context], None]:
     def run(ctx: Context) -> None:
         config = ctx.config(evaluate.Config, "evaluate", {"split": EVAL_SPLIT})
         evaluate.run(config, evaluate.Inputs(ctx.out / "predict" / name / "predictions.h5", ctx.data),
-                     ctx.out / "evaluate" / name)
+                     ctx.out / "evaluate" / name, force=True)
 
     return run
 
@@ -300,7 +303,7 @@ def run_stages(ctx: Context, stages: list[Stage] | None = None) -> None:
     record = ctx.out / "config.yaml"
     if record.exists() and (earlier := load_yaml(record)) != settings:
         raise input_error(record, f"this folder holds a pipeline run with other settings ({earlier}); "
-                                  "use another --out")
+                                  "give --force to replace it, or use another --out")
     save_yaml(record, settings)
     redo = False  # once a stage runs, the stages after it may read its new outputs: run them too
     for i, stage in enumerate(stages, start=1):
@@ -315,12 +318,13 @@ def run_stages(ctx: Context, stages: list[Stage] | None = None) -> None:
             ctx.models[name] = path(ctx)
 
 
-def run(config: Recipe, inputs: Inputs, out: Path, resume: bool = True) -> str:
+def run(config: Recipe, inputs: Inputs, out: Path, resume: bool = True, *, force: bool = False) -> str:
     """Every stage of the recipe into `out`; returns the report. A pipeline always resumes (each
     stage is skipped where its outputs exist, an interrupted one continues from its checkpoint):
-    `resume` is there for the shape every stage shares."""
+    `resume` is there for the shape every stage shares. `force` removes an earlier pipeline run
+    in `out` first, and every stage runs afresh."""
     ctx = context(config, inputs, out)
-    with output_folder(ctx.out):
+    with output_folder(ctx.out, replace=force):
         run_stages(ctx)
     return report(ctx)
 

@@ -35,7 +35,7 @@ from .data.openkbp import write_submission_csv
 from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
 from .inference import Cascade, Predictor, load_predictor, predict_patients, predictions
-from .io import output_folder, save_yaml
+from .io import output_folder, refuse_existing, save_yaml
 from .progress import say
 from .runtime import Runtime, RuntimeConfig
 from .training import TrainConfig
@@ -137,11 +137,12 @@ class Inputs:
     data: Path  # a nasdose data set
 
 
-def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> list[str]:
+def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, force: bool = False) -> list[str]:
     """Predict into `out`; returns the patients predicted. Nothing to resume: a prediction is
-    made again whole (written atomically)."""
+    made again whole (written atomically); an earlier one in `out` is replaced only with `force`."""
     runtime = Runtime(config.runtime)
     with output_folder(out), open_data(inputs.data) as data:
+        refuse_existing([Path(out) / "predictions.h5", *(Path(out) / f for f in FORMATS.values())], force)
         if data.kind != "dataset":
             raise input_error(inputs.data, "is a prediction file, not a data set")
         predictor = load_predictor(inputs.model, runtime, data.grid)

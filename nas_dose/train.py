@@ -5,7 +5,9 @@
 RUN receives config.yaml (the resolved config), log.jsonl, metrics.json, curve.png (the loss
 and the validation score), best.pt (the weights with the best validation dose score) and
 checkpoints/last.pt, written every `checkpoint_every` steps and at each epoch end; `--resume`
-continues from it exactly where the run stopped. Each epoch prints one line. The model is chosen
+continues from it exactly where the run stopped. Each epoch prints one line. With
+`logging.tensorboard=true` RUN also receives TensorBoard event files (`tensorboard --logdir RUN`):
+train/loss, train/lr, val/dose_score and val/best_dose_score by step. The model is chosen
 and training stops early on the validation split only, never on test patients.
 
 Started by torchrun the run is data-parallel (DDP): data.batch_size is the global batch, each
@@ -37,14 +39,15 @@ class Inputs:
 
 
 def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
-        official: bool = True) -> TrainResult:
+        official: bool = True, force: bool = False) -> TrainResult:
     """Train the network `config.model` names (the full-resolution stage of a cascade when
     `config.cascade.coarse` is set) into the run folder `out`. `official`: where the data set was
-    resampled, also score the chosen model as OpenKBP does (a pipeline does it in its own stage)."""
+    resampled, also score the chosen model as OpenKBP does (a pipeline does it in its own stage).
+    `force`: an earlier run in `out` is removed and training starts afresh."""
     seed_everything(config.seed)
     cascade = config.cascade.coarse is not None
     model = build_model(config.model, refiner=cascade)
-    with output_folder(out):
+    with output_folder(out, replace=force):
         objective = CascadeObjective(config, inputs.data) if cascade else None
         result = train_model(model, config, inputs.data, out, resume=resume, objective=objective)
         with open_data(inputs.data) as data:

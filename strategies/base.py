@@ -29,6 +29,7 @@ from nas_dose.registry import Registry
 from nas_dose.runtime import Runtime
 from nas_dose.search_spaces import SearchSpace
 from nas_dose.training import dose_errors_gy
+from nas_dose.training.events import EventLog
 
 # Fields of a log record that a re-run derives differently: when it was logged, how long scoring took.
 WALL_CLOCK = ("time", "seconds")
@@ -52,6 +53,7 @@ class SearchContext:
     log_path: Path | None = None  # JSON lines; None: records are dropped
     log_fields: dict[str, Any] = field(default_factory=dict)  # added to every record (e.g. search index)
     deadline: float | None = None  # time.monotonic() after which should_stop() is true
+    events: EventLog = field(default_factory=EventLog)  # TensorBoard curves (logging.tensorboard); off: nothing
     _all: DoseDataset | None = field(default=None, init=False, repr=False)
     _index: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _logged: set[str] = field(default_factory=set, init=False, repr=False)  # see _logged_records

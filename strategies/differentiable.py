@@ -186,6 +186,7 @@ class DifferentiableSearch(Strategy):
         scalers = {"weight": ctx.runtime.grad_scaler(), "arch": ctx.runtime.grad_scaler()}
         refs = self._reference_tensors(ctx)
         self.history = [supernet.arch_weights()]
+        ctx.events.arch_weights(0, self.history[0], ctx.space.slots())
         start = 0
         state_path = ctx.state_path(STATE)
         if state_path is not None and state_path.exists():
@@ -206,7 +207,11 @@ class DifferentiableSearch(Strategy):
             supernet.tau = tau_at(cfg, epoch)
             record = self._epoch(ctx, supernet, net, (w_opt, a_opt), scalers, refs, epoch)
             self.history.append(supernet.arch_weights())
-            ctx.log({**record, "arch_weights": self.history[-1], **self._track(ctx, supernet, net)})
+            tracked = self._track(ctx, supernet, net)
+            ctx.log({**record, "arch_weights": self.history[-1], **tracked})
+            ctx.events.scalars(epoch + 1, {key: record.get(key) for key in ("weight_loss", "arch_loss", "hinge", "tau")}
+                               | {"score": tracked.get("score")})
+            ctx.events.arch_weights(epoch + 1, self.history[-1], ctx.space.slots())
             if state_path is not None:
                 save_checkpoint(state_path, {
                     "fingerprint": self._fingerprint(ctx), "epoch": epoch + 1, "supernet": supernet.state_dict(),

@@ -12,7 +12,10 @@ DIR receives config.yaml, search_log.jsonl, pool.yaml (read by `nasdose ensemble
 genotypes/<member>.yaml and plots/ (arch_weights.png, fitness.png, diversity.png). State is
 checkpointed under DIR/state; `--resume` continues an interrupted search to the same result and
 log (a differentiable search adds a `resume` record): what a re-run derives again, such as a
-finished search's selection and pool, is logged once.
+finished search's selection and pool, is logged once. With `logging.tensorboard=true` DIR also
+receives TensorBoard event files: per epoch of a differentiable search its losses, temperature
+and tracked score, and softmax(α) of every slot (`search/alpha/SLOT/OP`; a sequential search's
+k-th search under `search{k}/`).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from nas_dose.pool.plots import plot_arch_weights, plot_diversity, plot_fitness,
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.search_spaces import get_space, import_plugins, save_genotype
+from nas_dose.training.events import EventLog, LoggingConfig
 
 from .base import SearchContext, Strategy, get_strategy
 
@@ -81,6 +85,7 @@ class SearchConfig:
     # and, with pool_max_cost, a budget: the pool is the most accurate (and diverse) within it.
     cost: Cost = "flops"
     pool_max_cost: float | None = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
         at_least("pool_size", self.pool_size, 1)
@@ -148,13 +153,14 @@ class SearchRun:
         # the candidates of a single search (its accuracy-cost front); a sequential one's are its
         # members, the only candidates a resumed sequence still holds
         self.scored: list[Candidate] = []
+        self.events = EventLog()  # opened when the search runs (not in a folder it is refused)
         self.base = self.context("search", [], {})  # for data access and the command's own log records
 
     def context(self, state: str, references: list[dict[str, np.ndarray]], fields: dict[str, Any]) -> SearchContext:
         return SearchContext(self.space, self.macro, self.data, self.runtime, self.cfg.seed, self.weight_ids,
                              self.arch_ids, self.diversity_ids, references, self.cfg.diversity,
                              state_dir=self.out / "state" / state, log_path=self.out / "search_log.jsonl",
-                             log_fields=fields, deadline=self.deadline)
+                             log_fields=fields, deadline=self.deadline, events=self.events.within(state))
 
     def _search(self, ctx: SearchContext) -> tuple[list[Candidate], list[dict[str, list[float]]]]:
         """The strategy's candidates and, for a differentiable one, its α history."""
@@ -228,6 +234,14 @@ class SearchRun:
                 {it["id"]: it["mask"][0].numpy() > 0 for it in items})
 
     def run(self) -> Pool:
+        self.events = EventLog.open(self.out, self.cfg.logging)
+        self.base.events = self.events.within("search")
+        try:
+            return self._run()
+        finally:
+            self.events.close()
+
+    def _run(self) -> Pool:
         if self.removed:
             self.base.log({"event": "space_fitted", "removed": self.removed})
         members = self.sequential() if self.cfg.diversity.mode == "sequential" else self.single()
@@ -276,13 +290,14 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def prepare_out(out: Path, cfg: SearchConfig, resume: bool) -> None:
-    """A new search needs a fresh folder; a resumed one the same config (runtime may differ)."""
+    """A new search needs a fresh folder; a resumed one the same config (runtime and logging may differ)."""
     saved = out / "config.yaml"
     if saved.exists():
         if not resume:
-            raise input_error(out, "already holds a search; use --resume to continue it or choose another --out")
-        old = {k: v for k, v in (load_yaml(saved) or {}).items() if k != "runtime"}
-        new = {k: v for k, v in to_dict(cfg).items() if k != "runtime"}
+            raise input_error(out, "already holds a search; use --resume to continue it, --force to replace it, "
+                                  "or another --out")
+        old = {k: v for k, v in (load_yaml(saved) or {}).items() if k not in ("runtime", "logging")}
+        new = {k: v for k, v in to_dict(cfg).items() if k not in ("runtime", "logging")}
         changed = _differences(old, new)
         if changed:
             raise input_error(saved, f"the search was made with a different config ({', '.join(changed)}); "
@@ -300,11 +315,12 @@ class Inputs:
     data: Path  # a nasdose data set
 
 
-def run(config: SearchConfig, inputs: Inputs, out: Path, resume: bool = False) -> Pool:
+def run(config: SearchConfig, inputs: Inputs, out: Path, resume: bool = False, *, force: bool = False) -> Pool:
     """Search and choose the pool into `out` (pool.yaml, genotypes, log, plots); `resume`
-    continues a search there (its config must be the same, runtime aside)."""
+    continues a search there (its config must be the same, runtime aside), `force` removes an
+    earlier one first."""
     out = Path(out)
-    with output_folder(out):
+    with output_folder(out, replace=force):
         search = SearchRun(config, inputs.data, out)
         distributed.on_main(prepare_out, out, config, resume)  # checks, then writes: one rank
         started = time.monotonic()

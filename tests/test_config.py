@@ -6,6 +6,7 @@ import pytest
 
 from nas_dose.config import ConfigError, load_config, save_config, to_dict
 from nas_dose.io import load_yaml
+from nas_dose.runtime import RuntimeConfig
 
 
 @dataclass
@@ -85,3 +86,10 @@ def test_a_shipped_config_is_named_without_its_path(tmp_path, monkeypatch):
     assert shipped_config("nowhere") == Path("nowhere")  # not shipped: the path as given (its error names it)
     (tmp_path / "search_evolution").write_text("{}")
     assert shipped_config("search_evolution") == Path("search_evolution")  # a file here wins
+
+
+def test_off_and_on_are_choices_where_booleans_are_not():
+    """YAML 1.1 reads `off` as false: a choice named `off` still gets it."""
+    assert load_config(RuntimeConfig, overrides=["amp=off"]).amp == "off"
+    with pytest.raises(ConfigError, match="config key 'name': expected one of"):
+        load_config(Optim, overrides=["name=off"])

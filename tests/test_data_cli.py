@@ -187,8 +187,8 @@ def test_an_existing_data_set_is_replaced_only_when_asked(tmp_path, nasdose):
     assert nasdose("synth", out, "--patients", "3", "--grid", "16", "-q")[0] == 0
     before = out.read_bytes()
     status, _, err = nasdose("synth", out, "--patients", "4", "--grid", "16", "-q")
-    assert status == 1 and f"{out}: exists; give --overwrite" in err and err.count("\n") == 1
+    assert status == 1 and f"{out}: exists; give --force to replace it" in err and err.count("\n") == 1
     assert out.read_bytes() == before
-    assert nasdose("synth", out, "--patients", "4", "--grid", "16", "--overwrite", "-q")[0] == 0
+    assert nasdose("synth", out, "--patients", "4", "--grid", "16", "--force", "-q")[0] == 0
     with open_data(out) as data:
         assert len(data) == 4

@@ -133,11 +133,12 @@ def test_real_patients_with_csv_submission(openkbp_dir: Path, tmp_path: Path, ca
     for png in (out / "plots").iterdir():
         assert_png(png)
 
-    # Only the validation patient, whose prediction is there among the others.
+    # Only the validation patient, whose prediction is there among the others; the earlier
+    # scores and plots replaced.
     assert run(capsys, "--pred", tmp_path / "sub", "--ref", openkbp_dir / "csv", "--out", out,
-               "--split", "validation", "--plots", "0")[0] == 0
+               "--split", "validation", "--plots", "0", "--force")[0] == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics["per_patient"]) == ["pt_201"]
+    assert list(metrics["per_patient"]) == ["pt_201"] and not (out / "plots").exists()
     assert metrics["per_patient"]["pt_201"] == expected.per_patient["pt_201"]
 
 

@@ -202,16 +202,16 @@ def run(imported, train_tiny, tmp_path_factory) -> Path:
     return train_tiny(imported, tmp_path_factory.mktemp("runs") / "tiny")
 
 
-def predict_nifti(model: Path, data: Path, out: Path) -> None:
+def predict_nifti(model: Path, data: Path, out: Path, force: bool = False) -> None:
     predict_main(argparse.Namespace(model=model, data=data, out=out, split=None, tta=False, csv=None,
-                                    format="nifti", config=None,
+                                    format="nifti", config=None, force=force,
                                     overrides=["runtime.device=cpu", "runtime.threads=1"]))
 
 
 def test_predict_nifti_writes_the_source_grid_dose_in_the_source_geometry(tree, imported, run, tmp_path):
     out = tmp_path / "pred"
     (out / "submission").mkdir(parents=True)  # an earlier run's CSVs do not stay
-    predict_nifti(run, imported, out)
+    predict_nifti(run, imported, out, force=True)
     assert not (out / "submission").exists() and not list(out.glob(".*"))
     with open_data(imported) as data, open_data(out / "predictions.h5") as preds:
         assert sorted(p.name for p in (out / "nifti").iterdir()) == sorted(f"{pid}.nii.gz" for pid in data.ids())

@@ -38,7 +38,7 @@ def run(coarse, train_tiny, tmp_path_factory) -> Path:
 
 
 def predict_cli(**kwargs) -> None:
-    args = {"split": None, "tta": False, "csv": True, "format": None, "config": None,
+    args = {"split": None, "tta": False, "csv": True, "format": None, "config": None, "force": False,
             "overrides": ["runtime.device=cpu", "runtime.threads=1"]}
     args.update(kwargs)
     predict_main(argparse.Namespace(**args))
@@ -72,7 +72,7 @@ def test_no_csv_removes_earlier_csvs(coarse, run, tmp_path):
     out = tmp_path / "pred"
     predict_cli(model=run, data=coarse, out=out)
     assert len(list((out / "submission").iterdir())) == 4
-    predict_cli(model=run, data=coarse, out=out, csv=False)
+    predict_cli(model=run, data=coarse, out=out, csv=False, force=True)
     assert not (out / "submission").exists() and (out / "predictions.h5").is_file()
 
 

@@ -25,6 +25,7 @@ from ..data.patient import OPENKBP_GRID, ROIS
 from ..data.store import DataFile, open_data
 from ..progress import progress
 from ..scores import resampling_floor
+from .common import add_force_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                    help="NIfTI: resample onto isotropic voxels of MM mm, on a cube a multiple of the grid "
                         "covering the volume (default: only a volume that is not such a cube, at its "
                         "coarsest voxel size)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
+    add_force_argument(p, "OUT.h5")
     p.add_argument("--aliases", metavar="FILE", help="NIfTI structure names -> ROI names (YAML or JSON; "
                                                      "default: aliases.yaml in SRC)")
     p = sub.add_parser("synth", parents=[common], help="write synthetic head-and-neck phantoms")
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                    help="more patients without a dose, in the 'unlabeled' split (default %(default)s)")
     p.add_argument("--grid", type=int_at_least(1), default=defaults.grid, help="grid size (default %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
+    add_force_argument(p, "OUT.h5")
     p = sub.add_parser("info", parents=[common], help="summarize a data set or prediction file")
     p.add_argument("file", type=Path, metavar="FILE")
 
@@ -65,14 +66,13 @@ def main(args: argparse.Namespace) -> None:
 
 
 def import_command(args: argparse.Namespace) -> None:
-    config = importer.Config(grid=args.grid, spacing=args.spacing, overwrite=args.overwrite, aliases=args.aliases)
-    importer.run(config, importer.Inputs(args.src), args.out)
+    config = importer.Config(grid=args.grid, spacing=args.spacing, aliases=args.aliases)
+    importer.run(config, importer.Inputs(args.src), args.out, force=args.force)
 
 
 def synth_command(args: argparse.Namespace) -> None:
-    config = synth.Config(patients=args.patients, unlabeled=args.unlabeled, grid=args.grid, seed=args.seed,
-                          overwrite=args.overwrite)
-    synth.run(config, synth.Inputs(), args.out)
+    config = synth.Config(patients=args.patients, unlabeled=args.unlabeled, grid=args.grid, seed=args.seed)
+    synth.run(config, synth.Inputs(), args.out, force=args.force)
 
 
 def info_command(args: argparse.Namespace) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from nas_dose.distill import distill
 
-from ..config import add_config_arguments, load_config
+from ..config import load_config
+from .common import add_run_arguments
 
 STAGE = distill
 
@@ -18,16 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("--student", metavar="SPEC",
                         help="the student's architecture: NAME:key=value..., FILE.yaml or GENOTYPE.yaml:width=F "
                              "(see above)")
-    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in DIR")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the student's architecture without distillation (default: on)")
     parser.add_argument("--export", action="store_true", default=None,
                         help="write DIR/student.pt2 (torch.export) of the student")
     parser.add_argument("--teacher-cache", type=Path, metavar="FILE",
                         help="teacher predictions file to reuse or write (default: DIR/teacher.h5)")
-    add_config_arguments(parser)
+    add_run_arguments(parser, "DIR", "continue the run in DIR", "train.epochs=20 alpha_teacher=0.5")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -35,4 +33,4 @@ def main(args: argparse.Namespace) -> None:
     flags = {k: v for k, v in (("student", args.student), ("baseline", args.baseline), ("export", args.export))
              if v is not None}
     distill.run(replace(config, **flags), distill.Inputs(args.teacher, args.data, args.teacher_cache), args.out,
-                args.resume)
+                args.resume, force=args.force)

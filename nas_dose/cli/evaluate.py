@@ -7,6 +7,7 @@ from pathlib import Path
 from .. import evaluate
 from ..config import int_at_least
 from ..data.store import SPLITS
+from .common import add_force_argument
 
 STAGE = evaluate
 
@@ -23,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                              "(default: every predicted patient)")
     parser.add_argument("--plots", type=int_at_least(0), default=3, metavar="N",
                         help="plot the first N patients (default %(default)s)")
+    add_force_argument(parser, "the scores in DIR")
 
 
 def main(args: argparse.Namespace) -> None:
-    evaluate.run(evaluate.Config(split=args.split, plots=args.plots), evaluate.Inputs(args.pred, args.ref), args.out)
+    evaluate.run(evaluate.Config(split=args.split, plots=args.plots), evaluate.Inputs(args.pred, args.ref), args.out,
+                 force=args.force)

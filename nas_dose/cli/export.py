@@ -8,6 +8,7 @@ from typing import get_args
 
 from .. import export
 from ..config import add_config_arguments, load_config
+from .common import add_force_argument
 
 STAGE = export
 
@@ -18,10 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--format", choices=get_args(export.Format),
                         help="onnx (default) or pt2 (torch.export)")
-    add_config_arguments(parser)
+    add_force_argument(parser, "the export in DIR")
+    add_config_arguments(parser, "grid=32 dynamic=false")
 
 
 def main(args: argparse.Namespace) -> None:
     config = load_config(export.Config, args.config, args.overrides)
     flags = {"format": args.format} if args.format is not None else {}
-    export.run(replace(config, **flags), export.Inputs(args.model), args.out)
+    export.run(replace(config, **flags), export.Inputs(args.model), args.out, force=args.force)

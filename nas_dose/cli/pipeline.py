@@ -9,6 +9,7 @@ from .. import pipeline
 from ..config import int_at_least
 from ..errors import NasDoseError
 from ..recipe import load_recipe
+from .common import add_force_argument
 
 STAGE = pipeline
 
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="a recipe laid over the default one (e.g. configs/openkbp_cpu.yaml: a coarse "
                              "U-Net and its full-resolution cascade)")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds (for tests)")
+    add_force_argument(parser, "the earlier pipeline run in DIR, starting afresh, even one with the same "
+                               "settings (which otherwise resumes)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -47,4 +50,5 @@ def main(args: argparse.Namespace) -> None:
     synthetic = replace(recipe.synthetic, **{k: v for k, v in (("patients", args.patients),
                                                                 ("unlabeled", args.unlabeled)) if v is not None})
     flags = {k: v for k, v in (("grid", args.grid), ("epochs", args.epochs), ("seed", args.seed)) if v is not None}
-    print(pipeline.run(replace(recipe, synthetic=synthetic, **flags), pipeline.Inputs(args.data), args.out))
+    print(pipeline.run(replace(recipe, synthetic=synthetic, **flags), pipeline.Inputs(args.data), args.out,
+                       force=args.force))

@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import predict
 from ..config import add_config_arguments, load_config
 from ..data.store import SPLITS
+from .common import add_force_argument
 
 STAGE = predict
 
@@ -25,11 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("--format", choices=tuple(predict.FORMATS), default=None,
                         help="submission files: csv (OpenKBP, submission/; the default) or nifti (nifti/*.nii.gz, "
                              "on each patient's original voxel grid and affine)")
-    add_config_arguments(parser)
+    add_force_argument(parser, "the predictions in DIR")
+    add_config_arguments(parser, "runtime.device=cpu tta=true")
 
 
 def main(args: argparse.Namespace) -> None:
     config = load_config(predict.Config, args.config, args.overrides)
     given = (("split", args.split), ("tta", args.tta), ("csv", args.csv), ("format", args.format))
     flags = {k: v for k, v in given if v is not None}
-    predict.run(replace(config, **flags), predict.Inputs(args.model, args.data), args.out)
+    predict.run(replace(config, **flags), predict.Inputs(args.model, args.data), args.out, force=args.force)

@@ -16,7 +16,8 @@ STAGE = search
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "DIR", "continue the search in DIR where it stopped (without --config, from "
-                      "DIR/config.yaml; only runtime.* overrides may differ)")
+                      "DIR/config.yaml; only runtime.* and logging.* overrides may differ)",
+                      "strategy=evolution pool_size=4")
     parser.epilog = (f"space: {', '.join(list_spaces())} or {PATH_HINT}\n"
                      f"strategy: {', '.join(list_strategies())} or {PATH_HINT}")
 
@@ -26,4 +27,4 @@ def main(args: argparse.Namespace) -> None:
     if args.resume and config_path is None and (Path(args.out) / "config.yaml").exists():
         config_path = Path(args.out) / "config.yaml"
     config = load_config(search.Config, config_path, args.overrides)
-    search.run(config, search.Inputs(args.data), args.out, args.resume)
+    search.run(config, search.Inputs(args.data), args.out, args.resume, force=args.force)

@@ -13,10 +13,10 @@ STAGE = train
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser, "RUN", "continue the run in RUN from its last checkpoint")
+    add_run_arguments(parser, "RUN", "continue the run in RUN from its last checkpoint", "optim.lr=1e-3 epochs=5")
     parser.epilog = f"model.name: {', '.join(list_models())} or {PATH_HINT} (or model.genotype: FILE)"
 
 
 def main(args: argparse.Namespace) -> None:
     config = load_config(train.Config, args.config, args.overrides)
-    train.run(config, train.Inputs(args.data), args.out, args.resume)
+    train.run(config, train.Inputs(args.data), args.out, args.resume, force=args.force)

@@ -12,20 +12,19 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import ConfigError, at_least
-from ..io import output_file
+from ..io import output_file, refuse_existing
 from ..progress import say
 from .geometry import BODY_RULE
 from .openkbp import PatientSource, discover, read_patient
 from .patient import OPENKBP_GRID, Patient
 from .resample import downsample_patient, resample_factor
-from .store import refuse_existing, write_dataset
+from .store import write_dataset
 
 
 @dataclass
 class Config:
     grid: int = OPENKBP_GRID  # the grid to store: for OpenKBP one dividing 128 (64, 32, ...), for NIfTI any
     spacing: float | None = None  # NIfTI: resample to isotropic voxels of this size (mm); None: only when needed
-    overwrite: bool = False  # replace an existing data set file (else it is an error)
     aliases: str | None = None  # NIfTI structure names -> ROIs (YAML/JSON); default: SRC/aliases.yaml
 
     def validate(self) -> None:
@@ -50,10 +49,11 @@ def _downsampled(sources: list[PatientSource], config: Config, bodies: list[str]
         yield downsample_patient(p, resample_factor(p.grid, grid))
 
 
-def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> None:
-    """The tree -> the data set file `out`, written atomically (a killed import is redone whole)."""
+def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, force: bool = False) -> None:
+    """The tree -> the data set file `out`, written atomically (a killed import is redone whole);
+    an existing `out` is replaced only with `force`."""
     with output_file(out):
-        refuse_existing(out, config.overwrite)
+        refuse_existing([out], force)
         source = Path(inputs.source).resolve()
         sources = discover(source, None if config.aliases is None else Path(config.aliases))
         kind = "nifti" if all(s.layout == "nifti" for s in sources) else "openkbp"

@@ -374,9 +374,3 @@ class DataFile:
 def open_data(path: Path) -> DataFile:
     """Open a nasdose data set or prediction file (an error names a missing or foreign file)."""
     return DataFile(path)
-
-
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    """A data set is made once: an existing file at `path` is replaced only when asked to."""
-    if Path(path).exists() and not overwrite:
-        raise input_error(path, "exists; give --overwrite to replace it")

@@ -24,8 +24,8 @@ class RunFolder:
 
     def check_new(self) -> None:
         if self.last.exists() or self.best.exists():
-            raise input_error(self.out, "already holds a training run; use --resume to continue it "
-                                        "or choose another --out")
+            raise input_error(self.out, "already holds a training run; use --resume to continue it, "
+                                        "--force to replace it, or another --out")
 
     def rewrite_log(self, history: list[dict[str, Any]]) -> None:
         """The log as of the checkpoint (entries written after it are dropped on resume)."""
@@ -43,8 +43,9 @@ class RunFolder:
 def check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, file: Path) -> None:
     if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
         raise input_error(file, "not a nasdose training checkpoint")
-    old = {k: v for k, v in ckpt["config"].items() if k != "runtime"}
-    new = {k: v for k, v in to_dict(cfg).items() if k != "runtime"}
+    # how the run executes and what it logs may change on resume; what it computes may not
+    old = {k: v for k, v in ckpt["config"].items() if k not in ("runtime", "logging")}
+    new = {k: v for k, v in to_dict(cfg).items() if k not in ("runtime", "logging")}
     if old != new:
         keys = sorted(_differences(old, new))
         raise input_error(file, f"the run was made with a different config ({', '.join(keys)}); "

@@ -9,6 +9,7 @@ from ..config import ConfigError, at_least
 from ..data.augment import AugmentConfig
 from ..models.factory import ModelConfig
 from ..runtime import RuntimeConfig
+from .events import LoggingConfig
 from .losses import DVHLossConfig
 
 
@@ -92,6 +93,7 @@ class TrainConfig:
     loss: Literal["l1", "mse"] = "l1"
     dvh_loss: DVHLossConfig = field(default_factory=DVHLossConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
         for key in ("epochs", "val_every", "checkpoint_every", "log_every"):

@@ -23,6 +23,7 @@ from ..progress import Bar, progress, say
 from ..runtime import Runtime, rng_state, seed_everything, set_rng_state
 from .checkpoints import RunFolder, check_resumable
 from .config import TrainConfig
+from .events import EventLog
 from .losses import dose_errors_gy, share_weight
 from .objective import Objective
 from .optimization import make_optimizer, make_scheduler
@@ -149,6 +150,8 @@ class _Trainer:
         if self.folder is not None:
             self.spec = model_spec(config.model, refiner=config.cascade.coarse is not None)
             self._open_folder(self.folder, resume)
+        self.events = EventLog.open(Path(out) if out is not None else None, config.logging,
+                                    purge_step=self.state.step + 1 if self.state.step else None)
         self.step_net = distributed.data_parallel(self.net, rt.device)  # what training steps call
         self.free_bytes = rt.free_memory()  # what the run has to work with, for an out-of-memory error
 
@@ -175,6 +178,8 @@ class _Trainer:
             self._loop()
         except torch.cuda.OutOfMemoryError:
             raise self._memory_error() from None
+        finally:
+            self.events.close()
         self._sync()
         return self._finish()
 
@@ -282,11 +287,15 @@ class _Trainer:
         if loss is not None and not math.isfinite(loss):
             raise NasDoseError(f"training diverged: the loss is {loss} at step {state.step} "
                                "(try a lower optim.lr)")
-        entry = {"step": state.step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                 "val_dose_score": val, "seconds": round(state.seconds, 3), **self.objective.log_terms()}
+        terms, lr = self.objective.log_terms(), float(self.scheduler.get_last_lr()[0])
+        entry = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr,
+                 "val_dose_score": val, "seconds": round(state.seconds, 3), **terms}
         state.history.append(entry)
         if self.folder is not None:
             self.folder.append_log(entry)
+        self.events.scalars(state.step, {"train/loss": loss, "train/lr": lr, "val/dose_score": val,
+                                         "val/best_dose_score": state.best_score if val is not None else None,
+                                         **{f"train/{k}": v for k, v in terms.items()}})
         state.loss_sum, state.loss_count = 0.0, 0
         return entry
 

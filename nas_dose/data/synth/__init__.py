@@ -22,10 +22,10 @@ import numpy as np
 
 from ...config import ConfigError
 from ...errors import NasDoseError
-from ...io import output_file
+from ...io import output_file, refuse_existing
 from ...progress import say
 from ..patient import CT_STORED_RANGE, Patient
-from ..store import refuse_existing, write_dataset
+from ..store import write_dataset
 from .anatomy import (
     BASE_VOXEL_MM,
     axes,
@@ -118,7 +118,6 @@ class Config:
     unlabeled: int = 0
     grid: int = 32
     seed: int = 0
-    overwrite: bool = False  # replace an existing data set file (else it is an error)
 
     def validate(self) -> None:
         if self.patients < 2 or self.unlabeled < 0 or self.seed < 0 or self.grid not in SUPPORTED_GRIDS:
@@ -131,11 +130,12 @@ class Inputs:
     """Phantoms need no input."""
 
 
-def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> None:
-    """The phantoms -> the data set file `out`, written atomically (a killed run is redone whole)."""
+def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, force: bool = False) -> None:
+    """The phantoms -> the data set file `out`, written atomically (a killed run is redone whole);
+    an existing `out` is replaced only with `force`."""
     total = config.patients + config.unlabeled
     with output_file(out):
-        refuse_existing(out, config.overwrite)
+        refuse_existing([out], force)
         write_dataset(out, synth_patients(config.patients, config.grid, config.seed, config.unlabeled),
                       source=f"synth:seed={config.seed}", grid=config.grid, total=total)
     say(f"wrote {out}: {total} synthetic patients ({config.unlabeled} unlabeled) on a {config.grid}^3 grid")
