@@ -1,7 +1,6 @@
 """Voxel geometry: NIfTI patients of any shape, voxel size and orientation onto the internal cube
 (at a grid that does not divide 128) and predicted doses back onto their own grid and affine,
 checked against nibabel's independent resampling and against the phantoms they were made from."""
-import argparse
 import json
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from nibabel.processing import resample_from_to
 from scipy import ndimage
 
 from nas_dose import cli
-from nas_dose.cli.predict import main as predict_main
 from nas_dose.data.geometry import (
     OPENKBP_DIRECTION,
     Geometry,
@@ -231,8 +229,8 @@ def run48(imported, train_tiny, tmp_path_factory) -> Path:
 
 
 def predict_nifti(model: Path, data: Path, out: Path) -> None:
-    predict_main(argparse.Namespace(model=model, data=data, out=out, split=None, tta=False, csv=None, format="nifti",
-                                    config=None, overrides=["runtime.device=cpu", "runtime.threads=1"]))
+    assert nasdose("predict", "--model", model, "--data", data, "--out", out, "--format", "nifti", "-q",
+                   "runtime.device=cpu", "runtime.threads=1") == 0
 
 
 @pytest.fixture(scope="module")
