@@ -165,7 +165,8 @@ class SearchContext:
     def evaluate(self, model: nn.Module, ids: Iterable[str]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Per-patient validation dose scores (Gy, as nas_dose.train scores) of `model` on `ids`,
         and its predictions there as `nasdose predict` makes them: dose / 70, float32,
-        non-negative and zero outside the possible-dose mask."""
+        non-negative and zero outside the possible-dose mask. For a cascade's stage, the mean
+        score of the patient's fixed patches and those patches' predictions, stacked."""
         was_training = model.training
         model.eval()
         errors: dict[str, list[float]] = {}

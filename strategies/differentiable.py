@@ -16,6 +16,9 @@ follow by score. State is checkpointed each epoch; a resumed search continues ex
 Under torchrun both steps are data-parallel: each rank takes its share of every batch
 (`batch_size` is the global batch) and the stepped parameters' gradients are averaged over the
 ranks; the final candidates are scored spread over the ranks (docs/how-to/distributed.md).
+
+For a cascade's stage (`ctx.cascade`) the supernet runs in a Refiner on source-grid patches
+drawn anew each epoch; the sequential hinge is refused there (see `check_stage_search`).
 """
 from __future__ import annotations
 

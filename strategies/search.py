@@ -13,6 +13,10 @@ genotypes/<member>.yaml and plots/ (arch_weights.png, fitness.png, diversity.png
 checkpointed under DIR/state; `--resume` continues an interrupted search to the same result and
 log (a differentiable search adds a `resume` record): what a re-run derives again, such as a
 finished search's selection and pool, is logged once.
+
+With `cascade.coarse=RUN` the search is for the full-resolution stage of a cascade refining RUN
+(`strategies/task.py`): source-grid patches, networks in a Refiner, scores a patch proxy; the
+pool records the cascade, and `nasdose ensemble` trains its members as stages of it.
 """
 from __future__ import annotations
 

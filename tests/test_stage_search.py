@@ -88,7 +88,7 @@ def test_patch_scores_are_the_dose_score_of_fixed_source_grid_patches(coarse_dat
 
 
 def test_a_stage_search_makes_a_pool_of_stages_that_trains_into_an_ensemble_of_stages(coarse_data, coarse,
-                                                                                      tmp_path):
+                                                                                      tmp_path, capsys):
     out = tmp_path / "search"
     assert search(coarse_data, out, "strategy=evolution", f"cascade.coarse={coarse}", *TINY, *BUDGET["evolution"],
                   *STEPS) == 0
@@ -120,6 +120,10 @@ def test_a_stage_search_makes_a_pool_of_stages_that_trains_into_an_ensemble_of_s
         assert isinstance(predictor, Cascade)
         (pid, dose), = predictor.predict(d, d.ids("validation"), runtime)
         assert dose.shape == (32, 32, 32) and not dose[~d.source_mask(pid)].any()
+    # a member trained alone needs its coarse stage too
+    assert nasdose("train", "--data", coarse_data, "--out", tmp_path / "alone", "epochs=1", "runtime.device=cpu",
+                   f"model.genotype={out / 'genotypes' / 'm0.yaml'}") == 1
+    assert "searched for a cascade's full-resolution stage" in capsys.readouterr().err
     # a different coarse stage is refused, naming the pool's
     other = load_config(ensemble.Config, overrides=[f"train.cascade.coarse={tmp_path}"])
     with pytest.raises(NasDoseError, match=f"searched as stages refining {coarse.resolve()}, but"):
