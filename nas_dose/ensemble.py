@@ -37,8 +37,9 @@ from nas_dose.search_spaces import Genotype, load_genotype, save_genotype
 
 from . import distributed
 from .cascade.objective import CascadeObjective
+from .cascade.patches import CascadeConfig
 from .cascade.windows import source_grids
-from .config import ConfigError, at_least, check_run_folder, save_config
+from .config import ConfigError, at_least, check_run_folder, from_dict, save_config
 from .data.store import open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
@@ -74,7 +75,8 @@ class EnsembleConfig:
     from a second thread); not under torchrun, whose ranks already share the members. With
     `train.cascade.coarse` every member is the full-resolution stage of a cascade refining that
     coarse model: members are chosen and scored on the source grid, and ensemble.yaml predicts as
-    a cascade whose stage is the members' weighted mean.
+    a cascade whose stage is the members' weighted mean. A pool searched for a cascade's stage
+    (`search … cascade.coarse`) trains so without it (with it, only if it names the same model).
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -117,6 +119,27 @@ def _members(pool_path: Path, out: Path) -> tuple[Pool, list[_Member]]:
             raise input_error(pool_path, f"member name {m.name!r} cannot name a folder")
         members.append(_Member(m.name, out / "members" / m.name, m.genotype, m.search_score))
     return pool, members
+
+
+def _pool_cascade(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> EnsembleConfig:
+    """The members of a pool searched for a cascade's stage train as stages of that cascade: with
+    the search's `cascade` section, or with `train.cascade` when it names the same coarse stage."""
+    if pool.cascade is None:
+        return cfg
+    own, coarse = cfg.train.cascade, pool.cascade["coarse"]
+    if own.coarse is None:
+        if own != CascadeConfig():
+            raise input_error(pool_path, f"its members are stages refining {coarse}: set train.cascade.coarse "
+                                         "with the other train.cascade keys, or leave them all out")
+        try:
+            searched = from_dict(CascadeConfig, pool.cascade, prefix="cascade")
+        except ConfigError as e:
+            raise input_error(pool_path, str(e)) from None
+        return replace(cfg, train=replace(cfg.train, cascade=searched))
+    if Path(own.coarse).resolve() != Path(coarse).resolve():
+        raise input_error(pool_path, f"its members were searched as stages refining {coarse}, but "
+                                     f"train.cascade.coarse is {own.coarse}")
+    return cfg
 
 
 def _member_config(cfg: EnsembleConfig, member: _Member, index: int, space: str) -> TrainConfig:
@@ -342,6 +365,7 @@ def run(config: EnsembleConfig, inputs: Inputs, out: Path, resume: bool = False,
 def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bool) -> dict[str, Any]:
     pool_path, data = Path(pool_path), Path(data)
     pool, members = _members(pool_path, out)
+    cfg = _pool_cascade(cfg, pool, pool_path)
     split = cfg.train.data.val_split
     with open_data(data) as d:
         if d.kind != "dataset":

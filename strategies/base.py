@@ -17,11 +17,10 @@ from typing import Any, Callable, ClassVar, Iterable, TypeVar
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from nas_dose import distributed
 from nas_dose.config import from_dict
-from nas_dose.data.dataset import DoseDataset
 from nas_dose.errors import NasDoseError
 from nas_dose.pool.candidate import Candidate
 from nas_dose.pool.diversity import DiversityConfig
@@ -30,6 +29,8 @@ from nas_dose.runtime import Runtime
 from nas_dose.search_spaces import SearchSpace
 from nas_dose.training import dose_errors_gy
 from nas_dose.training.events import EventLog
+
+from .task import Items, SearchTask, per_patient
 
 # Fields of a log record that a re-run derives differently: when it was logged, how long scoring took.
 WALL_CLOCK = ("time", "seconds")
@@ -54,41 +55,38 @@ class SearchContext:
     log_fields: dict[str, Any] = field(default_factory=dict)  # added to every record (e.g. search index)
     deadline: float | None = None  # time.monotonic() after which should_stop() is true
     events: EventLog = field(default_factory=EventLog)  # TensorBoard curves (logging.tensorboard); off: nothing
-    _all: DoseDataset | None = field(default=None, init=False, repr=False)
-    _index: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    task: SearchTask | None = None  # what it learns and scores on; None: whole volumes of `data`
+    _task: SearchTask = field(init=False, repr=False)
     _logged: set[str] = field(default_factory=set, init=False, repr=False)  # see _logged_records
     _log_size: int = field(default=-1, init=False, repr=False)  # the log's size when _logged was read
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
+        self._task = self.task or SearchTask(self.data)
         if set(self.weight_ids) & set(self.arch_ids):
             shared = sorted(set(self.weight_ids) & set(self.arch_ids))
             raise NasDoseError(f"{self.data}: weight and architecture patients overlap ({', '.join(shared[:5])})")
         if not self.weight_ids or not self.arch_ids:
             raise NasDoseError(f"{self.data}: a search needs weight and architecture patients")
 
-    def dataset(self, ids: Iterable[str]) -> Subset:
-        """The patients `ids` (of any split), in that order, without augmentation."""
-        if self._all is None:
-            self._all = DoseDataset(self.data, None)
-            self._index = {pid: i for i, pid in enumerate(self._all.ids)}
-        ids = list(ids)
-        missing = [pid for pid in ids if pid not in self._index]
-        if missing:
-            raise NasDoseError(f"{self.data}: no patient(s) {', '.join(missing[:5])}")
-        return Subset(self._all, [self._index[pid] for pid in ids])
+    def dataset(self, ids: Iterable[str], train: bool = False, seed: int | None = None) -> Items:
+        """The items of patients `ids` (of any split), in that order, without augmentation: the
+        task's scoring items, or (`train`) its training items drawn from `seed` (default ctx.seed)."""
+        return self._task.items(list(ids), train, self.seed if seed is None else seed)
 
     def loader(self, ids: Iterable[str], *, train: bool, batch_size: int, seed: int | None = None,
                shard: bool = False) -> DataLoader:
-        """Batches of `ids`; `train` shuffles with a generator seeded by `seed` (default ctx.seed).
+        """Batches of `ids`; `train` shuffles with a generator seeded by `seed` (default ctx.seed),
+        over training items drawn from the same seed.
 
         `shard`: in a distributed run, this rank's equal share of each batch of `batch_size` (the
         global batch), drawn in the same order as one process draws it, for data-parallel steps.
         """
         generator = None
+        seed = self.seed if seed is None else seed
         if train:
-            generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        dataset = self.dataset(ids)
+            generator = torch.Generator().manual_seed(seed)
+        dataset = self.dataset(ids, train, seed)
         if shard:
             order = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
             return DataLoader(dataset, batch_sampler=distributed.ShardedBatches(order, batch_size, even=True),
@@ -142,27 +140,50 @@ class SearchContext:
 
     def input_shape(self) -> tuple[int, ...]:
         """(1, C, D, H, W) of one model input, e.g. for counting FLOPs."""
-        return (1, *self.dataset(self.weight_ids[:1])[0]["input"].shape)
+        grid = self._task.grid
+        return (1, self._task.in_channels, grid, grid, grid)
+
+    @property
+    def cascade(self) -> dict[str, Any] | None:
+        """The cascade whose full-resolution stage is searched (its `cascade` config), or None."""
+        return self._task.cascade
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        """A network as the task runs it (a cascade's stage: in a Refiner); strategies build
+        every network they train or score through this."""
+        return self._task.wrap(net)
+
+    def targets(self, ids: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Reference doses (dose / 70) and possible-dose masks of `ids`, as `evaluate` gives
+        their predictions (a cascade's: its patches, stacked)."""
+        doses: dict[str, list[np.ndarray]] = {}
+        masks: dict[str, list[np.ndarray]] = {}
+        for batch in self.loader(ids, train=False, batch_size=1):
+            doses.setdefault(batch["id"][0], []).append(batch["target"][0, 0].numpy())
+            masks.setdefault(batch["id"][0], []).append(batch["mask"][0, 0].numpy() > 0)
+        return per_patient(doses), per_patient(masks)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ids: Iterable[str]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Per-patient validation dose scores (Gy, as nas_dose.train scores) of `model` on `ids`,
         and its predictions there as `nasdose predict` makes them: dose / 70, float32,
-        non-negative and zero outside the possible-dose mask."""
+        non-negative and zero outside the possible-dose mask. For a cascade's stage, the mean
+        score of the patient's fixed patches and those patches' predictions, stacked."""
         was_training = model.training
         model.eval()
-        errors: dict[str, float] = {}
-        out: dict[str, np.ndarray] = {}
+        errors: dict[str, list[float]] = {}
+        out: dict[str, list[np.ndarray]] = {}
         for batch in self.loader(ids, train=False, batch_size=1):
             batch = self.runtime.to_device(batch)
             with self.runtime.autocast():
                 pred = model(batch["input"])
-            errors.update(zip(batch["id"], dose_errors_gy(pred, batch["target"], batch["mask"]).tolist()))
+            for pid, error in zip(batch["id"], dose_errors_gy(pred, batch["target"], batch["mask"]).tolist()):
+                errors.setdefault(pid, []).append(error)
             pred = pred.float().clamp_min(0) * batch["mask"]
             for pid, p in zip(batch["id"], pred):
-                out[pid] = p[0].cpu().numpy()
+                out.setdefault(pid, []).append(p[0].cpu().numpy())
         model.train(was_training)
-        return errors, out
+        return {pid: float(np.mean(e)) for pid, e in errors.items()}, per_patient(out)
 
 
 class Strategy(ABC):
@@ -175,8 +196,19 @@ class Strategy(ABC):
     # how Candidate.predictions were made, recorded in pool.yaml beside the diversity matrices
     predictions_from: ClassVar[str] = "the networks the strategy scored each candidate with"
 
+    # whether run() builds every network through ctx.wrap and learns from ctx.loader, so that it
+    # can search a cascade's full-resolution stage (`search … cascade.coarse=RUN`)
+    searches_stages: ClassVar[bool] = False
+
     def __init__(self, config: Any) -> None:
         self.config = config
+
+    @classmethod
+    def check_stage_search(cls, diversity: DiversityConfig) -> None:
+        """Refuse, before any work, a search of a cascade's stage that this strategy cannot run."""
+        if not cls.searches_stages:
+            raise NasDoseError(f"strategy '{cls.name}' cannot search a cascade's full-resolution stage "
+                               "(cascade.coarse); use evolution, random, optuna, nni or differentiable")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> Strategy:

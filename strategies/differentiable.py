@@ -16,6 +16,9 @@ follow by score. State is checkpointed each epoch; a resumed search continues ex
 Under torchrun both steps are data-parallel: each rank takes its share of every batch
 (`batch_size` is the global batch) and the stepped parameters' gradients are averaged over the
 ranks; the final candidates are scored spread over the ranks (docs/how-to/distributed.md).
+
+For a cascade's stage (`ctx.cascade`) the supernet runs in a Refiner on source-grid patches
+drawn anew each epoch; the sequential hinge is refused there (see `check_stage_search`).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from nas_dose.config import ConfigError, to_dict
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, save_checkpoint
 from nas_dose.pool import Candidate
-from nas_dose.pool.diversity import diversity_hinge
+from nas_dose.pool.diversity import DiversityConfig, diversity_hinge
 from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
 from nas_dose.search_spaces import Genotype, SearchSpace, Supernet, count_flops, count_params
@@ -145,6 +148,16 @@ class DifferentiableSearch(Strategy):
     Config = DifferentiableConfig
     uses_references = True
     predictions_from = "the supernet fixed to each genotype (inherited weights, no retraining)"
+    searches_stages = True
+
+    @classmethod
+    def check_stage_search(cls, diversity: DiversityConfig) -> None:
+        """Its sequential hinge compares predictions on the training batches, which for a stage are
+        random patches no earlier member predicted."""
+        if diversity.mode == "sequential":
+            raise NasDoseError("strategy 'differentiable' cannot search a cascade's stage with "
+                               "diversity.mode=sequential (its hinge needs whole-volume predictions); "
+                               "use diversity.mode=pool or none, or strategy evolution")
 
     def __init__(self, config: DifferentiableConfig) -> None:
         super().__init__(config)
@@ -180,7 +193,7 @@ class DifferentiableSearch(Strategy):
             return self._load_result(ctx, result_path)
         seed_everything(ctx.seed)
         supernet = Supernet(ctx.space, ctx.macro, mode=cfg.mode, tau=cfg.tau_start)
-        net = ctx.runtime.prepare(supernet)
+        net = ctx.runtime.prepare(ctx.wrap(supernet))
         w_opt = make_optimizer(supernet.weight_parameters(), cfg.weight_optim)
         a_opt = make_optimizer(supernet.arch_parameters(), cfg.arch_optim)
         scalers = {"weight": ctx.runtime.grad_scaler(), "arch": ctx.runtime.grad_scaler()}

@@ -95,6 +95,8 @@ class ScoringStrategy(Strategy):
     """A strategy that scores genotypes one by one (evolution, random, NNI); its config has an
     `evaluator` section. `scorer` replaces the CandidateEvaluator (tests plug in cheap fakes)."""
 
+    searches_stages = True
+
     predictions_from = ("the evaluator's networks (mode inherit: the SPOS supernet fixed to each genotype; "
                         "mode train: each genotype trained briefly from scratch)")
 
@@ -223,7 +225,7 @@ class CandidateEvaluator:
     def _final_network(self, g: Genotype) -> nn.Module:
         """`g`'s own network, seeded by `g` so that "train" results do not depend on the order."""
         seed_everything(derived_seed(self.ctx.seed, "init", g.key()))
-        return self.space.build(g)
+        return self.ctx.wrap(self.space.build(g))
 
     def _input_shape(self) -> tuple[int, ...]:
         if self._shape is None:
@@ -243,7 +245,7 @@ class CandidateEvaluator:
         seed = derived_seed(self.ctx.seed, "supernet", key)
         seed_everything(seed)
         supernet = Supernet(self.space, self.macro, fixed)
-        net = self.ctx.runtime.prepare(supernet)
+        net = self.ctx.runtime.prepare(self.ctx.wrap(supernet))
         path = self.folder / f"supernet-{_digest(key)}.pt" if self.folder is not None else None
         if path is not None and path.is_file():
             state = load_checkpoint(path, map_location=self.ctx.runtime.device)
@@ -328,7 +330,7 @@ class CandidateEvaluator:
         return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "space": self.space.name,
                 "macro": self.macro, "seed": ctx.seed, "evaluator": to_dict(self.cfg),
                 "data": str(Path(ctx.data).resolve()), "weight_ids": list(ctx.weight_ids),
-                "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept}
+                "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept, "cascade": ctx.cascade}
 
     def _check_settings(self, path: Path) -> None:
         """Cached scores are only reused under the settings that produced them."""

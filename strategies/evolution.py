@@ -196,7 +196,4 @@ class EvolutionStrategy(ScoringStrategy):
 
 def _masks(ctx: SearchContext) -> dict[str, np.ndarray]:
     """Possible-dose masks of the patients candidates carry predictions for."""
-    out: dict[str, np.ndarray] = {}
-    for batch in ctx.loader(prediction_ids(ctx), train=False, batch_size=1):
-        out[batch["id"][0]] = batch["mask"][0, 0].numpy() > 0
-    return out
+    return ctx.targets(prediction_ids(ctx))[1]

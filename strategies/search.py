@@ -16,6 +16,10 @@ finished search's selection and pool, is logged once. With `logging.tensorboard=
 receives TensorBoard event files: per epoch of a differentiable search its losses, temperature
 and tracked score, and softmax(α) of every slot (`search/alpha/SLOT/OP`; a sequential search's
 k-th search under `search{k}/`).
+
+With `cascade.coarse=RUN` the search is for the full-resolution stage of a cascade refining RUN
+(`strategies/task.py`): source-grid patches, networks in a Refiner, scores a patch proxy; the
+pool records the cascade, and `nasdose ensemble` trains its members as stages of it.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from nas_dose import distributed
+from nas_dose.cascade.patches import CascadeConfig
 from nas_dose.config import ConfigError, at_least, from_dict, save_config, to_dict
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError, input_error
@@ -38,10 +43,12 @@ from nas_dose.pool.pareto import Cost, front_record, pareto_front, within_budget
 from nas_dose.pool.plots import plot_arch_weights, plot_diversity, plot_fitness, plot_pareto
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
+from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.search_spaces import get_space, import_plugins, save_genotype
 from nas_dose.training.events import EventLog, LoggingConfig
 
 from .base import SearchContext, Strategy, get_strategy
+from .task import CascadeTask, SearchTask
 
 
 @dataclass
@@ -86,9 +93,16 @@ class SearchConfig:
     cost: Cost = "flops"
     pool_max_cost: float | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # With `coarse`, the search is for a cascade's full-resolution stage (train's `cascade` keys):
+    # networks take the coarse dose as one more channel, learn on source-grid patches, and are
+    # scored on fixed ones; pool.yaml records it, so that `nasdose ensemble` trains stages.
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def validate(self) -> None:
         at_least("pool_size", self.pool_size, 1)
+        if self.cascade.coarse is not None and self.macro.get("in_channels", REFINER_CHANNELS) != REFINER_CHANNELS:
+            raise ConfigError(f"config key 'macro.in_channels': a cascade's stage takes {REFINER_CHANNELS} "
+                              "channels (leave it out)")
         if self.pool_max_cost is not None and not self.pool_max_cost > 0:
             raise ConfigError(f"config key 'pool_max_cost': must be positive, got {self.pool_max_cost}")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
@@ -131,8 +145,11 @@ class SearchRun:
         self.out = Path(out)
         import_plugins(cfg.plugins)
         self.space = get_space(cfg.space, source="config key 'space'")
-        self.macro = self.space.check_macro(cfg.macro, "config key 'macro'")
+        stage = {} if cfg.cascade.coarse is None else {"in_channels": REFINER_CHANNELS}
+        self.macro = self.space.check_macro({**cfg.macro, **stage}, "config key 'macro'")
         self.strategy_cls = get_strategy(cfg.strategy)
+        if cfg.cascade.coarse is not None:
+            self.strategy_cls.check_stage_search(cfg.diversity)
         self.options: Any = from_dict(self.strategy_cls.Config, cfg.options, prefix="options")
         cfg.options = to_dict(self.options)  # the resolved options go into config.yaml
         if cfg.diversity.mode == "sequential" and not self.strategy_cls.uses_references:
@@ -140,11 +157,14 @@ class SearchRun:
                                "use diversity.mode=pool or none")
         self.runtime = Runtime(cfg.runtime)
         self.weight_ids, self.arch_ids, self.diversity_ids = split_patients(self.data, cfg.data, cfg.seed)
-        with open_data(self.data) as d:
-            grid = d.grid
+        self.task = SearchTask(self.data) if cfg.cascade.coarse is None else CascadeTask(
+            self.data, cfg.cascade, cfg.data.search_split, [*self.arch_ids, *self.diversity_ids], self.runtime,
+            cfg.seed)
+        grid = self.task.grid
         self.space, self.removed = self.space.fitted(self.macro, grid)
         if self.removed:
-            say(f"search space '{self.space.name}' on the {grid}³ grid: left out "
+            where = f"{grid}³ patches" if self.task.cascade else f"the {grid}³ grid"
+            say(f"search space '{self.space.name}' on {where}: left out "
                 + "; ".join(f"{s} {', '.join(map(str, v))}" for s, v in self.removed.items())
                 + " (no network with them takes the input)")
         budget = cfg.time_budget_min
@@ -160,7 +180,8 @@ class SearchRun:
         return SearchContext(self.space, self.macro, self.data, self.runtime, self.cfg.seed, self.weight_ids,
                              self.arch_ids, self.diversity_ids, references, self.cfg.diversity,
                              state_dir=self.out / "state" / state, log_path=self.out / "search_log.jsonl",
-                             log_fields=fields, deadline=self.deadline, events=self.events.within(state))
+                             log_fields=fields, deadline=self.deadline, events=self.events.within(state),
+                             task=self.task)
 
     def _search(self, ctx: SearchContext) -> tuple[list[Candidate], list[dict[str, list[float]]]]:
         """The strategy's candidates and, for a differentiable one, its α history."""
@@ -226,12 +247,7 @@ class SearchRun:
 
     def targets(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Reference doses (dose / 70) and possible-dose masks of the diversity patients."""
-        if not self.diversity_ids:
-            return {}, {}
-        ds = self.base.dataset(self.diversity_ids)
-        items = [ds[i] for i in range(len(ds))]
-        return ({it["id"]: it["target"][0].numpy() for it in items},
-                {it["id"]: it["mask"][0].numpy() > 0 for it in items})
+        return self.base.targets(self.diversity_ids)
 
     def run(self) -> Pool:
         self.events = EventLog.open(self.out, self.cfg.logging)
@@ -244,6 +260,9 @@ class SearchRun:
     def _run(self) -> Pool:
         if self.removed:
             self.base.log({"event": "space_fitted", "removed": self.removed})
+        if self.task.cascade is not None:
+            self.base.log({"event": "cascade_stage", "coarse": self.task.cascade["coarse"],
+                           "scored_on": self.task.scored_on})
         members = self.sequential() if self.cfg.diversity.mode == "sequential" else self.single()
         if not members:
             raise NasDoseError(f"{self.out}: the search produced no usable candidate")
@@ -253,8 +272,9 @@ class SearchRun:
         source = self.strategy_cls.predictions_from
         pool = Pool(self.space.name, self.cfg.strategy, self.cfg.seed,
                     [PoolMember(n, m.genotype, m.score, m.metrics) for n, m in zip(names, members)], matrices,
-                    f"{source}; validation patients: {', '.join(self.diversity_ids) or 'none'}",
-                    to_dict(self.cfg), front_record(seen, self.cfg.cost))
+                    f"{source}; validation patients: {', '.join(self.diversity_ids) or 'none'}"
+                    + ("" if self.task.cascade is None else f"; {self.task.scored_on}"),
+                    to_dict(self.cfg), front_record(seen, self.cfg.cost), self.task.cascade)
         for name, m in zip(names, members):
             save_genotype(self.out / "genotypes" / f"{name}.yaml", m.genotype)
         save_pool(self.out / "pool.yaml", pool)
@@ -325,10 +345,10 @@ def run(config: SearchConfig, inputs: Inputs, out: Path, resume: bool = False, *
         distributed.on_main(prepare_out, out, config, resume)  # checks, then writes: one rank
         started = time.monotonic()
         pool = search.run()
-    with open_data(inputs.data) as data:
-        grid = data.grid
-    say(f"pool of {len(pool.members)} in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s), search-time "
-        f"validation dose scores on the {grid}³ grid (proxies for ranking, not official scores): " + ", ".join(
+    stage = "" if search.task.cascade is None else f"full-resolution stages refining {config.cascade.coarse}: "
+    say(f"pool of {len(pool.members)} {stage}in {out / 'pool.yaml'} ({time.monotonic() - started:.0f} s), "
+        f"search-time validation dose scores on {search.task.scored_on} (proxies for ranking, not official "
+        "scores): " + ", ".join(
         f"{m.name} {m.search_score:.3f} Gy" for m in pool.members))
     return pool
 

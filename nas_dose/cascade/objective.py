@@ -3,6 +3,7 @@ coarse channel comes from the coarse stage (predicted here for the validation pa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -13,7 +14,29 @@ from ..inference import Cascade, load_predictor, predict_patients
 from ..runtime import Runtime
 from ..training.config import TrainConfig
 from ..training.objective import Objective
-from .patches import PatchDataset
+from .patches import CascadeConfig, PatchDataset
+
+
+def coarse_predictions(cascade: CascadeConfig, data: DataFile, ids: Sequence[str],
+                       runtime: Runtime) -> dict[str, np.ndarray]:
+    """The coarse model's doses (Gy, on the data set's grid) of `ids`: the coarse input of the
+    patients a stage is scored on, as at inference."""
+    predictor = load_predictor(Path(cascade.coarse or ""), runtime)
+    if isinstance(predictor, Cascade):
+        raise ConfigError(f"config key 'cascade.coarse': {cascade.coarse} is itself a cascade")
+    return dict(predict_patients(predictor, data, list(ids), runtime))
+
+
+def training_predictions(cascade: CascadeConfig, data: DataFile, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """The coarse doses of training patients `ids`, from `cascade.coarse_predictions`."""
+    path = Path(cascade.coarse_predictions or "")
+    with open_data(path) as preds:
+        if preds.kind != "predictions" or preds.grid != data.grid:
+            raise input_error(path, f"not a prediction file on the data set's {data.grid}³ grid")
+        missing = [pid for pid in ids if pid not in preds]
+        if missing:
+            raise input_error(path, f"no coarse prediction for training patient(s) {', '.join(missing[:5])}")
+        return {pid: preds.read_dose(pid) for pid in ids}
 
 
 class CascadeObjective(Objective):
@@ -25,25 +48,11 @@ class CascadeObjective(Objective):
         self.cascade = config.cascade
         if self.cascade.coarse is None:
             raise ConfigError("config key 'cascade.coarse': the coarse stage to refine is needed")
-        runtime = Runtime(config.runtime)
-        predictor = load_predictor(Path(self.cascade.coarse), runtime)
-        if isinstance(predictor, Cascade):
-            raise ConfigError(f"config key 'cascade.coarse': {self.cascade.coarse} is itself a cascade")
         with open_data(data) as d:
-            self.coarse_doses = dict(predict_patients(predictor, d, d.ids(config.data.val_split), runtime))
+            self.coarse_doses = coarse_predictions(self.cascade, d, d.ids(config.data.val_split),
+                                                   Runtime(config.runtime))
             if self.cascade.coarse_input == "predictions":
-                self.coarse_doses.update(self._training_predictions(d, config.data.train_split))
-
-    def _training_predictions(self, data: DataFile, split: str) -> dict[str, np.ndarray]:
-        """The coarse doses of the training patients, from `cascade.coarse_predictions`."""
-        path = Path(self.cascade.coarse_predictions or "")
-        with open_data(path) as preds:
-            if preds.kind != "predictions" or preds.grid != data.grid:
-                raise input_error(path, f"not a prediction file on the data set's {data.grid}³ grid")
-            missing = [pid for pid in data.ids(split) if pid not in preds]
-            if missing:
-                raise input_error(path, f"no coarse prediction for training patient(s) {', '.join(missing[:5])}")
-            return {pid: preds.read_dose(pid) for pid in data.ids(split)}
+                self.coarse_doses.update(training_predictions(self.cascade, d, d.ids(config.data.train_split)))
 
     def train_set(self, data: Path, config: TrainConfig) -> PatchDataset:
         doses = self.coarse_doses if self.cascade.coarse_input == "predictions" else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -112,8 +112,9 @@ class PatchDataset(torch.utils.data.Dataset):
     input channel: random ones (training; item i of epoch e drawn from (seed, e, i)) or, with
     `fixed`, the same ones every time (validation).
 
-    `coarse_doses`: coarse-grid doses (Gy) by patient id to use as the coarse input; without
-    them the degraded reference is (see `degraded`). `teacher`: a prediction file on the source
+    `ids`: these patients, in this order, instead of the split's. `coarse_doses`: coarse-grid
+    doses (Gy) by patient id to use as the coarse input; a patient without one gets the degraded
+    reference (see `degraded`). `teacher`: a prediction file on the source
     grid (a distillation's teacher cache); its dose in the same box, moved by the same transform,
     is the item's `teacher` (dose / 70).
     """
@@ -122,9 +123,9 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: Path, split: str, cfg: CascadeConfig, *, augment: AugmentConfig | None = None,
                  seed: int = 0, coarse_doses: dict[str, np.ndarray] | None = None,
-                 fixed: bool = False, teacher: Path | None = None) -> None:
+                 fixed: bool = False, teacher: Path | None = None, ids: Sequence[str] | None = None) -> None:
         self.data = open_data(Path(path))
-        self.ids = self.data.ids(split)
+        self.ids = self.data.ids(split) if ids is None else list(ids)
         if not self.ids:
             raise NasDoseError(f"{path}: no patients in split '{split}'")
         self.cfg, self.seed, self.fixed = cfg, seed, fixed
@@ -172,7 +173,8 @@ class PatchDataset(torch.utils.data.Dataset):
         fine = self.data.read_source(pid, box)
         if fine.dose is None:
             raise NasDoseError(f"{self.data.path}: patient {pid} has no reference dose to learn from")
-        coarse_gy = self.coarse_doses[pid] if self.coarse_doses is not None else degraded(coarse, self.cfg, rng)
+        given = self.coarse_doses.get(pid) if self.coarse_doses is not None else None
+        coarse_gy = given if given is not None else degraded(coarse, self.cfg, rng)
         coarse_up = upsample_dose(coarse_gy, self.factor)[box] * fine.possible_dose_mask
         mask = fine.possible_dose_mask.astype(np.float32)[None]
         arrays = {"input": refiner_input(fine, coarse_up),

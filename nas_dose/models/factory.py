@@ -42,7 +42,11 @@ def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
     input one channel wider (the coarse dose) and its output added to that channel."""
     kwargs, genotype = dict(cfg.kwargs), None
     if cfg.genotype is not None:
-        genotype = spec_genotype(load_genotype(Path(cfg.genotype)), refiner)
+        loaded = load_genotype(Path(cfg.genotype))
+        if loaded.macro.get("in_channels") == REFINER_CHANNELS and not refiner:
+            raise input_error(Path(cfg.genotype), "a genotype searched for a cascade's full-resolution stage "
+                                                  "(cascade.coarse): train it with cascade.coarse=RUN")
+        genotype = spec_genotype(loaded, refiner)
     elif refiner:
         kwargs["in_channels"] = REFINER_CHANNELS
     return {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}

@@ -44,6 +44,9 @@ class Pool:
     predictions: str = ""  # how the predictions behind the matrices were made, on which patients
     config: dict[str, Any] = field(default_factory=dict)
     pareto: dict[str, Any] = field(default_factory=dict)  # the search's accuracy-cost front (pareto.py)
+    # The search's `cascade` section (coarse resolved) when the members are a cascade's
+    # full-resolution stages; None for whole-volume networks.
+    cascade: dict[str, Any] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -65,6 +68,7 @@ def save_pool(path: str | Path, pool: Pool) -> None:
                          for k in MATRICES}},
         "config": pool.config,
         "pareto": pool.pareto,
+        **({} if pool.cascade is None else {"cascade": pool.cascade}),
     }
     save_yaml(path, data)
 
@@ -152,8 +156,11 @@ def load_pool(path: str | Path) -> Pool:
     pareto = data.get("pareto", {}) or {}
     if not isinstance(pareto, dict):
         raise NasDoseError(f"{path}: 'pareto' must be a mapping")
+    cascade = data.get("cascade")
+    if cascade is not None and not (isinstance(cascade, dict) and isinstance(cascade.get("coarse"), str)):
+        raise NasDoseError(f"{path}: 'cascade' must be a mapping with the coarse stage ('coarse')")
     return Pool(space, data["strategy"], seed, members, matrices,
-                predictions if isinstance(predictions, str) else str(predictions), config, pareto)
+                predictions if isinstance(predictions, str) else str(predictions), config, pareto, cascade)
 
 
 __all__ = ["FORMAT", "VERSION", "Pool", "PoolMember", "save_pool", "load_pool"]
