@@ -38,12 +38,12 @@ from nas_dose.config import ConfigError, at_least, from_dict, save_config, to_di
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError, input_error
 from nas_dose.io import load_checkpoint, load_yaml, output_folder, save_checkpoint
+from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
 from nas_dose.pool.pareto import Cost, front_record, pareto_front, within_budget
 from nas_dose.pool.plots import plot_arch_weights, plot_diversity, plot_fitness, plot_pareto
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
-from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.search_spaces import get_space, import_plugins, save_genotype
 from nas_dose.training.events import EventLog, LoggingConfig
 
