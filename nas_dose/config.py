@@ -283,6 +283,17 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_float(text: str) -> float:
+    """An argparse type for a positive finite number (a size in mm), with a readable error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config options every configurable command shares: `--config FILE` and `key=value`s."""
     parser.add_argument("--config", metavar="FILE", help="YAML config (defaults are used for what it omits), or the "

@@ -13,7 +13,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 from nas_dose import cli
 from nas_dose.cli.predict import main as predict_main
 from nas_dose.config import ConfigError, load_config
-from nas_dose.data.nifti import openkbp_affine, read_nifti_patient
+from nas_dose.data.geometry import Geometry
+from nas_dose.data.nifti import openkbp_geometry, read_nifti_patient
 from nas_dose.data.patient import ROIS, Patient
 from nas_dose.data.resample import downsample_patient
 from nas_dose.data.store import open_data, write_dataset
@@ -118,9 +119,10 @@ def test_import_round_trip_is_exact(phantoms, tree, imported):
         for p in phantoms:
             attrs = data.patient_attrs(p.id)
             assert attrs["split"] == p.attrs["split"] and attrs["source_grid"] == 32
-            np.testing.assert_array_equal(np.reshape(attrs["nifti_affine"], (4, 4)), tree[1][p.id])
-            assert attrs["nifti_shape"] == [32, 32, 32]
-            assert attrs["nifti_voxel_mm"] == pytest.approx([p.voxel_mm[1], p.voxel_mm[0], p.voxel_mm[2]])
+            original = Geometry.from_attrs(attrs, "original")
+            assert original is not None and original.shape == (32, 32, 32)
+            np.testing.assert_array_equal(original.ras_affine(), tree[1][p.id])
+            assert original.spacing == pytest.approx([p.voxel_mm[1], p.voxel_mm[0], p.voxel_mm[2]])
             assert_same_patient(data.read_source(p.id), p)
             assert_same_patient(data.read(p.id), downsample_patient(p, 2))
 
@@ -167,7 +169,7 @@ def test_alias_table_maps_and_skips_names(tmp_path):
         assert_same_patient(data.read("pt_3"), p)
 
 
-def test_unmapped_names_and_a_non_cubic_volume_are_one_line_errors(tmp_path, capsys):
+def test_unmapped_names_and_a_mask_off_the_ct_grid_are_one_line_errors(tmp_path, capsys):
     p = synth_patient(0, 16, seed=2)
     for pid in ("pt_1", "pt_2"):
         write_patient(tmp_path / "pts" / pid, p, names={"Larynx": "GTV"})
@@ -175,10 +177,14 @@ def test_unmapped_names_and_a_non_cubic_volume_are_one_line_errors(tmp_path, cap
     save(tmp_path / "pts" / "pt_2" / "Body.nii.gz", m, file_affine(FILE_CODES, p.voxel_mm), FILE_CODES)
     (tmp_path / "flat" / "pt_9").mkdir(parents=True)
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 12), np.int16), np.eye(4)), tmp_path / "flat" / "pt_9" / "ct.nii.gz")
+    shifted = np.eye(4)
+    shifted[0, 3] = 2.0  # the mask's grid is 2 mm off the CT's
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 12), np.uint8), shifted), tmp_path / "flat" / "pt_9" / "PTV70.nii.gz")
     for src, message in [
             (tmp_path / "pts", f"{tmp_path / 'pts'}: structure names not in the ROI vocabulary or the alias table: "
                                "Body (pt_2); GTV (pt_1, pt_2); map them to one of Brainstem,"),
-            (tmp_path / "flat", f"{tmp_path / 'flat' / 'pt_9' / 'ct.nii.gz'}: shape 16x16x12 is not cubic")]:
+            (tmp_path / "flat", f"{tmp_path / 'flat' / 'pt_9' / 'PTV70.nii.gz'}: its voxel grid (shape, affine) differs "
+                                 "from ct.nii.gz's")]:
         capsys.readouterr()
         assert nasdose("data", "import", src, tmp_path / "out" / "d.h5", "-q") == 1
         err = capsys.readouterr().err
@@ -226,7 +232,7 @@ def test_predict_nifti_of_openkbp_patients_uses_their_voxel_size(phantoms, run, 
     with open_data(data_path) as data, open_data(out / "predictions.h5") as preds:
         for p in phantoms[:2]:
             image = nib.load(out / "nifti" / f"{p.id}.nii.gz")
-            np.testing.assert_allclose(image.affine, openkbp_affine(p.voxel_mm), rtol=1e-6)
+            np.testing.assert_allclose(image.affine, openkbp_geometry(p.ct.shape, p.voxel_mm).ras_affine(), rtol=1e-6)
             assert nib.aff2axcodes(image.affine) == KBP
             np.testing.assert_array_equal(np.asanyarray(image.dataobj),
                                           data.to_source_grid(p.id, preds.read_dose(p.id)))

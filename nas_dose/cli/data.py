@@ -1,8 +1,8 @@
 """Build and inspect nasdose HDF5 data sets.
 
-  nasdose data import SRC OUT.h5 [--grid 128|64|32] [--aliases FILE]
+  nasdose data import SRC OUT.h5 [--grid N] [--spacing MM] [--aliases FILE]
       an OpenKBP tree (CSV or npz layout) or NIfTI patient folders -> a data set,
-      block-downsampled to the grid
+      block-downsampled to the grid (NIfTI volumes of any shape or orientation resampled first)
   nasdose data synth OUT.h5 [--patients N] [--unlabeled M] [--grid G] [--seed S]
       synthetic head-and-neck phantoms with a beam-model dose -> a data set (M more in the
       "unlabeled" split, without their dose)
@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import int_at_least
+from ..config import int_at_least, positive_float
 from ..data import importer, synth
 from ..data.patient import OPENKBP_GRID, ROIS
 from ..data.store import DataFile, open_data
@@ -34,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         "patients (OpenKBP, or NIfTI folders holding ct.nii.gz), or one patient")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--grid", type=int_at_least(1), default=OPENKBP_GRID,
-                   help=f"grid to store, dividing {OPENKBP_GRID} (e.g. 128, 64, 32; default %(default)s)")
+                   help=f"grid to store (default %(default)s): OpenKBP, a divisor of {OPENKBP_GRID} (64, 32, ...); "
+                        "NIfTI, any size (e.g. 48, 96)")
+    p.add_argument("--spacing", type=positive_float, metavar="MM",
+                   help="NIfTI: resample onto isotropic voxels of MM mm, on a cube a multiple of the grid "
+                        "covering the volume (default: only a volume that is not such a cube, at its "
+                        "coarsest voxel size)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.h5 if it exists")
     p.add_argument("--aliases", metavar="FILE", help="NIfTI structure names -> ROI names (YAML or JSON; "
                                                      "default: aliases.yaml in SRC)")
@@ -59,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def import_command(args: argparse.Namespace) -> None:
-    config = importer.Config(grid=args.grid, overwrite=args.overwrite, aliases=args.aliases)
+    config = importer.Config(grid=args.grid, spacing=args.spacing, overwrite=args.overwrite, aliases=args.aliases)
     importer.run(config, importer.Inputs(args.src), args.out)
 
 

@@ -1,16 +1,20 @@
 """Import an OpenKBP tree (CSV or npz layout) or NIfTI patient folders into one nasdose data set,
 block-downsampled to a grid whose divisor of the source grid is an integer; each patient's source
-arrays are kept beside it (data set format 2) for scoring on the source grid."""
+arrays are kept beside it (data set format 2) for scoring on the source grid.
+
+OpenKBP's source grid is its 128³ one. A NIfTI patient's is a cube chosen for the grid
+(nas_dose.data.geometry.internal_geometry): its own volume when that is a cube the grid divides,
+else its volume resampled onto a cube of isotropic voxels (`spacing`) a multiple of the grid a side."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..config import at_least
+from ..config import ConfigError, at_least
 from ..io import output_file
 from ..progress import say
-from .nifti import BODY_RULE
+from .geometry import BODY_RULE
 from .openkbp import PatientSource, discover, read_patient
 from .patient import OPENKBP_GRID, Patient
 from .resample import downsample_patient, resample_factor
@@ -19,12 +23,15 @@ from .store import refuse_existing, write_dataset
 
 @dataclass
 class Config:
-    grid: int = OPENKBP_GRID  # the grid to store: one dividing the source grid (128, 64, 32, ...)
+    grid: int = OPENKBP_GRID  # the grid to store: for OpenKBP one dividing 128 (64, 32, ...), for NIfTI any
+    spacing: float | None = None  # NIfTI: resample to isotropic voxels of this size (mm); None: only when needed
     overwrite: bool = False  # replace an existing data set file (else it is an error)
     aliases: str | None = None  # NIfTI structure names -> ROIs (YAML/JSON); default: SRC/aliases.yaml
 
     def validate(self) -> None:
         at_least("grid", self.grid, 1)
+        if self.spacing is not None and not self.spacing > 0:
+            raise ConfigError(f"config key 'spacing': a positive voxel size (mm), got {self.spacing}")
 
 
 @dataclass(frozen=True)
@@ -32,11 +39,12 @@ class Inputs:
     source: Path  # an OpenKBP folder (split folders), a folder of patients, or one patient
 
 
-def _downsampled(sources: list[PatientSource], grid: int, bodies: list[str]) -> Iterator[Patient]:
-    """Read patients one at a time, each block-downsampled to `grid`; the ids of those whose
+def _downsampled(sources: list[PatientSource], config: Config, bodies: list[str]) -> Iterator[Patient]:
+    """Read patients one at a time, each block-downsampled to the grid; the ids of those whose
     possible-dose mask is their body (NIfTI without one) go to `bodies`."""
+    grid = config.grid
     for source in sources:
-        p = read_patient(source)
+        p = read_patient(source, grid=grid, spacing=config.spacing)
         if "possible_dose_mask_from" in p.attrs:
             bodies.append(p.id)
         yield downsample_patient(p, resample_factor(p.grid, grid))
@@ -50,7 +58,7 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False) -> None
         sources = discover(source, None if config.aliases is None else Path(config.aliases))
         kind = "nifti" if all(s.layout == "nifti" for s in sources) else "openkbp"
         bodies: list[str] = []
-        write_dataset(out, _downsampled(sources, config.grid, bodies), source=f"{kind}:{source}",
+        write_dataset(out, _downsampled(sources, config, bodies), source=f"{kind}:{source}",
                       grid=config.grid, total=len(sources))
     say(f"wrote {out}: {len(sources)} patient{'' if len(sources) == 1 else 's'} on a {config.grid}^3 grid")
     if bodies:

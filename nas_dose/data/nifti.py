@@ -1,13 +1,11 @@
-"""NIfTI patients: one folder each, read into OpenKBP axis order; doses written back in the
-patient's own orientation and affine.
+"""NIfTI patients: one folder each, read onto nasdose's cubic grid; doses written back on the
+files' own grid, with their affine.
 
 A folder holds ct.nii.gz (HU), one mask per structure (<ROI>.nii.gz, or another name mapped to
 an ROI by an alias table) and/or a label map (labels.nii.gz with labels.json: label -> name),
-and optionally dose.nii.gz (Gy) and possible_dose_mask.nii.gz (else the body: CT > BODY_HU).
-NIfTI volumes may run along any axes, so they are reoriented with nibabel's orientation tools
-(flips and transposes only, exact both ways); the original affine, shape and voxel size stay in
-the patient's attributes so that a prediction can go back. Resampling is out of scope: a
-volume that is not cubic is refused.
+and optionally dose.nii.gz (Gy) and possible_dose_mask.nii.gz (else the body). The volumes may
+have any shape, voxel size and orientation: nas_dose.data.geometry takes them onto the internal
+cube (exactly, when they are such a cube already) and keeps their grid for the way back.
 """
 from __future__ import annotations
 
@@ -21,23 +19,16 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from ..errors import NasDoseError, input_error
 from ..io import atomic_path, load_yaml
-from .patient import CT_STORED_RANGE, ROIS, Patient
+from .geometry import OPENKBP_DIRECTION, Geometry, dose_on_original, original_geometry, patient_from_volumes
+from .patient import ROIS, Patient
 
-# OpenKBP axis order as nibabel axis codes (where each axis runs to): anterior->posterior,
-# right->left, superior->inferior.
-AXCODES = ("P", "L", "I")
 SUFFIXES = (".nii.gz", ".nii")
 CT, DOSE, MASK, LABELS = "ct", "dose", "possible_dose_mask", "labels"
 LABEL_NAMES = "labels.json"
 ALIAS_FILES = ("aliases.yaml", "aliases.yml", "aliases.json")
-HU_OFFSET = 1024.0  # the CT is stored as OpenKBP stores it: HU + 1024
-# Without possible_dose_mask.nii.gz the mask is the body: voxels denser than this (HU).
-BODY_HU = -500.0
-BODY_RULE = f"CT > {BODY_HU:g} HU"
 Aliases = Mapping[str, "str | None"]
 
 
@@ -155,32 +146,23 @@ def _data(image: nib.Nifti1Image, path: Path, dtype: type | None) -> np.ndarray:
 
 
 class _Reader:
-    """A patient folder's files on the CT's voxel grid, each reoriented to OpenKBP axis order."""
+    """A patient folder's files, as stored, each checked to be on the CT's voxel grid."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.ct_path = nifti_file(folder, CT) or folder / f"{CT}.nii.gz"
-        ct = _image(self.ct_path)
-        shape = tuple(int(n) for n in ct.shape)
-        if len(set(shape)) != 1:
-            raise input_error(self.ct_path, f"shape {'x'.join(map(str, shape))} is not cubic: nasdose needs an "
-                                            "n x n x n volume (resample it first; nasdose does not)")
-        self.image = ct
-        self.affine = np.asarray(ct.affine, dtype=np.float64)
-        self.transform = ornt_transform(io_orientation(self.affine), axcodes2ornt(AXCODES))
+        self.image = _image(self.ct_path)
+        self.affine = np.asarray(self.image.affine, dtype=np.float64)
+        try:
+            self.geometry = Geometry.from_ras_affine(self.affine, self.image.shape)
+        except ValueError as e:
+            raise input_error(self.ct_path, f"unusable affine: {e}") from None
 
     def read(self, path: Path, dtype: type | None = None) -> np.ndarray:
         image = self.image if path == self.ct_path else _image(path)
         if image.shape != self.image.shape or not np.allclose(image.affine, self.affine, atol=1e-4):
             raise input_error(path, f"its voxel grid (shape, affine) differs from {self.ct_path.name}'s")
-        return apply_orientation(_data(image, path, dtype), self.transform)
-
-    def voxel_mm(self) -> tuple[float, float, float]:
-        """Voxel sizes along the reoriented axes, as the shortest decimals of the header's float32
-        numbers (31.248, not 31.2479992), so they compare equal to the sizes that were written."""
-        affine = self.affine @ inv_ornt_aff(self.transform, self.image.shape)
-        x, y, z = (round(float(str(np.float32(v))), 6) for v in np.linalg.norm(affine[:3, :3], axis=0))
-        return x, y, z
+        return _data(image, path, dtype)
 
 
 def _structures(reader: _Reader, aliases: Aliases) -> dict[str, np.ndarray]:
@@ -214,59 +196,47 @@ def _structures(reader: _Reader, aliases: Aliases) -> dict[str, np.ndarray]:
     return {roi: found[roi][1] for roi in ROIS if roi in found}
 
 
-def read_nifti_patient(folder: Path, *, split: str = "train", aliases: Aliases | None = None) -> Patient:
-    """A patient from a NIfTI folder, in OpenKBP axis order, its NIfTI geometry in `attrs`."""
+def read_nifti_patient(folder: Path, *, split: str = "train", aliases: Aliases | None = None, grid: int = 1,
+                       spacing: float | None = None) -> Patient:
+    """A patient from a NIfTI folder on its internal cubic grid, a multiple of `grid` voxels a side
+    (nas_dose.data.geometry.internal_geometry: reoriented only when the volume is such a cube
+    along the patient's axes and `spacing` is None, else resampled to `spacing` mm), the files'
+    own grid in `attrs`."""
     folder = Path(folder)
     if not is_nifti_patient(folder):
         raise input_error(folder, f"no {CT}.nii.gz")
     reader = _Reader(folder)
-    ct = np.clip(reader.read(reader.ct_path, np.float64) + HU_OFFSET, *CT_STORED_RANGE).astype(np.float32)
     dose_path, mask_path = nifti_file(folder, DOSE), nifti_file(folder, MASK)
-    attrs: dict[str, Any] = {
-        "source": str(folder), "split": split,
-        "nifti_affine": reader.affine.ravel().tolist(),
-        "nifti_shape": [int(n) for n in reader.image.shape],
-        "nifti_voxel_mm": [float(v) for v in reader.image.header.get_zooms()[:3]],
-    }
-    if mask_path is None:
-        attrs["possible_dose_mask_from"] = BODY_RULE
-    return Patient(
-        id=folder.name,
-        ct=ct,
-        possible_dose_mask=reader.read(mask_path) != 0 if mask_path else ct > BODY_HU + HU_OFFSET,
-        structures=_structures(reader, aliases or {}),
-        voxel_mm=reader.voxel_mm(),
-        dose=reader.read(dose_path, np.float64).astype(np.float32) if dose_path else None,
-        attrs=attrs,
-    )
+    return patient_from_volumes(
+        folder.name, reader.read(reader.ct_path, np.float64), _structures(reader, aliases or {}),
+        reader.read(dose_path, np.float32) if dose_path else None, reader.geometry, grid=grid, spacing=spacing,
+        possible_dose_mask=reader.read(mask_path) != 0 if mask_path else None,
+        attrs={"source": str(folder), "split": split})
 
 
-def openkbp_affine(voxel_mm: tuple[float, float, float] | list[float]) -> np.ndarray:
-    """The affine of an array in OpenKBP axis order (origin at the first voxel, RAS+ world):
-    what a patient without a NIfTI affine (an OpenKBP one) is written with."""
-    v0, v1, v2 = (float(v) for v in voxel_mm)
-    return np.array([[0.0, -v1, 0.0, 0.0], [-v0, 0.0, 0.0, 0.0], [0.0, 0.0, -v2, 0.0], [0.0, 0.0, 0.0, 1.0]])
-
-
-def dose_affine(attrs: Mapping[str, Any]) -> np.ndarray:
-    """The affine a patient's dose is written back with (its attributes as stored)."""
-    if "nifti_affine" in attrs:
-        return np.asarray(attrs["nifti_affine"], dtype=np.float64).reshape(4, 4)
-    if "voxel_mm" not in attrs:
-        raise NasDoseError("a patient with neither a NIfTI affine nor a voxel size cannot be written as NIfTI")
-    return openkbp_affine(attrs["voxel_mm"])
+def openkbp_geometry(shape: tuple[int, ...], voxel_mm: tuple[float, float, float] | list[float]) -> Geometry:
+    """The grid of an array in OpenKBP axis order without a recorded geometry (an OpenKBP or
+    synthetic patient): what its dose is written with, the first voxel at the origin."""
+    return Geometry(shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+                    spacing=(float(voxel_mm[0]), float(voxel_mm[1]), float(voxel_mm[2])),
+                    origin=(0.0, 0.0, 0.0), direction=OPENKBP_DIRECTION)
 
 
 def write_nifti_dose(path: Path, dose: np.ndarray, attrs: Mapping[str, Any]) -> None:
-    """A dose (Gy, OpenKBP axis order, on the patient's source grid) as a float32 .nii.gz in the
-    patient's original orientation and affine, written atomically."""
+    """A dose (Gy, on the patient's internal source grid) as a float32 .nii.gz on the grid of the
+    patient's original files, with their affine (`dose_on_original`; a patient without one gets
+    `openkbp_geometry`), written atomically."""
     path = Path(path)
     dose = np.asarray(dose, dtype=np.float32)
     if not np.isfinite(dose).all():
         raise input_error(path, "the dose holds NaN or infinite values")
-    affine = dose_affine(attrs)
-    back = ornt_transform(axcodes2ornt(AXCODES), io_orientation(affine))
-    image = nib.Nifti1Image(np.ascontiguousarray(apply_orientation(dose, back)), affine)
+    if original_geometry(attrs) is not None:
+        dose, geometry = dose_on_original(attrs, dose)
+    elif "voxel_mm" in attrs:
+        geometry = openkbp_geometry(dose.shape, attrs["voxel_mm"])
+    else:
+        raise NasDoseError("a patient with neither an original geometry nor a voxel size cannot be written as NIfTI")
+    image = nib.Nifti1Image(np.ascontiguousarray(dose), geometry.ras_affine())
     image.header.set_xyzt_units("mm")
     image.header["descrip"] = b"nasdose predicted dose (Gy)"
     with atomic_path(path) as tmp:

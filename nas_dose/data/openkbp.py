@@ -273,9 +273,14 @@ def read_npz_patient(path: Path, *, split: str = "train") -> Patient:
     )
 
 
-def read_patient(src: PatientSource) -> Patient:
-    """Read a discovered patient with the reader of its layout."""
+def read_patient(src: PatientSource, *, grid: int = 1, spacing: float | None = None) -> Patient:
+    """Read a discovered patient with the reader of its layout; a NIfTI one onto a cube that is a
+    multiple of `grid` voxels a side (at `spacing` mm when given: nas_dose.data.geometry), an
+    OpenKBP one as it is (its 128³ grid; `spacing` is an error)."""
     if src.layout == "nifti":
-        return read_nifti_patient(src.path, split=src.split, aliases=src.aliases)
+        return read_nifti_patient(src.path, split=src.split, aliases=src.aliases, grid=grid, spacing=spacing)
+    if spacing is not None:
+        raise input_error(src.path, "an OpenKBP patient is not resampled to a voxel spacing (it is block-"
+                                    "downsampled to the grid): import it without --spacing")
     reader = read_csv_patient if src.layout == "csv" else read_npz_patient
     return reader(src.path, split=src.split)
