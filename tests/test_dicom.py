@@ -1,5 +1,5 @@
 """DICOM RT patients: a CT series, an RTSTRUCT made from masks and an RT Dose on a grid of its
-own, written here from phantoms and a real OpenKBP patient, read back onto the CT's grid; and
+own, written here from phantoms and a real OpenKBP patient, read onto the CT's grid and imported;
 predicted doses written as RT Dose files that an independent reader (dicompyler-core, skipped
 where absent) reads with the same dose and DVHs."""
 from __future__ import annotations
@@ -8,101 +8,131 @@ from pathlib import Path
 
 import contourpy
 import numpy as np
+import pydicom
+import pydicom.dicomio
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from nas_dose.data.dicom import CT_STORAGE, RT_STRUCT_STORAGE, Grid, new_dataset, read_dicom_patient, rt_dose, save
-from nas_dose.data.dicom import set_geometry
+from nas_dose import cli
+from nas_dose.data.dicom import (
+    CT_STORAGE,
+    RT_STRUCT_STORAGE,
+    new_dataset,
+    read_dicom_volumes,
+    rt_dose,
+    save,
+    set_geometry,
+)
+from nas_dose.data.geometry import Geometry, dose_on_original
+from nas_dose.data.openkbp import read_npz_patient
 from nas_dose.data.patient import Patient
+from nas_dose.data.store import open_data
 from nas_dose.data.synth import synth_patient
 from nas_dose.errors import NasDoseError
+from nas_dose.progress import set_quiet
 
 ORIGIN = (-212.4, -163.75, -91.5)  # mm: any position, as a scanner's
+FRAME = "1.2.826.0.1.3680043.10.2.7"
+ALIASES = {"cord": "SpinalCord", "ptv_70": "PTV70"}
+NAMES = {"SpinalCord": "Cord", "PTV70": "PTV_70"}  # as a clinic may name them; ALIASES maps them back
 
 
 def to_dicom_order(array: np.ndarray) -> np.ndarray:
     """OpenKBP axis order (A->P, R->L, S->I) -> DICOM (i, j, k) of an axial head-first-supine CT:
-    i along +x (to the left), j along +y (posterior), k along +z (superior)."""
+    i along +x (to the patient's left), j along +y (posterior), k along +z (superior)."""
     return np.ascontiguousarray(array.transpose(1, 0, 2)[:, :, ::-1])
 
 
-def ct_grid(p: Patient) -> Grid:
+def ct_geometry(p: Patient, slices: int) -> Geometry:
     v0, v1, v2 = p.voxel_mm
-    n0, n1, n2 = p.ct.shape
-    return Grid((n1, n0, n2), (v1, v0, v2), ORIGIN, np.eye(3))
+    return Geometry((p.ct.shape[1], p.ct.shape[0], slices), (v1, v0, v2), ORIGIN, tuple(np.eye(3).ravel()))
 
 
-def contours(mask: np.ndarray, grid: Grid) -> list[np.ndarray]:
-    """A mask's outlines, slice by slice, as world points (contourpy's marching squares at 0.5
-    around the padded slice: each mask pixel's centre is inside, each other one's outside)."""
+def world(geometry: Geometry, ijk: np.ndarray) -> np.ndarray:
+    return ijk @ geometry.affine()[:3, :3].T + geometry.affine()[:3, 3]
+
+
+def outlines(mask: np.ndarray, geometry: Geometry) -> list[np.ndarray]:
+    """A mask's outlines, slice by slice, in LPS mm (contourpy's marching squares at 0.5 around
+    the zero-padded slice: each mask pixel's centre is inside, each other one's outside)."""
     found = []
-    for k in range(mask.shape[2]):
-        if not mask[:, :, k].any():
-            continue
+    for k in np.flatnonzero(mask.any(axis=(0, 1))):
         padded = np.pad(mask[:, :, k], 1).astype(np.float64)
         for line in contourpy.contour_generator(z=padded).lines(0.5):
-            ij = np.stack([line[:, 1] - 1, line[:, 0] - 1, np.full(len(line), k)], axis=1)  # x is axis 1
-            found.append(grid.world(ij))
+            ijk = np.stack([line[:, 1] - 1, line[:, 0] - 1, np.full(len(line), k)], axis=1)  # x runs along axis 1
+            found.append(world(geometry, ijk))
     return found
 
 
-def identity(p: Patient) -> dict[str, str]:
-    return {"PatientID": p.id, "PatientName": f"Phantom^{p.id}", "StudyInstanceUID": f"1.2.826.0.1.3680043.10.1.{len(p.id)}",
-            "FrameOfReferenceUID": "1.2.826.0.1.3680043.10.2.7"}
-
-
-def write_dicom_patient(folder: Path, p: Patient, names: dict[str, str] | None = None,
-                        dose_step: int = 2) -> Grid:
-    """Patient `p` as DICOM files: CT slices (HU, named in reverse order so that only their
-    positions sort them), an RTSTRUCT of the masks' outlines (renamed by `names`) and, with a
-    dose, an RT Dose on a grid `dose_step` times coarser in-plane, shifted by half a CT voxel."""
+def write_dicom_patient(folder: Path, p: Patient, *, slices: int | None = None, names: dict[str, str] | None = None,
+                        body: bool = False) -> Geometry:
+    """Patient `p` (its first `slices` axial slices from the top) as DICOM files: CT slices (HU,
+    named in reverse order, so only their positions sort them), an RTSTRUCT of the masks'
+    outlines (renamed by `names`; with `body`, the possible-dose mask as an EXTERNAL ROI) and an
+    RT Dose on a grid of its own, twice as coarse in-plane. Returns the CT's geometry."""
     folder.mkdir(parents=True)
-    grid, who = ct_grid(p), identity(p)
-    hu = to_dicom_order(p.ct) - 1024
-    series = None
-    for k in range(grid.shape[2]):
+    slices = slices or p.ct.shape[2]
+    geometry = ct_geometry(p, slices)
+
+    def dicom(array: np.ndarray) -> np.ndarray:
+        return to_dicom_order(array[:, :, :slices])
+
+    who = {"PatientID": p.id, "PatientName": f"Phantom^{p.id}", "StudyInstanceUID": f"1.2.826.0.1.3680043.10.1.{len(p.id)}",
+           "FrameOfReferenceUID": FRAME}
+    hu = dicom(p.ct) - 1024
+    series = pydicom.uid.generate_uid()
+    for k in range(slices):
         ds = new_dataset(CT_STORAGE, "CT", who)
-        series = series or ds.SeriesInstanceUID
         ds.SeriesInstanceUID = series
-        set_geometry(ds, Grid(grid.shape, grid.spacing, tuple(grid.world(np.array([0, 0, k]))), grid.direction))
-        ds.SliceThickness = grid.spacing[2]
+        set_geometry(ds, geometry, k)
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.PixelData = np.rint(hu[:, :, k].T + 1024).astype("<i2").tobytes()
-        save(folder / f"ct_{grid.shape[2] - k:03d}.dcm", ds)
+        save(folder / f"ct_{slices - k:03d}.dcm", ds)
     struct = new_dataset(RT_STRUCT_STORAGE, "RTSTRUCT", who)
-    frame = Dataset()
-    frame.FrameOfReferenceUID = who["FrameOfReferenceUID"]
-    struct.ReferencedFrameOfReferenceSequence = Sequence([frame])
-    rois, outlines = [], []
-    for number, (roi, mask) in enumerate(p.structures.items(), start=1):
-        item = Dataset()
-        item.ROINumber, item.ROIName = number, (names or {}).get(roi, roi)
-        rois.append(item)
-        outline = Dataset()
-        outline.ReferencedROINumber = number
-        outline.ContourSequence = Sequence()
-        for points in contours(to_dicom_order(mask), grid):
+    reference = Dataset()
+    reference.FrameOfReferenceUID = FRAME
+    struct.ReferencedFrameOfReferenceSequence = Sequence([reference])
+    masks = {(names or {}).get(roi, roi): m for roi, m in p.structures.items()}
+    if body:
+        masks["BODY"] = p.possible_dose_mask
+    rois, contours, observations = Sequence(), Sequence(), Sequence()
+    for number, (name, mask) in enumerate(masks.items(), start=1):
+        roi, contour, observation = Dataset(), Dataset(), Dataset()
+        roi.ROINumber, roi.ROIName = number, name
+        contour.ReferencedROINumber = observation.ReferencedROINumber = number
+        observation.RTROIInterpretedType = "EXTERNAL" if name == "BODY" else "ORGAN"
+        contour.ContourSequence = Sequence()
+        for points in outlines(dicom(mask), geometry):
             c = Dataset()
-            c.ContourGeometricType = "CLOSED_PLANAR"
-            c.NumberOfContourPoints = len(points)
+            c.ContourGeometricType, c.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
             c.ContourData = [f"{v:.6g}" for v in points.ravel()]
-            outline.ContourSequence.append(c)
-        outlines.append(outline)
-    struct.StructureSetROISequence, struct.ROIContourSequence = Sequence(rois), Sequence(outlines)
+            contour.ContourSequence.append(c)
+        rois.append(roi)
+        contours.append(contour)
+        observations.append(observation)
+    struct.StructureSetROISequence, struct.ROIContourSequence = rois, contours
+    struct.RTROIObservationsSequence = observations
     save(folder / "rtstruct.dcm", struct)
     if p.dose is not None:
-        dose = to_dicom_order(p.dose)[::dose_step, ::dose_step]
-        step = np.asarray(grid.spacing) * (dose_step, dose_step, 1)
-        coarse = Grid(dose.shape, tuple(step), tuple(grid.world(np.array([0.0, 0.0, 0.0]))), grid.direction)
+        dose = dicom(p.dose)[::2, ::2]
+        coarse = Geometry(dose.shape, (2 * geometry.spacing[0], 2 * geometry.spacing[1], geometry.spacing[2]),
+                          geometry.origin, geometry.direction)
         save(folder / "rtdose.dcm", rt_dose(dose, coarse, who))
-    return grid
+    return geometry
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def nasdose(*argv: object) -> int:
+    try:
+        return cli.main([*map(str, argv)])
+    finally:
+        set_quiet(False)
 
 
 @pytest.fixture(scope="module")
@@ -112,33 +142,116 @@ def phantom() -> Patient:
 
 @pytest.fixture(scope="module")
 def phantom_dicom(phantom, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dicom") / phantom.id
-    write_dicom_patient(folder, phantom, names={"SpinalCord": "Cord", "PTV70": "PTV_70"})
+    folder = tmp_path_factory.mktemp("dicom") / "validation" / phantom.id
+    write_dicom_patient(folder, phantom, slices=48, names=NAMES)
     return folder
 
 
-ALIASES = {"cord": "SpinalCord", "ptv_70": "PTV70"}
-
-
 def test_read_puts_every_volume_on_the_ct_grid(phantom, phantom_dicom):
-    got = read_dicom_patient(phantom_dicom, ALIASES)
-    assert got.grid.shape == (64, 64, 64) and got.grid.origin == pytest.approx(ORIGIN)
-    assert got.grid.spacing == pytest.approx((phantom.voxel_mm[1], phantom.voxel_mm[0], phantom.voxel_mm[2]))
-    np.testing.assert_allclose(got.ct_hu, np.rint(to_dicom_order(phantom.ct)) - 1024)
-    assert sorted(got.structures) == sorted(phantom.structures)
-    for roi, mask in phantom.structures.items():
-        assert dice(got.structures[roi], to_dicom_order(mask)) >= 0.99, roi
-    # the dose was written every second voxel in-plane: those voxels read back exactly (to the
-    # 32-bit quantisation), the ones between are linear interpolations of their neighbours
-    assert got.dose_gy is not None
-    want = to_dicom_order(phantom.dose)
-    np.testing.assert_allclose(got.dose_gy[::2, ::2], want[::2, ::2], atol=1e-4)
-    np.testing.assert_allclose(got.dose_gy[1:-1:2, ::2], 0.5 * (want[0:-2:2, ::2] + want[2::2, ::2]), atol=1e-4)
-    assert not got.dose_gy[-1].any()  # beyond the dose grid
-    assert got.attrs["dicom_FrameOfReferenceUID"] == "1.2.826.0.1.3680043.10.2.7"
+    got = read_dicom_volumes(phantom_dicom, ALIASES)
+    assert got.geometry.shape == (64, 64, 48) and got.geometry.origin == pytest.approx(ORIGIN)
+    assert got.geometry.spacing == pytest.approx((phantom.voxel_mm[1], phantom.voxel_mm[0], phantom.voxel_mm[2]))
+    want = {name: to_dicom_order(a[:, :, :48]) for name, a in [("ct", phantom.ct), ("dose", phantom.dose)]}
+    np.testing.assert_allclose(got.ct_hu, np.rint(want["ct"]) - 1024)
+    assert sorted(got.structures) == sorted(r for r, m in phantom.structures.items() if m[:, :, :48].any())
+    for roi, mask in got.structures.items():
+        assert dice(mask, to_dicom_order(phantom.structures[roi][:, :, :48])) >= 0.99, roi
+    # the RT Dose holds every second voxel in-plane: those read back exactly (to the 32-bit
+    # quantisation), the ones between as the mean of their neighbours, the last beyond its grid 0
+    assert got.dose_gy is not None and got.external is None
+    np.testing.assert_allclose(got.dose_gy[::2, ::2], want["dose"][::2, ::2], atol=1e-4)
+    np.testing.assert_allclose(got.dose_gy[1:-1:2, ::2], (want["dose"][0:-2:2, ::2] + want["dose"][2::2, ::2]) / 2,
+                               atol=1e-4)
+    assert not got.dose_gy[-1].any()
+    assert got.attrs["dicom_FrameOfReferenceUID"] == FRAME and got.attrs["dicom_PatientID"] == phantom.id
 
 
-def test_unmapped_structure_names_are_one_clear_error(phantom_dicom):
+def test_unmapped_structure_names_are_one_clear_error(phantom_dicom, tmp_path):
     with pytest.raises(NasDoseError) as e:
-        read_dicom_patient(phantom_dicom, {})
-    assert str(e.value).count("\n") == 0 and "Cord" in str(e.value) and "PTV_70" in str(e.value)
+        read_dicom_volumes(phantom_dicom)
+    message = str(e.value)
+    assert "\n" not in message and "Cord" in message and "PTV_70" in message
+    assert nasdose("data", "import", phantom_dicom.parent, tmp_path / "d.h5", "--grid", "16", "-q") == 1
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_an_external_roi_is_the_possible_dose_mask(tmp_path):
+    p = synth_patient(1, 32, seed=4)
+    write_dicom_patient(tmp_path / p.id, p, body=True)
+    got = read_dicom_volumes(tmp_path / p.id)
+    assert got.external is not None and "BODY" not in got.structures
+    assert dice(got.external, to_dicom_order(p.possible_dose_mask)) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def dicompyler():
+    """dicompyler-core (0.5.6 imports pydicom's `read_file`, which pydicom 3 renamed `dcmread`)."""
+    if not hasattr(pydicom.dicomio, "read_file"):
+        pydicom.dicomio.read_file = pydicom.dcmread
+    return pytest.importorskip("dicompylercore.dvhcalc"), pytest.importorskip("dicompylercore.dose")
+
+
+def round_trip(folder: Path, model: Path, out: Path, grid: int) -> tuple[Path, np.ndarray, Geometry, Path]:
+    """Import a DICOM tree, predict with `model` to RT Dose files; returns the data set, the first
+    patient's predicted dose on its CT's grid (as nasdose has it) with that grid, and its RT Dose."""
+    data = out / "data.h5"
+    assert nasdose("data", "import", folder, data, "--grid", grid, "--aliases", out / "aliases.yaml", "-q") == 0
+    assert nasdose("predict", "--model", model, "--data", data, "--out", out / "pred", "--format", "dicom",
+                   "runtime.device=cpu", "-q") == 0
+    with open_data(data) as d, open_data(out / "pred" / "predictions.h5") as pred:
+        pid = d.ids()[0]
+        on_ct, geometry = dose_on_original(d.source_attrs(pid), d.to_source_grid(pid, pred.read_dose(pid)))
+    return data, on_ct, geometry, out / "pred" / "dicom" / f"{pid}.dcm"
+
+
+def check_rt_dose(path: Path, on_ct: np.ndarray, geometry: Geometry, struct: Path, masks: dict[str, np.ndarray],
+                  dicompyler, names: dict[str, str]) -> dict[str, float]:
+    """The RT Dose as dicompyler-core reads it: its grid equals nasdose's dose on the CT's grid
+    (0.1 Gy), and dicompyler's DVH of each structure (from the RTSTRUCT's contours, on the dose
+    grid) agrees with nasdose's (nas_dose.scores over the imported masks): mean dose to 0.05 Gy
+    (dicompyler bins by 0.01 Gy); D99, D95 and D1 of structures of 200 voxels or more within one
+    voxel's worth of volume (0.5% or less) of nasdose's percentiles and 0.05 Gy (the two read a
+    percentile of n voxels differently: numpy interpolates between voxels, dicompyler takes the
+    bin whose volume is nearest, so 0 Gy for D99 when one voxel is more than 2% of the volume).
+    Returns the largest differences seen and the number of DVH points compared."""
+    dvhcalc, dose = dicompyler
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert (ds.SOPClassUID, ds.Modality, ds.DoseUnits, ds.DoseType, ds.DoseSummationType) == \
+        ("1.2.840.10008.5.1.4.1.1.481.2", "RTDOSE", "GY", "PHYSICAL", "PLAN")
+    assert ds.FrameOfReferenceUID == FRAME and pydicom.dcmread(struct).StudyInstanceUID == ds.StudyInstanceUID
+    grid = dose.DoseGrid(str(path))
+    for axis, values in enumerate(grid.axes):  # dicompyler's world axes are the CT's voxel centres
+        np.testing.assert_allclose(values, geometry.origin[axis] + geometry.spacing[axis] * np.arange(geometry.shape[axis]),
+                                   atol=1e-3)
+    assert grid.dose_grid.shape == on_ct.shape
+    worst = {"dose": float(np.abs(grid.dose_grid - on_ct).max()), "mean": 0.0, "dxx": 0.0, "points": 0}
+    assert worst["dose"] < 0.1
+    numbers = {str(roi.ROIName): int(roi.ROINumber) for roi in pydicom.dcmread(struct).StructureSetROISequence}
+    for roi, mask in masks.items():
+        ours = on_ct[mask].astype(np.float64)
+        theirs = dvhcalc.get_dvh(str(struct), str(path), numbers[names.get(roi, roi)], calculate_full_volume=False)
+        worst["mean"] = max(worst["mean"], abs(theirs.mean - ours.mean()))
+        assert theirs.mean == pytest.approx(ours.mean(), abs=0.05), roi
+        for percent in (99, 95, 1) if ours.size >= 200 else ():
+            worst["points"] += 1
+            one_voxel = 100 / ours.size
+            lo, hi = np.percentile(ours, [max(0, 100 - percent - one_voxel), min(100, 100 - percent + one_voxel)])
+            value = theirs.statistic(f"D{percent}").value
+            worst["dxx"] = max(worst["dxx"], lo - value, value - hi)
+            assert lo - 0.05 <= value <= hi + 0.05, (roi, percent, value, lo, hi)
+    return worst
+
+
+def test_phantom_round_trip_reads_back_in_dicompyler(phantom, phantom_dicom, dicompyler, data, train_tiny, tmp_path):
+    (tmp_path / "aliases.yaml").write_text("".join(f"{k}: {v}\n" for k, v in ALIASES.items()))
+    model = train_tiny(data, tmp_path / "run")
+    dataset, on_ct, geometry, rt = round_trip(phantom_dicom.parent.parent, model, tmp_path, 16)
+    with open_data(dataset) as d:
+        attrs = d.source_attrs(phantom.id)
+        assert attrs["split"] == "validation" and d.attrs["source"].startswith("dicom:")
+        assert Geometry.from_attrs(attrs, "original") == geometry and geometry.shape == (64, 64, 48)
+    assert on_ct.max() > 1  # a dose, not zeros
+    volumes = read_dicom_volumes(phantom_dicom, ALIASES)
+    worst = check_rt_dose(rt, on_ct, geometry, phantom_dicom / "rtstruct.dcm", volumes.structures, dicompyler, NAMES)
+    print(f"phantom round trip: {worst}")
