@@ -28,7 +28,8 @@ from ..scores import resampling_floor
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    p = sub.add_parser("import", parents=[common], help="import an OpenKBP tree (CSV or npz layout), NIfTI or DICOM patients")
+    p = sub.add_parser("import", parents=[common],
+                       help="import an OpenKBP tree (CSV or npz layout), NIfTI or DICOM patients")
     p.add_argument("src", type=Path, metavar="SRC",
                    help="OpenKBP folder (train-pats/... or train/... split folders), a folder of "
                         "patients (OpenKBP, NIfTI folders holding ct.nii.gz, or DICOM folders: CT series, RTSTRUCT, "

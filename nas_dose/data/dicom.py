@@ -29,7 +29,14 @@ from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    RTDoseStorage,
+    RTPlanStorage,
+    generate_uid,
+)
 from pydicom.valuerep import format_number_as_ds
 
 from ..errors import NasDoseError, input_error
@@ -38,10 +45,6 @@ from .geometry import Geometry, dose_on_original, patient_from_volumes, resample
 from .nifti import Aliases, check_names, roi_name
 from .patient import Patient
 
-CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
-RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
 TOLERANCE_MM = 1e-3  # positions closer than this are the same (DICOM writes decimal strings)
 # The patient's DICOM identity, kept in the data set (as dicom_<keyword>) so that a predicted RT
 # Dose joins the patient's study and frame of reference.
@@ -333,7 +336,7 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
-def new_dataset(sop_class: str, modality: str, identity: Mapping[str, str]) -> Dataset:
+def new_dataset(sop_class: UID, modality: str, identity: Mapping[str, str]) -> Dataset:
     """A dataset of `sop_class` in the patient's study (`identity`: IDENTITY keywords), with
     file meta, a new SOP instance in a new series."""
     ds = Dataset()
@@ -383,7 +386,7 @@ def rt_dose(dose_gy: np.ndarray, geometry: Geometry, identity: Mapping[str, str]
         raise NasDoseError("a dose with negative or non-finite values cannot be written as RT Dose")
     top = np.iinfo(np.uint32).max
     scaling = float(_ds(dose.max() / top)) if dose.max() > 0 else 1.0  # the pixels use the scaling as written
-    ds = new_dataset(RT_DOSE_STORAGE, "RTDOSE", identity)
+    ds = new_dataset(RTDoseStorage, "RTDOSE", identity)
     ds.SeriesDescription = description
     set_geometry(ds, geometry)
     ds.SliceThickness = _ds(geometry.spacing[2])
@@ -399,7 +402,7 @@ def rt_dose(dose_gy: np.ndarray, geometry: Geometry, identity: Mapping[str, str]
     ds.DoseGridScaling = _ds(scaling)
     if plan_uid:
         plan = Dataset()
-        plan.ReferencedSOPClassUID, plan.ReferencedSOPInstanceUID = RT_PLAN_STORAGE, plan_uid
+        plan.ReferencedSOPClassUID, plan.ReferencedSOPInstanceUID = RTPlanStorage, plan_uid
         ds.ReferencedRTPlanSequence = DicomSequence([plan])
     pixels = np.rint(dose / scaling).clip(0, top).astype("<u4")
     ds.PixelData = np.ascontiguousarray(pixels.transpose(2, 1, 0)).tobytes()

@@ -119,7 +119,8 @@ def _tree(src: Path) -> list[PatientSource]:
         found = _patients_in(src, SPLIT_FOLDERS.get(src.name, "train"))
     if not found:
         raise input_error(src, "no OpenKBP patients found (expected pt_N/ CSV folders or pt_N.npz files, NIfTI "
-                               "folders holding ct.nii.gz or DICOM folders, directly or in train/validation/test folders)")
+                               "folders holding ct.nii.gz or DICOM folders, directly or in train/validation/test "
+                               "folders)")
     found.sort(key=lambda s: (natural_key(s.id), s.split))
     for a, b in zip(found, found[1:]):
         if a.id == b.id:
