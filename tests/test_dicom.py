@@ -177,6 +177,33 @@ def test_an_external_roi_is_the_possible_dose_mask(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def model(data, train_tiny, tmp_path_factory) -> Path:
+    """A tiny U-Net trained one epoch on the 16³ phantoms: real predictions, in seconds."""
+    return train_tiny(data, tmp_path_factory.mktemp("run") / "unet")
+
+
+def test_bad_folders_are_one_line_errors(phantom_dicom, tmp_path):
+    folder = tmp_path / "src" / "pt_9"
+    folder.mkdir(parents=True)
+    for ct in sorted(phantom_dicom.glob("ct_*.dcm"))[:4]:
+        (folder / ct.name).write_bytes(ct.read_bytes())
+    assert nasdose("data", "import", folder.parent, tmp_path / "d.h5", "--grid", "16", "-q") == 1
+    with pytest.raises(NasDoseError, match="pt_9: no RTSTRUCT file"):
+        read_dicom_volumes(folder)
+    (folder / "rtstruct.dcm").write_bytes((phantom_dicom / "rtstruct.dcm").read_bytes())
+    (folder / "ct_002.dcm").unlink()  # a slice missing in the middle
+    with pytest.raises(NasDoseError, match="CT: slices are not evenly spaced"):
+        read_dicom_volumes(folder, ALIASES)
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_rt_dose_only_for_patients_from_dicom(data, model, tmp_path):
+    assert nasdose("predict", "--model", model, "--data", data, "--out", tmp_path / "pred", "--format", "dicom",
+                   "runtime.device=cpu", "-q") == 1
+    assert not (tmp_path / "pred").exists()
+
+
+@pytest.fixture(scope="module")
 def dicompyler():
     """dicompyler-core (0.5.6 imports pydicom's `read_file`, which pydicom 3 renamed `dcmread`)."""
     if not hasattr(pydicom.dicomio, "read_file"):
@@ -237,9 +264,8 @@ def check_rt_dose(path: Path, on_ct: np.ndarray, geometry: Geometry, struct: Pat
     return worst
 
 
-def test_phantom_round_trip_reads_back_in_dicompyler(phantom, phantom_dicom, dicompyler, data, train_tiny, tmp_path):
+def test_phantom_round_trip_reads_back_in_dicompyler(phantom, phantom_dicom, dicompyler, model, tmp_path):
     (tmp_path / "aliases.yaml").write_text("".join(f"{k}: {v}\n" for k, v in ALIASES.items()))
-    model = train_tiny(data, tmp_path / "run")
     dataset, on_ct, geometry, rt = round_trip(phantom_dicom.parent.parent, model, tmp_path, 16)
     with open_data(dataset) as d:
         attrs = d.source_attrs(phantom.id)
@@ -253,14 +279,13 @@ def test_phantom_round_trip_reads_back_in_dicompyler(phantom, phantom_dicom, dic
 
 @pytest.mark.openkbp
 @pytest.mark.slow
-def test_real_openkbp_patient_round_trip(openkbp_dir, dicompyler, data, train_tiny, tmp_path):
+def test_real_openkbp_patient_round_trip(openkbp_dir, dicompyler, model, tmp_path):
     """pt_1 of OpenKBP as DICOM (128 CT slices, its contours, its dose): imported, its masks and
     dose are the patient's; predicted, its RT Dose reads back in dicompyler as nasdose's dose."""
     p = read_npz_patient(openkbp_dir / "npz128" / "train" / "pt_1.npz")
     folder = tmp_path / "dicom" / p.id
     write_dicom_patient(folder, p, names=NAMES, dose_step=1)
     (tmp_path / "aliases.yaml").write_text("".join(f"{k}: {v}\n" for k, v in ALIASES.items()))
-    model = train_tiny(data, tmp_path / "run")
     dataset, on_ct, geometry, rt = round_trip(tmp_path / "dicom", model, tmp_path, 16)
     with open_data(dataset) as d:
         got = d.read_source(p.id)  # on the source grid: the CT's 128³ voxels, only reoriented
