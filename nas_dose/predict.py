@@ -8,10 +8,11 @@ DIR receives predictions.h5 (on the data set's grid; a cascade's on the source g
 submission/pt_N.csv (the challenge's format, on the source grid: a prediction made on a
 downsampled data set is upsampled back and zeroed outside the original possible-dose mask) and
 config.yaml (what was predicted, how). With `format: nifti` the same source-grid doses go to
-nifti/pt_N.nii.gz instead (float32 Gy, in the patient's original NIfTI orientation and affine; an
-OpenKBP patient's affine is made from its voxel size, nas_dose.data.nifti.openkbp_affine). With
-`format: dicom` they go to dicom/pt_N.dcm, an RT Dose on the grid of the patient's CT, in its study
-and frame of reference (patients imported from DICOM only; nas_dose.data.dicom.write_dicom_dose).
+nifti/pt_N.nii.gz instead (float32 Gy, resampled back onto the grid of the patient's original
+files and saved with their affine, nas_dose.data.geometry.dose_on_original; an OpenKBP patient's
+grid is made from its voxel size, nas_dose.data.nifti.openkbp_geometry). With `format: dicom`
+they go to dicom/pt_N.dcm, an RT Dose on the grid of the patient's CT, in its study and frame of
+reference (patients imported from DICOM only; nas_dose.data.dicom).
 Trailing key=value pairs set the config: `runtime.*` (device, amp, channels_last, ...), `split`,
 `tta`, `csv` (false: no submission files in either format), `format`.
 

@@ -183,8 +183,8 @@ def test_unmapped_names_and_a_mask_off_the_ct_grid_are_one_line_errors(tmp_path,
     for src, message in [
             (tmp_path / "pts", f"{tmp_path / 'pts'}: structure names not in the ROI vocabulary or the alias table: "
                                "Body (pt_2); GTV (pt_1, pt_2); map them to one of Brainstem,"),
-            (tmp_path / "flat", f"{tmp_path / 'flat' / 'pt_9' / 'PTV70.nii.gz'}: its voxel grid (shape, affine) differs "
-                                 "from ct.nii.gz's")]:
+            (tmp_path / "flat", f"{tmp_path / 'flat' / 'pt_9' / 'PTV70.nii.gz'}: its voxel grid (shape, "
+                                 "affine) differs from ct.nii.gz's")]:
         capsys.readouterr()
         assert nasdose("data", "import", src, tmp_path / "out" / "d.h5", "-q") == 1
         err = capsys.readouterr().err

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="skip the submission files (CSVs, or NIfTI or RT Dose with --format nifti|dicom)")
     parser.add_argument("--format", choices=tuple(predict.FORMATS), default=None,
                         help="submission files: csv (OpenKBP, submission/; the default), nifti (nifti/*.nii.gz, "
-                             "in each patient's original orientation and affine) or dicom (dicom/*.dcm, an RT "
-                             "Dose aligned with the patient's CT; patients imported from DICOM)")
+                             "on each patient's original voxel grid and affine) or dicom (dicom/*.dcm, an RT Dose "
+                             "aligned with the patient's CT; patients imported from DICOM)")
     add_config_arguments(parser)
 
 

@@ -187,7 +187,8 @@ def _permutation(m: np.ndarray, source: Geometry, target: Geometry) -> tuple[lis
     """When target index -> source index (`m`, 4x4) only swaps and reverses axes within the source,
     the source axis of each target axis and whether it runs backwards; else None."""
     rounded = np.round(m[:3, :3])
-    if not np.allclose(m[:3, :3], rounded, atol=_TOL / max(target.shape)) or not np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=_TOL):
+    if not (np.allclose(m[:3, :3], rounded, atol=_TOL / max(target.shape))
+            and np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=_TOL)):
         return None
     axes = [int(np.abs(rounded[:, a]).argmax()) for a in range(3)]
     if sorted(axes) != [0, 1, 2] or np.abs(rounded).sum() != 3:
@@ -202,8 +203,9 @@ def _permutation(m: np.ndarray, source: Geometry, target: Geometry) -> tuple[lis
 def resample(volume: np.ndarray, source: Geometry, target: Geometry, *, order: int = 1,
              fill: float = 0.0) -> np.ndarray:
     """`volume` (on `source`) on the `target` grid: interpolated (`order` 1: trilinear, 0: nearest;
-    `fill` outside the source volume) as float32, or its voxels exactly (any dtype) when
-    `target` is `source` with axes swapped or reversed."""
+    `fill` outside the source volume, the edge voxels' values out to the volume's boundary) as
+    float32, or its voxels exactly (any dtype) when `target` is `source` with axes swapped or
+    reversed."""
     if volume.shape != source.shape:
         raise ValueError(f"a volume of shape {volume.shape} on a grid of shape {source.shape}")
     m = np.linalg.solve(source.affine(), target.affine())  # target index -> source index
@@ -212,8 +214,22 @@ def resample(volume: np.ndarray, source: Geometry, target: Geometry, *, order: i
         axes, flips = exact
         turned = np.transpose(volume, axes)
         return np.ascontiguousarray(turned[tuple(slice(None, None, -1) if f else slice(None) for f in flips)])
-    return ndimage.affine_transform(np.asarray(volume, dtype=np.float32), m[:3, :3], offset=m[:3, 3],
-                                    output_shape=target.shape, order=order, mode="constant", cval=fill)
+    out = ndimage.affine_transform(np.asarray(volume, dtype=np.float32), m[:3, :3], offset=m[:3, 3],
+                                   output_shape=target.shape, order=order, mode="nearest")
+    out[~_inside(m, source.shape, target.shape)] = fill
+    return out
+
+
+def _inside(m: np.ndarray, shape: tuple[int, int, int], out_shape: tuple[int, int, int]) -> np.ndarray:
+    """Which voxels of the target grid lie inside the source volume (within its outer voxels'
+    half width), by `m` (target index -> source index): there the interpolation extends the edge
+    voxels (a volume's edge is not faded into the fill), outside it is the fill."""
+    i, j, k = np.ogrid[:out_shape[0], :out_shape[1], :out_shape[2]]
+    inside = np.ones(out_shape, dtype=bool)
+    for axis in range(3):
+        at = m[axis, 0] * i + m[axis, 1] * j + m[axis, 2] * k + m[axis, 3]
+        inside &= (at >= -0.5 - _TOL) & (at <= shape[axis] - 0.5 + _TOL)
+    return inside
 
 
 def _mask(mask: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
