@@ -17,7 +17,7 @@ from pydicom.uid import CTImageStorage, RTDoseStorage, RTStructureSetStorage
 
 from nas_dose import cli
 from nas_dose.data.dicom import new_dataset, read_dicom_volumes, rt_dose, save, set_geometry
-from nas_dose.data.geometry import Geometry, dose_on_original
+from nas_dose.data.geometry import Geometry, dose_on_original, resample
 from nas_dose.data.openkbp import read_npz_patient
 from nas_dose.data.patient import Patient
 from nas_dose.data.store import open_data
@@ -149,13 +149,16 @@ def test_read_puts_every_volume_on_the_ct_grid(phantom, phantom_dicom):
     assert sorted(got.structures) == sorted(r for r, m in phantom.structures.items() if m[:, :, :48].any())
     for roi, mask in got.structures.items():
         assert dice(mask, to_dicom_order(phantom.structures[roi][:, :, :48])) >= 0.99, roi
-    # the RT Dose holds every second voxel in-plane: those read back exactly (to the 32-bit
-    # quantisation), the ones between as the mean of their neighbours, the last beyond its grid 0
-    assert got.dose_gy is not None and got.external is None
-    np.testing.assert_allclose(got.dose_gy[::2, ::2], want["dose"][::2, ::2], atol=1e-4)
-    np.testing.assert_allclose(got.dose_gy[1:-1:2, ::2], (want["dose"][0:-2:2, ::2] + want["dose"][2::2, ::2]) / 2,
+    # the RT Dose holds every second voxel in-plane; on the CT's grid those read back exactly (to
+    # the 32-bit quantisation), the ones between as the mean of their neighbours, the last (beyond
+    # the dose grid) as 0
+    assert got.dose_gy is not None and got.dose_geometry is not None and got.external is None
+    assert got.dose_geometry.spacing == pytest.approx(np.multiply(got.geometry.spacing, (2, 2, 1)))
+    on_ct = resample(got.dose_gy, got.dose_geometry, got.geometry)
+    np.testing.assert_allclose(on_ct[::2, ::2], want["dose"][::2, ::2], atol=1e-4)
+    np.testing.assert_allclose(on_ct[1:-1:2, ::2], (want["dose"][0:-2:2, ::2] + want["dose"][2::2, ::2]) / 2,
                                atol=1e-4)
-    assert not got.dose_gy[-1].any()
+    assert not on_ct[-1].any()
     assert got.attrs["dicom_FrameOfReferenceUID"] == FRAME and got.attrs["dicom_PatientID"] == phantom.id
 
 

@@ -26,6 +26,7 @@ from nas_dose.data.openkbp import read_npz_patient
 from nas_dose.data.patient import Patient
 from nas_dose.data.store import open_data
 from nas_dose.data.synth import synth_patients
+from nas_dose.errors import NasDoseError
 from nas_dose.progress import set_quiet
 
 GRID = 48  # the training grid: not a divisor of 128
@@ -115,6 +116,7 @@ def test_a_smooth_field_goes_to_the_internal_grid_and_back_accurately():
     assert geometry == g and back.shape == g.shape and back.dtype == np.float32
     interior = (slice(1, -1),) * 3  # an edge voxel's internal neighbours are partly beyond the volume: 0
     assert np.abs(back - field)[interior].max() < 0.5 and np.abs(back - field)[interior].mean() < 0.1
+    np.testing.assert_array_equal(p.structures["PTV70"], resample(ptv, g, internal) > 0.5)  # only its box is done
     assert float(p.structures["PTV70"].sum()) * 4 ** 3 == pytest.approx(float(ptv.sum()) * 5 * 7 * 6, rel=0.03)
     # the training grid (the cube block-averaged) is the same box in 8 mm voxels, and goes back too
     coarse = p.dose.reshape(GRID, 2, GRID, 2, GRID, 2).mean(axis=(1, 3, 5))
@@ -124,9 +126,29 @@ def test_a_smooth_field_goes_to_the_internal_grid_and_back_accurately():
     assert np.abs(dose_on_original(p.attrs, coarse)[0] - field)[deep].max() < 1.2
 
 
+def test_a_dose_on_its_own_grid_comes_in_and_goes_back_there():
+    """As an RT Dose: the dose on a smaller axis-aligned grid than the CT's oblique one."""
+    g = oblique(np.array([5.0, -10.0, 20.0]), (34, 26, 20), (5.0, 7.0, 6.0))
+    dose_grid = Geometry(shape=(24, 20, 16), spacing=(5.5, 5.5, 6.5), origin=(-60.0, -60.0, -30.0),
+                         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    peak_at = np.array([15.0, 0.0, 10.0])
+    p = patient_from_volumes("pt_1", np.zeros(g.shape), {}, gaussian(dose_grid, peak_at, 45.0), g, grid=GRID,
+                             spacing=4.0, dose_geometry=dose_grid)
+    internal = Geometry.from_attrs(p.attrs, "internal")
+    assert internal is not None and p.dose is not None
+    inner = np.zeros(dose_grid.shape)
+    inner[1:-1, 1:-1, 1:-1] = 1
+    covered = resample(inner, dose_grid, internal) > 0.999
+    assert covered.sum() > 1000 and np.abs(p.dose - gaussian(internal, peak_at, 45.0))[covered].max() < 0.5
+    assert p.dose[resample(np.ones(dose_grid.shape), dose_grid, internal) == 0].max() == 0  # none outside
+    back, where = dose_on_original(p, p.dose, onto=dose_grid)
+    assert where == dose_grid and back.shape == dose_grid.shape
+    assert np.abs(back - gaussian(dose_grid, peak_at, 45.0))[1:-1, 1:-1, 1:-1].max() < 0.5
+
+
 def test_volumes_off_the_geometry_are_refused():
     g = oblique(np.zeros(3), (6, 5, 4), (1.0, 1.0, 1.0))
-    with pytest.raises(Exception, match="patient pt_1: 'PTV70' has shape"):
+    with pytest.raises(NasDoseError, match="patient pt_1: 'PTV70' has shape"):
         patient_from_volumes("pt_1", np.zeros(g.shape), {"PTV70": np.zeros((4, 5, 6))}, None, g, grid=4)
 
 
@@ -176,7 +198,11 @@ def imported(tree, tmp_path_factory) -> Path:
     return out
 
 
-def test_import_resamples_onto_a_cube_the_grid_divides_keeping_the_original_grid(phantoms, tree, imported):
+def test_import_resamples_onto_a_cube_the_grid_divides_keeping_the_original_grid(phantoms, tree, imported, capsys):
+    assert nasdose("data", "info", imported) == 0
+    info = capsys.readouterr().out
+    assert "resampled by 2 from the 96^3 grid: 3 patients" in info
+    assert "resampled from their files' own voxel grid, which predictions go back to: 3 patients" in info
     with open_data(imported) as data:
         assert data.grid == GRID and data.ids() == [p.id for p in phantoms]
         for p in phantoms:
@@ -288,3 +314,12 @@ def test_a_real_patient_of_another_grid_goes_through_and_back(openkbp_dir, run48
     smooth = (ndimage.maximum_filter(slope, size=5) < 2) & (want > 1)
     error = np.abs(back - want)[smooth]
     assert smooth.sum() > 1000 and error.mean() < 0.25 and error.max() < 1.2
+
+
+def test_spacing_is_refused_for_an_openkbp_patient(openkbp_dir, tmp_path, capsys):
+    patient = openkbp_dir / "npz128" / "train" / "pt_1.npz"
+    assert nasdose("data", "import", patient, tmp_path / "d.h5", "--spacing", 3, "-q") == 1
+    err = capsys.readouterr().err
+    assert err == f"nasdose data: error: {patient}: an OpenKBP patient is not resampled to a voxel spacing (it is " \
+                  "block-downsampled to the grid): import it without --spacing\n"
+    assert not (tmp_path / "d.h5").exists()

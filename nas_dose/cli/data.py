@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import int_at_least, positive_float
 from ..data import importer, synth
+from ..data.geometry import original_geometry
 from ..data.patient import OPENKBP_GRID, ROIS
 from ..data.store import DataFile, open_data
 from ..progress import progress
@@ -114,6 +115,9 @@ def summary(data: DataFile) -> str:
                          if a.get("resample_factor", 1) > 1)
     for (factor, source_grid), n in sorted(resampling.items()):
         lines.append(f"resampled by {factor} from the {source_grid}^3 grid: {_n_patients(n)}")
+    kept = sum(original_geometry(a) is not None for a in attrs.values())
+    if kept:
+        lines.append(f"resampled from their files' own voxel grid, which predictions go back to: {_n_patients(kept)}")
     if data.kind == "dataset":
         contoured = Counter(name for a in attrs.values() for name in a.get("rois", []))
         lines.append("structures contoured (patients):")

@@ -1,6 +1,5 @@
-"""DICOM RT patients: a CT series, its RTSTRUCT and an optional RT Dose read onto the CT's voxel
-grid and from there onto nasdose's cube; predicted doses written back as RT Dose files aligned
-with that CT.
+"""DICOM RT patients: a CT series, its RTSTRUCT and an optional RT Dose read as stored and from
+there onto nasdose's cube; predicted doses written back as RT Dose files aligned with that CT.
 
 A patient is one folder holding its DICOM files (any names; an RTPLAN only lends its UID, other
 modalities are ignored). The CT's volumes are arrays indexed (i, j, k) = (column, row, slice),
@@ -8,8 +7,8 @@ described by a `Geometry` (LPS): its direction's columns are ImageOrientationPat
 column cosines and their cross product, the slice normal, along which the slices are sorted.
 Contours are rasterised onto the CT's slices with matplotlib's point-in-polygon test (pixel
 centres inside; the contours of one structure on one slice combine by exclusive or, so an inner
-contour is a hole, as dicompyler and planning systems read them). The RT Dose is resampled onto
-the CT's grid (nas_dose.data.geometry.resample: trilinear, 0 outside its own grid). An ROI of
+contour is a hole, as dicompyler and planning systems read them). The RT Dose stays on its own
+grid until nas_dose.data.geometry takes it onto the cube (trilinear, 0 outside it). An ROI of
 RTROIInterpretedType EXTERNAL (the body outline) is the possible-dose mask; without one it is
 the body found in the CT, as for NIfTI.
 """
@@ -41,7 +40,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from ..errors import NasDoseError, input_error
 from ..io import atomic_path
-from .geometry import Geometry, dose_on_original, patient_from_volumes, resample
+from .geometry import Geometry, dose_on_original, patient_from_volumes
 from .nifti import Aliases, check_names, roi_name
 from .patient import Patient
 
@@ -57,14 +56,16 @@ Files = dict[str, list[tuple[Path, Dataset]]]
 
 @dataclass
 class DicomVolumes:
-    """One patient as its files hold it, on the CT's grid: CT in HU, masks keyed by ROI, the
-    EXTERNAL outline (None without one), dose in Gy (None without a plan), identity attributes."""
+    """One patient as its files hold it: on the CT's grid (`geometry`) the CT in HU, masks keyed
+    by ROI and the EXTERNAL outline (None without one); the dose in Gy on its own grid (None
+    without a plan); identity attributes."""
 
     geometry: Geometry
     ct_hu: np.ndarray
     structures: dict[str, np.ndarray]
     external: np.ndarray | None
     dose_gy: np.ndarray | None
+    dose_geometry: Geometry | None
     attrs: dict[str, str]
 
 
@@ -264,9 +265,9 @@ def read_structures(path: Path, ds: Dataset, geometry: Geometry,
     return {roi: mask for roi, (_, mask) in found.items()}, body
 
 
-def read_dose(path: Path, ct: Geometry) -> np.ndarray:
-    """An RT Dose (Gy) on the CT's grid: trilinear, 0 outside the dose grid. Frames run along the
-    normal, GridFrameOffsetVector relative to the first (or absolute, starting at its position)."""
+def read_dose(path: Path) -> tuple[np.ndarray, Geometry]:
+    """An RT Dose (Gy) and its grid, indexed (column, row, frame). Frames run along the normal,
+    GridFrameOffsetVector relative to the first (or absolute, starting at its position)."""
     ds = _read(path, pixels=True)
     units = str(ds.get("DoseUnits", "")).upper()
     if units != "GY":
@@ -281,7 +282,7 @@ def read_dose(path: Path, ct: Geometry) -> np.ndarray:
     dose = pixels.transpose(2, 1, 0).astype(np.float32) * np.float32(ds.get("DoseGridScaling", 1.0))
     if not np.isfinite(dose).all() or dose.min() < 0:
         raise input_error(path, "the dose holds negative or non-finite values")
-    return resample(dose, grid, ct)
+    return dose, grid
 
 
 def _text(value: Any) -> str:
@@ -306,19 +307,19 @@ def read_dicom_volumes(folder: Path, aliases: Aliases | None = None) -> DicomVol
     attrs = {PREFIX + key: _text(first.get(key)) for key in IDENTITY}
     attrs[STRUCTURE_SET_UID] = _text(struct_ds.get("SOPInstanceUID"))
     attrs[PLAN_UID] = ""
-    dose = None
+    dose, dose_geometry = None, None
     dose_file = _one(folder, files, "RTDOSE")
     if dose_file is not None:
         dose_path, dose_ds = dose_file
         if frame and _text(dose_ds.get("FrameOfReferenceUID")) not in ("", frame):
             raise input_error(dose_path, f"its frame of reference is not the CT's ({frame})")
-        dose = read_dose(dose_path, geometry)
+        dose, dose_geometry = read_dose(dose_path)
         attrs[PLAN_UID] = next((_text(item.get("ReferencedSOPInstanceUID"))
                                 for item in dose_ds.get("ReferencedRTPlanSequence", [])), "")
     plan = _one(folder, files, "RTPLAN")
     if plan is not None:
         attrs[PLAN_UID] = _text(plan[1].get("SOPInstanceUID"))
-    return DicomVolumes(geometry, ct, structures, body, dose, attrs)
+    return DicomVolumes(geometry, ct, structures, body, dose, dose_geometry, attrs)
 
 
 def read_dicom_patient(folder: Path, *, split: str = "train", aliases: Aliases | None = None, grid: int = 1,
@@ -327,7 +328,7 @@ def read_dicom_patient(folder: Path, *, split: str = "train", aliases: Aliases |
     .patient_from_volumes), with the CT's grid and the DICOM identity in `attrs`."""
     v = read_dicom_volumes(folder, aliases)
     return patient_from_volumes(Path(folder).name, v.ct_hu, v.structures, v.dose_gy, v.geometry, grid=grid,
-                                spacing=spacing, possible_dose_mask=v.external,
+                                spacing=spacing, possible_dose_mask=v.external, dose_geometry=v.dose_geometry,
                                 attrs={"source": str(folder), "split": split, **v.attrs})
 
 

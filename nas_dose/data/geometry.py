@@ -120,6 +120,12 @@ class Geometry:
                    origin=_floats(attrs[f"{prefix}_origin"]),
                    direction=tuple(float(v) for v in attrs[f"{prefix}_direction"]))
 
+    def cropped(self, start: Any, stop: Any) -> Geometry:
+        """The voxels [start, stop) along each axis, as a grid of their own."""
+        first = np.asarray(start, dtype=np.float64)
+        return Geometry(shape=_ints(np.asarray(stop) - first), spacing=self.spacing,
+                        origin=_floats((self.affine() @ [*first, 1.0])[:3]), direction=self.direction)
+
     def resized(self, n: int) -> Geometry:
         """The same box (same direction and extent) cut into n voxels along every axis: the
         geometry of a cube of this one block-downsampled (or upsampled) to n³."""
@@ -234,40 +240,57 @@ def _inside(m: np.ndarray, shape: tuple[int, int, int], out_shape: tuple[int, in
 
 def _mask(mask: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
     """A mask on `target`: the voxels more than half inside it (linear interpolation of the mask as a
-    fraction), or its single most-covered voxel when it would vanish."""
+    fraction), or its single most-covered voxel when it would vanish. Only the target voxels
+    near the mask are interpolated (a structure is small beside the grid)."""
     inside = np.asarray(mask) != 0
-    fraction = resample(inside, source, target)
-    if fraction.dtype == bool:
-        return fraction
-    out = fraction > 0.5
-    if inside.any() and not out.any() and fraction.max() > 0:
-        out[np.unravel_index(int(fraction.argmax()), out.shape)] = True
+    m = np.linalg.solve(source.affine(), target.affine())
+    if _permutation(m, source, target) is not None or not inside.any():
+        return resample(inside, source, target) if inside.any() else np.zeros(target.shape, dtype=bool)
+    nonzero = np.argwhere(inside)
+    lo, hi = nonzero.min(axis=0) - 1, nonzero.max(axis=0) + 1  # with the interpolation's reach
+    corners = np.array([[i, j, k, 1.0] for i in (lo[0], hi[0]) for j in (lo[1], hi[1]) for k in (lo[2], hi[2])])
+    at = np.linalg.solve(m, corners.T)[:3]  # the corners in target indices
+    start = np.clip(np.floor(at.min(axis=1)).astype(int), 0, target.shape)
+    stop = np.clip(np.ceil(at.max(axis=1)).astype(int) + 1, 0, target.shape)
+    out = np.zeros(target.shape, dtype=bool)
+    if (stop <= start).any():
+        return out
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    fraction = resample(inside, source, target.cropped(start, stop))
+    out[box] = fraction > 0.5
+    if not out.any() and fraction.max() > 0:
+        out[box][np.unravel_index(int(fraction.argmax()), fraction.shape)] = True
     return out
 
 
 def patient_from_volumes(pid: str, ct_hu: np.ndarray, masks: Mapping[str, np.ndarray], dose_gy: np.ndarray | None,
                          geometry: Geometry, *, grid: int, spacing: float | None = None,
-                         possible_dose_mask: np.ndarray | None = None,
+                         possible_dose_mask: np.ndarray | None = None, dose_geometry: Geometry | None = None,
                          attrs: Mapping[str, Any] | None = None) -> Patient:
     """A patient from volumes on the grid `geometry` (as the files store them, any axis order),
     on its internal cubic source grid (`internal_geometry(geometry, grid, spacing)`), which the
     importer then block-downsamples to `grid`.
 
     ct_hu: CT in HU. masks: ROI name (nas_dose.data.patient.ROIS) -> mask, any dtype, non-zero
-    inside. dose_gy: the plan's dose (Gy) or None. possible_dose_mask: None makes it the body
-    (`BODY_RULE`, recorded in attrs["possible_dose_mask_from"]). attrs: more patient attributes,
-    e.g. {"split": "train", "source": "/path/of/the/files"}. Every array must have
-    geometry.shape. Outside the original volume the CT is air and everything else 0.
+    inside. dose_gy: the plan's dose (Gy) or None, on `geometry` or, when given, on its own
+    `dose_geometry` (an RT Dose grid). possible_dose_mask: None makes it the body (`BODY_RULE`,
+    recorded in attrs["possible_dose_mask_from"]). attrs: more patient attributes, e.g.
+    {"split": "train", "source": "/path/of/the/files"}. Every other array must have
+    geometry.shape. Outside the original volume the CT is air and everything else 0; a shape
+    that does not match is a NasDoseError, a `spacing` that is not positive a ValueError.
 
     Both grids are stored in the returned attributes (`Geometry.to_attrs` with prefixes
     "original" and "internal"), so they survive the HDF5 round trip and `dose_on_original` can
     take a prediction back.
     """
-    for name, array in [("ct", ct_hu), ("dose", dose_gy), ("possible_dose_mask", possible_dose_mask), *masks.items()]:
-        if array is not None and array.shape != geometry.shape:
-            raise NasDoseError(f"patient {pid}: '{name}' has shape {array.shape}, its grid {geometry.shape}")
+    dose_on = dose_geometry or geometry
+    for name, array, on in [("ct", ct_hu, geometry), ("dose", dose_gy, dose_on),
+                            ("possible_dose_mask", possible_dose_mask, geometry),
+                            *((name, m, geometry) for name, m in masks.items())]:
+        if array is not None and array.shape != on.shape:
+            raise NasDoseError(f"patient {pid}: '{name}' has shape {array.shape}, its grid {on.shape}")
     internal = internal_geometry(geometry, grid, spacing)
-    hu = resample(np.asarray(ct_hu, dtype=np.float64), geometry, internal, fill=AIR_HU)
+    hu = resample(np.asarray(ct_hu), geometry, internal, fill=AIR_HU)  # any dtype: exact when reoriented
     ct = np.clip(hu.astype(np.float64) + HU_OFFSET, *CT_STORED_RANGE).astype(np.float32)
     extra = dict(attrs or {})
     if possible_dose_mask is None:
@@ -277,7 +300,7 @@ def patient_from_volumes(pid: str, ct_hu: np.ndarray, masks: Mapping[str, np.nda
         mask = _mask(possible_dose_mask, geometry, internal)
     dose = None
     if dose_gy is not None:
-        dose = np.clip(resample(np.asarray(dose_gy, dtype=np.float32), geometry, internal), 0, None)
+        dose = np.clip(resample(np.asarray(dose_gy, dtype=np.float32), dose_on, internal), 0, None)
     return Patient(
         id=pid, ct=ct, possible_dose_mask=mask,
         structures={name: _mask(m, geometry, internal) for name, m in masks.items()},
@@ -293,13 +316,15 @@ def original_geometry(attrs: Mapping[str, Any]) -> Geometry | None:
     return Geometry.from_attrs(attrs, ORIGINAL)
 
 
-def dose_on_original(patient_or_attrs: Patient | Mapping[str, Any],
-                     dose_on_internal_grid: np.ndarray) -> tuple[np.ndarray, Geometry]:
+def dose_on_original(patient_or_attrs: Patient | Mapping[str, Any], dose_on_internal_grid: np.ndarray,
+                     onto: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
     """A dose (Gy) on the patient's internal cubic grid -- its source grid or any other cube over
-    the same box, e.g. the training grid -- on the grid of the patient's original files, with
-    that grid: (array in the original's axis order and shape, float32 Gy, trilinear, 0 outside
-    the internal cube; its Geometry). `patient_or_attrs`: a Patient from `patient_from_volumes`
-    or a data set's patient attributes (`DataFile.patient_attrs` or `source_attrs`)."""
+    the same box, e.g. the training grid -- on the grid of the patient's original files (or
+    on `onto`, any grid in the same patient coordinates, e.g. a plan's dose grid), with that
+    grid: (array in that grid's axis order and shape, float32 Gy, trilinear, 0 outside the
+    internal cube; its Geometry). `patient_or_attrs`: a Patient from `patient_from_volumes` or a
+    data set's patient attributes (`DataFile.patient_attrs` or `source_attrs`); one without the
+    geometries (an OpenKBP or synthetic patient) is a NasDoseError."""
     attrs = patient_or_attrs.attrs if isinstance(patient_or_attrs, Patient) else patient_or_attrs
     original, internal = original_geometry(attrs), Geometry.from_attrs(attrs, INTERNAL)
     if original is None or internal is None:
@@ -308,4 +333,5 @@ def dose_on_original(patient_or_attrs: Patient | Mapping[str, Any],
     if dose.ndim != 3 or len(set(dose.shape)) != 1:
         raise NasDoseError(f"a dose of shape {dose.shape}: expected a cube on the patient's internal grid")
     on = internal if dose.shape == internal.shape else internal.resized(dose.shape[0])
-    return np.clip(resample(dose.astype(np.float32), on, original), 0, None).astype(np.float32), original
+    target = onto or original
+    return np.clip(resample(dose.astype(np.float32), on, target), 0, None).astype(np.float32), target
