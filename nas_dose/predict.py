@@ -1,7 +1,8 @@
-"""Predict doses with a trained model: an HDF5 file on the data set's grid and OpenKBP CSVs (or NIfTI).
+"""Predict doses with a trained model: an HDF5 file on the data set's grid and OpenKBP CSVs (or
+NIfTI, or DICOM RT Dose).
 
   nasdose predict --model MODEL --data DATA.h5 --out DIR [--split S] [--tta] [--no-csv]
-                  [--format csv|nifti] [runtime.device=cpu runtime.amp=off ...]
+                  [--format csv|nifti|dicom] [runtime.device=cpu runtime.amp=off ...]
 
 DIR receives predictions.h5 (on the data set's grid; a cascade's on the source grid),
 submission/pt_N.csv (the challenge's format, on the source grid: a prediction made on a
@@ -9,7 +10,9 @@ downsampled data set is upsampled back and zeroed outside the original possible-
 config.yaml (what was predicted, how). With `format: nifti` the same source-grid doses go to
 nifti/pt_N.nii.gz instead (float32 Gy, resampled back onto the grid of the patient's original
 files and saved with their affine, nas_dose.data.geometry.dose_on_original; an OpenKBP patient's
-grid is made from its voxel size, nas_dose.data.nifti.openkbp_geometry).
+grid is made from its voxel size, nas_dose.data.nifti.openkbp_geometry). With `format: dicom`
+they go to dicom/pt_N.dcm, an RT Dose on the grid of the patient's CT, in its study and frame of
+reference (patients imported from DICOM only; nas_dose.data.dicom).
 Trailing key=value pairs set the config: `runtime.*` (device, amp, channels_last, ...), `split`,
 `tta`, `csv` (false: no submission files in either format), `format`.
 
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, load_config
+from .data.dicom import from_dicom, write_dicom_dose
 from .data.nifti import write_nifti_dose
 from .data.openkbp import write_submission_csv
 from .data.store import SPLITS, DataFile, open_data, write_predictions
@@ -61,13 +65,15 @@ def write_out_of_fold(data: DataFile, runs: list[Path], out: Path, runtime: Runt
 
 
 # Submission formats: the folder each writes into.
-FORMATS = {"csv": "submission", "nifti": "nifti"}
+FORMATS = {"csv": "submission", "nifti": "nifti", "dicom": "dicom"}
 
 
 def _write_submission(folder: Path, fmt: str, pid: str, dose: np.ndarray, data: DataFile) -> None:
     """One patient's source-grid dose in the submission format `fmt`."""
     if fmt == "nifti":
         write_nifti_dose(folder / f"{pid}.nii.gz", dose, data.source_attrs(pid))
+    elif fmt == "dicom":
+        write_dicom_dose(folder / f"{pid}.dcm", dose, data.source_attrs(pid))
     else:
         write_submission_csv(folder / f"{pid}.csv", dose)
 
@@ -77,7 +83,7 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
     """Predict the patients of `split` (all when None) into `out`; returns their ids.
 
     predictions.h5 (on the data set's grid, or on the source grid for a cascade), then the
-    submission files (`csv`: unless false; `format`: submission/ CSVs or nifti/ .nii.gz) whole or
+    submission files (`csv`: unless false; `format`: submission/ CSVs, nifti/ .nii.gz or dicom/ RT Dose .dcm) whole or
     not at all (built aside, renamed into place), then config.yaml recording `model` (a path or a
     description), the data, the split and the runtime.
     """
@@ -86,6 +92,11 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
     ids = data.ids(split)
     if not ids:
         raise input_error(data.path, f"no patients in split '{split}'")
+    not_dicom = [pid for pid in ids if format == "dicom" and csv and not from_dicom(data.patient_attrs(pid))]
+    if not_dicom:
+        raise input_error(data.path, f"patients not imported from DICOM, so without a CT to align an RT Dose with: "
+                                     f"{', '.join(not_dicom[:5])}{', ...' if len(not_dicom) > 5 else ''} "
+                                     "(use --format csv or nifti)")
     submission = out / FORMATS[format]
     staging = out / f".{submission.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -116,7 +127,7 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
 class Config:
     """What to predict and how the networks run (the same `runtime` section as every other
     command's config); `split`: None predicts every patient; `tta`: flip test-time augmentation;
-    `csv`: false writes no submission files; `format`: csv (OpenKBP) or nifti."""
+    `csv`: false writes no submission files; `format`: csv (OpenKBP), nifti or dicom (RT Dose)."""
 
     split: str | None = None
     tta: bool = False

@@ -1,8 +1,8 @@
 """Build and inspect nasdose HDF5 data sets.
 
   nasdose data import SRC OUT.h5 [--grid N] [--spacing MM] [--aliases FILE]
-      an OpenKBP tree (CSV or npz layout) or NIfTI patient folders -> a data set,
-      block-downsampled to the grid (NIfTI volumes of any shape or orientation resampled first)
+      an OpenKBP tree (CSV or npz layout), NIfTI or DICOM patient folders -> a data set,
+      block-downsampled to the grid (NIfTI and DICOM volumes of any shape or orientation resampled first)
   nasdose data synth OUT.h5 [--patients N] [--unlabeled M] [--grid G] [--seed S]
       synthetic head-and-neck phantoms with a beam-model dose -> a data set (M more in the
       "unlabeled" split, without their dose)
@@ -30,20 +30,22 @@ from .common import add_force_argument
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    p = sub.add_parser("import", parents=[common], help="import an OpenKBP tree (CSV or npz layout) or NIfTI patients")
+    p = sub.add_parser("import", parents=[common],
+                       help="import an OpenKBP tree (CSV or npz layout), NIfTI or DICOM patients")
     p.add_argument("src", type=Path, metavar="SRC",
                    help="OpenKBP folder (train-pats/... or train/... split folders), a folder of "
-                        "patients (OpenKBP, or NIfTI folders holding ct.nii.gz), or one patient")
+                        "patients (OpenKBP, NIfTI folders holding ct.nii.gz, or DICOM folders: CT series, RTSTRUCT, "
+                        "RT Dose), or one patient")
     p.add_argument("out", type=Path, metavar="OUT.h5")
     p.add_argument("--grid", type=int_at_least(1), default=OPENKBP_GRID,
                    help=f"grid to store (default %(default)s): OpenKBP, a divisor of {OPENKBP_GRID} (64, 32, ...); "
-                        "NIfTI, any size (e.g. 48, 96)")
+                        "NIfTI and DICOM, any size (e.g. 48, 96)")
     p.add_argument("--spacing", type=positive_float, metavar="MM",
-                   help="NIfTI: resample onto isotropic voxels of MM mm, on a cube a multiple of the grid "
+                   help="NIfTI and DICOM: resample onto isotropic voxels of MM mm, on a cube a multiple of the grid "
                         "covering the volume (default: only a volume that is not such a cube, at its "
                         "coarsest voxel size)")
     add_force_argument(p, "OUT.h5")
-    p.add_argument("--aliases", metavar="FILE", help="NIfTI structure names -> ROI names (YAML or JSON; "
+    p.add_argument("--aliases", metavar="FILE", help="NIfTI and DICOM structure names -> ROI names (YAML or JSON; "
                                                      "default: aliases.yaml in SRC)")
     p = sub.add_parser("synth", parents=[common], help="write synthetic head-and-neck phantoms")
     p.add_argument("out", type=Path, metavar="OUT.h5")

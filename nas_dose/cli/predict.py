@@ -22,10 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("--tta", action="store_true", default=None,
                         help="average over flips along axes 0 and 1 (test-time augmentation)")
     parser.add_argument("--no-csv", dest="csv", action="store_false", default=None,
-                        help="skip the submission files (CSVs, or NIfTI with --format nifti)")
+                        help="skip the submission files (CSVs, or NIfTI or RT Dose with --format nifti|dicom)")
     parser.add_argument("--format", choices=tuple(predict.FORMATS), default=None,
-                        help="submission files: csv (OpenKBP, submission/; the default) or nifti (nifti/*.nii.gz, "
-                             "on each patient's original voxel grid and affine)")
+                        help="submission files: csv (OpenKBP, submission/; the default), nifti (nifti/*.nii.gz, "
+                             "on each patient's original voxel grid and affine) or dicom (dicom/*.dcm, an RT Dose "
+                             "aligned with the patient's CT; patients imported from DICOM)")
     add_force_argument(parser, "the predictions in DIR")
     add_config_arguments(parser, "runtime.device=cpu tta=true")
 

@@ -1,8 +1,8 @@
-"""Import an OpenKBP tree (CSV or npz layout) or NIfTI patient folders into one nasdose data set,
+"""Import an OpenKBP tree (CSV or npz layout), NIfTI or DICOM patient folders into one nasdose data set,
 block-downsampled to a grid whose divisor of the source grid is an integer; each patient's source
 arrays are kept beside it (data set format 2) for scoring on the source grid.
 
-OpenKBP's source grid is its 128³ one. A NIfTI patient's is a cube chosen for the grid
+OpenKBP's source grid is its 128³ one. A NIfTI or DICOM patient's is a cube chosen for the grid
 (nas_dose.data.geometry.internal_geometry): its own volume when that is a cube the grid divides,
 else its volume resampled onto a cube of isotropic voxels (`spacing`) a multiple of the grid a side."""
 from __future__ import annotations
@@ -23,9 +23,9 @@ from .store import write_dataset
 
 @dataclass
 class Config:
-    grid: int = OPENKBP_GRID  # the grid to store: for OpenKBP one dividing 128 (64, 32, ...), for NIfTI any
-    spacing: float | None = None  # NIfTI: resample to isotropic voxels of this size (mm); None: only when needed
-    aliases: str | None = None  # NIfTI structure names -> ROIs (YAML/JSON); default: SRC/aliases.yaml
+    grid: int = OPENKBP_GRID  # the grid to store: for OpenKBP one dividing 128 (64, 32, ...), for NIfTI/DICOM any
+    spacing: float | None = None  # NIfTI/DICOM: resample to isotropic voxels of this size (mm); None: only when needed
+    aliases: str | None = None  # NIfTI/DICOM structure names -> ROIs (YAML/JSON); default: SRC/aliases.yaml
 
     def validate(self) -> None:
         at_least("grid", self.grid, 1)
@@ -40,7 +40,7 @@ class Inputs:
 
 def _downsampled(sources: list[PatientSource], config: Config, bodies: list[str]) -> Iterator[Patient]:
     """Read patients one at a time, each block-downsampled to the grid; the ids of those whose
-    possible-dose mask is their body (NIfTI without one) go to `bodies`."""
+    possible-dose mask is their body (NIfTI or DICOM without one) go to `bodies`."""
     grid = config.grid
     for source in sources:
         p = read_patient(source, grid=grid, spacing=config.spacing)
@@ -56,10 +56,12 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
         refuse_existing([out], force)
         source = Path(inputs.source).resolve()
         sources = discover(source, None if config.aliases is None else Path(config.aliases))
-        kind = "nifti" if all(s.layout == "nifti" for s in sources) else "openkbp"
+        layouts = {s.layout for s in sources}
+        kind = layouts.pop() if layouts in ({"nifti"}, {"dicom"}) else "openkbp"
         bodies: list[str] = []
         write_dataset(out, _downsampled(sources, config, bodies), source=f"{kind}:{source}",
                       grid=config.grid, total=len(sources))
     say(f"wrote {out}: {len(sources)} patient{'' if len(sources) == 1 else 's'} on a {config.grid}^3 grid")
     if bodies:
-        say(f"no possible_dose_mask.nii.gz for {', '.join(bodies)}: their body ({BODY_RULE}) is the mask")
+        say(f"no possible_dose_mask.nii.gz (NIfTI) or EXTERNAL ROI (DICOM) for {', '.join(bodies)}: their body "
+            f"({BODY_RULE}) is the mask")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ def structure_names(folder: Path) -> list[str]:
     return names
 
 
-def _roi(name: str, aliases: Aliases) -> str | None:
+def roi_name(name: str, aliases: Aliases) -> str | None:
     """The ROI a structure name means (None: skipped); KeyError when it means nothing."""
     key = name.lower()
     if key in aliases:
@@ -103,14 +103,16 @@ def _roi(name: str, aliases: Aliases) -> str | None:
     return {roi.lower(): roi for roi in ROIS}[key]
 
 
-def check_names(where: Path, folders: list[Path], aliases: Aliases) -> None:
-    """Every structure name of every patient maps to an ROI (or is skipped); else one error
-    listing the unmapped names and the patients with them, before anything is read."""
+def check_names(where: Path, folders: list[Path], aliases: Aliases,
+                names: Callable[[Path], list[str]] = structure_names) -> None:
+    """Every structure name of every patient (`names` of its folder: NIfTI's by default) maps to
+    an ROI (or is skipped); else one error listing the unmapped names and the patients with them,
+    before anything is read."""
     unmapped: dict[str, list[str]] = {}
     for folder in folders:
-        for name in structure_names(folder):
+        for name in names(folder):
             try:
-                _roi(name, aliases)
+                roi_name(name, aliases)
             except KeyError:
                 unmapped.setdefault(name, []).append(folder.name)
     if unmapped:
@@ -170,7 +172,7 @@ def _structures(reader: _Reader, aliases: Aliases) -> dict[str, np.ndarray]:
     found: dict[str, tuple[str, np.ndarray]] = {}
 
     def add(name: str, mask: np.ndarray) -> None:
-        roi = _roi(name, aliases)
+        roi = roi_name(name, aliases)
         if roi is None:
             return
         if roi in found:

@@ -19,10 +19,13 @@ import numpy as np
 
 from ..errors import input_error
 from ..io import atomic_path
+from .dicom import is_dicom_patient, read_dicom_patient
+from .dicom import structure_names as dicom_structure_names
 from .nifti import check_names, find_aliases, is_nifti_patient, load_aliases, read_nifti_patient
+from .nifti import structure_names as nifti_structure_names
 from .patient import CT_STORED_RANGE, OPENKBP_GRID, ROIS, Patient
 
-Layout = Literal["csv", "npz", "nifti"]
+Layout = Literal["csv", "npz", "nifti", "dicom"]
 Shape = tuple[int, int, int]
 OPENKBP_SHAPE: Shape = (OPENKBP_GRID,) * 3
 # Split folders of the two layouts, mapped to the split names used everywhere in nasdose.
@@ -41,7 +44,7 @@ class PatientSource:
     path: Path
     layout: Layout
     split: str
-    aliases: Mapping[str, str | None] = field(default_factory=dict)  # NIfTI structure name -> ROI
+    aliases: Mapping[str, str | None] = field(default_factory=dict)  # NIfTI/DICOM structure name -> ROI
 
 
 def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
@@ -63,6 +66,8 @@ def _patients_in(folder: Path, split: str) -> list[PatientSource]:
     for child in folder.iterdir():
         if is_nifti_patient(child):
             found.append(PatientSource(child.name, child, "nifti", split))
+        elif is_dicom_patient(child):
+            found.append(PatientSource(child.name, child, "dicom", split))
         elif _is_csv_patient(child):
             found.append(PatientSource(child.name, child, "csv", split))
         elif _is_npz_patient(child):
@@ -72,8 +77,9 @@ def _patients_in(folder: Path, split: str) -> list[PatientSource]:
 
 def discover(src: Path, aliases: Path | None = None) -> list[PatientSource]:
     """The patients of an OpenKBP tree (split folders), a folder of patients, or one patient; the
-    same for NIfTI patient folders (nas_dose.data.nifti), whose structure names are checked here,
-    against `aliases` or the aliases.yaml found in `src` (or, for one patient, its parent).
+    same for NIfTI and DICOM patient folders (nas_dose.data.nifti, .dicom), whose structure names
+    are checked here, against `aliases` or the aliases.yaml found in `src` (or, for one patient,
+    its parent).
 
     The split comes from the enclosing folder's name (train-pats, validation, ...); patients
     outside any split folder are training patients.
@@ -88,12 +94,18 @@ def discover(src: Path, aliases: Path | None = None) -> list[PatientSource]:
         raise input_error(src, "neither a folder nor a .npz file")
     if (src / "ct.csv").is_file():
         return [PatientSource(src.name, src, "csv", split)]
-    found = [PatientSource(src.name, src, "nifti", split)] if is_nifti_patient(src) else _tree(src)
-    nifti = [s for s in found if s.layout == "nifti"]
-    if nifti:
+    if is_nifti_patient(src):
+        found = [PatientSource(src.name, src, "nifti", split)]
+    elif is_dicom_patient(src):
+        found = [PatientSource(src.name, src, "dicom", split)]
+    else:
+        found = _tree(src)
+    named = [s for s in found if s.layout in ("nifti", "dicom")]
+    if named:
         table = load_aliases(aliases) if aliases is not None else find_aliases(src, src.parent)
-        check_names(src, [s.path for s in nifti], table)
-        for s in nifti:
+        names = {s.path: nifti_structure_names if s.layout == "nifti" else dicom_structure_names for s in named}
+        check_names(src, list(names), table, names=lambda folder: names[folder](folder))
+        for s in named:
             s.aliases = table
     return found
 
@@ -106,8 +118,9 @@ def _tree(src: Path) -> list[PatientSource]:
     else:
         found = _patients_in(src, SPLIT_FOLDERS.get(src.name, "train"))
     if not found:
-        raise input_error(src, "no OpenKBP patients found (expected pt_N/ CSV folders or pt_N.npz files, or NIfTI "
-                               "folders holding ct.nii.gz, directly or in train/validation/test folders)")
+        raise input_error(src, "no OpenKBP patients found (expected pt_N/ CSV folders or pt_N.npz files, NIfTI "
+                               "folders holding ct.nii.gz or DICOM folders, directly or in train/validation/test "
+                               "folders)")
     found.sort(key=lambda s: (natural_key(s.id), s.split))
     for a, b in zip(found, found[1:]):
         if a.id == b.id:
@@ -274,11 +287,12 @@ def read_npz_patient(path: Path, *, split: str = "train") -> Patient:
 
 
 def read_patient(src: PatientSource, *, grid: int = 1, spacing: float | None = None) -> Patient:
-    """Read a discovered patient with the reader of its layout; a NIfTI one onto a cube that is a
+    """Read a discovered patient with the reader of its layout; a NIfTI or DICOM one onto a cube that is a
     multiple of `grid` voxels a side (at `spacing` mm when given: nas_dose.data.geometry), an
     OpenKBP one as it is (its 128³ grid; `spacing` is an error)."""
-    if src.layout == "nifti":
-        return read_nifti_patient(src.path, split=src.split, aliases=src.aliases, grid=grid, spacing=spacing)
+    if src.layout in ("nifti", "dicom"):
+        read = read_nifti_patient if src.layout == "nifti" else read_dicom_patient
+        return read(src.path, split=src.split, aliases=src.aliases, grid=grid, spacing=spacing)
     if spacing is not None:
         raise input_error(src.path, "an OpenKBP patient is not resampled to a voxel spacing (it is block-"
                                     "downsampled to the grid): import it without --spacing")
