@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +21,11 @@ from .config import from_dict
 from .data.augment import Transform
 from .data.dataset import INPUT_LAYOUT, build_input
 from .data.patient import DOSE_SCALE_GY, Patient
+from .data.preferences import check
 from .data.store import DataFile
 from .errors import input_error
 from .io import load_checkpoint, load_yaml, save_yaml
+from .models.conditioning import Conditioned
 from .models.factory import check_trained_grid, load_model, spec_genotype
 from .models.refiner import Refiner
 from .runtime import Runtime
@@ -193,11 +195,32 @@ def load_model_or_ensemble(path: str | Path, grid: int | None = None) -> nn.Modu
     return model
 
 
-def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:
+def conditioned_on(model: nn.Module) -> tuple[str, ...]:
+    """The preferences a model is conditioned on, in its order (none for a plain model)."""
+    return model.names if isinstance(model, Conditioned) else ()
+
+
+def with_preferences(path: Path, model: nn.Module, values: Mapping[str, float] | None) -> nn.Module:
+    """The model as a one-input predictor: a conditioned one asked for `values` (which it needs),
+    a plain one as it is (which takes none)."""
+    names = conditioned_on(model)
+    if values is None and names:
+        raise input_error(path, f"is conditioned on preferences: give them (e.g. --preference "
+                                f"{','.join(f'{n}=0.5' for n in names)})")
+    if values is None:
+        return model
+    if not isinstance(model, Conditioned):
+        raise input_error(path, "is not conditioned on preferences (trained without model.conditioning): drop them")
+    return model.at(check(values, names).tolist())
+
+
+def load_predictor(path: Path, runtime: Runtime, grid: int | None = None,
+                   preferences: Mapping[str, float] | None = None) -> Predictor | Cascade:
     """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
     with `grid`, refused unless trained on that grid. A cascade's full-resolution run comes with
-    its coarse stage (the run's `cascade.coarse`)."""
-    return as_predictor(Path(path), load_model_or_ensemble(path, grid), runtime, grid)
+    its coarse stage (the run's `cascade.coarse`). A conditioned model is asked for `preferences`."""
+    model = with_preferences(Path(path), load_model_or_ensemble(path, grid), preferences)
+    return as_predictor(Path(path), model, runtime, grid)
 
 
 def as_predictor(path: Path, model: nn.Module, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:

@@ -2,17 +2,24 @@
 and checkpoints, trained on preference plans; unconditioned models as they were."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from nas_dose import cli
 from nas_dose.config import ConfigError, load_config
 from nas_dose.data.dataset import PlanDataset
 from nas_dose.errors import NasDoseError
-from nas_dose.io import load_checkpoint
+from nas_dose.data.store import open_data
+from nas_dose.inference import predict_patient
+from nas_dose.io import load_checkpoint, load_yaml
 from nas_dose.models.conditioning import Conditioned, FiLMNorm, condition, conditioning_spec
 from nas_dose.models.factory import ModelConfig, build_model, check_input_size, load_model, model_spec
-from nas_dose.runtime import seed_everything
+from nas_dose.progress import set_quiet
+from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.search_spaces import build_model as build_genotype
 from nas_dose.search_spaces import get_space
 from nas_dose.training import TrainConfig, train_model
@@ -112,3 +119,72 @@ def test_a_conditioned_model_trains_reloads_and_predicts(plan_data, tmp_path):
     prefs = torch.tensor([[0.3, 0.2]])
     model.load_state_dict(result.best_state)
     torch.testing.assert_close(loaded(x, prefs), model.eval()(x, prefs), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def conditioned_run(plan_data, tmp_path_factory) -> Path:
+    cfg = load_config(TrainConfig, overrides=[*SMALL, "epochs=2", "model.conditioning=film", "data.plans=true"])
+    seed_everything(0)
+    out = tmp_path_factory.mktemp("runs") / "conditioned"
+    train_model(build_model(cfg.model), cfg, plan_data, out)
+    return out
+
+
+def nasdose_predict(capsys, *argv: object) -> tuple[int, str]:
+    capsys.readouterr()
+    status = cli.main(["predict", *map(str, argv), "-q", "runtime.device=cpu", "runtime.threads=1"])
+    set_quiet(False)
+    return status, capsys.readouterr().err
+
+
+def test_predict_asks_a_conditioned_model_for_the_preferences(conditioned_run, plan_data, tmp_path, capsys):
+    doses = {}
+    for asked in ("oar=0.1,hi=0.1", "hi=0.1,oar=0.9"):
+        out = tmp_path / asked
+        assert nasdose_predict(capsys, "--model", conditioned_run, "--data", plan_data, "--out", out,
+                               "--split", "validation", "--no-csv", "--preference", asked)[0] == 0
+        with open_data(out / "predictions.h5") as preds:
+            doses[asked] = preds.read_dose("pt_8")
+        assert load_yaml(out / "config.yaml")["preferences"]["hi"] == 0.1
+    assert not np.array_equal(*doses.values())
+    model, _ = load_model(conditioned_run)
+    with open_data(plan_data) as data:
+        expected = predict_patient(model.at([0.9, 0.1]), data.read("pt_8"), Runtime(RuntimeConfig(device="cpu")))
+    np.testing.assert_allclose(doses["hi=0.1,oar=0.9"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preference", "oar=1.5,hi=0.1"], r"preference oar=1.5 is out of its range \[0, 1\]"),
+    (["--preference", "oar=0.5,hi=0.1,ctv=1"], "unknown preference 'ctv'"),
+    (["--preference", "oar=0.5"], "preference 'hi' not given"),
+    ([], "is conditioned on preferences: give them"),
+    (["--sweep", "oar=0,2", "--preference", "hi=0.1"], r"oar=2 is out of its range"),
+])
+def test_bad_preferences_are_one_line_errors(conditioned_run, plan_data, tmp_path, capsys, argv, message):
+    status, err = nasdose_predict(capsys, "--model", conditioned_run, "--data", plan_data, "--out", tmp_path / "p",
+                                  *argv)
+    assert status == 1 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_plain_model_takes_no_preferences(run_plain, plan_data, tmp_path, capsys):
+    status, err = nasdose_predict(capsys, "--model", run_plain, "--data", plan_data, "--out", tmp_path / "p",
+                                  "--preference", "oar=0.5,hi=0.1")
+    assert status == 1 and "is not conditioned on preferences" in err
+
+
+@pytest.fixture(scope="module")
+def run_plain(plan_data, train_tiny, tmp_path_factory) -> Path:
+    return train_tiny(plan_data, tmp_path_factory.mktemp("runs") / "plain")
+
+
+def test_sweep_writes_a_dose_per_setting_and_the_dvh_overlays(conditioned_run, plan_data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert nasdose_predict(capsys, "--model", conditioned_run, "--data", plan_data, "--out", out, "--split",
+                           "validation", "--preference", "hi=0.1", "--sweep", "oar=0,0.5,1")[0] == 0
+    files = sorted(p.name for p in out.glob("*.h5"))
+    assert files == ["oar=0.5.h5", "oar=0.h5", "oar=1.h5"]
+    assert sorted(p.name for p in (out / "dvh").iterdir()) == ["pt_7.png", "pt_8.png"]
+    with open_data(out / "oar=0.h5") as low, open_data(out / "oar=1.h5") as high:
+        assert low.ids() == ["pt_7", "pt_8"] and not np.array_equal(low.read_dose("pt_7"), high.read_dose("pt_7"))
+    assert load_yaml(out / "config.yaml")["sweep"] == {"oar": [0.0, 0.5, 1.0]}

@@ -198,7 +198,7 @@ def run(imported, train_tiny, tmp_path_factory) -> Path:
 
 def predict_nifti(model: Path, data: Path, out: Path) -> None:
     predict_main(argparse.Namespace(model=model, data=data, out=out, split=None, tta=False, csv=None,
-                                    format="nifti", config=None,
+                                    format="nifti", preference=None, sweep=None, config=None,
                                     overrides=["runtime.device=cpu", "runtime.threads=1"]))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import predict
 from ..config import add_config_arguments, load_config
+from ..data.preferences import describe
 from ..data.store import SPLITS
 
 STAGE = predict
@@ -25,11 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("--format", choices=tuple(predict.FORMATS), default=None,
                         help="submission files: csv (OpenKBP, submission/; the default) or nifti (nifti/*.nii.gz, "
                              "in each patient's original orientation and affine)")
+    parser.add_argument("--preference", metavar="NAME=V,...", default=None,
+                        help=f"a conditioned model's planning preferences ({describe()})")
+    parser.add_argument("--sweep", metavar="NAME=V1,V2,...", default=None,
+                        help="predict one dose per value of one preference (the others from --preference), "
+                             "NAME=V.h5 each, and overlay each patient's DVHs in dvh/")
     add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> None:
     config = load_config(predict.Config, args.config, args.overrides)
-    given = (("split", args.split), ("tta", args.tta), ("csv", args.csv), ("format", args.format))
+    given = (("split", args.split), ("tta", args.tta), ("csv", args.csv), ("format", args.format),
+             ("preference", args.preference), ("sweep", args.sweep))
     flags = {k: v for k, v in given if v is not None}
     predict.run(replace(config, **flags), predict.Inputs(args.model, args.data), args.out)

@@ -68,6 +68,18 @@ def parse(text: str) -> dict[str, float]:
     return out
 
 
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """`oar=0,0.25,0.5` -> ("oar", [0, 0.25, 0.5]): one preference and the values to sweep it over."""
+    name, sep, values = text.partition("=")
+    name = name.strip()
+    if not sep or not values.strip():
+        raise NasDoseError(f"sweep {text!r}: expected name=v1,v2,... (e.g. oar=0,0.25,0.5,0.75,1)")
+    swept = [parse(f"{name}={v}")[name] for v in values.split(",") if v.strip()]
+    if len(set(swept)) != len(swept):
+        raise NasDoseError(f"sweep {text!r}: a value is given twice")
+    return name, swept
+
+
 def normalize(values: np.ndarray, names: Sequence[str] = NAMES) -> np.ndarray:
     """Each value scaled to [0, 1] by its documented range: what a conditioned network sees."""
     lo = np.array([PREFERENCES[n][0] for n in names], dtype=np.float32)

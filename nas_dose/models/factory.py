@@ -56,6 +56,9 @@ def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
         kwargs["in_channels"] = REFINER_CHANNELS
     spec = {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
     if cfg.conditioning is not None:
+        if refiner:
+            raise ConfigError("config key 'model.conditioning': a cascade's full-resolution stage cannot be "
+                              "conditioned (condition its coarse stage)")
         spec["conditioning"] = conditioning_spec(cfg.conditioning, NAMES)
     return spec
 
