@@ -12,8 +12,8 @@ import torch
 from nas_dose import cli
 from nas_dose.config import ConfigError, load_config
 from nas_dose.data.dataset import PlanDataset
-from nas_dose.errors import NasDoseError
 from nas_dose.data.store import open_data
+from nas_dose.errors import NasDoseError
 from nas_dose.inference import predict_patient
 from nas_dose.io import load_checkpoint, load_yaml
 from nas_dose.models.conditioning import Conditioned, FiLMNorm, condition, conditioning_spec
