@@ -14,7 +14,7 @@ from nas_dose.config import ConfigError, load_config
 from nas_dose.data.dataset import PlanDataset
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError
-from nas_dose.inference import predict_patient
+from nas_dose.inference import Ensemble, conditioned_on, predict_patient, with_preferences
 from nas_dose.io import load_checkpoint, load_yaml
 from nas_dose.models.conditioning import Conditioned, FiLMNorm, condition, conditioning_spec
 from nas_dose.models.factory import ModelConfig, build_model, check_input_size, load_model, model_spec
@@ -188,3 +188,23 @@ def test_sweep_writes_a_dose_per_setting_and_the_dvh_overlays(conditioned_run, p
     with open_data(out / "oar=0.h5") as low, open_data(out / "oar=1.h5") as high:
         assert low.ids() == ["pt_7", "pt_8"] and not np.array_equal(low.read_dose("pt_7"), high.read_dose("pt_7"))
     assert load_yaml(out / "config.yaml")["sweep"] == {"oar": [0.0, 0.5, 1.0]}
+
+
+def test_an_ensemble_of_conditioned_members_is_conditioned(tmp_path):
+    members = []
+    for seed in (0, 1):
+        seed_everything(seed)
+        member = build_model(ModelConfig(kwargs={"widths": [4, 8]}, conditioning="film")).eval()
+        _perturb_heads(member)
+        members.append(member)
+    ensemble = Ensemble(members, [0.25, 0.75]).eval()
+    assert conditioned_on(ensemble) == ("oar", "hi") and conditioned_on(Ensemble([torch.nn.Identity()], [1])) == ()
+    x, prefs = torch.randn(1, 10, 8, 8, 8), torch.tensor([[0.8, 0.2]])
+    with torch.no_grad():
+        expected = 0.25 * members[0](x, prefs).clamp_min(0) + 0.75 * members[1](x, prefs).clamp_min(0)
+        torch.testing.assert_close(ensemble(x, prefs), expected)
+        torch.testing.assert_close(with_preferences(tmp_path, ensemble, {"oar": 0.8, "hi": 0.2})(x), expected)
+        flipped = Ensemble(members, [0.25, 0.75], tta=True).eval()
+        assert flipped(x, prefs).shape == x[:, :1].shape
+    with pytest.raises(NasDoseError, match="is conditioned on preferences: give them"):
+        with_preferences(tmp_path, ensemble, None)

@@ -101,18 +101,19 @@ class Conditioned(nn.Module):
 
     def at(self, values: Sequence[float]) -> Preset:
         """This network as a one-input predictor, asked for the preferences `values` (`names` order)."""
+        if len(values) != len(self.names):
+            raise NasDoseError(f"conditioning: {len(values)} preference values for {', '.join(self.names)}")
         return Preset(self, values)
 
 
 class Preset(nn.Module):
-    """A conditioned network with its preferences fixed: `forward(x)`, as every predictor."""
+    """A conditioned network (or anything taking `(x, preferences)`: an ensemble of them) with its
+    preferences fixed: `forward(x)`, as every predictor."""
 
     values: torch.Tensor
 
-    def __init__(self, model: Conditioned, values: Sequence[float]) -> None:
+    def __init__(self, model: nn.Module, values: Sequence[float]) -> None:
         super().__init__()
-        if len(values) != len(model.names):
-            raise NasDoseError(f"conditioning: {len(values)} preference values for {', '.join(model.names)}")
         self.model = model
         self.register_buffer("values", torch.tensor([list(values)], dtype=torch.float32), persistent=False)
 
