@@ -12,6 +12,7 @@ import torch
 from nas_dose import cli
 from nas_dose.config import ConfigError, load_config
 from nas_dose.data.dataset import PlanDataset
+from nas_dose.data.preferences import SparingScale, homogeneity_index, spared_mean_doses
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError
 from nas_dose.inference import Ensemble, conditioned_on, predict_patient, with_preferences
@@ -102,8 +103,21 @@ def test_plan_items_carry_their_plans_preferences(plan_data, data):
     assert len(drawn) > 2  # a plan drawn per epoch
     every = PlanDataset(plan_data, "validation", every_plan=True)
     assert len(every) == 8 and "preferences" not in every[0]
-    with pytest.raises(NasDoseError, match="pt_1 has no preference plans"):
-        PlanDataset(data, "train")
+
+
+def test_a_patient_without_plans_is_one_plan_at_its_measured_preferences(data):
+    train = PlanDataset(data, "train", preferences=True)
+    with open_data(data) as d:
+        scale = SparingScale(spared_mean_doses(d.read(pid).dose, d.read(pid).structures) for pid in d.ids("train"))
+        for index, pid in enumerate(train.ids):
+            p = d.read(pid)
+            item = train[(index, 3)]
+            np.testing.assert_array_equal(item["target"][0].numpy(), p.dose / np.float32(70))
+            oar, hi = item["preferences"].numpy()
+            assert hi == pytest.approx(homogeneity_index(p.dose, p.structures["PTV70"]), abs=1e-6)
+            assert oar == pytest.approx(scale.sparing(spared_mean_doses(p.dose, p.structures)), abs=1e-6)
+    oars = [v[0, 0] for v in train.values]
+    assert 0 <= min(oars) < 0.45 and 0.55 < max(oars) <= 1  # around the typical plan (0.5), both ways
 
 
 def test_a_conditioned_model_trains_reloads_and_predicts(plan_data, tmp_path):

@@ -8,7 +8,9 @@ from scipy.stats import spearmanr
 
 from nas_dose import cli
 from nas_dose.data import preferences
+from nas_dose.data.openkbp import read_npz_patient
 from nas_dose.data.patient import OARS, TARGETS
+from nas_dose.data.preferences import SparingScale, spared_mean_doses
 from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import anatomy, synth_patient, synth_patients
 from nas_dose.data.synth.beam import plan_dose
@@ -129,3 +131,24 @@ def test_synth_command_writes_plans(tmp_path, capsys):
     assert "preference plans: 6 on 2 patients (oar 0." in text and ", hi 0." in text
     with open_data(out) as data:
         assert [data.n_plans(pid) for pid in data.ids()] == [3, 3]
+
+
+def test_sparing_scale_ranks_a_plan_in_its_population():
+    scale = SparingScale([{"SpinalCord": 10.0, "Larynx": 40.0}, {"SpinalCord": 20.0}, {"SpinalCord": 30.0}])
+    assert scale.sparing({"SpinalCord": 5.0}) == 1.0 and scale.sparing({"SpinalCord": 35.0}) == 0.0
+    assert scale.sparing({"SpinalCord": 20.0}) == pytest.approx(0.5)
+    assert scale.sparing({"SpinalCord": 35.0, "Larynx": 1.0}) == pytest.approx(0.5)  # the mean over its OARs
+    assert scale.sparing({"Brainstem": 3.0}) == 0.5  # no OAR the population knows
+    with pytest.raises(NasDoseError, match="no plan of the population has a spared OAR"):
+        SparingScale([{}])
+
+
+def test_measured_preferences_of_real_plans(openkbp_dir):
+    """OpenKBP plans: HI of the PTV70 in a clinical range, and the measured sparing spans the slider."""
+    files = sorted((openkbp_dir / "npz128" / "train").glob("pt_*.npz"))[:12]
+    patients = [read_npz_patient(f) for f in files]
+    scale = SparingScale(spared_mean_doses(p.dose, p.structures) for p in patients)
+    measured = np.array([scale.measure(p.dose, p.structures) for p in patients if "PTV70" in p.structures])
+    assert len(measured) >= 8
+    assert 0.02 < np.median(measured[:, 1]) < 0.3
+    assert measured[:, 0].min() < 0.35 and measured[:, 0].max() > 0.65

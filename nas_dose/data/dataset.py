@@ -18,7 +18,7 @@ from ..distributed import ShardedBatches
 from ..errors import NasDoseError
 from .augment import AugmentConfig, ChannelLayout, augment
 from .patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS, Patient
-from .preferences import NAMES
+from .preferences import NAMES, SparingScale, spared_mean_doses
 from .store import DataFile, open_data
 
 CHANNELS: tuple[str, ...] = ("ct", "ptv", *OARS, "possible_dose_mask")
@@ -184,18 +184,25 @@ class PlanDataset(DoseDataset):
     """The patients' preference plans (`nasdose data synth --preferences K`) as targets: each epoch
     one plan per patient, drawn from (seed, epoch, index), or with `every_plan` every plan an item
     (validation). With `preferences`, an item also holds its plan's `preferences` (float32
-    (len(NAMES),), in their own units), what a conditioned model is asked for."""
+    (len(NAMES),), in their own units), what a conditioned model is asked for.
+
+    A patient without preference plans (a real patient's one plan) is one plan, its dose, with
+    preferences measured on it against the data set's training plans (`SparingScale`)."""
 
     def __init__(self, path: Path, split: str | Sequence[str] | None, augment: AugmentConfig | None = None,
                  seed: int = 0, exclude: Sequence[str] = (), every_plan: bool = False,
                  preferences: bool = False) -> None:
         super().__init__(path, split, augment, seed, exclude)
         self.preferences = preferences
+        self.has_plans = [self.data.n_plans(pid) > 0 for pid in self.ids]
+        scale = None if all(self.has_plans) else training_scale(self.data)
         self.values: list[np.ndarray] = []
-        for pid in self.ids:
-            if not self.data.n_plans(pid):
-                raise NasDoseError(f"{path}: patient {pid} has no preference plans (make the data with "
-                                   "`nasdose data synth --preferences K`)")
+        for pid, has_plans in zip(self.ids, self.has_plans):
+            if not has_plans:
+                p = self.data.read(pid)
+                assert scale is not None and p.dose is not None  # DoseDataset verified the dose
+                self.values.append(scale.measure(p.dose, p.structures)[None])
+                continue
             names, values = self.data.plan_preferences(pid)
             if names != NAMES:
                 raise NasDoseError(f"{path}: patient {pid}: plan preferences {', '.join(names)}, expected "
@@ -212,8 +219,23 @@ class PlanDataset(DoseDataset):
         else:
             k = int(np.random.default_rng([self.seed, epoch, index, 1]).integers(len(self.values[index])))
         pid = self.ids[index]
-        patient = replace(self.data.read(pid), dose=self.data.read_plan(pid, k))
+        patient = self.data.read(pid)
+        if self.has_plans[index]:
+            patient = replace(patient, dose=self.data.read_plan(pid, k))
         return patient, {"preferences": self.values[index][k]} if self.preferences else {}
+
+
+def training_scale(data: DataFile) -> SparingScale:
+    """The spared-OAR doses of the data set's training plans: where a real plan's sparing is placed."""
+    means = []
+    for pid in data.ids("train"):
+        if data.has_dose(pid):
+            p = data.read(pid)
+            assert p.dose is not None
+            means.append(spared_mean_doses(p.dose, p.structures))
+    if not means:
+        raise NasDoseError(f"{data.path}: no training patient with a dose to measure preferences against")
+    return SparingScale(means)
 
 
 class EpochSampler(Sampler):

@@ -10,14 +10,21 @@ A plan's preferences are a vector in `NAMES` order:
   model for ``hi=0.1`` asks for a dose whose PTV70 has that HI.
 
 A conditioned model sees each value scaled to [0, 1] by its range (`normalize`).
+
+A plan made without a recorded sparing weight (a real patient's single plan) gets one measured
+(`SparingScale`): 1 minus the mean, over its spared OARs, of the rank of the OAR's mean dose
+among a population of plans (0.5: a typical plan). This measures where the plan stands in the
+population, anatomy included (an OAR beside the target gets a high dose however hard it was
+spared), not the planner's intent: the slider then spans the population's variation.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import NasDoseError
+from .patient import OARS, TARGETS
 
 # name -> (low, high, meaning); the order is the vector's.
 PREFERENCES: dict[str, tuple[float, float, str]] = {
@@ -25,6 +32,7 @@ PREFERENCES: dict[str, tuple[float, float, str]] = {
     "hi": (0.0, 1.0, "homogeneity index of the PTV70 dose, (D2 - D98) / D50: 0 is perfectly homogeneous"),
 }
 NAMES: tuple[str, ...] = tuple(PREFERENCES)
+SPARED_OARS: tuple[str, ...] = tuple(o for o in OARS if o != "Mandible")  # the OARs `oar` speaks of
 
 
 def describe() -> str:
@@ -94,3 +102,36 @@ def homogeneity_index(dose: np.ndarray, target: np.ndarray) -> float:
         return 0.0
     d2, d50, d98 = np.percentile(values, [98, 50, 2])
     return float((d2 - d98) / d50) if d50 > 0 else 0.0
+
+
+def spared_mean_doses(dose: np.ndarray, structures: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Mean dose (Gy) of each contoured spared OAR outside the targets (its overlap is target)."""
+    targets = np.logical_or.reduce([structures[t] for t in TARGETS if t in structures] or [np.zeros(dose.shape, bool)])
+    return {o: float(dose[m].mean()) for o in SPARED_OARS if o in structures and (m := structures[o] & ~targets).any()}
+
+
+class SparingScale:
+    """A population's spared-OAR mean doses, to place one plan's sparing in it (`oar` measured)."""
+
+    def __init__(self, plans: Iterable[Mapping[str, float]]) -> None:
+        """`plans`: each plan's `spared_mean_doses`."""
+        collected: dict[str, list[float]] = {}
+        for means in plans:
+            for name, value in means.items():
+                collected.setdefault(name, []).append(value)
+        self.doses = {name: np.sort(values) for name, values in collected.items()}
+        if not self.doses:
+            raise NasDoseError("measured preferences: no plan of the population has a spared OAR")
+
+    def sparing(self, means: Mapping[str, float]) -> float:
+        """1 - the mean rank (mid-rank, 0 to 1) of the plan's OAR mean doses in the population;
+        0.5 for a plan without any spared OAR the population knows."""
+        ranks = [(np.searchsorted(ref, means[name], "left") + np.searchsorted(ref, means[name], "right"))
+                 / (2 * len(ref)) for name, ref in self.doses.items() if name in means]
+        return float(1.0 - np.mean(ranks)) if ranks else 0.5
+
+    def measure(self, dose: np.ndarray, structures: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The plan's measured preferences, in NAMES order."""
+        ptv70 = structures.get("PTV70", np.zeros(dose.shape, bool))
+        return check({"oar": self.sparing(spared_mean_doses(dose, structures)),
+                      "hi": min(homogeneity_index(dose, ptv70), PREFERENCES["hi"][1])})
