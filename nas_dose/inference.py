@@ -163,7 +163,9 @@ def load_ensemble(path: str | Path, grid: int | None = None) -> Ensemble:
         raise input_error(path, "'members' must be a non-empty list")
     if not isinstance(data.get("tta", False), bool):
         raise input_error(path, "'tta' must be true or false")
-    models, weights, names = [], [], []
+    models: list[nn.Module] = []
+    weights: list[float] = []
+    names: list[str] = []
     for i, m in enumerate(raw):
         if (not isinstance(m, dict)
                 or not all(isinstance(m.get(k), str) for k in ("name", "genotype", "checkpoint"))

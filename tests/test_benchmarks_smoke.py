@@ -110,6 +110,7 @@ def test_preferences_benchmark_at_a_trivial_size(suite):
     res = bench_preferences.run(quick=True, device="cpu")
     (run,) = res["measurements"]["runs"]
     assert run["plans"] == 10 and run["plain_dose_score"] > 0 and run["conditioned_dose_score"] > 0
-    assert (math.isnan(run["hi_rho"]) or -1 <= run["hi_rho"] <= 1) and set(res["measurements"]["latency_s"]) == {"conditioned_16_s", "plain_16_s"}
+    assert math.isnan(run["hi_rho"]) or -1 <= run["hi_rho"] <= 1
+    assert set(res["measurements"]["latency_s"]) == {"conditioned_16_s", "plain_16_s"}
     assert [r["status"] for r in res["ratios"]][3] == "info" and len(res["ratios"]) == 4
     json.dumps(res)
