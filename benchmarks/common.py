@@ -224,6 +224,11 @@ def speedup(new: Timing, old: Timing) -> float:
     return statistics.median(o / n for n, o in zip(new.seconds, old.seconds, strict=True))
 
 
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _max(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
 
@@ -390,6 +395,29 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
+
+
+def add_settings_arguments(p: argparse.ArgumentParser, defaults: Any) -> None:
+    """Every field of a benchmark's Settings dataclass as an option of its type (a list takes
+    several values of its elements' type); --threads is common's own."""
+    for key, value in dataclasses.asdict(defaults).items():
+        if key == "threads":
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, list):
+            p.add_argument(flag, nargs="+", type=type(value[0]) if value else str, default=None)
+        else:
+            p.add_argument(flag, type=type(value), default=None)
+
+
+def settings_option(args: argparse.Namespace, defaults: Any) -> dict[str, Any]:
+    """The `settings` argument of a benchmark's `run`: `defaults` (their `quick()` with --quick)
+    with the options given on top."""
+    s = defaults.quick() if args.quick else defaults
+    fields = dataclasses.asdict(s)
+    given = {k: v for k, v in vars(args).items() if k in fields and k != "threads" and v is not None}
+    threads = {"threads": args.threads} if args.threads is not None else {}
+    return {"settings": dataclasses.replace(s, **given, **threads)}
 
 
 def run_arguments(run: Callable[..., Any], quick: bool, device: str, repeats: int | None) -> dict[str, Any]:

@@ -27,15 +27,15 @@ Not in the suite (the full size takes half an hour on a CPU); `run(quick)` is it
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import Row, result
+from common import Row, add_settings_arguments, mean_sd, result, settings_option
 from common import main as bench_main
 from scipy import stats
 
@@ -120,11 +120,6 @@ def rank_stats(cheap: Sequence[float], trained: Sequence[float], k: int) -> dict
             "top_k_hits": float(len(best(cheap) & best(trained)))}
 
 
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
     """One record per (seed, mode), printed as it ends; genotypes drawn twice are trained once."""
     s.validate()
@@ -204,25 +199,7 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
                          f"wall time {wall / 60:.1f} min"])
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Every Settings field as an option (--threads is common's and sets runtime.threads here)."""
-    for key, value in asdict(Settings()).items():
-        if key == "threads":
-            continue
-        flag = f"--{key.replace('_', '-')}"
-        if isinstance(value, list):
-            p.add_argument(flag, nargs="+", type=str if key == "modes" else int, default=None)
-        else:
-            p.add_argument(flag, type=type(value), default=None)
-
-
-def settings_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The `settings` argument of `run`: the chosen size with the options given on top."""
-    s = Settings().quick() if args.quick else Settings()
-    given = {k: v for k, v in vars(args).items() if k in asdict(s) and k != "threads" and v is not None}
-    threads = {"threads": args.threads} if args.threads is not None else {}
-    return {"settings": replace(s, **given, **threads)}
-
-
 if __name__ == "__main__":
-    bench_main("rank_correlation", run, __doc__.splitlines()[0], add=add_arguments, options=settings_from)
+    bench_main("rank_correlation", run, __doc__.splitlines()[0],
+               add=partial(add_settings_arguments, defaults=Settings()),
+               options=partial(settings_option, defaults=Settings()))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import reduce
+from functools import partial, reduce
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -20,10 +20,12 @@ from .cascade.windows import predict_source, source_grids
 from .config import from_dict
 from .data.dataset import build_input
 from .data.patient import DOSE_SCALE_GY, Patient
+from .data.preferences import check
 from .data.store import DataFile
 from .data.tta import flip_tta
 from .errors import input_error
 from .io import load_checkpoint, load_yaml, save_yaml
+from .models.conditioning import Conditioned, Preset
 from .models.factory import check_trained_grid, load_model, spec_genotype
 from .models.refiner import Refiner
 from .runtime import Runtime
@@ -83,7 +85,8 @@ class Ensemble(nn.Module):
 
     Each member's output is clamped at zero before weighting, as `predict` clamps a single
     model's, so the ensemble's prediction is exactly the weighted mean of its members' own
-    predictions; with `tta` each member is averaged over predict's flips first.
+    predictions; with `tta` each member is averaged over predict's flips first. An ensemble of
+    conditioned members is conditioned: `forward(x, preferences)` asks every member for them.
     """
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], tta: bool = False,
@@ -96,12 +99,13 @@ class Ensemble(nn.Module):
         self.tta = tta
         self.names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
 
-    def combine(self, x: torch.Tensor) -> torch.Tensor:
-        weighted = (member(x).float().clamp_min(0) * w for w, member in zip(self.weights, self.members))
+    def combine(self, x: torch.Tensor, preferences: torch.Tensor | None = None) -> torch.Tensor:
+        asked = () if preferences is None else (preferences,)
+        weighted = (member(x, *asked).float().clamp_min(0) * w for w, member in zip(self.weights, self.members))
         return reduce(operator.add, weighted)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return flip_tta(self.combine, x) if self.tta else self.combine(x)
+    def forward(self, x: torch.Tensor, preferences: torch.Tensor | None = None) -> torch.Tensor:
+        return flip_tta(partial(self.combine, preferences=preferences), x) if self.tta else self.combine(x, preferences)
 
 
 def save_ensemble(path: Path, names: Sequence[str], weights: Sequence[float], *, selection: str,
@@ -131,7 +135,9 @@ def load_ensemble(path: str | Path, grid: int | None = None) -> Ensemble:
         raise input_error(path, "'members' must be a non-empty list")
     if not isinstance(data.get("tta", False), bool):
         raise input_error(path, "'tta' must be true or false")
-    models, weights, names = [], [], []
+    models: list[nn.Module] = []
+    weights: list[float] = []
+    names: list[str] = []
     for i, m in enumerate(raw):
         if (not isinstance(m, dict)
                 or not all(isinstance(m.get(k), str) for k in ("name", "genotype", "checkpoint"))
@@ -144,6 +150,10 @@ def load_ensemble(path: str | Path, grid: int | None = None) -> Ensemble:
         if meta["model_config"].get("genotype") != spec_genotype(genotype, bool(meta["model_config"].get("refiner"))):
             raise input_error(path, f"member {m['name']}: {m['checkpoint']} does not hold the network "
                                     f"of {m['genotype']}")
+        if models and conditioned_on(model) != conditioned_on(models[0]):
+            mine, first = (", ".join(conditioned_on(x)) or "none" for x in (model, models[0]))
+            raise input_error(path, f"member {m['name']}: conditioned on preferences ({mine}) unlike member "
+                                    f"{names[0]} ({first})")
         models.append(model)
         weights.append(float(m["weight"]))
         names.append(m["name"])
@@ -165,11 +175,35 @@ def load_model_or_ensemble(path: str | Path, grid: int | None = None) -> nn.Modu
     return model
 
 
-def load_predictor(path: Path, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:
+def conditioned_on(model: nn.Module) -> tuple[str, ...]:
+    """The preferences a model (an ensemble: its members, which agree) is conditioned on, in its
+    order (none for a plain model)."""
+    if isinstance(model, Ensemble):
+        return conditioned_on(model.members[0])
+    return model.names if isinstance(model, Conditioned) else ()
+
+
+def with_preferences(path: Path, model: nn.Module, values: Mapping[str, float] | None) -> nn.Module:
+    """The model as a one-input predictor: a conditioned one asked for `values` (which it needs),
+    a plain one as it is (which takes none)."""
+    names = conditioned_on(model)
+    if values is None and names:
+        raise input_error(path, f"is conditioned on preferences: give them (e.g. --preference "
+                                f"{','.join(f'{n}=0.5' for n in names)})")
+    if values is None:
+        return model
+    if not names:
+        raise input_error(path, "is not conditioned on preferences (trained without model.conditioning): drop them")
+    return Preset(model, check(values, names).tolist())
+
+
+def load_predictor(path: Path, runtime: Runtime, grid: int | None = None,
+                   preferences: Mapping[str, float] | None = None) -> Predictor | Cascade:
     """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
     with `grid`, refused unless trained on that grid. A cascade's full-resolution run comes with
-    its coarse stage (the run's `cascade.coarse`)."""
-    return as_predictor(Path(path), load_model_or_ensemble(path, grid), runtime, grid)
+    its coarse stage (the run's `cascade.coarse`). A conditioned model is asked for `preferences`."""
+    model = with_preferences(Path(path), load_model_or_ensemble(path, grid), preferences)
+    return as_predictor(Path(path), model, runtime, grid)
 
 
 def as_predictor(path: Path, model: nn.Module, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -97,6 +98,32 @@ def plot_dvh(ref_dose: np.ndarray, pred_dose: np.ndarray, structures: Mapping[st
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     if title:
         ax.set_title(title)
+    save_figure(fig, path)
+
+
+def plot_dvh_sweep(bins: np.ndarray, curves: Mapping[str, Mapping[str, np.ndarray]], path: str | Path,
+                   title: str = "") -> None:
+    """A panel per structure, the DVH of each setting (`curves`: label -> structure -> curve on
+    `bins`, as `cumulative_dvh`) coloured in order: how the dose moves with a preference."""
+    rois = [roi for roi in ROIS if any(roi in c for c in curves.values())]
+    ncols = min(len(rois), 4) or 1
+    fig, axes = new_figure(ncols, -(-len(rois) // ncols) or 1, panel_inches=(3.6, 2.8))
+    colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(len(curves), 1)))
+    for ax, roi in zip(axes.flat, rois):
+        for color, (label, by_roi) in zip(colors, curves.items()):
+            if roi in by_roi:
+                ax.plot(bins, by_roi[roi], color=color, label=label)
+        ax.set_title(roi, fontsize="medium")
+        ax.set_xlim(0.0, float(bins[-1]))
+        ax.set_ylim(0.0, 101.0)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(rois):]:
+        ax.set_axis_off()
+    axes[0, 0].legend(fontsize="x-small", frameon=False)
+    fig.supxlabel("dose (Gy)")
+    fig.supylabel("volume (%)")
+    if title:
+        fig.suptitle(title)
     save_figure(fig, path)
 
 

@@ -2,7 +2,8 @@
 NIfTI, or DICOM RT Dose).
 
   nasdose predict --model MODEL --data DATA.h5 --out DIR [--split S] [--tta] [--no-csv]
-                  [--format csv|nifti|dicom] [runtime.device=cpu runtime.amp=off ...]
+                  [--format csv|nifti|dicom] [--preference oar=0.7,hi=0.1 [--sweep oar=0,0.5,1]]
+                  [runtime.device=cpu runtime.amp=off ...]
 
 DIR receives predictions.h5 (on the data set's grid; a cascade's on the source grid),
 submission/pt_N.csv (the challenge's format, on the source grid: a prediction made on a
@@ -14,7 +15,13 @@ grid is made from its voxel size, nas_dose.data.nifti.openkbp_geometry). With `f
 they go to dicom/pt_N.dcm, an RT Dose on the grid of the patient's CT, in its study and frame of
 reference (patients imported from DICOM only; nas_dose.data.dicom).
 Trailing key=value pairs set the config: `runtime.*` (device, amp, channels_last, ...), `split`,
-`tta`, `csv` (false: no submission files in either format), `format`.
+`tta`, `csv` (false: no submission files in either format), `format`, `preference`, `sweep`.
+
+A model conditioned on planning preferences (`model.conditioning`) predicts the dose for the
+preferences `--preference` asks for (every one it takes, each in its documented range:
+nas_dose.data.preferences). `--sweep NAME=v1,v2,...` predicts one dose per value of NAME (the
+others as `--preference` gives them) into DIR/NAME=v.h5, and draws each patient's DVHs of every
+setting over each other into DIR/dvh/pt_N.png.
 
 Test-time augmentation (--tta) averages the flips the training augmentation uses: along axis 0
 (anterior-posterior) and axis 1 (right-left), each alone and both. A flip along one of them
@@ -29,6 +36,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -36,10 +44,22 @@ from .config import ConfigError, load_config
 from .data.dicom import from_dicom, write_dicom_dose
 from .data.nifti import write_nifti_dose
 from .data.openkbp import write_submission_csv
+from .data.patient import DOSE_SCALE_GY
+from .data.preferences import parse, parse_sweep
 from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
-from .inference import Cascade, Predictor, load_predictor, predict_patients, predictions
+from .inference import (
+    Cascade,
+    Predictor,
+    as_predictor,
+    load_model_or_ensemble,
+    load_predictor,
+    predict_patients,
+    predictions,
+    with_preferences,
+)
 from .io import output_folder, refuse_existing, save_yaml
+from .plots import cumulative_dvh, plot_dvh_sweep
 from .progress import say
 from .runtime import Runtime, RuntimeConfig
 from .training import TrainConfig
@@ -79,7 +99,8 @@ def _write_submission(folder: Path, fmt: str, pid: str, dose: np.ndarray, data: 
 
 
 def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | None, runtime: Runtime, out: Path,
-                  *, model: str, tta: bool = False, csv: bool = True, format: str = "csv") -> list[str]:
+                  *, model: str, tta: bool = False, csv: bool = True, format: str = "csv",
+                  preferences: Mapping[str, float] | None = None) -> list[str]:
     """Predict the patients of `split` (all when None) into `out`; returns their ids.
 
     predictions.h5 (on the data set's grid, or on the source grid for a cascade), then the
@@ -119,7 +140,45 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     save_yaml(out / "config.yaml", {"model": model, "data": str(data.path), "split": split, "tta": tta,
-                                    "csv": csv, "format": format, "runtime": runtime.describe()})
+                                    "csv": csv, "format": format, "runtime": runtime.describe(),
+                                    **({"preferences": dict(preferences)} if preferences else {})})
+    return ids
+
+
+DVH_BINS_GY = np.linspace(0.0, 1.3 * DOSE_SCALE_GY, 400)  # the sweep figures' dose axis
+
+
+def write_sweep(model_path: Path, data: DataFile, split: str | None, runtime: Runtime, out: Path,
+                fixed: Mapping[str, float], name: str, values: list[float], tta: bool = False) -> list[str]:
+    """One prediction file per value of preference `name` (the others `fixed`), DIR/NAME=v.h5,
+    and per patient the DVHs of every setting overlaid (DIR/dvh/pt_N.png); returns the ids."""
+    ids = data.ids(split)
+    if not ids:
+        raise input_error(data.path, f"no patients in split '{split}'")
+    model = load_model_or_ensemble(model_path, data.grid)
+    curves: dict[str, dict[str, dict[str, np.ndarray]]] = {pid: {} for pid in ids}
+    for value in values:
+        setting = {**fixed, name: value}
+        predictor = as_predictor(model_path, with_preferences(model_path, model, setting), runtime, data.grid)
+        label = f"{name}={value:g}"
+
+        def records(label: str = label, predictor: Predictor | Cascade = predictor
+                    ) -> Iterator[tuple[str, np.ndarray, dict]]:
+            for pid, dose in predictions(predictor, data, ids, runtime, tta)[1]:
+                structures = data.read(pid).structures
+                curves[pid][label] = {roi: cumulative_dvh(dose, mask, DVH_BINS_GY)
+                                      for roi, mask in structures.items() if mask.any()}
+                yield pid, dose, data.patient_attrs(pid)
+
+        write_predictions(out / f"{label}.h5", records(), grid=data.grid, total=len(ids),
+                          source=f"{model_path} at " + ",".join(f"{k}={v:g}" for k, v in setting.items()))
+    others = ", ".join(f"{k}={v:g}" for k, v in fixed.items() if k != name)
+    for pid in ids:
+        plot_dvh_sweep(DVH_BINS_GY, curves[pid], out / "dvh" / f"{pid}.png",
+                       title=f"{pid}: {name} swept" + (f" ({others})" if others else ""))
+    save_yaml(out / "config.yaml", {"model": str(model_path), "data": str(data.path), "split": split, "tta": tta,
+                                    "preferences": dict(fixed), "sweep": {name: values},
+                                    "runtime": runtime.describe()})
     return ids
 
 
@@ -133,6 +192,8 @@ class Config:
     tta: bool = False
     csv: bool = True
     format: str = "csv"
+    preference: str | None = None  # a conditioned model's preferences, e.g. "oar=0.7,hi=0.1"
+    sweep: str | None = None  # one preference and its values, e.g. "oar=0,0.25,0.5,0.75,1"
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
@@ -152,13 +213,20 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
     """Predict into `out`; returns the patients predicted. Nothing to resume: a prediction is
     made again whole (written atomically); an earlier one in `out` is replaced only with `force`."""
     runtime = Runtime(config.runtime)
+    asked = parse(config.preference) if config.preference else None
+    swept = parse_sweep(config.sweep) if config.sweep else None
     with output_folder(out), open_data(inputs.data) as data:
         refuse_existing([Path(out) / "predictions.h5", *(Path(out) / f for f in FORMATS.values())], force)
         if data.kind != "dataset":
             raise input_error(inputs.data, "is a prediction file, not a data set")
-        predictor = load_predictor(inputs.model, runtime, data.grid)
+        if swept is not None:
+            ids = write_sweep(inputs.model, data, config.split, runtime, Path(out), asked or {}, *swept, tta=config.tta)
+            say(f"predicted {len(ids)} patients at {len(swept[1])} settings of {swept[0]}: {out}/{swept[0]}=*.h5, "
+                f"{out}/dvh/")
+            return ids
+        predictor = load_predictor(inputs.model, runtime, data.grid, asked)
         ids = write_outputs(predictor, data, config.split, runtime, Path(out), model=str(inputs.model),
-                            tta=config.tta, csv=config.csv, format=config.format)
+                            tta=config.tta, csv=config.csv, format=config.format, preferences=asked)
     say(f"predicted {len(ids)} patients: {Path(out) / 'predictions.h5'}"
         + (f", {Path(out) / FORMATS[config.format]}/" if config.csv else ""))
     return ids

@@ -68,6 +68,9 @@ def _report_official(run: Path, data: Path, config: TrainConfig) -> None:
         ids = d.ids(config.data.val_split)
         if config.cascade.coarse is None and all(d.source_grid(pid) == d.grid for pid in ids):
             return
+        if config.model.conditioning is not None:  # which preferences to ask for: `nasdose predict` says
+            say("official scores: not computed for a conditioned model (predict it with --preference)")
+            return
         runtime = Runtime(config.runtime)
         scores = official_scores(load_predictor(Path(run), runtime), d, ids, runtime)
     metrics = load_json(Path(run) / "metrics.json")

@@ -31,8 +31,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to("meta")
 
 
-def meta_forward(meta: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+def meta_forward(meta: nn.Module, input_shape: Sequence[int], *more_shapes: Sequence[int]) -> torch.Tensor:
     """One forward pass of a `meta_copy`: nothing is computed, so any input size is cheap, and a
-    shape error surfaces as it would on real data."""
+    shape error surfaces as it would on real data. `more_shapes`: of more inputs a network takes
+    (a conditioned network's preferences)."""
     with torch.no_grad():
-        return meta(torch.empty(tuple(input_shape), device="meta"))
+        return meta(*(torch.empty(tuple(shape), device="meta") for shape in (input_shape, *more_shapes)))

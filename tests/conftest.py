@@ -43,6 +43,14 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def plan_data(tmp_path_factory) -> Path:
+    """`data`'s 8 phantoms, each with 4 preference plans (read only)."""
+    path = tmp_path_factory.mktemp("data") / "synth16_plans.h5"
+    write_dataset(path, synth_patients(8, 16, seed=0, preferences=4), source="synth", grid=16)
+    return path
+
+
+@pytest.fixture(scope="session")
 def unlabeled_data(tmp_path_factory) -> Path:
     """`data`'s 8 phantoms and 4 more in the "unlabeled" split, without a dose (read only)."""
     path = tmp_path_factory.mktemp("data") / "synth16_unlabeled.h5"

@@ -101,3 +101,16 @@ def test_rank_statistics(suite):
     # the best two agree, the third swaps with the fourth: 2 of the top 3
     assert rank_correlation.rank_stats([1, 2, 4, 3, 5, 6], trained, 3)["top_k_hits"] == 2.0
     assert rank_correlation.mean_sd([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+
+
+def test_preferences_benchmark_at_a_trivial_size(suite):
+    """Both models train and are scored on every held-out plan; the rows are well-formed."""
+    import bench_preferences
+
+    res = bench_preferences.run(quick=True, device="cpu")
+    (run,) = res["measurements"]["runs"]
+    assert run["plans"] == 10 and run["plain_dose_score"] > 0 and run["conditioned_dose_score"] > 0
+    assert math.isnan(run["hi_rho"]) or -1 <= run["hi_rho"] <= 1
+    assert set(res["measurements"]["latency_s"]) == {"conditioned_16_s", "plain_16_s"}
+    assert [r["status"] for r in res["ratios"]][3] == "info" and len(res["ratios"]) == 4
+    json.dumps(res)

@@ -204,7 +204,7 @@ def run(imported, train_tiny, tmp_path_factory) -> Path:
 
 def predict_nifti(model: Path, data: Path, out: Path, force: bool = False) -> None:
     predict_main(argparse.Namespace(model=model, data=data, out=out, split=None, tta=False, csv=None,
-                                    format="nifti", config=None, force=force,
+                                    format="nifti", preference=None, sweep=None, config=None, force=force,
                                     overrides=["runtime.device=cpu", "runtime.threads=1"]))
 
 

@@ -38,8 +38,8 @@ def run(coarse, train_tiny, tmp_path_factory) -> Path:
 
 
 def predict_cli(**kwargs) -> None:
-    args = {"split": None, "tta": False, "csv": True, "format": None, "config": None, "force": False,
-            "overrides": ["runtime.device=cpu", "runtime.threads=1"]}
+    args = {"split": None, "tta": False, "csv": True, "format": None, "preference": None, "sweep": None,
+            "config": None, "force": False, "overrides": ["runtime.device=cpu", "runtime.threads=1"]}
     args.update(kwargs)
     predict_main(argparse.Namespace(**args))
 

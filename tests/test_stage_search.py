@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 # the 16³ data set with its 32³ source arrays, and fast training settings, of the cascade's tests
 from test_cascade import FAST, nasdose  # noqa: E402
 from test_cascade import coarse_data as coarse_data  # noqa: E402, F401
+from torch import nn
 
 from nas_dose import ensemble  # noqa: E402
 from nas_dose.cascade.patches import CascadeConfig  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 
 from nas_dose.cli import main
 from nas_dose.config import ConfigError, load_config
-from nas_dose.search_spaces import get_space
 from nas_dose.models.factory import build_model
+from nas_dose.search_spaces import get_space
 from nas_dose.training import TrainConfig, train_model
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

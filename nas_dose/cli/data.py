@@ -3,9 +3,9 @@
   nasdose data import SRC OUT.h5 [--grid N] [--spacing MM] [--aliases FILE]
       an OpenKBP tree (CSV or npz layout), NIfTI or DICOM patient folders -> a data set,
       block-downsampled to the grid (NIfTI and DICOM volumes of any shape or orientation resampled first)
-  nasdose data synth OUT.h5 [--patients N] [--unlabeled M] [--grid G] [--seed S]
+  nasdose data synth OUT.h5 [--patients N] [--unlabeled M] [--preferences K] [--grid G] [--seed S]
       synthetic head-and-neck phantoms with a beam-model dose -> a data set (M more in the
-      "unlabeled" split, without their dose)
+      "unlabeled" split, without their dose; K more plans per phantom with other preferences)
   nasdose data info FILE
       what a data set or prediction file holds: splits, voxel sizes, structures, doses
 """
@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                    help="number of patients (default %(default)s)")
     p.add_argument("--unlabeled", type=int_at_least(0), default=defaults.unlabeled,
                    help="more patients without a dose, in the 'unlabeled' split (default %(default)s)")
+    p.add_argument("--preferences", type=int_at_least(0), default=defaults.preferences, metavar="K",
+                   help="K more plans per phantom with other OAR-sparing weights and homogeneity, each stored "
+                        "with its preferences (default %(default)s)")
     p.add_argument("--grid", type=int_at_least(1), default=defaults.grid, help="grid size (default %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     add_force_argument(p, "OUT.h5")
@@ -73,7 +76,8 @@ def import_command(args: argparse.Namespace) -> None:
 
 
 def synth_command(args: argparse.Namespace) -> None:
-    config = synth.Config(patients=args.patients, unlabeled=args.unlabeled, grid=args.grid, seed=args.seed)
+    config = synth.Config(patients=args.patients, unlabeled=args.unlabeled, preferences=args.preferences,
+                          grid=args.grid, seed=args.seed)
     synth.run(config, synth.Inputs(), args.out, force=args.force)
 
 
@@ -130,6 +134,12 @@ def summary(data: DataFile) -> str:
             if data.kind == "dataset" and "PTV70" in attrs[pid].get("rois", []):
                 ptv70_dose.append(float(dose[data.read_structure(pid, "PTV70")].mean()))
     lines.append(f"dose: {_n_patients(len(max_dose))} with a dose")
+    with_plans = [pid for pid in ids if data.kind == "dataset" and data.n_plans(pid)]
+    if with_plans:
+        names, values = data.plan_preferences(with_plans[0])
+        values = np.concatenate([data.plan_preferences(pid)[1] for pid in with_plans])
+        spans = ", ".join(f"{n} {values[:, i].min():.2f}-{values[:, i].max():.2f}" for i, n in enumerate(names))
+        lines.append(f"preference plans: {len(values)} on {_n_patients(len(with_plans))} ({spans})")
     if data.kind == "dataset":
         for split, members in data.splits().items():
             floor = resampling_floor(data, members)

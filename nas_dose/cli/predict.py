@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import predict
 from ..config import add_config_arguments, load_config
+from ..data.preferences import describe
 from ..data.store import SPLITS
 from .common import add_force_argument
 
@@ -27,12 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="submission files: csv (OpenKBP, submission/; the default), nifti (nifti/*.nii.gz, "
                              "on each patient's original voxel grid and affine) or dicom (dicom/*.dcm, an RT Dose "
                              "aligned with the patient's CT; patients imported from DICOM)")
+    parser.add_argument("--preference", metavar="NAME=V,...", default=None,
+                        help=f"a conditioned model's planning preferences ({describe()})")
+    parser.add_argument("--sweep", metavar="NAME=V1,V2,...", default=None,
+                        help="predict one dose per value of one preference (the others from --preference), "
+                             "NAME=V.h5 each, and overlay each patient's DVHs in dvh/")
     add_force_argument(parser, "the predictions in DIR")
     add_config_arguments(parser, "runtime.device=cpu tta=true")
 
 
 def main(args: argparse.Namespace) -> None:
     config = load_config(predict.Config, args.config, args.overrides)
-    given = (("split", args.split), ("tta", args.tta), ("csv", args.csv), ("format", args.format))
+    given = (("split", args.split), ("tta", args.tta), ("csv", args.csv), ("format", args.format),
+             ("preference", args.preference), ("sweep", args.sweep))
     flags = {k: v for k, v in given if v is not None}
     predict.run(replace(config, **flags), predict.Inputs(args.model, args.data), args.out, force=args.force)

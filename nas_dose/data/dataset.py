@@ -6,6 +6,7 @@ and augmentations the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol, Sequence, cast
 
@@ -17,6 +18,7 @@ from ..distributed import ShardedBatches
 from ..errors import NasDoseError
 from .augment import AugmentConfig, ChannelLayout, augment
 from .patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS, Patient
+from .preferences import NAMES, SparingScale, spared_mean_doses
 from .store import DataFile, open_data
 
 CHANNELS: tuple[str, ...] = ("ct", "ptv", *OARS, "possible_dose_mask")
@@ -158,10 +160,15 @@ class DoseDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        pid = self.ids[index]
+        patient, more = self.patient(index, epoch)
+        pid = patient.id
         rng = np.random.default_rng([self.seed, epoch, index]) if self.augmentation else None
-        arrays = build_item(self.data.read(pid), self.augmentation, rng, self.doses(pid), self.labeled(pid))
-        return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "id": pid}
+        arrays = build_item(patient, self.augmentation, rng, self.doses(pid), self.labeled(pid))
+        return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in {**arrays, **more}.items()}, "id": pid}
+
+    def patient(self, index: int, epoch: int) -> tuple[Patient, dict[str, np.ndarray]]:
+        """Item `index`'s patient, its dose the target, and more arrays of the item, not augmented."""
+        return self.data.read(self.ids[index]), {}
 
     def doses(self, pid: str) -> dict[str, np.ndarray]:
         """More dose arrays of an item, augmented with its target (none here; see build_item)."""
@@ -171,6 +178,64 @@ class DoseDataset(Dataset):
         """Whether the patient's reference dose is its target (always here: a patient without
         one is an error)."""
         return True
+
+
+class PlanDataset(DoseDataset):
+    """The patients' preference plans (`nasdose data synth --preferences K`) as targets: each epoch
+    one plan per patient, drawn from (seed, epoch, index), or with `every_plan` every plan an item
+    (validation). With `preferences`, an item also holds its plan's `preferences` (float32
+    (len(NAMES),), in their own units), what a conditioned model is asked for.
+
+    A patient without preference plans (a real patient's one plan) is one plan, its dose, with
+    preferences measured on it against the data set's training plans (`SparingScale`)."""
+
+    def __init__(self, path: Path, split: str | Sequence[str] | None, augment: AugmentConfig | None = None,
+                 seed: int = 0, exclude: Sequence[str] = (), every_plan: bool = False,
+                 preferences: bool = False) -> None:
+        super().__init__(path, split, augment, seed, exclude)
+        self.preferences = preferences
+        self.has_plans = [self.data.n_plans(pid) > 0 for pid in self.ids]
+        scale = None if all(self.has_plans) else training_scale(self.data)
+        self.values: list[np.ndarray] = []
+        for pid, has_plans in zip(self.ids, self.has_plans):
+            if not has_plans:
+                p = self.data.read(pid)
+                assert scale is not None and p.dose is not None  # DoseDataset verified the dose
+                self.values.append(scale.measure(p.dose, p.structures)[None])
+                continue
+            names, values = self.data.plan_preferences(pid)
+            if names != NAMES:
+                raise NasDoseError(f"{path}: patient {pid}: plan preferences {', '.join(names)}, expected "
+                                   f"{', '.join(NAMES)}")
+            self.values.append(values)
+        self.items = [(i, k) for i, v in enumerate(self.values) for k in range(len(v))] if every_plan else None
+
+    def __len__(self) -> int:
+        return len(self.items) if self.items is not None else len(self.ids)
+
+    def patient(self, index: int, epoch: int) -> tuple[Patient, dict[str, np.ndarray]]:
+        if self.items is not None:
+            index, k = self.items[index]
+        else:
+            k = int(np.random.default_rng([self.seed, epoch, index, 1]).integers(len(self.values[index])))
+        pid = self.ids[index]
+        patient = self.data.read(pid)
+        if self.has_plans[index]:
+            patient = replace(patient, dose=self.data.read_plan(pid, k))
+        return patient, {"preferences": self.values[index][k]} if self.preferences else {}
+
+
+def training_scale(data: DataFile) -> SparingScale:
+    """The spared-OAR doses of the data set's training plans: where a real plan's sparing is placed."""
+    means = []
+    for pid in data.ids("train"):
+        if data.has_dose(pid):
+            p = data.read(pid)
+            assert p.dose is not None
+            means.append(spared_mean_doses(p.dose, p.structures))
+    if not means:
+        raise NasDoseError(f"{data.path}: no training patient with a dose to measure preferences against")
+    return SparingScale(means)
 
 
 class EpochSampler(Sampler):

@@ -20,6 +20,19 @@ CT_STORED_RANGE = (0, 4095)
 
 
 @dataclass
+class Plans:
+    """More plans of one anatomy, each made with other planning preferences
+    (`nas_dose.data.preferences`): so every slider setting has a ground truth."""
+
+    doses: np.ndarray  # (K, G, G, G) float32 Gy, zero outside the possible-dose mask
+    values: np.ndarray  # (K, len(names)) float32, each plan's preferences
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.doses)
+
+
+@dataclass
 class Patient:
     """A patient on a cubic grid, arrays in OpenKBP axis order (anterior-posterior, right-left,
     superior-inferior).
@@ -27,7 +40,8 @@ class Patient:
     ct: float32, HU + 1024 as OpenKBP stores it. dose: float32 Gy (None for a patient without a
     reference plan). structures: bool masks keyed by ROI name, only the contoured ones.
     source: the same patient on the grid it was resampled from (None when it was not): the
-    official scores and the full-resolution stage of a cascade need it.
+    official scores and the full-resolution stage of a cascade need it. plans: more plans of the
+    same anatomy with their preferences (synthetic phantoms made with `--preferences K`).
     """
 
     id: str
@@ -38,6 +52,7 @@ class Patient:
     dose: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     source: Patient | None = None
+    plans: Plans | None = None
 
     @property
     def grid(self) -> int:

@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import input_error
 from ..io import atomic_path
 from ..progress import progress
-from .patient import ROIS, TARGETS, Patient
+from .patient import ROIS, TARGETS, Patient, Plans
 from .resample import upsample_dose
 
 # 2: a resampled patient keeps its source-grid arrays in a `source` group (1 kept the mask only).
@@ -28,6 +28,9 @@ SPLITS = ("train", "validation", "test", "unlabeled")
 # label: `nasdose distill` learns from them (see nas_dose.distill.teacher).
 CHUNK = 32
 SOURCE = "source"
+# More plans of a patient with their preferences (optional; readers that know nothing of it
+# read the rest as before, so the format version stays).
+PLANS = "plans"
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -105,6 +108,8 @@ def _write_patient(patients: h5py.Group, p: Patient, grid: int, path: Path) -> N
     g = _new_group(patients, p.id, path)
     _write_attrs(g, {"source": "", "source_grid": grid, "resample_factor": 1, **p.attrs})
     _write_arrays(g, p, grid, path)
+    if p.plans is not None:
+        _write_plans(g, p.id, p.plans, grid, path)
     if p.source is not None:
         _write_arrays(g.create_group(SOURCE), p.source, int(p.attrs["source_grid"]), path)
 
@@ -132,6 +137,20 @@ def _write_arrays(g: h5py.Group, p: Patient, grid: int, path: Path) -> None:
         if name in p.structures:
             stack[i] = p.structures[name]
     _put(g, "structures", stack, np.uint8)
+
+
+def _write_plans(g: h5py.Group, pid: str, plans: Plans, grid: int, path: Path) -> None:
+    """The `plans` group: `dose` (K, G, G, G) and attributes `preferences` (K, P) and `names`."""
+    k = len(plans)
+    if plans.doses.shape != (k, *(grid,) * 3) or plans.values.shape != (k, len(plans.names)) or not k:
+        raise input_error(path, f"patient {pid}: plans of shape {plans.doses.shape} with preferences of shape "
+                                f"{plans.values.shape} do not match")
+    if not np.isfinite(plans.doses).all() or (plans.doses < 0).any() or not np.isfinite(plans.values).all():
+        raise input_error(path, f"patient {pid}: a plan holds negative, NaN or infinite values")
+    group = g.create_group(PLANS)
+    _put(group, "dose", plans.doses, np.float32)
+    group.attrs["preferences"] = plans.values.astype(np.float64)
+    group.attrs["names"] = _attr_value("names", list(plans.names))
 
 
 def _check_physical(p: Patient, path: Path) -> None:
@@ -294,6 +313,40 @@ class DataFile:
     def read_dose(self, pid: str, region: tuple[slice, slice, slice] | None = None) -> np.ndarray:
         """A patient's dose (float32 Gy), whole or the box `region`; an error for a patient without one."""
         return self._array(self._group(pid), pid, "dose", (self.grid,) * 3, region or ()).astype(np.float32)
+
+    def n_plans(self, pid: str) -> int:
+        """How many preference plans the patient holds (0: only its dose)."""
+        group = self._group(pid)
+        return len(group[PLANS]["dose"]) if PLANS in group else 0
+
+    def plan_preferences(self, pid: str) -> tuple[tuple[str, ...], np.ndarray]:
+        """The names and the (K, P) float32 preference values of the patient's plans."""
+        group = self._plans(pid)
+        values = np.asarray(group.attrs["preferences"], dtype=np.float32)
+        names = tuple(_plain(group.attrs["names"]))
+        if values.ndim != 2 or values.shape != (len(group["dose"]), len(names)) or not np.isfinite(values).all():
+            raise input_error(self.path, f"patient {pid}: plan preferences of shape {values.shape} do not fit its "
+                                         f"{len(group['dose'])} plans and {len(names)} names")
+        return names, values
+
+    def read_plan(self, pid: str, k: int) -> np.ndarray:
+        """Plan `k`'s dose (float32 Gy); the other plans stay unread."""
+        group = self._plans(pid)
+        return self._array(group, pid, "dose", (len(group["dose"]), *(self.grid,) * 3), k).astype(np.float32)
+
+    def read_plans(self, pid: str) -> Plans | None:
+        """All the patient's preference plans, or None when it holds none."""
+        if not self.n_plans(pid):
+            return None
+        names, values = self.plan_preferences(pid)
+        doses = np.stack([self.read_plan(pid, k) for k in range(len(values))])
+        return Plans(doses=doses, values=values, names=names)
+
+    def _plans(self, pid: str) -> h5py.Group:
+        group = self._group(pid)
+        if PLANS not in group:
+            raise input_error(self.path, f"patient {pid}: no preference plans (make the data with --preferences K)")
+        return group[PLANS]
 
     def read_structure(self, pid: str, name: str) -> np.ndarray:
         """One structure mask (bool), all False where it was not contoured; the others stay unread."""

@@ -1,6 +1,7 @@
 """Model construction in one place: a registered model by name, a searched genotype, or the
-full-resolution stage of a cascade around either, from a config or from the plain-data spec that
-a checkpoint stores (so a trained model rebuilds without the files it was made from)."""
+full-resolution stage of a cascade around either, each optionally conditioned on planning
+preferences, from a config or from the plain-data spec that a checkpoint stores (so a trained
+model rebuilds without the files it was made from)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ from nas_dose.search_spaces.measure import meta_copy, meta_forward
 
 from ..config import ConfigError
 from ..data.dataset import IN_CHANNELS
+from ..data.preferences import NAMES
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint
+from .conditioning import KINDS, Conditioned, condition, conditioning_spec
 from .refiner import REFINER_CHANNELS, Refiner
 from .registry import create_model
 
@@ -25,21 +28,27 @@ CHECKPOINT_FORMAT = "nasdose-checkpoint"
 
 @dataclass
 class ModelConfig:
-    """A registered model (`name` with `kwargs`) or, when `genotype` is a file, a searched network."""
+    """A registered model (`name` with `kwargs`) or, when `genotype` is a file, a searched network;
+    `conditioning: film` conditions it on the planning preferences (`nas_dose.models.conditioning`)."""
 
     name: str = "unet3d"
     kwargs: dict[str, Any] = field(default_factory=dict)
     genotype: str | None = None
+    conditioning: str | None = None
 
     def validate(self) -> None:
         if self.genotype is not None and self.kwargs:
             raise ConfigError("config key 'model.kwargs': a genotype model takes no kwargs")
+        if self.conditioning is not None and self.conditioning not in KINDS:
+            raise ConfigError(f"config key 'model.conditioning': expected one of {', '.join(KINDS)} (or none), "
+                              f"got {self.conditioning!r}")
 
 
 def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
-    """{name, kwargs, genotype, refiner}: the genotype inline as plain data, not as a path;
-    `refiner`: the network is the full-resolution stage of a cascade (`nas_dose.cascade`), its
-    input one channel wider (the coarse dose) and its output added to that channel."""
+    """{name, kwargs, genotype, refiner} and, for a conditioned model only, `conditioning`: the
+    genotype inline as plain data, not as a path; `refiner`: the network is the full-resolution
+    stage of a cascade (`nas_dose.cascade`), its input one channel wider (the coarse dose) and its
+    output added to that channel."""
     kwargs, genotype = dict(cfg.kwargs), None
     if cfg.genotype is not None:
         loaded = load_genotype(Path(cfg.genotype))
@@ -49,7 +58,13 @@ def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
         genotype = spec_genotype(loaded, refiner)
     elif refiner:
         kwargs["in_channels"] = REFINER_CHANNELS
-    return {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
+    spec = {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
+    if cfg.conditioning is not None:
+        if refiner:
+            raise ConfigError("config key 'model.conditioning': a cascade's full-resolution stage cannot be "
+                              "conditioned (condition its coarse stage)")
+        spec["conditioning"] = conditioning_spec(cfg.conditioning, NAMES)
+    return spec
 
 
 def spec_genotype(genotype: Genotype, refiner: bool) -> dict[str, Any]:
@@ -66,7 +81,8 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
         net = build_genotype(genotype_from_dict(spec["genotype"]))
     else:
         net = create_model(spec["name"], **spec.get("kwargs", {}))
-    return Refiner(net) if spec.get("refiner") else net
+    net = Refiner(net) if spec.get("refiner") else net
+    return condition(net, spec["conditioning"]) if spec.get("conditioning") else net
 
 
 def build_model(cfg: ModelConfig, refiner: bool = False) -> nn.Module:
@@ -113,4 +129,5 @@ def check_trained_grid(file: Path, meta: dict[str, Any], grid: int | None) -> No
 def check_input_size(model: nn.Module, grid: int, channels: int = IN_CHANNELS) -> None:
     """Fail before anything is written when the network cannot take `grid`³ volumes (a U-Net
     too deep for the grid), not at the first step: one forward on the meta device."""
-    meta_forward(meta_copy(model), (1, channels, grid, grid, grid))
+    extra = [(1, len(model.names))] if isinstance(model, Conditioned) else []
+    meta_forward(meta_copy(model), (1, channels, grid, grid, grid), *extra)

@@ -27,6 +27,10 @@ class DataConfig:
     # predictions are then out-of-fold (what a cascade's second stage should learn from).
     folds: int = 1
     fold: int = 0
+    # Train on the patients' preference plans (`data synth --preferences K`), one drawn per
+    # patient and epoch, and validate on all of them; a conditioned model is asked for each
+    # plan's preferences.
+    plans: bool = False
 
     def held_out(self, ids: list[str]) -> list[str]:
         """The training patients of `ids` this run leaves out (none without folds)."""
@@ -102,4 +106,7 @@ class TrainConfig:
             at_least("steps_per_epoch", self.steps_per_epoch, 1)
         if self.patience is not None:
             at_least("patience", self.patience, 1)
+        if self.model.conditioning is not None and not self.data.plans:
+            raise ConfigError("config key 'model.conditioning': a conditioned model learns from preference plans: "
+                              "set data.plans=true (data from `nasdose data synth --preferences K`)")
 

@@ -29,6 +29,11 @@ from .objective import Objective
 from .optimization import make_optimizer, make_scheduler
 
 
+def forward(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The network's prediction for a batch: a conditioned network's asked for the batch's preferences."""
+    return net(batch["input"], batch["preferences"]) if "preferences" in batch else net(batch["input"])
+
+
 def validate(net: nn.Module, loader: Any, runtime: Runtime) -> tuple[float, float]:
     """Mean dose score (Gy) over the loader's patients, and that of the all-zero prediction.
 
@@ -43,7 +48,7 @@ def validate(net: nn.Module, loader: Any, runtime: Runtime) -> tuple[float, floa
         for batch in loader:
             batch = runtime.to_device(batch)
             with runtime.autocast():
-                pred = net(batch["input"])
+                pred = forward(net, batch)
             target, mask = batch["target"], batch["mask"]
             total[0] += dose_errors_gy(pred, target, mask).sum()
             total[1] += dose_errors_gy(torch.zeros_like(target), target, mask).sum()
@@ -232,7 +237,7 @@ class _Trainer:
         rt = self.runtime
         batch = rt.to_device(batch)
         with rt.autocast():
-            pred = self.step_net(batch["input"])
+            pred = forward(self.step_net, batch)
         loss = self.objective.loss(pred, batch)
         if distributed.world_size() > 1:
             loss = loss * share_weight(batch["mask"])

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..data.dataset import DoseDataset, EpochDataset, TrainingSet
+from ..data.dataset import DoseDataset, EpochDataset, PlanDataset, TrainingSet
 from ..data.store import open_data
 from ..runtime import Runtime
 from .config import TrainConfig
@@ -33,11 +33,17 @@ class Objective:
     def train_set(self, data: Path, config: TrainConfig) -> TrainingSet:
         with open_data(data) as d:
             held_out = config.data.held_out(d.ids(config.data.train_split))
+        if config.data.plans:
+            return PlanDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed,
+                               exclude=held_out, preferences=config.model.conditioning is not None)
         return DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed,
                            exclude=held_out)
 
     def val_set(self, data: Path, config: TrainConfig) -> EpochDataset:
-        """What the checkpoint is chosen on (the validation patients, whole)."""
+        """What the checkpoint is chosen on (the validation patients, whole; every plan of each)."""
+        if config.data.plans:
+            return PlanDataset(data, config.data.val_split, every_plan=True,
+                               preferences=config.model.conditioning is not None)
         return DoseDataset(data, config.data.val_split)
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:

@@ -11,12 +11,16 @@ and a 3D scatter blur. Hidden plan parameters (beam number and angles, penumbra,
 passes) vary between patients like planners' habits do. Arrays follow the OpenKBP conventions
 (axis 0 anterior to posterior, axis 1 right to left, axis 2 superior to inferior; CT as
 HU + 1024; dose in Gy, exactly zero outside the possible-dose mask).
+
+With `preferences=K` each phantom also holds K more plans of the same anatomy and beams, made
+with other OAR-sparing weights and target-homogeneity goals (a stratified draw of both), each
+with its preferences (`oar`: the weight asked for; `hi`: the HI its PTV70 dose measures).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -24,7 +28,8 @@ from ...config import ConfigError
 from ...errors import NasDoseError
 from ...io import output_file, refuse_existing
 from ...progress import say
-from ..patient import CT_STORED_RANGE, Patient
+from ..patient import CT_STORED_RANGE, Patient, Plans
+from ..preferences import NAMES, homogeneity_index
 from ..store import write_dataset
 from .anatomy import (
     BASE_VOXEL_MM,
@@ -43,6 +48,8 @@ from .beam import MIN_DOSE_GY, plan_dose
 __all__ = ["BASE_VOXEL_MM", "SUPPORTED_GRIDS", "Config", "Inputs", "run", "split_for", "synth_patient",
            "synth_patients", "voxel_mm"]
 SUPPORTED_GRIDS = (16, 32, 64, 128)
+# The preference plans' homogeneity goals span this (`hi_goal` in beam.py).
+HI_GOAL_RANGE = (0.0, 0.3)
 
 
 def split_for(index: int, n: int) -> str:
@@ -57,16 +64,16 @@ def split_for(index: int, n: int) -> str:
     return "validation" if index < n_train + n_val else "test"
 
 
-def synth_patients(n: int, grid: int, seed: int, unlabeled: int = 0) -> Iterator[Patient]:
+def synth_patients(n: int, grid: int, seed: int, unlabeled: int = 0, preferences: int = 0) -> Iterator[Patient]:
     """`n` phantoms pt_1..pt_n, each with its split and source in `attrs`, then `unlabeled` more
     (pt_n+1...) in the "unlabeled" split without their dose: contoured patients with no plan,
-    for distillation to learn from the teacher alone."""
+    for distillation to learn from the teacher alone. `preferences`: plans per labeled phantom."""
     _check_count(n)
     _check_grid(grid)
     if isinstance(unlabeled, bool) or not isinstance(unlabeled, (int, np.integer)) or unlabeled < 0:
         raise NasDoseError(f"synth: the number of unlabeled patients must be >= 0 (got {unlabeled!r})")
     for index in range(n + unlabeled):
-        patient = synth_patient(index, grid, seed)
+        patient = synth_patient(index, grid, seed, preferences if index < n else 0)
         if index < n:
             patient.attrs["split"] = split_for(index, n)
         else:
@@ -74,9 +81,12 @@ def synth_patients(n: int, grid: int, seed: int, unlabeled: int = 0) -> Iterator
         yield patient
 
 
-def synth_patient(index: int, grid: int, seed: int) -> Patient:
-    """Phantom `pt_{index+1}`: deterministic in (index, seed), whatever the grid or the count."""
+def synth_patient(index: int, grid: int, seed: int, preferences: int = 0) -> Patient:
+    """Phantom `pt_{index+1}`: deterministic in (index, seed), whatever the grid or the count;
+    with `preferences` more plans (`Patient.plans`), deterministic in (index, seed, preferences)."""
     _check_grid(grid)
+    if isinstance(preferences, bool) or not isinstance(preferences, (int, np.integer)) or preferences < 0:
+        raise NasDoseError(f"synth: the number of preference plans must be >= 0 (got {preferences!r})")
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise NasDoseError(f"synth: patient index must be a non-negative integer (got {index!r})")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -96,8 +106,26 @@ def synth_patient(index: int, grid: int, seed: int) -> Patient:
     # Noise is drawn last so that every earlier draw is independent of the grid.
     noise = rng.normal(0.0, anatomy["noise_hu"], size=hu.shape) * (hu > -1000)
     ct = np.clip(hu + noise + 1024.0, *CT_STORED_RANGE).astype(np.float32)
+    plans = None
+    if preferences:
+        # Their own stream, so the phantom is the same with or without them.
+        pref_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), int(preferences)]))
+        plans = preference_plans(pref_rng, preferences, lambda p: plan_dose(coords, grid, hu, structures, p),
+                                 plan, mask, structures["PTV70"])
     return Patient(id=f"pt_{index + 1}", ct=ct, possible_dose_mask=mask, structures=structures,
-                   voxel_mm=voxel_mm(grid), dose=dose, attrs={"source": f"synth:seed={seed}"})
+                   voxel_mm=voxel_mm(grid), dose=dose, attrs={"source": f"synth:seed={seed}"}, plans=plans)
+
+
+def preference_plans(rng: np.random.Generator, k: int, plan_dose_of: Callable[[dict], np.ndarray], plan: dict,
+                     mask: np.ndarray, ptv70: np.ndarray) -> Plans:
+    """K plans of the phantom's beams: OAR-sparing weights and homogeneity goals each drawn once
+    from K equal strata of their range (a Latin hypercube), so the plans span both sliders."""
+    oar = (rng.permutation(k) + rng.uniform(size=k)) / k
+    hi_goal = HI_GOAL_RANGE[0] + (rng.permutation(k) + rng.uniform(size=k)) / k * np.diff(HI_GOAL_RANGE)[0]
+    doses = np.stack([np.where(mask, plan_dose_of({**plan, "oar": float(o), "hi_goal": float(h)}), 0.0)
+                      for o, h in zip(oar, hi_goal)]).astype(np.float32)
+    values = np.array([[o, homogeneity_index(d, ptv70)] for o, d in zip(oar, doses)], dtype=np.float32)
+    return Plans(doses=doses, values=values, names=NAMES)
 
 
 def _check_grid(grid: int) -> None:
@@ -116,13 +144,16 @@ class Config:
 
     patients: int = 24
     unlabeled: int = 0
+    preferences: int = 0  # more plans per labeled phantom, each with its preferences
     grid: int = 32
     seed: int = 0
 
     def validate(self) -> None:
-        if self.patients < 2 or self.unlabeled < 0 or self.seed < 0 or self.grid not in SUPPORTED_GRIDS:
-            raise ConfigError(f"synth: patients >= 2, unlabeled >= 0, seed >= 0 and a grid in {SUPPORTED_GRIDS} "
-                              f"(got {self.patients}, {self.unlabeled}, {self.seed}, {self.grid})")
+        if (self.patients < 2 or self.unlabeled < 0 or self.preferences < 0 or self.seed < 0
+                or self.grid not in SUPPORTED_GRIDS):
+            raise ConfigError(f"synth: patients >= 2, unlabeled >= 0, preferences >= 0, seed >= 0 and a grid in "
+                              f"{SUPPORTED_GRIDS} (got {self.patients}, {self.unlabeled}, {self.preferences}, "
+                              f"{self.seed}, {self.grid})")
 
 
 @dataclass(frozen=True)
@@ -136,6 +167,8 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
     total = config.patients + config.unlabeled
     with output_file(out):
         refuse_existing([out], force)
-        write_dataset(out, synth_patients(config.patients, config.grid, config.seed, config.unlabeled),
+        write_dataset(out, synth_patients(config.patients, config.grid, config.seed, config.unlabeled,
+                                          config.preferences),
                       source=f"synth:seed={config.seed}", grid=config.grid, total=total)
-    say(f"wrote {out}: {total} synthetic patients ({config.unlabeled} unlabeled) on a {config.grid}^3 grid")
+    plans = f", {config.preferences} preference plans each" if config.preferences else ""
+    say(f"wrote {out}: {total} synthetic patients ({config.unlabeled} unlabeled{plans}) on a {config.grid}^3 grid")

@@ -1,6 +1,11 @@
 """The phantom's plan: coplanar parallel beams with beam's-eye-view apertures, a depth dose over
 the radiological depth, target weights by non-negative least squares, fluence modulation that
-spares the organs at risk, and a scatter blur."""
+spares the organs at risk, and a scatter blur.
+
+Two optional plan entries set the planner's trade-off (`nas_dose.data.preferences`): ``oar``
+(0 to 1, absent: 0.5) scales how hard the OARs are spared (fluence cut, optimisation weights,
+tolerances), and ``hi_goal`` (absent: 0) paints the targets' goal from cooler edges to a hotter
+core, so the plan's homogeneity index rises with it."""
 from __future__ import annotations
 
 import numpy as np
@@ -158,7 +163,8 @@ def plan_dose(coords: tuple, grid: int, hu: np.ndarray, structures: dict[str, np
     beams = []
     summed = np.zeros((len(rows["index"]), len(targets)))  # each target's beams, equal weights
     tail_w, tail_sigma = plan["tail"]
-    cut_out, cut_in = plan["spare"]
+    strength = _sparing(plan)
+    cut_out, cut_in = (min(0.95, cut * strength) for cut in plan["spare"])
     for angle in plan["angles"]:
         bev = _BeamsEye(coords, grid, angle, voxels["any"],
                         plan["margin_mm"] + 3 * max(plan["penumbra_mm"], tail_sigma))
@@ -222,21 +228,40 @@ def _rows(structures: dict[str, np.ndarray], targets: list[str], oars: dict[str,
     prescription) and of each spared OAR outside the targets (goal: its tolerance). NNLS
     weights give each target the same total weight and the OARs less, pulling towards zero."""
     index, goal, target, weight, nnls_weight = [], [], [], [], []
+    strength = _sparing(plan)
     for name in targets + list(oars):
         idx = _thin(np.flatnonzero(structures[name] if name in targets else oars[name]), 1500)
         if not len(idx):
             continue
         is_target = name in targets
-        tol, importance = (PRESCRIPTION_GY[name], 1.0) if is_target else _OAR_TOLERANCE[name]
+        if is_target:
+            tol = PRESCRIPTION_GY[name] * (1.0 + plan.get("hi_goal", 0.0) * _depth_rank(structures[name], idx))
+            importance, pull = 1.0, 1.0
+        else:
+            tol, importance = _OAR_TOLERANCE[name]
+            # Sparing 1 (oar = 0.5) is the usual plan: harder sparing lowers the tolerance too.
+            tol, importance, pull = tol * (1.5 - strength / 2), importance * strength, plan["oar_weight"] * strength
         index.append(idx)
-        goal.append(np.full(len(idx), tol))
+        goal.append(np.broadcast_to(tol, idx.shape).astype(float))
         target.append(np.full(len(idx), is_target))
         weight.append(np.full(len(idx), importance))
-        nnls_weight.append(np.full(len(idx), (1.0 if is_target else plan["oar_weight"])
-                                   / np.sqrt(len(idx))))
+        nnls_weight.append(np.full(len(idx), pull / np.sqrt(len(idx))))
     return {"index": np.concatenate(index), "goal": np.concatenate(goal),
             "target": np.concatenate(target), "weight": np.concatenate(weight),
             "nnls_weight": np.concatenate(nnls_weight)}
+
+
+def _sparing(plan: dict) -> float:
+    """The OAR-sparing factor: 2 * oar, so 1 is the usual plan (oar = 0.5)."""
+    return 2.0 * float(plan.get("oar", 0.5))
+
+
+def _depth_rank(mask: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Each voxel's rank by depth inside the mask (distance to its edge), from -0.5 at the
+    edge to 0.5 at the core: a goal scaled by 1 + h * rank spans about h of the prescription."""
+    depth = ndimage.distance_transform_edt(mask).ravel()[idx]
+    order = np.argsort(np.argsort(depth, kind="stable"), kind="stable")
+    return order / max(len(idx) - 1, 1) - 0.5
 
 
 def _thin(idx: np.ndarray, most: int) -> np.ndarray:

@@ -1,0 +1,234 @@
+"""Does conditioning on planning preferences predict the plan a planner asks for?
+
+    python benchmarks/bench_preferences.py [--quick] [--seeds 0 1] [--grid 32] [--epochs N] [--steps N]
+        [--out FILE.json]
+
+Per seed, on synthetic phantoms with preference plans (`nasdose data synth --preferences K`,
+made in a temporary folder):
+
+1. two models of the same architecture (the reference U-Net, `--widths`) are trained with the
+   same budget, seed and data (`data.plans`: one of each patient's plans drawn per epoch), one
+   conditioned on the plan's preferences (`model.conditioning: film`), one not (it can only learn
+   the mean plan of an anatomy);
+2. on held-out phantoms (another data seed: nothing was trained or chosen on them), each with
+   `--plans` ground-truth plans at their own preferences:
+   - dose score (mean absolute error in the possible-dose mask, Gy) of each model's prediction
+     against every plan, the conditioned model asked for that plan's preferences; the
+     improvement is 1 - conditioned / plain (the issue's target: >= 20 %);
+   - monotonicity: the conditioned model predicts each patient at `--sweep` values of `oar`
+     (`hi` at the median of the patient's plans); for each spared OAR in the dose grid, Spearman
+     ρ between the slider and minus its mean dose (1: the dose falls at every step), averaged
+     per patient, then over patients (target >= 0.95); the same for the PTV70 HI against `hi`;
+3. latency of one forward pass of the conditioned network (batch 1, inference mode, this CPU,
+   `--threads`) at 32³ and 128³, against the plain one's.
+
+The table gives the mean over seeds (± sample sd in the detail). Not in the suite (minutes).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import Row, add_settings_arguments, mean_sd, result, settings_option, time_cases
+from common import main as bench_main
+from scipy import stats
+
+from nas_dose.data import synth
+from nas_dose.data.augment import AugmentConfig
+from nas_dose.data.patient import OARS, TARGETS
+from nas_dose.data.preferences import homogeneity_index
+from nas_dose.data.store import open_data
+from nas_dose.inference import predict_patient
+from nas_dose.models.conditioning import Conditioned
+from nas_dose.models.factory import ModelConfig, build_model
+from nas_dose.progress import set_quiet
+from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
+from nas_dose.scores import dose_error
+from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
+
+SPARED = tuple(o for o in OARS if o != "Mandible")  # the OARs the beam model spares
+
+
+@dataclass
+class Settings:
+    """What one measurement runs; the defaults fit about a quarter of an hour per seed on one CPU thread."""
+
+    patients: int = 20  # training data set: train and validation splits
+    held_out: int = 6  # held-out phantoms, another data seed
+    plans: int = 6  # preference plans per phantom
+    grid: int = 32
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32])
+    epochs: int = 20
+    steps: int = 30  # per epoch
+    batch: int = 2
+    lr: float = 3e-3
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data_seed: int = 0
+    held_out_seed: int = 1000
+    sweep: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    hi_sweep: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.25, 0.3])
+    latency_grids: list[int] = field(default_factory=lambda: [32, 128])
+    latency_repeats: int = 20  # at the first grid; a tenth of it (at least 2) at the others
+    threads: int | None = 1
+
+    def quick(self) -> Settings:
+        """Seconds: a few 16³ phantoms, a tiny network, a few steps, one seed."""
+        return replace(self, patients=4, held_out=2, plans=5, grid=16, widths=[4, 8], epochs=1, steps=3,
+                       latency_grids=[16], latency_repeats=2)
+
+
+def make_data(s: Settings, folder: Path) -> tuple[Path, Path]:
+    """The training data set and the held-out one, with their preference plans."""
+    train, held = folder / "train.h5", folder / "held_out.h5"
+    synth.run(synth.Config(patients=s.patients, grid=s.grid, seed=s.data_seed, preferences=s.plans),
+              synth.Inputs(), train)
+    synth.run(synth.Config(patients=max(s.held_out, 2), grid=s.grid, seed=s.held_out_seed, preferences=s.plans),
+              synth.Inputs(), held)
+    return train, held
+
+
+def train(s: Settings, data: Path, seed: int, conditioned: bool, device: str) -> torch.nn.Module:
+    """The model chosen on validation after the fixed budget, in eval mode."""
+    model_cfg = ModelConfig(kwargs={"widths": list(s.widths)}, conditioning="film" if conditioned else None)
+    cfg = TrainConfig(model=model_cfg,
+                      data=DataConfig(batch_size=s.batch, augment=AugmentConfig(enabled=False), plans=True),
+                      optim=OptimConfig(lr=s.lr), epochs=s.epochs, steps_per_epoch=s.steps, seed=seed,
+                      runtime=RuntimeConfig(device=device, threads=s.threads))
+    seed_everything(seed)
+    model = build_model(cfg.model)
+    model.load_state_dict(train_model(model, cfg, data).best_state)
+    return model.eval()
+
+
+def _rho(x: list[float], y: list[float]) -> float | None:
+    """Spearman ρ, None where one side is constant (an OAR the dose never reaches)."""
+    if len(set(np.round(y, 6))) < 2:
+        return None
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def evaluate(s: Settings, plain: torch.nn.Module, conditioned: Conditioned, held: Path,
+             runtime: Runtime) -> dict[str, Any]:
+    """Dose scores of both models against every held-out plan; monotonicity of the conditioned one."""
+    plain_err, cond_err, oar_rho, hi_rho, hi_gap = [], [], [], [], []
+    with open_data(held) as data:
+        for pid in data.ids()[:s.held_out]:
+            p = data.read(pid)
+            _, values = data.plan_preferences(pid)
+            plans = data.read_plans(pid)
+            assert plans is not None
+            mean_plan = predict_patient(plain, p, runtime)
+            for k, dose in enumerate(plans.doses):
+                plain_err.append(dose_error(mean_plan, dose, p.possible_dose_mask))
+                asked = predict_patient(conditioned.at(values[k].tolist()), p, runtime)
+                cond_err.append(dose_error(asked, dose, p.possible_dose_mask))
+                hi_gap.append(abs(homogeneity_index(asked, p.structures["PTV70"]) - float(values[k, 1])))
+            hi = float(np.median(values[:, 1]))
+            swept = [predict_patient(conditioned.at([w, hi]), p, runtime) for w in s.sweep]
+            outside = p.possible_dose_mask & ~np.logical_or.reduce([p.structures[t] for t in TARGETS
+                                                                    if t in p.structures])
+            rhos = [_rho(s.sweep, [-float(d[m].mean()) for d in swept])
+                    for o in SPARED if o in p.structures and (m := p.structures[o] & outside).any()]
+            if known := [r for r in rhos if r is not None]:
+                oar_rho.append(statistics.fmean(known))
+            his = [homogeneity_index(predict_patient(conditioned.at([0.5, h]), p, runtime), p.structures["PTV70"])
+                   for h in s.hi_sweep]
+            if (r := _rho(s.hi_sweep, his)) is not None:
+                hi_rho.append(r)
+    plain_score, cond_score = statistics.fmean(plain_err), statistics.fmean(cond_err)
+    return {"plain_dose_score": plain_score, "conditioned_dose_score": cond_score,
+            "improvement": 1.0 - cond_score / plain_score,
+            "oar_rho": statistics.fmean(oar_rho) if oar_rho else float("nan"), "oar_rho_patients": oar_rho,
+            "hi_rho": statistics.fmean(hi_rho) if hi_rho else float("nan"), "hi_rho_patients": hi_rho,
+            "hi_abs_gap": statistics.fmean(hi_gap), "plans": len(cond_err)}
+
+
+def latency(s: Settings, device: torch.device) -> dict[str, float]:
+    """Median seconds of one forward pass, conditioned and plain, at each latency grid (fresh weights)."""
+    out = {}
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    for i, grid in enumerate(s.latency_grids):
+        repeats = s.latency_repeats if i == 0 else max(2, s.latency_repeats // 10)
+        seed_everything(0)
+        cond = build_model(ModelConfig(kwargs={"widths": list(s.widths)}, conditioning="film")).to(device).eval()
+        plain = build_model(ModelConfig(kwargs={"widths": list(s.widths)})).to(device).eval()
+        x = torch.randn(1, 10, grid, grid, grid, device=device)
+        prefs = torch.tensor([[0.5, 0.15]], device=device)
+
+        def forward(net: torch.nn.Module, *args: torch.Tensor) -> None:
+            with torch.inference_mode():
+                net(*args)
+
+        cases = {"conditioned": lambda: forward(cond, x, prefs), "plain": lambda: forward(plain, x)}
+        timings, failed = time_cases(cases, device, warmup=2, repeats=repeats)
+        if failed:
+            raise RuntimeError(f"latency at {grid}³: {failed}")
+        out[f"conditioned_{grid}_s"] = timings["conditioned"].median_s
+        out[f"plain_{grid}_s"] = timings["plain"].median_s
+    return out
+
+
+def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> dict[str, Any]:
+    """Benchmark entry point: the measurement at `quick` size (or `settings`) in a temporary folder."""
+    dev = resolve_device(device)
+    s = settings or (Settings().quick() if quick else Settings())
+    print(f"preferences: {budget(s)}; seeds {s.seeds}", flush=True)
+    started = time.perf_counter()
+    set_quiet(True)
+    runs = []
+    runtime = Runtime(RuntimeConfig(device=str(dev), threads=s.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        data, held = make_data(s, Path(tmp))
+        for seed in s.seeds:
+            t0 = time.perf_counter()
+            plain = train(s, data, seed, False, str(dev))
+            conditioned = train(s, data, seed, True, str(dev))
+            assert isinstance(conditioned, Conditioned)
+            record = {"seed": seed, **evaluate(s, plain, conditioned, held, runtime),
+                      "seconds": round(time.perf_counter() - t0, 1)}
+            runs.append(record)
+            print(f"  seed {seed}: dose score plain {record['plain_dose_score']:.3f} Gy, conditioned "
+                  f"{record['conditioned_dose_score']:.3f} Gy ({100 * record['improvement']:+.1f} %); OAR ρ "
+                  f"{record['oar_rho']:.3f}, HI ρ {record['hi_rho']:.3f}; {record['seconds']:.0f} s", flush=True)
+    times = latency(s, dev)
+    wall = time.perf_counter() - started
+
+    def stat(key: str) -> tuple[float, float]:
+        return mean_sd([r[key] for r in runs])
+
+    n = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}, {runs[0]['plans']} held-out plans"
+    rows = [
+        Row(f"dose score improvement, conditioned vs plain ({n})", stat("improvement")[0], low=0.2,
+            detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("improvement"))
+                   + "conditioned {:.3f} ± {:.3f} Gy, ".format(*stat("conditioned_dose_score"))
+                   + "plain {:.3f} ± {:.3f} Gy".format(*stat("plain_dose_score"))),
+        Row(f"Spearman ρ, oar slider vs spared-OAR mean dose falling ({s.held_out} patients)", stat("oar_rho")[0],
+            low=0.95, detail="mean ± sd over seeds {:.3f} ± {:.3f}; sweep {}".format(*stat("oar_rho"), s.sweep)),
+        Row(f"Spearman ρ, hi slider vs predicted PTV70 HI ({s.held_out} patients)", stat("hi_rho")[0],
+            detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("hi_rho"))
+                   + "|predicted HI - plan's HI| {:.3f} ± {:.3f}".format(*stat("hi_abs_gap"))),
+    ] + [Row(f"latency, conditioned forward at {g}³ (ms)", 1000 * times[f"conditioned_{g}_s"],
+             high=50 if g == 32 else None,
+             detail=f"plain {1000 * times[f'plain_{g}_s']:.1f} ms; batch 1, {s.threads} thread(s)")
+         for g in s.latency_grids]
+    return result("preferences", dev, rows,
+                  measurements={"settings": asdict(s), "runs": runs, "latency_s": times, "wall_seconds": wall},
+                  notes=[f"budget: {budget(s)}", f"wall time {wall / 60:.1f} min"])
+
+
+def budget(s: Settings) -> str:
+    return (f"U-Net widths {s.widths} at {s.grid}³; {s.patients} training phantoms and {s.held_out} held-out "
+            f"(seed {s.held_out_seed}), {s.plans} plans each; {s.epochs}×{s.steps} steps, batch {s.batch}, lr {s.lr}")
+
+
+if __name__ == "__main__":
+    bench_main("preferences", run, __doc__.splitlines()[0], add=partial(add_settings_arguments, defaults=Settings()),
+               options=partial(settings_option, defaults=Settings()))
