@@ -8,6 +8,7 @@ import pytest
 
 from nas_dose import cli
 from nas_dose.config import load_config
+from nas_dose.data.preferences import NAMES as PREFERENCE_NAMES
 
 
 @pytest.mark.parametrize("command", [name for name, _, _ in cli.COMMANDS])
@@ -47,9 +48,10 @@ def test_unknown_argument_is_still_rejected(capsys):
     assert exit_info.value.code == 2 and "--bogus" in capsys.readouterr().err
 
 
-# `KEY=VALUE` words of a help text that are no overrides: the placeholder, and the arguments of a
-# student SPEC (`unet3d:widths=8,16,32:norm=batch`, `genotype.yaml:width=0.5`).
-NOT_OVERRIDES = {"key", "widths", "norm", "width"}
+# `KEY=VALUE` words of a help text that are no overrides: the placeholder, the arguments of a
+# student SPEC (`unet3d:widths=8,16,32:norm=batch`, `genotype.yaml:width=0.5`), and the planning
+# preferences `predict --preference oar=0.7,hi=0.1` asks for.
+NOT_OVERRIDES = {"key", "widths", "norm", "width", *PREFERENCE_NAMES}
 OVERRIDE = re.compile(r"(?<![\w./-])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*)=([^\s,;:)`'\]]+)")
 
 

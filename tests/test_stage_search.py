@@ -185,7 +185,8 @@ class _Own(Strategy):
 
 def test_a_strategy_that_cannot_search_a_stage_refuses_before_any_work(coarse_data, coarse, tmp_path, capsys):
     for extra, message in (
-            (["strategy=test_stage_search:_Own"], "strategy 'test_stage_search:_Own' cannot search a cascade's full-resolution stage"),
+            (["strategy=test_stage_search:_Own"],
+             "strategy 'test_stage_search:_Own' cannot search a cascade's full-resolution stage"),
             (["strategy=differentiable", "diversity.mode=sequential"], "with diversity.mode=sequential"),
             (["macro.in_channels=10"], "config key 'macro.in_channels': a cascade's stage takes 11 channels")):
         out = tmp_path / "refused"
