@@ -230,6 +230,7 @@ def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys)
     from nas_dose.config import layered
     from nas_dose.distill.distill import DistillConfig
     from nas_dose.ensemble import EnsembleConfig
+    from nas_dose.predict import Config as PredictConfig
     from nas_dose.recipe import load_recipe
     from nas_dose.strategies.search import SearchConfig
     from nas_dose.training import TrainConfig
@@ -237,9 +238,10 @@ def test_recipes_load_and_a_cascade_pipeline_runs(coarse_data, tmp_path, capsys)
     configs = Path(__file__).resolve().parents[1] / "configs"
     cpu, gpu = load_recipe(configs / "openkbp_cpu.yaml"), load_recipe(configs / "openkbp_gpu.yaml")
     assert cpu.stages == ["train", "folds", "cascade"] and cpu.grid == 32 and gpu.grid == 128
+    assert cpu.predict == {"tta": True}
     for r in (cpu, gpu):  # every section is a valid config of its stage
         for name, cls in [("train", TrainConfig), ("cascade", TrainConfig), ("search", SearchConfig),
-                          ("ensemble", EnsembleConfig), ("distill", DistillConfig)]:
+                          ("ensemble", EnsembleConfig), ("distill", DistillConfig), ("predict", PredictConfig)]:
             layered(cls, {"cascade": {"coarse": "x"}} if name == "cascade" else {}, getattr(r, name), name)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stages: [train, cascade]\ncoarse: unet3d\npredict: {tta: true}\n")
