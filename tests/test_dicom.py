@@ -23,7 +23,6 @@ from nas_dose.data.patient import Patient
 from nas_dose.data.store import open_data
 from nas_dose.data.synth import synth_patient
 from nas_dose.errors import NasDoseError
-from nas_dose.progress import set_quiet
 
 ORIGIN = (-212.4, -163.75, -91.5)  # mm: any position, as a scanner's
 FRAME = "1.2.826.0.1.3680043.10.2.7"
@@ -122,10 +121,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def nasdose(*argv: object) -> int:
-    try:
-        return cli.main([*map(str, argv)])
-    finally:
-        set_quiet(False)
+    """The command line in this process (each call sets --quiet anew; conftest resets it after a test)."""
+    return cli.main([*map(str, argv)])
 
 
 @pytest.fixture(scope="module")

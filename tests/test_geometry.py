@@ -25,7 +25,6 @@ from nas_dose.data.patient import Patient
 from nas_dose.data.store import open_data
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
-from nas_dose.progress import set_quiet
 
 GRID = 48  # the training grid: not a divisor of 128
 
@@ -49,10 +48,8 @@ def oblique(centre: np.ndarray, shape: tuple[int, int, int], spacing: tuple[floa
 
 
 def nasdose(*argv: object) -> int:
-    try:
-        return cli.main([*map(str, argv)])
-    finally:
-        set_quiet(False)
+    """The command line in this process (each call sets --quiet anew; conftest resets it after a test)."""
+    return cli.main([*map(str, argv)])
 
 
 def test_lps_convention_and_the_affine_round_trips():

@@ -21,7 +21,6 @@ from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patient, synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.predict import Config as PredictConfig
-from nas_dose.progress import set_quiet
 
 KBP = ("P", "L", "I")  # OpenKBP axis order as nibabel axis codes
 FILE_CODES = ("R", "A", "S")  # the files' order: every axis flipped, axes 0 and 1 swapped
@@ -86,10 +85,8 @@ def assert_same_patient(got: Patient, want: Patient) -> None:
 
 
 def nasdose(*argv: object) -> int:
-    try:
-        return cli.main([*map(str, argv)])
-    finally:
-        set_quiet(False)
+    """The command line in this process (each call sets --quiet anew; conftest resets it after a test)."""
+    return cli.main([*map(str, argv)])
 
 
 @pytest.fixture(scope="module")
