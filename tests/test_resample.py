@@ -86,6 +86,26 @@ def test_upsample_constant_ramp_and_torch_trilinear():
     assert np.allclose(upsample_dose(dose, 3), reference, atol=1e-4)
 
 
+def test_upsample_region_equals_the_whole_volumes_box():  # what a cascade's training patch reads
+    rng = np.random.default_rng(3)
+    for factor, n in ((2, 5), (3, 4), (4, 6)):
+        dose = rng.uniform(-5, 70, (n, n + 1, n + 2)).astype(np.float32)
+        whole = upsample_dose(dose, factor)
+        for _ in range(20):
+            box = []
+            for side in whole.shape:
+                start = int(rng.integers(0, side))
+                box.append(slice(start, int(rng.integers(start + 1, side + 1))))
+            region = tuple(box)
+            # equal to float32 rounding: a box's local coordinates give the interpolation weights' last bit
+            assert np.allclose(upsample_dose(dose, factor, region=region), whole[region], rtol=0, atol=1e-4)  # type: ignore[arg-type]
+            mask = rng.random(whole[region].shape) < 0.5  # type: ignore[index]
+            masked = upsample_dose(dose, factor, mask, region=region)  # type: ignore[arg-type]
+            assert not masked[~mask].any() and np.allclose(masked[mask], whole[region][mask], rtol=0, atol=1e-4)  # type: ignore[index]
+    with pytest.raises(NasDoseError, match="non-empty box"):
+        upsample_dose(dose, 2, region=(slice(3, 3), slice(0, 2), slice(0, 2)))
+
+
 def test_upsample_non_negative_and_masked():
     dose = np.array([[[-4.0, 8.0]]], np.float32).repeat(2, 0).repeat(2, 1)
     out = upsample_dose(dose, 2)

@@ -175,7 +175,7 @@ class PatchDataset(torch.utils.data.Dataset):
             raise NasDoseError(f"{self.data.path}: patient {pid} has no reference dose to learn from")
         given = self.coarse_doses.get(pid) if self.coarse_doses is not None else None
         coarse_gy = given if given is not None else degraded(coarse, self.cfg, rng)
-        coarse_up = upsample_dose(coarse_gy, self.factor)[box] * fine.possible_dose_mask
+        coarse_up = upsample_dose(coarse_gy, self.factor, fine.possible_dose_mask, region=box)
         mask = fine.possible_dose_mask.astype(np.float32)[None]
         arrays = {"input": refiner_input(fine, coarse_up),
                   "target": (fine.dose / np.float32(DOSE_SCALE_GY))[None] * mask, "mask": mask}
