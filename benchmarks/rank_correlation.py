@@ -1,13 +1,15 @@
 """Does the search's cheap score rank architectures the way full training ranks them?
 
     python benchmarks/rank_correlation.py [--quick] [--modes inherit train] [--archs 12] [--seeds 0 1]
-        [--supernet-steps N] [--train-steps N] [--full-epochs N] [--full-steps N] [--out FILE.json]
+        [--supernet-steps N] [--train-steps N] [--full-epochs N] [--full-steps N] [--data DATA.h5]
+        [--out FILE.json]
 
 Every search strategy that scores genotypes one by one trusts a proxy: the "inherit" evaluator
 (the genotype's path through an SPOS supernet trained once) or the "train" evaluator (a short
 training from scratch). This measures whether the proxy ranks, instead of assuming it.
 
-Per seed, on a fresh synthetic data set (`nas_dose.data.synth`, made in a temporary folder):
+Per seed, on a fresh synthetic data set (`nas_dose.data.synth`, made in a temporary folder) or,
+with --data, a data set `nasdose data import` made (e.g. the OpenKBP patients at 32³):
 
 1. cheap scores: `nasdose search`'s own objects score `--archs` genotypes, for each evaluator
    mode: a `SearchRun` (random strategy, budget = archs, diversity off) builds the search
@@ -17,7 +19,8 @@ Per seed, on a fresh synthetic data set (`nas_dose.data.synth`, made in a tempor
 2. trained scores: each genotype is trained from scratch by `nas_dose.training.train_model`
    with one fixed budget and seed for all (`--full-epochs` × `--full-steps`, batch 1, no
    augmentation) on the whole training split and scored on the validation split (best
-   validation dose score, Gy, as `nasdose train` chooses its model);
+   validation dose score, Gy, as `nasdose train` chooses its model; on a resampled data set
+   that checkpoint's official score on the source grid);
 3. Kendall τ and Spearman ρ (scipy.stats) between the two, and the top-k hits: how many of the
    k best trained genotypes are among the k best by the cheap score.
 
@@ -41,9 +44,11 @@ from scipy import stats
 
 from nas_dose.data import synth
 from nas_dose.data.augment import AugmentConfig
+from nas_dose.data.store import open_data
+from nas_dose.inference import as_predictor, official_scores
 from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.progress import set_quiet
-from nas_dose.runtime import RuntimeConfig, resolve_device, seed_everything
+from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
 from nas_dose.search_spaces import Genotype, get_space
 from nas_dose.strategies.search import SearchConfig, SearchRun
 from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
@@ -72,6 +77,7 @@ class Settings:
     full_seed: int = 1000  # the same initialization and batch order for every genotype
     top_k: int = 3
     threads: int | None = 1  # small volumes run fastest on one thread
+    data: str = ""  # an imported data set (.h5) instead of the synthetic one; its grid wins over `grid`
 
     def quick(self) -> Settings:
         """Seconds: 8 patients, a tiny network, 4 genotypes, one seed, a few steps of each kind."""
@@ -102,12 +108,22 @@ def cheap_scores(s: Settings, mode: str, seed: int, data: Path, folder: Path, de
 
 
 def trained_score(s: Settings, g: Genotype, data: Path, device: str) -> float:
-    """Validation dose score (Gy) of `g` trained from scratch on the fixed budget, the same for all."""
+    """Validation dose score (Gy) of `g` trained from scratch on the fixed budget, the same for all:
+    on a resampled data set the official one on the source grid, of the checkpoint chosen on the
+    data set's own grid (as `nasdose train` reports it)."""
     cfg = TrainConfig(epochs=s.full_epochs, steps_per_epoch=s.full_steps, seed=s.full_seed,
                       data=DataConfig(batch_size=1, augment=AugmentConfig(enabled=False)),
                       optim=OptimConfig(lr=s.lr), runtime=RuntimeConfig(device=device, threads=s.threads))
     seed_everything(cfg.seed)
-    return train_model(get_space(g.space).build(g), cfg, data).best_val_score
+    model = get_space(g.space).build(g)
+    result = train_model(model, cfg, data)
+    with open_data(data) as d:
+        ids = d.ids(cfg.data.val_split)
+        if all(d.source_grid(pid) == d.grid for pid in ids):
+            return result.best_val_score
+        model.load_state_dict(result.best_state)
+        runtime = Runtime(cfg.runtime)
+        return official_scores(as_predictor(data, model.eval(), runtime), d, ids, runtime).dose_score
 
 
 def rank_stats(cheap: Sequence[float], trained: Sequence[float], k: int) -> dict[str, float]:
@@ -124,8 +140,11 @@ def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
     """One record per (seed, mode), printed as it ends; genotypes drawn twice are trained once."""
     s.validate()
     set_quiet(True)
-    data = workdir / f"synth_{s.patients}_g{s.grid}.h5"
-    synth.run(synth.Config(patients=s.patients, grid=s.grid, seed=s.data_seed), synth.Inputs(), data)
+    if s.data:
+        data = Path(s.data)
+    else:
+        data = workdir / f"synth_{s.patients}_g{s.grid}.h5"
+        synth.run(synth.Config(patients=s.patients, grid=s.grid, seed=s.data_seed), synth.Inputs(), data)
     trained: dict[Any, tuple[float, float]] = {}  # genotype key -> (score, seconds)
     runs = []
     for seed in s.seeds:
@@ -166,8 +185,9 @@ def summarize(s: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def budget(s: Settings) -> str:
-    return (f"{s.archs} genotypes of {s.space} (stem {s.stem}, widths {s.widths}) at {s.grid}³, "
-            f"{s.patients} synthetic patients; inherit: {s.supernet_steps} supernet steps; train: "
+    patients = f"the patients of {s.data}" if s.data else f"{s.grid}³, {s.patients} synthetic patients"
+    return (f"{s.archs} genotypes of {s.space} (stem {s.stem}, widths {s.widths}), "
+            f"{patients}; inherit: {s.supernet_steps} supernet steps; train: "
             f"{s.train_steps} steps; full: {s.full_epochs}×{s.full_steps} steps, seed {s.full_seed}")
 
 

@@ -3,6 +3,7 @@ returns well-formed, positive, finite ratios. No timing is asserted (timings are
 output, not a property of the code)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -88,6 +89,33 @@ def test_rank_correlation_at_a_trivial_size(suite):
         assert 0 <= run["top_k_hits"] <= 3
     assert len(res["ratios"]) == 6 and all(r["status"] in ("info", "error") for r in res["ratios"])
     json.dumps(res)
+
+
+def test_rank_correlation_on_a_resampled_data_set_scores_on_the_source_grid(suite, tmp_path, monkeypatch):
+    """With --data a resampled import: the trained genotypes are scored as OpenKBP does, on the
+    source grid, not on the coarse grid their checkpoint was chosen on."""
+    import rank_correlation
+
+    from nas_dose.data.resample import downsample_patient
+    from nas_dose.data.store import write_dataset
+    from nas_dose.data.synth import synth_patients
+
+    data = tmp_path / "coarse.h5"
+    write_dataset(data, [downsample_patient(p, 2) for p in synth_patients(8, 16, seed=0)], source="synth16",
+                  grid=8, total=8)
+    official: list[float] = []
+    real = rank_correlation.official_scores
+
+    def recorded(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        official.append(scores.dose_score)
+        return scores
+
+    monkeypatch.setattr(rank_correlation, "official_scores", recorded)
+    s = dataclasses.replace(rank_correlation.Settings().quick(), data=str(data), modes=["train"], archs=3, top_k=1)
+    (run,) = rank_correlation.run(quick=True, device="cpu", settings=s)["measurements"]["runs"]
+    assert run["trained_scores"] == official and len(official) == 3
+    assert all(math.isfinite(x) and x > 0 for x in official)
 
 
 def test_rank_statistics(suite):
