@@ -27,12 +27,15 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from nas_dose.data.augment import AugmentConfig
 from nas_dose.data.dataset import IN_CHANNELS
+from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError
+from nas_dose.inference import as_predictor, official_scores
 from nas_dose.io import save_json
 from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
 from nas_dose.search_spaces import Genotype, build_model, get_space
-from nas_dose.training import OptimConfig, masked_loss
+from nas_dose.training import DataConfig, OptimConfig, TrainConfig, masked_loss, train_model
 from nas_dose.training.optimization import make_optimizer
 
 # The LENAS genotype with a plain 3×3×3 conv in every slot: the network the throughput
@@ -222,6 +225,26 @@ def speedup(new: Timing, old: Timing) -> float:
     """How many times faster `new` runs than `old`: the median over rounds of old ÷ new time in
     the same round. Both calls of a round ran moments apart, so load drift cancels in each pair."""
     return statistics.median(o / n for n, o in zip(new.seconds, old.seconds, strict=True))
+
+
+def trained_score(model: nn.Module, data: Path, epochs: int, steps: int, seed: int, lr: float,
+                  device: str, threads: int | None) -> float:
+    """The benchmarks' yardstick: `model` trained from scratch (batch 1, no augmentation, the same
+    settings for every network compared) and scored on the validation split: the best validation
+    dose score (Gy) as `nasdose train` chooses its checkpoint, and on a resampled data set that
+    checkpoint's official score on the source grid (as `nasdose train` reports it)."""
+    cfg = TrainConfig(epochs=epochs, steps_per_epoch=steps, seed=seed,
+                      data=DataConfig(batch_size=1, augment=AugmentConfig(enabled=False)),
+                      optim=OptimConfig(lr=lr), runtime=RuntimeConfig(device=device, threads=threads))
+    seed_everything(cfg.seed)
+    result = train_model(model, cfg, data)
+    with open_data(data) as d:
+        ids = d.ids(cfg.data.val_split)
+        if all(d.source_grid(pid) == d.grid for pid in ids):
+            return result.best_val_score
+        model.load_state_dict(result.best_state)
+        runtime = Runtime(cfg.runtime)
+        return official_scores(as_predictor(Path(data), model.eval(), runtime), d, ids, runtime).dose_score
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -12,13 +12,21 @@ score `candidates` genotypes. Diversity is off: this compares accuracy only.
 The yardstick is the same for every strategy: the best genotype found is trained from
 scratch with identical settings (`nas_dose.training.train_model`, same seed, same steps) on
 the training split and scored on the validation split (dose score, Gy; lower is better).
-Without `--data`, a synthetic data set is made in the work folder. Prints each run, then
-mean ± std per strategy and the paired (same seed) difference to random search.
+Without `--data`, a synthetic data set is made in the work folder (with `--data`, e.g. the
+OpenKBP patients imported at 32³, the yardstick is the official score on the source grid).
+
+`unet3d` among the strategies is the hand-designed reference: nasdose's 3D U-Net with widths
+b, 2b, 4b, ... (one level more than the macro's widths, the stem's level) and the widest b
+whose FLOPs do not exceed those of the `--reference` strategy's best genotype of the same
+seed, put to the same yardstick. Prints each run, then mean ± std per strategy, the paired
+(same seed) difference to random search and, with `unet3d`, the paired relative difference to
+the hand-designed U-Net (negative: the searched network is better).
 In the benchmark suite (`run`), the rows are those paired differences.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -27,21 +35,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import Row, result
+from common import Row, result, trained_score
+from torch import nn
 
-from nas_dose.data.augment import AugmentConfig
-from nas_dose.data.store import write_dataset
+from nas_dose.data.dataset import IN_CHANNELS
+from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.io import save_json
+from nas_dose.models.factory import ModelConfig, build_model
 from nas_dose.pool import DiversityConfig
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
 from nas_dose.search_spaces import Genotype, get_space
+from nas_dose.search_spaces.measure import count_flops
 from nas_dose.strategies import SearchContext, get_strategy
 from nas_dose.strategies.search import SplitConfig, split_patients
-from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
 
-STRATEGIES = ("differentiable", "evolution", "random", "nni-tpe", "nni-evolution")
+STRATEGIES = ("differentiable", "evolution", "random", "nni-tpe", "nni-evolution", "unet3d")
 
 
 @dataclass
@@ -59,6 +69,7 @@ class Settings:
     candidates: int = 20
     final_epochs: int = 20
     final_steps: int = 20
+    reference: str = "differentiable"  # whose best genotype's FLOPs bound the hand-designed U-Net
     threads: int | None = 1  # small volumes run fastest on one thread
 
     def quick(self) -> Settings:
@@ -85,12 +96,10 @@ def options(name: str, s: Settings) -> tuple[str, dict[str, Any]]:
 
 
 def yardstick(g: Genotype, data: Path, s: Settings, device: str) -> float:
-    """Validation dose score (Gy) of `g` trained from scratch, identically for every strategy."""
-    cfg = TrainConfig(epochs=s.final_epochs, steps_per_epoch=s.final_steps, seed=1000,
-                      data=DataConfig(batch_size=1, augment=AugmentConfig(enabled=False)),
-                      optim=OptimConfig(lr=1e-3), runtime=RuntimeConfig(device=device, threads=s.threads))
-    seed_everything(cfg.seed)
-    return train_model(get_space(g.space).build(g), cfg, data).best_val_score
+    """Validation dose score (Gy) of `g` trained from scratch, identically for every strategy
+    (official, on the source grid, for a resampled data set)."""
+    return trained_score(get_space(g.space).build(g), data, s.final_epochs, s.final_steps, 1000, 1e-3, device,
+                         s.threads)
 
 
 def run_one(name: str, seed: int, data: Path, s: Settings, device: str) -> dict[str, Any]:
@@ -111,6 +120,37 @@ def run_one(name: str, seed: int, data: Path, s: Settings, device: str) -> dict[
             "genotype": best.genotype.to_dict()}
 
 
+def genotype_flops(g: Genotype, grid: int) -> int:
+    return count_flops(get_space(g.space).build(g), (1, IN_CHANNELS, grid, grid, grid))
+
+
+def hand_designed(flops: float, depth: int, grid: int) -> tuple[nn.Module, list[int]]:
+    """The widest reference U-Net (widths b, 2b, 4b, ... over `depth` levels) within `flops`."""
+    chosen = None
+    for base in range(1, 129):
+        widths = [base * 2 ** i for i in range(depth)]
+        model = build_model(ModelConfig(name="unet3d", kwargs={"widths": widths}))
+        if count_flops(model, (1, IN_CHANNELS, grid, grid, grid)) > flops:
+            break
+        chosen = model, widths
+    if chosen is None:
+        raise ValueError(f"no U-Net of {depth} levels fits in {flops:.3g} FLOPs")
+    return chosen
+
+
+def run_unet3d(seed: int, searched: dict[str, Any], data: Path, s: Settings, device: str) -> dict[str, Any]:
+    """The hand-designed U-Net of no more FLOPs than `searched`'s best genotype, to the same yardstick."""
+    with open_data(data) as d:
+        grid = d.grid
+    budget = genotype_flops(Genotype(**searched["genotype"]), grid)
+    model, widths = hand_designed(budget, len(s.widths) + 1, grid)
+    seed_everything(seed)
+    flops = count_flops(model, (1, IN_CHANNELS, grid, grid, grid))
+    return {"strategy": "unet3d", "seed": seed, "search_seconds": 0.0, "candidates": 0, "search_score": math.nan,
+            "final_score": trained_score(model, data, s.final_epochs, s.final_steps, 1000, 1e-3, device, s.threads),
+            "widths": widths, "flops": flops, "flops_bound": budget}
+
+
 def compare(s: Settings, data: Path | None, workdir: Path, device: str) -> tuple[list[dict[str, Any]], list[dict]]:
     """Every run (printed as it ends) and the summary rows; a synthetic data set in `workdir` if no `data`."""
     set_quiet(True)
@@ -124,7 +164,11 @@ def compare(s: Settings, data: Path | None, workdir: Path, device: str) -> tuple
     runs = []
     for seed in range(s.seeds):
         for name in s.strategies:
-            r = run_one(name, seed, data, s, device)
+            if name == "unet3d":
+                (searched,) = [r for r in runs if r["seed"] == seed and r["strategy"] == s.reference]
+                r = run_unet3d(seed, searched, data, s, device)
+            else:
+                r = run_one(name, seed, data, s, device)
             runs.append(r)
             print(f"  seed {seed} {name:<15} search {r['search_seconds']:7.1f} s  search score "
                   f"{r['search_score']:.3f}  final {r['final_score']:.3f} Gy", flush=True)
@@ -139,25 +183,32 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """Mean ± std per strategy, and the paired (same seed) difference to random search."""
     random_final = {r["seed"]: r["final_score"] for r in runs if r["strategy"] == "random"}
+    unet_final = {r["seed"]: r["final_score"] for r in runs if r["strategy"] == "unet3d"}
     rows = []
     for name in names:
         mine = [r for r in runs if r["strategy"] == name]
         delta = [r["final_score"] - random_final[r["seed"]] for r in mine if r["seed"] in random_final]
+        relative = [100 * (r["final_score"] / unet_final[r["seed"]] - 1) for r in mine if r["seed"] in unet_final]
         rows.append({"strategy": name, "runs": len(mine),
                      "search_s": float(np.mean([r["search_seconds"] for r in mine])),
                      "search": _mean_std([r["search_score"] for r in mine]),
                      "final": _mean_std([r["final_score"] for r in mine]),
-                     "vs_random": _mean_std(delta) if delta and name != "random" else None})
+                     "vs_random": _mean_std(delta) if delta and name != "random" else None,
+                     "vs_unet3d_percent": _mean_std(relative) if relative and name != "unet3d" else None,
+                     "beats_random": sum(d < 0 for d in delta) if name != "random" else None})
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'strategy':<15}{'runs':>5}{'search s':>10}{'search score Gy':>19}{'final score Gy':>19}"
-          f"{'final − random':>18}")
+          f"{'final − random':>18}{'seeds better':>14}{'vs unet3d %':>18}")
     for r in rows:
         vs = "-" if r["vs_random"] is None else "{:+.3f} ± {:.3f}".format(*r["vs_random"])
+        better = "-" if r["beats_random"] is None else f"{r['beats_random']}/{r['runs']}"
+        unet = "-" if r["vs_unet3d_percent"] is None else "{:+.1f} ± {:.1f}".format(*r["vs_unet3d_percent"])
         print(f"{r['strategy']:<15}{r['runs']:>5}{r['search_s']:>10.1f}"
-              f"{r['search'][0]:>11.3f} ± {r['search'][1]:.3f}{r['final'][0]:>11.3f} ± {r['final'][1]:.3f}{vs:>18}")
+              f"{r['search'][0]:>11.3f} ± {r['search'][1]:.3f}{r['final'][0]:>11.3f} ± {r['final'][1]:.3f}{vs:>18}"
+              f"{better:>14}{unet:>18}")
 
 
 def run(quick: bool, device: str = "auto") -> dict[str, Any]:

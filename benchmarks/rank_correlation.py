@@ -38,20 +38,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import Row, add_settings_arguments, mean_sd, result, settings_option
+from common import Row, add_settings_arguments, mean_sd, result, settings_option, trained_score
 from common import main as bench_main
 from scipy import stats
 
 from nas_dose.data import synth
-from nas_dose.data.augment import AugmentConfig
-from nas_dose.data.store import open_data
-from nas_dose.inference import as_predictor, official_scores
 from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.progress import set_quiet
-from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
-from nas_dose.search_spaces import Genotype, get_space
+from nas_dose.runtime import RuntimeConfig, resolve_device, seed_everything
+from nas_dose.search_spaces import get_space
 from nas_dose.strategies.search import SearchConfig, SearchRun
-from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
 
 MODES = ("inherit", "train")
 
@@ -107,25 +103,6 @@ def cheap_scores(s: Settings, mode: str, seed: int, data: Path, folder: Path, de
     return {c.genotype.key(): c for c in strategy.run(search.base)}
 
 
-def trained_score(s: Settings, g: Genotype, data: Path, device: str) -> float:
-    """Validation dose score (Gy) of `g` trained from scratch on the fixed budget, the same for all:
-    on a resampled data set the official one on the source grid, of the checkpoint chosen on the
-    data set's own grid (as `nasdose train` reports it)."""
-    cfg = TrainConfig(epochs=s.full_epochs, steps_per_epoch=s.full_steps, seed=s.full_seed,
-                      data=DataConfig(batch_size=1, augment=AugmentConfig(enabled=False)),
-                      optim=OptimConfig(lr=s.lr), runtime=RuntimeConfig(device=device, threads=s.threads))
-    seed_everything(cfg.seed)
-    model = get_space(g.space).build(g)
-    result = train_model(model, cfg, data)
-    with open_data(data) as d:
-        ids = d.ids(cfg.data.val_split)
-        if all(d.source_grid(pid) == d.grid for pid in ids):
-            return result.best_val_score
-        model.load_state_dict(result.best_state)
-        runtime = Runtime(cfg.runtime)
-        return official_scores(as_predictor(data, model.eval(), runtime), d, ids, runtime).dose_score
-
-
 def rank_stats(cheap: Sequence[float], trained: Sequence[float], k: int) -> dict[str, float]:
     """Kendall τ (τ-b), Spearman ρ and top-k hits of two score lists (lower is better in both)."""
     def best(scores: Sequence[float]) -> set[int]:
@@ -159,7 +136,9 @@ def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
         for g in genotypes:
             if g.key() not in trained:
                 started = time.perf_counter()
-                trained[g.key()] = trained_score(s, g, data, device), time.perf_counter() - started
+                trained[g.key()] = (trained_score(get_space(g.space).build(g), data, s.full_epochs, s.full_steps,
+                                                 s.full_seed, s.lr, device, s.threads),
+                                   time.perf_counter() - started)
         full = [trained[g.key()][0] for g in genotypes]
         for mode, (cands, seconds) in cheap.items():
             scores = [cands[g.key()].score for g in genotypes]

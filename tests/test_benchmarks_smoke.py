@@ -94,6 +94,7 @@ def test_rank_correlation_at_a_trivial_size(suite):
 def test_rank_correlation_on_a_resampled_data_set_scores_on_the_source_grid(suite, tmp_path, monkeypatch):
     """With --data a resampled import: the trained genotypes are scored as OpenKBP does, on the
     source grid, not on the coarse grid their checkpoint was chosen on."""
+    common, _, _ = suite
     import rank_correlation
 
     from nas_dose.data.resample import downsample_patient
@@ -104,14 +105,14 @@ def test_rank_correlation_on_a_resampled_data_set_scores_on_the_source_grid(suit
     write_dataset(data, [downsample_patient(p, 2) for p in synth_patients(8, 16, seed=0)], source="synth16",
                   grid=8, total=8)
     official: list[float] = []
-    real = rank_correlation.official_scores
+    real = common.official_scores
 
     def recorded(*args, **kwargs):
         scores = real(*args, **kwargs)
         official.append(scores.dose_score)
         return scores
 
-    monkeypatch.setattr(rank_correlation, "official_scores", recorded)
+    monkeypatch.setattr(common, "official_scores", recorded)
     s = dataclasses.replace(rank_correlation.Settings().quick(), data=str(data), modes=["train"], archs=3, top_k=1)
     (run,) = rank_correlation.run(quick=True, device="cpu", settings=s)["measurements"]["runs"]
     assert run["trained_scores"] == official and len(official) == 3
@@ -142,3 +143,28 @@ def test_preferences_benchmark_at_a_trivial_size(suite):
     assert set(res["measurements"]["latency_s"]) == {"conditioned_16_s", "plain_16_s"}
     assert [r["status"] for r in res["ratios"]][3] == "info" and len(res["ratios"]) == 4
     json.dumps(res)
+
+
+def test_compare_strategies_puts_a_hand_designed_unet_of_no_more_flops_to_the_same_yardstick(suite, tmp_path):
+    """`unet3d` is the widest reference U-Net within the FLOPs of the reference strategy's best
+    genotype of the same seed, and the summary gives the paired differences to it and to random."""
+    import compare_strategies as cs
+
+    s = dataclasses.replace(cs.Settings().quick(), patients=8, stem=2, widths=[4, 8], seeds=1, supernet_steps=4,
+                            candidates=3, final_epochs=1, final_steps=3, strategies=["random", "unet3d"],
+                            reference="random")
+    runs, summary = cs.compare(s, None, tmp_path, "cpu")
+    searched, unet = runs
+    bound = cs.genotype_flops(cs.Genotype(**searched["genotype"]), 16)
+    assert unet["strategy"] == "unet3d" and unet["flops_bound"] == bound and 0 < unet["flops"] <= bound
+    base = unet["widths"][0]
+    assert unet["widths"] == [base, 2 * base, 4 * base]
+    wider = cs.build_model(cs.ModelConfig(name="unet3d", kwargs={"widths": [base + 1, 2 * base + 2, 4 * base + 4]}))
+    assert cs.count_flops(wider, (1, cs.IN_CHANNELS, 16, 16, 16)) > bound  # the widest that fits
+    with pytest.raises(ValueError, match="no U-Net"):
+        cs.hand_designed(1.0, 3, 16)
+    rows = {r["strategy"]: r for r in summary}
+    expected = 100 * (searched["final_score"] / unet["final_score"] - 1)
+    assert rows["random"]["vs_unet3d_percent"] == (pytest.approx(expected), 0.0)
+    assert rows["unet3d"]["vs_unet3d_percent"] is None and rows["unet3d"]["vs_random"] == (
+        pytest.approx(unet["final_score"] - searched["final_score"]), 0.0)
