@@ -8,16 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from nas_dose import cli, ensemble
+from nas_dose import ensemble
 from nas_dose.config import ConfigError, load_config
 from nas_dose.data.dataset import plan_items, plan_key
 from nas_dose.data.store import open_data
+from nas_dose.distill import distill as distill_stage
+from nas_dose.distill.teacher import PlanTeacherDataset
 from nas_dose.ensemble import EnsembleConfig, Inputs
-from nas_dose.inference import Ensemble, conditioned_on, load_ensemble, predict_patient
-from nas_dose.io import load_checkpoint, load_json
-from nas_dose.models.conditioning import Conditioned, FiLMNorm, Preset
+from nas_dose.errors import NasDoseError
+from nas_dose.inference import conditioned_on, load_ensemble, predict_patient
+from nas_dose.io import load_checkpoint
+from nas_dose.models.conditioning import Conditioned, Preset
 from nas_dose.models.factory import load_model
 from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
 from nas_dose.runtime import Runtime, RuntimeConfig
@@ -111,3 +113,54 @@ def test_conditioning_needs_plans_and_no_cascade():
                                                "train.cascade.coarse=somewhere"])
     with pytest.raises(ConfigError, match="film"):
         load_config(EnsembleConfig, overrides=["conditioning=adain", "train.data.plans=true"])
+
+
+DISTILL = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.data.augment.enabled=false",
+           "runtime.device=cpu", "runtime.threads=1", "latency.size=16", "latency.runs=1", "train.data.plans=true"]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, conditioned_ensemble, plan_data) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cdistill") / "run"
+    cfg = load_config(distill_stage.Config, overrides=[*DISTILL, "student=unet3d:widths=4,8"])
+    return out, distill_stage.run(cfg, distill_stage.Inputs(conditioned_ensemble[0] / "ensemble.yaml", plan_data), out)
+
+
+def test_a_conditioned_teacher_teaches_a_conditioned_student_per_plan(distilled, conditioned_ensemble, plan_data):
+    out, metrics = distilled
+    teacher = load_ensemble(conditioned_ensemble[0] / "ensemble.yaml")
+    runtime = Runtime(RuntimeConfig(device="cpu"))
+    with open_data(plan_data) as d, open_data(out / "teacher.h5") as cache:
+        items = plan_items(d, d.ids("train") + d.ids("validation"))
+        assert cache.ids() == [i.key for i in items] and len(items) == 8 * 4
+        item = items[5]  # the teacher's prediction for that plan, asked for its preferences
+        expected = predict_patient(Preset(teacher, item.values.tolist()), d.read(item.pid), runtime)
+        np.testing.assert_allclose(cache.read_dose(item.key), expected, rtol=1e-4, atol=1e-4)
+    for run in ("student", "baseline"):
+        model, meta = load_model(out / run)
+        assert isinstance(model, Conditioned) and meta["config"]["data"]["plans"] is True
+    rows = {r["name"]: r for r in metrics["rows"]}
+    assert len(rows) == 4 and all(np.isfinite(r["dose_score"]) and r["dose_score"] > 0 for r in rows.values())
+    assert metrics["training_patients"]["unlabeled"] == 0
+    assert "conditioned on preferences" in (out / "comparison.md").read_text()
+
+
+def test_the_student_draws_a_plan_with_its_teachers_prediction(distilled, plan_data):
+    out, _ = distilled
+    dataset = PlanTeacherDataset(plan_data, "train", out / "teacher.h5", seed=0)
+    with open_data(out / "teacher.h5") as cache:
+        for epoch in range(3):
+            item = dataset[(1, epoch)]
+            plan = dataset.plan(1, epoch)
+            np.testing.assert_array_equal(item["preferences"].numpy(), dataset.values[1][plan])
+            np.testing.assert_allclose(item["teacher"][0].numpy(),
+                                       cache.read_dose(plan_key(dataset.ids[1], plan)) / np.float32(70), rtol=1e-6)
+
+
+def test_conditioned_teacher_and_plans_go_together(conditioned_ensemble, plan_data, tmp_path):
+    teacher = conditioned_ensemble[0] / "ensemble.yaml"
+    for overrides, message in ((["train.data.plans=false"], "train.data.plans=true"),
+                               (["hint.weight=0.5"], "hint.weight=0")):
+        cfg = load_config(distill_stage.Config, overrides=[*DISTILL, "student=unet3d:widths=4,8", *overrides])
+        with pytest.raises(NasDoseError, match=message):
+            distill_stage.run(cfg, distill_stage.Inputs(teacher, plan_data), tmp_path / "x")
