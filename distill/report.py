@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def score_predictor(predictor: Predictor | Cascade, data: Path, ids: Sequence[st
     the source grid); a conditioned one's on each of `items` against its plan."""
     with open_data(data) as d:
         if items is not None and not isinstance(predictor, Cascade):
-            return score_plans(d, items, predict_plans(predictor, d, items, runtime))
+            return score_plans(d, items, predict_plans(cast(nn.Module, predictor), d, items, runtime))
         return score_on_source(d, predictions(predictor, d, list(ids), runtime)[1])
 
 

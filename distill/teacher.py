@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+from torch import nn
 
 from nas_dose import distributed
 from nas_dose.data.augment import AugmentConfig
@@ -116,7 +118,8 @@ def write_cache(predictor: Predictor | Cascade, data: Path, ids: Sequence[str], 
             grid, doses = predictions(predictor, d, list(ids), runtime)
             pids = list(ids)
         else:
-            grid, doses, pids = d.grid, predict_plans(predictor, d, items, runtime), [i.pid for i in items]
+            conditioned = cast(nn.Module, predictor)  # one network or an ensemble: a cascade is never conditioned
+            grid, doses, pids = d.grid, predict_plans(conditioned, d, items, runtime), [i.pid for i in items]
         records = ((name, dose, {**d.patient_attrs(pid), KEY_ATTR: key}) for pid, (name, dose) in zip(pids, doses))
         write_predictions(cache, records, grid=grid, source=f"nasdose distill teacher {key}", total=len(ids))
 

@@ -206,11 +206,11 @@ def _predict_member(member: _Member, data: Path, ids: list[str], runtime: Runtim
     conditioned member's for each plan item (`items`), asked for its preferences."""
     with open_data(data) as d:
         model, _ = load_model(member.folder)
-        predictor = (as_predictor(member.folder, model, runtime, d.grid) if isinstance(model, Refiner)
-                     # clamped, then flip-averaged: as the ensemble runs it
-                     else runtime.prepare(Ensemble([model], [1.0], tta)).eval())
-        if items is not None:
-            grid, doses = d.grid, predict_plans(predictor, d, items, runtime)
+        # clamped, then flip-averaged: as the ensemble runs it
+        member_net = runtime.prepare(Ensemble([model], [1.0], tta)).eval()
+        predictor = as_predictor(member.folder, model, runtime, d.grid) if isinstance(model, Refiner) else member_net
+        if items is not None:  # a conditioned member (never a cascade's stage)
+            grid, doses = d.grid, predict_plans(member_net, d, items, runtime)
             records = ((key, dose, d.patient_attrs(item.pid)) for item, (key, dose) in zip(items, doses))
         else:
             grid, doses = predictions(predictor, d, ids, runtime, tta and isinstance(predictor, Cascade))

@@ -125,13 +125,6 @@ def _base64(image: np.ndarray) -> str:
     return base64.b64encode(image.astype(np.uint8).tobytes()).decode("ascii")
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """The mask's boundary pixels (in the mask, beside a pixel outside it)."""
-    padded = np.pad(mask, 1)
-    inner = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
-
-
 def page_data(patient: Patient, names: tuple[str, ...], axes: list[np.ndarray], doses: list[np.ndarray],
               slice_index: int | None, model: str) -> dict[str, Any]:
     """What the page shows, as plain data: the CT slice, contours, and per setting (in
@@ -164,7 +157,7 @@ def page_data(patient: Patient, names: tuple[str, ...], axes: list[np.ndarray], 
         "shape": list(grey.shape), "ct": _levels(grey, 1.0), "dose_max_gy": top,
         "colormap": [to_hex(cmap(i / 255)) for i in range(256)],
         "contours": {r: {"color": to_hex(ROI_COLORS[r]), "target": r in TARGETS, "oar": r in OARS,
-                         "outline": _base64(_outline(patient.structures[r][:, :, z][box]))} for r in rois},
+                         "mask": _base64(patient.structures[r][:, :, z][box])} for r in rois},
         "bins_gy": np.round(bins, 3).tolist(), "points": points,
     }
 
@@ -198,11 +191,11 @@ small{color:#666}
 <script>
 "use strict";
 const D = JSON.parse(document.getElementById("view-data").textContent);
-const [H, W] = D.shape, SCALE = Math.max(2, Math.floor(360 / Math.max(H, W)));
+const [H, W] = D.shape, SCALE = Math.max(2, Math.floor(400 / Math.max(H, W)));
 const bytes = s => Uint8Array.from(atob(s), c => c.charCodeAt(0));
 const rgb = h => [1, 3, 5].map(i => parseInt(h.slice(i, i + 2), 16));
 const ct = bytes(D.ct), cmap = D.colormap.map(rgb);
-const outlines = Object.entries(D.contours).map(([n, c]) => [n, rgb(c.color), bytes(c.outline)]);
+const masks = Object.values(D.contours).map(c => [c.color, bytes(c.mask)]);
 document.getElementById("title").textContent =
   `Patient ${D.patient}: ${D.model}, axial slice ${D.slice}`;
 const controls = document.getElementById("controls"), sliders = [];
@@ -238,12 +231,25 @@ function drawSlice(point) {
   for (let i = 0; i < H * W; i++) {
     let c = [ct[i], ct[i], ct[i]];
     if (dose[i] > 2) { const m = cmap[dose[i]]; c = c.map((v, j) => 0.3 * v + 0.7 * m[j]); }
-    for (const [, color, line] of outlines) if (line[i]) c = color;
     img.data.set([c[0], c[1], c[2], 255], 4 * i);
   }
   g.putImageData(img, 0, 0);
   const ctx = canvas.getContext("2d"); ctx.imageSmoothingEnabled = false;
   ctx.drawImage(small, 0, 0, W * SCALE, H * SCALE);
+  ctx.lineWidth = 2;
+  for (const [color, m] of masks) {  // each contour: the pixel edges between inside and outside
+    ctx.strokeStyle = color; ctx.beginPath();
+    const inside = (r, c) => r >= 0 && r < H && c >= 0 && c < W && m[r * W + c];
+    for (let r = 0; r < H; r++) for (let c = 0; c < W; c++) {
+      if (!m[r * W + c]) continue;
+      const x = c * SCALE, y = r * SCALE;
+      if (!inside(r - 1, c)) { ctx.moveTo(x, y); ctx.lineTo(x + SCALE, y); }
+      if (!inside(r + 1, c)) { ctx.moveTo(x, y + SCALE); ctx.lineTo(x + SCALE, y + SCALE); }
+      if (!inside(r, c - 1)) { ctx.moveTo(x, y); ctx.lineTo(x, y + SCALE); }
+      if (!inside(r, c + 1)) { ctx.moveTo(x + SCALE, y); ctx.lineTo(x + SCALE, y + SCALE); }
+    }
+    ctx.stroke();
+  }
   document.getElementById("slice-note").textContent =
     `dose colour scale 0 to ${D.dose_max_gy.toFixed(1)} Gy (turbo); contours in their DVH colours`;
 }
