@@ -249,7 +249,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     if items is not None:
         unlabeled_ids = []  # no plan to ask the teacher for
     stage = Mode(grid, source, loaded if isinstance(loaded, Cascade) else None,
-                 None if items is None else tuple(i for i in items if i.pid in set(val_ids)))
+                 None if items is None else tuple(i for i in items if i.pid in val_ids))
     if stage.cascade is not None:
         if cfg.hint.weight or cfg.adversarial.weight:
             raise ConfigError("a cascade's stage is distilled with the L1 terms only: set hint.weight=0 and "

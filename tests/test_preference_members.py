@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_distill_cli import GENOTYPES  # two small LENAS genotypes
 
 from nas_dose import ensemble
 from nas_dose.config import ConfigError, load_config
@@ -26,12 +27,6 @@ from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import get_space
 from nas_dose.selection import ValidationPredictions, leave_one_patient_out
 
-GENOTYPES = {
-    "a": {"down.op1": "conv", "down.op2": "identity", "down.connect": "identity", "down.down": "max_pool",
-          "up.op1": "conv", "up.op2": "identity", "up.connect": "identity", "up.up": "up_interpolate"},
-    "b": {"down.op1": "dep_conv", "down.op2": "identity", "down.connect": "none", "down.down": "avg_pool",
-          "up.op1": "identity", "up.op2": "dep_conv", "up.connect": "identity", "up.up": "up_conv"},
-}
 SETTINGS = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.data.augment.enabled=false",
             "runtime.device=cpu", "runtime.threads=1", "plots=0", "selection.max_size=2",
             "conditioning=film", "train.data.plans=true"]
