@@ -45,6 +45,13 @@ DIR receives:
                     checked against torch (`nasdose export` makes ONNX and dynamic sizes too)
   config.yaml       the resolved config
 
+A teacher conditioned on planning preferences (an ensemble trained with `conditioning: film`, or
+one conditioned run) teaches a student conditioned alike, with `train.data.plans: true`: the
+teacher is cached once per plan of each training and validation patient, the student (and its
+baseline) draws one plan per patient and epoch with its preferences, and the table scores every
+model on each plan of the validation patients (on the data set's grid; costs at one preference
+setting). No unlabeled patients (they have no plan to ask for), no hints, no --export then.
+
 --resume continues an interrupted run: the cached teacher predictions and finished trainings
 are reused and a half-trained one resumes from its last checkpoint.
 """
@@ -60,12 +67,13 @@ from torch import nn
 from nas_dose import distributed
 from nas_dose.cascade.objective import CascadeObjective
 from nas_dose.config import ConfigError, at_least, check_run_folder, save_config
+from nas_dose.data.dataset import PlanItem, plan_items
 from nas_dose.data.store import SPLITS, open_data
 from nas_dose.errors import NasDoseError, input_error
 from nas_dose.export import Config as ExportConfig
 from nas_dose.export import export_model
-from nas_dose.inference import Cascade, Ensemble, load_predictor
-from nas_dose.io import load_json, output_folder, save_json, write_text
+from nas_dose.inference import Cascade, Ensemble, as_predictor, conditioned_on, load_model_or_ensemble
+from nas_dose.io import load_checkpoint, load_json, output_folder, save_json, write_text
 from nas_dose.models.factory import ModelConfig, build_model, load_model
 from nas_dose.models.spec import resolve_student
 from nas_dose.parallel import run_side_by_side, worker_threads
@@ -82,7 +90,7 @@ from .losses import (
     check_non_negative,
 )
 from .report import BASELINE, LatencyConfig, Mode, comparison_rows, comparison_table
-from .teacher import cache_is_current, ensure_cache, teacher_key
+from .teacher import cache_is_current, ensure_cache, member_checkpoints, teacher_key
 
 
 @dataclass
@@ -179,6 +187,29 @@ def _hint_member(teacher: nn.Module, hint: HintConfig) -> nn.Module:
     return teacher.members[index]
 
 
+def _plan_items(teacher: Path, model: nn.Module, data: Path, ids: list[str],
+                cfg: DistillConfig) -> list[PlanItem] | None:
+    """A conditioned teacher's plans to cache (every plan of each patient); None for a plain one.
+    Conditioning and `train.data.plans` go together, without hints or export."""
+    if not conditioned_on(model):
+        if cfg.train.data.plans:
+            raise input_error(teacher, "is not conditioned on preferences: train.data.plans is for a conditioned "
+                                       "teacher; leave it out")
+        return None
+    for wrong, why in ((not cfg.train.data.plans, "set train.data.plans=true"),
+                       (cfg.hint.weight > 0, "set hint.weight=0 (hints run the teacher without preferences)"),
+                       (cfg.export, "drop --export (an exported student takes no preferences)")):
+        if wrong:
+            raise input_error(teacher, f"is conditioned on preferences, and teaches a conditioned student: {why}")
+    with open_data(data) as d:
+        return plan_items(d, ids)
+
+
+def _conditioning_kind(teacher: Path) -> str:
+    """The conditioning (e.g. film) of the teacher's (first member's) network."""
+    return str(load_checkpoint(member_checkpoints(teacher)[0])["model_config"]["conditioning"]["kind"])
+
+
 def _train(cfg: TrainConfig, data: Path, folder: Path, objective: Objective | None) -> dict[str, Any]:
     """Train (or resume, or reuse when finished) one run; its training metrics.json (written last,
     by the main rank: the other ranks take the main rank's view of it)."""
@@ -212,8 +243,13 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
     runtime = Runtime(cfg.runtime)
-    loaded = load_predictor(teacher, runtime, grid)
-    stage = Mode(grid, source, loaded if isinstance(loaded, Cascade) else None)
+    teacher_model = load_model_or_ensemble(teacher, grid)
+    loaded = as_predictor(teacher, teacher_model, runtime, grid)
+    items = _plan_items(teacher, teacher_model, data, train_ids + val_ids, cfg)
+    if items is not None:
+        unlabeled_ids = []  # no plan to ask the teacher for
+    stage = Mode(grid, source, loaded if isinstance(loaded, Cascade) else None,
+                 None if items is None else tuple(i for i in items if i.pid in val_ids))
     if stage.cascade is not None:
         if cfg.hint.weight or cfg.adversarial.weight:
             raise ConfigError("a cascade's stage is distilled with the L1 terms only: set hint.weight=0 and "
@@ -226,12 +262,14 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     # the main rank alone.
     distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
     student = distributed.on_main(resolve_student, cfg.student, out)
+    if items is not None:  # taught across the teacher's preferences, so conditioned as it is
+        student = replace(student, conditioning=_conditioning_kind(teacher))
     save_config(out / "config.yaml", cfg)
     key = teacher_key(teacher, data)
     cache = Path(teacher_cache) if teacher_cache is not None else out / "teacher.h5"
-    ids = train_ids + unlabeled_ids + val_ids
+    ids = train_ids + unlabeled_ids + val_ids if items is None else [i.key for i in items]
     recomputed = distributed.on_main(_check_teacher, out, teacher, data, key, cache, ids, stage.cache_grid)
-    ensure_cache(cache, key, data, ids, lambda: loaded, runtime, stage.cache_grid)
+    ensure_cache(cache, key, data, ids, lambda: loaded, runtime, stage.cache_grid, items)
     train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
     if stage.cascade is not None:  # the student refines the teacher's coarse stage, as the teacher does
         train_cfg = replace(train_cfg, cascade=stage.cascade.config)
@@ -281,6 +319,9 @@ def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: P
     if stage.cascade is not None:
         note += (f" The networks are the full-resolution stage of a cascade refining {stage.cascade.config.coarse}: "
                  f"trained on {stage.size}³ source-grid patches, their FLOPs and latency per window.")
+    if stage.items is not None:
+        note += (f" The teacher is conditioned on preferences: every model is asked for each of the {len(stage.items)} "
+                 f"validation plans' preferences and scored against that plan, on the {grid}³ grid.")
     unlabeled, epochs = context["training_patients"]["unlabeled"], context["epochs"]
     if unlabeled:
         note += (f" The student also learned from {unlabeled} unlabeled patients, from the teacher alone "

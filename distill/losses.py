@@ -47,7 +47,7 @@ from nas_dose.search_spaces.measure import meta_copy, meta_forward
 from nas_dose.training import Objective, TrainConfig, masked_loss
 from nas_dose.training.losses import dvh_moment_loss, share_weight
 
-from .teacher import TeacherDataset
+from .teacher import PlanTeacherDataset, TeacherDataset
 
 
 @dataclass
@@ -221,8 +221,11 @@ class DistillObjective(Objective):
         self.d_optimizer: torch.optim.Optimizer | None = None
 
     def train_set(self, data: Path, config: TrainConfig) -> TrainingSet:
-        dataset = TeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment,
-                                 seed=config.seed, unlabeled_split=self.unlabeled_split)
+        dataset: TeacherDataset | PlanTeacherDataset = (  # a conditioned teacher's: per plan
+            PlanTeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment, seed=config.seed)
+            if config.data.plans else
+            TeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment,
+                           seed=config.seed, unlabeled_split=self.unlabeled_split))
         self.grid = dataset.grid
         return dataset
 

@@ -8,15 +8,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from nas_dose.config import at_least
-from nas_dose.data.dataset import IN_CHANNELS
+from nas_dose.data.dataset import IN_CHANNELS, PlanItem
 from nas_dose.data.store import open_data
-from nas_dose.inference import Cascade, Ensemble, Predictor, predictions
+from nas_dose.inference import Cascade, Ensemble, Predictor, predict_plans, predictions, score_plans
+from nas_dose.models.conditioning import Preset
 from nas_dose.models.factory import load_model
 from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.runtime import Runtime
@@ -55,10 +56,13 @@ class Row:
     checkpoint_bytes: int
 
 
-def score_predictor(predictor: Predictor | Cascade, data: Path, ids: Sequence[str], runtime: Runtime) -> Scores:
+def score_predictor(predictor: Predictor | Cascade, data: Path, ids: Sequence[str], runtime: Runtime,
+                    items: Sequence[PlanItem] | None = None) -> Scores:
     """Official dose and DVH scores of a predictor's doses (as `nasdose predict` writes them, on
-    the source grid)."""
+    the source grid); a conditioned one's on each of `items` against its plan."""
     with open_data(data) as d:
+        if items is not None and not isinstance(predictor, Cascade):
+            return score_plans(d, items, predict_plans(cast(nn.Module, predictor), d, items, runtime))
         return score_on_source(d, predictions(predictor, d, list(ids), runtime)[1])
 
 
@@ -129,6 +133,12 @@ class Mode:
     grid: int  # the data set's
     source: int  # its patients' source grid
     cascade: Cascade | None = None
+    items: tuple[PlanItem, ...] | None = None  # a conditioned teacher's validation plans, scored each
+
+    def costed(self, model: nn.Module) -> nn.Module:
+        """What the costs are measured on: a conditioned model at its first validation plan's
+        preferences (a setting costs what any other does)."""
+        return model if self.items is None else Preset(model, self.items[0].values.tolist())
 
     @property
     def size(self) -> int:
@@ -155,9 +165,9 @@ def file_size(*files: Path) -> int:
 
 def model_row(name: str, arch: str, model: nn.Module, files: list[Path], data: Path, ids: list[str],
                stage: Mode, latency_cfg: LatencyConfig, runtime: Runtime, scores: Scores | None = None) -> Row:
-    s = scores or score_predictor(stage.predictor(model, runtime), data, ids, runtime)
+    s = scores or score_predictor(stage.predictor(model, runtime), data, ids, runtime, stage.items)
     return Row(name, arch, s.dose_score, s.dvh_score, checkpoint_bytes=file_size(*files),
-               **cost(model, stage.size, latency_cfg.size, latency_cfg.runs, stage.channels))  # type: ignore[arg-type]
+               **cost(stage.costed(model), stage.size, latency_cfg.size, latency_cfg.runs, stage.channels))  # type: ignore[arg-type]
 
 
 def architecture(model_config: dict[str, Any]) -> str:
@@ -178,14 +188,15 @@ def comparison_rows(teacher_path: Path, teacher: nn.Module, cache: Path, out: Pa
     rows.append(model_row("student (distilled)", arch, model, [out / "student" / "best.pt"], data, ids, stage,
                            latency_cfg, runtime))
     with open_data(data) as d, open_data(cache) as c:
-        s = score_on_source(d, ((pid, c.read_dose(pid)) for pid in ids))
+        s = (score_on_source(d, ((pid, c.read_dose(pid)) for pid in ids)) if stage.items is None
+             else score_plans(d, stage.items, ((i.key, c.read_dose(i.key)) for i in stage.items)))
     n = len(teacher.members) if isinstance(teacher, Ensemble) else 1
     rows.append(Row(f"ensemble (teacher, {n} member{'s' if n > 1 else ''})", "ensemble" if n > 1 else "teacher",
                     s.dose_score, s.dvh_score, checkpoint_bytes=file_size(*teacher_files(teacher_path)),
-                    **cost(teacher, stage.size, latency_cfg.size, latency_cfg.runs, stage.channels)))  # type: ignore[arg-type]
+                    **cost(stage.costed(teacher), stage.size, latency_cfg.size, latency_cfg.runs, stage.channels)))  # type: ignore[arg-type]
     if isinstance(teacher, Ensemble):
         singles = [Ensemble([m], [1.0], teacher.tta) for m in teacher.members]
-        scores = [score_predictor(stage.predictor(m, runtime), data, ids, runtime) for m in singles]
+        scores = [score_predictor(stage.predictor(m, runtime), data, ids, runtime, stage.items) for m in singles]
         best = min(range(n), key=lambda i: scores[i].dose_score)
         checkpoint = member_checkpoints(teacher_path)[best]
         rows.append(model_row(f"best single member ({teacher.names[best]})",

@@ -6,6 +6,10 @@ predict` predicts it (on the data set's grid, non-negative, zero outside the pos
 mask), into a nasdose predictions file (teacher.h5). A training item then carries the teacher's prediction
 moved by the same augmentation as its input, target and mask.
 
+A teacher conditioned on planning preferences is predicted once per plan of each patient (every
+preference plan, asked for its preferences; `nas_dose.data.dataset.plan_items`), each stored
+under the plan's key (`PATIENT#planK`); `PlanTeacherDataset` serves the plan each item draws.
+
 The cache is keyed by a SHA-256 of the teacher's files (ensemble.yaml with its members'
 genotypes and checkpoints, or one checkpoint) and of the data set, stored with every patient:
 a resumed run, or a later run given the same cache file, reuses it; a cache made from another
@@ -20,16 +24,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+from torch import nn
 
 from nas_dose import distributed
 from nas_dose.data.augment import AugmentConfig
-from nas_dose.data.dataset import DoseDataset
+from nas_dose.data.dataset import DoseDataset, PlanDataset, PlanItem, plan_key
 from nas_dose.data.patient import DOSE_SCALE_GY
-from nas_dose.data.store import open_data, write_predictions
+from nas_dose.data.store import DataFile, open_data, write_predictions
 from nas_dose.errors import NasDoseError, input_error
-from nas_dose.inference import Cascade, Predictor, predictions
+from nas_dose.inference import Cascade, Predictor, predict_plans, predictions
 from nas_dose.io import load_yaml
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime
@@ -103,12 +109,18 @@ def cache_is_current(cache: Path, key: str, ids: Sequence[str], grid: int) -> bo
 
 
 def write_cache(predictor: Predictor | Cascade, data: Path, ids: Sequence[str], cache: Path, key: str,
-                runtime: Runtime) -> None:
+                runtime: Runtime, items: Sequence[PlanItem] | None = None) -> None:
     """Predict `ids` with the teacher into `cache` (atomically), each patient tagged with `key`:
-    on the data set's grid, or on the source grid for a cascade."""
+    on the data set's grid, or on the source grid for a cascade; a conditioned teacher each of
+    `items` (whose keys are `ids`), asked for its preferences."""
     with open_data(data) as d:
-        grid, doses = predictions(predictor, d, list(ids), runtime)
-        records = ((pid, dose, {**d.patient_attrs(pid), KEY_ATTR: key}) for pid, dose in doses)
+        if items is None:
+            grid, doses = predictions(predictor, d, list(ids), runtime)
+            pids = list(ids)
+        else:
+            conditioned = cast(nn.Module, predictor)  # one network or an ensemble: a cascade is never conditioned
+            grid, doses, pids = d.grid, predict_plans(conditioned, d, items, runtime), [i.pid for i in items]
+        records = ((name, dose, {**d.patient_attrs(pid), KEY_ATTR: key}) for pid, (name, dose) in zip(pids, doses))
         write_predictions(cache, records, grid=grid, source=f"nasdose distill teacher {key}", total=len(ids))
 
 
@@ -129,9 +141,10 @@ def merge_parts(cache: Path, parts: Sequence[Path], ids: Sequence[str]) -> None:
 
 
 def ensure_cache(cache: Path, key: str, data: Path, ids: Sequence[str], load: Callable[[], Predictor | Cascade],
-                 runtime: Runtime, grid: int) -> bool:
+                 runtime: Runtime, grid: int, items: Sequence[PlanItem] | None = None) -> bool:
     """Make the cache (its doses on `grid`) unless it is current; `load` gives the teacher only
-    when it must run. Returns whether the teacher was run.
+    when it must run. Returns whether the teacher was run. A conditioned teacher predicts
+    `items`, whose keys are `ids`.
 
     Under torchrun each rank predicts its `distributed.shard` of `ids` alone into its own part
     file, and rank 0 merges them; with one process the cache is written directly.
@@ -141,14 +154,16 @@ def ensure_cache(cache: Path, key: str, data: Path, ids: Sequence[str], load: Ca
         return False
     if cache.exists():
         say(f"teacher predictions: {cache} was made from another teacher or data set; recomputing")
-    world, mine = distributed.world_size(), distributed.shard(list(ids))
+    world = distributed.world_size()
+    mine = distributed.shard(list(range(len(ids))))
 
     def predict_share(rank: int) -> Path | None:
         """This rank's share into its part file (the cache itself in a world of one)."""
         if not mine:  # more ranks than patients
             return None
         part = cache if world == 1 else cache.with_name(f"{cache.name}.part{rank}")
-        write_cache(load(), data, mine, part, key, runtime)
+        write_cache(load(), data, [ids[i] for i in mine], part, key, runtime,
+                    None if items is None else [items[i] for i in mine])
         return part
 
     # Job r is rank r's (round robin over `world` jobs); gathering the written parts also waits
@@ -174,14 +189,39 @@ class TeacherDataset(DoseDataset):
         splits = [split] if unlabeled_split is None else [split, unlabeled_split]
         super().__init__(path, splits, augment=augment, seed=seed)
         self.unlabeled = set(self.data.ids(unlabeled_split)) if unlabeled_split is not None else set()
-        self.cache = open_data(cache)
-        missing = [pid for pid in self.ids if pid not in self.cache]
-        if self.cache.kind != "predictions" or self.cache.grid != self.grid or missing:
-            raise input_error(cache, f"holds no teacher prediction on the {self.grid}³ grid of patient(s) "
-                                     f"{', '.join(missing[:3]) or 'of the data set'}")
+        self.cache = _open_cache(cache, self.ids, self.grid)
 
-    def doses(self, pid: str) -> dict[str, np.ndarray]:
-        return {"teacher": (self.cache.read_dose(pid) / np.float32(DOSE_SCALE_GY))[None]}
+    def doses(self, pid: str, plan: int | None = None) -> dict[str, np.ndarray]:
+        return _teacher_dose(self.cache, pid)
 
     def labeled(self, pid: str) -> bool:
         return pid not in self.unlabeled
+
+
+class PlanTeacherDataset(PlanDataset):
+    """PlanDataset's items (a plan drawn per patient and epoch, with its preferences) plus
+    `teacher`: a conditioned teacher's cached prediction for that plan, moved like the target."""
+
+    def __init__(self, path: Path, split: str, cache: Path, augment: AugmentConfig | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(path, split, augment=augment, seed=seed, preferences=True)
+        keys = [plan_key(pid, k if has else None)
+                for pid, has, values in zip(self.ids, self.has_plans, self.values) for k in range(len(values))]
+        self.cache = _open_cache(cache, keys, self.grid)
+
+    def doses(self, pid: str, plan: int | None = None) -> dict[str, np.ndarray]:
+        return _teacher_dose(self.cache, plan_key(pid, plan))
+
+
+def _open_cache(cache: Path, keys: Sequence[str], grid: int) -> DataFile:
+    """The teacher cache, open, checked to hold a prediction on `grid` for every key."""
+    f = open_data(cache)
+    missing = [k for k in keys if k not in f]
+    if f.kind != "predictions" or f.grid != grid or missing:
+        raise input_error(cache, f"holds no teacher prediction on the {grid}³ grid of patient(s) "
+                                 f"{', '.join(missing[:3]) or 'of the data set'}")
+    return f
+
+
+def _teacher_dose(cache: DataFile, key: str) -> dict[str, np.ndarray]:
+    return {"teacher": (cache.read_dose(key) / np.float32(DOSE_SCALE_GY))[None]}

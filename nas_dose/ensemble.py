@@ -21,6 +21,15 @@ the patients they were chosen on, the ensemble's validation scores flatter it, s
 also holds a leave-one-patient-out estimate: selection and weights redone without each
 validation patient, then scored on it.
 
+With `conditioning: film` (and `train.data.plans: true`) every member is conditioned on the
+planning preferences (docs/how-to/preferences.md): the members learn from the preference plans,
+and their validation predictions, the selection, the weights and the scores are made on every plan
+of each validation patient (one scored item per plan, asked for its preferences, on the data
+set's grid; the leave-one-patient-out estimate leaves out all plans of a patient at once).
+validation.h5 then holds one dose per plan, named `PATIENT#planK`, and the evaluation's plots are
+not drawn. The ensemble.yaml of conditioned members predicts as a conditioned model
+(`nasdose predict --preference`, `nasdose view`, and a teacher for `nasdose distill`).
+
 --resume continues an interrupted run: finished members are reused, a half-trained one resumes
 from its last checkpoint, and changed selection settings are applied without retraining.
 """
@@ -40,11 +49,13 @@ from .cascade.objective import CascadeObjective
 from .cascade.patches import CascadeConfig
 from .cascade.windows import source_grids
 from .config import ConfigError, at_least, check_run_folder, from_dict, save_config
-from .data.store import open_data, write_predictions
+from .data.dataset import PlanItem, plan_items, plan_reference
+from .data.store import DataFile, open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
-from .inference import Cascade, Ensemble, as_predictor, predictions, save_ensemble
+from .inference import Cascade, Ensemble, as_predictor, predict_plans, predictions, save_ensemble, score_plans
 from .io import load_json, output_folder, save_json
+from .models.conditioning import KINDS
 from .models.factory import ModelConfig, build_model, load_model
 from .models.refiner import Refiner
 from .parallel import run_side_by_side, worker_threads
@@ -77,6 +88,9 @@ class EnsembleConfig:
     coarse model: members are chosen and scored on the source grid, and ensemble.yaml predicts as
     a cascade whose stage is the members' weighted mean. A pool searched for a cascade's stage
     (`search … cascade.coarse`) trains so without it (with it, only if it names the same model).
+    `conditioning` (e.g. film) conditions every member on the planning preferences; it needs
+    `train.data.plans`, and members are then chosen and weighted on every plan of each
+    validation patient.
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -86,6 +100,7 @@ class EnsembleConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     plots: int = 3
     parallel: int = 1
+    conditioning: str | None = None
 
     def validate(self) -> None:
         for key, default in (("model", ModelConfig()), ("runtime", RuntimeConfig()), ("seed", 0)):
@@ -95,6 +110,16 @@ class EnsembleConfig:
         at_least("seed", self.seed, 0)
         at_least("plots", self.plots, 0)
         at_least("parallel", self.parallel, 1)
+        if self.conditioning is not None:
+            if self.conditioning not in KINDS:
+                raise ConfigError(f"config key 'conditioning': expected one of {', '.join(KINDS)} (or none), "
+                                  f"got {self.conditioning!r}")
+            if not self.train.data.plans:
+                raise ConfigError("config key 'conditioning': conditioned members learn from preference plans: "
+                                  "set train.data.plans=true (data from `nasdose data synth --preferences K`)")
+            if self.train.cascade.coarse is not None:
+                raise ConfigError("config key 'conditioning': a cascade's full-resolution stage cannot be "
+                                  "conditioned (condition its coarse stage)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +168,8 @@ def _pool_cascade(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> EnsembleC
 
 
 def _member_config(cfg: EnsembleConfig, member: _Member, index: int, space: str) -> TrainConfig:
-    return replace(cfg.train, model=ModelConfig(name=space, genotype=str(member.folder / "genotype.yaml")),
-                   seed=cfg.seed + index, runtime=cfg.runtime)
+    model = ModelConfig(name=space, genotype=str(member.folder / "genotype.yaml"), conditioning=cfg.conditioning)
+    return replace(cfg.train, model=model, seed=cfg.seed + index, runtime=cfg.runtime)
 
 
 def _place_genotype(member: _Member, pool_path: Path) -> None:
@@ -174,42 +199,50 @@ def _train_member(cfg: EnsembleConfig, member: _Member, index: int, space: str, 
     train_model(model, config, data, member.folder, resume=True, objective=objective)
 
 
-def _predict_member(member: _Member, data: Path, ids: list[str], runtime: Runtime, tta: bool) -> None:
+def _predict_member(member: _Member, data: Path, ids: list[str], runtime: Runtime, tta: bool,
+                    items: Sequence[PlanItem] | None) -> None:
     """Cache the member's validation predictions (its best checkpoint, as the ensemble runs it):
-    on the data set's grid, or on the source grid for the full-resolution stage of a cascade."""
+    on the data set's grid, or on the source grid for the full-resolution stage of a cascade; a
+    conditioned member's for each plan item (`items`), asked for its preferences."""
     with open_data(data) as d:
         model, _ = load_model(member.folder)
-        predictor = (as_predictor(member.folder, model, runtime, d.grid) if isinstance(model, Refiner)
-                     # clamped, then flip-averaged: as the ensemble runs it
-                     else runtime.prepare(Ensemble([model], [1.0], tta)).eval())
-        grid, doses = predictions(predictor, d, ids, runtime, tta and isinstance(predictor, Cascade))
-        records = ((pid, dose, d.patient_attrs(pid)) for pid, dose in doses)
-        write_predictions(member.cache(tta), records, grid=grid, source=f"{member.folder} (tta={tta})",
-                          total=len(ids))
+        # clamped, then flip-averaged: as the ensemble runs it
+        member_net = runtime.prepare(Ensemble([model], [1.0], tta)).eval()
+        predictor = as_predictor(member.folder, model, runtime, d.grid) if isinstance(model, Refiner) else member_net
+        if items is not None:  # a conditioned member (never a cascade's stage)
+            grid, doses = d.grid, predict_plans(member_net, d, items, runtime)
+            records = ((key, dose, d.patient_attrs(item.pid)) for item, (key, dose) in zip(items, doses))
+        else:
+            grid, doses = predictions(predictor, d, ids, runtime, tta and isinstance(predictor, Cascade))
+            records = ((pid, dose, d.patient_attrs(pid)) for pid, dose in doses)
+        total = len(ids) if items is None else len(items)
+        write_predictions(member.cache(tta), records, grid=grid, source=f"{member.folder} (tta={tta})", total=total)
 
 
-def _cache_is_complete(path: Path, ids: list[str]) -> bool:
+def _cache_is_complete(path: Path, keys: list[str]) -> bool:
     if not path.exists():
         return False
     with open_data(path) as f:
-        return f.kind == "predictions" and set(ids) <= set(f.ids())
+        return f.kind == "predictions" and set(keys) <= set(f.ids())
 
 
-def _validation_predictions(members: Sequence[_Member], data: Path, ids: list[str],
-                            tta: bool) -> ValidationPredictions:
+def _validation_predictions(members: Sequence[_Member], data: Path, ids: list[str], tta: bool,
+                            items: Sequence[PlanItem] | None) -> ValidationPredictions:
+    """The members' cached predictions with the references: per patient, or per plan item."""
     with ExitStack() as stack:
         ref = stack.enter_context(open_data(data))
         caches = [stack.enter_context(open_data(m.cache(tta))) for m in members]
         if len({c.grid for c in caches}) > 1:
             raise input_error(data, "the members predict different grids (whole-volume networks and cascades mixed)")
         read = ref.read if caches[0].grid == ref.grid else ref.read_source  # a cascade's: the source grid
+        references = ((pid, read(pid)) for pid in ids) if items is None else (
+            (item.key, plan_reference(ref, item)) for item in items)
 
         def patients() -> Iterator[tuple[str, np.ndarray, np.ndarray, list[np.ndarray]]]:
-            for pid in ids:
-                p = read(pid)
+            for key, p in references:
                 if p.dose is None:
-                    raise input_error(data, f"validation patient {pid} has no reference dose")
-                yield pid, p.dose, p.possible_dose_mask, [c.read_dose(pid) for c in caches]
+                    raise input_error(data, f"validation patient {key} has no reference dose")
+                yield key, p.dose, p.possible_dose_mask, [c.read_dose(key) for c in caches]
 
         return ValidationPredictions.from_patients([m.name for m in members], patients())
 
@@ -217,12 +250,14 @@ def _validation_predictions(members: Sequence[_Member], data: Path, ids: list[st
 # ---------------------------------------------------------------------------------------------
 # Scoring and reporting.
 
-def _score(vp: ValidationPredictions, data: Path, weights: np.ndarray) -> Scores:
-    """Official dose and DVH scores of a combination (on the source grid); `weights` (members,)
-    or one row per patient."""
+def _score(vp: ValidationPredictions, data: Path, weights: np.ndarray,
+           items: Sequence[PlanItem] | None = None) -> Scores:
+    """Official dose and DVH scores of a combination (on the source grid; plan items: against
+    their plans, on the data set's grid); `weights` (members,) or one row per patient (item)."""
     rows = np.broadcast_to(np.asarray(weights, dtype=np.float64), (len(vp.ids), vp.n_members))
+    doses = ((pid, vp.full_dose(rows[p], p)) for p, pid in enumerate(vp.ids))
     with open_data(data) as d:
-        return score_on_source(d, ((pid, vp.full_dose(rows[p], p)) for p, pid in enumerate(vp.ids)))
+        return score_on_source(d, doses) if items is None else score_plans(d, items, doses)
 
 
 def _best_single(vp: ValidationPredictions) -> np.ndarray:
@@ -255,15 +290,17 @@ def _plot_size_curve(curve: list[dict[str, Any]], best: dict[str, Any], size: in
 
 
 def _scores(cfg: EnsembleConfig, vp: ValidationPredictions, data: Path, genotypes: Sequence[Genotype],
-            sel: Selection) -> dict[str, Any]:
+            sel: Selection, items: Sequence[PlanItem] | None) -> dict[str, Any]:
     """Each member's scores, the size curve, and the leave-one-patient-out estimates of the
-    whole procedure and of its baseline, picking the best single member."""
+    whole procedure and of its baseline, picking the best single member (plan items: all plans
+    of the left-out patient left out)."""
     names = vp.names
-    members = {n: _score(vp, data, np.eye(vp.n_members)[i]) for i, n in enumerate(names)}
+    members = {n: _score(vp, data, np.eye(vp.n_members)[i], items) for i, n in enumerate(names)}
     best = min(names, key=lambda n: members[n].dose_score)
+    patients = None if items is None else [item.pid for item in items]
     curve = []
     for k, w in enumerate(sel.prefix_weights, start=1):
-        s = _score(vp, data, w)
+        s = _score(vp, data, w, items)
         curve.append({"size": k, "added": names[sel.order[k - 1]], "weights": _named(names, w),
                       "dose_score": s.dose_score, "dvh_score": s.dvh_score})
     out: dict[str, Any] = {
@@ -271,14 +308,14 @@ def _scores(cfg: EnsembleConfig, vp: ValidationPredictions, data: Path, genotype
         "best_member": {"name": best, "dose_score": members[best].dose_score,
                         "dvh_score": members[best].dvh_score},
         "validation_leave_one_patient_out": None, "best_member_leave_one_patient_out": None}
-    if len(vp.ids) >= 2:
-        rows = leave_one_patient_out(vp, lambda sub: select(sub, cfg.selection, genotypes).weights)
-        s = _score(vp, data, rows)
+    if len(set(patients or vp.ids)) >= 2:
+        rows = leave_one_patient_out(vp, lambda sub: select(sub, cfg.selection, genotypes).weights, patients)
+        s = _score(vp, data, rows, items)
         out["validation_leave_one_patient_out"] = {
             "dose_score": s.dose_score, "dvh_score": s.dvh_score, "per_patient": s.per_patient,
             "weights": {pid: _named(names, r) for pid, r in zip(vp.ids, rows)}}
-        rows = leave_one_patient_out(vp, _best_single)
-        s = _score(vp, data, rows)
+        rows = leave_one_patient_out(vp, _best_single, patients)
+        s = _score(vp, data, rows, items)
         out["best_member_leave_one_patient_out"] = {
             "dose_score": s.dose_score, "dvh_score": s.dvh_score,
             "picked": {pid: names[int(np.argmax(r))] for pid, r in zip(vp.ids, rows)}}
@@ -296,30 +333,32 @@ NOTES = {
 
 
 def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: ValidationPredictions,
-            data: Path, out: Path) -> dict[str, Any]:
+            data: Path, out: Path, items: Sequence[PlanItem] | None) -> dict[str, Any]:
     """Select and weight; write ensemble.yaml, validation.h5, the metrics and the plots."""
     names = vp.names
     genotypes = [m.genotype for m in members]
     matrices = diversity_matrices(vp, genotypes)
     sel = select(vp, cfg.selection, genotypes, matrices)
-    scores = _scores(cfg, vp, data, genotypes, sel)
+    scores = _scores(cfg, vp, data, genotypes, sel, items)
     kept = [i for i in range(vp.n_members) if sel.weights[i] > 0]
     save_ensemble(out / "ensemble.yaml", [names[i] for i in kept], [sel.weights[i] for i in kept],
                   selection=cfg.selection.method, combination=cfg.selection.combination, tta=cfg.tta)
+    pids = vp.ids if items is None else [item.pid for item in items]
     with open_data(data) as d:
         write_predictions(out / "validation.h5",
-                          ((pid, vp.full_dose(sel.weights, p), d.patient_attrs(pid))
-                           for p, pid in enumerate(vp.ids)),
-                          grid=d.grid if cfg.train.cascade.coarse is None else d.grid * source_grids(d, vp.ids),
-                          source=str(out / "ensemble.yaml"), total=len(vp.ids))
+                          ((key, vp.full_dose(sel.weights, p), d.patient_attrs(pid))
+                           for p, (key, pid) in enumerate(zip(vp.ids, pids))),
+                          grid=_validation_grid(cfg, d, pids), source=str(out / "ensemble.yaml"), total=len(vp.ids))
     split = cfg.train.data.val_split
-    in_sample = evaluate_predictions(out / "validation.h5", data, out, split=split, plots=cfg.plots)
+    in_sample = (evaluate_predictions(out / "validation.h5", data, out, split=split, plots=cfg.plots)
+                 if items is None else _score(vp, data, sel.weights, items))
     plot_diversity(names, matrices, out / "plots" / "diversity.png")
     _plot_size_curve(scores["size_curve"], scores["best_member"], sel.size,
                      scores["validation_leave_one_patient_out"], out / "plots" / "size_curve.png")
     member_scores: dict[str, Scores] = scores.pop("members")
     metrics = {
-        "data": str(data), "split": split, "patients": vp.ids, "notes": NOTES,
+        "data": str(data), "split": split, "patients": list(dict.fromkeys(pids)), "notes": NOTES,
+        **({} if items is None else {"plans": vp.ids}),
         "ensemble": {"selection": cfg.selection.method, "combination": cfg.selection.combination,
                      "tta": cfg.tta, "picks": [names[i] for i in sel.order[:sel.size]],
                      "weights": _named(names, sel.weights)},
@@ -340,6 +379,11 @@ def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: Val
             k: v for k, v in member_scores[names[i]].to_dict().items() if k != "table"}}
         save_json(m.folder / "metrics.json", record)
     return metrics
+
+
+def _validation_grid(cfg: EnsembleConfig, data: DataFile, ids: list[str]) -> int:
+    """The grid of the ensemble's validation predictions: a cascade's is the source grid."""
+    return data.grid if cfg.train.cascade.coarse is None else data.grid * source_grids(data, ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,10 +415,13 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
         if d.kind != "dataset":
             raise input_error(data, f"a nasdose {d.kind} file, expected a data set")
         ids = d.ids(split)
+        items = plan_items(d, ids) if cfg.conditioning is not None else None
     if not ids:
         raise input_error(data, f"no patients in split '{split}' to select the members on")
+    keys = ids if items is None else [item.key for item in items]
     # one rank checks, or another may see its config; the members' training must stay as it was
-    distributed.on_main(check_run_folder, out, cfg, resume, "an ensemble run", out / "members", ("train", "seed"))
+    distributed.on_main(check_run_folder, out, cfg, resume, "an ensemble run", out / "members",
+                        ("train", "seed", "conditioning"))
     save_config(out / "config.yaml", cfg)
     runtime = Runtime(cfg.runtime)
 
@@ -383,11 +430,12 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
         _place_genotype(m, pool_path)
         say(f"member {i + 1}/{len(members)}: {m.name}")
         _train_member(cfg, m, i, pool.space, data)
-        if not _cache_is_complete(m.cache(cfg.tta), ids):
-            _predict_member(m, data, ids, runtime, cfg.tta)
+        if not _cache_is_complete(m.cache(cfg.tta), keys):
+            _predict_member(m, data, ids, runtime, cfg.tta, items)
 
     def report() -> dict[str, Any]:
-        return _report(cfg, pool, members, _validation_predictions(members, data, ids, cfg.tta), data, out)
+        vp = _validation_predictions(members, data, ids, cfg.tta, items)
+        return _report(cfg, pool, members, vp, data, out, items)
 
     if cfg.parallel > 1:
         _train_side_by_side(cfg, pool_path, pool.space, members, data)
@@ -397,8 +445,9 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
     metrics = distributed.on_main(report)
     loo = metrics["validation_leave_one_patient_out"]
     best = metrics["best_member"]
+    where = "OpenKBP, source grid" if items is None else f"on each of {len(items)} plans, the data set's grid"
     say(f"ensemble of {', '.join(f'{n} × {w:.2f}' for n, w in metrics['ensemble']['weights'].items())}: "
-        f"validation dose score (OpenKBP, source grid) {metrics['validation_in_sample']['dose_score']:.3f} Gy in-sample"
+        f"validation dose score ({where}) {metrics['validation_in_sample']['dose_score']:.3f} Gy in-sample"
         + (f", {loo['dose_score']:.3f} Gy leave-one-patient-out" if loo else "")
         + f"; best member {best['name']} {best['dose_score']:.3f} Gy. Wrote {out / 'ensemble.yaml'}")
     return metrics

@@ -18,7 +18,7 @@ from nas_dose.search_spaces import load_genotype
 from .cascade.patches import CascadeConfig
 from .cascade.windows import predict_source, source_grids
 from .config import from_dict
-from .data.dataset import build_input
+from .data.dataset import PlanItem, build_input, plan_reference
 from .data.patient import DOSE_SCALE_GY, Patient
 from .data.preferences import check
 from .data.store import DataFile
@@ -29,7 +29,7 @@ from .models.conditioning import Conditioned, Preset
 from .models.factory import check_trained_grid, load_model, spec_genotype
 from .models.refiner import Refiner
 from .runtime import Runtime
-from .scores import Scores, score_on_source
+from .scores import Scores, score_on_source, score_patients
 
 
 class Predictor(Protocol):
@@ -261,3 +261,19 @@ def official_scores(predictor: Predictor | Cascade, data: DataFile, ids: list[st
     """The OpenKBP scores of a model's or a cascade's doses, on the source grid."""
     _, doses = predictions(predictor, data, ids, runtime, tta)
     return score_on_source(data, doses)
+
+
+def predict_plans(model: nn.Module, data: DataFile, items: Sequence[PlanItem], runtime: Runtime,
+                  tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(item key, dose in Gy on the data set's grid) of a conditioned model (or ensemble, on the
+    runtime's device) asked for each item's preferences: the doses to score against its plans."""
+    for item in items:
+        asked = Preset(model, item.values.tolist()).to(runtime.device)
+        yield item.key, predict_patient(asked, data.read(item.pid), runtime, tta)
+
+
+def score_plans(data: DataFile, items: Sequence[PlanItem], doses: Iterator[tuple[str, np.ndarray]]) -> Scores:
+    """The OpenKBP scores of doses predicted for plan items (`predict_plans`) against each item's
+    plan, on the data set's grid: one scored "patient" per plan, named by its key."""
+    by_key = {item.key: item for item in items}
+    return score_patients((plan_reference(data, by_key[key]), dose) for key, dose in doses)

@@ -269,14 +269,18 @@ def select(vp: ValidationPredictions, cfg: SelectionConfig, genotypes: Sequence[
     return Selection(order, size, weights[size - 1], weights)
 
 
-def leave_one_patient_out(vp: ValidationPredictions,
-                          procedure: Callable[[ValidationPredictions], np.ndarray]) -> np.ndarray:
+def leave_one_patient_out(vp: ValidationPredictions, procedure: Callable[[ValidationPredictions], np.ndarray],
+                          patients: Sequence[str] | None = None) -> np.ndarray:
     """(patients, members): row p holds the weights `procedure` gives without patient p.
 
     Scoring patient p with row p estimates how the procedure (selection, weight fit) does on a
     patient it has not seen, unlike scoring the patients it was fitted on. Needs 2 patients.
+    `patients`: the patient of each entry, where entries are several plans of one patient (a
+    conditioned ensemble's): all of a patient's entries are left out together.
     """
-    n = len(vp.ids)
-    if n < 2:
+    groups = list(patients) if patients is not None else vp.ids
+    if len(set(groups)) < 2:
         raise ValueError("leave-one-patient-out needs at least 2 patients")
-    return np.stack([procedure(vp.subset([q for q in range(n) if q != p])) for p in range(n)])
+    subsets = {g: vp.subset([q for q, h in enumerate(groups) if h != g]) for g in dict.fromkeys(groups)}
+    rows = {g: procedure(sub) for g, sub in subsets.items()}
+    return np.stack([rows[g] for g in groups])

@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("search", "nas_dose.cli.search", "search architectures and choose an accurate, diverse pool"),
     ("ensemble", "nas_dose.cli.ensemble", "train a pool's members, select and weight them on validation"),
     ("distill", "nas_dose.cli.distill", "distil an ensemble into one compact student; comparison table"),
+    ("view", "nas_dose.cli.view", "a conditioned model's preference sliders as one self-contained web page"),
     ("export", "nas_dose.cli.export", "export a model, ensemble or cascade stage to ONNX or torch.export, checked"),
     ("evaluate", "nas_dose.cli.evaluate", "OpenKBP dose and DVH scores, per-structure table and plots"),
     ("pipeline", "nas_dose.cli.pipeline", "run the whole pipeline end to end (synthetic default, or --data)"),

@@ -6,7 +6,7 @@ and augmentations the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol, Sequence, cast
 
@@ -163,15 +163,21 @@ class DoseDataset(Dataset):
         patient, more = self.patient(index, epoch)
         pid = patient.id
         rng = np.random.default_rng([self.seed, epoch, index]) if self.augmentation else None
-        arrays = build_item(patient, self.augmentation, rng, self.doses(pid), self.labeled(pid))
+        arrays = build_item(patient, self.augmentation, rng, self.doses(pid, self.plan(index, epoch)),
+                            self.labeled(pid))
         return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in {**arrays, **more}.items()}, "id": pid}
 
     def patient(self, index: int, epoch: int) -> tuple[Patient, dict[str, np.ndarray]]:
         """Item `index`'s patient, its dose the target, and more arrays of the item, not augmented."""
         return self.data.read(self.ids[index]), {}
 
-    def doses(self, pid: str) -> dict[str, np.ndarray]:
-        """More dose arrays of an item, augmented with its target (none here; see build_item)."""
+    def plan(self, index: int, epoch: int) -> int | None:
+        """Which preference plan of its patient item `index` of `epoch` is (None: its own dose)."""
+        return None
+
+    def doses(self, pid: str, plan: int | None = None) -> dict[str, np.ndarray]:
+        """More dose arrays of an item (patient `pid`, its `plan`), augmented with its target (none
+        here; see build_item)."""
         return {}
 
     def labeled(self, pid: str) -> bool:
@@ -195,34 +201,81 @@ class PlanDataset(DoseDataset):
         super().__init__(path, split, augment, seed, exclude)
         self.preferences = preferences
         self.has_plans = [self.data.n_plans(pid) > 0 for pid in self.ids]
-        scale = None if all(self.has_plans) else training_scale(self.data)
-        self.values: list[np.ndarray] = []
-        for pid, has_plans in zip(self.ids, self.has_plans):
-            if not has_plans:
-                p = self.data.read(pid)
-                assert scale is not None and p.dose is not None  # DoseDataset verified the dose
-                self.values.append(scale.measure(p.dose, p.structures)[None])
-                continue
-            names, values = self.data.plan_preferences(pid)
-            if names != NAMES:
-                raise NasDoseError(f"{path}: patient {pid}: plan preferences {', '.join(names)}, expected "
-                                   f"{', '.join(NAMES)}")
-            self.values.append(values)
+        self.values = plan_preferences(self.data, self.ids)
         self.items = [(i, k) for i, v in enumerate(self.values) for k in range(len(v))] if every_plan else None
 
     def __len__(self) -> int:
         return len(self.items) if self.items is not None else len(self.ids)
 
-    def patient(self, index: int, epoch: int) -> tuple[Patient, dict[str, np.ndarray]]:
+    def _draw(self, index: int, epoch: int) -> tuple[int, int]:
+        """Item `index`'s patient (by position) and plan: drawn per epoch, or every plan an item."""
         if self.items is not None:
-            index, k = self.items[index]
-        else:
-            k = int(np.random.default_rng([self.seed, epoch, index, 1]).integers(len(self.values[index])))
-        pid = self.ids[index]
+            return self.items[index]
+        return index, int(np.random.default_rng([self.seed, epoch, index, 1]).integers(len(self.values[index])))
+
+    def plan(self, index: int, epoch: int) -> int | None:
+        i, k = self._draw(index, epoch)
+        return k if self.has_plans[i] else None
+
+    def patient(self, index: int, epoch: int) -> tuple[Patient, dict[str, np.ndarray]]:
+        i, k = self._draw(index, epoch)
+        pid = self.ids[i]
         patient = self.data.read(pid)
-        if self.has_plans[index]:
+        if self.has_plans[i]:
             patient = replace(patient, dose=self.data.read_plan(pid, k))
-        return patient, {"preferences": self.values[index][k]} if self.preferences else {}
+        return patient, {"preferences": self.values[i][k]} if self.preferences else {}
+
+
+def plan_preferences(data: DataFile, ids: Sequence[str]) -> list[np.ndarray]:
+    """Per patient, the (K, len(NAMES)) preferences of its plans; (1, len(NAMES)) measured on its
+    dose against the training plans (`training_scale`) for a patient without preference plans."""
+    has_plans = [data.n_plans(pid) > 0 for pid in ids]
+    scale = None if all(has_plans) else training_scale(data)
+    out: list[np.ndarray] = []
+    for pid, plans in zip(ids, has_plans):
+        if not plans:
+            p = data.read(pid)
+            if scale is None or p.dose is None:
+                raise NasDoseError(f"{data.path}: patient {pid} has no dose to measure its preferences on")
+            out.append(scale.measure(p.dose, p.structures)[None])
+            continue
+        names, values = data.plan_preferences(pid)
+        if names != NAMES:
+            raise NasDoseError(f"{data.path}: patient {pid}: plan preferences {', '.join(names)}, expected "
+                               f"{', '.join(NAMES)}")
+        out.append(values)
+    return out
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """One plan a conditioned model is asked for: patient `pid`'s preference plan `plan` (None:
+    its own dose, at preferences measured on it), `values` in NAMES order; `key` names it in a
+    predictions file (`plan_key`)."""
+
+    key: str
+    pid: str
+    plan: int | None
+    values: np.ndarray
+
+
+def plan_key(pid: str, plan: int | None) -> str:
+    """The name of a patient's plan among predictions: `pid#planK`, or `pid` for its own dose."""
+    return pid if plan is None else f"{pid}#plan{plan}"
+
+
+def plan_items(data: DataFile, ids: Sequence[str]) -> list[PlanItem]:
+    """Every plan of each patient in `ids`, as `PlanDataset(every_plan=True)` validates on them."""
+    return [PlanItem(plan_key(pid, k if data.n_plans(pid) else None), pid, k if data.n_plans(pid) else None, v)
+            for pid, values in zip(ids, plan_preferences(data, ids)) for k, v in enumerate(values)]
+
+
+def plan_reference(data: DataFile, item: PlanItem) -> Patient:
+    """The patient on the data set's grid (where preference plans are stored) with the item's plan
+    as its dose, named by the item's key."""
+    patient = data.read(item.pid)
+    dose = patient.dose if item.plan is None else data.read_plan(item.pid, item.plan)
+    return replace(patient, id=item.key, dose=dose)
 
 
 def training_scale(data: DataFile) -> SparingScale:

@@ -1,0 +1,30 @@
+"""`nasdose view`: arguments -> nas_dose.view.run."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from .. import view
+from ..config import add_config_arguments, int_at_least, load_config
+from .common import add_force_argument
+
+STAGE = view
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, metavar="MODEL",
+                        help="a conditioned training run folder (its best.pt), checkpoint or ensemble .yaml")
+    parser.add_argument("--data", type=Path, required=True, metavar="DATA.h5", help="nasdose data set")
+    parser.add_argument("--out", type=Path, required=True, metavar="PAGE.html", help="the page to write")
+    parser.add_argument("--patient", metavar="ID", default=None, help="the patient shown (default: the first)")
+    parser.add_argument("--steps", type=int_at_least(2), default=None, metavar="N",
+                        help="precomputed values per preference (default 5: 25 predictions for two)")
+    add_force_argument(parser, "PAGE.html")
+    add_config_arguments(parser, "runtime.device=cpu span=range")
+
+
+def main(args: argparse.Namespace) -> None:
+    config = load_config(view.Config, args.config, args.overrides)
+    flags = {k: v for k, v in (("patient", args.patient), ("steps", args.steps)) if v is not None}
+    view.run(replace(config, **flags), view.Inputs(args.model, args.data), args.out, force=args.force)

@@ -1,0 +1,161 @@
+"""Conditioned pools and students (issue 18): `nasdose ensemble` with `conditioning: film` trains
+conditioned members and chooses them on every plan of each validation patient; `nasdose distill`
+teaches a conditioned student from a conditioned ensemble, the teacher cached per (patient, plan).
+Tiny: 16³ phantoms with 4 plans each, two small LENAS members, a few steps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_distill_cli import GENOTYPES  # two small LENAS genotypes
+
+from nas_dose import ensemble
+from nas_dose.config import ConfigError, load_config
+from nas_dose.data.dataset import plan_items, plan_key
+from nas_dose.data.store import open_data
+from nas_dose.distill import distill as distill_stage
+from nas_dose.distill.teacher import PlanTeacherDataset
+from nas_dose.ensemble import EnsembleConfig, Inputs
+from nas_dose.errors import NasDoseError
+from nas_dose.inference import conditioned_on, load_ensemble, predict_patient
+from nas_dose.io import load_checkpoint
+from nas_dose.models.conditioning import Conditioned, Preset
+from nas_dose.models.factory import load_model
+from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
+from nas_dose.runtime import Runtime, RuntimeConfig
+from nas_dose.search_spaces import get_space
+from nas_dose.selection import ValidationPredictions, leave_one_patient_out
+
+SETTINGS = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.data.augment.enabled=false",
+            "runtime.device=cpu", "runtime.threads=1", "plots=0", "selection.max_size=2",
+            "conditioning=film", "train.data.plans=true"]
+
+
+@pytest.fixture(scope="module")
+def pool_file(tmp_path_factory) -> Path:
+    space = get_space("lenas")
+    members = [PoolMember(name, space.genotype(choices, {"stem": 4, "widths": [8, 8]}), 1.0)
+               for name, choices in GENOTYPES.items()]
+    path = tmp_path_factory.mktemp("pool") / "pool.yaml"
+    save_pool(path, Pool("lenas", "hand", 0, members, {k: np.zeros((2, 2)) for k in MATRICES}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def conditioned_ensemble(tmp_path_factory, plan_data, pool_file) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cens") / "run"
+    cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "selection.combination=weighted"])
+    return out, ensemble.run(cfg, Inputs(pool_file, plan_data), out)
+
+
+def test_members_are_conditioned_and_chosen_on_every_plan(conditioned_ensemble, plan_data):
+    out, metrics = conditioned_ensemble
+    for name in GENOTYPES:
+        spec = load_checkpoint(out / "members" / name / "best.pt")["model_config"]
+        assert spec["conditioning"]["names"] == ["oar", "hi"]
+        assert load_checkpoint(out / "members" / name / "best.pt")["config"]["data"]["plans"] is True
+    with open_data(plan_data) as d:
+        keys = [item.key for item in plan_items(d, d.ids("validation"))]
+    assert keys == [plan_key(pid, k) for pid in ("pt_7", "pt_8") for k in range(4)]
+    with open_data(out / "members" / "a" / "validation.h5") as cache:
+        assert cache.ids() == keys
+    assert metrics["patients"] == ["pt_7", "pt_8"]
+    assert set(metrics["validation_in_sample"]["per_patient"]) == set(keys)
+    loo = metrics["validation_leave_one_patient_out"]
+    assert set(loo["weights"]) == set(keys) and loo["dose_score"] > 0
+    # a patient's plans are left out together: they get the same weights
+    for pid in ("pt_7", "pt_8"):
+        rows = [loo["weights"][plan_key(pid, k)] for k in range(4)]
+        assert all(r == pytest.approx(rows[0]) for r in rows)
+    ens = load_ensemble(out / "ensemble.yaml")
+    assert conditioned_on(ens) == ("oar", "hi")
+    assert metrics["validation_in_sample"]["dose_score"] <= metrics["best_member"]["dose_score"] + 1e-6
+
+
+def test_the_saved_ensemble_predicts_each_plan_as_it_was_scored(conditioned_ensemble, plan_data):
+    out, _ = conditioned_ensemble
+    ens = load_ensemble(out / "ensemble.yaml")
+    runtime = Runtime(RuntimeConfig(device="cpu"))
+    with open_data(plan_data) as d, open_data(out / "validation.h5") as saved:
+        for item in plan_items(d, ["pt_8"])[::3]:
+            dose = predict_patient(Preset(ens, item.values.tolist()), d.read(item.pid), runtime)
+            np.testing.assert_allclose(dose, saved.read_dose(item.key), rtol=1e-4, atol=1e-4)
+
+
+def test_leave_one_patient_out_groups_a_patients_entries():
+    rng = np.random.default_rng(0)
+    entries = [(f"p{i}#plan{k}", rng.random(8), np.ones(8, bool), [rng.random(8), rng.random(8)])
+               for i in range(3) for k in range(2)]
+    vp = ValidationPredictions.from_patients(["a", "b"], entries)
+    seen: list[list[str]] = []
+
+    def record(sub: ValidationPredictions) -> np.ndarray:
+        seen.append(sub.ids)
+        return np.array([len(seen), 0.0])
+
+    rows = leave_one_patient_out(vp, record, [f"p{i}" for i in range(3) for _ in range(2)])
+    assert seen == [["p1#plan0", "p1#plan1", "p2#plan0", "p2#plan1"], ["p0#plan0", "p0#plan1", "p2#plan0", "p2#plan1"],
+                    ["p0#plan0", "p0#plan1", "p1#plan0", "p1#plan1"]]
+    np.testing.assert_array_equal(rows[:, 0], [1, 1, 2, 2, 3, 3])
+
+
+def test_conditioning_needs_plans_and_no_cascade():
+    with pytest.raises(ConfigError, match="train.data.plans=true"):
+        load_config(EnsembleConfig, overrides=["conditioning=film"])
+    with pytest.raises(ConfigError, match="cascade"):
+        load_config(EnsembleConfig, overrides=["conditioning=film", "train.data.plans=true",
+                                               "train.cascade.coarse=somewhere"])
+    with pytest.raises(ConfigError, match="film"):
+        load_config(EnsembleConfig, overrides=["conditioning=adain", "train.data.plans=true"])
+
+
+DISTILL = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.data.augment.enabled=false",
+           "runtime.device=cpu", "runtime.threads=1", "latency.size=16", "latency.runs=1", "train.data.plans=true"]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, conditioned_ensemble, plan_data) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cdistill") / "run"
+    cfg = load_config(distill_stage.Config, overrides=[*DISTILL, "student=unet3d:widths=4,8"])
+    return out, distill_stage.run(cfg, distill_stage.Inputs(conditioned_ensemble[0] / "ensemble.yaml", plan_data), out)
+
+
+def test_a_conditioned_teacher_teaches_a_conditioned_student_per_plan(distilled, conditioned_ensemble, plan_data):
+    out, metrics = distilled
+    teacher = load_ensemble(conditioned_ensemble[0] / "ensemble.yaml")
+    runtime = Runtime(RuntimeConfig(device="cpu"))
+    with open_data(plan_data) as d, open_data(out / "teacher.h5") as cache:
+        items = plan_items(d, d.ids("train") + d.ids("validation"))
+        assert cache.ids() == [i.key for i in items] and len(items) == 8 * 4
+        item = items[5]  # the teacher's prediction for that plan, asked for its preferences
+        expected = predict_patient(Preset(teacher, item.values.tolist()), d.read(item.pid), runtime)
+        np.testing.assert_allclose(cache.read_dose(item.key), expected, rtol=1e-4, atol=1e-4)
+    for run in ("student", "baseline"):
+        model, meta = load_model(out / run)
+        assert isinstance(model, Conditioned) and meta["config"]["data"]["plans"] is True
+    rows = {r["name"]: r for r in metrics["rows"]}
+    assert len(rows) == 4 and all(np.isfinite(r["dose_score"]) and r["dose_score"] > 0 for r in rows.values())
+    assert metrics["training_patients"]["unlabeled"] == 0
+    assert "conditioned on preferences" in (out / "comparison.md").read_text()
+
+
+def test_the_student_draws_a_plan_with_its_teachers_prediction(distilled, plan_data):
+    out, _ = distilled
+    dataset = PlanTeacherDataset(plan_data, "train", out / "teacher.h5", seed=0)
+    with open_data(out / "teacher.h5") as cache:
+        for epoch in range(3):
+            item = dataset[(1, epoch)]
+            plan = dataset.plan(1, epoch)
+            np.testing.assert_array_equal(item["preferences"].numpy(), dataset.values[1][plan])
+            np.testing.assert_allclose(item["teacher"][0].numpy(),
+                                       cache.read_dose(plan_key(dataset.ids[1], plan)) / np.float32(70), rtol=1e-6)
+
+
+def test_conditioned_teacher_and_plans_go_together(conditioned_ensemble, plan_data, tmp_path):
+    teacher = conditioned_ensemble[0] / "ensemble.yaml"
+    for overrides, message in ((["train.data.plans=false"], "train.data.plans=true"),
+                               (["hint.weight=0.5"], "hint.weight=0")):
+        cfg = load_config(distill_stage.Config, overrides=[*DISTILL, "student=unet3d:widths=4,8", *overrides])
+        with pytest.raises(NasDoseError, match=message):
+            distill_stage.run(cfg, distill_stage.Inputs(teacher, plan_data), tmp_path / "x")
