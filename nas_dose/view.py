@@ -18,7 +18,7 @@ bound to 127.0.0.1 only, on `port` (0: a free one; the URL is printed; Ctrl-C st
 same page, with the slice and contours embedded, asks the server's `point` endpoint
 (`/point?oar=0.37&hi=0.12`) for each slider setting; the server predicts it with the model on
 demand (any value in the preference's documented range; others are refused with HTTP 400 and a
-one-line reason), one prediction at a time, and keeps the last `CACHE` settings' answers.
+one-line reason), one prediction at a time, and keeps the answers of the last `CACHE` (512) settings.
 
 Each slider runs from the lowest to the highest value of the data set's preference plans (`span:
 plans`; the documented range where the data set holds none, or with `span: range`). A model that
