@@ -91,6 +91,14 @@ def test_a_less_homogeneous_ptv70_is_pulled_together_and_a_flatter_one_apart(bat
         assert torch.all(grad[~ptv70.expand_as(grad)] == 0)
 
 
+def test_a_cold_prediction_gives_a_bounded_term(batch):
+    """A fresh network predicts doses near zero, some negative: the HI's D50 would be ~0."""
+    ptv70, _ = masks(batch)
+    pred = torch.where(ptv70, torch.linspace(-0.5, 0.2, ptv70.numel()).reshape(ptv70.shape), batch["target"])
+    term, grad = gradient(pred, batch, HI_ONLY)
+    assert 0.1 < term < 2 and torch.isfinite(grad).all() and grad.abs().max() < 10
+
+
 def test_the_objective_adds_the_weighted_term(batch):
     runtime = Runtime(RuntimeConfig(device="cpu"))
     pred = batch["target"] * 1.1

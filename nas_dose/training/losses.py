@@ -22,6 +22,8 @@ preferences are defined in (`nas_dose.data.preferences`):
   ``hi``. The D's are exact quantiles of the PTV70 voxels' doses with linear interpolation, the
   estimator that measured the plans' ``hi`` (`homogeneity_index`), so a prediction equal to the
   (unaugmented) plan scores zero; its gradient reaches the voxels at those order statistics only.
+  The prediction is clamped at 0 (as it is written) and D50 floored at half the prescription,
+  so a cold prediction (a fresh network's, near zero) cannot blow the ratio up.
 - ``oar``: a plan's sparing weight shows in the dose as the mean dose of each spared OAR outside
   the targets (`spared_mean_doses`: it falls as ``oar`` rises), and the weight maps to no dose
   by itself (it depends on the anatomy), so the target is the asked plan's own: the term is
@@ -127,14 +129,16 @@ _HI = NAMES.index("hi")
 _PTV70 = len(OARS) + TARGETS.index("PTV70")  # its mask in `structure_masks`
 _SPARED = [OARS.index(name) for name in SPARED_OARS]
 _HI_QUANTILES = (0.98, 0.5, 0.02)  # D2, D50, D98
+_D50_FLOOR = 0.5 * PRESCRIPTION_GY["PTV70"] / DOSE_SCALE_GY  # half the PTV70's prescription, dose / 70
 
 
-def homogeneity(dose: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def homogeneity(dose: torch.Tensor, mask: torch.Tensor, d50_floor: float = 1e-6) -> torch.Tensor:
     """(D2 - D98) / D50 of `dose` (any shape) over the voxels of `mask` (the same shape, 0/1), as
-    `homogeneity_index` measures it (linear-interpolation quantiles), differentiable in `dose`."""
+    `homogeneity_index` measures it (linear-interpolation quantiles), differentiable in `dose`;
+    D50 taken as at least `d50_floor`."""
     values = dose.float()[mask > 0.5]
     d2, d50, d98 = torch.quantile(values, torch.tensor(_HI_QUANTILES, device=values.device))
-    return (d2 - d98) / d50.clamp_min(1e-6)
+    return (d2 - d98) / d50.clamp_min(d50_floor)
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor, preferences: torch.Tensor,
@@ -151,7 +155,8 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor, 
     ptv70 = masks[:, _PTV70]
     for i in range(pred.shape[0]):
         if cfg.hi_weight and ptv70[i].sum() >= cfg.min_voxels:
-            error = (homogeneity(pred[i, 0], ptv70[i]) - preferences[i, _HI].float()).abs()
+            hi = homogeneity(pred[i, 0].clamp_min(0), ptv70[i], _D50_FLOOR)
+            error = (hi - preferences[i, _HI].float()).abs()
             total, weights = total + cfg.hi_weight * error, weights + cfg.hi_weight
     return total / weights.clamp_min(1e-12)
 
