@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,15 @@ def test_preferences_benchmark_at_a_trivial_size(suite):
     assert set(res["measurements"]["latency_s"]) == {"conditioned_16_s", "plain_16_s"}
     assert [r["status"] for r in res["ratios"]][3] == "info" and len(res["ratios"]) == 4
     json.dumps(res)
+
+
+def test_preferences_benchmark_scores_a_third_model_with_the_consistency_term(suite):
+    import bench_preferences
+
+    quick = bench_preferences.Settings().quick()
+    res = bench_preferences.run(quick=True, device="cpu", settings=replace(quick, consistency=0.5))
+    (run,) = res["measurements"]["runs"]
+    assert run["consistency"]["plans"] == 10 and run["consistency"]["conditioned_dose_score"] > 0
+    assert run["consistency"]["plain_dose_score"] == run["plain_dose_score"]  # against the same plain model
+    names = [r["quantity"] for r in res["ratios"]]
+    assert len(names) == 7 and names[3].startswith("with consistency 0.5: dose score improvement")

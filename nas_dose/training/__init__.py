@@ -7,4 +7,5 @@ from .losses import ConsistencyConfig, DVHLossConfig, dose_errors_gy, masked_los
 from .objective import Objective
 
 __all__ = ["DataConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "train_model", "validate",
-           "ConsistencyConfig", "DVHLossConfig", "dose_errors_gy", "masked_loss", "Objective", "EventLog", "LoggingConfig"]
+           "ConsistencyConfig", "DVHLossConfig", "dose_errors_gy", "masked_loss", "Objective", "EventLog",
+           "LoggingConfig"]
