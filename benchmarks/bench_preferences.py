@@ -1,7 +1,7 @@
 """Does conditioning on planning preferences predict the plan a planner asks for?
 
     python benchmarks/bench_preferences.py [--quick] [--seeds 0 1] [--grid 32] [--epochs N] [--steps N]
-        [--out FILE.json]
+        [--consistency W] [--out FILE.json]
 
 Per seed, on synthetic phantoms with preference plans (`nasdose data synth --preferences K`,
 made in a temporary folder):
@@ -19,6 +19,10 @@ made in a temporary folder):
      (`hi` at the median of the patient's plans); for each spared OAR in the dose grid, Spearman
      ρ between the slider and minus its mean dose (1: the dose falls at every step), averaged
      per patient, then over patients (target >= 0.95); the same for the PTV70 HI against `hi`;
+   with `--consistency W` (> 0), a third model, conditioned and trained with the same budget plus
+   the objective-consistency term at weight W (`train.consistency`, nas_dose/training/losses.py;
+   `min_voxels` 1, as a 16³ phantom's PTV70 and OARs are a few voxels), is scored the same way;
+   its improvement is against the same plain model, and its change against the conditioned one;
 3. latency of one forward pass of the conditioned network (batch 1, inference mode, this CPU,
    `--threads`) at 32³ and 128³, against the plain one's.
 
@@ -51,7 +55,7 @@ from nas_dose.models.factory import ModelConfig, build_model
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
 from nas_dose.scores import dose_error
-from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
+from nas_dose.training import ConsistencyConfig, DataConfig, OptimConfig, TrainConfig, train_model
 
 SPARED = tuple(o for o in OARS if o != "Mandible")  # the OARs the beam model spares
 
@@ -77,6 +81,7 @@ class Settings:
     latency_grids: list[int] = field(default_factory=lambda: [32, 128])
     latency_repeats: int = 20  # at the first grid; a tenth of it (at least 2) at the others
     threads: int | None = 1
+    consistency: float = 0.0  # > 0: also a conditioned model trained with the consistency term at this weight
 
     def quick(self) -> Settings:
         """Seconds: a few 16³ phantoms, a tiny network, a few steps, one seed."""
@@ -94,13 +99,16 @@ def make_data(s: Settings, folder: Path) -> tuple[Path, Path]:
     return train, held
 
 
-def train(s: Settings, data: Path, seed: int, conditioned: bool, device: str) -> torch.nn.Module:
-    """The model chosen on validation after the fixed budget, in eval mode."""
+def train(s: Settings, data: Path, seed: int, conditioned: bool, device: str,
+          consistency: float = 0.0) -> torch.nn.Module:
+    """The model chosen on validation after the fixed budget, in eval mode (a conditioned one
+    with the objective-consistency term at weight `consistency`)."""
     model_cfg = ModelConfig(kwargs={"widths": list(s.widths)}, conditioning="film" if conditioned else None)
     cfg = TrainConfig(model=model_cfg,
                       data=DataConfig(batch_size=s.batch, augment=AugmentConfig(enabled=False), plans=True),
                       optim=OptimConfig(lr=s.lr), epochs=s.epochs, steps_per_epoch=s.steps, seed=seed,
-                      runtime=RuntimeConfig(device=device, threads=s.threads))
+                      runtime=RuntimeConfig(device=device, threads=s.threads),
+                      consistency=ConsistencyConfig(weight=consistency, min_voxels=1))
     seed_everything(seed)
     model = build_model(cfg.model)
     model.load_state_dict(train_model(model, cfg, data).best_state)
@@ -192,18 +200,28 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
             plain = train(s, data, seed, False, str(dev))
             conditioned = train(s, data, seed, True, str(dev))
             assert isinstance(conditioned, Conditioned)
-            record = {"seed": seed, **evaluate(s, plain, conditioned, held, runtime),
-                      "seconds": round(time.perf_counter() - t0, 1)}
+            record = {"seed": seed, **evaluate(s, plain, conditioned, held, runtime)}
+            if s.consistency:
+                consistent = train(s, data, seed, True, str(dev), s.consistency)
+                assert isinstance(consistent, Conditioned)
+                record["consistency"] = evaluate(s, plain, consistent, held, runtime)
+            record["seconds"] = round(time.perf_counter() - t0, 1)
             runs.append(record)
             print(f"  seed {seed}: dose score plain {record['plain_dose_score']:.3f} Gy, conditioned "
                   f"{record['conditioned_dose_score']:.3f} Gy ({100 * record['improvement']:+.1f} %); OAR ρ "
                   f"{record['oar_rho']:.3f}, HI ρ {record['hi_rho']:.3f}; {record['seconds']:.0f} s", flush=True)
+            if s.consistency:
+                c = record["consistency"]
+                print(f"  seed {seed}, with consistency {s.consistency:g}: dose score {c['conditioned_dose_score']:.3f}"
+                      f" Gy ({100 * c['improvement']:+.1f} %); OAR ρ {c['oar_rho']:.3f}, HI ρ {c['hi_rho']:.3f}, "
+                      f"|HI gap| {c['hi_abs_gap']:.3f}", flush=True)
     times = latency(s, dev)
     wall = time.perf_counter() - started
 
-    def stat(key: str) -> tuple[float, float]:
-        return mean_sd([r[key] for r in runs])
+    def stat(key: str, part: str | None = None) -> tuple[float, float]:
+        return mean_sd([(r[part] if part else r)[key] for r in runs])
 
+    c, w = "consistency", f"with consistency {s.consistency:g}"
     n = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}, {runs[0]['plans']} held-out plans"
     rows = [
         Row(f"dose score improvement, conditioned vs plain ({n})", stat("improvement")[0], low=0.2,
@@ -215,7 +233,16 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
         Row(f"Spearman ρ, hi slider vs predicted PTV70 HI ({s.held_out} patients)", stat("hi_rho")[0],
             detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("hi_rho"))
                    + "|predicted HI - plan's HI| {:.3f} ± {:.3f}".format(*stat("hi_abs_gap"))),
-    ] + [Row(f"latency, conditioned forward at {g}³ (ms)", 1000 * times[f"conditioned_{g}_s"],
+    ] + ([
+        Row(f"{w}: dose score improvement vs plain", stat("improvement", c)[0], low=0.2,
+            detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("improvement", c))
+                   + "conditioned with the term {:.3f} ± {:.3f} Gy".format(*stat("conditioned_dose_score", c))),
+        Row(f"{w}: Spearman ρ, oar slider vs spared-OAR mean dose falling", stat("oar_rho", c)[0], low=0.95,
+            detail="mean ± sd over seeds {:.3f} ± {:.3f}".format(*stat("oar_rho", c))),
+        Row(f"{w}: Spearman ρ, hi slider vs predicted PTV70 HI", stat("hi_rho", c)[0],
+            detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("hi_rho", c))
+                   + "|predicted HI - plan's HI| {:.3f} ± {:.3f}".format(*stat("hi_abs_gap", c))),
+    ] if s.consistency else []) + [Row(f"latency, conditioned forward at {g}³ (ms)", 1000 * times[f"conditioned_{g}_s"],
              high=50 if g == 32 else None,
              detail=f"plain {1000 * times[f'plain_{g}_s']:.1f} ms; batch 1, {s.threads} thread(s)")
          for g in s.latency_grids]

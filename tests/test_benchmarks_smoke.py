@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,15 @@ def test_compare_strategies_puts_a_hand_designed_unet_of_no_more_flops_to_the_sa
     assert rows["random"]["vs_unet3d_percent"] == (pytest.approx(expected), 0.0)
     assert rows["unet3d"]["vs_unet3d_percent"] is None and rows["unet3d"]["vs_random"] == (
         pytest.approx(unet["final_score"] - searched["final_score"]), 0.0)
+
+
+def test_preferences_benchmark_scores_a_third_model_with_the_consistency_term(suite):
+    import bench_preferences
+
+    quick = bench_preferences.Settings().quick()
+    res = bench_preferences.run(quick=True, device="cpu", settings=replace(quick, consistency=0.5))
+    (run,) = res["measurements"]["runs"]
+    assert run["consistency"]["plans"] == 10 and run["consistency"]["conditioned_dose_score"] > 0
+    assert run["consistency"]["plain_dose_score"] == run["plain_dose_score"]  # against the same plain model
+    names = [r["quantity"] for r in res["ratios"]]
+    assert len(names) == 7 and names[3].startswith("with consistency 0.5: dose score improvement")

@@ -1,7 +1,9 @@
-"""`nasdose view`: one self-contained HTML page with a conditioned model's preference sliders.
-The page's embedded data are checked against the model's own predictions, and a headless
-Chromium (driven through chromedriver's WebDriver HTTP protocol, no Python package needed) moves a
-slider and sees the slice and the DVHs change; that test skips where Chromium is absent."""
+"""`nasdose view`: a conditioned model's preference sliders as one self-contained HTML page, or
+served live from 127.0.0.1. The page's embedded data and the live server's answers (at settings
+off any grid) are checked against the model's own predictions, the server's refusals are one
+line with HTTP 400, and a headless Chromium (driven through chromedriver's WebDriver HTTP
+protocol, no Python package needed) moves a slider on either page and sees the slice and the DVHs
+change; those tests skip where Chromium is absent."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +12,9 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import pytest
 import torch
 
 from nas_dose import cli
+from nas_dose import view as viewer
 from nas_dose.config import load_config
 from nas_dose.data.store import open_data
 from nas_dose.inference import predict_patient
@@ -57,7 +62,11 @@ def view(*argv: object) -> int:
 
 def embedded(page: Path) -> dict[str, Any]:
     """The page's data, as its script reads it."""
-    found = re.search(r'<script id="view-data" type="application/json">(.*?)</script>', page.read_text(), re.S)
+    return embedded_text(page.read_text())
+
+
+def embedded_text(html: str) -> dict[str, Any]:
+    found = re.search(r'<script id="view-data" type="application/json">(.*?)</script>', html, re.S)
     assert found is not None
     return json.loads(found.group(1))
 
@@ -186,3 +195,109 @@ def test_moving_a_slider_in_chromium_changes_the_slice_and_the_dvh(page, browser
     moved = browser.script(state)
     assert moved[0] == "7"  # oar at its highest precomputed value, hi unchanged
     assert moved[1] != image and moved[2] != curve and moved[3] != shown
+
+
+@pytest.fixture(scope="module")
+def live(conditioned, plan_data):
+    """The live server for pt_7, serving in a thread."""
+    config = viewer.Config(patient="pt_7", runtime=RuntimeConfig(device="cpu", threads=1))
+    server = viewer.open_server(config, viewer.Inputs(conditioned, plan_data))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_the_live_server_predicts_any_setting_on_localhost(live, conditioned, plan_data):
+    assert live.server_address[0] == "127.0.0.1" and live.url.startswith("http://127.0.0.1:")
+    status, html = get(live.url)
+    assert status == 200 and b'"live":"point"' in html and b"http://" not in html
+    with open_data(plan_data) as d:
+        patient = d.read("pt_7")
+    values = [0.37, 0.123]  # between the grid points of any page
+    status, body = get(f"{live.url}point?oar={values[0]}&hi={values[1]}")
+    assert status == 200
+    point = json.loads(body)
+    assert point["values"] == values
+    model, _ = load_model(conditioned)
+    dose = predict_patient(Preset(model, values), patient, Runtime(RuntimeConfig(device="cpu")))
+    page = embedded_text(html.decode())
+    top, z, shape = page["dose_max_gy"], page["slice"], page["shape"]
+    assert page["points"] == [] and [p["name"] for p in page["preferences"]] == ["oar", "hi"]
+    shown = levels(point["dose"], shape).astype(int)
+    expected = np.clip(np.round(dose[:, :, z][live.live.frame.box] / top * 255), 0, 255)
+    assert shown.max() > 0 and np.abs(shown - expected).max() <= 1  # float32 rounding on the level's edge
+    for roi, mean in point["mean_gy"].items():
+        assert mean == pytest.approx(float(dose[patient.structures[roi]].mean()), abs=2e-3)
+    other = json.loads(get(f"{live.url}point?oar=0.9&hi=0.123")[1])
+    assert other["mean_gy"] != point["mean_gy"]
+    assert get(f"{live.url}point?hi={values[1]}&oar={values[0]}")[1] == body  # any order; kept
+
+
+@pytest.mark.parametrize("query, reason", [
+    ("oar=1.5&hi=0.1", "oar=1.5 is out of its range [0, 1]"),
+    ("oar=0.5", "preference 'hi' not given"),
+    ("oar=x&hi=0.1", "oar: 'x' is not a number"),
+    ("oar=0.5&hi=0.1&oar=0.2", "'oar' given twice"),
+    ("oar=0.5&hi=0.1&size=3", "unknown preference 'size'"),
+])
+def test_the_live_server_refuses_a_bad_setting_in_one_line(live, query, reason):
+    status, body = get(f"{live.url}point?{query}")
+    assert status == 400 and reason in body.decode() and len(body.decode().splitlines()) == 1
+
+
+def test_the_live_server_serves_nothing_else(live):
+    assert get(f"{live.url}data.h5")[0] == 404
+
+
+def test_nasdose_view_without_out_serves_until_ctrl_c(conditioned, plan_data, monkeypatch, capsys):
+    answered = []
+
+    def serve_once(server):  # a browser asks for the page, then the user presses Ctrl-C
+        thread = threading.Thread(target=server.handle_request)
+        thread.start()
+        answered.append(get(server.url)[0])
+        thread.join(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(viewer.ViewServer, "serve_forever", serve_once)
+    capsys.readouterr()
+    assert view(conditioned, "--data", plan_data, "--port", 0) == 0
+    out = capsys.readouterr().out
+    assert answered == [200] and re.search(r"nasdose view: http://127\.0\.0\.1:\d+/ ", out)
+    assert view(conditioned, "--data", plan_data, "port=70000") == 1
+    assert "config key 'port'" in capsys.readouterr().err
+
+
+def test_moving_a_slider_in_chromium_asks_the_live_server(live, browser):
+    browser("POST", "/url", {"url": live.url})
+    state = ("return [document.body.dataset.point, document.getElementById('slice').toDataURL(), "
+             "[...document.querySelectorAll('.dvh-curve')].map(c => c.getAttribute('points')).join(';'), "
+             "document.getElementById('status').textContent]")
+
+    def settled(before: str | None) -> list[Any]:
+        for _ in range(300):
+            now = browser.script(state)
+            if now[0] is not None and now[0] != before:
+                return now
+            time.sleep(0.1)
+        raise AssertionError(f"the page showed no new setting (status: {now[3]!r})")
+
+    point, image, curve, status = settled(None)
+    assert point.startswith("oar=") and status == "" and image.startswith("data:image/png")
+    slider = browser("POST", "/element", {"using": "css selector", "value": "#pref-oar"})[WebDriver.ELEMENT]
+    browser("POST", f"/element/{slider}/value", {"text": "\ue014" * 13})  # ArrowRight: off the 5-step grid
+    moved = settled(point)
+    oar = float(re.search(r"oar=([0-9.e-]+)", moved[0]).group(1))
+    assert oar > float(re.search(r"oar=([0-9.e-]+)", point).group(1))
+    assert moved[1] != image and moved[2] != curve and moved[3] == ""

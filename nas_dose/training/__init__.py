@@ -3,8 +3,9 @@ objective, and the engine (exact resume, data-parallel under torchrun)."""
 from .config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
 from .engine import TrainResult, train_model, validate
 from .events import EventLog, LoggingConfig
-from .losses import DVHLossConfig, dose_errors_gy, masked_loss
+from .losses import ConsistencyConfig, DVHLossConfig, dose_errors_gy, masked_loss
 from .objective import Objective
 
 __all__ = ["DataConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "train_model", "validate",
-           "DVHLossConfig", "dose_errors_gy", "masked_loss", "Objective", "EventLog", "LoggingConfig"]
+           "ConsistencyConfig", "DVHLossConfig", "dose_errors_gy", "masked_loss", "Objective", "EventLog",
+           "LoggingConfig"]

@@ -10,7 +10,7 @@ from ..data.augment import AugmentConfig
 from ..models.factory import ModelConfig
 from ..runtime import RuntimeConfig
 from .events import LoggingConfig
-from .losses import DVHLossConfig
+from .losses import ConsistencyConfig, DVHLossConfig
 
 
 @dataclass
@@ -96,6 +96,9 @@ class TrainConfig:
     seed: int = 0
     loss: Literal["l1", "mse"] = "l1"
     dvh_loss: DVHLossConfig = field(default_factory=DVHLossConfig)
+    # The objective-consistency term (a conditioned model's dose obeys the asked preferences:
+    # PTV70 HI against `hi`, spared OAR means against the plan's; training/losses.py).
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -109,4 +112,7 @@ class TrainConfig:
         if self.model.conditioning is not None and not self.data.plans:
             raise ConfigError("config key 'model.conditioning': a conditioned model learns from preference plans: "
                               "set data.plans=true (data from `nasdose data synth --preferences K`)")
+        if self.consistency.weight and self.model.conditioning is None:
+            raise ConfigError("config key 'consistency.weight': the term compares the dose with the preferences "
+                              "asked, for a conditioned model only (set model.conditioning=film)")
 

@@ -13,6 +13,25 @@ The structures are read back from the model input, so every data set and patch w
 carrying masks: the OAR channels as they are, and for the targets the regions at or above each
 prescription level of the PTV channel (where PTVs overlap, the higher prescription wins there,
 as in the input; the term compares prediction and reference on the same regions either way).
+
+The objective-consistency term (`consistency_loss`, for a model conditioned on the planning
+preferences) asks the predicted dose to obey the preferences it was asked for, in the terms the
+preferences are defined in (`nas_dose.data.preferences`):
+
+- ``hi``: the homogeneity index (D2 - D98) / D50 of the predicted PTV70 dose against the asked
+  ``hi``. The D's are exact quantiles of the PTV70 voxels' doses with linear interpolation, the
+  estimator that measured the plans' ``hi`` (`homogeneity_index`), so a prediction equal to the
+  (unaugmented) plan scores zero; its gradient reaches the voxels at those order statistics only.
+  The prediction is clamped at 0 (as it is written) and D50 floored at half the prescription,
+  so a cold prediction (a fresh network's, near zero) cannot blow the ratio up.
+- ``oar``: a plan's sparing weight shows in the dose as the mean dose of each spared OAR outside
+  the targets (`spared_mean_doses`: it falls as ``oar`` rises), and the weight maps to no dose
+  by itself (it depends on the anatomy), so the target is the asked plan's own: the term is
+  |mean predicted dose - mean plan dose| per spared OAR outside the targets, a first-order
+  DVH-moment term on those structures (in dose / 70 units, as the L1 loss).
+
+Its value is the weighted mean of the items' HI errors (weight `hi_weight`) and the spared OARs'
+mean-dose errors (weight `oar_weight` each).
 """
 from __future__ import annotations
 
@@ -25,6 +44,7 @@ from .. import distributed
 from ..config import ConfigError
 from ..data.dataset import CHANNELS
 from ..data.patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS
+from ..data.preferences import NAMES, SPARED_OARS
 
 
 @dataclass
@@ -47,6 +67,27 @@ class DVHLossConfig:
             raise ConfigError(f"config key 'dvh_loss.powers': orders must be >= 1, got {list(self.powers)}")
         if min(self.target_weight, self.oar_weight) < 0 or not self.target_weight + self.oar_weight > 0:
             raise ConfigError("config keys 'dvh_loss.target_weight', 'dvh_loss.oar_weight': >= 0, not both 0")
+
+
+@dataclass
+class ConsistencyConfig:
+    """weight: the objective-consistency term's weight beside the L1 loss (0: off; a conditioned
+    model only). hi_weight, oar_weight: the shares of the HI error and of each spared OAR's mean
+    dose error in the term, relative. min_voxels: a PTV70 or spared OAR with fewer voxels in an
+    item is left out."""
+
+    weight: float = 0.0
+    hi_weight: float = 1.0
+    oar_weight: float = 1.0
+    min_voxels: int = 8
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"config key 'consistency.weight': must be >= 0, got {self.weight}")
+        if min(self.hi_weight, self.oar_weight) < 0 or not self.hi_weight + self.oar_weight > 0:
+            raise ConfigError("config keys 'consistency.hi_weight', 'consistency.oar_weight': >= 0, not both 0")
+        if self.min_voxels < 1:
+            raise ConfigError(f"config key 'consistency.min_voxels': must be >= 1, got {self.min_voxels}")
 
 
 _PTV = CHANNELS.index("ptv")
@@ -82,6 +123,42 @@ def dvh_moment_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
     present = (masks.flatten(2).sum(-1) >= cfg.min_voxels).float()[..., None] * kinds[:, None]
     diff = (moments(pred, masks, cfg.powers) - moments(target, masks, cfg.powers)).abs()
     return (diff * present).sum() / (present.sum() * len(cfg.powers)).clamp_min(1e-12)
+
+
+_HI = NAMES.index("hi")
+_PTV70 = len(OARS) + TARGETS.index("PTV70")  # its mask in `structure_masks`
+_SPARED = [OARS.index(name) for name in SPARED_OARS]
+_HI_QUANTILES = (0.98, 0.5, 0.02)  # D2, D50, D98
+_D50_FLOOR = 0.5 * PRESCRIPTION_GY["PTV70"] / DOSE_SCALE_GY  # half the PTV70's prescription, dose / 70
+
+
+def homogeneity(dose: torch.Tensor, mask: torch.Tensor, d50_floor: float = 1e-6) -> torch.Tensor:
+    """(D2 - D98) / D50 of `dose` (any shape) over the voxels of `mask` (the same shape, 0/1), as
+    `homogeneity_index` measures it (linear-interpolation quantiles), differentiable in `dose`;
+    D50 taken as at least `d50_floor`."""
+    values = dose.float()[mask > 0.5]
+    d2, d50, d98 = torch.quantile(values, torch.tensor(_HI_QUANTILES, device=values.device))
+    return (d2 - d98) / d50.clamp_min(d50_floor)
+
+
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor, preferences: torch.Tensor,
+                     cfg: ConsistencyConfig) -> torch.Tensor:
+    """The objective-consistency term (module docstring): the weighted mean of |HI(pred's PTV70) -
+    asked hi| per item and |mean pred - mean plan| per spared OAR outside the targets, for
+    predictions `pred` of the plans `target` (N, 1, ...) asked for `preferences` (N, len(NAMES))."""
+    masks = structure_masks(x)
+    outside = (x[:, _PTV] <= 0).float()[:, None]
+    oars = masks[:, _SPARED] * outside
+    present = (oars.flatten(2).sum(-1) >= cfg.min_voxels).float() * cfg.oar_weight
+    means = moments(pred, oars, (1.0,))[..., 0] - moments(target, oars, (1.0,))[..., 0]
+    total, weights = (means.abs() * present).sum(), present.sum()
+    ptv70 = masks[:, _PTV70]
+    for i in range(pred.shape[0]):
+        if cfg.hi_weight and ptv70[i].sum() >= cfg.min_voxels:
+            hi = homogeneity(pred[i, 0].clamp_min(0), ptv70[i], _D50_FLOOR)
+            error = (hi - preferences[i, _HI].float()).abs()
+            total, weights = total + cfg.hi_weight * error, weights + cfg.hi_weight
+    return total / weights.clamp_min(1e-12)
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

@@ -11,7 +11,7 @@ from ..data.dataset import DoseDataset, EpochDataset, PlanDataset, TrainingSet
 from ..data.store import open_data
 from ..runtime import Runtime
 from .config import TrainConfig
-from .losses import DVHLossConfig, dvh_moment_loss, masked_loss
+from .losses import ConsistencyConfig, DVHLossConfig, consistency_loss, dvh_moment_loss, masked_loss
 
 
 class Objective:
@@ -29,6 +29,7 @@ class Objective:
 
     kind: Literal["l1", "mse"] = "l1"
     dvh = DVHLossConfig()
+    consistency = ConsistencyConfig()
 
     def train_set(self, data: Path, config: TrainConfig) -> TrainingSet:
         with open_data(data) as d:
@@ -48,7 +49,7 @@ class Objective:
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
         """Called once the model is on the runtime's device, before its optimizer is made."""
-        self.kind, self.dvh = config.loss, config.dvh_loss
+        self.kind, self.dvh, self.consistency = config.loss, config.dvh_loss, config.consistency
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -59,6 +60,10 @@ class Objective:
         if self.dvh.weight:
             loss = loss + self.dvh.weight * dvh_moment_loss(pred * batch["mask"], batch["target"],
                                                             batch["input"], self.dvh)
+        if self.consistency.weight:  # `train.consistency`: the dose obeys the preferences asked
+            loss = loss + self.consistency.weight * consistency_loss(pred * batch["mask"], batch["target"],
+                                                                     batch["input"], batch["preferences"],
+                                                                     self.consistency)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
