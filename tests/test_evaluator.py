@@ -99,6 +99,22 @@ def test_inherit_keeps_one_supernet_per_width_and_depth(data, tmp_path):
     assert cands[0].metrics["params"] < cands[1].metrics["params"]
 
 
+def test_a_saved_supernet_file_scores_only_the_non_op_slots_it_was_trained_for(data, tmp_path):
+    macro = {"stem": 4, "widths": [4, 8, 8, 8]}
+    ctx = context(data, tmp_path, space="lenas_levels", macro=macro, mode="none")
+    base = ctx.space.genotype({**genotypes(ctx, 1, seed=3)[0].choices, "width": 50, "depth": 2}, ctx.macro)
+    trained = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=2)).score(base)
+    saved = tmp_path / "evaluator" / "supernet.pt"
+    reuse = CandidateEvaluator(context(data, None, space="lenas_levels", macro=macro, mode="none"),
+                               EvaluatorConfig(supernet_steps=2, supernet=str(saved)))
+    assert reuse.score(base).score == trained.score
+    other = ctx.space.genotype({**base.choices, "width": 100}, ctx.macro)
+    with pytest.raises(NasDoseError, match=f"^{saved}: holds no supernet for depth=2, width=100"):
+        reuse.score(other)
+    with pytest.raises(ConfigError, match="evaluator.supernet"):
+        from_dict(EvaluatorConfig, {"mode": "train", "supernet": str(saved)})
+
+
 def test_train_mode_scores_do_not_depend_on_the_order(data):
     ctx = context(data, None, mode="none")
     g1, g2 = genotypes(ctx, 2, seed=2)

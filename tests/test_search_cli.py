@@ -317,3 +317,33 @@ def test_an_interrupted_sequential_evolution_resumes_to_the_same_pool(data, evol
     whole, cut = (load_pool(run / "pool.yaml") for run in (evolved[0], tmp_path / "cut"))
     assert [(m.genotype, m.search_score) for m in cut.members] == [(m.genotype, m.search_score) for m in whole.members]
     np.testing.assert_array_equal(cut.matrices["disagreement"], whole.matrices["disagreement"])
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluator.supernet=PATH: a search scores with an earlier search's supernets (issue 17).
+
+def test_a_later_search_reuses_a_saved_supernet_and_refuses_one_that_does_not_match(data, evolved, tmp_path,
+                                                                                     monkeypatch):
+    saved = evolved[0] / "supernet.pt"
+    monkeypatch.setattr(CandidateEvaluator, "_fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fit")))
+    # a lone evolution with the sequential run's seed draws what its first search drew
+    lone = ("pool_size=1", "diversity.mode=none", *EVOLVE[2:-1],
+            "options={budget: 3, population: 2, sample: 1, members: 2, evaluator: {supernet_steps: 3, supernet: "
+            + str(saved) + "}}")
+    search(data, tmp_path / "b", *lone)
+    scores = [{json.dumps(r["genotype"], sort_keys=True): r["score"] for r in log_records(run)
+               if r["event"] == "scored" and r.get("search", 0) == 0} for run in (evolved[0], tmp_path / "b")]
+    assert scores[0] == scores[1] and len(scores[0]) == 3  # the same draws, scored on the same weights
+    assert not (tmp_path / "b" / "supernet.pt").exists()  # saved once, where it was trained
+    search(data, tmp_path / "c", *EVOLVE[3:-1], "pool_size=2", "diversity.mode=pool", "strategy=optuna",
+           "options={budget: 2, evaluator: {supernet_steps: 3, supernet: " + str(saved) + "}}")
+    assert len(load_pool(tmp_path / "c" / "pool.yaml").members) == 2
+    for i, (overrides, message) in enumerate((
+            (["macro.widths=[16]"], r"supernets of another search: macro .*widths.*\[8\].*this search.*\[16\]"),
+            (["options.evaluator.supernet_steps=4"], r"steps 3 \(this search: 4\)"),
+            (["seed=1"], "trained on patient"),  # another split: it learned from architecture patients
+            (["space=lenas_levels", "macro.widths=[8, 8, 8, 8]"], "space lenas"))):
+        with pytest.raises(NasDoseError, match=f"^{saved}: .*{message}") as e:
+            search(data, tmp_path / f"x{i}", *EVOLVE[3:-1], "strategy=random", "options.budget=1",
+                   "options.evaluator.supernet_steps=3", *overrides, f"options.evaluator.supernet={saved}")
+        assert "\n" not in str(e.value)
