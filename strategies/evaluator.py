@@ -61,7 +61,7 @@ from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json
 from nas_dose.pool import Candidate
 from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
-from nas_dose.search_spaces import Genotype, Supernet, count_flops, count_params
+from nas_dose.search_spaces import Genotype, Supernet, count_flops, count_params, get_space
 from nas_dose.training import OptimConfig, masked_loss
 from nas_dose.training.optimization import make_optimizer
 
@@ -180,6 +180,28 @@ def derived_seed(seed: int, *parts: Any) -> int:
 
 def _digest(value: Any) -> str:
     return hashlib.sha1(repr(value).encode()).hexdigest()[:16]
+
+
+def inherited_weights(path: Path, g: Genotype) -> dict[str, torch.Tensor]:
+    """The weights of `g`'s own network (`SearchSpace.build(g)`, plain torch.nn) in supernet file
+    `path` (a search's supernet.pt): its supernet for g's non-op slots, fixed to g, whose path's
+    parameters map one to one onto the built network's (`Supernet.subnet_state_dict`), so that
+    both compute the same function. Refused in one line naming the file when it holds none for g."""
+    state = load_checkpoint(path)
+    if state.get("format") != SUPERNET_FORMAT:
+        raise NasDoseError(f"{path}: not a nasdose supernet file (a search's supernet.pt)")
+    space = get_space(g.space)
+    if state["space"] != g.space or state["macro"] != space.check_macro(g.macro, str(path)):
+        raise NasDoseError(f"{path}: supernets of space {state['space']}, macro {state['macro']}; the genotype is "
+                           f"of space {g.space}, macro {g.macro}")
+    ops = set(space.op_slots())
+    fixed = {s: v for s, v in sorted(g.choices.items()) if s not in ops}
+    entry = next((e for e in state["supernets"] if e["fixed"] == fixed), None)
+    if entry is None:
+        raise NasDoseError(f"{path}: holds no supernet for {', '.join(f'{s}={v}' for s, v in fixed.items())}")
+    supernet = Supernet(space, state["macro"], fixed)
+    supernet.load_state_dict(entry["model"])
+    return supernet.subnet_state_dict(g)
 
 
 class CandidateEvaluator:

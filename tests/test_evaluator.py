@@ -17,7 +17,7 @@ from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import count_params, get_space
 from nas_dose.strategies.base import SearchContext
-from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, ranked
+from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, inherited_weights, ranked
 from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
 from nas_dose.strategies.random_search import RandomConfig, RandomStrategy
 
@@ -63,6 +63,13 @@ def test_inherit_scores_the_built_network_with_shared_weights_and_caches(data, t
     supernet, _ = ev._supernet(g1)
     errors, _ = ctx.evaluate(supernet.subnet(g1), ARCH)
     assert c1.score == pytest.approx(np.mean(list(errors.values())), rel=1e-5)
+    # and so is the plain network built from g1 with its weights from the saved supernet file
+    built = ctx.space.build(g1).eval()
+    built.load_state_dict(inherited_weights(tmp_path / "evaluator" / "supernet.pt", g1))
+    supernet.fix(g1)
+    x = torch.randn(1, 10, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), supernet.eval()(x), rtol=0, atol=0)
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["score"] for r in logged if r["event"] == "scored"] == [c1.score, c2.score]
 
