@@ -98,20 +98,26 @@ def test_sequential_members_differ_and_feel_the_hinge(data, tmp_path):
         assert any(r["event"] == "fallback" and r["search"] == 1 for r in log_records(out))
 
 
-def test_interrupted_sequential_search_resumes_to_the_same_pool(data, tmp_path, monkeypatch):
-    search(data, tmp_path / "whole", *SEQUENTIAL)
+def killed_in_search_1(data: Path, out: Path, monkeypatch, overrides: tuple[str, ...], event: str, number: int) -> None:
+    """A sequential search into `out` killed once search 1 logged its `event` number `number`."""
     log = SearchContext.log
 
     def interrupt(self, record):
         log(self, record)
-        if self.log_fields.get("search") == 1 and record.get("event") == "epoch" and record["epoch"] == 2:
-            raise KeyboardInterrupt  # before epoch 2's checkpoint: search 1 resumes from epoch 1
+        if self.log_fields.get("search") == 1 and record.get("event") == event and record[event] == number:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(SearchContext, "log", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        search(data, tmp_path / "cut", *SEQUENTIAL)
+        search(data, out, *overrides)
     monkeypatch.setattr(SearchContext, "log", log)
-    assert (tmp_path / "cut" / "state" / "member0.pt").exists() and not (tmp_path / "cut" / "pool.yaml").exists()
+    assert (out / "state" / "member0.pt").exists() and not (out / "pool.yaml").exists()
+
+
+def test_interrupted_sequential_search_resumes_to_the_same_pool(data, tmp_path, monkeypatch):
+    search(data, tmp_path / "whole", *SEQUENTIAL)
+    # killed before epoch 2's checkpoint: search 1 resumes from epoch 1
+    killed_in_search_1(data, tmp_path / "cut", monkeypatch, SEQUENTIAL, "epoch", 2)
     search(data, tmp_path / "cut", resume=True)
     assert (tmp_path / "cut" / "pool.yaml").read_text() == (tmp_path / "whole" / "pool.yaml").read_text()
     assert [r["event"] for r in log_records(tmp_path / "cut")].count("resume") == 1
@@ -301,18 +307,7 @@ def test_sequential_evolution_trains_one_supernet_and_searches_with_a_seed_each(
 
 
 def test_an_interrupted_sequential_evolution_resumes_to_the_same_pool(data, evolved, tmp_path, monkeypatch):
-    log = SearchContext.log
-
-    def interrupt(self, record):
-        log(self, record)
-        if self.log_fields.get("search") == 1 and record.get("event") == "child" and record["child"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(SearchContext, "log", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        search(data, tmp_path / "cut", *EVOLVE)
-    monkeypatch.setattr(SearchContext, "log", log)
-    assert (tmp_path / "cut" / "state" / "member0.pt").exists() and not (tmp_path / "cut" / "pool.yaml").exists()
+    killed_in_search_1(data, tmp_path / "cut", monkeypatch, EVOLVE, "child", 1)
     search(data, tmp_path / "cut", resume=True)
     whole, cut = (load_pool(run / "pool.yaml") for run in (evolved[0], tmp_path / "cut"))
     assert [(m.genotype, m.search_score) for m in cut.members] == [(m.genotype, m.search_score) for m in whole.members]
