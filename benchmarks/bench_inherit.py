@@ -24,7 +24,7 @@ budget (< 1: steps saved; a member that never reaches it counts as the whole bud
 inherited best ÷ the best of scratch given the supernet's steps too (< 1: inheriting beats
 spending the supernet's steps on the member itself; the supernet's steps are paid once by the
 search, for every member it scores, so this is the harshest comparison).
-Not in the suite (the default size takes about ten minutes on a CPU); `run(quick)` is its entry point.
+Not in the suite (the default size takes about 7 minutes on a CPU); `run(quick)` is its entry point.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ ARMS = ("scratch", "inherit", "scratch_long")
 
 @dataclass
 class Settings:
-    """What one measurement runs; the defaults fit about ten minutes on one CPU thread at 16³."""
+    """What one measurement runs; the defaults fit about 7 minutes on one CPU thread at 16³."""
 
     patients: int = 16
     grid: int = 16
