@@ -182,14 +182,21 @@ def _digest(value: Any) -> str:
     return hashlib.sha1(repr(value).encode()).hexdigest()[:16]
 
 
+def read_supernets(path: Path, device: Any = "cpu") -> dict[str, Any]:
+    """The contents of supernet file `path`, its tensors on `device`; refused in one line naming
+    it when it is not one."""
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != SUPERNET_FORMAT:
+        raise NasDoseError(f"{path}: not a nasdose supernet file (a search's supernet.pt)")
+    return state
+
+
 def inherited_weights(path: Path, g: Genotype) -> dict[str, torch.Tensor]:
     """The weights of `g`'s own network (`SearchSpace.build(g)`, plain torch.nn) in supernet file
     `path` (a search's supernet.pt): its supernet for g's non-op slots, fixed to g, whose path's
     parameters map one to one onto the built network's (`Supernet.subnet_state_dict`), so that
     both compute the same function. Refused in one line naming the file when it holds none for g."""
-    state = load_checkpoint(path)
-    if state.get("format") != SUPERNET_FORMAT:
-        raise NasDoseError(f"{path}: not a nasdose supernet file (a search's supernet.pt)")
+    state = read_supernets(path)
     space = get_space(g.space)
     if state["space"] != g.space or state["macro"] != space.check_macro(g.macro, str(path)):
         raise NasDoseError(f"{path}: supernets of space {state['space']}, macro {state['macro']}; the genotype is "
@@ -228,7 +235,7 @@ class CandidateEvaluator:
         self.supernet_file = (Path(cfg.supernet) if cfg.supernet is not None else ctx.supernet_file
                               or (None if folder is None else folder / SUPERNET_FILE))
         self._trained: dict[SlotKey, dict[str, torch.Tensor]] | None = None  # the file's, once read
-        if cfg.supernet is not None and cfg.mode == "inherit":
+        if cfg.supernet is not None:
             self._saved_supernets()  # refused before any work if it does not match
 
     # -- public --------------------------------------------------------------------------------
@@ -332,9 +339,7 @@ class CandidateEvaluator:
         self._trained = {}
         if path is None or not (path.is_file() or self.cfg.supernet is not None):
             return self._trained
-        state = load_checkpoint(path, map_location=self.ctx.runtime.device)
-        if state.get("format") != SUPERNET_FORMAT:
-            raise NasDoseError(f"{path}: not a nasdose supernet file (a search's supernet.pt)")
+        state = read_supernets(path, self.ctx.runtime.device)
         expected = self._supernet_record()
         changed = [f"{k} {state.get(k)} (this search: {v})" for k, v in expected.items() if state.get(k) != v]
         if changed:
