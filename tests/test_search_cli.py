@@ -96,6 +96,11 @@ def test_sequential_members_differ_and_feel_the_hinge(data, tmp_path):
     assert any(r["hinge"] > 0 for r in epochs if r["search"] == 1)
     if pool.members[1].metrics["fallback"]:  # the second search's best was a member already
         assert any(r["event"] == "fallback" and r["search"] == 1 for r in log_records(out))
+    # its own seed; the hinge moved its α, so it counts as active (derive=argmax: its answer is the member)
+    assert [r["seed"] for r in log_records(out) if r["event"] == "sequential_search"] == [
+        0, search_stage.search_seed(0, 1)]
+    [hinge] = [r for r in log_records(out) if r["event"] == "hinge"]
+    assert hinge["active"] is True and pool.members[1].metrics["hinge_active"] == 1.0
 
 
 def killed_in_search_1(data: Path, out: Path, monkeypatch, overrides: tuple[str, ...], event: str, number: int) -> None:
