@@ -18,7 +18,7 @@ hinge against the new references is computed anew. The member is chosen among th
 not yet in the pool: the one of least score + weight × mean hinge, where a candidate's hinge to
 a reference is max(0, margin − mean disagreement) over the patients it predicted (ties: the
 more accurate), except for a strategy that trains against the references and answers first
-(differentiable with derive=argmax), whose answer is the member. The hinge was *inactive* for
+(differentiable with `derive: argmax`), whose answer is the member. The hinge was *inactive* for
 search k when it changed nothing: for a chosen-by-objective member, when the member is the most
 accurate new candidate (in particular when every candidate's hinge term is zero, all at least
 `margin` away from every reference); for an answer-first strategy, when its hinge was zero at
@@ -29,11 +29,11 @@ the most accurate new candidate); an inactive hinge is also said on the console.
 DIR receives config.yaml, search_log.jsonl, pool.yaml (read by `nasdose ensemble`),
 genotypes/<member>.yaml and plots/ (arch_weights.png, fitness.png, diversity.png); a search
 whose evaluator trains SPOS supernets (mode inherit) also supernet.pt, which later searches
-reuse with `evaluator.supernet=DIR/supernet.pt` and `nasdose ensemble … init=inherit` starts
-members from. State is
-checkpointed under DIR/state; `--resume` continues an interrupted search to the same result and
-log (a differentiable search adds a `resume` record): what a re-run derives again, such as a
-finished search's selection and pool, is logged once. With `logging.tensorboard=true` DIR also
+reuse with `options.evaluator.supernet=DIR/supernet.pt` and from which `nasdose ensemble` with
+`init: inherit` starts its members. State is checkpointed under DIR/state; `--resume`
+continues an interrupted search to the same result and log (a differentiable search adds a
+`resume` record): what a re-run derives again, such as a finished search's selection and pool,
+is logged once. With `logging.tensorboard=true` DIR also
 receives TensorBoard event files: per epoch of a differentiable search its losses, temperature
 and tracked score, and softmax(α) of every slot (`search/alpha/SLOT/OP`; a sequential search's
 k-th search under `search{k}/`).
