@@ -32,17 +32,26 @@ not drawn. The ensemble.yaml of conditioned members predicts as a conditioned mo
 
 --resume continues an interrupted run: finished members are reused, a half-trained one resumes
 from its last checkpoint, and changed selection settings are applied without retraining.
+
+`init: inherit` starts each member from its weights in the search's trained SPOS supernet
+(`_supernet_file`: the search's supernet.pt beside pool.yaml, or the file its
+`evaluator.supernet` named) and fine-tunes it with `train`: the supernet fixed to the member's
+genotype, copied into the plain network built from the genotype
+(`strategies.evaluator.inherited_weights`); `scratch` (the default) starts from a seeded random
+initialization. benchmarks/bench_inherit.py measures what it saves.
 """
 from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
+from torch import nn
 
 from nas_dose.search_spaces import Genotype, load_genotype, save_genotype
+from nas_dose.strategies.evaluator import SUPERNET_FILE, inherited_weights
 
 from . import distributed
 from .cascade.objective import CascadeObjective
@@ -101,6 +110,7 @@ class EnsembleConfig:
     plots: int = 3
     parallel: int = 1
     conditioning: str | None = None
+    init: Literal["scratch", "inherit"] = "scratch"  # members' first weights: random, or the supernet's
 
     def validate(self) -> None:
         for key, default in (("model", ModelConfig()), ("runtime", RuntimeConfig()), ("seed", 0)):
@@ -120,6 +130,9 @@ class EnsembleConfig:
             if self.train.cascade.coarse is not None:
                 raise ConfigError("config key 'conditioning': a cascade's full-resolution stage cannot be "
                                   "conditioned (condition its coarse stage)")
+            if self.init == "inherit":
+                raise ConfigError("config key 'init': a conditioned member has no weights in the search's "
+                                  "supernet (its FiLM layers are new); use init=scratch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,18 +196,43 @@ def _place_genotype(member: _Member, pool_path: Path) -> None:
     save_genotype(file, member.genotype)
 
 
+def _supernet_file(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> Path | None:
+    """The supernet file members inherit from (`init: inherit`), or None (`scratch`)."""
+    if cfg.init == "scratch":
+        return None
+    given = ((pool.config or {}).get("options") or {}).get("evaluator", {}).get("supernet")
+    path = Path(given) if given else pool_path.parent / SUPERNET_FILE
+    if not path.is_file():
+        raise input_error(pool_path, f"init=inherit: no trained supernet at {path} (a search whose evaluator "
+                                     "has mode inherit writes one beside its pool.yaml)")
+    return path
+
+
+def _inherit(model: nn.Module, supernet: Path, genotype: Genotype) -> None:
+    """Load the member's inherited weights into its network (a cascade stage's: inside its Refiner)."""
+    net = model.net if isinstance(model, Refiner) else model
+    try:
+        net.load_state_dict(inherited_weights(supernet, genotype))
+    except RuntimeError as e:
+        raise input_error(supernet, f"its weights do not fit the member's network ({str(e).splitlines()[0]})") from None
+
+
 def _trained(member: _Member) -> bool:
     return (member.folder / "metrics.json").exists()  # the training's record is written last
 
 
-def _train_member(cfg: EnsembleConfig, member: _Member, index: int, space: str, data: Path) -> None:
-    """Train the member, or continue it from its checkpoint; a finished one is left alone."""
+def _train_member(cfg: EnsembleConfig, member: _Member, index: int, space: str, data: Path,
+                  supernet: Path | None = None) -> None:
+    """Train the member (from `supernet`'s weights for it, if given), or continue it from its
+    checkpoint; a finished one is left alone."""
     if _trained(member):
         return
     config = _member_config(cfg, member, index, space)
     cascade = config.cascade.coarse is not None
     seed_everything(config.seed)
     model = build_model(config.model, refiner=cascade)
+    if supernet is not None:
+        _inherit(model, supernet, member.genotype)
     objective = CascadeObjective(config, data) if cascade else None
     train_model(model, config, data, member.folder, resume=True, objective=objective)
 
@@ -420,8 +458,9 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
         raise input_error(data, f"no patients in split '{split}' to select the members on")
     keys = ids if items is None else [item.key for item in items]
     # one rank checks, or another may see its config; the members' training must stay as it was
+    supernet = _supernet_file(cfg, pool, pool_path)
     distributed.on_main(check_run_folder, out, cfg, resume, "an ensemble run", out / "members",
-                        ("train", "seed", "conditioning"))
+                        ("train", "seed", "conditioning", "init"))
     save_config(out / "config.yaml", cfg)
     runtime = Runtime(cfg.runtime)
 
@@ -429,7 +468,7 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
         i, m = job
         _place_genotype(m, pool_path)
         say(f"member {i + 1}/{len(members)}: {m.name}")
-        _train_member(cfg, m, i, pool.space, data)
+        _train_member(cfg, m, i, pool.space, data, supernet)
         if not _cache_is_complete(m.cache(cfg.tta), keys):
             _predict_member(m, data, ids, runtime, cfg.tta, items)
 
@@ -438,7 +477,7 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
         return _report(cfg, pool, members, vp, data, out, items)
 
     if cfg.parallel > 1:
-        _train_side_by_side(cfg, pool_path, pool.space, members, data)
+        _train_side_by_side(cfg, pool_path, pool.space, members, data, supernet)
     # Members are independent: under torchrun each rank trains its share alone; then the main
     # rank, which reads every member's files, chooses and writes the ensemble.
     distributed.map_shards(member, list(enumerate(members)))
@@ -454,7 +493,7 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
 
 
 def _train_side_by_side(cfg: EnsembleConfig, pool_path: Path, space: str, members: Sequence[_Member],
-                        data: Path) -> None:
+                        data: Path, supernet: Path | None) -> None:
     """The untrained members, `cfg.parallel` at once in their own processes (nas_dose.parallel)."""
     todo = [(i, m) for i, m in enumerate(members) if not _trained(m)]
     if not todo:
@@ -471,4 +510,4 @@ def _train_side_by_side(cfg: EnsembleConfig, pool_path: Path, space: str, member
         record = load_json(m.folder / "metrics.json")
         say(f"member {i + 1}/{len(members)}: {m.name} trained in {record['seconds'] / 60:.1f} min")
 
-    run_side_by_side(_train_member, [(share, m, i, space, data) for i, m in todo], workers, done=done)
+    run_side_by_side(_train_member, [(share, m, i, space, data, supernet) for i, m in todo], workers, done=done)

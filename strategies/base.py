@@ -56,6 +56,12 @@ class SearchContext:
     deadline: float | None = None  # time.monotonic() after which should_stop() is true
     events: EventLog = field(default_factory=EventLog)  # TensorBoard curves (logging.tensorboard); off: nothing
     task: SearchTask | None = None  # what it learns and scores on; None: whole volumes of `data`
+    # What the searches of one run share (a sequential run's K searches, each with its own
+    # `seed`): a folder for the evaluator's cached scores, the file of its trained supernets, and
+    # the seed they are made with. None: this search's state_dir, no file of its own, and `seed`.
+    shared_dir: Path | None = None
+    supernet_file: Path | None = None
+    run_seed: int | None = None
     _task: SearchTask = field(init=False, repr=False)
     _logged: set[str] = field(default_factory=set, init=False, repr=False)  # see _logged_records
     _log_size: int = field(default=-1, init=False, repr=False)  # the log's size when _logged was read
@@ -100,6 +106,19 @@ class SearchContext:
             return None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         return self.state_dir / name
+
+    def shared_path(self, name: str) -> Path | None:
+        """Where state `name` that every search of the run shares is kept (for a context without
+        a shared folder: `state_path(name)`); None when nothing is persisted."""
+        if self.shared_dir is None:
+            return self.state_path(name)
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        return self.shared_dir / name
+
+    @property
+    def shared_seed(self) -> int:
+        """The seed of what the run's searches share (its supernets, scores): `run_seed`, else `seed`."""
+        return self.seed if self.run_seed is None else self.run_seed
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line (with a wall-clock time and the context's log fields) unless the log
@@ -202,6 +221,14 @@ class Strategy(ABC):
 
     def __init__(self, config: Any) -> None:
         self.config = config
+
+    def hinge_acted(self) -> bool | None:
+        """After `run` with references: whether the diversity hinge acted on the strategy's own
+        answer, for a strategy that trains against the references and puts its answer first
+        (differentiable with derive=argmax). None (the default): its candidates are ranked by
+        score, and `nasdose search` chooses a sequential member among them by score + weight ×
+        hinge (strategies/search.py)."""
+        return None
 
     @classmethod
     def check_stage_search(cls, diversity: DiversityConfig) -> None:

@@ -19,6 +19,13 @@ ranks; the final candidates are scored spread over the ranks (docs/how-to/distri
 
 For a cascade's stage (`ctx.cascade`) the supernet runs in a Refiner on source-grid patches
 drawn anew each epoch; the sequential hinge is refused there (see `check_stage_search`).
+
+In a sequential run (strategies/search.py) each search has its own `ctx.seed` (its supernet's
+initial weights, batch order, Gumbel draws) and trains its own supernet from scratch: weights and
+α co-adapt under the hinge against that search's references, so the previous search's supernet
+is not reused (unlike the SPOS supernet of the scoring strategies). What carries over is only the
+earlier members' predictions, as references. With derive=argmax the answer is the member, and
+`hinge_acted` says whether the hinge was non-zero at any architecture step.
 """
 from __future__ import annotations
 
@@ -162,6 +169,11 @@ class DifferentiableSearch(Strategy):
     def __init__(self, config: DifferentiableConfig) -> None:
         super().__init__(config)
         self.history: list[dict[str, list[float]]] = []  # softmax(α) per slot: at start, after each epoch
+        self.hinge = 0.0  # the sum of the epochs' mean hinge (0: the references never acted on α)
+
+    def hinge_acted(self) -> bool | None:
+        """With derive=argmax the answer is the search's own, so whether the hinge moved α."""
+        return self.hinge > 0 if self.config.derive == "argmax" else None
 
     def _fingerprint(self, ctx: SearchContext) -> dict[str, Any]:
         """What a resumed search must share with the interrupted one."""
@@ -211,7 +223,7 @@ class DifferentiableSearch(Strategy):
             for name, scaler in scalers.items():
                 scaler.load_state_dict(state["scalers"][name])
             set_rng_state(state["rng"])
-            self.history, start = state["history"], state["epoch"]
+            self.history, start, self.hinge = state["history"], state["epoch"], state["hinge"]
             ctx.log({"event": "resume", "strategy": self.name, "epoch": start})
         for epoch in range(start, cfg.epochs):
             if ctx.should_stop():
@@ -219,6 +231,7 @@ class DifferentiableSearch(Strategy):
                 break
             supernet.tau = tau_at(cfg, epoch)
             record = self._epoch(ctx, supernet, net, (w_opt, a_opt), scalers, refs, epoch)
+            self.hinge += record.get("hinge", 0.0)
             self.history.append(supernet.arch_weights())
             tracked = self._track(ctx, supernet, net)
             ctx.log({**record, "arch_weights": self.history[-1], **tracked})
@@ -230,11 +243,11 @@ class DifferentiableSearch(Strategy):
                     "fingerprint": self._fingerprint(ctx), "epoch": epoch + 1, "supernet": supernet.state_dict(),
                     "weight_optim": w_opt.state_dict(), "arch_optim": a_opt.state_dict(),
                     "scalers": {k: s.state_dict() for k, s in scalers.items()}, "rng": rng_state(),
-                    "history": self.history})
+                    "history": self.history, "hinge": self.hinge})
         candidates = self._score(ctx, supernet, net)
         if result_path is not None:
             save_checkpoint(result_path, {
-                "fingerprint": self._fingerprint(ctx), "history": self.history,
+                "fingerprint": self._fingerprint(ctx), "history": self.history, "hinge": self.hinge,
                 "candidates": [c.to_state() for c in candidates]})
         return candidates
 
@@ -354,5 +367,5 @@ class DifferentiableSearch(Strategy):
         """The candidates of a search that already finished (resume)."""
         state = load_checkpoint(path)
         self._check(state, ctx, path)
-        self.history = state["history"]
+        self.history, self.hinge = state["history"], state["hinge"]
         return [Candidate.from_state(c, str(path)) for c in state["candidates"]]

@@ -19,10 +19,25 @@ score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids
 `ctx.arch_ids`: not with `train_model`, which addresses patients by split name, whereas the
 search trains and scores on disjoint patient subsets that need not be whole splits.
 
-Scores are cached by `Genotype.key()`; with `ctx.state_path`, each entry and each trained
-supernet is its own file under ``evaluator/``, so a resumed search never re-scores. A supernet
-in training is checkpointed every CHECKPOINT_EVERY steps, so an interrupted search resumes it
-where it stopped, to the weights an uninterrupted one reaches.
+Scores are cached by `Genotype.key()`; with `ctx.shared_path`, each entry is its own file under
+``evaluator/``, so a resumed search never re-scores. The trained supernets are kept in one file
+(SUPERNET_FILE, `ctx.supernet_file`: `nasdose search` puts it in its run folder as
+DIR/supernet.pt): each with the non-op slots it was trained for, beside the space, macro, steps,
+input shape and weight patients they all share. A supernet in training is checkpointed every
+CHECKPOINT_EVERY steps under ``evaluator/``, so an interrupted search resumes it where it stopped,
+to the weights an uninterrupted one reaches.
+
+The K searches of a sequential run share the evaluator's folder, its supernet file and its seed
+(`ctx.shared_seed`): the supernet is trained once for them all and a genotype scored by one
+search is a cache hit for the others (the score and predictions of the supernet fixed to it do
+not depend on the search; the diversity hinge against a search's own references is computed
+by that search from the predictions).
+
+`supernet: PATH` scores with the supernets of an earlier search's file instead of training any
+(for any scoring strategy). The file must match this search: space, macro, supernet_steps, the
+networks' input (channels, grid), and no architecture patient among the patients it was trained
+on; a genotype whose non-op slots it holds no supernet for is refused. Each refusal is one line
+naming the file.
 """
 from __future__ import annotations
 
@@ -46,7 +61,7 @@ from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json
 from nas_dose.pool import Candidate
 from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
-from nas_dose.search_spaces import Genotype, Supernet, count_flops, count_params
+from nas_dose.search_spaces import Genotype, Supernet, count_flops, count_params, get_space
 from nas_dose.training import OptimConfig, masked_loss
 from nas_dose.training.optimization import make_optimizer
 
@@ -55,13 +70,18 @@ from .base import SearchContext, Strategy
 CACHE_FORMAT = "nasdose-evaluator"
 CACHE_VERSION = 1
 CHECKPOINT_EVERY = 100  # supernet steps between checkpoints (the pipeline's 1,000 take minutes on a CPU)
+SUPERNET_FORMAT = "nasdose-supernets"
+SUPERNET_FILE = "supernet.pt"  # the trained supernets of a search's evaluator (`evaluator.supernet`)
+SlotKey = tuple[tuple[str, Any], ...]  # a supernet's non-op slots and their values, sorted
 
 
 @dataclass
 class EvaluatorConfig:
     """Scoring options; `supernet_steps` for "inherit", `train_steps` for "train". `max_params` and
     `max_flops` (a forward pass at the data set's grid) are hard constraints: a genotype over either
-    is rejected before any training, its score infinite (never chosen for a pool)."""
+    is rejected before any training, its score infinite (never chosen for a pool). `supernet`: an
+    earlier search's supernet file (its DIR/supernet.pt) to score with instead of training one
+    ("inherit" only; see the module docstring)."""
 
     mode: Literal["inherit", "train"] = "inherit"
     supernet_steps: int = 1000
@@ -70,8 +90,11 @@ class EvaluatorConfig:
     lr: float = 1e-3
     max_params: int | None = None
     max_flops: float | None = None
+    supernet: str | None = None
 
     def validate(self) -> None:
+        if self.supernet is not None and self.mode != "inherit":
+            raise ConfigError("config key 'evaluator.supernet': only mode inherit scores with a supernet")
         for key in ("max_params", "max_flops"):
             if getattr(self, key) is not None:
                 at_least(f"evaluator.{key}", getattr(self, key), 1)
@@ -159,6 +182,35 @@ def _digest(value: Any) -> str:
     return hashlib.sha1(repr(value).encode()).hexdigest()[:16]
 
 
+def read_supernets(path: Path, device: Any = "cpu") -> dict[str, Any]:
+    """The contents of supernet file `path`, its tensors on `device`; refused in one line naming
+    it when it is not one."""
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != SUPERNET_FORMAT:
+        raise NasDoseError(f"{path}: not a nasdose supernet file (a search's supernet.pt)")
+    return state
+
+
+def inherited_weights(path: Path, g: Genotype) -> dict[str, torch.Tensor]:
+    """The weights of `g`'s own network (`SearchSpace.build(g)`, plain torch.nn) in supernet file
+    `path` (a search's supernet.pt): its supernet for g's non-op slots, fixed to g, whose path's
+    parameters map one to one onto the built network's (`Supernet.subnet_state_dict`), so that
+    both compute the same function. Refused in one line naming the file when it holds none for g."""
+    state = read_supernets(path)
+    space = get_space(g.space)
+    if state["space"] != g.space or state["macro"] != space.check_macro(g.macro, str(path)):
+        raise NasDoseError(f"{path}: supernets of space {state['space']}, macro {state['macro']}; the genotype is "
+                           f"of space {g.space}, macro {g.macro}")
+    ops = set(space.op_slots())
+    fixed = {s: v for s, v in sorted(g.choices.items()) if s not in ops}
+    entry = next((e for e in state["supernets"] if e["fixed"] == fixed), None)
+    if entry is None:
+        raise NasDoseError(f"{path}: holds no supernet for {', '.join(f'{s}={v}' for s, v in fixed.items())}")
+    supernet = Supernet(space, state["macro"], fixed)
+    supernet.load_state_dict(entry["model"])
+    return supernet.subnet_state_dict(g)
+
+
 class CandidateEvaluator:
     """Scores genotypes of `ctx.space` as set out in the module docstring; see `score`."""
 
@@ -170,14 +222,21 @@ class CandidateEvaluator:
         self.scored = 0  # genotypes this object scored itself (cache misses)
         self.kept = prediction_ids(ctx)
         self._cache: dict[Hashable, Candidate] = {}
-        self._supernets: dict[Hashable, tuple[Supernet, nn.Module]] = {}
+        self._supernets: dict[SlotKey, tuple[Supernet, nn.Module]] = {}
         self._op_slots = set(self.space.op_slots())
         self._shape: tuple[int, ...] | None = None
-        folder = ctx.state_path("evaluator")
+        self.seed = ctx.shared_seed
+        folder = ctx.shared_path("evaluator")
         self.folder = folder
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             self._check_settings(folder / "settings.json")
+        # where the trained supernets are read from (and, unless given, written to)
+        self.supernet_file = (Path(cfg.supernet) if cfg.supernet is not None else ctx.supernet_file
+                              or (None if folder is None else folder / SUPERNET_FILE))
+        self._trained: dict[SlotKey, dict[str, torch.Tensor]] | None = None  # the file's, once read
+        if cfg.supernet is not None:
+            self._saved_supernets()  # refused before any work if it does not match
 
     # -- public --------------------------------------------------------------------------------
 
@@ -215,7 +274,7 @@ class CandidateEvaluator:
         else:
             net = self.ctx.runtime.prepare(final)
             self._fit(net, final.parameters(), self.cfg.train_steps,
-                      derived_seed(self.ctx.seed, "train", g.key()), desc="candidate")
+                      derived_seed(self.seed, "train", g.key()), desc="candidate")
         errors, preds = self.ctx.evaluate(net, dict.fromkeys([*self.ctx.arch_ids, *self.kept]))
         score = float(np.mean([errors[pid] for pid in self.ctx.arch_ids]))
         predictions = {pid: preds[pid].astype(np.float16) for pid in self.kept} if self.kept else None
@@ -224,7 +283,7 @@ class CandidateEvaluator:
 
     def _final_network(self, g: Genotype) -> nn.Module:
         """`g`'s own network, seeded by `g` so that "train" results do not depend on the order."""
-        seed_everything(derived_seed(self.ctx.seed, "init", g.key()))
+        seed_everything(derived_seed(self.seed, "init", g.key()))
         return self.ctx.wrap(self.space.build(g))
 
     def _input_shape(self) -> tuple[int, ...]:
@@ -242,28 +301,64 @@ class CandidateEvaluator:
         key = tuple(fixed.items())
         if key in self._supernets:
             return self._supernets[key]
-        seed = derived_seed(self.ctx.seed, "supernet", key)
+        seed = derived_seed(self.seed, "supernet", key)
         seed_everything(seed)
         supernet = Supernet(self.space, self.macro, fixed)
         net = self.ctx.runtime.prepare(self.ctx.wrap(supernet))
-        path = self.folder / f"supernet-{_digest(key)}.pt" if self.folder is not None else None
-        if path is not None and path.is_file():
-            state = load_checkpoint(path, map_location=self.ctx.runtime.device)
-            if state.get("fixed") != fixed or state.get("steps") != self.cfg.supernet_steps:
-                raise NasDoseError(f"{path}: a supernet for other settings; use a new output folder")
-            supernet.load_state_dict(state["model"])
+        saved = self._saved_supernets().get(key)
+        if saved is not None:
+            supernet.load_state_dict(saved)
+        elif self.cfg.supernet is not None:
+            raise NasDoseError(f"{self.supernet_file}: holds no supernet for "
+                               f"{', '.join(f'{s}={v}' for s, v in fixed.items())} (it was not trained for "
+                               "them); search without evaluator.supernet")
         else:
             rng = np.random.RandomState(seed)
-            partial = path.with_suffix(".partial.pt") if path is not None else None
+            partial = self.folder / f"supernet-{_digest(key)}.partial.pt" if self.folder is not None else None
             self._fit(net, supernet.weight_parameters(), self.cfg.supernet_steps, seed,
                       desc="supernet", before_step=lambda: supernet.fix(random_path(supernet, rng)),
                       checkpoint=None if partial is None else (partial, supernet))
-            if path is not None and partial is not None:
-                save_checkpoint(path, {"fixed": fixed, "steps": self.cfg.supernet_steps,
-                                       "model": supernet.state_dict()})
+            self._store(key, supernet.state_dict())
+            if partial is not None:
                 partial.unlink(missing_ok=True)
         self._supernets[key] = (supernet, net)
         return supernet, net
+
+    def _supernet_record(self) -> dict[str, Any]:
+        """What every supernet in the file shares with this search (checked on reading)."""
+        shape = self._input_shape()
+        return {"space": self.space.name, "macro": self.macro, "steps": self.cfg.supernet_steps,
+                "input": {"channels": shape[1], "grid": shape[2]}}
+
+    def _saved_supernets(self) -> dict[SlotKey, dict[str, torch.Tensor]]:
+        """The trained supernets of the file, by non-op slots (none without a file); a file that
+        does not match this search is refused (see the module docstring)."""
+        if self._trained is not None:
+            return self._trained
+        path = self.supernet_file
+        self._trained = {}
+        if path is None or not (path.is_file() or self.cfg.supernet is not None):
+            return self._trained
+        state = read_supernets(path, self.ctx.runtime.device)
+        expected = self._supernet_record()
+        changed = [f"{k} {state.get(k)} (this search: {v})" for k, v in expected.items() if state.get(k) != v]
+        if changed:
+            raise NasDoseError(f"{path}: supernets of another search: {'; '.join(changed)}")
+        seen = sorted(set(state["weight_ids"]) & set(self.ctx.arch_ids))
+        if seen:
+            raise NasDoseError(f"{path}: its supernets were trained on patient(s) {', '.join(seen[:5])}, which "
+                               "this search scores architectures on")
+        self._trained = {tuple(sorted(e["fixed"].items())): e["model"] for e in state["supernets"]}
+        return self._trained
+
+    def _store(self, key: SlotKey, model: dict[str, torch.Tensor]) -> None:
+        """Add a trained supernet to the file (written whole, atomically)."""
+        trained = self._saved_supernets()
+        trained[key] = model
+        if self.supernet_file is not None:
+            save_checkpoint(self.supernet_file, {
+                "format": SUPERNET_FORMAT, **self._supernet_record(), "weight_ids": list(self.ctx.weight_ids),
+                "supernets": [{"fixed": dict(k), "model": m} for k, m in trained.items()]})
 
     def _fit(self, net: nn.Module, params: Iterable[nn.Parameter], steps: int, seed: int, desc: str,
              before_step: Callable[[], None] | None = None,
@@ -328,7 +423,7 @@ class CandidateEvaluator:
     def _settings(self) -> dict[str, Any]:
         ctx = self.ctx
         return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "space": self.space.name,
-                "macro": self.macro, "seed": ctx.seed, "evaluator": to_dict(self.cfg),
+                "macro": self.macro, "seed": self.seed, "evaluator": to_dict(self.cfg),
                 "data": str(Path(ctx.data).resolve()), "weight_ids": list(ctx.weight_ids),
                 "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept, "cascade": ctx.cascade}
 

@@ -161,8 +161,16 @@ def fitness(c: Candidate, best: Sequence[Candidate], diversity: DiversityConfig,
         return -c.score + diversity.lam * float(np.mean([mean_disagreement(c.predictions, o, masks) for o in others]))
     if not references:
         return -c.score
-    hinge = [max(0.0, diversity.margin - mean_disagreement(c.predictions, r, masks)) for r in references]
-    return -c.score - diversity.weight * float(np.mean(hinge))
+    return -c.score - diversity.weight * float(np.mean(hinge_terms(c, references, diversity.margin, masks)))
+
+
+def hinge_terms(c: Candidate, references: Sequence[dict[str, np.ndarray]], margin: float,
+                masks: dict[str, np.ndarray]) -> list[float]:
+    """max(0, margin − mean disagreement) of `c` to each reference (zeros when `c` carries no
+    predictions): zero once `c` predicts at least `margin` away from that reference."""
+    if c.predictions is None:
+        return [0.0] * len(references)
+    return [max(0.0, margin - mean_disagreement(c.predictions, r, masks)) for r in references]
 
 
 @register_strategy("evolution")
@@ -179,7 +187,7 @@ class EvolutionStrategy(ScoringStrategy):
 
         def fit(c: Candidate, best: Sequence[Candidate]) -> float:
             if ctx.diversity.mode != "none" and c.predictions is not None and not masks:
-                masks.update(_masks(ctx))
+                masks.update(prediction_masks(ctx))
             return fitness(c, best, ctx.diversity, ctx.references, masks)
 
         def propose(children: list[Candidate], rng: np.random.RandomState) -> tuple[Genotype, int | None]:
@@ -194,6 +202,6 @@ class EvolutionStrategy(ScoringStrategy):
         return run_trials(ctx, scorer, self.name, cfg, propose, blind=lambda child: child < cfg.population)
 
 
-def _masks(ctx: SearchContext) -> dict[str, np.ndarray]:
+def prediction_masks(ctx: SearchContext) -> dict[str, np.ndarray]:
     """Possible-dose masks of the patients candidates carry predictions for."""
     return ctx.targets(prediction_ids(ctx))[1]

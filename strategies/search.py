@@ -8,11 +8,32 @@ Diversity modes: "sequential" runs K searches in a row, each with the LENAS hing
 members found before it; "pool" runs one search and picks K of its candidates greedily for
 accuracy + lam × diversity; "none" takes the K best.
 
+Sequential mode, search k (0-based): its seed is `search_seed(seed, k)` (the run's seed for the
+first, so that it is the search a lone run makes; one derived from (seed, k) for the others), so
+each search draws its own genotypes, and a resumed run derives the same. Its references are the
+predictions (architecture and diversity patients) of members 0..k-1, the networks each was scored
+with. The scoring strategies' evaluator is shared by the K searches (strategies/evaluator.py):
+the SPOS supernet is trained once, and a genotype already scored is not scored again, while the
+hinge against the new references is computed anew. The member is chosen among the candidates
+not yet in the pool: the one of least score + weight × mean hinge, where a candidate's hinge to
+a reference is max(0, margin − mean disagreement) over the patients it predicted (ties: the
+more accurate), except for a strategy that trains against the references and answers first
+(differentiable with `derive: argmax`), whose answer is the member. The hinge was *inactive* for
+search k when it changed nothing: for a chosen-by-objective member, when the member is the most
+accurate new candidate (in particular when every candidate's hinge term is zero, all at least
+`margin` away from every reference); for an answer-first strategy, when its hinge was zero at
+every architecture step (α never felt it). search_log.jsonl records each search's seed
+(`sequential_search`) and a `hinge` record (active, the candidates' hinge terms, the member and
+the most accurate new candidate); an inactive hinge is also said on the console.
+
 DIR receives config.yaml, search_log.jsonl, pool.yaml (read by `nasdose ensemble`),
-genotypes/<member>.yaml and plots/ (arch_weights.png, fitness.png, diversity.png). State is
-checkpointed under DIR/state; `--resume` continues an interrupted search to the same result and
-log (a differentiable search adds a `resume` record): what a re-run derives again, such as a
-finished search's selection and pool, is logged once. With `logging.tensorboard=true` DIR also
+genotypes/<member>.yaml and plots/ (arch_weights.png, fitness.png, diversity.png); a search
+whose evaluator trains SPOS supernets (mode inherit) also supernet.pt, which later searches
+reuse with `options.evaluator.supernet=DIR/supernet.pt` and from which `nasdose ensemble` with
+`init: inherit` starts its members. State is checkpointed under DIR/state; `--resume`
+continues an interrupted search to the same result and log (a differentiable search adds a
+`resume` record): what a re-run derives again, such as a finished search's selection and pool,
+is logged once. With `logging.tensorboard=true` DIR also
 receives TensorBoard event files: per epoch of a differentiable search its losses, temperature
 and tracked score, and softmax(α) of every slot (`search/alpha/SLOT/OP`; a sequential search's
 k-th search under `search{k}/`).
@@ -48,6 +69,8 @@ from nas_dose.search_spaces import get_space, import_plugins, save_genotype
 from nas_dose.training.events import EventLog, LoggingConfig
 
 from .base import SearchContext, Strategy, get_strategy
+from .evaluator import SUPERNET_FILE, derived_seed
+from .evolution import hinge_terms, prediction_masks
 from .task import CascadeTask, SearchTask
 
 
@@ -176,25 +199,31 @@ class SearchRun:
         self.events = EventLog()  # opened when the search runs (not in a folder it is refused)
         self.base = self.context("search", [], {})  # for data access and the command's own log records
 
-    def context(self, state: str, references: list[dict[str, np.ndarray]], fields: dict[str, Any]) -> SearchContext:
-        return SearchContext(self.space, self.macro, self.data, self.runtime, self.cfg.seed, self.weight_ids,
+    def context(self, state: str, references: list[dict[str, np.ndarray]], fields: dict[str, Any],
+                seed: int | None = None) -> SearchContext:
+        """The context of one search (`seed`: its own, default the run's); every search of the run
+        shares the evaluator's folder and supernet file (DIR/state, DIR/supernet.pt)."""
+        return SearchContext(self.space, self.macro, self.data, self.runtime,
+                             self.cfg.seed if seed is None else seed, self.weight_ids,
                              self.arch_ids, self.diversity_ids, references, self.cfg.diversity,
                              state_dir=self.out / "state" / state, log_path=self.out / "search_log.jsonl",
                              log_fields=fields, deadline=self.deadline, events=self.events.within(state),
-                             task=self.task)
+                             task=self.task, shared_dir=self.out / "state", supernet_file=self.out / SUPERNET_FILE,
+                             run_seed=self.cfg.seed)
 
-    def _search(self, ctx: SearchContext) -> tuple[list[Candidate], list[dict[str, list[float]]]]:
-        """The strategy's candidates and, for a differentiable one, its α history."""
-        seed_everything(self.cfg.seed)
+    def _search(self, ctx: SearchContext) -> tuple[list[Candidate], list[dict[str, list[float]]], Strategy]:
+        """The strategy's candidates, its α history (a differentiable one's) and the strategy."""
+        seed_everything(ctx.seed)
         strategy: Strategy = self.strategy_cls(self.options)
         cands = strategy.run(ctx)
         history = getattr(strategy, "history", [])
         if history:
             self.histories.append(history)
-        return cands, history
+        return cands, history, strategy
 
     def sequential(self) -> list[Candidate]:
-        """K searches in a row, the k-th with the hinge against members 0..k-1."""
+        """K searches in a row, the k-th with its own seed and the hinge against members 0..k-1
+        (see the module docstring)."""
         members: list[Candidate] = []
         for k in range(self.cfg.pool_size):
             path = self.out / "state" / f"member{k}.pt"
@@ -204,12 +233,14 @@ class SearchRun:
                 if state["history"]:
                     self.histories.append(state["history"])
                 continue
-            ctx = self.context(f"search{k}", [m.predictions or {} for m in members], {"search": k})
+            seed = search_seed(self.cfg.seed, k)
+            ctx = self.context(f"search{k}", [m.predictions or {} for m in members], {"search": k}, seed)
             if k and ctx.should_stop():
                 ctx.log({"event": "time_budget", "members": k})
                 say(f"time budget spent: {k} of {self.cfg.pool_size} members found")
                 break
-            cands, history = self._search(ctx)
+            ctx.log({"event": "sequential_search", "seed": seed, "references": k})
+            cands, history, strategy = self._search(ctx)
             cands = within_budget(cands, self.cfg.cost, self.cfg.pool_max_cost)
             found = {m.genotype.key() for m in members}
             distinct = [c for c in cands if c.genotype.key() not in found]
@@ -217,19 +248,48 @@ class SearchRun:
                 ctx.log({"event": "no_new_genotype", "candidates": len(cands)})
                 say(f"search {k} found no genotype new to the pool; stopping at {k} members")
                 break
-            chosen = distinct[0]
-            if chosen is not cands[0]:
+            if distinct[0] is not cands[0]:
                 ctx.log({"event": "fallback", "reason": "best candidate already in the pool",
-                         "duplicate": cands[0].genotype.to_dict(), "chosen": chosen.genotype.to_dict()})
+                         "duplicate": cands[0].genotype.to_dict(), "chosen": distinct[0].genotype.to_dict()})
                 say(f"search {k}: its best genotype is already a member; took the next best distinct one")
-            chosen.metrics = {**chosen.metrics, "search": float(k), "fallback": float(chosen is not cands[0])}
+            chosen, active = self._choose(ctx, strategy, distinct)
+            chosen.metrics = {**chosen.metrics, "search": float(k), "fallback": float(distinct[0] is not cands[0]),
+                              **({} if active is None else {"hinge_active": float(active)})}
             members.append(chosen)
             save_checkpoint(path, {"member": chosen.to_state(), "history": history})
         return members
 
+    def _choose(self, ctx: SearchContext, strategy: Strategy, distinct: list[Candidate]
+                ) -> tuple[Candidate, bool | None]:
+        """The member among `distinct` (new to the pool, the strategy's order) and whether the
+        hinge was active (None: no references yet); logs a `hinge` record (module docstring)."""
+        if not ctx.references:
+            return distinct[0], None
+        div = ctx.diversity
+        masks = prediction_masks(ctx)
+        terms = [float(np.mean(hinge_terms(c, ctx.references, div.margin, masks))) for c in distinct]
+        acted = strategy.hinge_acted()
+        if acted is None:
+            objective = [c.score + div.weight * t if math.isfinite(c.score) else math.inf
+                         for c, t in zip(distinct, terms)]
+            best = min(range(len(distinct)), key=lambda i: (objective[i], distinct[i].score, i))
+            chosen, active = distinct[best], best != 0
+        else:
+            chosen, active = distinct[0], acted
+        ctx.log({"event": "hinge", "active": active, "candidates": len(distinct),
+                 "zero_terms": sum(t == 0 for t in terms), "terms": terms, "member": chosen.genotype.to_dict(),
+                 "most_accurate": distinct[0].genotype.to_dict()})
+        if not active:
+            k = len(ctx.references)
+            say(f"search {k}: the diversity hinge was inactive (" + (
+                "its hinge was zero at every architecture step" if acted is not None
+                else "every candidate already differs from the members by the margin" if not any(terms)
+                else "it changed no choice: the member is the most accurate new candidate") + ")")
+        return chosen, active
+
     def single(self) -> list[Candidate]:
         """One search; K of its candidates by accuracy + lam × diversity (lam = 0 in mode none)."""
-        cands, _ = self._search(self.base)
+        cands, _, _ = self._search(self.base)
         self.scored.extend(cands)
         affordable = within_budget(cands, self.cfg.cost, self.cfg.pool_max_cost)
         if not affordable:
@@ -300,6 +360,12 @@ class SearchRun:
         chosen = [keys.index(m.genotype.key()) for m in pool.members if m.genotype.key() in keys]
         plot_pareto([c.score for c in seen], [c.metrics.get(self.cfg.cost, math.nan) for c in seen],
                     pareto_front(seen, self.cfg.cost), chosen, self.cfg.cost, folder / "pareto.png")
+
+
+def search_seed(seed: int, k: int) -> int:
+    """The seed of search k of a sequential run: `seed` for the first, one derived from (seed, k)
+    for the others."""
+    return seed if k == 0 else derived_seed(seed, "sequential", k)
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -1,5 +1,6 @@
 """`nasdose ensemble` end to end on a tiny synthetic data set and a hand-written pool of three
 small LENAS genotypes, a few training steps per member."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,11 @@ from nas_dose.ensemble import EnsembleConfig, Inputs
 from nas_dose.errors import NasDoseError
 from nas_dose.inference import Ensemble, load_ensemble, load_model_or_ensemble, predict_patients
 from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
-from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
+from nas_dose.pool import MATRICES, DiversityConfig, Pool, PoolMember, save_pool
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import get_space
+from nas_dose.strategies import SearchContext
+from nas_dose.strategies.evaluator import SUPERNET_FILE, CandidateEvaluator, EvaluatorConfig, inherited_weights
 from nas_dose.training import train_model
 
 MACRO = {"stem": 4, "widths": [8, 8]}
@@ -227,3 +230,28 @@ def test_a_searched_ensemble_predicts_without_nni(run, data, tmp_path):
     check = subprocess.run([sys.executable, "-c", "import sys; sys.modules['nni'] = None; import nni"],
                            capture_output=True, text=True)
     assert check.returncode != 0  # the blocking works
+
+
+def test_init_inherit_starts_members_from_their_supernet_weights(tmp_path, data, pool_file, monkeypatch):
+    space = get_space("lenas")
+    g = space.genotype(GENOTYPES["a"], MACRO)
+    folder = tmp_path / "search"
+    ctx = SearchContext(space, space.check_macro(MACRO), data, Runtime(RuntimeConfig(device="cpu")), 0,
+                        ["pt_1", "pt_2", "pt_3", "pt_4"], ["pt_5", "pt_6"], [], diversity=DiversityConfig(mode="none"),
+                        state_dir=folder / "state", supernet_file=folder / SUPERNET_FILE)
+    CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=2)).score(g)
+    save_pool(folder / "pool.yaml", Pool("lenas", "hand", 0, [PoolMember("a", g, 1.0)],
+                                         {k: np.zeros((1, 1)) for k in MATRICES}))
+    started = []
+    train = ensemble.train_model
+    monkeypatch.setattr(ensemble, "train_model", lambda model, *a, **k: started.append(
+        {name: v.clone() for name, v in model.state_dict().items()}) or train(model, *a, **k))
+    cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "init=inherit"])
+    ensemble.run(cfg, Inputs(folder / "pool.yaml", data), tmp_path / "inherit")
+    inherited = inherited_weights(folder / SUPERNET_FILE, g)
+    assert started[0].keys() == inherited.keys() and all(torch.equal(started[0][k], inherited[k]) for k in inherited)
+    ensemble.run(replace(cfg, init="scratch"), Inputs(folder / "pool.yaml", data), tmp_path / "scratch")
+    assert not all(torch.equal(started[1][k], inherited[k]) for k in inherited)
+    with pytest.raises(NasDoseError, match=f"^{pool_file}: init=inherit: no trained supernet at "
+                                           f"{pool_file.parent / SUPERNET_FILE}"):
+        ensemble.run(cfg, Inputs(pool_file, data), tmp_path / "none")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nas_dose.config import ConfigError, from_dict
 from nas_dose.data.store import write_dataset
@@ -16,7 +17,7 @@ from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import count_params, get_space
 from nas_dose.strategies.base import SearchContext
-from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, ranked
+from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, inherited_weights, ranked
 from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
 from nas_dose.strategies.random_search import RandomConfig, RandomStrategy
 
@@ -38,6 +39,11 @@ def context(data: Path, state: Path | None, space: str = "lenas", macro: dict = 
                          log_path=None if state is None else state / "log.jsonl")
 
 
+def trained_supernets(state: Path) -> list[dict]:
+    """The supernets a context persisted under `state` (its evaluator's supernet file)."""
+    return torch.load(state / "evaluator" / "supernet.pt", weights_only=True)["supernets"]
+
+
 def genotypes(ctx: SearchContext, n: int, seed: int = 0):
     rng = np.random.RandomState(seed)
     return [ctx.space.sample(rng, ctx.macro) for _ in range(n)]
@@ -49,7 +55,7 @@ def test_inherit_scores_the_built_network_with_shared_weights_and_caches(data, t
     g1, g2 = genotypes(ctx, 2)
     c1, c2 = ev.score(g1), ev.score(g2)
     assert ev.scored == 2 and ev.score(g1) is c1 and ev.scored == 2  # a cache hit scores nothing
-    assert len(list((tmp_path / "evaluator").glob("supernet-*.pt"))) == 1  # one supernet for all
+    assert len(trained_supernets(tmp_path)) == 1  # one supernet for all
     assert 0 < c1.score < 70 and np.isfinite(c2.score)
     assert c1.metrics["params"] == count_params(ctx.space.build(g1))
     assert set(c1.predictions) == set(DIVERSITY) and c1.predictions["pt_6"].shape == (16, 16, 16)
@@ -57,6 +63,13 @@ def test_inherit_scores_the_built_network_with_shared_weights_and_caches(data, t
     supernet, _ = ev._supernet(g1)
     errors, _ = ctx.evaluate(supernet.subnet(g1), ARCH)
     assert c1.score == pytest.approx(np.mean(list(errors.values())), rel=1e-5)
+    # and so is the plain network built from g1 with its weights from the saved supernet file
+    built = ctx.space.build(g1).eval()
+    built.load_state_dict(inherited_weights(tmp_path / "evaluator" / "supernet.pt", g1))
+    supernet.fix(g1)
+    x = torch.randn(1, 10, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), supernet.eval()(x), rtol=0, atol=0)
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["score"] for r in logged if r["event"] == "scored"] == [c1.score, c2.score]
 
@@ -87,9 +100,26 @@ def test_inherit_keeps_one_supernet_per_width_and_depth(data, tmp_path):
     variants = [{"width": 50, "depth": 2}, {"width": 100, "depth": 2}, {"width": 50, "depth": 2}]
     cands = [ev.score(ctx.space.genotype({**base.choices, **v, "enc0.op1": op}, ctx.macro))
              for v, op in zip(variants, ["conv", "conv", "identity"])]
-    assert len(list((tmp_path / "evaluator").glob("supernet-*.pt"))) == 2
+    assert sorted((s["fixed"]["width"], s["fixed"]["depth"]) for s in trained_supernets(tmp_path)) == \
+        [(50, 2), (100, 2)]
     assert all(c.predictions is None for c in cands)  # no diversity: no predictions kept
     assert cands[0].metrics["params"] < cands[1].metrics["params"]
+
+
+def test_a_saved_supernet_file_scores_only_the_non_op_slots_it_was_trained_for(data, tmp_path):
+    macro = {"stem": 4, "widths": [4, 8, 8, 8]}
+    ctx = context(data, tmp_path, space="lenas_levels", macro=macro, mode="none")
+    base = ctx.space.genotype({**genotypes(ctx, 1, seed=3)[0].choices, "width": 50, "depth": 2}, ctx.macro)
+    trained = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=2)).score(base)
+    saved = tmp_path / "evaluator" / "supernet.pt"
+    reuse = CandidateEvaluator(context(data, None, space="lenas_levels", macro=macro, mode="none"),
+                               EvaluatorConfig(supernet_steps=2, supernet=str(saved)))
+    assert reuse.score(base).score == trained.score
+    other = ctx.space.genotype({**base.choices, "width": 100}, ctx.macro)
+    with pytest.raises(NasDoseError, match=f"^{saved}: holds no supernet for depth=2, width=100"):
+        reuse.score(other)
+    with pytest.raises(ConfigError, match="evaluator.supernet"):
+        from_dict(EvaluatorConfig, {"mode": "train", "supernet": str(saved)})
 
 
 def test_train_mode_scores_do_not_depend_on_the_order(data):
@@ -161,7 +191,7 @@ def test_hard_constraints_reject_a_genotype_before_training(data, tmp_path, monk
     big = next(g for g in gs if count_params(ctx.space.build(g)) >= limit)
     rejected = ev.score(big)
     assert rejected.score == float("inf") and rejected.metrics["rejected"] == 1.0
-    assert rejected.predictions is None and not list((tmp_path / "evaluator").glob("supernet-*.pt"))
+    assert rejected.predictions is None and not (tmp_path / "evaluator" / "supernet.pt").exists()
     assert CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=3, max_params=limit - 1)).score(big).score == \
         float("inf")  # from the cache
     with pytest.raises(ConfigError, match="max_flops"):

@@ -425,7 +425,7 @@ def test_an_interrupted_supernet_training_resumes_to_the_uninterrupted_weights(t
 
     monkeypatch.setattr(evaluator, "random_path", killed_at_step_8)
     assert nasdose("search", "-q", "--data", data, "--out", tmp_path / "cut", *search)[0] == 130
-    folder = tmp_path / "cut" / "state" / "search" / "evaluator"
+    folder = tmp_path / "cut" / "state" / "evaluator"
     [partial] = folder.glob("supernet-*.partial.pt")
     assert torch.load(partial, weights_only=True)["step"] == 6
     monkeypatch.setattr(evaluator, "random_path", draw)
@@ -434,9 +434,8 @@ def test_an_interrupted_supernet_training_resumes_to_the_uninterrupted_weights(t
     monkeypatch.setattr(evaluator, "masked_loss", lambda *a: steps.append(1) or loss(*a))
     assert nasdose("search", "-q", "--data", data, "--out", tmp_path / "cut", "--resume", *search)[0] == 0
     assert len(steps) == 2 and not partial.exists()  # steps 7 and 8 only, then the partial file goes
-    [twin] = (tmp_path / "twin" / "state" / "search" / "evaluator").glob("supernet-*.pt")
-    resumed, whole = (torch.load(folder / twin.name, weights_only=True)["model"],
-                      torch.load(twin, weights_only=True)["model"])
+    [resumed], [whole] = ([s["model"] for s in torch.load(tmp_path / run / "supernet.pt",
+                                                          weights_only=True)["supernets"]] for run in ("cut", "twin"))
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 

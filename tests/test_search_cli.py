@@ -1,20 +1,25 @@
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
-import test_differentiable  # noqa: F401  (registers the rigged space 'test_rigged')
+import test_differentiable  # registers the rigged space 'test_rigged'
+import torch
+from torch import nn
 
 from nas_dose.cli import search as search_cli
 from nas_dose.config import load_config
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
-from nas_dose.pool import load_pool
+from nas_dose.pool import Candidate, load_pool
 from nas_dose.progress import set_quiet
-from nas_dose.search_spaces import load_genotype
-from nas_dose.strategies import SearchContext
+from nas_dose.search_spaces import load_genotype, register_space
+from nas_dose.strategies import SearchContext, Strategy, register_strategy
 from nas_dose.strategies import search as search_stage
+from nas_dose.strategies.evaluator import CandidateEvaluator, prediction_ids
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -91,22 +96,33 @@ def test_sequential_members_differ_and_feel_the_hinge(data, tmp_path):
     assert any(r["hinge"] > 0 for r in epochs if r["search"] == 1)
     if pool.members[1].metrics["fallback"]:  # the second search's best was a member already
         assert any(r["event"] == "fallback" and r["search"] == 1 for r in log_records(out))
+    # its own seed; the hinge moved its α, so it counts as active (derive=argmax: its answer is the member)
+    assert [r["seed"] for r in log_records(out) if r["event"] == "sequential_search"] == [
+        0, search_stage.search_seed(0, 1)]
+    [hinge] = [r for r in log_records(out) if r["event"] == "hinge"]
+    assert hinge["active"] is True and pool.members[1].metrics["hinge_active"] == 1.0
 
 
-def test_interrupted_sequential_search_resumes_to_the_same_pool(data, tmp_path, monkeypatch):
-    search(data, tmp_path / "whole", *SEQUENTIAL)
+def killed_in_search_1(data: Path, out: Path, monkeypatch, overrides: tuple[str, ...], event: str, number: int) -> None:
+    """A sequential search into `out` killed once search 1 logged its `event` number `number`."""
     log = SearchContext.log
 
     def interrupt(self, record):
         log(self, record)
-        if self.log_fields.get("search") == 1 and record.get("event") == "epoch" and record["epoch"] == 2:
-            raise KeyboardInterrupt  # before epoch 2's checkpoint: search 1 resumes from epoch 1
+        if self.log_fields.get("search") == 1 and record.get("event") == event and record[event] == number:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(SearchContext, "log", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        search(data, tmp_path / "cut", *SEQUENTIAL)
+        search(data, out, *overrides)
     monkeypatch.setattr(SearchContext, "log", log)
-    assert (tmp_path / "cut" / "state" / "member0.pt").exists() and not (tmp_path / "cut" / "pool.yaml").exists()
+    assert (out / "state" / "member0.pt").exists() and not (out / "pool.yaml").exists()
+
+
+def test_interrupted_sequential_search_resumes_to_the_same_pool(data, tmp_path, monkeypatch):
+    search(data, tmp_path / "whole", *SEQUENTIAL)
+    # killed before epoch 2's checkpoint: search 1 resumes from epoch 1
+    killed_in_search_1(data, tmp_path / "cut", monkeypatch, SEQUENTIAL, "epoch", 2)
     search(data, tmp_path / "cut", resume=True)
     assert (tmp_path / "cut" / "pool.yaml").read_text() == (tmp_path / "whole" / "pool.yaml").read_text()
     assert [r["event"] for r in log_records(tmp_path / "cut")].count("resume") == 1
@@ -194,3 +210,140 @@ def test_a_depth_the_grid_cannot_hold_is_left_out_before_the_search(data, tmp_pa
     assert scored and all(r["genotype"]["choices"]["depth"] in (2, 3) for r in scored)
     space, removed = get_space("lenas_levels").fitted({"stem": 2, "widths": [4, 4, 8, 8]}, 32)
     assert removed == {} and space.slots()["depth"] == [2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequential diversity that explores (issue 17).
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@register_strategy("test_three")
+class ThreeCandidates(Strategy):
+    """Three fixed genotypes of test_rigged's little sibling: A (the most accurate), B (almost A's
+    predictions) and C (far from A, least accurate); records the seed each search gets."""
+
+    Config = NoOptions
+    uses_references = True
+    seeds: list[int] = []
+
+    def run(self, ctx):
+        ThreeCandidates.seeds.append(ctx.seed)
+        targets, _ = ctx.targets(prediction_ids(ctx))
+        space = ctx.space
+        gs = [space.genotype({"a": a, "b": b}, ctx.macro) for a, b in ((ID, ID), (ID, ZERO), (ZERO, ID))]
+        return [Candidate(g, score, {"params": 1.0, "flops": 1.0}, {pid: (t * factor).astype(np.float16)
+                                                                     for pid, t in targets.items()})
+                for g, score, factor in zip(gs, (1.0, 1.1, 1.5), (1.0, 1.02, 0.4))]
+
+
+@register_space("test_two_slots")
+class TwoSlots(test_differentiable.RiggedSpace):
+    def slots(self):
+        return {"a": ["zero", "identity"], "b": ["zero", "identity"]}
+
+    def construct(self, choices, macro, make):
+        return nn.Sequential(make("a", "cell", 10, 10), make("b", "cell", 10, 10), nn.Conv3d(10, 1, 1))
+
+
+ID, ZERO = "identity", "zero"
+THREE = ("space=test_two_slots", "strategy=test_three", "pool_size=2", "diversity.mode=sequential")
+
+
+@pytest.mark.parametrize("margin, member, active", [(0.2, (ZERO, ID), True), (0.01, (ID, ZERO), False)])
+def test_the_sequential_member_is_chosen_with_the_hinge_and_the_log_says_when_it_was_inactive(
+        data, tmp_path, margin, member, active, capsys):
+    ThreeCandidates.seeds.clear()
+    set_quiet(False)
+    try:
+        search(data, tmp_path / "run", *THREE, f"diversity.margin={margin}")
+    finally:
+        set_quiet(True)
+    pool = load_pool(tmp_path / "run" / "pool.yaml")
+    # B is A's near copy: with an active hinge its penalty (10 × (0.2 − 0.02)) puts C first
+    assert [tuple(m.genotype.choices.values()) for m in pool.members] == [(ID, ID), member]
+    assert pool.members[1].metrics["hinge_active"] == float(active)
+    [hinge] = [r for r in log_records(tmp_path / "run") if r["event"] == "hinge"]
+    assert hinge["search"] == 1 and hinge["active"] is active and hinge["candidates"] == 2
+    assert hinge["terms"][0] == pytest.approx(max(0.0, margin - 2 * 0.02 / 2.02), abs=1e-3)
+    assert hinge["zero_terms"] == (1 if active else 2)
+    assert ("search 1: the diversity hinge was inactive" in capsys.readouterr().out) is not active
+    seeds = [r["seed"] for r in log_records(tmp_path / "run") if r["event"] == "sequential_search"]
+    assert seeds == ThreeCandidates.seeds == [0, search_stage.search_seed(0, 1)] and seeds[1] != 0
+
+
+EVOLVE = ("pool_size=3", "diversity.mode=sequential", "strategy=evolution", "macro.stem=4", "macro.widths=[8]",
+          "options={budget: 3, population: 2, sample: 1, members: 2, evaluator: {supernet_steps: 3}}")
+
+
+@pytest.fixture(scope="module")
+def evolved(data, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A sequential evolution of three searches, and the trainings its evaluators made."""
+    fits: list[str] = []
+    fit = CandidateEvaluator._fit
+    out = tmp_path_factory.mktemp("evolved") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CandidateEvaluator, "_fit", lambda self, *a, **k: fits.append(k["desc"]) or fit(self, *a, **k))
+        search(data, out, *EVOLVE)
+    return out, fits
+
+
+def test_sequential_evolution_trains_one_supernet_and_searches_with_a_seed_each(evolved):
+    out, fits = evolved
+    pool = load_pool(out / "pool.yaml")
+    assert len(pool.members) == 3 and len({m.genotype.key() for m in pool.members}) == 3
+    assert fits == ["supernet"]  # trained once for the three searches
+    saved = torch.load(out / "supernet.pt", weights_only=True)
+    assert len(saved["supernets"]) == 1 and saved["steps"] == 3 and saved["space"] == "lenas"
+    assert not list((out / "state").glob("search*/evaluator"))  # the searches share state/evaluator
+    records = log_records(out)
+    seeds = [r["seed"] for r in records if r["event"] == "sequential_search"]
+    assert len(set(seeds)) == 3
+    # each search draws its own genotypes; one scored before is a cache hit, not scored again
+    children = [{json.dumps(c, sort_keys=True) for c in torch.load(out / "state" / f"search{k}" / "evolution.pt",
+                                                                    weights_only=True)["children"]}
+                for k in range(3)]
+    assert children[0] != children[1] != children[2]
+    scored = [json.dumps(r["genotype"], sort_keys=True) for r in records if r["event"] == "scored"]
+    assert len(scored) == len(set(scored)) == len(set().union(*children))
+    assert [r["search"] for r in records if r["event"] == "hinge"] == [1, 2]
+
+
+def test_an_interrupted_sequential_evolution_resumes_to_the_same_pool(data, evolved, tmp_path, monkeypatch):
+    killed_in_search_1(data, tmp_path / "cut", monkeypatch, EVOLVE, "child", 1)
+    search(data, tmp_path / "cut", resume=True)
+    whole, cut = (load_pool(run / "pool.yaml") for run in (evolved[0], tmp_path / "cut"))
+    assert [(m.genotype, m.search_score) for m in cut.members] == [(m.genotype, m.search_score) for m in whole.members]
+    np.testing.assert_array_equal(cut.matrices["disagreement"], whole.matrices["disagreement"])
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluator.supernet=PATH: a search scores with an earlier search's supernets (issue 17).
+
+def test_a_later_search_reuses_a_saved_supernet_and_refuses_one_that_does_not_match(data, evolved, tmp_path,
+                                                                                     monkeypatch):
+    saved = evolved[0] / "supernet.pt"
+    monkeypatch.setattr(CandidateEvaluator, "_fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fit")))
+    # a lone evolution with the sequential run's seed draws what its first search drew
+    lone = ("pool_size=1", "diversity.mode=none", *EVOLVE[2:-1],
+            "options={budget: 3, population: 2, sample: 1, members: 2, evaluator: {supernet_steps: 3, supernet: "
+            + str(saved) + "}}")
+    search(data, tmp_path / "b", *lone)
+    scores = [{json.dumps(r["genotype"], sort_keys=True): r["score"] for r in log_records(run)
+               if r["event"] == "scored" and r.get("search", 0) == 0} for run in (evolved[0], tmp_path / "b")]
+    assert scores[0] == scores[1] and len(scores[0]) == 3  # the same draws, scored on the same weights
+    assert not (tmp_path / "b" / "supernet.pt").exists()  # saved once, where it was trained
+    search(data, tmp_path / "c", *EVOLVE[3:-1], "pool_size=2", "diversity.mode=pool", "strategy=optuna",
+           "options={budget: 2, evaluator: {supernet_steps: 3, supernet: " + str(saved) + "}}")
+    assert len(load_pool(tmp_path / "c" / "pool.yaml").members) == 2
+    for i, (overrides, message) in enumerate((
+            (["macro.widths=[16]"], r"supernets of another search: macro .*widths.*\[8\].*this search.*\[16\]"),
+            (["options.evaluator.supernet_steps=4"], r"steps 3 \(this search: 4\)"),
+            (["seed=1"], "trained on patient"),  # another split: it learned from architecture patients
+            (["space=lenas_levels", "macro.widths=[8, 8, 8, 8]"], "space lenas"))):
+        with pytest.raises(NasDoseError, match=f"^{saved}: .*{message}") as e:
+            search(data, tmp_path / f"x{i}", *EVOLVE[3:-1], "strategy=random", "options.budget=1",
+                   "options.evaluator.supernet_steps=3", *overrides, f"options.evaluator.supernet={saved}")
+        assert "\n" not in str(e.value)
