@@ -24,7 +24,6 @@ pool records the cascade, and `nasdose ensemble` trains its members as stages of
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from nas_dose.errors import NasDoseError, input_error
 from nas_dose.io import load_checkpoint, load_yaml, output_folder, save_checkpoint
 from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
-from nas_dose.pool.pareto import Cost, front_record, pareto_front, within_budget
+from nas_dose.pool.pareto import LABELS, Cost, cost_of, front_record, pareto_front, within_budget
 from nas_dose.pool.plots import plot_arch_weights, plot_diversity, plot_fitness, plot_pareto
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
@@ -90,6 +89,8 @@ class SearchConfig:
     time_budget_min: float | None = None  # whole command; a search stops at its next checkpoint
     # The candidates' cost (pool.yaml records the accuracy-cost front, plots/pareto.png draws it)
     # and, with pool_max_cost, a budget: the pool is the most accurate (and diverse) within it.
+    # params, flops (a forward pass at the data set's grid) or latency: that pass measured on the
+    # runtime's device (ms, batch 1, median of a few after a warm-up; its metric latency_ms).
     cost: Cost = "flops"
     pool_max_cost: float | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -181,7 +182,7 @@ class SearchRun:
                              self.arch_ids, self.diversity_ids, references, self.cfg.diversity,
                              state_dir=self.out / "state" / state, log_path=self.out / "search_log.jsonl",
                              log_fields=fields, deadline=self.deadline, events=self.events.within(state),
-                             task=self.task)
+                             task=self.task, measure_latency=self.cfg.cost == "latency")
 
     def _search(self, ctx: SearchContext) -> tuple[list[Candidate], list[dict[str, list[float]]]]:
         """The strategy's candidates and, for a differentiable one, its α history."""
@@ -298,8 +299,8 @@ class SearchRun:
         plot_diversity(pool.names, pool.matrices, folder / "diversity.png")
         keys = [c.genotype.key() for c in seen]
         chosen = [keys.index(m.genotype.key()) for m in pool.members if m.genotype.key() in keys]
-        plot_pareto([c.score for c in seen], [c.metrics.get(self.cfg.cost, math.nan) for c in seen],
-                    pareto_front(seen, self.cfg.cost), chosen, self.cfg.cost, folder / "pareto.png")
+        plot_pareto([c.score for c in seen], [cost_of(c, self.cfg.cost) for c in seen],
+                    pareto_front(seen, self.cfg.cost), chosen, LABELS[self.cfg.cost], folder / "pareto.png")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -1,0 +1,116 @@
+"""Latency as a search cost: the measurement (a median after warm-up, by a stand-in clock), the
+`max_latency_ms` constraint rejecting a genotype before it is trained, the `latency_ms` metric
+cached with the candidate, and the accuracy-cost front, budget and pool.yaml on latency.
+
+Nothing here depends on real timing: the clock or the measurement is replaced wherever a number
+is asserted (a candidate's stand-in latency is its parameter count / 1000 ms)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_evaluator import context, genotypes  # the tiny data set and search context of the evaluator's tests
+from test_evaluator import data as tiny_data  # noqa: F401
+from test_search_cli import data as search_data  # noqa: F401
+from test_search_cli import log_records, search
+from torch import nn
+
+from nas_dose.config import ConfigError, from_dict
+from nas_dose.pool import Candidate, load_pool
+from nas_dose.pool.pareto import front_record, pareto_front, within_budget
+from nas_dose.search_spaces import count_params, measure
+from nas_dose.strategies import base
+from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, derived_seed
+
+
+def stand_in_latency(model, shape, device, runs, autocast):
+    """Seconds by the model's size: deterministic, and different between genotypes."""
+    return count_params(model) * 1e-6
+
+
+def test_latency_is_the_median_of_the_timed_passes_after_warm_up(monkeypatch):
+    # clock reads: warm-up start; then (start, end) of 3 timed passes taking 3, 1 and 2 s
+    reads = iter([0.0, 10.0, 13.0, 20.0, 21.0, 30.0, 32.0])
+    monkeypatch.setattr(measure, "perf_counter", lambda: next(reads))
+    model = nn.Conv3d(1, 2, 3, padding=1)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    seconds = measure.forward_latency(model, (1, 1, 4, 4, 4), torch.device("cpu"), runs=3, warmup=1)
+    assert seconds == 2.0
+    assert len(calls) == 4  # one warm-up and three timed passes (of a copy, its hook copied too)
+    assert model.training  # the model itself is untouched
+
+
+def test_a_genotype_over_max_latency_is_rejected_before_it_is_trained(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(base, "forward_latency", stand_in_latency)
+    trained = []
+    monkeypatch.setattr(CandidateEvaluator, "_fit", lambda self, net, params, steps, seed, **k: trained.append(seed))
+    ctx = context(tiny_data, tmp_path, mode="none")
+    gs = genotypes(ctx, 6, seed=3)
+    latency = {g.key(): round(count_params(ctx.wrap(ctx.space.build(g))) / 1000, 4) for g in gs}
+    limit = sorted(latency.values())[len(gs) // 2]
+    cfg = EvaluatorConfig(mode="train", train_steps=1, max_latency_ms=limit)
+    ev = CandidateEvaluator(ctx, cfg)
+    cands = [ev.score(g) for g in gs]
+    for g, c in zip(gs, cands):
+        assert c.metrics["latency_ms"] == latency[g.key()]
+        over = latency[g.key()] > limit
+        assert (c.score == math.inf) == over and bool(c.metrics.get("rejected")) == over
+        assert (derived_seed(0, "train", g.key()) in trained) == (not over)  # only those within were trained
+    assert 0 < len(trained) < len(gs)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["latency_ms"] for r in logged if r["event"] == "scored"] == [c.metrics["latency_ms"] for c in cands]
+    # resumed: every candidate, its latency with it, from the cache; nothing measured again
+    monkeypatch.setattr(base, "forward_latency", lambda *a, **k: pytest.fail("measured again"))
+    again = CandidateEvaluator(ctx, cfg)
+    assert [again.score(g).metrics for g in gs] == [c.metrics for c in cands] and again.scored == 0
+    # a genotype over max_params is not even measured
+    small = min(count_params(ctx.space.build(g)) for g in gs)
+    over_params = CandidateEvaluator(context(tiny_data, None, mode="none"),
+                                     EvaluatorConfig(max_params=small - 1, max_latency_ms=limit)).score(gs[0])
+    assert over_params.score == math.inf and "latency_ms" not in over_params.metrics
+    with pytest.raises(ConfigError, match="max_latency_ms"):
+        from_dict(EvaluatorConfig, {"max_latency_ms": 0})
+
+
+def test_without_a_limit_or_a_latency_cost_nothing_is_measured(tiny_data, monkeypatch):
+    monkeypatch.setattr(base, "forward_latency", lambda *a, **k: pytest.fail("measured"))
+    ctx = context(tiny_data, None, mode="none")
+    cand = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=2)).score(genotypes(ctx, 1)[0])
+    assert "latency_ms" not in cand.metrics and cand.metrics["flops"] > 0
+
+
+def test_front_and_budget_on_latency(tiny_data):
+    g = genotypes(context(tiny_data, None), 1)[0]
+    cands = [Candidate(g, s, {"latency_ms": ms, "flops": 1.0}) for s, ms in
+             [(1.0, 10.0), (2.0, 5.0), (2.5, 20.0), (0.5, 30.0)]] + [Candidate(g, 0.1, {"flops": 1.0})]
+    assert pareto_front(cands, "latency") == [1, 0, 3]  # the one without a latency is left out
+    assert within_budget(cands, "latency", 10.0) == cands[:2]
+    record = front_record(cands, "latency")
+    assert record["cost"] == "latency" and [p["latency_ms"] for p in record["front"]] == [5.0, 10.0, 30.0]
+
+
+def test_a_search_with_latency_as_its_cost(search_data, tmp_path, monkeypatch):
+    """pool.yaml's front and the pool under pool_max_cost are on latency_ms; a resumed search
+    measures nothing again."""
+    monkeypatch.setattr(base, "forward_latency", stand_in_latency)
+    common = ["strategy=random", "macro.stem=4", "macro.widths=[8]", "pool_size=2", "diversity.mode=none",
+              "options={budget: 6, evaluator: {supernet_steps: 3}}", "cost=latency"]
+    out = tmp_path / "free"
+    search(search_data, out, *common)
+    points = [(r["score"], r["latency_ms"]) for r in log_records(out) if r["event"] == "scored"]
+    assert len(points) == 6
+    budget = sorted(ms for _, ms in points)[2]
+    out = tmp_path / "budget"
+    search(search_data, out, *common, f"pool_max_cost={budget}")
+    pool = load_pool(out / "pool.yaml")
+    assert pool.pareto["cost"] == "latency" and pool.pareto["front"]
+    assert all(m.metrics["latency_ms"] <= budget for m in pool.members)
+    best = min(s for s, ms in points if ms <= budget)
+    assert pool.members[0].search_score == best  # the most accurate within the budget
+    assert (out / "plots" / "pareto.png").stat().st_size > 5000
+    monkeypatch.setattr(base, "forward_latency", lambda *a, **k: pytest.fail("measured again"))
+    search(search_data, out, *common, f"pool_max_cost={budget}", resume=True)
+    assert load_pool(out / "pool.yaml").members == pool.members
