@@ -11,6 +11,7 @@ reused (--resume); an interrupted one continues.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,15 @@ COSTS = {"max_params": "params", "max_flops": "flops", "max_latency_ms": "latenc
 
 def search_config(request: StudentSearch, section: dict[str, Any], seed: int, runtime: RuntimeConfig,
                   train_split: str, val_split: str) -> search_stage.SearchConfig:
-    """The search behind `request`: `section` over DEFAULTS (a `strategy=` of the SPEC other than
-    theirs starts from its own default options), the SPEC's budget, one member chosen on accuracy
+    """The search behind `request`: `section` over DEFAULTS (with a `strategy=` of the SPEC, those
+    of their options that strategy has, such as `evaluator`), the SPEC's budget, one member chosen on accuracy
     alone within the first limit, the other limits as the evaluator's, the distillation's seed,
     runtime and splits."""
     data = deep_merge(DEFAULTS, section)
     if request.strategy is not None and request.strategy != data["strategy"]:
-        data = {**data, "strategy": request.strategy, "options": {}}
+        known = {f.name for f in dataclasses.fields(get_strategy(request.strategy).Config)}
+        data = {**data, "strategy": request.strategy,
+                "options": {k: v for k, v in data.get("options", {}).items() if k in known}}
     if request.budget is not None:
         data["options"] = {**data.get("options", {}), "budget": request.budget}
     first = next(iter(request.limits))
