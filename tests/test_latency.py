@@ -1,6 +1,7 @@
 """Latency as a search cost: the measurement (a median after warm-up, by a stand-in clock), the
 `max_latency_ms` constraint rejecting a genotype before it is trained, the `latency_ms` metric
-cached with the candidate, and the accuracy-cost front, budget and pool.yaml on latency.
+cached with the candidate, and the accuracy-cost front, budget and pool.yaml on latency; and
+diversity as the front's third objective.
 
 Nothing here depends on real timing: the clock or the measurement is replaced wherever a number
 is asserted (a candidate's stand-in latency is its parameter count / 1000 ms)."""
@@ -9,20 +10,37 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
-from test_evaluator import context, genotypes  # the tiny data set and search context of the evaluator's tests
-from test_evaluator import data as tiny_data  # noqa: F401
-from test_search_cli import data as search_data  # noqa: F401
+from test_evaluator import context, genotypes  # the search context of the evaluator's tests
 from test_search_cli import log_records, search
 from torch import nn
 
 from nas_dose.config import ConfigError, from_dict
+from nas_dose.data.store import write_dataset
+from nas_dose.data.synth import synth_patients
 from nas_dose.pool import Candidate, load_pool
-from nas_dose.pool.pareto import front_record, pareto_front, within_budget
+from nas_dose.pool.pareto import diversity_to_best, front_record, pareto_front, within_budget
 from nas_dose.search_spaces import count_params, measure
 from nas_dose.strategies import base
 from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, derived_seed
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """The evaluator tests' data set: 6 phantoms at 16³ (their context's patients)."""
+    path = tmp_path_factory.mktemp("data") / "tiny.h5"
+    write_dataset(path, synth_patients(6, 16, 0), source="synth", grid=16, total=6)
+    return path
+
+
+@pytest.fixture(scope="module")
+def search_data(tmp_path_factory):
+    """The search CLI tests' data set: 10 phantoms at 16³."""
+    path = tmp_path_factory.mktemp("data") / "d.h5"
+    write_dataset(path, synth_patients(10, 16, 0), source="synth", grid=16, total=10)
+    return path
 
 
 def stand_in_latency(model, shape, device, runs, autocast):
@@ -48,7 +66,7 @@ def test_a_genotype_over_max_latency_is_rejected_before_it_is_trained(tiny_data,
     trained = []
     monkeypatch.setattr(CandidateEvaluator, "_fit", lambda self, net, params, steps, seed, **k: trained.append(seed))
     ctx = context(tiny_data, tmp_path, mode="none")
-    gs = genotypes(ctx, 6, seed=3)
+    gs = genotypes(ctx, 4, seed=3)
     latency = {g.key(): round(count_params(ctx.wrap(ctx.space.build(g))) / 1000, 4) for g in gs}
     limit = sorted(latency.values())[len(gs) // 2]
     cfg = EvaluatorConfig(mode="train", train_steps=1, max_latency_ms=limit)
@@ -114,3 +132,37 @@ def test_a_search_with_latency_as_its_cost(search_data, tmp_path, monkeypatch):
     monkeypatch.setattr(base, "forward_latency", lambda *a, **k: pytest.fail("measured again"))
     search(search_data, out, *common, f"pool_max_cost={budget}", resume=True)
     assert load_pool(out / "pool.yaml").members == pool.members
+
+
+def test_diversity_is_a_third_objective_of_the_recorded_front(tiny_data):
+    g = genotypes(context(tiny_data, None), 1)[0]
+    a = np.full((2, 2, 2), 0.5)
+    masks = {"p": np.ones((2, 2, 2), bool)}
+
+    def cand(score, flops, pred):
+        return Candidate(g, score, {"flops": flops}, None if pred is None else {"p": pred})
+
+    # the best; as accurate as the next but different from the best; the same; cheap; rejected
+    cands = [cand(1.0, 10.0, a), cand(2.0, 10.0, 2 * a), cand(2.0, 10.0, a), cand(3.0, 5.0, a),
+             cand(math.inf, 1.0, None)]
+    diversity = diversity_to_best(cands, masks)
+    assert diversity[:4] == pytest.approx([0.0, 2 / 3, 0.0, 0.0]) and math.isnan(diversity[4])
+    assert pareto_front(cands, "flops") == [3, 0]
+    assert pareto_front(cands, "flops", diversity) == [3, 0, 1]  # the different one joins the front
+    record = front_record(cands, "flops", diversity)
+    assert [p["search_score"] for p in record["front"]] == [3.0, 1.0]
+    assert [p["disagreement"] for p in record["diversity_front"]] == pytest.approx([0.0, 0.0, 2 / 3])
+    assert diversity_to_best([cand(1.0, 1.0, None)], masks) is None  # a search without predictions
+    assert "diversity_front" not in front_record(cands, "flops")
+
+
+def test_a_pool_search_records_the_front_with_diversity(search_data, tmp_path):
+    out = tmp_path / "pool"
+    search(search_data, out, "strategy=random", "macro.stem=4", "macro.widths=[8]", "pool_size=2",
+           "diversity.mode=pool", "options={budget: 4, evaluator: {supernet_steps: 3}}")
+    front = load_pool(out / "pool.yaml").pareto
+    points = {(p["search_score"], p["flops"]) for p in front["front"]}
+    diverse = {(p["search_score"], p["flops"]): p["disagreement"] for p in front["diversity_front"]}
+    assert points <= set(diverse) and "disagreement" in front["diversity"]
+    best = min(points)[0]
+    assert all(d == 0.0 for (s, _), d in diverse.items() if s == best) and any(d > 0 for d in diverse.values())
