@@ -17,8 +17,8 @@ patients), and are scored as cascades. SPEC names the student's architecture:
                               ({name: unet3d, kwargs: {widths: [8, 16, 32]}}), or a genotype
   genotype.yaml:width=0.5     a genotype with the stem and widths of its macro scaled by 0.5
   search:max_flops=3e9        the most accurate genotype a cost-aware search finds within the
-                              limits (max_params, max_flops, max_latency_ms; optional
-                              strategy=NAME, budget=N), searched on this data set into
+                              limits (max_params, max_flops, max_latency_ms; optionally
+                              :strategy=NAME:budget=N), searched on this data set into
                               DIR/student_search/ (`student_search`: nasdose search's keys;
                               nas_dose.distill.student_search), then trained as a genotype
 

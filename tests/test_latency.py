@@ -166,3 +166,18 @@ def test_a_pool_search_records_the_front_with_diversity(search_data, tmp_path):
     assert points <= set(diverse) and "disagreement" in front["diversity"]
     best = min(points)[0]
     assert all(d == 0.0 for (s, _), d in diverse.items() if s == best) and any(d > 0 for d in diverse.values())
+
+
+def test_nsga2_minimizes_score_and_latency(tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    from nas_dose.strategies import get_strategy
+
+    monkeypatch.setattr(base, "forward_latency", stand_in_latency)
+    cls = get_strategy("optuna")
+    cfg = from_dict(cls.Config, {"budget": 4, "sampler": "nsga2", "population": 2, "sample": 2,
+                                 "objectives": ["score", "latency"], "evaluator": {"supernet_steps": 2}})
+    cands = cls(cfg).run(context(tiny_data, tmp_path, mode="none"))  # the search's cost is not latency
+    trials = json.loads((tmp_path / "optuna_trials.json").read_text())["trials"]
+    by_score = {c.score: c.metrics["latency_ms"] for c in cands}
+    done = [t["values"] for t in trials if t["state"] == "COMPLETE"]
+    assert done and all(by_score[score] == latency for score, latency in done)
