@@ -22,7 +22,7 @@ from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.pool import Candidate, load_pool
 from nas_dose.pool.pareto import diversity_to_best, front_record, pareto_front, within_budget
-from nas_dose.search_spaces import count_params, measure
+from nas_dose.search_spaces import count_params, get_space, measure
 from nas_dose.strategies import base
 from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, derived_seed
 
@@ -114,23 +114,23 @@ def test_a_search_with_latency_as_its_cost(search_data, tmp_path, monkeypatch):
     """pool.yaml's front and the pool under pool_max_cost are on latency_ms; a resumed search
     measures nothing again."""
     monkeypatch.setattr(base, "forward_latency", stand_in_latency)
-    common = ["strategy=random", "macro.stem=4", "macro.widths=[8]", "pool_size=2", "diversity.mode=none",
-              "options={budget: 6, evaluator: {supernet_steps: 3}}", "cost=latency"]
-    out = tmp_path / "free"
-    search(search_data, out, *common)
-    points = [(r["score"], r["latency_ms"]) for r in log_records(out) if r["event"] == "scored"]
-    assert len(points) == 6
-    budget = sorted(ms for _, ms in points)[2]
+    macro = {"stem": 4, "widths": [8]}
+    space, rng = get_space("lenas"), np.random.RandomState(0)
+    budget = float(np.median([count_params(space.build(space.sample(rng, macro))) / 1000 for _ in range(20)]))
+    args = ["strategy=random", "macro.stem=4", "macro.widths=[8]", "pool_size=2", "diversity.mode=none",
+            "options={budget: 6, evaluator: {supernet_steps: 3}}", "cost=latency", f"pool_max_cost={budget}"]
     out = tmp_path / "budget"
-    search(search_data, out, *common, f"pool_max_cost={budget}")
+    search(search_data, out, *args)
+    points = [(r["score"], r["latency_ms"]) for r in log_records(out) if r["event"] == "scored"]
+    assert len(points) == 6 and any(ms > budget for _, ms in points)  # the budget bites
     pool = load_pool(out / "pool.yaml")
     assert pool.pareto["cost"] == "latency" and pool.pareto["front"]
+    assert {(p["search_score"], p["latency_ms"]) for p in pool.pareto["front"]} <= set(points)
     assert all(m.metrics["latency_ms"] <= budget for m in pool.members)
-    best = min(s for s, ms in points if ms <= budget)
-    assert pool.members[0].search_score == best  # the most accurate within the budget
+    assert pool.members[0].search_score == min(s for s, ms in points if ms <= budget)  # the most accurate within
     assert (out / "plots" / "pareto.png").stat().st_size > 5000
     monkeypatch.setattr(base, "forward_latency", lambda *a, **k: pytest.fail("measured again"))
-    search(search_data, out, *common, f"pool_max_cost={budget}", resume=True)
+    search(search_data, out, *args, resume=True)
     assert load_pool(out / "pool.yaml").members == pool.members
 
 
