@@ -39,9 +39,9 @@ COSTS = {"max_params": "params", "max_flops": "flops", "max_latency_ms": "latenc
 def search_config(request: StudentSearch, section: dict[str, Any], seed: int, runtime: RuntimeConfig,
                   train_split: str, val_split: str) -> search_stage.SearchConfig:
     """The search behind `request`: `section` over DEFAULTS (with a `strategy=` of the SPEC, those
-    of their options that strategy has, such as `evaluator`), the SPEC's budget, one member chosen on accuracy
-    alone within the first limit, the other limits as the evaluator's, the distillation's seed,
-    runtime and splits."""
+    of their options that strategy has, such as `evaluator`), the SPEC's budget, one member chosen
+    on accuracy alone within the first limit, every limit as the evaluator's, the distillation's
+    seed, runtime and splits."""
     data = deep_merge(DEFAULTS, section)
     if request.strategy is not None and request.strategy != data["strategy"]:
         known = {f.name for f in dataclasses.fields(get_strategy(request.strategy).Config)}

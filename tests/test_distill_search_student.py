@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from nas_dose import cli
+from nas_dose.config import ConfigError
+from nas_dose.distill.student_search import search_config
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_json, load_yaml
 from nas_dose.models.spec import StudentSearch, resolve_student, search_request
+from nas_dose.runtime import RuntimeConfig
 from nas_dose.search_spaces import count_params, get_space, load_genotype
 from nas_dose.strategies import search as search_stage
 
@@ -42,6 +45,22 @@ def test_search_specs(spec, expected):
 def test_bad_search_specs_name_the_spec(spec, message):
     with pytest.raises(NasDoseError, match=f"--student '{spec}': .*{message}"):
         search_request(spec)
+
+
+def test_the_search_behind_a_spec():
+    def config(spec, section=None):
+        return search_config(search_request(spec), section or {}, 3, RuntimeConfig(device="cpu"), "train", "validation")
+
+    cfg = config("search:max_flops=3e9:max_params=5e4")
+    assert (cfg.strategy, cfg.pool_size, cfg.diversity.mode, cfg.seed) == ("evolution", 1, "none", 3)
+    assert (cfg.cost, cfg.pool_max_cost) == ("flops", 3e9)  # the first limit
+    assert cfg.options["evaluator"] == {"supernet_steps": 300, "max_flops": 3e9, "max_params": 50000}
+    cfg = config("search:max_latency_ms=5:strategy=random:budget=4", {"options": {"evaluator": {"lr": 0.01}}})
+    assert (cfg.strategy, cfg.cost) == ("random", "latency")
+    assert cfg.options == {"budget": 4, "evaluator": {"supernet_steps": 300, "lr": 0.01, "max_latency_ms": 5.0}}
+    assert config("search:max_flops=1e9:strategy=differentiable").options == {}
+    with pytest.raises(ConfigError, match="keeps one limit"):
+        config("search:max_flops=1e9:max_params=1e4:strategy=differentiable")
 
 
 def test_the_models_layer_does_not_search(tmp_path):
