@@ -28,10 +28,13 @@ from nas_dose.strategies import search as search_stage
 from nas_dose.strategies.base import get_strategy
 from nas_dose.strategies.evaluator import ScoringStrategy
 
-# Evolution, because its evaluator rejects a genotype over a limit before training it (the
+# lenas_levels, whose width (50-100 % of the macro) and depth (2-4 levels) slots size the network
+# (at 100 % and depth 3 the macro is the pipeline's hand-picked student, unet3d widths 8,16,32);
+# evolution, because its evaluator rejects a genotype over a limit before training it (the
 # differentiable strategy can only filter its final candidates); a budget of minutes on a CPU.
-DEFAULTS: dict[str, Any] = {"strategy": "evolution", "options": {
-    "budget": 12, "population": 6, "sample": 3, "evaluator": {"supernet_steps": 300}}}
+DEFAULTS: dict[str, Any] = {"space": "lenas_levels", "macro": {"stem": 8, "widths": [8, 16, 32, 64]},
+                            "strategy": "evolution", "options": {"budget": 12, "population": 6, "sample": 3,
+                                                                 "evaluator": {"supernet_steps": 200}}}
 FOLDER = "student_search"
 COSTS = {"max_params": "params", "max_flops": "flops", "max_latency_ms": "latency"}
 

@@ -21,7 +21,8 @@ from nas_dose.strategies import search as search_stage
 MACRO = {"stem": 4, "widths": [8]}
 TINY = ["train.epochs=1", "train.steps_per_epoch=2", "train.data.augment.enabled=false", "runtime.device=cpu",
         "runtime.threads=1", "latency.size=16", "latency.runs=1"]
-SEARCH = "student_search={macro: {stem: 4, widths: [8]}, options: {budget: 6, evaluator: {supernet_steps: 3}}}"
+SEARCH = ("student_search={space: lenas, macro: {stem: 4, widths: [8]}, options: {budget: 6, "
+          "evaluator: {supernet_steps: 3}}}")
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -52,12 +53,13 @@ def test_the_search_behind_a_spec():
         return search_config(search_request(spec), section or {}, 3, RuntimeConfig(device="cpu"), "train", "validation")
 
     cfg = config("search:max_flops=3e9:max_params=5e4")
-    assert (cfg.strategy, cfg.pool_size, cfg.diversity.mode, cfg.seed) == ("evolution", 1, "none", 3)
+    assert (cfg.space, cfg.strategy, cfg.pool_size, cfg.diversity.mode, cfg.seed) == (
+        "lenas_levels", "evolution", 1, "none", 3)
     assert (cfg.cost, cfg.pool_max_cost) == ("flops", 3e9)  # the first limit
-    assert cfg.options["evaluator"] == {"supernet_steps": 300, "max_flops": 3e9, "max_params": 50000}
+    assert cfg.options["evaluator"] == {"supernet_steps": 200, "max_flops": 3e9, "max_params": 50000}
     cfg = config("search:max_latency_ms=5:strategy=random:budget=4", {"options": {"evaluator": {"lr": 0.01}}})
     assert (cfg.strategy, cfg.cost) == ("random", "latency")
-    assert cfg.options == {"budget": 4, "evaluator": {"supernet_steps": 300, "lr": 0.01, "max_latency_ms": 5.0}}
+    assert cfg.options == {"budget": 4, "evaluator": {"supernet_steps": 200, "lr": 0.01, "max_latency_ms": 5.0}}
     assert config("search:max_flops=1e9:strategy=differentiable").options == {}
     with pytest.raises(ConfigError, match="keeps one limit"):
         config("search:max_flops=1e9:max_params=1e4:strategy=differentiable")
