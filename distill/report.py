@@ -148,8 +148,10 @@ def model_row(name: str, arch: str, model: nn.Module, files: list[Path], data: P
 def architecture(model_config: dict[str, Any]) -> str:
     genotype = model_config.get("genotype")
     if genotype is not None:
-        macro = genotype["macro"]
-        return f"{genotype['space']} genotype, stem {macro['stem']}, widths {','.join(map(str, macro['widths']))}"
+        macro, choices = genotype["macro"], genotype.get("choices", {})
+        sized = "".join(f", {k} {choices[k]}{unit}" for k, unit in (("width", " %"), ("depth", "")) if k in choices)
+        return (f"{genotype['space']} genotype, stem {macro['stem']}, widths {','.join(map(str, macro['widths']))}"
+                + sized)  # a space's width and depth slots (lenas_levels) scale and cut the macro
     kwargs = ", ".join(f"{k}={v}" for k, v in model_config.get("kwargs", {}).items())
     return f"{model_config['name']}({kwargs})"
 

@@ -104,3 +104,12 @@ def test_the_student_is_the_best_candidate_within_the_budget(data, train_tiny, t
     monkeypatch.setattr(search_stage, "run", lambda *a, **k: pytest.fail("searched again"))
     assert cli.main([str(a) for a in argv + ["--resume"]]) == 0
     assert load_json(out / "metrics.json")["student_search"] == record
+
+
+def test_the_table_names_a_searched_students_width_and_depth():
+    from nas_dose.distill.report import architecture
+
+    genotype = {"space": "lenas_levels", "macro": {"stem": 8, "widths": [8, 16, 32, 64]},
+                "choices": {"width": 50, "depth": 2}}
+    assert architecture({"genotype": genotype}) == \
+        "lenas_levels genotype, stem 8, widths 8,16,32,64, width 50 %, depth 2"
