@@ -16,6 +16,11 @@ patients), and are scored as cascades. SPEC names the student's architecture:
   student.yaml                a YAML file with a `model` section as in a training config
                               ({name: unet3d, kwargs: {widths: [8, 16, 32]}}), or a genotype
   genotype.yaml:width=0.5     a genotype with the stem and widths of its macro scaled by 0.5
+  search:max_flops=3e9        the most accurate genotype a cost-aware search finds within the
+                              limits (max_params, max_flops, max_latency_ms; optionally
+                              :strategy=NAME:budget=N), searched on this data set into
+                              DIR/student_search/ (`student_search`: nasdose search's keys;
+                              nas_dose.distill.student_search), then trained as a genotype
 
 The student minimizes  (alpha_gt + alpha_teacher) · L1(pred, blend), the blend being the
 weighted mean of the dose and the teacher's prediction (combine=sum: alpha_gt · L1(pred, dose)
@@ -75,7 +80,7 @@ from nas_dose.export import export_model
 from nas_dose.inference import Cascade, Ensemble, as_predictor, conditioned_on, load_model_or_ensemble
 from nas_dose.io import load_checkpoint, load_json, output_folder, save_json, write_text
 from nas_dose.models.factory import ModelConfig, build_model, load_model
-from nas_dose.models.spec import resolve_student
+from nas_dose.models.spec import resolve_student, search_request
 from nas_dose.parallel import run_side_by_side, worker_threads
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
@@ -90,6 +95,7 @@ from .losses import (
     check_non_negative,
 )
 from .report import BASELINE, LatencyConfig, Mode, comparison_rows, comparison_table
+from .student_search import find_student
 from .teacher import cache_is_current, ensure_cache, member_checkpoints, teacher_key
 
 
@@ -117,6 +123,8 @@ class DistillConfig:
     `runtime.threads` (nas_dose.parallel); not under torchrun."""
 
     student: str | None = None
+    # nasdose search's keys for a `search:` student, over student_search.DEFAULTS
+    student_search: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     alpha_gt: float = 1.0
     alpha_teacher: float = 1.0
@@ -147,8 +155,8 @@ class DistillConfig:
 
 
 # Keys that change what the student learns: a resumed run must keep them.
-TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "combine", "unlabeled", "hint", "adversarial",
-                 "seed")
+TRAINING_KEYS = ("student", "student_search", "train", "alpha_gt", "alpha_teacher", "combine", "unlabeled", "hint",
+                 "adversarial", "seed")
 
 
 def student_epochs(cfg: DistillConfig, labeled: int, unlabeled: int) -> int:
@@ -261,7 +269,15 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     # teacher's patients between them; the steps that check or write files (and report) run on
     # the main rank alone.
     distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
-    student = distributed.on_main(resolve_student, cfg.student, out)
+    request, searched = search_request(cfg.student), None
+    spec = cfg.student
+    if request is not None:
+        if stage.cascade is not None:
+            raise ConfigError("a student sized by a search is not available for a cascade's stage; name its SPEC")
+        path, searched = find_student(request, cfg.student_search, cfg.seed, cfg.runtime, (split, val_split), data,
+                                      out, resume)
+        spec = str(path)
+    student = distributed.on_main(resolve_student, spec, out)
     if items is not None:  # taught across the teacher's preferences, so conditioned as it is
         student = replace(student, conditioning=_conditioning_kind(teacher))
     save_config(out / "config.yaml", cfg)
@@ -297,7 +313,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         say(f"student and baseline side by side, {threads} thread(s) each")
     records = run_side_by_side(_train, jobs, workers)
     student_record, baseline_record = records[0], (records[1] if cfg.baseline else None)
-    context = {"teacher": str(teacher), "data": str(data), "student": cfg.student, "teacher_key": key,
+    context = {"teacher": str(teacher), "data": str(data), "student": cfg.student, "student_search": searched,
+               "teacher_key": key,
                "teacher_cache": str(cache), "teacher_recomputed": recomputed,
                "training_patients": {"labeled": len(train_ids), "unlabeled": len(unlabeled_ids)},
                "epochs": {"student": student_cfg.epochs, "baseline": train_cfg.epochs},

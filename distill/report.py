@@ -3,8 +3,6 @@ trained without distillation, on validation scores, size, cost, latency and file
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from nas_dose.models.factory import load_model
 from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.runtime import Runtime
 from nas_dose.scores import Scores, score_on_source
-from nas_dose.search_spaces import count_flops, count_params
+from nas_dose.search_spaces import count_flops, count_params, forward_latency
 
 from .teacher import member_checkpoints, teacher_files
 
@@ -67,22 +65,9 @@ def score_predictor(predictor: Predictor | Cascade, data: Path, ids: Sequence[st
 
 
 def latency(model: nn.Module, size: int, runs: int, device: torch.device, channels: int = IN_CHANNELS) -> float:
-    """Median seconds of `runs` forward passes on one (1, channels, size³) volume, after one
-    untimed warm-up pass, in eval mode without autograd."""
-    model = model.to(device).eval()
-    x = torch.zeros(1, channels, size, size, size, device=device)
-    times = []
-    with torch.inference_mode():
-        for i in range(runs + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of `runs` float32 forward passes on one (1, channels, size³) volume, after
+    one untimed warm-up pass."""
+    return forward_latency(model, (1, channels, size, size, size), device, runs)
 
 
 def cost(model: nn.Module, grid: int, latency_size: int, runs: int,
@@ -173,8 +158,10 @@ def model_row(name: str, arch: str, model: nn.Module, files: list[Path], data: P
 def architecture(model_config: dict[str, Any]) -> str:
     genotype = model_config.get("genotype")
     if genotype is not None:
-        macro = genotype["macro"]
-        return f"{genotype['space']} genotype, stem {macro['stem']}, widths {','.join(map(str, macro['widths']))}"
+        macro, choices = genotype["macro"], genotype.get("choices", {})
+        sized = "".join(f", {k} {choices[k]}{unit}" for k, unit in (("width", " %"), ("depth", "")) if k in choices)
+        return (f"{genotype['space']} genotype, stem {macro['stem']}, widths {','.join(map(str, macro['widths']))}"
+                + sized)  # a space's width and depth slots (lenas_levels) scale and cut the macro
     kwargs = ", ".join(f"{k}={v}" for k, v in model_config.get("kwargs", {}).items())
     return f"{model_config['name']}({kwargs})"
 

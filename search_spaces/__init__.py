@@ -25,7 +25,7 @@ space class by import path (unregistered, it is named by that path in its genoty
 from . import lenas, lenas_levels  # noqa: F401  (registers the built-in spaces)
 from .cells import Cell, CellUNet, cell_slots
 from .genotype import Genotype, save_genotype
-from .measure import count_flops, count_params
+from .measure import count_flops, count_params, forward_latency
 from .ops import OpSpec, get_op, list_ops, make_op, register_op
 from .space import (
                     SearchSpace,
@@ -41,6 +41,6 @@ from .supernet import MixedOp, Supernet
 
 __all__ = [
     "Cell", "CellUNet", "cell_slots", "Genotype", "genotype_from_dict", "load_genotype", "save_genotype", "count_flops",
-    "count_params", "OpSpec", "get_op", "list_ops", "make_op", "register_op", "SearchSpace",
+    "count_params", "forward_latency", "OpSpec", "get_op", "list_ops", "make_op", "register_op", "SearchSpace",
     "build_model", "get_space", "import_plugins", "list_spaces", "register_space", "MixedOp", "Supernet",
 ]

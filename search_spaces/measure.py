@@ -1,8 +1,14 @@
-"""Model size and cost: parameter count and FLOPs of any network at any input size."""
+"""Model size and cost: parameter count and FLOPs of any network at any input size, and its
+measured forward latency on a device."""
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Sequence
+import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from time import perf_counter
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -37,3 +43,27 @@ def meta_forward(meta: nn.Module, input_shape: Sequence[int], *more_shapes: Sequ
     (a conditioned network's preferences)."""
     with torch.no_grad():
         return meta(*(torch.empty(tuple(shape), device="meta") for shape in (input_shape, *more_shapes)))
+
+
+def forward_latency(model: nn.Module, input_shape: Sequence[int], device: torch.device, runs: int = 5,
+                    warmup: int = 1,
+                    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> float:
+    """Median seconds of `runs` forward passes of a copy of `model` on `device` (the model itself
+    stays where it is), on zeros of ``input_shape``, after `warmup` untimed passes (allocation,
+    cuDNN autotuning), in eval mode without autograd, under `autocast` (e.g. a Runtime's). On
+    CUDA the device is synchronized around each timed pass, since kernels run asynchronously."""
+    net = copy.deepcopy(model).to(device).eval()
+    x = torch.zeros(tuple(input_shape), device=device)
+    cuda = device.type == "cuda"
+    times = []
+    with torch.inference_mode(), autocast():
+        for i in range(warmup + runs):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = perf_counter()
+            net(x)
+            if cuda:
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(perf_counter() - start)
+    return statistics.median(times)

@@ -26,14 +26,16 @@ from nas_dose.pool.candidate import Candidate
 from nas_dose.pool.diversity import DiversityConfig
 from nas_dose.registry import Registry
 from nas_dose.runtime import Runtime
-from nas_dose.search_spaces import SearchSpace
+from nas_dose.search_spaces import SearchSpace, count_flops, count_params, forward_latency
 from nas_dose.training import dose_errors_gy
 from nas_dose.training.events import EventLog
 
 from .task import Items, SearchTask, per_patient
 
-# Fields of a log record that a re-run derives differently: when it was logged, how long scoring took.
-WALL_CLOCK = ("time", "seconds")
+# Fields of a log record that a re-run derives differently: when it was logged, how long scoring
+# took, a measured latency.
+WALL_CLOCK = ("time", "seconds", "latency_ms")
+LATENCY_RUNS = 5  # timed forward passes of a candidate's latency (their median)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class SearchContext:
     shared_dir: Path | None = None
     supernet_file: Path | None = None
     run_seed: int | None = None
+    measure_latency: bool = False  # whether `cost` measures latency (`cost: latency` asks for it)
     _task: SearchTask = field(init=False, repr=False)
     _logged: set[str] = field(default_factory=set, init=False, repr=False)  # see _logged_records
     _log_size: int = field(default=-1, init=False, repr=False)  # the log's size when _logged was read
@@ -161,6 +164,22 @@ class SearchContext:
         """(1, C, D, H, W) of one model input, e.g. for counting FLOPs."""
         grid = self._task.grid
         return (1, self._task.in_channels, grid, grid, grid)
+
+    def cost(self, model: nn.Module, latency: bool | None = None) -> dict[str, float]:
+        """A network's cost metrics at one model input: `params`, `flops` and, with `latency`
+        (default: `measure_latency`), `latency_ms` (see `latency_ms`)."""
+        shape = self.input_shape()
+        cost = {"params": float(count_params(model)), "flops": float(count_flops(model, shape))}
+        if self.measure_latency if latency is None else latency:
+            cost["latency_ms"] = self.latency_ms(model)
+        return cost
+
+    def latency_ms(self, model: nn.Module) -> float:
+        """Milliseconds of one forward pass of `model` at one model input (batch 1) on the runtime's
+        device and under its autocast: the median of LATENCY_RUNS timed passes after a warm-up."""
+        seconds = forward_latency(model, self.input_shape(), self.runtime.device, LATENCY_RUNS,
+                                  autocast=self.runtime.autocast)
+        return round(1e3 * seconds, 4)
 
     @property
     def cascade(self) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ from nas_dose.pool import Candidate
 from nas_dose.pool.diversity import DiversityConfig, diversity_hinge
 from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
-from nas_dose.search_spaces import Genotype, SearchSpace, Supernet, count_flops, count_params
+from nas_dose.search_spaces import Genotype, SearchSpace, Supernet
 from nas_dose.training import OptimConfig, masked_loss
 from nas_dose.training.losses import share_weight
 from nas_dose.training.optimization import make_optimizer
@@ -336,7 +336,6 @@ class DifferentiableSearch(Strategy):
     def _score(self, ctx: SearchContext, supernet: Supernet, net: torch.nn.Module) -> list[Candidate]:
         """Score the most probable genotypes by the supernet fixed to each (inherited weights)."""
         probs = supernet.arch_weights()
-        shape = ctx.input_shape()
         # arch-patient predictions are kept only where a later search needs them as references
         kept = [*ctx.diversity_ids, *(ctx.arch_ids if ctx.diversity.mode == "sequential" else [])]
         ids = list(dict.fromkeys([*ctx.arch_ids, *ctx.diversity_ids]))
@@ -345,9 +344,7 @@ class DifferentiableSearch(Strategy):
         def candidate(g: Genotype) -> Candidate:
             supernet.fix(g)
             errors, predictions = ctx.evaluate(net, ids)
-            model = ctx.space.build(g)
-            return Candidate(g, float(np.mean([errors[pid] for pid in ctx.arch_ids])),
-                             {"params": float(count_params(model)), "flops": float(count_flops(model, shape))},
+            return Candidate(g, float(np.mean([errors[pid] for pid in ctx.arch_ids])), ctx.cost(ctx.space.build(g)),
                              {pid: predictions[pid].astype(np.float16) for pid in kept})
 
         # Independent of each other: spread over the ranks of a distributed search.

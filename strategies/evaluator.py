@@ -61,7 +61,7 @@ from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json
 from nas_dose.pool import Candidate
 from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
-from nas_dose.search_spaces import Genotype, Supernet, count_flops, count_params, get_space
+from nas_dose.search_spaces import Genotype, Supernet, get_space
 from nas_dose.training import OptimConfig, masked_loss
 from nas_dose.training.optimization import make_optimizer
 
@@ -77,11 +77,13 @@ SlotKey = tuple[tuple[str, Any], ...]  # a supernet's non-op slots and their val
 
 @dataclass
 class EvaluatorConfig:
-    """Scoring options; `supernet_steps` for "inherit", `train_steps` for "train". `max_params` and
-    `max_flops` (a forward pass at the data set's grid) are hard constraints: a genotype over either
-    is rejected before any training, its score infinite (never chosen for a pool). `supernet`: an
-    earlier search's supernet file (its DIR/supernet.pt) to score with instead of training one
-    ("inherit" only; see the module docstring)."""
+    """Scoring options; `supernet_steps` for "inherit", `train_steps` for "train". `max_params`,
+    `max_flops` (a forward pass at the data set's grid) and `max_latency_ms` (that pass measured on
+    the search's device, batch 1) are hard constraints: a genotype over one is rejected before any
+    training, its score infinite (never chosen for a pool). Latency is measured only when limited
+    or when it is the search's cost, and only for a genotype within the other two limits.
+    `supernet`: an earlier search's supernet file (its DIR/supernet.pt) to score with instead of
+    training one ("inherit" only; see the module docstring)."""
 
     mode: Literal["inherit", "train"] = "inherit"
     supernet_steps: int = 1000
@@ -90,6 +92,7 @@ class EvaluatorConfig:
     lr: float = 1e-3
     max_params: int | None = None
     max_flops: float | None = None
+    max_latency_ms: float | None = None
     supernet: str | None = None
 
     def validate(self) -> None:
@@ -98,6 +101,8 @@ class EvaluatorConfig:
         for key in ("max_params", "max_flops"):
             if getattr(self, key) is not None:
                 at_least(f"evaluator.{key}", getattr(self, key), 1)
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise ConfigError(f"config key 'evaluator.max_latency_ms': must be positive, got {self.max_latency_ms}")
         for key in ("supernet_steps", "train_steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'evaluator.{key}': must be at least 1, got {getattr(self, key)}")
@@ -221,10 +226,10 @@ class CandidateEvaluator:
         self.macro = ctx.space.check_macro(ctx.macro, "search macro")
         self.scored = 0  # genotypes this object scored itself (cache misses)
         self.kept = prediction_ids(ctx)
+        self.latency = ctx.measure_latency or cfg.max_latency_ms is not None  # measured per genotype
         self._cache: dict[Hashable, Candidate] = {}
         self._supernets: dict[SlotKey, tuple[Supernet, nn.Module]] = {}
         self._op_slots = set(self.space.op_slots())
-        self._shape: tuple[int, ...] | None = None
         self.seed = ctx.shared_seed
         folder = ctx.shared_path("evaluator")
         self.folder = folder
@@ -263,9 +268,11 @@ class CandidateEvaluator:
             raise NasDoseError(f"candidate: genotype macro {g.macro} differs from the search macro {self.macro}")
         started = time.perf_counter()
         final = self._final_network(g)
-        cost = {"params": float(count_params(final)), "flops": float(count_flops(final, self._input_shape()))}
-        over = [k for k, limit in (("params", self.cfg.max_params), ("flops", self.cfg.max_flops))
-                if limit is not None and cost[k] > limit]
+        cost = self.ctx.cost(final, latency=False)
+        over = self._over(cost)
+        if not over and self.latency:  # measured only for a genotype within the cheap limits
+            cost["latency_ms"] = self.ctx.latency_ms(final)
+            over = self._over(cost)
         if over:
             return Candidate(g, math.inf, {**cost, "rejected": 1.0, "seconds": round(time.perf_counter() - started, 3)})
         if self.cfg.mode == "inherit":
@@ -281,15 +288,15 @@ class CandidateEvaluator:
         metrics = {**cost, "seconds": round(time.perf_counter() - started, 3)}
         return Candidate(g, score, metrics, predictions)
 
+    def _over(self, cost: dict[str, float]) -> list[str]:
+        """The hard limits `cost` exceeds."""
+        limits = {"params": self.cfg.max_params, "flops": self.cfg.max_flops, "latency_ms": self.cfg.max_latency_ms}
+        return [k for k, limit in limits.items() if limit is not None and cost.get(k, -math.inf) > limit]
+
     def _final_network(self, g: Genotype) -> nn.Module:
         """`g`'s own network, seeded by `g` so that "train" results do not depend on the order."""
         seed_everything(derived_seed(self.seed, "init", g.key()))
         return self.ctx.wrap(self.space.build(g))
-
-    def _input_shape(self) -> tuple[int, ...]:
-        if self._shape is None:
-            self._shape = self.ctx.input_shape()
-        return self._shape
 
     def _fixed(self, g: Genotype) -> dict[str, Any]:
         """The non-op slots of `g`: what a supernet cannot mix."""
@@ -326,7 +333,7 @@ class CandidateEvaluator:
 
     def _supernet_record(self) -> dict[str, Any]:
         """What every supernet in the file shares with this search (checked on reading)."""
-        shape = self._input_shape()
+        shape = self.ctx.input_shape()
         return {"space": self.space.name, "macro": self.macro, "steps": self.cfg.supernet_steps,
                 "input": {"channels": shape[1], "grid": shape[2]}}
 
@@ -425,7 +432,9 @@ class CandidateEvaluator:
         return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "space": self.space.name,
                 "macro": self.macro, "seed": self.seed, "evaluator": to_dict(self.cfg),
                 "data": str(Path(ctx.data).resolve()), "weight_ids": list(ctx.weight_ids),
-                "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept, "cascade": ctx.cascade}
+                "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept, "cascade": ctx.cascade,
+                # latencies are only comparable on one device
+                **({"latency_on": str(ctx.runtime.device)} if self.latency else {})}
 
     def _check_settings(self, path: Path) -> None:
         """Cached scores are only reused under the settings that produced them."""

@@ -32,7 +32,7 @@ from nas_dose.config import ConfigError, at_least, to_dict
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, save_checkpoint
 from nas_dose.pool import Candidate
-from nas_dose.pool.diversity import DiversityConfig, prediction_disagreement
+from nas_dose.pool.diversity import DiversityConfig, mean_disagreement
 from nas_dose.search_spaces import Genotype, genotype_from_dict
 
 from .base import SearchContext, register_strategy
@@ -138,14 +138,6 @@ def _rng_state(rng: np.random.RandomState) -> dict[str, Any]:
     state = rng.get_state(legacy=False)
     return {"keys": torch.from_numpy(state["state"]["key"].astype(np.int64)), "pos": int(state["state"]["pos"]),
             "has_gauss": int(state["has_gauss"]), "cached_gaussian": float(state["gauss"])}
-
-
-def mean_disagreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> float:
-    """Mean LENAS disagreement over the patients both predicted (0 when there is none)."""
-    ids = [pid for pid in masks if pid in a and pid in b]
-    if not ids:
-        return 0.0
-    return float(np.mean([prediction_disagreement(a[p], b[p], masks[p]) for p in ids]))
 
 
 def fitness(c: Candidate, best: Sequence[Candidate], diversity: DiversityConfig,

@@ -4,7 +4,8 @@ nasdose's spaces, scored by the same evaluator as `evolution`, `random` and `nni
 A maintained engine beside NNI (NNI 3.0 has had no release since 2023 and no wheels off x86-64).
 Each slot is one categorical parameter; a sample the space rejects is pruned (it counts against
 the budget). `objectives` chooses what is minimized: the validation score alone, or with a cost
-(`params`, `flops`) for a multi-objective search whose trials trace an accuracy-cost front.
+(`params`, `flops`, `latency`: see `SearchConfig.cost`) for a multi-objective search whose trials
+trace an accuracy-cost front.
 
 Resuming: the sampler is seeded and the study kept in memory, so a resumed search proposes the
 same trials again and the evaluator's persisted cache answers those already scored: it ends
@@ -13,20 +14,20 @@ state (optuna_trials.json) for inspection.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from nas_dose.config import ConfigError
 from nas_dose.errors import NasDoseError
 from nas_dose.io import save_json
 from nas_dose.pool import Candidate
+from nas_dose.pool.pareto import cost_of
 
 from .base import SearchContext, register_strategy
 from .evaluator import ScoringStrategy, Trials, derived_seed
 from .evolution import PopulationConfig
 
-Objective = Literal["score", "params", "flops"]
+Objective = Literal["score", "params", "flops", "latency"]
 
 
 @dataclass
@@ -40,7 +41,7 @@ class OptunaConfig(PopulationConfig):
     def validate(self) -> None:
         super().validate()
         if not self.objectives or self.objectives[0] != "score" or len(set(self.objectives)) < len(self.objectives):
-            raise ConfigError("config key 'objectives': 'score' first, then costs (params, flops), each once")
+            raise ConfigError("config key 'objectives': 'score' first, then costs (params, flops, latency), each once")
         if len(self.objectives) > 1 and self.sampler == "tpe":
             raise ConfigError("config key 'sampler': several objectives need nsga2 (or random)")
 
@@ -65,6 +66,8 @@ class OptunaStrategy(ScoringStrategy):
         import optuna  # as in _sampler
 
         slots, cfg = ctx.space.slots(), self.config
+        if "latency" in cfg.objectives:  # an objective: measured whatever the search's cost
+            ctx = replace(ctx, measure_latency=True)
         trials = Trials(ctx, self.make_scorer(ctx), f"optuna-{cfg.sampler}")
 
         def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -74,7 +77,7 @@ class OptunaStrategy(ScoringStrategy):
             except NasDoseError:
                 raise optuna.TrialPruned() from None  # a combination the space rejects
             cand = trials.score(genotype)
-            values = tuple(cand.score if o == "score" else cand.metrics.get(o, math.inf) for o in cfg.objectives)
+            values = tuple(cand.score if o == "score" else cost_of(cand, o) for o in cfg.objectives)
             return values[0] if len(values) == 1 else values
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -61,7 +61,15 @@ from nas_dose.errors import NasDoseError, input_error
 from nas_dose.io import load_checkpoint, load_yaml, output_folder, save_checkpoint
 from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
-from nas_dose.pool.pareto import Cost, front_record, pareto_front, within_budget
+from nas_dose.pool.pareto import (
+    LABELS,
+    Cost,
+    cost_of,
+    diversity_to_best,
+    front_record,
+    pareto_front,
+    within_budget,
+)
 from nas_dose.pool.plots import plot_arch_weights, plot_diversity, plot_fitness, plot_pareto
 from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
@@ -113,6 +121,8 @@ class SearchConfig:
     time_budget_min: float | None = None  # whole command; a search stops at its next checkpoint
     # The candidates' cost (pool.yaml records the accuracy-cost front, plots/pareto.png draws it)
     # and, with pool_max_cost, a budget: the pool is the most accurate (and diverse) within it.
+    # params, flops (a forward pass at the data set's grid) or latency: that pass measured on the
+    # runtime's device (ms, batch 1, median of a few after a warm-up; its metric latency_ms).
     cost: Cost = "flops"
     pool_max_cost: float | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -209,7 +219,7 @@ class SearchRun:
                              state_dir=self.out / "state" / state, log_path=self.out / "search_log.jsonl",
                              log_fields=fields, deadline=self.deadline, events=self.events.within(state),
                              task=self.task, shared_dir=self.out / "state", supernet_file=self.out / SUPERNET_FILE,
-                             run_seed=self.cfg.seed)
+                             run_seed=self.cfg.seed, measure_latency=self.cfg.cost == "latency")
 
     def _search(self, ctx: SearchContext) -> tuple[list[Candidate], list[dict[str, list[float]]], Strategy]:
         """The strategy's candidates, its α history (a differentiable one's) and the strategy."""
@@ -328,23 +338,26 @@ class SearchRun:
             raise NasDoseError(f"{self.out}: the search produced no usable candidate")
         names = [f"m{i}" for i in range(len(members))]
         seen = self.scored or members
-        matrices = pairwise_matrices(members, *self.targets())
+        targets, masks = self.targets()
+        matrices = pairwise_matrices(members, targets, masks)
+        diversity = diversity_to_best(seen, masks)
         source = self.strategy_cls.predictions_from
         pool = Pool(self.space.name, self.cfg.strategy, self.cfg.seed,
                     [PoolMember(n, m.genotype, m.score, m.metrics) for n, m in zip(names, members)], matrices,
                     f"{source}; validation patients: {', '.join(self.diversity_ids) or 'none'}"
                     + ("" if self.task.cascade is None else f"; {self.task.scored_on}"),
-                    to_dict(self.cfg), front_record(seen, self.cfg.cost), self.task.cascade)
+                    to_dict(self.cfg), front_record(seen, self.cfg.cost, diversity), self.task.cascade)
         for name, m in zip(names, members):
             save_genotype(self.out / "genotypes" / f"{name}.yaml", m.genotype)
         save_pool(self.out / "pool.yaml", pool)
         if distributed.writes_here():  # the plots read the log, which only the main rank writes
-            self.plots(pool, seen)
+            self.plots(pool, seen, diversity)
         self.base.log({"event": "pool", "members": names, "scores": [m.score for m in members]})
         return pool
 
-    def plots(self, pool: Pool, seen: list[Candidate]) -> None:
-        """Architecture weights, fitness, diversity, and `seen` (the scored candidates) against cost."""
+    def plots(self, pool: Pool, seen: list[Candidate], diversity: list[float] | None) -> None:
+        """Architecture weights, fitness, diversity, and `seen` (the scored candidates) against cost,
+        with their front of accuracy, cost and `diversity` where known."""
         folder = self.out / "plots"
         if self.histories:
             titles = [f"search {k}" for k in range(len(self.histories))] if len(self.histories) > 1 else None
@@ -358,8 +371,9 @@ class SearchRun:
         plot_diversity(pool.names, pool.matrices, folder / "diversity.png")
         keys = [c.genotype.key() for c in seen]
         chosen = [keys.index(m.genotype.key()) for m in pool.members if m.genotype.key() in keys]
-        plot_pareto([c.score for c in seen], [c.metrics.get(self.cfg.cost, math.nan) for c in seen],
-                    pareto_front(seen, self.cfg.cost), chosen, self.cfg.cost, folder / "pareto.png")
+        plot_pareto([c.score for c in seen], [cost_of(c, self.cfg.cost) for c in seen],
+                    pareto_front(seen, self.cfg.cost), chosen, LABELS[self.cfg.cost], folder / "pareto.png",
+                    [] if diversity is None else pareto_front(seen, self.cfg.cost, diversity))
 
 
 def search_seed(seed: int, k: int) -> int:

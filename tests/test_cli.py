@@ -52,7 +52,8 @@ def test_unknown_argument_is_still_rejected(capsys):
 # student SPEC (`unet3d:widths=8,16,32:norm=batch`, `genotype.yaml:width=0.5`), and the planning
 # preferences `predict --preference oar=0.7,hi=0.1` asks for.
 NOT_OVERRIDES = {"key", "widths", "norm", "width", *PREFERENCE_NAMES}
-OVERRIDE = re.compile(r"(?<![\w./-])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*)=([^\s,;:)`'\]]+)")
+# not after ':', where `key=value` is an option of a SPEC (unet3d:widths=8, search:max_flops=3e9)
+OVERRIDE = re.compile(r"(?<![\w./:-])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*)=([^\s,;:)`'\]]+)")
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

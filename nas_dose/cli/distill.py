@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     parser.add_argument("teacher", type=Path, metavar="ENSEMBLE.yaml",
                         help="ensemble file written by nasdose ensemble (or a run folder / checkpoint)")
     parser.add_argument("--student", metavar="SPEC",
-                        help="the student's architecture: NAME:key=value..., FILE.yaml or GENOTYPE.yaml:width=F "
-                             "(see above)")
+                        help="the student's architecture: NAME:key=value..., FILE.yaml, GENOTYPE.yaml:width=F or "
+                             "search:max_flops=N (the most accurate searched genotype within the limit; see above)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the student's architecture without distillation (default: on)")
     parser.add_argument("--export", action="store_true", default=None,

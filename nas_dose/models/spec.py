@@ -11,12 +11,18 @@ SPEC forms (`nasdose distill --student SPEC`):
                                     or a genotype file (space, version, choices, macro)
   GENOTYPE.yaml:width=F             a genotype with the stem and widths of its macro scaled by F
                                     (each rounded, at least 1): a slimmer copy of a searched net
+  search:max_flops=3e9[:...]        the most accurate genotype a cost-aware search finds within
+                                    the limits (max_params, max_flops, max_latency_ms; optional
+                                    strategy=NAME, budget=N): parsed here (`search_request`), run
+                                    by `nasdose distill`, which then trains the chosen genotype
 
 A genotype student is written into the run folder (student_genotype.yaml), so the run holds
 exactly what it trained and its checkpoints rebuild without the original file.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +94,54 @@ def _from_yaml(path: Path, options: dict[str, Any]) -> ModelConfig | Genotype:
     return scale_genotype(g, options["width"]) if "width" in options else g
 
 
+@dataclass(frozen=True)
+class StudentSearch:
+    """A `search:` SPEC: the limits the student must keep (`max_params`, `max_flops`, `max_latency_ms`,
+    in the order given) and, where given, the strategy and its budget."""
+
+    limits: dict[str, float]
+    strategy: str | None = None
+    budget: int | None = None
+
+
+SEARCH = "search"
+LIMITS = ("max_params", "max_flops", "max_latency_ms")
+
+
+def search_request(spec: str) -> StudentSearch | None:
+    """The request of a `search:KEY=VALUE...` SPEC; None for any other SPEC."""
+    try:
+        head, options = _split(spec)
+        if head != SEARCH:
+            return None
+        strategy, budget = options.pop("strategy", None), options.pop("budget", None)
+        unknown = sorted(set(options) - set(LIMITS))
+        if unknown:
+            raise NasDoseError(f"unknown option '{unknown[0]}' for a search (known: {', '.join(LIMITS)}, "
+                               "strategy, budget)")
+        limits = {key: _number(key, value) for key, value in options.items()}
+        if not limits:
+            raise NasDoseError(f"a search student needs a limit ({', '.join(LIMITS)})")
+        if strategy is not None and not isinstance(strategy, str):
+            raise NasDoseError(f"strategy must be a name, got {strategy!r}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise NasDoseError(f"budget must be a whole number of at least 1, got {budget!r}")
+    except NasDoseError as e:
+        raise NasDoseError(f"--student {spec!r}: {e}") from None
+    return StudentSearch(limits, strategy, budget)
+
+
+def _number(key: str, value: Any) -> float:
+    """A positive limit; YAML reads 3e9 as text, so numbers are taken from text too."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number > 0 or math.isinf(number):
+        raise NasDoseError(f"{key} must be a positive number, got {value!r}")
+    return number
+
+
 def resolve_student(spec: str, out: Path) -> ModelConfig:
     """The ModelConfig of a student SPEC (see the module docstring); a genotype student is saved
     as `out`/student_genotype.yaml and referenced from there. The network is built once to check
@@ -98,6 +152,8 @@ def resolve_student(spec: str, out: Path) -> ModelConfig:
             model = _from_yaml(Path(head), options)
         elif not head:
             raise NasDoseError("no model name")
+        elif head == SEARCH:
+            raise NasDoseError("a student sized by a search is found by `nasdose distill`, not a model")
         else:
             model = ModelConfig(name=head, kwargs=options)
         if isinstance(model, Genotype):

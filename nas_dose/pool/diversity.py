@@ -58,6 +58,15 @@ def prediction_disagreement(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> f
     return float(2.0 * diff / scale)
 
 
+def mean_disagreement(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
+                      masks: Mapping[str, np.ndarray]) -> float:
+    """Mean `prediction_disagreement` over the patients of `masks` both predicted (0 when there is none)."""
+    ids = [pid for pid in masks if pid in a and pid in b]
+    if not ids:
+        return 0.0
+    return float(np.mean([prediction_disagreement(a[p], b[p], masks[p]) for p in ids]))
+
+
 def error_correlation(a: np.ndarray, b: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
     """Pearson correlation of the residuals a − target and b − target inside the mask.
 

@@ -94,8 +94,9 @@ def plot_diversity(names: Sequence[str], matrices: Mapping[str, np.ndarray], pat
 
 
 def plot_pareto(scores: Sequence[float], costs: Sequence[float], front: Sequence[int], chosen: Sequence[int],
-                cost: str, path: str | Path) -> None:
-    """Every scored candidate by cost and score, the Pareto front, and the pool's members."""
+                cost: str, path: str | Path, diverse_front: Sequence[int] = ()) -> None:
+    """Every scored candidate by cost and score, the Pareto front, the pool's members and the
+    candidates of the front that counts diversity as a third objective."""
     fig, axes = new_figure(panel_inches=(6.0, 4.2))
     ax = axes[0, 0]
     x, y = np.asarray(costs, dtype=np.float64), np.asarray(scores, dtype=np.float64)
@@ -103,6 +104,9 @@ def plot_pareto(scores: Sequence[float], costs: Sequence[float], front: Sequence
     ax.scatter(x[ok], y[ok], s=12, color="0.6", label="candidates")
     if len(front):
         ax.step(x[list(front)], y[list(front)], where="post", color="C0", label="Pareto front")
+    if len(diverse_front):
+        ax.scatter(x[list(diverse_front)], y[list(diverse_front)], s=22, marker="s", facecolors="none",
+                   edgecolors="C2", label="front with diversity")
     if len(chosen):
         ax.scatter(x[list(chosen)], y[list(chosen)], s=40, facecolors="none", edgecolors="C3", label="pool")
     ax.set_xscale("log")
