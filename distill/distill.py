@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -73,6 +73,14 @@ from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.training import Objective, TrainConfig, train_model
 
+from .concurrent import (
+    TEACHER_DIR,
+    ConcurrentConfig,
+    ConcurrentObjective,
+    privileged_score,
+    save_teacher,
+    teacher_members,
+)
 from .losses import (
     AdversarialConfig,
     CascadeDistillObjective,
@@ -105,10 +113,14 @@ class UnlabeledConfig:
 class DistillConfig:
     """The student (`student`: a SPEC, or --student), its training (`train`, whose model, seed and
     runtime are set by `student`, `seed` and `runtime`), the loss weights, and the report.
+    `mode`: two_stage distils the given teacher's predictions; concurrent trains its members
+    from scratch beside the student (`concurrent`, nas_dose.distill.concurrent).
     `parallel: 2` trains the student and the baseline at once, in two processes sharing
     `runtime.threads` (nas_dose.parallel); not under torchrun."""
 
     student: str | None = None
+    mode: Literal["two_stage", "concurrent"] = "two_stage"
+    concurrent: ConcurrentConfig = field(default_factory=ConcurrentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     alpha_gt: float = 1.0
     alpha_teacher: float = 1.0
@@ -133,14 +145,17 @@ class DistillConfig:
             check_non_negative(key, getattr(self, key))
         at_least("seed", self.seed, 0)
         at_least("parallel", self.parallel, 1)
+        if self.concurrent.privileged and self.mode != "concurrent":
+            raise ConfigError("config key 'concurrent.privileged': a privileged teacher trains beside the student; "
+                              "set mode=concurrent")
         if self.unlabeled.split in (self.train.data.train_split, self.train.data.val_split):
             raise ConfigError(f"config key 'unlabeled.split': '{self.unlabeled.split}' is the training or "
                               "validation split; its patients have a plan")
 
 
 # Keys that change what the student learns: a resumed run must keep them.
-TRAINING_KEYS = ("student", "train", "alpha_gt", "alpha_teacher", "combine", "unlabeled", "hint", "adversarial",
-                 "seed")
+TRAINING_KEYS = ("student", "mode", "concurrent", "train", "alpha_gt", "alpha_teacher", "combine", "unlabeled",
+                 "hint", "adversarial", "seed")
 
 
 def student_epochs(cfg: DistillConfig, labeled: int, unlabeled: int) -> int:
@@ -192,6 +207,60 @@ def _train(cfg: TrainConfig, data: Path, folder: Path, objective: Objective | No
     return distributed.on_main(load_json, record)
 
 
+def _train_student_and_baseline(cfg: DistillConfig, data: Path, out: Path, student_cfg: TrainConfig,
+                                objective: Objective, baseline_cfg: TrainConfig) -> tuple[dict[str, Any], Any]:
+    """The student's training record and the baseline's (None without one), side by side with
+    `parallel: 2`."""
+    jobs: list[tuple[TrainConfig, Path, Path, Objective | None]] = [(student_cfg, data, out / "student", objective)]
+    if cfg.baseline:
+        jobs.append((baseline_cfg, data, out / "baseline", None))
+    workers = min(cfg.parallel, len(jobs))
+    if workers > 1:
+        threads = worker_threads(workers, cfg.runtime.threads)
+        jobs = [(replace(c, runtime=replace(c.runtime, threads=threads)), d, o, obj) for c, d, o, obj in jobs]
+        say(f"student and baseline side by side, {threads} thread(s) each")
+    records = run_side_by_side(_train, jobs, workers)
+    return records[0], (records[1] if cfg.baseline else None)
+
+
+def run_concurrent(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume: bool, stage: Mode,
+                   val_ids: list[str], labeled: int) -> dict[str, Any]:
+    """`mode: concurrent`: the teacher's members trained from scratch beside the student (and the
+    baseline), written to DIR/teacher, then the table."""
+    if cfg.unlabeled.split is not None:
+        raise ConfigError("config key 'unlabeled.split': a teacher trained concurrently learns from plans alone; "
+                          "set unlabeled.split=null")
+    members = teacher_members(teacher, cfg.concurrent)
+    privileged = cfg.concurrent.privileged
+    distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
+    student = distributed.on_main(resolve_student, cfg.student, out)
+    save_config(out / "config.yaml", cfg)
+    train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
+    objective = ConcurrentObjective(members, privileged, cfg.seed, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint,
+                                    cfg.adversarial, cfg.combine)
+    say(f"training {len(members)} member(s) of {teacher}'s architecture from scratch and distilling them, as they "
+        f"learn, into {cfg.student}" + (f"; the teacher also sees {', '.join(privileged)}" if privileged else "")
+        + (", and training the same architecture without distillation (baseline)" if cfg.baseline else ""))
+    student_record, baseline_record = _train_student_and_baseline(cfg, data, out, train_cfg, objective, train_cfg)
+    runtime = Runtime(cfg.runtime)
+    trained = distributed.on_main(save_teacher, out / TEACHER_DIR, members, privileged, out / "student", train_cfg,
+                                  stage.grid)
+    context = {"mode": "concurrent", "teacher": str(trained), "architectures_of": str(teacher), "data": str(data),
+               "student": cfg.student, "privileged": privileged,
+               "training_patients": {"labeled": labeled, "unlabeled": 0},
+               "epochs": {"student": train_cfg.epochs, "baseline": train_cfg.epochs},
+               "student_training": student_record, "baseline_training": baseline_record}
+    if privileged:
+        context["teacher_val_dose_score"] = distributed.on_main(privileged_score, out / TEACHER_DIR, members,
+                                                                privileged, data, train_cfg, runtime)
+        return distributed.on_main(_report, trained, None, None, out, data, val_ids, stage, cfg, runtime, context)
+    loaded = load_predictor(trained, runtime, stage.grid)
+    cache = out / "teacher.h5"
+    ensure_cache(cache, teacher_key(trained, data), data, val_ids, lambda: loaded, runtime, stage.grid)
+    return distributed.on_main(_report, trained, cast(nn.Module, loaded).cpu(), cache, out, data, val_ids, stage, cfg,
+                               runtime, context)
+
+
 def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume: bool = False,
                 teacher_cache: Path | None = None) -> dict[str, Any]:
     """The whole command: cache the teacher, train the student (and the baseline), compare."""
@@ -211,6 +280,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     if unlabeled_ids and cfg.alpha_teacher == 0:
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
+    if cfg.mode == "concurrent":
+        return run_concurrent(teacher, data, out, cfg, resume, Mode(grid, source), val_ids, len(train_ids))
     runtime = Runtime(cfg.runtime)
     loaded = load_predictor(teacher, runtime, grid)
     stage = Mode(grid, source, loaded if isinstance(loaded, Cascade) else None)
@@ -249,16 +320,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         + (f", with {len(unlabeled_ids)} unlabeled patients taught by the teacher alone "
            f"({student_cfg.epochs} epochs)" if unlabeled_ids else "")
         + (", and training the same architecture without distillation (baseline)" if cfg.baseline else ""))
-    jobs: list[tuple[TrainConfig, Path, Path, Objective | None]] = [(student_cfg, data, out / "student", objective)]
-    if cfg.baseline:
-        jobs.append((train_cfg, data, out / "baseline", None))
-    workers = min(cfg.parallel, len(jobs))
-    if workers > 1:
-        threads = worker_threads(workers, cfg.runtime.threads)
-        jobs = [(replace(c, runtime=replace(c.runtime, threads=threads)), d, o, obj) for c, d, o, obj in jobs]
-        say(f"student and baseline side by side, {threads} thread(s) each")
-    records = run_side_by_side(_train, jobs, workers)
-    student_record, baseline_record = records[0], (records[1] if cfg.baseline else None)
+    student_record, baseline_record = _train_student_and_baseline(cfg, data, out, student_cfg, objective, train_cfg)
     context = {"teacher": str(teacher), "data": str(data), "student": cfg.student, "teacher_key": key,
                "teacher_cache": str(cache), "teacher_recomputed": recomputed,
                "training_patients": {"labeled": len(train_ids), "unlabeled": len(unlabeled_ids)},
@@ -268,7 +330,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
                                context)
 
 
-def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: Path, val_ids: list[str],
+def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out: Path, data: Path, val_ids: list[str],
             stage: Mode, cfg: DistillConfig, runtime: Runtime, context: dict[str, Any]) -> dict[str, Any]:
     """The table (printed, comparison.md), metrics.json and the export."""
     rows = comparison_rows(teacher, predictor, cache, out, data, val_ids, stage, cfg.latency, runtime, cfg.baseline)
@@ -282,6 +344,14 @@ def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: P
         note += (f" The networks are the full-resolution stage of a cascade refining {stage.cascade.config.coarse}: "
                  f"trained on {stage.size}³ source-grid patches, their FLOPs and latency per window.")
     unlabeled, epochs = context["training_patients"]["unlabeled"], context["epochs"]
+    if cfg.mode == "concurrent":
+        note += (f" The teacher ({context['architectures_of']}'s architectures) was trained from scratch beside the "
+                 "student, which learned from its current predictions; its last weights are in "
+                 f"{context['teacher']}.")
+    if predictor is None:
+        note += (f" The teacher also saw {', '.join(cfg.concurrent.privileged)} (privileged: the rows cannot "
+                 f"run it); its validation dose score given each plan's preferences, on the {grid}³ grid: "
+                 f"{context['teacher_val_dose_score']:.3f} Gy.")
     if unlabeled:
         note += (f" The student also learned from {unlabeled} unlabeled patients, from the teacher alone "
                  f"({epochs['student']} epochs; the baseline {epochs['baseline']}).")
