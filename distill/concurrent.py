@@ -125,6 +125,9 @@ class Privileged(nn.Module):
     a constant channel after the input's: `forward(x, preferences)` takes every preference of
     NAMES in its own units (as a plan data set's items hold them) and uses `names`."""
 
+    low: torch.Tensor
+    high: torch.Tensor
+
     def __init__(self, net: nn.Module, names: Sequence[str]) -> None:
         super().__init__()
         self.net = net
@@ -169,12 +172,14 @@ class ConcurrentObjective(DistillObjective):
                  alpha_teacher: float = 1.0, hint: HintConfig | None = None,
                  adversarial: AdversarialConfig | None = None, combine: Combine = "blend") -> None:
         self.members, self.privileged = list(members), list(privileged)
-        self.nets = nn.ModuleList(build_members(members, privileged, seed))
+        nets = build_members(members, privileged, seed)
+        self.nets = nn.ModuleList(nets)
         hint = hint or HintConfig()
         index = hint.member if hint.member is not None else max(range(len(members)), key=lambda i: members[i].weight)
         if not 0 <= index < len(members):
             raise ConfigError(f"config key 'hint.member': the teacher has {len(members)} members, got {index}")
-        inner = self.nets[index].net if privileged else self.nets[index]
+        chosen = nets[index]
+        inner = chosen.net if isinstance(chosen, Privileged) else chosen
         super().__init__(Path(), alpha_gt, alpha_teacher, hint, adversarial, hint_teacher=inner, combine=combine)
 
     def train_set(self, data: Path, config: TrainConfig) -> TrainingSet:

@@ -26,14 +26,25 @@ dose, only when asked for, with a warning. Patients of the data set's "unlabeled
 teacher's term alone, the student's epochs cut so it takes as many steps as the baseline
 (`unlabeled.same_steps`). Hints (one member runs online for its features) and the adversarial
 term (its discriminator trained by its own optimizer) are off by default; configs/distill.yaml
-lists every key. Its training is `nasdose train`'s (`train.*` keys: epochs, optim, data.augment,
-...), with the teacher's prediction augmented like the input; the checkpoint is chosen on the
-validation dose score against the reference dose.
+lists every key. Hints match the features of named modules (`hint.layers`, each pair with its
+weight) or of every resolution level the student's and the teacher's U-Nets share
+(`hint.levels: encoder_decoder`, nas_dose.distill.levels). Its training is `nasdose train`'s
+(`train.*` keys: epochs, optim, data.augment, ...), with the teacher's prediction augmented like
+the input; the checkpoint is chosen on the validation dose score against the reference dose.
+
+`mode: concurrent` needs no trained teacher: ENSEMBLE.yaml (or a run) names the architectures
+whose members are trained from scratch beside the student, in its steps, the student learning
+from their current predictions and features (nas_dose.distill.concurrent); `concurrent.privileged`
+gives the teacher the plans' preference values as extra input channels the student never sees.
+No teacher.h5 is made for training; DIR/teacher/ receives the trained members (an ensemble.yaml
+for several), and the table scores them as the teacher.
 
 DIR receives:
   teacher.h5        the teacher's predictions of the training, unlabeled and validation patients,
                     made once; reused by --resume and by later runs given it as --teacher-cache
-  student/          the student's training run: best.pt (`nasdose predict --model DIR/student`)
+  student/          the student's training run: best.pt (`nasdose predict --model DIR/student`);
+                    in concurrent mode its checkpoints also hold the teacher's members and optimizer
+  teacher/          mode=concurrent: the members trained beside the student (last weights)
   baseline/         the same architecture, same initial weights and budget, trained without the
                     teacher (--no-baseline skips it)
   comparison.md     student, ensemble, best single member and baseline on validation dose and DVH

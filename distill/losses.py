@@ -3,7 +3,7 @@
     loss = (alpha_gt + alpha_teacher) · L(pred, (alpha_gt · dose + alpha_teacher · teacher)
                                                / (alpha_gt + alpha_teacher))       combine=blend
            (or alpha_gt · L(pred, dose) + alpha_teacher · L(pred, teacher)          combine=sum)
-           + hint.weight · mean over layers of MSE(adapter(student feature), teacher feature)
+           + hint.weight · weighted mean over hint pairs of MSE(adapter(student feature), teacher feature)
            + adversarial.weight · BCE(D(input, pred), real)
 
 L is the training engine's masked loss (`train.loss`, L1 by default) inside the possible-dose
@@ -20,9 +20,12 @@ and the discriminator is trained: its own Adam, one update per student step on t
 (alternating, as in a GAN), its weights and optimizer state in every checkpoint.
 
 Hints match features, the input of named modules, through 1×1×1 adapters (trained with the
-student by its optimizer). The teacher's features would be as large as the volumes times their
-channels for every patient, too large to cache; so one ensemble member runs online on the
-augmented input at each step (no gradients) while hints are on. They are off by default.
+student by its optimizer): pairs named in `hint.layers`, each with its weight, or the resolution
+levels the two U-Nets share (`hint.levels`, nas_dose.distill.levels), each level with its
+weight. The teacher's features would be as large as the volumes times their channels for every
+patient, too large to cache; so one ensemble member runs online on the augmented input at each
+step (no gradients) while hints are on (in concurrent mode the members' own training pass gives
+them: nas_dose.distill.concurrent). They are off by default.
 """
 from __future__ import annotations
 
