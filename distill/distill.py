@@ -262,8 +262,9 @@ def run_concurrent(teacher: Path, data: Path, out: Path, cfg: DistillConfig, res
                "epochs": {"student": train_cfg.epochs, "baseline": train_cfg.epochs},
                "student_training": student_record, "baseline_training": baseline_record}
     if privileged:
-        context["teacher_val_dose_score"] = distributed.on_main(privileged_score, out / TEACHER_DIR, members,
-                                                                privileged, data, train_cfg, runtime)
+        # every rank scores its share of the validation plans (the means are all-reduced)
+        context["teacher_val_dose_score"] = privileged_score(out / TEACHER_DIR, members, privileged, data, train_cfg,
+                                                             runtime)
         return distributed.on_main(_report, trained, None, None, out, data, val_ids, stage, cfg, runtime, context)
     loaded = load_predictor(trained, runtime, stage.grid)
     cache = out / "teacher.h5"
@@ -292,6 +293,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
     if cfg.mode == "concurrent":
+        if teacher_cache is not None:
+            raise NasDoseError("--teacher-cache: a teacher trained concurrently has no predictions to reuse")
         return run_concurrent(teacher, data, out, cfg, resume, Mode(grid, source), val_ids, len(train_ids))
     runtime = Runtime(cfg.runtime)
     loaded = load_predictor(teacher, runtime, grid)
