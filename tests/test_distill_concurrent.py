@@ -101,7 +101,7 @@ def test_concurrent_run_resumes_exactly_and_writes_its_teacher(data, architectur
 
 
 def test_a_privileged_teacher_sees_the_preferences_and_the_student_does_not(plan_data, architectures, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, cut_training):
     seen: dict[str, list[int]] = {"student": [], "teacher": []}
     members = teacher_members(architectures, ConcurrentConfig(members=[1], privileged=["oar", "hi"]))
     assert members[0].spec["genotype"]["macro"]["in_channels"] == IN_CHANNELS + 2 and members[0].weight == 1.0
@@ -117,12 +117,18 @@ def test_a_privileged_teacher_sees_the_preferences_and_the_student_does_not(plan
     # the shipped example, tiny, with the second member as the teacher
     args = [architectures, "--student", "unet3d:widths=4,8", "--data", plan_data, "-q", "--config",
             CONFIGS / "distill_privileged.yaml", *TINY, "concurrent.members=[1]", "--no-baseline"]
-    assert nasdose("distill", *args, "--out", tmp_path / "run") == 0
+    cut_training(distill_stage, 3)
+    assert nasdose("distill", *args, "--out", tmp_path / "run") == 130
+    assert len(seen["teacher"]) == 3  # once per training step; never at validation
+    cut_training(distill_stage, None)
+    assert nasdose("distill", *args, "--out", tmp_path / "run", "--resume") == 0  # from step 2
     assert set(seen["student"]) == {IN_CHANNELS} and set(seen["teacher"]) == {IN_CHANNELS + 2}
-    assert len(seen["teacher"]) == 4  # once per training step; never at validation
+    assert len(seen["teacher"]) == 3 + 2
+    assert load_checkpoint(tmp_path / "run" / "student" / "checkpoints" / "last.pt")["step"] == 4
     metrics = load_json(tmp_path / "run" / "metrics.json")
     assert metrics["privileged"] == ["oar", "hi"] and metrics["teacher_val_dose_score"] > 0
     assert [r["name"] for r in metrics["rows"]] == ["student (distilled)"]
-    assert nasdose("distill", *args, "--out", tmp_path / "run", "--resume") == 0  # finished: reused
+    member = load_checkpoint(tmp_path / "run" / "teacher" / "members" / "m1" / "best.pt")
+    assert member["model_config"]["genotype"]["macro"]["in_channels"] == IN_CHANNELS + 2
     with pytest.raises(ConfigError, match="mode=concurrent"):
         load_config(distill_stage.Config, overrides=["concurrent.privileged=[oar]"])
