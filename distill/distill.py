@@ -235,12 +235,12 @@ def _train_student_and_baseline(cfg: DistillConfig, data: Path, out: Path, stude
 
 
 def run_concurrent(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume: bool, stage: Mode,
-                   val_ids: list[str], labeled: int) -> dict[str, Any]:
+                   val_ids: list[str], labeled: int, unlabeled: int) -> dict[str, Any]:
     """`mode: concurrent`: the teacher's members trained from scratch beside the student (and the
     baseline), written to DIR/teacher, then the table."""
-    if cfg.unlabeled.split is not None:
-        raise ConfigError("config key 'unlabeled.split': a teacher trained concurrently learns from plans alone; "
-                          "set unlabeled.split=null")
+    if unlabeled:
+        raise ConfigError(f"config key 'unlabeled.split': a teacher trained concurrently learns from plans alone; "
+                          f"set unlabeled.split=null to leave out the {unlabeled} unlabeled patients of {data}")
     members = teacher_members(teacher, cfg.concurrent)
     privileged = cfg.concurrent.privileged
     distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
@@ -295,7 +295,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     if cfg.mode == "concurrent":
         if teacher_cache is not None:
             raise NasDoseError("--teacher-cache: a teacher trained concurrently has no predictions to reuse")
-        return run_concurrent(teacher, data, out, cfg, resume, Mode(grid, source), val_ids, len(train_ids))
+        return run_concurrent(teacher, data, out, cfg, resume, Mode(grid, source), val_ids, len(train_ids),
+                              len(unlabeled_ids))
     runtime = Runtime(cfg.runtime)
     loaded = load_predictor(teacher, runtime, grid)
     stage = Mode(grid, source, loaded if isinstance(loaded, Cascade) else None)

@@ -24,7 +24,7 @@ CHOICES = {"down.op1": "conv", "down.op2": "identity", "down.connect": "identity
            "up.op1": "conv", "up.op2": "identity", "up.connect": "identity", "up.up": "up_interpolate"}
 TINY = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.log_every=1",
         "train.checkpoint_every=2", "runtime.device=cpu", "runtime.threads=1", "latency.size=16", "latency.runs=1",
-        "mode=concurrent", "unlabeled.split=null"]
+        "mode=concurrent"]
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,9 @@ def test_a_privileged_teacher_sees_the_preferences_and_the_student_does_not(plan
     assert member["model_config"]["genotype"]["macro"]["in_channels"] == IN_CHANNELS + 2
     with pytest.raises(ConfigError, match="mode=concurrent"):
         load_config(distill_stage.Config, overrides=["concurrent.privileged=[oar]"])
+
+
+def test_unlabeled_patients_are_refused_in_concurrent_mode(unlabeled_data, architectures, tmp_path, capsys):
+    assert nasdose("distill", architectures, "--student", "unet3d:widths=4,8", "--data", unlabeled_data,
+                   "--out", tmp_path / "run", *TINY) == 1
+    assert "set unlabeled.split=null to leave out the" in capsys.readouterr().err
