@@ -42,6 +42,8 @@ for several), and the table scores them as the teacher.
 DIR receives:
   teacher.h5        the teacher's predictions of the training, unlabeled and validation patients,
                     made once; reused by --resume and by later runs given it as --teacher-cache
+                    (mode=concurrent: the trained members' predictions of the validation patients,
+                    for the table)
   student/          the student's training run: best.pt (`nasdose predict --model DIR/student`);
                     in concurrent mode its checkpoints also hold the teacher's members and optimizer
   teacher/          mode=concurrent: the members trained beside the student (last weights)
