@@ -31,14 +31,27 @@ dose, only when asked for, with a warning. Patients of the data set's "unlabeled
 teacher's term alone, the student's epochs cut so it takes as many steps as the baseline
 (`unlabeled.same_steps`). Hints (one member runs online for its features) and the adversarial
 term (its discriminator trained by its own optimizer) are off by default; configs/distill.yaml
-lists every key. Its training is `nasdose train`'s (`train.*` keys: epochs, optim, data.augment,
-...), with the teacher's prediction augmented like the input; the checkpoint is chosen on the
-validation dose score against the reference dose.
+lists every key. Hints match the features of named modules (`hint.layers`, each pair with its
+weight) or of every resolution level the student's and the teacher's U-Nets share
+(`hint.levels: encoder_decoder`, nas_dose.distill.levels). Its training is `nasdose train`'s
+(`train.*` keys: epochs, optim, data.augment, ...), with the teacher's prediction augmented like
+the input; the checkpoint is chosen on the validation dose score against the reference dose.
+
+`mode: concurrent` needs no trained teacher: ENSEMBLE.yaml (or a run) names the architectures
+whose members are trained from scratch beside the student, in its steps, the student learning
+from their current predictions and features (nas_dose.distill.concurrent); `concurrent.privileged`
+gives the teacher the plans' preference values as extra input channels the student never sees.
+No teacher.h5 is made for training; DIR/teacher/ receives the trained members (an ensemble.yaml
+for several), and the table scores them as the teacher.
 
 DIR receives:
   teacher.h5        the teacher's predictions of the training, unlabeled and validation patients,
                     made once; reused by --resume and by later runs given it as --teacher-cache
-  student/          the student's training run: best.pt (`nasdose predict --model DIR/student`)
+                    (mode=concurrent: the trained members' predictions of the validation patients,
+                    for the table)
+  student/          the student's training run: best.pt (`nasdose predict --model DIR/student`);
+                    in concurrent mode its checkpoints also hold the teacher's members and optimizer
+  teacher/          mode=concurrent: the members trained beside the student (last weights)
   baseline/         the same architecture, same initial weights and budget, trained without the
                     teacher (--no-baseline skips it)
   comparison.md     student, ensemble, best single member and baseline on validation dose and DVH
@@ -64,7 +77,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -77,7 +90,14 @@ from nas_dose.data.store import SPLITS, open_data
 from nas_dose.errors import NasDoseError, input_error
 from nas_dose.export import Config as ExportConfig
 from nas_dose.export import export_model
-from nas_dose.inference import Cascade, Ensemble, as_predictor, conditioned_on, load_model_or_ensemble
+from nas_dose.inference import (
+    Cascade,
+    Ensemble,
+    as_predictor,
+    conditioned_on,
+    load_model_or_ensemble,
+    load_predictor,
+)
 from nas_dose.io import load_checkpoint, load_json, output_folder, save_json, write_text
 from nas_dose.models.factory import ModelConfig, build_model, load_model
 from nas_dose.models.spec import resolve_student, search_request
@@ -86,6 +106,14 @@ from nas_dose.progress import say
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.training import Objective, TrainConfig, train_model
 
+from .concurrent import (
+    TEACHER_DIR,
+    ConcurrentConfig,
+    ConcurrentObjective,
+    privileged_score,
+    save_teacher,
+    teacher_members,
+)
 from .losses import (
     AdversarialConfig,
     CascadeDistillObjective,
@@ -119,12 +147,16 @@ class UnlabeledConfig:
 class DistillConfig:
     """The student (`student`: a SPEC, or --student), its training (`train`, whose model, seed and
     runtime are set by `student`, `seed` and `runtime`), the loss weights, and the report.
+    `mode`: two_stage distils the given teacher's predictions; concurrent trains its members
+    from scratch beside the student (`concurrent`, nas_dose.distill.concurrent).
     `parallel: 2` trains the student and the baseline at once, in two processes sharing
     `runtime.threads` (nas_dose.parallel); not under torchrun."""
 
     student: str | None = None
     # nasdose search's keys for a `search:` student, over student_search.DEFAULTS
     student_search: dict[str, Any] = field(default_factory=dict)
+    mode: Literal["two_stage", "concurrent"] = "two_stage"
+    concurrent: ConcurrentConfig = field(default_factory=ConcurrentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     alpha_gt: float = 1.0
     alpha_teacher: float = 1.0
@@ -149,14 +181,17 @@ class DistillConfig:
             check_non_negative(key, getattr(self, key))
         at_least("seed", self.seed, 0)
         at_least("parallel", self.parallel, 1)
+        if self.concurrent.privileged and self.mode != "concurrent":
+            raise ConfigError("config key 'concurrent.privileged': a privileged teacher trains beside the student; "
+                              "set mode=concurrent")
         if self.unlabeled.split in (self.train.data.train_split, self.train.data.val_split):
             raise ConfigError(f"config key 'unlabeled.split': '{self.unlabeled.split}' is the training or "
                               "validation split; its patients have a plan")
 
 
 # Keys that change what the student learns: a resumed run must keep them.
-TRAINING_KEYS = ("student", "student_search", "train", "alpha_gt", "alpha_teacher", "combine", "unlabeled", "hint",
-                 "adversarial", "seed")
+TRAINING_KEYS = ("student", "student_search", "mode", "concurrent", "train", "alpha_gt", "alpha_teacher",
+                 "combine", "unlabeled", "hint", "adversarial", "seed")
 
 
 def student_epochs(cfg: DistillConfig, labeled: int, unlabeled: int) -> int:
@@ -231,6 +266,64 @@ def _train(cfg: TrainConfig, data: Path, folder: Path, objective: Objective | No
     return distributed.on_main(load_json, record)
 
 
+def _train_student_and_baseline(cfg: DistillConfig, data: Path, out: Path, student_cfg: TrainConfig,
+                                objective: Objective, baseline_cfg: TrainConfig) -> tuple[dict[str, Any], Any]:
+    """The student's training record and the baseline's (None without one), side by side with
+    `parallel: 2`."""
+    jobs: list[tuple[TrainConfig, Path, Path, Objective | None]] = [(student_cfg, data, out / "student", objective)]
+    if cfg.baseline:
+        jobs.append((baseline_cfg, data, out / "baseline", None))
+    workers = min(cfg.parallel, len(jobs))
+    if workers > 1:
+        threads = worker_threads(workers, cfg.runtime.threads)
+        jobs = [(replace(c, runtime=replace(c.runtime, threads=threads)), d, o, obj) for c, d, o, obj in jobs]
+        say(f"student and baseline side by side, {threads} thread(s) each")
+    records = run_side_by_side(_train, jobs, workers)
+    return records[0], (records[1] if cfg.baseline else None)
+
+
+def run_concurrent(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume: bool, stage: Mode,
+                   val_ids: list[str], labeled: int, unlabeled: int) -> dict[str, Any]:
+    """`mode: concurrent`: the teacher's members trained from scratch beside the student (and the
+    baseline), written to DIR/teacher, then the table."""
+    if unlabeled:
+        raise ConfigError(f"config key 'unlabeled.split': a teacher trained concurrently learns from plans alone; "
+                          f"set unlabeled.split=null to leave out the {unlabeled} unlabeled patients of {data}")
+    if search_request(cfg.student) is not None:
+        raise ConfigError("mode=concurrent: a student sized by a search (search:...) is for the two-stage mode; "
+                          "name the student's SPEC")
+    members = teacher_members(teacher, cfg.concurrent)
+    privileged = cfg.concurrent.privileged
+    distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
+    student = distributed.on_main(resolve_student, cfg.student, out)
+    save_config(out / "config.yaml", cfg)
+    train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
+    objective = ConcurrentObjective(members, privileged, cfg.seed, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint,
+                                    cfg.adversarial, cfg.combine)
+    say(f"training {len(members)} member(s) of {teacher}'s architecture from scratch and distilling them, as they "
+        f"learn, into {cfg.student}" + (f"; the teacher also sees {', '.join(privileged)}" if privileged else "")
+        + (", and training the same architecture without distillation (baseline)" if cfg.baseline else ""))
+    student_record, baseline_record = _train_student_and_baseline(cfg, data, out, train_cfg, objective, train_cfg)
+    runtime = Runtime(cfg.runtime)
+    trained = distributed.on_main(save_teacher, out / TEACHER_DIR, members, privileged, out / "student", train_cfg,
+                                  stage.grid)
+    context = {"mode": "concurrent", "teacher": str(trained), "architectures_of": str(teacher), "data": str(data),
+               "student": cfg.student, "privileged": privileged,
+               "training_patients": {"labeled": labeled, "unlabeled": 0},
+               "epochs": {"student": train_cfg.epochs, "baseline": train_cfg.epochs},
+               "student_training": student_record, "baseline_training": baseline_record}
+    if privileged:
+        # every rank scores its share of the validation plans (the means are all-reduced)
+        context["teacher_val_dose_score"] = privileged_score(out / TEACHER_DIR, members, privileged, data, train_cfg,
+                                                             runtime)
+        return distributed.on_main(_report, trained, None, None, out, data, val_ids, stage, cfg, runtime, context)
+    loaded = load_predictor(trained, runtime, stage.grid)
+    cache = out / "teacher.h5"
+    ensure_cache(cache, teacher_key(trained, data), data, val_ids, lambda: loaded, runtime, stage.grid)
+    return distributed.on_main(_report, trained, cast(nn.Module, loaded).cpu(), cache, out, data, val_ids, stage, cfg,
+                               runtime, context)
+
+
 def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume: bool = False,
                 teacher_cache: Path | None = None) -> dict[str, Any]:
     """The whole command: cache the teacher, train the student (and the baseline), compare."""
@@ -250,6 +343,11 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     if unlabeled_ids and cfg.alpha_teacher == 0:
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
+    if cfg.mode == "concurrent":
+        if teacher_cache is not None:
+            raise NasDoseError("--teacher-cache: a teacher trained concurrently has no predictions to reuse")
+        return run_concurrent(teacher, data, out, cfg, resume, Mode(grid, source), val_ids, len(train_ids),
+                              len(unlabeled_ids))
     runtime = Runtime(cfg.runtime)
     teacher_model = load_model_or_ensemble(teacher, grid)
     loaded = as_predictor(teacher, teacher_model, runtime, grid)
@@ -303,16 +401,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         + (f", with {len(unlabeled_ids)} unlabeled patients taught by the teacher alone "
            f"({student_cfg.epochs} epochs)" if unlabeled_ids else "")
         + (", and training the same architecture without distillation (baseline)" if cfg.baseline else ""))
-    jobs: list[tuple[TrainConfig, Path, Path, Objective | None]] = [(student_cfg, data, out / "student", objective)]
-    if cfg.baseline:
-        jobs.append((train_cfg, data, out / "baseline", None))
-    workers = min(cfg.parallel, len(jobs))
-    if workers > 1:
-        threads = worker_threads(workers, cfg.runtime.threads)
-        jobs = [(replace(c, runtime=replace(c.runtime, threads=threads)), d, o, obj) for c, d, o, obj in jobs]
-        say(f"student and baseline side by side, {threads} thread(s) each")
-    records = run_side_by_side(_train, jobs, workers)
-    student_record, baseline_record = records[0], (records[1] if cfg.baseline else None)
+    student_record, baseline_record = _train_student_and_baseline(cfg, data, out, student_cfg, objective, train_cfg)
     context = {"teacher": str(teacher), "data": str(data), "student": cfg.student, "student_search": searched,
                "teacher_key": key,
                "teacher_cache": str(cache), "teacher_recomputed": recomputed,
@@ -323,7 +412,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
                                context)
 
 
-def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: Path, val_ids: list[str],
+def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out: Path, data: Path, val_ids: list[str],
             stage: Mode, cfg: DistillConfig, runtime: Runtime, context: dict[str, Any]) -> dict[str, Any]:
     """The table (printed, comparison.md), metrics.json and the export."""
     rows = comparison_rows(teacher, predictor, cache, out, data, val_ids, stage, cfg.latency, runtime, cfg.baseline)
@@ -340,6 +429,14 @@ def _report(teacher: Path, predictor: nn.Module, cache: Path, out: Path, data: P
         note += (f" The teacher is conditioned on preferences: every model is asked for each of the {len(stage.items)} "
                  f"validation plans' preferences and scored against that plan, on the {grid}³ grid.")
     unlabeled, epochs = context["training_patients"]["unlabeled"], context["epochs"]
+    if cfg.mode == "concurrent":
+        note += (f" The teacher ({context['architectures_of']}'s architectures) was trained from scratch beside the "
+                 "student, which learned from its current predictions; its last weights are in "
+                 f"{context['teacher']}.")
+    if predictor is None:
+        note += (f" The teacher also saw {', '.join(cfg.concurrent.privileged)} (privileged: the rows cannot "
+                 f"run it); its validation dose score given each plan's preferences, on the {grid}³ grid: "
+                 f"{context['teacher_val_dose_score']:.3f} Gy.")
     if unlabeled:
         note += (f" The student also learned from {unlabeled} unlabeled patients, from the teacher alone "
                  f"({epochs['student']} epochs; the baseline {epochs['baseline']}).")

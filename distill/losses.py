@@ -3,7 +3,7 @@
     loss = (alpha_gt + alpha_teacher) · L(pred, (alpha_gt · dose + alpha_teacher · teacher)
                                                / (alpha_gt + alpha_teacher))       combine=blend
            (or alpha_gt · L(pred, dose) + alpha_teacher · L(pred, teacher)          combine=sum)
-           + hint.weight · mean over layers of MSE(adapter(student feature), teacher feature)
+           + hint.weight · weighted mean over hint pairs of MSE(adapter(student feature), teacher feature)
            + adversarial.weight · BCE(D(input, pred), real)
 
 L is the training engine's masked loss (`train.loss`, L1 by default) inside the possible-dose
@@ -20,9 +20,12 @@ and the discriminator is trained: its own Adam, one update per student step on t
 (alternating, as in a GAN), its weights and optimizer state in every checkpoint.
 
 Hints match features, the input of named modules, through 1×1×1 adapters (trained with the
-student by its optimizer). The teacher's features would be as large as the volumes times their
-channels for every patient, too large to cache; so one ensemble member runs online on the
-augmented input at each step (no gradients) while hints are on. They are off by default.
+student by its optimizer): pairs named in `hint.layers`, each with its weight, or the resolution
+levels the two U-Nets share (`hint.levels`, nas_dose.distill.levels), each level with its
+weight. The teacher's features would be as large as the volumes times their channels for every
+patient, too large to cache; so one ensemble member runs online on the augmented input at each
+step (no gradients) while hints are on (in concurrent mode the members' own training pass gives
+them: nas_dose.distill.concurrent). They are off by default.
 """
 from __future__ import annotations
 
@@ -47,23 +50,48 @@ from nas_dose.search_spaces.measure import meta_copy, meta_forward
 from nas_dose.training import Objective, TrainConfig, masked_loss
 from nas_dose.training.losses import dvh_moment_loss, share_weight
 
+from .levels import Levels, level_pairs
 from .teacher import PlanTeacherDataset, TeacherDataset
 
 
 @dataclass
 class HintConfig:
-    """Feature matching: `layers` pairs (student module, teacher module) by name, the features
-    being each module's input (`head`: the last full-resolution features of both U-Net kinds).
-    `member`: the ensemble member that runs online for them (default: the heaviest-weighted)."""
+    """Feature matching: `layers` pairs (student module, teacher module[, weight]) by name, the
+    features being each module's input (`head`: the last full-resolution features of both U-Net
+    kinds); a pair's weight is 1 unless given. `levels` (encoder | decoder | encoder_decoder)
+    pairs the U-Nets' resolution levels instead (`nas_dose.distill.levels`), level k weighing
+    `level_weights[k]` (the last entry for deeper levels; 1 without any). The hint term is the
+    weighted mean of the pairs' errors. `member`: the ensemble member that runs online for the
+    teacher's features (default: the heaviest-weighted)."""
 
     weight: float = 0.0
-    layers: list[tuple[str, str]] = field(default_factory=lambda: [("head", "head")])
+    layers: list[tuple[str, str] | tuple[str, str, float]] = field(default_factory=lambda: [("head", "head")])
+    levels: Levels | None = None
+    level_weights: list[float] = field(default_factory=list)
     member: int | None = None
 
     def validate(self) -> None:
         check_non_negative("hint.weight", self.weight)
-        if self.weight > 0 and not self.layers:
+        if self.weight > 0 and not self.layers and self.levels is None:
             raise ConfigError("config key 'hint.layers': hints need at least one (student, teacher) pair")
+        if self.levels is not None and [tuple(p) for p in self.layers] != [("head", "head")]:
+            raise ConfigError("config key 'hint.layers': give hint.layers or hint.levels, not both")
+        if self.levels is None and self.level_weights:
+            raise ConfigError("config key 'hint.level_weights': weighs the levels of hint.levels, which is not set")
+        for i, pair in enumerate(self.layers):
+            check_non_negative(f"hint.layers[{i}] weight", float(pair[2]) if len(pair) == 3 else 1.0)
+        for i, w in enumerate(self.level_weights):
+            check_non_negative(f"hint.level_weights[{i}]", w)
+
+    def pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, float]]:
+        """(student module, teacher module, weight) of every hint; a weighted mean needs one > 0."""
+        if self.levels is not None:
+            pairs = level_pairs(student, teacher, self.levels, self.level_weights)
+        else:
+            pairs = [(p[0], p[1], float(p[2]) if len(p) == 3 else 1.0) for p in self.layers]
+        if not sum(w for _, _, w in pairs) > 0:
+            raise ConfigError("config key 'hint': every hint weighs 0 (hint.layers or hint.level_weights)")
+        return pairs
 
 
 @dataclass
@@ -93,16 +121,17 @@ def check_non_negative(key: str, value: float) -> None:
 # The terms.
 
 def hint_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-              adapters: Iterable[nn.Module]) -> torch.Tensor:
-    """Mean over layers of the MSE between adapted student features (resized to the teacher's
-    spatial size when they differ) and teacher features."""
+              adapters: Iterable[nn.Module], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Mean over layers, weighted by `weights` (equal without), of the MSE between adapted student
+    features (resized to the teacher's spatial size when they differ) and teacher features."""
+    weights = [1.0] * len(teacher) if weights is None else list(weights)
     total = torch.zeros((), device=teacher[0].device)
-    for s, t, adapter in zip(student, teacher, adapters, strict=True):
+    for s, t, adapter, w in zip(student, teacher, adapters, weights, strict=True):
         a = adapter(s.float())
         if a.shape[2:] != t.shape[2:]:
             a = F.interpolate(a, size=t.shape[2:], mode="trilinear", align_corners=False)
-        total = total + F.mse_loss(a, t.float())
-    return total / len(teacher)
+        total = total + w * F.mse_loss(a, t.float())
+    return total / sum(weights)
 
 
 class Discriminator(nn.Module):
@@ -167,12 +196,13 @@ class FeatureTap:
         return [self.features.pop(n) for n in self.names]
 
 
-def feature_channels(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> list[int]:
+def feature_channels(model: nn.Module, names: Sequence[str], input_shape: Sequence[int],
+                     *more_shapes: Sequence[int]) -> list[int]:
     """Channels of the input of each named module, from a forward pass on the meta device
-    (nothing is computed)."""
+    (nothing is computed); `more_shapes`: of more inputs the model takes."""
     meta = meta_copy(model)
     tap = FeatureTap(meta, names, always=True)
-    meta_forward(meta, input_shape)
+    meta_forward(meta, input_shape, *more_shapes)
     return [f.shape[1] for f in tap.take()]
 
 
@@ -237,16 +267,35 @@ class DistillObjective(Objective):
         self.count = 0
         if self.hint.weight > 0:
             assert self.hint_teacher is not None
-            names_s, names_t = [s for s, _ in self.hint.layers], [t for _, t in self.hint.layers]
+            pairs = self.hint.pairs(model, self.hint_teacher)
+            names_s, names_t = [s for s, _, _ in pairs], [t for _, t, _ in pairs]
+            self.hint_weights = [w for _, _, w in pairs]
             shape = (1, IN_CHANNELS, *(self.grid,) * 3)
-            c_s, c_t = feature_channels(model, names_s, shape), feature_channels(self.hint_teacher, names_t, shape)
+            c_s = feature_channels(model, names_s, shape)
+            c_t = feature_channels(self.hint_teacher, names_t, *self.teacher_shapes(shape))
             self.adapters = nn.ModuleList(nn.Conv3d(a, b, 1) for a, b in zip(c_s, c_t)).to(device)
             self.student_tap = FeatureTap(model, names_s)
-            self.hint_teacher = self.hint_teacher.to(device).eval().requires_grad_(False)
+            self.hint_teacher = self.hint_teacher.to(device)
             self.teacher_tap = FeatureTap(self.hint_teacher, names_t, always=True)
+            self.bind_teacher(self.hint_teacher)
         if self.adv.weight > 0:
             self.disc = Discriminator(IN_CHANNELS + 1, self.adv.width).to(device)
             self.d_optimizer = torch.optim.Adam(self.disc.parameters(), lr=self.adv.lr, betas=self.adv.betas)
+
+    def teacher_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shapes of the hint teacher's inputs for a student input of `input_shape`."""
+        return [input_shape]
+
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        """A cached teacher's member runs frozen, for its features alone."""
+        teacher.eval().requires_grad_(False)
+
+    def teacher_features(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The hint teacher's features for `batch`: one forward pass without gradients."""
+        assert self.hint_teacher is not None
+        with torch.no_grad(), self.runtime.autocast():
+            self.hint_teacher(batch["input"])
+        return self.teacher_tap.take()
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.adapters.parameters())
@@ -274,10 +323,7 @@ class DistillObjective(Objective):
         if self.dvh.weight > 0:  # `train.dvh_loss`: what the DVH score measures, per structure
             dvh = dvh_moment_loss(pred * mask, reference, batch["input"], self.dvh)
         if self.hint.weight > 0:
-            assert self.hint_teacher is not None
-            with torch.no_grad(), self.runtime.autocast():
-                self.hint_teacher(batch["input"])
-            hint = hint_loss(self.student_tap.take(), self.teacher_tap.take(), self.adapters)
+            hint = hint_loss(self.student_tap.take(), self.teacher_features(batch), self.adapters, self.hint_weights)
         if self.disc is not None:
             x, fake = batch["input"], pred.float() * mask
             # A patient without a plan has no reference dose (its target is zero): the teacher's

@@ -166,14 +166,29 @@ def architecture(model_config: dict[str, Any]) -> str:
     return f"{model_config['name']}({kwargs})"
 
 
-def comparison_rows(teacher_path: Path, teacher: nn.Module, cache: Path, out: Path, data: Path, ids: list[str],
-          stage: Mode, latency_cfg: LatencyConfig, runtime: Runtime, baseline: bool) -> list[Row]:
-    """Student, ensemble, best single member (for an ensemble teacher), baseline."""
+def comparison_rows(teacher_path: Path, teacher: nn.Module | None, cache: Path | None, out: Path, data: Path,
+                    ids: list[str], stage: Mode, latency_cfg: LatencyConfig, runtime: Runtime,
+                    baseline: bool) -> list[Row]:
+    """Student, ensemble, best single member (for an ensemble teacher), baseline; without a
+    `teacher` (one that takes privileged inputs) the student and the baseline alone."""
     rows = []
     model, meta = load_model(out / "student")
     arch = architecture(meta["model_config"])
     rows.append(model_row("student (distilled)", arch, model, [out / "student" / "best.pt"], data, ids, stage,
                            latency_cfg, runtime))
+    if teacher is not None and cache is not None:
+        rows += teacher_rows(teacher_path, teacher, cache, data, ids, stage, latency_cfg, runtime)
+    if baseline:
+        model, _ = load_model(out / "baseline")
+        rows.append(model_row(BASELINE, arch, model, [out / "baseline" / "best.pt"],
+                               data, ids, stage, latency_cfg, runtime))
+    return rows
+
+
+def teacher_rows(teacher_path: Path, teacher: nn.Module, cache: Path, data: Path, ids: list[str], stage: Mode,
+                 latency_cfg: LatencyConfig, runtime: Runtime) -> list[Row]:
+    """The teacher, scored on its cached predictions, and its best single member."""
+    rows = []
     with open_data(data) as d, open_data(cache) as c:
         s = (score_on_source(d, ((pid, c.read_dose(pid)) for pid in ids)) if stage.items is None
              else score_plans(d, stage.items, ((i.key, c.read_dose(i.key)) for i in stage.items)))
@@ -189,8 +204,4 @@ def comparison_rows(teacher_path: Path, teacher: nn.Module, cache: Path, out: Pa
         rows.append(model_row(f"best single member ({teacher.names[best]})",
                                architecture(load_model(checkpoint)[1]["model_config"]), singles[best],
                                [checkpoint], data, ids, stage, latency_cfg, runtime, scores[best]))
-    if baseline:
-        model, _ = load_model(out / "baseline")
-        rows.append(model_row(BASELINE, arch, model, [out / "baseline" / "best.pt"],
-                               data, ids, stage, latency_cfg, runtime))
     return rows

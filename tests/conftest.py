@@ -6,6 +6,7 @@ cores are busy, spin-waiting that makes a test many times slower).
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -80,3 +81,19 @@ def train_tiny():
         return out
 
     return train
+
+
+@pytest.fixture
+def cut_training(monkeypatch):
+    """`cut_training(module, step)`: `module`'s train_model stops its run, as Ctrl-C does, once it
+    reaches `step`; `cut_training(module, None)` gives it back the plain train_model."""
+
+    def cut(module, step: int | None) -> None:
+        def stop(at: int) -> None:
+            if at == step:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(module, "train_model",
+                            train_model if step is None else functools.partial(train_model, on_step=stop))
+
+    return cut

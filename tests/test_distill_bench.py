@@ -35,3 +35,13 @@ def test_distill_benchmark_at_a_trivial_size(bench):
     params = res["measurements"]["params"]
     assert 0.1 < params["student"] * 3 / params["ensemble"] < 0.5  # width 0.5: about a quarter of a member
     json.dumps(res, allow_nan=False)
+
+
+def test_the_ablation_gives_concurrent_mode_the_two_stage_compute(bench):
+    """Members of 4 FLOPs, a student of 1, 2 members, 10 patients cached, 120 steps of batch 2:
+    two-stage spends 2·3·4·120·2 + 2·4·10 + 3·1·120·2 = 6560 (+ 4·120·2 = 960 for the online hint
+    member); a concurrent step 2·3·4·2 + 3·1·2 = 54."""
+    _, bench_distill = bench
+    assert bench_distill.ABLATION_STEPS == 120 and bench_distill.ABLATION.batch == 2
+    assert bench_distill.equal_compute_steps(4, 1, 2, 10, hints=False) == (round(6560 / 54), 6560)
+    assert bench_distill.equal_compute_steps(4, 1, 2, 10, hints=True) == (round(7520 / 54), 7520)

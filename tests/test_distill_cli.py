@@ -3,7 +3,6 @@ trained LENAS genotypes: files, table, predict and export of the student, exact 
 bad inputs (one line naming the file, exit 1); ONNX exports of the student and of its teacher
 ensemble checked in onnxruntime."""
 import contextlib
-import functools
 import io
 import json
 import os
@@ -147,19 +146,14 @@ def test_onnx_export_matches_torch_off_the_training_grid(model, run, ensemble, n
     assert np.abs(expected).max() > 1e-3  # not a vacuous match of near-zero outputs
 
 
-def test_resume_is_exact_and_reuses_the_teacher(data, ensemble, nasdose, tmp_path, monkeypatch):
+def test_resume_is_exact_and_reuses_the_teacher(data, ensemble, nasdose, tmp_path, cut_training):
     args = [ensemble, "--student", STUDENT, "--data", data, "--no-baseline", "-q", *TINY, "adversarial.weight=0.1"]
     assert nasdose("distill", *args, "--out", tmp_path / "whole") == 0
-
-    def stop_at_3(step: int) -> None:
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill_stage, "train_model", functools.partial(train_model, on_step=stop_at_3))
+    cut_training(distill_stage, 3)
     assert nasdose("distill", *args, "--out", tmp_path / "cut") == 130
     assert load_checkpoint(tmp_path / "cut" / "student" / "checkpoints" / "last.pt")["step"] == 2
     made = (tmp_path / "cut" / "teacher.h5").stat().st_mtime_ns
-    monkeypatch.setattr(distill_stage, "train_model", train_model)
+    cut_training(distill_stage, None)
     assert nasdose("distill", *args, "--out", tmp_path / "cut", "--resume") == 0
     assert (tmp_path / "cut" / "teacher.h5").stat().st_mtime_ns == made
     whole, cut = (load_checkpoint(tmp_path / run / "student" / "checkpoints" / "last.pt") for run in ("whole", "cut"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nas_dose.config import ConfigError
+from nas_dose.config import ConfigError, from_dict
 from nas_dose.distill.losses import (
     AdversarialConfig,
     DistillObjective,
@@ -208,6 +208,29 @@ def test_hints_through_adapters_from_an_online_teacher():
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(Exception, match="no module 'nope'"):
         FeatureTap(student, ["nope"])
+
+
+def test_per_pair_weights_in_the_config_change_the_hint_term():
+    """Adapters zeroed: each pair's error is the mean square of the teacher's feature, 1 (the
+    input of ones) at `body` and 4 (the teacher's body outputs 2) at `head`."""
+    torch.manual_seed(0)
+    student, teacher = Tiny(3), Tiny(5)
+    with torch.no_grad():
+        teacher.body.weight.zero_()
+        teacher.body.bias.fill_(2.0)
+    hint = from_dict(HintConfig, {"weight": 2.0, "layers": [["body", "body", 3.0], ["head", "head"]]})
+    objective = DistillObjective(Path("unused.h5"), alpha_teacher=0.0, hint=hint, hint_teacher=teacher)
+    objective = bound(objective, student, grid=4)
+    assert [tuple(a.weight.shape[:2]) for a in objective.adapters] == [(10, 10), (5, 3)]
+    with torch.no_grad():
+        for adapter in objective.adapters:
+            adapter.weight.zero_()
+            adapter.bias.zero_()
+    x = torch.ones(1, 10, 4, 4, 4)
+    pred = student(x)
+    batch = {"input": x, "target": pred.detach(), "teacher": pred.detach(), "mask": torch.ones(1, 1, 4, 4, 4)}
+    assert objective.loss(pred, batch).item() == pytest.approx(2.0 * (3 * 1 + 1 * 4) / 4)
+    assert objective.log_terms()["loss_hint"] == pytest.approx(7 / 4)
 
 
 def test_an_unlabeled_patient_shows_the_discriminator_the_teachers_dose_as_real():
