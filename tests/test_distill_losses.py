@@ -93,6 +93,16 @@ def test_unknown_combine_is_a_config_error():
         DistillObjective(Path("unused.h5"), combine="max")
 
 
+def test_the_objective_consistency_term_is_refused_in_distillation():
+    """Distillation's loss has its own terms: a consistency weight, which it would ignore, is
+    refused (by the training config: `train.model` is never conditioned in a distillation config)."""
+    from nas_dose.config import from_dict
+    from nas_dose.distill.distill import DistillConfig
+
+    with pytest.raises(ConfigError, match="consistency.weight"):
+        from_dict(DistillConfig, {"train": {"consistency": {"weight": 0.5}}})
+
+
 def test_hint_loss_by_hand():
     adapter = nn.Conv3d(2, 1, 1)
     with torch.no_grad():
