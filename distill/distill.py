@@ -289,7 +289,7 @@ def run_concurrent(teacher: Path, data: Path, out: Path, cfg: DistillConfig, res
     if unlabeled:
         raise ConfigError(f"config key 'unlabeled.split': a teacher trained concurrently learns from plans alone; "
                           f"set unlabeled.split=null to leave out the {unlabeled} unlabeled patients of {data}")
-    if search_request(cfg.student) is not None:
+    if cfg.student is not None and search_request(cfg.student) is not None:
         raise ConfigError("mode=concurrent: a student sized by a search (search:...) is for the two-stage mode; "
                           "name the student's SPEC")
     members = teacher_members(teacher, cfg.concurrent)

@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "nas_dose.selection", "nas_dose.inference")),
     ("methods", ("nas_dose.strategies", "nas_dose.distill", "nas_dose.cascade")),
     ("stages", ("nas_dose.train", "nas_dose.predict", "nas_dose.evaluate", "nas_dose.ensemble", "nas_dose.api",
-                "nas_dose.export", "nas_dose.view", "nas_dose.strategies.search", "nas_dose.distill.distill")),
+                "nas_dose.export", "nas_dose.view", "nas_dose.strategies.search", "nas_dose.distill.distill",
+                "nas_dose.distill.student_search")),
     ("pipeline", ("nas_dose.recipe", "nas_dose.pipeline")),
     ("command line", ("nas_dose.cli", "nas_dose.__main__")),
 ]
