@@ -42,14 +42,19 @@ COSTS = {"max_params": "params", "max_flops": "flops", "max_latency_ms": "latenc
 def search_config(request: StudentSearch, section: dict[str, Any], seed: int, runtime: RuntimeConfig,
                   train_split: str, val_split: str) -> search_stage.SearchConfig:
     """The search behind `request`: `section` over DEFAULTS (with a `strategy=` of the SPEC, those
-    of their options that strategy has, such as `evaluator`), the SPEC's budget, one member chosen
+    of their options that strategy has, such as `evaluator`; with a `strategy` of the section,
+    those of DEFAULTS' options it has, under the section's own), the SPEC's budget, one member chosen
     on accuracy alone within the first limit, every limit as the evaluator's, the distillation's
     seed, runtime and splits."""
     data = deep_merge(DEFAULTS, section)
     if request.strategy is not None and request.strategy != data["strategy"]:
-        known = {f.name for f in dataclasses.fields(get_strategy(request.strategy).Config)}
+        known = _option_names(request.strategy)
         data = {**data, "strategy": request.strategy,
                 "options": {k: v for k, v in data.get("options", {}).items() if k in known}}
+    elif data["strategy"] != DEFAULTS["strategy"]:  # the section's own strategy: DEFAULTS' options it has
+        known = _option_names(data["strategy"])
+        data = {**data, "options": deep_merge({k: v for k, v in DEFAULTS["options"].items() if k in known},
+                                              section.get("options", {}))}
     if request.budget is not None:
         data["options"] = {**data.get("options", {}), "budget": request.budget}
     first = next(iter(request.limits))
@@ -64,6 +69,11 @@ def search_config(request: StudentSearch, section: dict[str, Any], seed: int, ru
         raise ConfigError(f"strategy '{cfg.strategy}' keeps one limit (its pool's cost budget), got "
                           f"{', '.join(request.limits)}; give one, or use evolution, random, optuna or nni")
     return cfg
+
+
+def _option_names(strategy: str) -> set[str]:
+    """The option keys of `strategy`'s Config."""
+    return {f.name for f in dataclasses.fields(get_strategy(strategy).Config)}
 
 
 def find_student(request: StudentSearch, section: dict[str, Any], seed: int, runtime: RuntimeConfig,

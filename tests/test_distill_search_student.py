@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nas_dose import cli
-from nas_dose.config import ConfigError
+from nas_dose.config import ConfigError, from_dict
 from nas_dose.distill.student_search import search_config
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_json, load_yaml
@@ -17,6 +17,7 @@ from nas_dose.models.spec import StudentSearch, resolve_student, search_request
 from nas_dose.runtime import RuntimeConfig
 from nas_dose.search_spaces import count_params, get_space, load_genotype
 from nas_dose.strategies import search as search_stage
+from nas_dose.strategies.base import get_strategy
 
 MACRO = {"stem": 4, "widths": [8]}
 TINY = ["train.epochs=1", "train.steps_per_epoch=2", "train.data.augment.enabled=false", "runtime.device=cpu",
@@ -63,6 +64,14 @@ def test_the_search_behind_a_spec():
     assert config("search:max_flops=1e9:strategy=differentiable").options == {}
     with pytest.raises(ConfigError, match="keeps one limit"):
         config("search:max_flops=1e9:max_params=1e4:strategy=differentiable")
+    # a strategy named in the section keeps DEFAULTS' options it has, and its own (a random search
+    # has no population; a differentiable one no budget)
+    cfg = config("search:max_flops=1e9", {"strategy": "random", "options": {"budget": 5}})
+    assert cfg.options == {"budget": 5, "evaluator": {"supernet_steps": 200, "max_flops": 1e9}}
+    from_dict(get_strategy("random").Config, cfg.options, prefix="options")  # as `nasdose search` resolves them
+    cfg = config("search:max_latency_ms=5", {"strategy": "differentiable", "options": {"epochs": 2}})
+    assert cfg.options == {"epochs": 2}
+    from_dict(get_strategy("differentiable").Config, cfg.options, prefix="options")
 
 
 def test_the_models_layer_does_not_search(tmp_path):
