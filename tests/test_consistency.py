@@ -12,6 +12,9 @@ from nas_dose.config import ConfigError, load_config
 from nas_dose.data.dataset import CHANNELS, PlanDataset
 from nas_dose.data.patient import OARS, TARGETS
 from nas_dose.data.preferences import SPARED_OARS, homogeneity_index
+from nas_dose.distill.distill import DistillConfig
+from nas_dose.ensemble import EnsembleConfig
+from nas_dose.models.factory import ModelConfig
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.training import ConsistencyConfig, Objective, TrainConfig
 from nas_dose.training.losses import consistency_loss, homogeneity, masked_loss, structure_masks
@@ -104,7 +107,7 @@ def test_the_objective_adds_the_weighted_term(batch):
     pred = batch["target"] * 1.1
     plain, consistent = Objective(), Objective()
     cfg = ConsistencyConfig(weight=0.5, min_voxels=1)
-    consistent.bind(nn.Identity(), runtime, TrainConfig(consistency=cfg))
+    consistent.bind(nn.Identity(), runtime, TrainConfig(model=ModelConfig(conditioning="film"), consistency=cfg))
     plain.bind(nn.Identity(), runtime, TrainConfig())
     term = consistency_loss(pred * batch["mask"], batch["target"], batch["input"], batch["preferences"], cfg)
     assert float(term) > 0.01
@@ -121,6 +124,22 @@ def test_the_objective_adds_the_weighted_term(batch):
 def test_a_bad_consistency_config_is_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, overrides=overrides)
+
+
+def test_the_objective_refuses_the_term_for_a_model_that_is_not_conditioned(batch):
+    """Plans alone pass the config (an ensemble conditions its members by its own key); the
+    objective, which sees the model's config, refuses an unconditioned one."""
+    cfg = load_config(TrainConfig, overrides=["data.plans=true", "consistency.weight=0.1"])
+    with pytest.raises(ConfigError, match="for a conditioned model only"):
+        Objective().bind(nn.Identity(), Runtime(RuntimeConfig(device="cpu")), cfg)
+
+
+def test_conditioned_ensemble_members_take_the_term():
+    cfg = load_config(EnsembleConfig, overrides=["conditioning=film", "train.data.plans=true",
+                                                 "train.consistency.weight=0.1"])
+    assert cfg.train.consistency.weight == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="train.consistency.weight"):  # distillation has no such term
+        load_config(DistillConfig, overrides=["train.data.plans=true", "train.consistency.weight=0.1"])
 
 
 def test_a_conditioned_config_takes_the_term():

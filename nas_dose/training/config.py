@@ -78,6 +78,10 @@ class ScheduleConfig:
             raise ConfigError(f"config key 'schedule.min_lr_ratio': must be in [0, 1], got {self.min_lr_ratio}")
 
 
+CONSISTENCY_NEEDS = ("config key 'consistency.weight': the term compares the dose with the preferences asked, "
+                     "for a conditioned model only (set model.conditioning=film and data.plans=true)")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; saved as the run's config.yaml."""
@@ -112,7 +116,8 @@ class TrainConfig:
         if self.model.conditioning is not None and not self.data.plans:
             raise ConfigError("config key 'model.conditioning': a conditioned model learns from preference plans: "
                               "set data.plans=true (data from `nasdose data synth --preferences K`)")
-        if self.consistency.weight and self.model.conditioning is None:
-            raise ConfigError("config key 'consistency.weight': the term compares the dose with the preferences "
-                              "asked, for a conditioned model only (set model.conditioning=film)")
+        # The model's conditioning is checked where it is known (`Objective.bind`): an ensemble's
+        # members take it from the ensemble's `conditioning`, not from this section's `model`.
+        if self.consistency.weight and not self.data.plans:
+            raise ConfigError(CONSISTENCY_NEEDS)
 

@@ -7,10 +7,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..data.dataset import DoseDataset, EpochDataset, PlanDataset, TrainingSet
 from ..data.store import open_data
 from ..runtime import Runtime
-from .config import TrainConfig
+from .config import CONSISTENCY_NEEDS, TrainConfig
 from .losses import ConsistencyConfig, DVHLossConfig, consistency_loss, dvh_moment_loss, masked_loss
 
 
@@ -49,6 +50,8 @@ class Objective:
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
         """Called once the model is on the runtime's device, before its optimizer is made."""
+        if config.consistency.weight and config.model.conditioning is None:
+            raise ConfigError(CONSISTENCY_NEEDS)
         self.kind, self.dvh, self.consistency = config.loss, config.dvh_loss, config.consistency
 
     def parameters(self) -> list[nn.Parameter]:
