@@ -216,6 +216,12 @@ def inherited_weights(path: Path, g: Genotype) -> dict[str, torch.Tensor]:
     return supernet.subnet_state_dict(g)
 
 
+def latency_device(device: torch.device) -> str:
+    """The kind of device latencies are measured on: its model for a GPU, without the index that
+    differs between the ranks of a distributed search (each on its own GPU), or "cpu"."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
 class CandidateEvaluator:
     """Scores genotypes of `ctx.space` as set out in the module docstring; see `score`."""
 
@@ -433,8 +439,8 @@ class CandidateEvaluator:
                 "macro": self.macro, "seed": self.seed, "evaluator": to_dict(self.cfg),
                 "data": str(Path(ctx.data).resolve()), "weight_ids": list(ctx.weight_ids),
                 "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept, "cascade": ctx.cascade,
-                # latencies are only comparable on one device
-                **({"latency_on": str(ctx.runtime.device)} if self.latency else {})}
+                # latencies are only comparable on one kind of device
+                **({"latency_on": latency_device(ctx.runtime.device)} if self.latency else {})}
 
     def _check_settings(self, path: Path) -> None:
         """Cached scores are only reused under the settings that produced them."""

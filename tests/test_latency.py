@@ -24,7 +24,7 @@ from nas_dose.pool import Candidate, load_pool
 from nas_dose.pool.pareto import diversity_to_best, front_record, pareto_front, within_budget
 from nas_dose.search_spaces import count_params, get_space, measure
 from nas_dose.strategies import base
-from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, derived_seed
+from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, derived_seed, latency_device
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +181,11 @@ def test_nsga2_minimizes_score_and_latency(tiny_data, tmp_path, monkeypatch):
     by_score = {c.score: c.metrics["latency_ms"] for c in cands}
     done = [t["values"] for t in trials if t["state"] == "COMPLETE"]
     assert done and all(by_score[score] == latency for score, latency in done)
+
+
+def test_the_cache_names_the_kind_of_device_not_a_ranks_gpu(monkeypatch):
+    """Under torchrun each rank measures on its own GPU (cuda:0, cuda:1, ...): the evaluator's
+    settings, which every rank checks against the cache's, must not differ between them."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "H200")
+    assert latency_device(torch.device("cuda", 0)) == latency_device(torch.device("cuda", 1)) == "cuda (H200)"
+    assert latency_device(torch.device("cpu")) == "cpu"
