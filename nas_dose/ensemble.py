@@ -165,6 +165,9 @@ def _pool_cascade(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> EnsembleC
     if pool.cascade is None:
         return cfg
     own, coarse = cfg.train.cascade, pool.cascade["coarse"]
+    if cfg.conditioning is not None:  # validate() sees only train.cascade, not the pool's
+        raise input_error(pool_path, f"its members are stages refining {coarse}, and a cascade's full-resolution "
+                                     "stage cannot be conditioned: leave conditioning out")
     if own.coarse is None:
         if own != CascadeConfig():
             raise input_error(pool_path, f"its members are stages refining {coarse}: set train.cascade.coarse "

@@ -110,6 +110,15 @@ def test_conditioning_needs_plans_and_no_cascade():
         load_config(EnsembleConfig, overrides=["conditioning=adain", "train.data.plans=true"])
 
 
+def test_a_pool_of_stages_cannot_be_conditioned(tmp_path):
+    """A pool searched for a cascade's stage makes its members stages after the config was
+    validated: the ensemble refuses conditioning there too, naming the pool."""
+    cfg = load_config(EnsembleConfig, overrides=["conditioning=film", "train.data.plans=true"])
+    pool = Pool("lenas", "evolution", 0, [], {}, "", {}, cascade={"coarse": str(tmp_path / "coarse")})
+    with pytest.raises(NasDoseError, match="pool.yaml: .*stages refining .*cannot be conditioned"):
+        ensemble._pool_cascade(cfg, pool, tmp_path / "pool.yaml")
+
+
 DISTILL = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.data.augment.enabled=false",
            "runtime.device=cpu", "runtime.threads=1", "latency.size=16", "latency.runs=1", "train.data.plans=true"]
 
