@@ -370,6 +370,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     # teacher's patients between them; the steps that check or write files (and report) run on
     # the main rank alone.
     distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
+    # before a student's search, so that an interrupted one is resumed under the same keys, or replaced by --force
+    save_config(out / "config.yaml", cfg)
     request, searched = search_request(cfg.student), None
     spec = cfg.student
     if request is not None:
@@ -381,7 +383,6 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     student = distributed.on_main(resolve_student, spec, out)
     if items is not None:  # taught across the teacher's preferences, so conditioned as it is
         student = replace(student, conditioning=_conditioning_kind(teacher))
-    save_config(out / "config.yaml", cfg)
     key = teacher_key(teacher, data)
     cache = Path(teacher_cache) if teacher_cache is not None else out / "teacher.h5"
     ids = train_ids + unlabeled_ids + val_ids if items is None else [i.key for i in items]

@@ -122,3 +122,22 @@ def test_the_table_names_a_searched_students_width_and_depth():
                 "choices": {"width": 50, "depth": 2}}
     assert architecture({"genotype": genotype}) == \
         "lenas_levels genotype, stem 8, widths 8,16,32,64, width 50 %, depth 2"
+
+
+def test_an_interrupted_student_search_is_resumed_under_its_config(data, train_tiny, tmp_path, monkeypatch):
+    """The run's config.yaml is written before the student's search: a run stopped during the
+    search is resumed only with the same student (and replaced whole by --force)."""
+    from nas_dose.distill import distill as distill_module
+
+    teacher = train_tiny(data, tmp_path / "teacher")
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        (out / "student_search").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_module, "find_student", interrupted)
+    argv = ["distill", teacher, "--data", data, "--out", out, *TINY, SEARCH]
+    assert cli.main([str(a) for a in [*argv, "--student", "search:max_params=5000"]]) not in (0, 1)  # interrupted
+    assert load_yaml(out / "config.yaml")["student"] == "search:max_params=5000"
+    assert cli.main([str(a) for a in [*argv, "--student", "search:max_params=9000", "--resume"]]) == 1  # refused
