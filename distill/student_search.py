@@ -56,6 +56,9 @@ def search_config(request: StudentSearch, section: dict[str, Any], seed: int, ru
         data = {**data, "options": deep_merge({k: v for k, v in DEFAULTS["options"].items() if k in known},
                                               section.get("options", {}))}
     if request.budget is not None:
+        if "budget" not in _option_names(data["strategy"]):
+            raise ConfigError(f"--student search:...:budget={request.budget}: strategy '{data['strategy']}' has no "
+                              "budget of genotypes; leave budget out (set its options in student_search)")
         data["options"] = {**data.get("options", {}), "budget": request.budget}
     first = next(iter(request.limits))
     data = {**data, "pool_size": 1, "diversity": {"mode": "none"}, "cost": COSTS[first],

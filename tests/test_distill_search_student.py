@@ -64,6 +64,8 @@ def test_the_search_behind_a_spec():
     assert config("search:max_flops=1e9:strategy=differentiable").options == {}
     with pytest.raises(ConfigError, match="keeps one limit"):
         config("search:max_flops=1e9:max_params=1e4:strategy=differentiable")
+    with pytest.raises(ConfigError, match="strategy 'differentiable' has no budget"):
+        config("search:max_flops=1e9:strategy=differentiable:budget=4")
     # a strategy named in the section keeps DEFAULTS' options it has, and its own (a random search
     # has no population; a differentiable one no budget)
     cfg = config("search:max_flops=1e9", {"strategy": "random", "options": {"budget": 5}})
