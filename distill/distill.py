@@ -48,7 +48,8 @@ DIR receives:
   teacher.h5        the teacher's predictions of the training, unlabeled and validation patients,
                     made once; reused by --resume and by later runs given it as --teacher-cache
                     (mode=concurrent: the trained members' predictions of the validation patients,
-                    for the table)
+                    for the table; none with a privileged teacher, which predicts from inputs the
+                    validation patients do not have)
   student/          the student's training run: best.pt (`nasdose predict --model DIR/student`);
                     in concurrent mode its checkpoints also hold the teacher's members and optimizer
   teacher/          mode=concurrent: the members trained beside the student (last weights)
