@@ -260,8 +260,8 @@ class SearchRun:
                 break
             if distinct[0] is not cands[0]:
                 ctx.log({"event": "fallback", "reason": "best candidate already in the pool",
-                         "duplicate": cands[0].genotype.to_dict(), "chosen": distinct[0].genotype.to_dict()})
-                say(f"search {k}: its best genotype is already a member; took the next best distinct one")
+                         "duplicate": cands[0].genotype.to_dict(), "best_distinct": distinct[0].genotype.to_dict()})
+                say(f"search {k}: its best genotype is already a member; the member is chosen among the others")
             chosen, active = self._choose(ctx, strategy, distinct)
             chosen.metrics = {**chosen.metrics, "search": float(k), "fallback": float(distinct[0] is not cands[0]),
                               **({} if active is None else {"hinge_active": float(active)})}

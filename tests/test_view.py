@@ -260,7 +260,7 @@ def test_the_live_server_serves_nothing_else(live):
     assert get(f"{live.url}data.h5")[0] == 404
 
 
-def test_nasdose_view_without_out_serves_until_ctrl_c(conditioned, plan_data, monkeypatch, capsys):
+def test_nasdose_view_without_out_serves_until_ctrl_c(conditioned, plan_data, monkeypatch, capsys, tmp_path):
     answered = []
 
     def serve_once(server):  # a browser asks for the page, then the user presses Ctrl-C
@@ -277,6 +277,10 @@ def test_nasdose_view_without_out_serves_until_ctrl_c(conditioned, plan_data, mo
     assert answered == [200] and re.search(r"nasdose view: http://127\.0\.0\.1:\d+/ ", out)
     assert view(conditioned, "--data", plan_data, "port=70000") == 1
     assert "config key 'port'" in capsys.readouterr().err
+    assert view(conditioned, "--data", plan_data, "--steps", 3) == 1  # only a written page has steps
+    assert "--steps" in capsys.readouterr().err
+    assert view(conditioned, "--data", plan_data, "--out", tmp_path / "p.html", "--port", 0) == 1
+    assert "--port" in capsys.readouterr().err and not (tmp_path / "p.html").exists()
 
 
 def test_moving_a_slider_in_chromium_asks_the_live_server(live, browser):

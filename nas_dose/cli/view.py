@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import view
-from ..config import add_config_arguments, int_at_least, load_config
+from ..config import ConfigError, add_config_arguments, int_at_least, load_config
 from .common import add_force_argument
 
 STAGE = view
@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.out is None and args.steps is not None:
+        raise ConfigError("--steps: precomputed settings are for a page written with --out; a live page "
+                          "predicts each setting the sliders ask for")
+    if args.out is not None and args.port is not None:
+        raise ConfigError("--port: a page written with --out is not served; drop one of them")
     config = load_config(view.Config, args.config, args.overrides)
     flags = {k: v for k, v in (("patient", args.patient), ("steps", args.steps), ("port", args.port))
              if v is not None}
