@@ -198,9 +198,7 @@ def run_ablation(seeds: int, dev: torch.device, plans: bool = False) -> dict[str
     with tempfile.TemporaryDirectory() as tmp, torch_state_restored():
         folder = Path(tmp)
         data = folder / "synth.h5"
-        member_file, student_file = folder / "member.yaml", folder / "student.yaml"
-        save_genotype(member_file, lenas_conv_genotype(w))
-        save_genotype(student_file, scale_genotype(lenas_conv_genotype(w), 0.5))
+        member_file, student_file = ablation_genotypes(folder, w)
         flops = {name: count_flops(build_model(ModelConfig(name="lenas", genotype=str(f))), (1, IN_CHANNELS,
                                                                                              *(w.grid,) * 3))
                  for name, f in (("member", member_file), ("student", student_file))}
@@ -271,6 +269,14 @@ def score_rows(scores: dict[str, list[float]]) -> list[Row]:
     return rows
 
 
+def ablation_genotypes(folder: Path, w: Workload) -> tuple[Path, Path]:
+    """The ablations' member (the all-conv LENAS genotype) and student (it at half width), saved."""
+    member_file, student_file = folder / "member.yaml", folder / "student.yaml"
+    save_genotype(member_file, lenas_conv_genotype(w))
+    save_genotype(student_file, scale_genotype(lenas_conv_genotype(w), 0.5))
+    return member_file, student_file
+
+
 def plan_ablation(seeds: int, dev: torch.device) -> dict[str, Any]:
     """`run_ablation` on preference plans: does a privileged teacher teach more? (see there)"""
     w, members, privileged = ABLATION, 2, ["oar", "hi"]
@@ -278,9 +284,7 @@ def plan_ablation(seeds: int, dev: torch.device) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, torch_state_restored():
         folder = Path(tmp)
         data = folder / "plans.h5"
-        member_file, student_file = folder / "member.yaml", folder / "student.yaml"
-        save_genotype(member_file, lenas_conv_genotype(w))
-        save_genotype(student_file, scale_genotype(lenas_conv_genotype(w), 0.5))
+        member_file, student_file = ablation_genotypes(folder, w)
         spec = model_spec(ModelConfig(name="lenas", genotype=str(member_file)))
         quiet = is_quiet()
         set_quiet(True)

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from common import Case, Row, Workload, main, result, si, speedup, time_cases, torch_state_restored, workload
 from torch import nn
 
+from common import Case, Row, Workload, main, result, si, speedup, time_cases, torch_state_restored, workload
 from nas_dose.runtime import resolve_device
 from nas_dose.search_spaces import count_flops, get_space
 

@@ -17,22 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from common import (
-    Row,
-    Stepper,
-    Workload,
-    default_runtime,
-    genotype_network,
-    main,
-    random_batch,
-    result,
-    si,
-    speedup,
-    time_cases,
-    torch_state_restored,
-    workload,
-)
-
+from common import (Row, Stepper, Workload, default_runtime, genotype_network, main, random_batch, result, si,
+                    speedup, time_cases, torch_state_restored, workload)
 from nas_dose.data.augment import AugmentConfig
 from nas_dose.data.dataset import DoseDataset, make_loader
 from nas_dose.data.store import write_dataset

@@ -17,8 +17,8 @@ import time
 from typing import Any
 
 import torch
-from common import Row, Stepper, Workload, default_runtime, genotype_network, main, random_batch, result
 
+from common import Row, Stepper, Workload, default_runtime, genotype_network, main, random_batch, result
 from nas_dose.parallel import run_side_by_side, worker_threads
 from nas_dose.runtime import resolve_device
 

@@ -14,23 +14,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from common import (
-    Row,
-    Stepper,
-    Workload,
-    default_runtime,
-    genotype_network,
-    main,
-    random_batch,
-    result,
-    si,
-    speedup,
-    time_cases,
-    torch_state_restored,
-    workload,
-)
 from torch import nn
 
+from common import (Row, Stepper, Workload, default_runtime, genotype_network, main, random_batch,
+                    result, si, speedup, time_cases, torch_state_restored, workload)
 from nas_dose.runtime import resolve_device
 from nas_dose.search_spaces import count_flops, count_params
 
