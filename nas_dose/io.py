@@ -128,6 +128,25 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return state
 
 
+@contextlib.contextmanager
+def shared_file(path: str | Path) -> Iterator[None]:
+    """Waits for, then holds, an exclusive `fcntl.flock` on `.NAME.merge.lock` beside `path`: for
+    processes that each add their part to one file (read it, merge, write it whole), so that none
+    writes over what another added between its read and its write. On a file system without locks
+    it holds nothing."""
+    path = Path(path)
+    fd = os.open(path.parent / f".{path.name}.merge.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 # ---------------------------------------------------------------------------------------------
 # The output a command holds.
 

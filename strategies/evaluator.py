@@ -57,7 +57,7 @@ from torch import nn
 
 from nas_dose.config import ConfigError, at_least, to_dict
 from nas_dose.errors import NasDoseError
-from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json
+from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json, shared_file
 from nas_dose.pool import Candidate
 from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
@@ -365,10 +365,17 @@ class CandidateEvaluator:
         return self._trained
 
     def _store(self, key: SlotKey, model: dict[str, torch.Tensor]) -> None:
-        """Add a trained supernet to the file (written whole, atomically)."""
+        """Add a trained supernet to the file (written whole, atomically). The ranks of a
+        distributed search score genotypes side by side and add to one file: under its lock,
+        what the others stored since this evaluator read it is merged in, not written over."""
         trained = self._saved_supernets()
         trained[key] = model
-        if self.supernet_file is not None:
+        if self.supernet_file is None:
+            return
+        with shared_file(self.supernet_file):
+            if self.supernet_file.is_file():
+                for e in read_supernets(self.supernet_file, self.ctx.runtime.device)["supernets"]:
+                    trained.setdefault(tuple(sorted(e["fixed"].items())), e["model"])
             save_checkpoint(self.supernet_file, {
                 "format": SUPERNET_FORMAT, **self._supernet_record(), "weight_ids": list(self.ctx.weight_ids),
                 "supernets": [{"fixed": dict(k), "model": m} for k, m in trained.items()]})

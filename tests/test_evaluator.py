@@ -106,6 +106,17 @@ def test_inherit_keeps_one_supernet_per_width_and_depth(data, tmp_path):
     assert cands[0].metrics["params"] < cands[1].metrics["params"]
 
 
+def test_evaluators_sharing_a_supernet_file_keep_each_others_supernets(data, tmp_path):
+    """As the ranks of a distributed search do: both read the file before either stores."""
+    ctx = context(data, tmp_path, space="lenas_levels", macro={"stem": 4, "widths": [4, 8, 8, 8]}, mode="none")
+    first, second = (CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=2)) for _ in range(2))
+    base = genotypes(ctx, 1, seed=3)[0].choices
+    first._saved_supernets(), second._saved_supernets()
+    for ev, width in ((first, 50), (second, 100)):
+        ev.score(ctx.space.genotype({**base, "width": width, "depth": 2}, ctx.macro))
+    assert sorted(s["fixed"]["width"] for s in trained_supernets(tmp_path)) == [50, 100]
+
+
 def test_a_saved_supernet_file_scores_only_the_non_op_slots_it_was_trained_for(data, tmp_path):
     macro = {"stem": 4, "widths": [4, 8, 8, 8]}
     ctx = context(data, tmp_path, space="lenas_levels", macro=macro, mode="none")
