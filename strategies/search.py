@@ -185,9 +185,7 @@ class SearchRun:
             self.strategy_cls.check_stage_search(cfg.diversity)
         self.options: Any = from_dict(self.strategy_cls.Config, cfg.options, prefix="options")
         cfg.options = to_dict(self.options)  # the resolved options go into config.yaml
-        if cfg.diversity.mode == "sequential" and not self.strategy_cls.uses_references:
-            raise NasDoseError(f"strategy '{cfg.strategy}' cannot search against earlier members; "
-                               "use diversity.mode=pool or none")
+        self.strategy_cls.check_diversity(self.options, cfg.diversity)
         self.runtime = Runtime(cfg.runtime)
         self.weight_ids, self.arch_ids, self.diversity_ids = split_patients(self.data, cfg.data, cfg.seed)
         self.task = SearchTask(self.data) if cfg.cascade.coarse is None else CascadeTask(

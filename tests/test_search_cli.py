@@ -147,6 +147,9 @@ def test_split_is_disjoint_and_seeded(data):
 @pytest.mark.parametrize("overrides, message", [
     (["strategy=annealing"], "unknown strategy 'annealing'"),
     (["strategy=random", "diversity.mode=sequential"], "cannot search against earlier members"),
+    (["strategy=optuna", "diversity.mode=sequential"], "earlier members without the diversity objective"),
+    (["strategy=optuna", "diversity.mode=none", "options={sampler: nsga2, objectives: [score, diversity]}"],
+     "config key 'options.objectives': 'diversity' needs the candidates' predictions"),
     (["options.epochs=0"], "config key 'epochs': must be at least 1"),
     (["space=nowhere"], "unknown search space 'nowhere'"),
     (["data.arch_fraction=1.5"], "data.arch_fraction"),
@@ -309,6 +312,20 @@ def test_sequential_evolution_trains_one_supernet_and_searches_with_a_seed_each(
     scored = [json.dumps(r["genotype"], sort_keys=True) for r in records if r["event"] == "scored"]
     assert len(scored) == len(set(scored)) == len(set().union(*children))
     assert [r["search"] for r in records if r["event"] == "hinge"] == [1, 2]
+
+
+def test_a_sequential_optuna_search_minimizes_disagreement_with_the_members_found(data, tmp_path):
+    pytest.importorskip("optuna")
+    out = tmp_path / "run"
+    search(data, out, *EVOLVE[3:-1], "pool_size=2", "diversity.mode=sequential", "strategy=optuna",
+           "options={sampler: nsga2, population: 2, sample: 1, budget: 3, objectives: [score, flops, diversity], "
+           "evaluator: {supernet_steps: 3}}")
+    assert len({m.genotype.key() for m in load_pool(out / "pool.yaml").members}) == 2
+    values = [[t["values"][2] for t in json.loads((out / "state" / f"search{k}" / "optuna_trials.json").read_text())
+               ["trials"] if t["state"] == "COMPLETE"] for k in range(2)]
+    assert values[0] == [0.0] * 3  # no member yet to differ from
+    assert len(values[1]) == 3 and max(values[1]) <= 0 > min(values[1])  # minus disagreement with m0
+    assert [r["search"] for r in log_records(out) if r["event"] == "hinge"] == [1]
 
 
 def test_an_interrupted_sequential_evolution_resumes_to_the_same_pool(data, evolved, tmp_path, monkeypatch):
