@@ -83,7 +83,8 @@ class EvaluatorConfig:
     training, its score infinite (never chosen for a pool). Latency is measured only when limited
     or when it is the search's cost, and only for a genotype within the other two limits.
     `supernet`: an earlier search's supernet file (its DIR/supernet.pt) to score with instead of
-    training one ("inherit" only; see the module docstring)."""
+    training one ("inherit" only; see the module docstring); relative to the working directory,
+    and recorded absolute by `nasdose search`."""
 
     mode: Literal["inherit", "train"] = "inherit"
     supernet_steps: int = 1000

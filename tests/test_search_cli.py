@@ -364,3 +364,18 @@ def test_a_later_search_reuses_a_saved_supernet_and_refuses_one_that_does_not_ma
             search(data, tmp_path / f"x{i}", *EVOLVE[3:-1], "strategy=random", "options.budget=1",
                    "options.evaluator.supernet_steps=3", *overrides, f"options.evaluator.supernet={saved}")
         assert "\n" not in str(e.value)
+
+
+def test_a_relative_supernet_path_is_recorded_absolute_for_resume_and_ensemble(data, evolved, tmp_path, monkeypatch):
+    from nas_dose.ensemble import EnsembleConfig, _supernet_file
+
+    saved = evolved[0] / "supernet.pt"
+    monkeypatch.chdir(saved.parent.parent)  # the path is given relative to the working directory
+    out = tmp_path / "rel"
+    search(data, out, *EVOLVE[3:-1], "pool_size=1", "diversity.mode=none", "strategy=random",
+           "options={budget: 1, evaluator: {supernet_steps: 3, supernet: " + f"{saved.parent.name}/supernet.pt" + "}}")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded path still names the file
+    pool = load_pool(out / "pool.yaml")
+    assert pool.config["options"]["evaluator"]["supernet"] == str(saved.resolve())
+    assert _supernet_file(EnsembleConfig(init="inherit"), pool, out / "pool.yaml") == saved.resolve()
+    search(data, out, resume=True)  # from DIR/config.yaml, in another working directory
