@@ -213,7 +213,7 @@ def test_a_pool_holds_only_genotypes_within_the_limits(data):
     assert chosen and all(cands[i].metrics["params"] <= limit for i in chosen)
 
 
-def test_genotypes_that_differ_only_in_levels_below_their_depth_are_scored_once(data, tmp_path, monkeypatch):
+def test_genotypes_that_differ_only_in_levels_beyond_their_depth_are_scored_once(data, tmp_path, monkeypatch):
     ctx = context(data, tmp_path, space="lenas_levels", macro={"stem": 4, "widths": [4, 8, 8, 8]}, mode="none")
     base = {s: c[0] for s, c in ctx.space.slots().items()}
     g = ctx.space.genotype({**base, "depth": 2}, ctx.macro)
