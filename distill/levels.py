@@ -16,7 +16,9 @@ Levels are paired by resolution: the first n = min(d_student, d_teacher) + 1 lev
 shallower network's bottom meeting the deeper one's encoder at the same level. `encoder` pairs
 levels 0..n-1 on the encoder side (the shallower bottom included), `decoder` levels 0..n-2 on the
 decoder side, `encoder_decoder` both (2n - 1 pairs). Channels differ freely (the 1×1×1 adapters
-map them); a spatial size that still differs (U-Net padding) is resized by `hint_loss`.
+map them); a spatial size that still differs (U-Net padding) is resized by `hint_loss`. A network
+with no level below full resolution (d = 0), or level weights that zero every paired level, is one
+config error naming the key and the levels.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Literal
 
 from torch import nn
 
+from nas_dose.config import ConfigError
 from nas_dose.errors import NasDoseError
 from nas_dose.models.unet3d import UNet
 from nas_dose.search_spaces.cells import CellUNet
@@ -69,14 +72,22 @@ def level_pairs(student: nn.Module, teacher: nn.Module, levels: Levels,
     if levels not in LEVELS:
         raise NasDoseError(f"hint.levels: expected one of {', '.join(LEVELS)}, got {levels!r}")
     s, t = level_modules(student), level_modules(teacher)
+    for role, net, modules in (("student", student, s), ("teacher", teacher, t)):
+        if modules.deepest < 1:  # its bottom would be the full-resolution level: nothing to pair
+            raise ConfigError(f"config key 'hint.levels': the {role} ({type(net).__name__}) has one resolution "
+                              "level (0, full resolution only); level hints pair U-Nets of at least two (levels "
+                              "0-1): name its modules in hint.layers instead")
     shared = min(s.deepest, t.deepest) + 1
 
     def weight(k: int) -> float:
         return weights[min(k, len(weights) - 1)] if weights else 1.0
 
-    pairs = []
-    if levels != "decoder":
-        pairs += [(s.encoder[k], t.encoder[k], weight(k)) for k in range(shared)]
-    if levels != "encoder":
-        pairs += [(s.decoder[k], t.decoder[k], weight(k)) for k in range(shared - 1)]
+    encoder = list(range(shared)) if levels != "decoder" else []
+    decoder = list(range(shared - 1)) if levels != "encoder" else []
+    pairs = ([(s.encoder[k], t.encoder[k], weight(k)) for k in encoder]
+             + [(s.decoder[k], t.decoder[k], weight(k)) for k in decoder])
+    if not sum(w for *_, w in pairs) > 0:
+        raise ConfigError(f"config key 'hint.level_weights': every level hint.levels={levels} pairs weighs 0 "
+                          f"(student levels 0-{s.deepest}, teacher 0-{t.deepest}; paired: encoder {encoder}, "
+                          f"decoder {decoder})")
     return pairs

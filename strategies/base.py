@@ -250,6 +250,14 @@ class Strategy(ABC):
         return None
 
     @classmethod
+    def check_diversity(cls, options: Any, diversity: DiversityConfig) -> None:
+        """Refuse, before any work, a diversity mode this strategy with these options cannot
+        search with (sequential needs one that honours ctx.references)."""
+        if diversity.mode == "sequential" and not cls.uses_references:
+            raise NasDoseError(f"strategy '{cls.name}' cannot search against earlier members; "
+                               "use diversity.mode=pool or none")
+
+    @classmethod
     def check_stage_search(cls, diversity: DiversityConfig) -> None:
         """Refuse, before any work, a search of a cascade's stage that this strategy cannot run."""
         if not cls.searches_stages:

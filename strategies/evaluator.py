@@ -19,7 +19,8 @@ score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids
 `ctx.arch_ids`: not with `train_model`, which addresses patients by split name, whereas the
 search trains and scores on disjoint patient subsets that need not be whole splits.
 
-Scores are cached by `Genotype.key()`; with `ctx.shared_path`, each entry is its own file under
+Scores are cached by `Genotype.key()` (which leaves out the slots a genotype's network does not
+use, so one network is scored once); with `ctx.shared_path`, each entry is its own file under
 ``evaluator/``, so a resumed search never re-scores. The trained supernets are kept in one file
 (SUPERNET_FILE, `ctx.supernet_file`: `nasdose search` puts it in its run folder as
 DIR/supernet.pt): each with the non-op slots it was trained for, beside the space, macro, steps,
@@ -83,7 +84,8 @@ class EvaluatorConfig:
     training, its score infinite (never chosen for a pool). Latency is measured only when limited
     or when it is the search's cost, and only for a genotype within the other two limits.
     `supernet`: an earlier search's supernet file (its DIR/supernet.pt) to score with instead of
-    training one ("inherit" only; see the module docstring)."""
+    training one ("inherit" only; see the module docstring); relative to the working directory,
+    and recorded absolute by `nasdose search`."""
 
     mode: Literal["inherit", "train"] = "inherit"
     supernet_steps: int = 1000

@@ -147,13 +147,26 @@ def fitness(c: Candidate, best: Sequence[Candidate], diversity: DiversityConfig,
     if diversity.mode == "none" or c.predictions is None:
         return -c.score
     if diversity.mode == "pool":
-        others = [m.predictions for m in best if m.genotype.key() != c.genotype.key() and m.predictions is not None]
-        if not others:
-            return -c.score
-        return -c.score + diversity.lam * float(np.mean([mean_disagreement(c.predictions, o, masks) for o in others]))
+        return -c.score + diversity.lam * pool_disagreement(c, best, masks)
     if not references:
         return -c.score
     return -c.score - diversity.weight * float(np.mean(hinge_terms(c, references, diversity.margin, masks)))
+
+
+def pool_disagreement(c: Candidate, best: Sequence[Candidate], masks: dict[str, np.ndarray]) -> float:
+    """Mean prediction disagreement of `c` with the other `best` candidates that carry predictions
+    (0 when `c` carries none or there is no other): how differently from the pool's likely
+    members it errs."""
+    others = [m.predictions for m in best if m.genotype.key() != c.genotype.key() and m.predictions is not None]
+    return disagreement_to(c, others, masks)
+
+
+def disagreement_to(c: Candidate, others: Sequence[dict[str, np.ndarray]], masks: dict[str, np.ndarray]) -> float:
+    """Mean of `c`'s mean prediction disagreement with each of `others` (predictions by patient);
+    0 when `c` carries no predictions or `others` is empty."""
+    if c.predictions is None or not others:
+        return 0.0
+    return float(np.mean([mean_disagreement(c.predictions, o, masks) for o in others]))
 
 
 def hinge_terms(c: Candidate, references: Sequence[dict[str, np.ndarray]], margin: float,

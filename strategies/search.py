@@ -77,7 +77,7 @@ from nas_dose.search_spaces import get_space, import_plugins, save_genotype
 from nas_dose.training.events import EventLog, LoggingConfig
 
 from .base import SearchContext, Strategy, get_strategy
-from .evaluator import SUPERNET_FILE, derived_seed
+from .evaluator import SUPERNET_FILE, EvaluatorConfig, derived_seed
 from .evolution import hinge_terms, prediction_masks
 from .task import CascadeTask, SearchTask
 
@@ -184,10 +184,13 @@ class SearchRun:
         if cfg.cascade.coarse is not None:
             self.strategy_cls.check_stage_search(cfg.diversity)
         self.options: Any = from_dict(self.strategy_cls.Config, cfg.options, prefix="options")
+        evaluator = getattr(self.options, "evaluator", None)
+        if isinstance(evaluator, EvaluatorConfig) and evaluator.supernet is not None:
+            # as every path a config gives, relative to the working directory; recorded absolute,
+            # so that `--resume` and `nasdose ensemble … init=inherit` find it from anywhere
+            evaluator.supernet = str(Path(evaluator.supernet).resolve())
         cfg.options = to_dict(self.options)  # the resolved options go into config.yaml
-        if cfg.diversity.mode == "sequential" and not self.strategy_cls.uses_references:
-            raise NasDoseError(f"strategy '{cfg.strategy}' cannot search against earlier members; "
-                               "use diversity.mode=pool or none")
+        self.strategy_cls.check_diversity(self.options, cfg.diversity)
         self.runtime = Runtime(cfg.runtime)
         self.weight_ids, self.arch_ids, self.diversity_ids = split_patients(self.data, cfg.data, cfg.seed)
         self.task = SearchTask(self.data) if cfg.cascade.coarse is None else CascadeTask(

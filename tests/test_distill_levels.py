@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nas_dose.config import ConfigError, from_dict
-from nas_dose.distill.levels import level_modules, level_pairs
+from nas_dose.distill.levels import LEVELS, level_modules, level_pairs
 from nas_dose.distill.losses import DistillObjective, HintConfig, hint_loss
 from nas_dose.errors import NasDoseError
 from nas_dose.models.factory import ModelConfig, build_model
@@ -87,3 +87,24 @@ def test_level_presets_and_weights():
         from_dict(HintConfig, {"level_weights": [1.0]})
     with pytest.raises(ConfigError, match="every hint weighs 0"):
         HintConfig(weight=1.0, layers=[("head", "head", 0.0)]).pairs(s, t)
+
+
+def test_a_network_without_a_level_below_full_resolution_is_one_config_error():
+    # a CellUNet of depth 0 (a plug-in space could build one): its only level is full resolution
+    from nas_dose.search_spaces.cells import CellUNet
+
+    flat = CellUNet({"in_channels": 10, "out_channels": 1, "stem": 4, "widths": []}, [], [], lambda *a: None)
+    for levels in LEVELS:
+        with pytest.raises(ConfigError, match=r"^config key 'hint.levels': the teacher \(CellUNet\) has one "
+                                              r"resolution level \(0, full resolution only\)") as e:
+            hinted(from_dict(HintConfig, {"weight": 1.0, "levels": levels}), unet(4, 8), flat)
+        assert "\n" not in str(e.value)
+
+
+def test_level_weights_that_zero_every_paired_level_name_the_levels_paired():
+    # a one-level U-Net (levels 0-1) has decoder level 0 only: weighing level 1 alone weighs nothing
+    hint = from_dict(HintConfig, {"weight": 1.0, "levels": "decoder", "level_weights": [0.0, 1.0]})
+    with pytest.raises(ConfigError, match=r"^config key 'hint.level_weights': every level hint.levels=decoder "
+                                          r"pairs weighs 0 \(student levels 0-1, teacher 0-2; paired: encoder "
+                                          r"\[\], decoder \[0\]\)$"):
+        hinted(hint, unet(4, 8), unet(6, 12, 24))

@@ -147,6 +147,9 @@ def test_split_is_disjoint_and_seeded(data):
 @pytest.mark.parametrize("overrides, message", [
     (["strategy=annealing"], "unknown strategy 'annealing'"),
     (["strategy=random", "diversity.mode=sequential"], "cannot search against earlier members"),
+    (["strategy=optuna", "diversity.mode=sequential"], "earlier members without the diversity objective"),
+    (["strategy=optuna", "diversity.mode=none", "options={sampler: nsga2, objectives: [score, diversity]}"],
+     "config key 'options.objectives': 'diversity' needs the candidates' predictions"),
     (["options.epochs=0"], "config key 'epochs': must be at least 1"),
     (["space=nowhere"], "unknown search space 'nowhere'"),
     (["data.arch_fraction=1.5"], "data.arch_fraction"),
@@ -311,6 +314,20 @@ def test_sequential_evolution_trains_one_supernet_and_searches_with_a_seed_each(
     assert [r["search"] for r in records if r["event"] == "hinge"] == [1, 2]
 
 
+def test_a_sequential_optuna_search_minimizes_disagreement_with_the_members_found(data, tmp_path):
+    pytest.importorskip("optuna")
+    out = tmp_path / "run"
+    search(data, out, *EVOLVE[3:-1], "pool_size=2", "diversity.mode=sequential", "strategy=optuna",
+           "options={sampler: nsga2, population: 2, sample: 1, budget: 3, objectives: [score, flops, diversity], "
+           "evaluator: {supernet_steps: 3}}")
+    assert len({m.genotype.key() for m in load_pool(out / "pool.yaml").members}) == 2
+    values = [[t["values"][2] for t in json.loads((out / "state" / f"search{k}" / "optuna_trials.json").read_text())
+               ["trials"] if t["state"] == "COMPLETE"] for k in range(2)]
+    assert values[0] == [0.0] * 3  # no member yet to differ from
+    assert len(values[1]) == 3 and max(values[1]) <= 0 > min(values[1])  # minus disagreement with m0
+    assert [r["search"] for r in log_records(out) if r["event"] == "hinge"] == [1]
+
+
 def test_an_interrupted_sequential_evolution_resumes_to_the_same_pool(data, evolved, tmp_path, monkeypatch):
     killed_in_search_1(data, tmp_path / "cut", monkeypatch, EVOLVE, "child", 1)
     search(data, tmp_path / "cut", resume=True)
@@ -347,3 +364,18 @@ def test_a_later_search_reuses_a_saved_supernet_and_refuses_one_that_does_not_ma
             search(data, tmp_path / f"x{i}", *EVOLVE[3:-1], "strategy=random", "options.budget=1",
                    "options.evaluator.supernet_steps=3", *overrides, f"options.evaluator.supernet={saved}")
         assert "\n" not in str(e.value)
+
+
+def test_a_relative_supernet_path_is_recorded_absolute_for_resume_and_ensemble(data, evolved, tmp_path, monkeypatch):
+    from nas_dose.ensemble import EnsembleConfig, _supernet_file
+
+    saved = evolved[0] / "supernet.pt"
+    monkeypatch.chdir(saved.parent.parent)  # the path is given relative to the working directory
+    out = tmp_path / "rel"
+    search(data, out, *EVOLVE[3:-1], "pool_size=1", "diversity.mode=none", "strategy=random",
+           "options={budget: 1, evaluator: {supernet_steps: 3, supernet: " + f"{saved.parent.name}/supernet.pt" + "}}")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded path still names the file
+    pool = load_pool(out / "pool.yaml")
+    assert pool.config["options"]["evaluator"]["supernet"] == str(saved.resolve())
+    assert _supernet_file(EnsembleConfig(init="inherit"), pool, out / "pool.yaml") == saved.resolve()
+    search(data, out, resume=True)  # from DIR/config.yaml, in another working directory
