@@ -26,11 +26,12 @@ score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids
 search trains and scores on disjoint patient subsets that need not be whole splits.
 
 Scores are cached by `Genotype.key()`; with `ctx.shared_path`, each entry is its own file under
-``evaluator/``, so a resumed search never re-scores; the folder's settings.json holds the whole
+``evaluator/``, so a resumed search never re-scores; the folder's settings.json holds the
 EvaluatorConfig (mode and steps included), and a folder of other settings is refused, so scores
 of different modes never mix. The trained supernets are kept in one file (SUPERNET_FILE,
-`ctx.supernet_file`: `nasdose search` puts it in its run folder as DIR/supernet.pt): each with the non-op slots it was trained for, beside the space, macro, steps,
-input shape and weight patients they all share. A supernet in training is checkpointed every
+`ctx.supernet_file`: `nasdose search` puts it in its run folder as DIR/supernet.pt): each with
+the non-op slots it was trained for, beside the space, macro, steps, input shape and weight
+patients they all share. A supernet in training is checkpointed every
 CHECKPOINT_EVERY steps under ``evaluator/``, so an interrupted search resumes it where it stopped,
 to the weights an uninterrupted one reaches.
 
