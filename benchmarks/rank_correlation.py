@@ -71,7 +71,7 @@ class Settings:
     archs: int = 12
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    supernet_steps: int = 1000  # "inherit": SPOS supernet steps (once per seed); EvaluatorConfig's default
+    supernet_steps: int = 1000  # "inherit", "finetune": SPOS supernet steps (per seed and mode); the default
     train_steps: int = 200  # "train": steps of each genotype's short training; EvaluatorConfig's default
     finetune_steps: int = 50  # "finetune": steps from the inherited weights; EvaluatorConfig's default
     lr: float = 1e-3  # the evaluator's and the full training's
