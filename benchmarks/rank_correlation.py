@@ -1,12 +1,13 @@
 """Does the search's cheap score rank architectures the way full training ranks them?
 
-    python benchmarks/rank_correlation.py [--quick] [--modes inherit train] [--archs 12] [--seeds 0 1]
-        [--supernet-steps N] [--train-steps N] [--full-epochs N] [--full-steps N] [--data DATA.h5]
-        [--out FILE.json]
+    python benchmarks/rank_correlation.py [--quick] [--modes inherit train finetune] [--archs 12]
+        [--seeds 0 1] [--supernet-steps N] [--train-steps N] [--finetune-steps N] [--full-epochs N]
+        [--full-steps N] [--full-seeds N] [--data DATA.h5] [--out FILE.json]
 
 Every search strategy that scores genotypes one by one trusts a proxy: the "inherit" evaluator
-(the genotype's path through an SPOS supernet trained once) or the "train" evaluator (a short
-training from scratch). This measures whether the proxy ranks, instead of assuming it.
+(the genotype's path through an SPOS supernet trained once), the "train" evaluator (a short
+training from scratch) or the "finetune" evaluator (a short training from the inherited
+weights). This measures whether the proxy ranks, instead of assuming it.
 
 Per seed, on a fresh synthetic data set (`nas_dose.data.synth`, made in a temporary folder) or,
 with --data, a data set `nasdose data import` made (e.g. the OpenKBP patients at 32³):
@@ -20,9 +21,12 @@ with --data, a data set `nasdose data import` made (e.g. the OpenKBP patients at
    with one fixed budget and seed for all (`--full-epochs` × `--full-steps`, batch 1, no
    augmentation) on the whole training split and scored on the validation split (best
    validation dose score, Gy, as `nasdose train` chooses its model; on a resampled data set
-   that checkpoint's official score on the source grid);
+   that checkpoint's official score on the source grid); with `--full-seeds N` N times, with
+   training seeds `full_seed`, `full_seed` + 1, ..., and the trained score is their mean;
 3. Kendall τ and Spearman ρ (scipy.stats) between the two, and the top-k hits: how many of the
-   k best trained genotypes are among the k best by the cheap score.
+   k best trained genotypes are among the k best by the cheap score. With N ≥ 2 full seeds the
+   row "yardstick" compares the trainings of different seeds with each other (the mean over
+   pairs of seeds): how well the yardstick ranks itself, the ceiling of what a proxy can show.
 
 Seeds change the drawn genotypes, the patient split and the supernet; the table gives the mean
 ± sample sd over seeds. Lower scores are better in both, so τ > 0 means the proxy agrees.
@@ -30,6 +34,7 @@ Not in the suite (the full size takes half an hour on a CPU); `run(quick)` is it
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -49,7 +54,8 @@ from nas_dose.runtime import RuntimeConfig, resolve_device, seed_everything
 from nas_dose.search_spaces import get_space
 from nas_dose.strategies.search import SearchConfig, SearchRun
 
-MODES = ("inherit", "train")
+MODES = ("inherit", "train", "finetune")
+YARDSTICK = "yardstick"  # the row of one full training seed against another
 
 
 @dataclass
@@ -65,12 +71,14 @@ class Settings:
     archs: int = 12
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    supernet_steps: int = 1000  # "inherit": SPOS supernet steps (once per seed); EvaluatorConfig's default
+    supernet_steps: int = 1000  # "inherit", "finetune": SPOS supernet steps (per seed and mode); the default
     train_steps: int = 200  # "train": steps of each genotype's short training; EvaluatorConfig's default
+    finetune_steps: int = 50  # "finetune": steps from the inherited weights; EvaluatorConfig's default
     lr: float = 1e-3  # the evaluator's and the full training's
     full_epochs: int = 6
     full_steps: int = 100  # per epoch: 600 steps of full training per genotype by default
     full_seed: int = 1000  # the same initialization and batch order for every genotype
+    full_seeds: int = 1  # full trainings per genotype (seeds full_seed, full_seed + 1, ...)
     top_k: int = 3
     threads: int | None = 1  # small volumes run fastest on one thread
     data: str = ""  # an imported data set (.h5) instead of the synthetic one; its grid wins over `grid`
@@ -78,12 +86,14 @@ class Settings:
     def quick(self) -> Settings:
         """Seconds: 8 patients, a tiny network, 4 genotypes, one seed, a few steps of each kind."""
         return replace(self, patients=8, stem=2, widths=[4, 8], archs=4, seeds=[0], supernet_steps=8,
-                       train_steps=4, full_epochs=1, full_steps=6)
+                       train_steps=4, finetune_steps=2, full_epochs=1, full_steps=6)
 
     def validate(self) -> None:
         unknown = sorted(set(self.modes) - set(MODES))
         if unknown:
             raise ValueError(f"unknown evaluator modes {unknown} (known: {', '.join(MODES)})")
+        if self.full_seeds < 1:
+            raise ValueError(f"need at least 1 full training seed (got {self.full_seeds})")
         if self.archs < 3 or not 1 <= self.top_k <= self.archs:
             raise ValueError(f"need at least 3 genotypes and 1 <= top-k <= archs (got {self.archs}, {self.top_k})")
 
@@ -92,7 +102,7 @@ def cheap_scores(s: Settings, mode: str, seed: int, data: Path, folder: Path, de
     """Genotype key -> candidate for the `s.archs` genotypes a random search of seed `seed` draws,
     scored by its evaluator in `mode`: the search's own SearchRun, context, strategy and evaluator."""
     evaluator = {"mode": mode, "supernet_steps": s.supernet_steps, "train_steps": s.train_steps,
-                 "batch_size": 1, "lr": s.lr}
+                 "finetune_steps": s.finetune_steps, "batch_size": 1, "lr": s.lr}
     cfg = SearchConfig(space=s.space, macro={"stem": s.stem, "widths": list(s.widths)}, strategy="random",
                        options={"budget": s.archs, "evaluator": evaluator}, pool_size=1,
                        diversity=DiversityConfig(mode="none"), seed=seed,
@@ -114,7 +124,8 @@ def rank_stats(cheap: Sequence[float], trained: Sequence[float], k: int) -> dict
 
 
 def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
-    """One record per (seed, mode), printed as it ends; genotypes drawn twice are trained once."""
+    """One record per (seed, mode), and per seed one of the yardstick against itself with 2 or
+    more full seeds, printed as it ends; genotypes drawn twice are trained once per full seed."""
     s.validate()
     set_quiet(True)
     if s.data:
@@ -122,7 +133,8 @@ def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
     else:
         data = workdir / f"synth_{s.patients}_g{s.grid}.h5"
         synth.run(synth.Config(patients=s.patients, grid=s.grid, seed=s.data_seed), synth.Inputs(), data)
-    trained: dict[Any, tuple[float, float]] = {}  # genotype key -> (score, seconds)
+    trained: dict[tuple[Any, int], tuple[float, float]] = {}  # (genotype key, full seed) -> (score, seconds)
+    full_seeds = [s.full_seed + i for i in range(s.full_seeds)]
     runs = []
     for seed in s.seeds:
         cheap: dict[str, tuple[dict[Any, Candidate], float]] = {}
@@ -133,29 +145,41 @@ def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
         genotypes = [c.genotype for c in cheap[s.modes[0]][0].values()]
         if any(set(cands) != {g.key() for g in genotypes} for cands, _ in cheap.values()):
             raise RuntimeError(f"seed {seed}: the evaluator modes scored different genotypes")
-        for g in genotypes:
-            if g.key() not in trained:
-                started = time.perf_counter()
-                trained[g.key()] = (trained_score(get_space(g.space).build(g), data, s.full_epochs, s.full_steps,
-                                                 s.full_seed, s.lr, device, s.threads),
-                                   time.perf_counter() - started)
-        full = [trained[g.key()][0] for g in genotypes]
-        for mode, (cands, seconds) in cheap.items():
-            scores = [cands[g.key()].score for g in genotypes]
-            ranks = rank_stats(scores, full, s.top_k)
-            runs.append({"seed": seed, "mode": mode, **ranks, "cheap_seconds": round(seconds, 2),
-                         "full_seconds": round(sum(trained[g.key()][1] for g in genotypes), 2),
-                         "cheap_scores": scores, "trained_scores": full,
-                         "genotypes": [g.to_dict() for g in genotypes]})
-            print(f"  seed {seed} {mode:<8} τ {ranks['kendall_tau']:+.3f}  ρ {ranks['spearman_rho']:+.3f}  "
-                  f"top-{s.top_k} hits {ranks['top_k_hits']:.0f}  cheap {seconds:.0f} s", flush=True)
+        for full_seed in full_seeds:
+            for g in genotypes:
+                if (g.key(), full_seed) not in trained:
+                    started = time.perf_counter()
+                    score = trained_score(get_space(g.space).build(g), data, s.full_epochs, s.full_steps,
+                                          full_seed, s.lr, device, s.threads)
+                    trained[g.key(), full_seed] = score, time.perf_counter() - started
+        per_seed = [[trained[g.key(), f][0] for g in genotypes] for f in full_seeds]
+        full = [statistics.fmean(scores) for scores in zip(*per_seed)]
+        common = {"full_seconds": round(sum(trained[g.key(), f][1] for g in genotypes for f in full_seeds), 2),
+                  "trained_scores": full, "trained_scores_per_seed": per_seed,
+                  "genotypes": [g.to_dict() for g in genotypes]}
+        records = [(mode, rank_stats([cands[g.key()].score for g in genotypes], full, s.top_k),
+                    {"cheap_seconds": round(seconds, 2), "cheap_scores": [cands[g.key()].score for g in genotypes]})
+                   for mode, (cands, seconds) in cheap.items()]
+        if len(full_seeds) > 1:
+            pairs = [rank_stats(a, b, s.top_k) for a, b in itertools.combinations(per_seed, 2)]
+            records.append((YARDSTICK, {k: statistics.fmean(p[k] for p in pairs) for k in pairs[0]},
+                            {"cheap_seconds": 0.0}))
+        for mode, ranks, extra in records:
+            runs.append({"seed": seed, "mode": mode, **ranks, **extra, **common})
+            print(f"  seed {seed} {mode:<9} τ {ranks['kendall_tau']:+.3f}  ρ {ranks['spearman_rho']:+.3f}  "
+                  f"top-{s.top_k} hits {ranks['top_k_hits']:.1f}  cheap {extra['cheap_seconds']:.0f} s", flush=True)
     return runs
 
 
+def rows_of(s: Settings) -> list[str]:
+    """The table's rows: the evaluator modes, then the yardstick against itself (2+ full seeds)."""
+    return [*s.modes, *([YARDSTICK] if s.full_seeds > 1 else [])]
+
+
 def summarize(s: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± sd over seeds of τ, ρ and the top-k hits, per evaluator mode."""
+    """Mean ± sd over seeds of τ, ρ and the top-k hits, per evaluator mode (and the yardstick)."""
     out = []
-    for mode in s.modes:
+    for mode in rows_of(s):
         mine = [r for r in runs if r["mode"] == mode]
         out.append({"mode": mode, "archs": s.archs, "seeds": [r["seed"] for r in mine],
                     **{key: mean_sd([r[key] for r in mine]) for key in ("kendall_tau", "spearman_rho", "top_k_hits")},
@@ -166,8 +190,10 @@ def summarize(s: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def budget(s: Settings) -> str:
     patients = f"the patients of {s.data}" if s.data else f"{s.grid}³, {s.patients} synthetic patients"
     return (f"{s.archs} genotypes of {s.space} (stem {s.stem}, widths {s.widths}), "
-            f"{patients}; inherit: {s.supernet_steps} supernet steps; train: "
-            f"{s.train_steps} steps; full: {s.full_epochs}×{s.full_steps} steps, seed {s.full_seed}")
+            f"{patients}; inherit: {s.supernet_steps} supernet steps; train: {s.train_steps} steps; "
+            f"finetune: {s.finetune_steps} steps; full: {s.full_epochs}×{s.full_steps} steps, "
+            f"seed{'s' if s.full_seeds > 1 else ''} {', '.join(str(s.full_seed + i) for i in range(s.full_seeds))}"
+            f"{' (the mean)' if s.full_seeds > 1 else ''}")
 
 
 def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> dict[str, Any]:
@@ -182,13 +208,14 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
     rows = []
     for r in summary:
         where = f"{r['mode']}, {r['archs']} archs, {len(r['seeds'])} seeds"
-        rows += [Row(f"Kendall τ cheap vs trained ({where})", r["kendall_tau"][0],
+        pair = "trained vs trained (other seed)" if r["mode"] == YARDSTICK else "cheap vs trained"
+        cost = "" if r["mode"] == YARDSTICK else f"; cheap scoring {r['cheap_seconds']:.0f} s per seed"
+        rows += [Row(f"Kendall τ {pair} ({where})", r["kendall_tau"][0],
                      detail="mean ± sd {:+.3f} ± {:.3f}".format(*r["kendall_tau"])),
-                 Row(f"Spearman ρ cheap vs trained ({where})", r["spearman_rho"][0],
+                 Row(f"Spearman ρ {pair} ({where})", r["spearman_rho"][0],
                      detail="mean ± sd {:+.3f} ± {:.3f}".format(*r["spearman_rho"])),
                  Row(f"top-{s.top_k} hits ({where})", r["top_k_hits"][0],
-                     detail=f"mean ± sd {r['top_k_hits'][0]:.2f} ± {r['top_k_hits'][1]:.2f} of {s.top_k}; "
-                            f"cheap scoring {r['cheap_seconds']:.0f} s per seed")]
+                     detail=f"mean ± sd {r['top_k_hits'][0]:.2f} ± {r['top_k_hits'][1]:.2f} of {s.top_k}{cost}")]
     wall = time.perf_counter() - started
     return result("rank_correlation", dev, rows,
                   measurements={"settings": asdict(s), "summary": summary, "runs": runs, "wall_seconds": wall},

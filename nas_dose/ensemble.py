@@ -207,7 +207,7 @@ def _supernet_file(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> Path | N
     path = Path(given) if given else pool_path.parent / SUPERNET_FILE
     if not path.is_file():
         raise input_error(pool_path, f"init=inherit: no trained supernet at {path} (a search whose evaluator "
-                                     "has mode inherit writes one beside its pool.yaml)")
+                                     "has mode inherit or finetune writes one beside its pool.yaml)")
     return path
 
 

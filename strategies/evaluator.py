@@ -1,6 +1,6 @@
 """How the multi-trial strategies (evolution, random, NNI) score a genotype, with a persisted cache.
 
-Two modes, chosen in `EvaluatorConfig.mode`:
+Three modes, chosen in `EvaluatorConfig.mode`:
 
 - ``inherit`` (SPOS, single-path one-shot): a supernet is trained once, each step on one path
   drawn uniformly over the op slots, on the weight patients; a genotype's score is its single
@@ -8,23 +8,31 @@ Two modes, chosen in `EvaluatorConfig.mode`:
   candidate; the ranking is a proxy for that of trained networks.
 - ``train``: the genotype's own network is built and trained from scratch for `train_steps`
   on the weight patients, then scored on the architecture patients.
+- ``finetune``: the genotype's own network starts from its inherited weights (those of its path
+  in the supernet "inherit" trains, `Supernet.subnet_state_dict`, as an ensemble's `init:
+  inherit` member does), is trained on for `finetune_steps` on the weight patients, then scored
+  on the architecture patients: a few steps let each path leave the compromise the shared
+  weights strike between all paths, far fewer than training from scratch needs.
 
 The supernet mixes op slots only; a richer space's width and depth slots are fixed per
-supernet. "inherit" keeps one supernet per combination of those non-op slots, each trained
-with the same `supernet_steps`, so that every score comes from the same kind of proxy (mixing
-inherited and trained scores would rank candidates by how they were scored, not by quality).
+supernet. "inherit" and "finetune" keep one supernet per combination of those non-op slots,
+each trained with the same `supernet_steps`, so that every score comes from the same kind of
+proxy (mixing inherited and trained scores would rank candidates by how they were scored, not
+by quality).
 
-Both modes train with the training engine's masked L1 loss (`nas_dose.training.masked_loss`) and
+All modes train with the training engine's masked L1 loss (`nas_dose.training.masked_loss`) and
 score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids` and
 `ctx.arch_ids`: not with `train_model`, which addresses patients by split name, whereas the
 search trains and scores on disjoint patient subsets that need not be whole splits.
 
 Scores are cached by `Genotype.key()` (which leaves out the slots a genotype's network does not
 use, so one network is scored once); with `ctx.shared_path`, each entry is its own file under
-``evaluator/``, so a resumed search never re-scores. The trained supernets are kept in one file
-(SUPERNET_FILE, `ctx.supernet_file`: `nasdose search` puts it in its run folder as
-DIR/supernet.pt): each with the non-op slots it was trained for, beside the space, macro, steps,
-input shape and weight patients they all share. A supernet in training is checkpointed every
+``evaluator/``, so a resumed search never re-scores; the folder's settings.json holds the
+EvaluatorConfig (mode and steps included), and a folder of other settings is refused, so scores
+of different modes never mix. The trained supernets are kept in one file (SUPERNET_FILE,
+`ctx.supernet_file`: `nasdose search` puts it in its run folder as DIR/supernet.pt): each with
+the non-op slots it was trained for, beside the space, macro, steps, input shape and weight
+patients they all share. A supernet in training is checkpointed every
 CHECKPOINT_EVERY steps under ``evaluator/``, so an interrupted search resumes it where it stopped,
 to the weights an uninterrupted one reaches.
 
@@ -34,8 +42,9 @@ search is a cache hit for the others (the score and predictions of the supernet 
 not depend on the search; the diversity hinge against a search's own references is computed
 by that search from the predictions).
 
-`supernet: PATH` scores with the supernets of an earlier search's file instead of training any
-(for any scoring strategy). The file must match this search: space, macro, supernet_steps, the
+`supernet: PATH` scores (or, in mode finetune, starts) with the supernets of an earlier
+search's file instead of training any (for any scoring strategy; a file "inherit" trained serves
+"finetune" and back). The file must match this search: space, macro, supernet_steps, the
 networks' input (channels, grid), and no architecture patient among the patients it was trained
 on; a genotype whose non-op slots it holds no supernet for is refused. Each refusal is one line
 naming the file.
@@ -78,18 +87,20 @@ SlotKey = tuple[tuple[str, Any], ...]  # a supernet's non-op slots and their val
 
 @dataclass
 class EvaluatorConfig:
-    """Scoring options; `supernet_steps` for "inherit", `train_steps` for "train". `max_params`,
-    `max_flops` (a forward pass at the data set's grid) and `max_latency_ms` (that pass measured on
-    the search's device, batch 1) are hard constraints: a genotype over one is rejected before any
-    training, its score infinite (never chosen for a pool). Latency is measured only when limited
+    """Scoring options; `supernet_steps` for "inherit" and "finetune", `train_steps` for "train",
+    `finetune_steps` for "finetune". `max_params`, `max_flops` (a forward pass at the data set's
+    grid) and `max_latency_ms` (that pass measured on the search's device, batch 1) are hard
+    constraints: a genotype over one is rejected before any training, its score infinite (never
+    chosen for a pool). Latency is measured only when limited
     or when it is the search's cost, and only for a genotype within the other two limits.
     `supernet`: an earlier search's supernet file (its DIR/supernet.pt) to score with instead of
-    training one ("inherit" only; see the module docstring); relative to the working directory,
-    and recorded absolute by `nasdose search`."""
+    training one ("inherit" and "finetune"; see the module docstring); relative to the working
+    directory, and recorded absolute by `nasdose search`."""
 
-    mode: Literal["inherit", "train"] = "inherit"
+    mode: Literal["inherit", "train", "finetune"] = "inherit"
     supernet_steps: int = 1000
     train_steps: int = 200
+    finetune_steps: int = 50
     batch_size: int = 1
     lr: float = 1e-3
     max_params: int | None = None
@@ -98,14 +109,14 @@ class EvaluatorConfig:
     supernet: str | None = None
 
     def validate(self) -> None:
-        if self.supernet is not None and self.mode != "inherit":
-            raise ConfigError("config key 'evaluator.supernet': only mode inherit scores with a supernet")
+        if self.supernet is not None and self.mode == "train":
+            raise ConfigError("config key 'evaluator.supernet': mode train uses no supernet (inherit and finetune do)")
         for key in ("max_params", "max_flops"):
             if getattr(self, key) is not None:
                 at_least(f"evaluator.{key}", getattr(self, key), 1)
         if self.max_latency_ms is not None and not self.max_latency_ms > 0:
             raise ConfigError(f"config key 'evaluator.max_latency_ms': must be positive, got {self.max_latency_ms}")
-        for key in ("supernet_steps", "train_steps", "batch_size"):
+        for key in ("supernet_steps", "train_steps", "finetune_steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'evaluator.{key}': must be at least 1, got {getattr(self, key)}")
         if not self.lr > 0:
@@ -128,7 +139,8 @@ class ScoringStrategy(Strategy):
     searches_stages = True
 
     predictions_from = ("the evaluator's networks (mode inherit: the SPOS supernet fixed to each genotype; "
-                        "mode train: each genotype trained briefly from scratch)")
+                        "mode train: each genotype trained briefly from scratch; mode finetune: each genotype "
+                        "trained briefly from its supernet weights)")
 
     def __init__(self, config: Any, scorer: ScorerFactory | None = None) -> None:
         super().__init__(config)
@@ -275,7 +287,7 @@ class CandidateEvaluator:
         if g.macro != self.macro:
             raise NasDoseError(f"candidate: genotype macro {g.macro} differs from the search macro {self.macro}")
         started = time.perf_counter()
-        final = self._final_network(g)
+        own, final = self._final_network(g)
         cost = self.ctx.cost(final, latency=False)
         over = self._over(cost)
         if not over and self.latency:  # measured only for a genotype within the cheap limits
@@ -287,9 +299,14 @@ class CandidateEvaluator:
             supernet, net = self._supernet(g)
             supernet.fix(g)
         else:
+            steps = self.cfg.train_steps
+            if self.cfg.mode == "finetune":
+                own.load_state_dict(self._supernet(g)[0].subnet_state_dict(g))
+                steps = self.cfg.finetune_steps
+                # the supernet may have been trained just now, drawing from the global RNGs
+                seed_everything(derived_seed(self.seed, "finetune", g.key()))
             net = self.ctx.runtime.prepare(final)
-            self._fit(net, final.parameters(), self.cfg.train_steps,
-                      derived_seed(self.seed, "train", g.key()), desc="candidate")
+            self._fit(net, final.parameters(), steps, derived_seed(self.seed, self.cfg.mode, g.key()), desc="candidate")
         errors, preds = self.ctx.evaluate(net, dict.fromkeys([*self.ctx.arch_ids, *self.kept]))
         score = float(np.mean([errors[pid] for pid in self.ctx.arch_ids]))
         predictions = {pid: preds[pid].astype(np.float16) for pid in self.kept} if self.kept else None
@@ -301,10 +318,12 @@ class CandidateEvaluator:
         limits = {"params": self.cfg.max_params, "flops": self.cfg.max_flops, "latency_ms": self.cfg.max_latency_ms}
         return [k for k, limit in limits.items() if limit is not None and cost.get(k, -math.inf) > limit]
 
-    def _final_network(self, g: Genotype) -> nn.Module:
-        """`g`'s own network, seeded by `g` so that "train" results do not depend on the order."""
+    def _final_network(self, g: Genotype) -> tuple[nn.Module, nn.Module]:
+        """`g`'s own network as built and as the task runs it (`ctx.wrap`, around the same
+        weights), seeded by `g` so that "train" results do not depend on the order."""
         seed_everything(derived_seed(self.seed, "init", g.key()))
-        return self.ctx.wrap(self.space.build(g))
+        own = self.space.build(g)
+        return own, self.ctx.wrap(own)
 
     def _fixed(self, g: Genotype) -> dict[str, Any]:
         """The non-op slots of `g`: what a supernet cannot mix."""
@@ -445,11 +464,19 @@ class CandidateEvaluator:
     def _settings(self) -> dict[str, Any]:
         ctx = self.ctx
         return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "space": self.space.name,
-                "macro": self.macro, "seed": self.seed, "evaluator": to_dict(self.cfg),
+                "macro": self.macro, "seed": self.seed, "evaluator": self._evaluator_settings(),
                 "data": str(Path(ctx.data).resolve()), "weight_ids": list(ctx.weight_ids),
                 "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept, "cascade": ctx.cascade,
                 # latencies are only comparable on one kind of device
                 **({"latency_on": latency_device(ctx.runtime.device)} if self.latency else {})}
+
+    def _evaluator_settings(self) -> dict[str, Any]:
+        """The EvaluatorConfig the scores depend on: `finetune_steps` only in mode finetune, so
+        that the caches of the other modes, written before it existed, stay valid."""
+        out = to_dict(self.cfg)
+        if self.cfg.mode != "finetune":
+            del out["finetune_steps"]
+        return out
 
     def _check_settings(self, path: Path) -> None:
         """Cached scores are only reused under the settings that produced them."""

@@ -28,7 +28,7 @@ the most accurate new candidate); an inactive hinge is also said on the console.
 
 DIR receives config.yaml, search_log.jsonl, pool.yaml (read by `nasdose ensemble`),
 genotypes/<member>.yaml and plots/ (arch_weights.png, fitness.png, diversity.png); a search
-whose evaluator trains SPOS supernets (mode inherit) also supernet.pt, which later searches
+whose evaluator trains SPOS supernets (mode inherit or finetune) also supernet.pt, which later searches
 reuse with `options.evaluator.supernet=DIR/supernet.pt` and from which `nasdose ensemble` with
 `init: inherit` starts its members. State is checkpointed under DIR/state; `--resume`
 continues an interrupted search to the same result and log (a differentiable search adds a

@@ -76,19 +76,29 @@ def test_side_by_side_benchmark_at_a_trivial_size(suite, monkeypatch):
 
 
 def test_rank_correlation_at_a_trivial_size(suite):
-    """Both evaluators score the same genotypes as the search does, every genotype is trained,
-    and the rows are well-formed rank statistics."""
+    """The three evaluators score the same genotypes as the search does, every genotype is
+    trained with each full seed, the proxies are compared with the seeds' mean and the
+    yardstick with itself, and the rows are well-formed rank statistics."""
     import rank_correlation
 
-    res = rank_correlation.run(quick=True, device="cpu")
+    s = dataclasses.replace(rank_correlation.Settings().quick(), full_seeds=2)
+    res = rank_correlation.run(quick=True, device="cpu", settings=s)
     m = res["measurements"]
-    assert res["benchmark"] == "rank_correlation" and [r["mode"] for r in m["summary"]] == ["inherit", "train"]
-    assert len(m["runs"]) == 2 and m["runs"][0]["genotypes"] == m["runs"][1]["genotypes"]
+    modes = ["inherit", "train", "finetune", "yardstick"]
+    assert res["benchmark"] == "rank_correlation" and [r["mode"] for r in m["summary"]] == modes
+    assert [r["mode"] for r in m["runs"]] == modes and all(r["genotypes"] == m["runs"][0]["genotypes"]
+                                                          for r in m["runs"])
     for run in m["runs"]:
-        assert len(run["cheap_scores"]) == len(run["trained_scores"]) == len(run["genotypes"]) == 4
-        assert all(math.isfinite(x) and x > 0 for x in run["cheap_scores"] + run["trained_scores"])
+        first, second = run["trained_scores_per_seed"]
+        assert run["trained_scores"] == pytest.approx([(a + b) / 2 for a, b in zip(first, second)])
+        assert first != second  # another training seed, another result
+        assert len(run["trained_scores"]) == len(run["genotypes"]) == 4
+        assert all(math.isfinite(x) and x > 0 for x in run.get("cheap_scores", []) + first + second)
         assert 0 <= run["top_k_hits"] <= 3
-    assert len(res["ratios"]) == 6 and all(r["status"] in ("info", "error") for r in res["ratios"])
+    yardstick = m["runs"][-1]
+    assert yardstick["kendall_tau"] == rank_correlation.rank_stats(first, second, 3)["kendall_tau"]
+    assert m["runs"][0]["cheap_scores"] != m["runs"][2]["cheap_scores"]  # finetuning changed the scores
+    assert len(res["ratios"]) == 12 and all(r["status"] in ("info", "error") for r in res["ratios"])
     json.dumps(res)
 
 

@@ -1,8 +1,10 @@
 """CandidateEvaluator on a tiny synthetic data set: SPOS weight inheritance scores exactly the
-network that is built, one supernet per width/depth, the persisted cache, and "train" mode."""
+network that is built, one supernet per width/depth, the persisted cache, and the "train" and
+"finetune" modes."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +176,61 @@ def test_evolution_with_diversity_on_the_real_evaluator(data, tmp_path, mode):
     assert sorted(reference.predictions) == sorted(DIVERSITY + ARCH)
 
 
+def test_finetune_trains_each_path_on_from_the_supernet_and_does_not_depend_on_the_order(data, tmp_path,
+                                                                                        monkeypatch):
+    ctx = context(data, tmp_path, mode="none")
+    g1, g2 = genotypes(ctx, 2, seed=4)
+    inherited = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=3))
+    start = inherited.score(g1).score
+    saved = str(tmp_path / "evaluator" / "supernet.pt")
+    cfg = EvaluatorConfig(mode="finetune", supernet_steps=3, finetune_steps=2)
+    # the supernet trained on first use, between the genotype's init and its finetuning, or not at all
+    a, b = CandidateEvaluator(context(data, None, mode="none"), cfg), CandidateEvaluator(context(
+        data, None, mode="none"), EvaluatorConfig(mode="finetune", supernet_steps=3, finetune_steps=2, supernet=saved))
+    forward = [a.score(g1).score, a.score(g2).score]
+    backward = [b.score(g2).score, b.score(g1).score]
+    assert forward == backward[::-1] and forward[0] != start
+    # the same start: the network built from g1 with the supernet's weights; a step more, another score
+    supernet, _ = inherited._supernet(g1)
+    torch.testing.assert_close(a._supernet(g1)[0].state_dict(), supernet.state_dict(), rtol=0, atol=0)
+    more = CandidateEvaluator(context(data, None, mode="none"), replace(cfg, finetune_steps=3))
+    assert more.score(g1).score not in (forward[0], start)
+    # without its training steps, the finetuned network is the inherited path exactly
+    real_fit = CandidateEvaluator._fit
+    monkeypatch.setattr(CandidateEvaluator, "_fit", lambda self, net, params, steps, seed, desc, **kw:
+                        None if desc == "candidate" else real_fit(self, net, params, steps, seed, desc, **kw))
+    untrained = CandidateEvaluator(context(data, None, mode="none"), cfg).score(g1).score
+    assert untrained == pytest.approx(start, rel=1e-6)
+
+
+def test_finetune_scores_are_cached_apart_from_inherit_scores(data, tmp_path, monkeypatch):
+    ctx = context(data, tmp_path, mode="none")
+    g1 = genotypes(ctx, 1, seed=5)[0]
+    cfg = EvaluatorConfig(mode="finetune", supernet_steps=3, finetune_steps=2)
+    fits: list[tuple[str, int]] = []
+    real_fit = CandidateEvaluator._fit
+
+    def counted(self, net, params, steps, seed, desc, **kwargs):
+        fits.append((desc, steps))
+        return real_fit(self, net, params, steps, seed, desc, **kwargs)
+
+    monkeypatch.setattr(CandidateEvaluator, "_fit", counted)
+    first = CandidateEvaluator(ctx, cfg).score(g1)
+    assert fits == [("supernet", 3), ("candidate", 2)] and len(trained_supernets(tmp_path)) == 1
+    settings = json.loads((tmp_path / "evaluator" / "settings.json").read_text())["evaluator"]
+    assert settings["mode"] == "finetune" and settings["finetune_steps"] == 2
+    resumed = CandidateEvaluator(ctx, cfg)
+    assert resumed.score(g1).score == first.score and resumed.scored == 0 and len(fits) == 2
+    for other in (EvaluatorConfig(supernet_steps=3), replace(cfg, finetune_steps=3)):
+        with pytest.raises(NasDoseError, match=r"settings.json: the cached scores were made with other settings"):
+            CandidateEvaluator(ctx, other)
+    # an inherit cache does not record finetune_steps: those written before it existed stay valid
+    inherit_ctx = context(data, tmp_path / "inherit", mode="none")
+    CandidateEvaluator(inherit_ctx, EvaluatorConfig(supernet_steps=3))
+    assert "finetune_steps" not in json.loads((tmp_path / "inherit" / "evaluator" / "settings.json").read_text())[
+        "evaluator"]
+
+
 def test_ranked_puts_failures_last_and_keeps_first_of_duplicates():
     ctx = context(Path("unused.h5"), None)
     g1, g2, g3 = genotypes(ctx, 3)
@@ -188,6 +245,11 @@ def test_config_is_validated():
         from_dict(EvaluatorConfig, {"lr": 0})
     with pytest.raises(ConfigError, match="mode"):
         from_dict(EvaluatorConfig, {"mode": "oneshot"})
+    with pytest.raises(ConfigError, match="'evaluator.finetune_steps': must be at least 1, got 0"):
+        from_dict(EvaluatorConfig, {"mode": "finetune", "finetune_steps": 0})
+    with pytest.raises(ConfigError, match="'evaluator.supernet': mode train uses no supernet"):
+        from_dict(EvaluatorConfig, {"mode": "train", "supernet": "supernet.pt"})
+    assert from_dict(EvaluatorConfig, {"mode": "finetune", "supernet": "supernet.pt"}).supernet == "supernet.pt"
 
 
 def test_hard_constraints_reject_a_genotype_before_training(data, tmp_path, monkeypatch):
