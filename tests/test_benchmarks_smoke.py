@@ -147,12 +147,18 @@ def test_preferences_benchmark_at_a_trivial_size(suite):
     """Both models train and are scored on every held-out plan; the rows are well-formed."""
     import bench_preferences
 
-    res = bench_preferences.run(quick=True, device="cpu")
+    quick = bench_preferences.Settings().quick()
+    res = bench_preferences.run(quick=True, device="cpu", settings=replace(quick, latency_grids=[16, 32]))
     (run,) = res["measurements"]["runs"]
     assert run["plans"] == 10 and run["plain_dose_score"] > 0 and run["conditioned_dose_score"] > 0
     assert math.isnan(run["hi_rho"]) or -1 <= run["hi_rho"] <= 1
-    assert set(res["measurements"]["latency_s"]) == {"conditioned_16_s", "plain_16_s"}
-    assert [r["status"] for r in res["ratios"]][3] == "info" and len(res["ratios"]) == 4
+    assert set(res["measurements"]["latency_s"]) == {f"{m}_{g}_s" for m in ("conditioned", "plain", "student")
+                                                     for g in (16, 32)}
+    latency = res["ratios"][3:]
+    assert len(latency) == 4 and all(r["quantity"].startswith("latency") for r in latency)
+    # the 50 ms target is the student's at 32³ (the issue's), not the conditioned model's
+    assert [r["target"] for r in latency] == ["", "", "", "≤ 50"]
+    assert "student (U-Net widths [2, 4])" in latency[3]["quantity"]
     json.dumps(res)
 
 
@@ -190,4 +196,4 @@ def test_preferences_benchmark_scores_a_third_model_with_the_consistency_term(su
     assert run["consistency"]["plans"] == 10 and run["consistency"]["conditioned_dose_score"] > 0
     assert run["consistency"]["plain_dose_score"] == run["plain_dose_score"]  # against the same plain model
     names = [r["quantity"] for r in res["ratios"]]
-    assert len(names) == 7 and names[3].startswith("with consistency 0.5: dose score improvement")
+    assert len(names) == 8 and names[3].startswith("with consistency 0.5: dose score improvement")
