@@ -30,9 +30,6 @@ class Genotype:
     version: int
     choices: dict[str, str | int]
     macro: dict[str, Any] = field(default_factory=dict)
-    # `key()`, computed once: a genotype is a value, never changed once made (searches rank
-    # thousands of candidates by key, and finding a lenas_levels network's unused slots takes ~0.1 ms)
-    _key: Hashable = field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe data (tuples become lists)."""
@@ -40,21 +37,9 @@ class Genotype:
                 "macro": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.macro.items()}}
 
     def key(self) -> Hashable:
-        """A hashable identity (space, version, choices, macro), for caches and deduplication.
-
-        The choices of slots the network does not use (outside `SearchSpace.active_slots`: the
-        cells of a lenas_levels genotype's levels beyond its depth) are left out: genotypes that
-        differ only there build one network, which is scored once and enters a pool once.
-        """
-        if self._key is None:
-            from .space import get_space  # the space module builds on this one
-
-            space = get_space(self.space)
-            unused = set(space.slots()) - set(space.active_slots(self))
-            choices = tuple(sorted((s, v) for s, v in self.choices.items() if s not in unused))
-            macro = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.macro.items()))
-            self._key = self.space, self.version, choices, macro
-        return self._key
+        """A hashable identity (space, version, choices, macro), for caches and deduplication."""
+        macro = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.macro.items()))
+        return self.space, self.version, tuple(sorted(self.choices.items())), macro
 
 
 def save_genotype(path: str | Path, g: Genotype) -> None:

@@ -25,8 +25,7 @@ score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids
 `ctx.arch_ids`: not with `train_model`, which addresses patients by split name, whereas the
 search trains and scores on disjoint patient subsets that need not be whole splits.
 
-Scores are cached by `Genotype.key()` (which leaves out the slots a genotype's network does not
-use, so one network is scored once); with `ctx.shared_path`, each entry is its own file under
+Scores are cached by `Genotype.key()`; with `ctx.shared_path`, each entry is its own file under
 ``evaluator/``, so a resumed search never re-scores; the folder's settings.json holds the
 EvaluatorConfig (mode and steps included), and a folder of other settings is refused, so scores
 of different modes never mix. The trained supernets are kept in one file (SUPERNET_FILE,

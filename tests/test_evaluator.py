@@ -284,20 +284,3 @@ def test_a_pool_holds_only_genotypes_within_the_limits(data):
     n = len(cands)
     chosen = select_pool(cands, n, 0.0, {k: np.zeros((n, n)) for k in MATRICES})
     assert chosen and all(cands[i].metrics["params"] <= limit for i in chosen)
-
-
-def test_genotypes_that_differ_only_in_levels_beyond_their_depth_are_scored_once(data, tmp_path, monkeypatch):
-    ctx = context(data, tmp_path, space="lenas_levels", macro={"stem": 4, "widths": [4, 8, 8, 8]}, mode="none")
-    base = {s: c[0] for s, c in ctx.space.slots().items()}
-    g = ctx.space.genotype({**base, "depth": 2}, ctx.macro)
-    hidden = ctx.space.genotype({**base, "depth": 2, "enc3.op1": "conv", "dec2.up": "up_conv"}, ctx.macro)
-    used = ctx.space.genotype({**base, "depth": 2, "enc1.op1": "conv"}, ctx.macro)
-    deep = [ctx.space.genotype({**base, **v}, ctx.macro) for v in ({"depth": 4}, {"depth": 4, "enc3.op1": "conv"})]
-    assert g.key() == hidden.key() and g.key() != used.key() and deep[0].key() != deep[1].key()
-    assert ranked([Candidate(g, 1.0, {}), Candidate(hidden, 1.0, {})]) == [Candidate(g, 1.0, {})]
-    monkeypatch.setattr(CandidateEvaluator, "_score", lambda self, g: Candidate(g, 1.0, {}))
-    ev = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=2))
-    first = ev.score(g)
-    assert ev.score(hidden) is first and ev.scored == 1  # one network: answered from the cache
-    again = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=2))
-    assert again.score(hidden).genotype == g and again.scored == 0  # and from the cache on disk
