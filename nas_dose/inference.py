@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial, reduce
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +18,9 @@ from nas_dose.search_spaces import load_genotype
 from .cascade.patches import CascadeConfig
 from .cascade.windows import predict_source, source_grids
 from .config import from_dict
-from .data.dataset import PlanItem, build_input, plan_reference
+from .data.dataset import PlanItem, build_input, measured_items, plan_reference
 from .data.patient import DOSE_SCALE_GY, Patient
-from .data.preferences import check
+from .data.preferences import MEASURED, check
 from .data.store import DataFile
 from .data.tta import flip_tta
 from .errors import input_error
@@ -72,6 +72,20 @@ class Cascade:
         for pid, coarse in predict_patients(self.coarse, data, ids, runtime, tta):
             yield pid, predict_source(self.refiner, data.read_source(pid), coarse, factor, self.config,
                                       runtime.device, tta)
+
+
+@dataclass
+class AtMeasured:
+    """A conditioned model (or ensemble, on the runtime's device) asked, patient by patient, for
+    the preferences measured on the patient's own dose (`measured_items`)."""
+
+    model: nn.Module
+
+    def predict(self, data: DataFile, ids: list[str], runtime: Runtime,
+                tta: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+        """(id, dose in Gy on the data set's grid) per patient; a patient whose preferences cannot
+        be measured is refused before any is predicted."""
+        return predict_plans(self.model, data, measured_items(data, ids), runtime, tta)
 
 
 FORMAT = "nasdose-ensemble"
@@ -183,9 +197,10 @@ def conditioned_on(model: nn.Module) -> tuple[str, ...]:
     return model.names if isinstance(model, Conditioned) else ()
 
 
-def with_preferences(path: Path, model: nn.Module, values: Mapping[str, float] | None) -> nn.Module:
+def with_preferences(path: Path, model: nn.Module,
+                     values: Mapping[str, float] | Literal["measured"] | None) -> nn.Module:
     """The model as a one-input predictor: a conditioned one asked for `values` (which it needs),
-    a plain one as it is (which takes none)."""
+    a plain one as it is (which takes none); at `MEASURED` the conditioned model itself, checked."""
     names = conditioned_on(model)
     if values is None and names:
         raise input_error(path, f"is conditioned on preferences: give them (e.g. --preference "
@@ -194,7 +209,7 @@ def with_preferences(path: Path, model: nn.Module, values: Mapping[str, float] |
         return model
     if not names:
         raise input_error(path, "is not conditioned on preferences (trained without model.conditioning): drop them")
-    return Preset(model, check(values, names).tolist())
+    return model if isinstance(values, str) else Preset(model, check(values, names).tolist())
 
 
 def load_predictor(path: Path, runtime: Runtime, grid: int | None = None,
@@ -204,6 +219,13 @@ def load_predictor(path: Path, runtime: Runtime, grid: int | None = None,
     its coarse stage (the run's `cascade.coarse`). A conditioned model is asked for `preferences`."""
     model = with_preferences(Path(path), load_model_or_ensemble(path, grid), preferences)
     return as_predictor(Path(path), model, runtime, grid)
+
+
+def load_at_measured(path: Path, runtime: Runtime, grid: int | None = None) -> AtMeasured:
+    """What `load_predictor` loads, for a conditioned model (never a cascade's stage), asked for
+    each patient's own measured preferences; a plain model is refused."""
+    model = with_preferences(Path(path), load_model_or_ensemble(path, grid), MEASURED)
+    return AtMeasured(runtime.prepare(model).eval())
 
 
 def as_predictor(path: Path, model: nn.Module, runtime: Runtime, grid: int | None = None) -> Predictor | Cascade:
@@ -247,18 +269,21 @@ def cascade_config(path: Path) -> CascadeConfig:
     return configs[0]
 
 
-def predictions(predictor: Predictor | Cascade, data: DataFile, ids: list[str], runtime: Runtime,
+def predictions(predictor: Predictor | Cascade | AtMeasured, data: DataFile, ids: list[str], runtime: Runtime,
                 tta: bool = False) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
     """The grid a predictor's doses are on (a cascade's: the source grid), and (id, dose in Gy)
     per patient: non-negative, zero outside the mask."""
     if isinstance(predictor, Cascade):
         return data.grid * source_grids(data, ids), predictor.predict(data, ids, runtime, tta)
+    if isinstance(predictor, AtMeasured):
+        return data.grid, predictor.predict(data, ids, runtime, tta)
     return data.grid, predict_patients(predictor, data, ids, runtime, tta)
 
 
-def official_scores(predictor: Predictor | Cascade, data: DataFile, ids: list[str], runtime: Runtime,
+def official_scores(predictor: Predictor | Cascade | AtMeasured, data: DataFile, ids: list[str], runtime: Runtime,
                     tta: bool = False) -> Scores:
-    """The OpenKBP scores of a model's or a cascade's doses, on the source grid."""
+    """The OpenKBP scores of a model's or a cascade's doses (a conditioned model's at each patient's
+    own measured preferences: `AtMeasured`), on the source grid."""
     _, doses = predictions(predictor, data, ids, runtime, tta)
     return score_on_source(data, doses)
 

@@ -2,7 +2,7 @@
 NIfTI, or DICOM RT Dose).
 
   nasdose predict --model MODEL --data DATA.h5 --out DIR [--split S] [--tta] [--no-csv]
-                  [--format csv|nifti|dicom] [--preference oar=0.7,hi=0.1 [--sweep oar=0,0.5,1]]
+                  [--format csv|nifti|dicom] [--preference oar=0.7,hi=0.1|measured [--sweep oar=0,0.5,1]]
                   [runtime.device=cpu runtime.amp=off ...]
 
 DIR receives predictions.h5 (on the data set's grid; a cascade's on the source grid),
@@ -19,9 +19,16 @@ Trailing key=value pairs set the config: `runtime.*` (device, amp, channels_last
 
 A model conditioned on planning preferences (`model.conditioning`) predicts the dose for the
 preferences `--preference` asks for (every one it takes, each in its documented range:
-nas_dose.data.preferences). `--sweep NAME=v1,v2,...` predicts one dose per value of NAME (the
-others as `--preference` gives them) into DIR/NAME=v.h5, and draws each patient's DVHs of every
-setting over each other into DIR/dvh/pt_N.png.
+nas_dose.data.preferences). `--preference measured` asks, patient by patient, for the preferences
+measured on the patient's own dose (its plan's `hi` and its place among the data set's training
+plans, nas_dose.data.preferences.SparingScale): what `nasdose train` scores a conditioned model at
+on a resampled data set, so `nasdose evaluate` of these predictions repeats its official scores. A
+patient without a dose, or with preference plans (`nasdose data synth --preferences K`: several
+plans at recorded preferences), has none measured: a one-line error.
+
+`--sweep NAME=v1,v2,...` predicts one dose per value of NAME (the others as `--preference` gives
+them) into DIR/NAME=v.h5, and draws each patient's DVHs of every setting over each other into
+DIR/dvh/pt_N.png.
 
 Test-time augmentation (--tta) averages the flips the training augmentation uses: along axis 0
 (anterior-posterior) and axis 1 (right-left), each alone and both. A flip along one of them
@@ -45,13 +52,15 @@ from .data.dicom import from_dicom, write_dicom_dose
 from .data.nifti import write_nifti_dose
 from .data.openkbp import write_submission_csv
 from .data.patient import DOSE_SCALE_GY
-from .data.preferences import parse, parse_sweep
+from .data.preferences import MEASURED, parse, parse_sweep
 from .data.store import SPLITS, DataFile, open_data, write_predictions
 from .errors import input_error
 from .inference import (
+    AtMeasured,
     Cascade,
     Predictor,
     as_predictor,
+    load_at_measured,
     load_model_or_ensemble,
     load_predictor,
     predict_patients,
@@ -98,9 +107,9 @@ def _write_submission(folder: Path, fmt: str, pid: str, dose: np.ndarray, data: 
         write_submission_csv(folder / f"{pid}.csv", dose)
 
 
-def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | None, runtime: Runtime, out: Path,
-                  *, model: str, tta: bool = False, csv: bool = True, format: str = "csv",
-                  preferences: Mapping[str, float] | None = None) -> list[str]:
+def write_outputs(predictor: Predictor | Cascade | AtMeasured, data: DataFile, split: str | None, runtime: Runtime,
+                  out: Path, *, model: str, tta: bool = False, csv: bool = True, format: str = "csv",
+                  preferences: Mapping[str, float] | str | None = None) -> list[str]:
     """Predict the patients of `split` (all when None) into `out`; returns their ids.
 
     predictions.h5 (on the data set's grid, or on the source grid for a cascade), then the
@@ -141,7 +150,8 @@ def write_outputs(predictor: Predictor | Cascade, data: DataFile, split: str | N
         shutil.rmtree(staging, ignore_errors=True)
     save_yaml(out / "config.yaml", {"model": model, "data": str(data.path), "split": split, "tta": tta,
                                     "csv": csv, "format": format, "runtime": runtime.describe(),
-                                    **({"preferences": dict(preferences)} if preferences else {})})
+                                    **({"preferences": preferences if isinstance(preferences, str)
+                                        else dict(preferences)} if preferences else {})})
     return ids
 
 
@@ -192,7 +202,7 @@ class Config:
     tta: bool = False
     csv: bool = True
     format: str = "csv"
-    preference: str | None = None  # a conditioned model's preferences, e.g. "oar=0.7,hi=0.1"
+    preference: str | None = None  # a conditioned model's preferences, e.g. "oar=0.7,hi=0.1", or "measured"
     sweep: str | None = None  # one preference and its values, e.g. "oar=0,0.25,0.5,0.75,1"
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -213,20 +223,24 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
     """Predict into `out`; returns the patients predicted. Nothing to resume: a prediction is
     made again whole (written atomically); an earlier one in `out` is replaced only with `force`."""
     runtime = Runtime(config.runtime)
-    asked = parse(config.preference) if config.preference else None
+    measured = config.preference == MEASURED
+    fixed = parse(config.preference) if config.preference and not measured else None
     swept = parse_sweep(config.sweep) if config.sweep else None
+    if swept is not None and measured:
+        raise ConfigError("config key 'preference': a sweep holds the other preferences at values, not 'measured'")
     with output_folder(out), open_data(inputs.data) as data:
         refuse_existing([Path(out) / "predictions.h5", *(Path(out) / f for f in FORMATS.values())], force)
         if data.kind != "dataset":
             raise input_error(inputs.data, "is a prediction file, not a data set")
         if swept is not None:
-            ids = write_sweep(inputs.model, data, config.split, runtime, Path(out), asked or {}, *swept, tta=config.tta)
+            ids = write_sweep(inputs.model, data, config.split, runtime, Path(out), fixed or {}, *swept, tta=config.tta)
             say(f"predicted {len(ids)} patients at {len(swept[1])} settings of {swept[0]}: {out}/{swept[0]}=*.h5, "
                 f"{out}/dvh/")
             return ids
-        predictor = load_predictor(inputs.model, runtime, data.grid, asked)
-        ids = write_outputs(predictor, data, config.split, runtime, Path(out), model=str(inputs.model),
-                            tta=config.tta, csv=config.csv, format=config.format, preferences=asked)
+        predictor = (load_at_measured(inputs.model, runtime, data.grid) if measured
+                     else load_predictor(inputs.model, runtime, data.grid, fixed))
+        ids = write_outputs(predictor, data, config.split, runtime, Path(out), model=str(inputs.model), tta=config.tta,
+                            csv=config.csv, format=config.format, preferences=MEASURED if measured else fixed)
     say(f"predicted {len(ids)} patients: {Path(out) / 'predictions.h5'}"
         + (f", {Path(out) / FORMATS[config.format]}/" if config.csv else ""))
     return ids

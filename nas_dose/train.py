@@ -5,7 +5,10 @@
 RUN receives config.yaml (the resolved config), log.jsonl, metrics.json, curve.png (the loss
 and the validation score), best.pt (the weights with the best validation dose score) and
 checkpoints/last.pt, written every `checkpoint_every` steps and at each epoch end; `--resume`
-continues from it exactly where the run stopped. Each epoch prints one line. With
+continues from it exactly where the run stopped. On a resampled data set metrics.json also holds
+the official validation scores, on the source grid (`official_val_scores`; a conditioned model's
+at each validation patient's own measured preferences, as `nasdose predict --preference measured`
+predicts them). Each epoch prints one line. With
 `logging.tensorboard=true` RUN also receives TensorBoard event files (`tensorboard --logdir RUN`):
 train/loss, train/lr, val/dose_score and val/best_dose_score by step. The model is chosen
 and training stops early on the validation split only, never on test patients.
@@ -21,8 +24,9 @@ from pathlib import Path
 
 from . import distributed
 from .cascade.objective import CascadeObjective
+from .data.preferences import MEASURED
 from .data.store import open_data
-from .inference import load_predictor, official_scores
+from .inference import load_at_measured, load_predictor, official_scores
 from .io import load_json, output_folder, save_json
 from .models.factory import build_model
 from .plots import plot_training_curve
@@ -63,19 +67,29 @@ def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
 
 def _report_official(run: Path, data: Path, config: TrainConfig) -> None:
     """Where the data set was resampled (or the run refines a coarse stage), the checkpoint was
-    chosen on a proxy: score it as OpenKBP does, on the source grid, into metrics.json."""
+    chosen on a proxy: score it as OpenKBP does, on the source grid, into metrics.json.
+
+    A conditioned model is asked for each validation patient's own measured preferences (the
+    one plan the source grid holds; `nasdose predict --preference measured`). Preference plans
+    are stored on the data set's grid only: where the validation patients hold them, each plan
+    is scored against its own dose there, by the validation score, and no official one is made."""
+    conditioned = config.model.conditioning is not None
     with open_data(data) as d:
         ids = d.ids(config.data.val_split)
         if config.cascade.coarse is None and all(d.source_grid(pid) == d.grid for pid in ids):
             return
-        if config.model.conditioning is not None:  # which preferences to ask for: `nasdose predict` says
-            say("official scores: not computed for a conditioned model (predict it with --preference)")
+        if conditioned and any(d.n_plans(pid) for pid in ids):
+            say("official scores: not computed (the validation patients' preference plans are on the data set's "
+                "grid only; the validation score scores each against its own plan)")
             return
         runtime = Runtime(config.runtime)
-        scores = official_scores(load_predictor(Path(run), runtime), d, ids, runtime)
+        predictor = load_at_measured(Path(run), runtime) if conditioned else load_predictor(Path(run), runtime)
+        scores = official_scores(predictor, d, ids, runtime)
+    at = {"preferences": MEASURED} if conditioned else {}
     metrics = load_json(Path(run) / "metrics.json")
     save_json(Path(run) / "metrics.json", {**metrics, "official_val_scores": {
         "dose_score": scores.dose_score, "dvh_score": scores.dvh_score, "patients": len(ids),
-        "grid": d.source_grid(ids[0])}})
-    say(f"official validation scores (OpenKBP, {d.source_grid(ids[0])}³ source grid, {len(ids)} patients): "
+        "grid": d.source_grid(ids[0]), **at}})
+    say(f"official validation scores (OpenKBP, {d.source_grid(ids[0])}³ source grid, {len(ids)} patients"
+        f"{', each at its own measured preferences' if conditioned else ''}): "
         f"dose {scores.dose_score:.3f} Gy, DVH {scores.dvh_score:.3f} Gy")

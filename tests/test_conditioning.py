@@ -3,6 +3,7 @@ and checkpoints, trained on preference plans; unconditioned models as they were.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,12 @@ from nas_dose import cli
 from nas_dose.config import ConfigError, load_config
 from nas_dose.data.dataset import PlanDataset
 from nas_dose.data.preferences import SparingScale, homogeneity_index, spared_mean_doses
-from nas_dose.data.store import open_data
+from nas_dose.data.resample import downsample_patient
+from nas_dose.data.store import open_data, write_dataset
+from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.inference import Ensemble, conditioned_on, predict_patient, with_preferences
-from nas_dose.io import load_checkpoint, load_yaml
+from nas_dose.io import load_checkpoint, load_json, load_yaml
 from nas_dose.models.conditioning import Conditioned, FiLMNorm, condition, conditioning_spec
 from nas_dose.models.factory import ModelConfig, build_model, check_input_size, load_model, model_spec
 from nas_dose.progress import set_quiet
@@ -222,3 +225,89 @@ def test_an_ensemble_of_conditioned_members_is_conditioned(tmp_path):
         assert flipped(x, prefs).shape == x[:, :1].shape
     with pytest.raises(NasDoseError, match="is conditioned on preferences: give them"):
         with_preferences(tmp_path, ensemble, None)
+
+
+@pytest.fixture(scope="module")
+def resampled(tmp_path_factory) -> Path:
+    """8 phantoms made on a 32³ grid and stored downsampled by 2 (16³), one plan each: as OpenKBP."""
+    path = tmp_path_factory.mktemp("data") / "coarse16.h5"
+    write_dataset(path, (downsample_patient(p, 2) for p in synth_patients(8, 32, seed=0)), source="synth32", grid=16)
+    return path
+
+
+def nasdose(capsys, *argv: object) -> tuple[int, str, str]:
+    """Run the CLI (one thread, on the CPU where the command takes a runtime); status, stdout, stderr."""
+    capsys.readouterr()
+    status = cli.main([*map(str, argv)])
+    set_quiet(False)
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_train_scores_a_conditioned_model_at_each_patients_measured_preferences(resampled, tmp_path, capsys):
+    run = tmp_path / "run"
+    status, printed, _ = nasdose(capsys, "train", "--data", resampled, "--out", run, *SMALL, "epochs=2",
+                                 "model.conditioning=film", "data.plans=true")
+    assert status == 0
+    official = load_json(run / "metrics.json")["official_val_scores"]
+    assert official["grid"] == 32 and official["patients"] == 2 and official["preferences"] == "measured"
+    assert (f"official validation scores (OpenKBP, 32³ source grid, 2 patients, each at its own measured "
+            f"preferences): dose {official['dose_score']:.3f} Gy, DVH {official['dvh_score']:.3f} Gy") in printed
+    # `predict --preference measured` + `evaluate` repeat them exactly (the CSVs up to their rounding)
+    pred = tmp_path / "pred"
+    assert nasdose(capsys, "predict", "-q", "--model", run, "--data", resampled, "--out", pred, "--split",
+                   "validation", "--preference", "measured", "runtime.device=cpu", "runtime.threads=1")[0] == 0
+    assert load_yaml(pred / "config.yaml")["preferences"] == "measured"
+    for predicted, tolerance in ((pred / "predictions.h5", 0), (pred / "submission", 1e-4)):
+        assert nasdose(capsys, "evaluate", "-q", "--pred", predicted, "--ref", resampled, "--out",
+                       tmp_path / predicted.name, "--split", "validation", "--plots", 0)[0] == 0
+        scores = load_json(tmp_path / predicted.name / "metrics.json")
+        assert scores["n_patients"] == 2
+        assert scores["dose_score"] == pytest.approx(official["dose_score"], abs=tolerance)
+        assert scores["dvh_score"] == pytest.approx(official["dvh_score"], abs=tolerance)
+    # each patient at the preferences its own dose measures against the training plans
+    model, _ = load_model(run)
+    runtime = Runtime(RuntimeConfig(device="cpu"))
+    with open_data(resampled) as d, open_data(pred / "predictions.h5") as preds:
+        scale = SparingScale(spared_mean_doses(d.read(pid).dose, d.read(pid).structures) for pid in d.ids("train"))
+        asked = []
+        for pid in d.ids("validation"):
+            p = d.read(pid)
+            values = [scale.sparing(spared_mean_doses(p.dose, p.structures)),
+                      homogeneity_index(p.dose, p.structures["PTV70"])]
+            np.testing.assert_allclose(preds.read_dose(pid), predict_patient(model.at(values), p, runtime), atol=1e-5)
+            asked.append(values)
+    assert asked[0] != asked[1]
+
+
+def test_measured_preferences_need_one_measured_plan_per_patient(conditioned_run, plan_data, unlabeled_data,
+                                                                 tmp_path, capsys):
+    for data, split, message in ((plan_data, "validation", r"patient pt_7 holds preference plans .*: ask for a "
+                                                          r"setting \(--preference oar=V,hi=V\)"),
+                                 (unlabeled_data, "unlabeled", "patient pt_9 has no dose to measure its "
+                                                               "preferences on")):
+        status, err = nasdose_predict(capsys, "--model", conditioned_run, "--data", data, "--out", tmp_path / "p",
+                                      "--split", split, "--preference", "measured")
+        assert status == 1 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+        assert not (tmp_path / "p").exists()
+    status, err = nasdose_predict(capsys, "--model", conditioned_run, "--data", plan_data, "--out", tmp_path / "p",
+                                  "--preference", "measured", "--sweep", "oar=0,1")
+    assert status == 1 and "a sweep holds the other preferences at values, not 'measured'" in err
+
+
+def test_a_plain_model_is_not_asked_for_measured_preferences(run_plain, data, tmp_path, capsys):
+    status, err = nasdose_predict(capsys, "--model", run_plain, "--data", data, "--out", tmp_path / "p",
+                                  "--preference", "measured")
+    assert status == 1 and "is not conditioned on preferences" in err
+
+
+def test_preference_plans_on_a_resampled_data_set_get_no_official_scores(tmp_path, capsys):
+    """Their plans are on the data set's grid only: the validation score is the one that scores them."""
+    plans = {p.id: p.plans for p in synth_patients(8, 16, seed=0, preferences=2)}
+    coarse = (replace(downsample_patient(p, 2), plans=plans[p.id]) for p in synth_patients(8, 32, seed=0))
+    write_dataset(tmp_path / "plans16.h5", coarse, source="synth32", grid=16)
+    status, printed, _ = nasdose(capsys, "train", "--data", tmp_path / "plans16.h5", "--out", tmp_path / "run",
+                                 *SMALL, "epochs=1", "model.conditioning=film", "data.plans=true")
+    assert status == 0 and "official_val_scores" not in load_json(tmp_path / "run" / "metrics.json")
+    assert "official scores: not computed (the validation patients' preference plans are on the data set's grid" \
+        in printed

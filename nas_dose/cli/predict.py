@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
                         help="submission files: csv (OpenKBP, submission/; the default), nifti (nifti/*.nii.gz, "
                              "on each patient's original voxel grid and affine) or dicom (dicom/*.dcm, an RT Dose "
                              "aligned with the patient's CT; patients imported from DICOM)")
-    parser.add_argument("--preference", metavar="NAME=V,...", default=None,
-                        help=f"a conditioned model's planning preferences ({describe()})")
+    parser.add_argument("--preference", metavar="NAME=V,...|measured", default=None,
+                        help=f"a conditioned model's planning preferences ({describe()}); 'measured': each "
+                             "patient's own, measured on its dose (as nasdose train scores a conditioned model)")
     parser.add_argument("--sweep", metavar="NAME=V1,V2,...", default=None,
                         help="predict one dose per value of one preference (the others from --preference), "
                              "NAME=V.h5 each, and overlay each patient's DVHs in dvh/")

@@ -270,6 +270,18 @@ def plan_items(data: DataFile, ids: Sequence[str]) -> list[PlanItem]:
             for pid, values in zip(ids, plan_preferences(data, ids)) for k, v in enumerate(values)]
 
 
+def measured_items(data: DataFile, ids: Sequence[str]) -> list[PlanItem]:
+    """Each patient once, its own dose at the preferences measured on it (`plan_items` of patients
+    without preference plans): what a conditioned model is asked for at `MEASURED`. A patient
+    with preference plans has several plans at recorded preferences, none measured: refused."""
+    recorded = [pid for pid in ids if data.n_plans(pid)]
+    if recorded:
+        raise NasDoseError(f"{data.path}: patient {recorded[0]} holds preference plans (several plans at recorded "
+                           "preferences), not one plan to measure them on: ask for a setting (--preference "
+                           "oar=V,hi=V)")
+    return plan_items(data, ids)
+
+
 def plan_reference(data: DataFile, item: PlanItem) -> Patient:
     """The patient on the data set's grid (where preference plans are stored) with the item's plan
     as its dose, named by the item's key."""

@@ -15,11 +15,13 @@ A plan made without a recorded sparing weight (a real patient's single plan) get
 (`SparingScale`): 1 minus the mean, over its spared OARs, of the rank of the OAR's mean dose
 among a population of plans (0.5: a typical plan). This measures where the plan stands in the
 population, anatomy included (an OAR beside the target gets a high dose however hard it was
-spared), not the planner's intent: the slider then spans the population's variation.
+spared), not the planner's intent: the slider then spans the population's variation. Asking a
+model for `MEASURED` asks, patient by patient, for the preferences measured on its own dose
+(`nasdose predict --preference measured`): where its plan stands, as far as its dose tells.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Final, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +34,7 @@ PREFERENCES: dict[str, tuple[float, float, str]] = {
     "hi": (0.0, 1.0, "homogeneity index of the PTV70 dose, (D2 - D98) / D50: 0 is perfectly homogeneous"),
 }
 NAMES: tuple[str, ...] = tuple(PREFERENCES)
+MEASURED: Final = "measured"  # in place of values: each patient's own measured preferences
 SPARED_OARS: tuple[str, ...] = tuple(o for o in OARS if o != "Mandible")  # the OARs `oar` speaks of
 
 
