@@ -197,3 +197,46 @@ def test_preferences_benchmark_scores_a_third_model_with_the_consistency_term(su
     assert run["consistency"]["plain_dose_score"] == run["plain_dose_score"]  # against the same plain model
     names = [r["quantity"] for r in res["ratios"]]
     assert len(names) == 8 and names[3].startswith("with consistency 0.5: dose score improvement")
+
+
+
+def test_preferences_benchmark_compares_officially_on_a_resampled_data_set(suite, tmp_path, monkeypatch):
+    """`--openkbp`: both models trained by `nasdose train` on a resampled data set, the conditioned
+    one scored at each patient's own measured preferences, as `predict --preference measured` does."""
+    import bench_preferences
+
+    from nas_dose.data.resample import downsample_patient
+    from nas_dose.data.store import open_data, write_dataset
+    from nas_dose.data.synth import synth_patients
+    from nas_dose.inference import load_at_measured, load_predictor, official_scores
+    from nas_dose.runtime import Runtime, RuntimeConfig
+
+    data = tmp_path / "coarse16.h5"
+    write_dataset(data, (downsample_patient(p, 2) for p in synth_patients(5, 32, seed=0)), source="synth32", grid=16)
+    runtime = Runtime(RuntimeConfig(device="cpu", threads=1))
+    expected, train = {}, bench_preferences.nasdose_train
+
+    def scored(config, inputs, out):  # what the run folder scores, read before it is deleted
+        result = train(config, inputs, out)
+        load = load_at_measured if config.model.conditioning else load_predictor
+        with open_data(inputs.data) as d:
+            expected[out.name] = official_scores(load(out, runtime), d, d.ids("validation"), runtime)
+        return result
+
+    monkeypatch.setattr(bench_preferences, "nasdose_train", scored)
+    settings = replace(bench_preferences.Settings().quick(), latency_grids=[16], openkbp=str(data))
+    res = bench_preferences.run(quick=True, device="cpu", settings=settings)
+    (run,) = res["measurements"]["runs"]
+    k, plain, conditioned = run["openkbp"], expected["plain_seed0"], expected["conditioned_seed0"]
+    assert (k["plain_dose_score"], k["plain_dvh_score"]) == (plain.dose_score, plain.dvh_score)
+    assert (k["conditioned_dose_score"], k["conditioned_dvh_score"]) == (conditioned.dose_score, conditioned.dvh_score)
+    rows = res["ratios"][3:5]
+    assert [r["quantity"].split(": ")[1] for r in rows] == [
+        "official dose score, conditioned at each patient's measured preferences ÷ plain",
+        "official DVH score, conditioned at each patient's measured preferences ÷ plain"]
+    assert rows[0]["value"] == pytest.approx(conditioned.dose_score / plain.dose_score) and rows[0]["target"] == "≤ 1"
+    assert rows[1]["value"] == pytest.approx(conditioned.dvh_score / plain.dvh_score)
+    same_grid = tmp_path / "synth16.h5"
+    write_dataset(same_grid, synth_patients(5, 16, seed=0), source="synth", grid=16)
+    with pytest.raises(bench_preferences.NasDoseError, match="not a resampled data set"):
+        bench_preferences.official(replace(settings, openkbp=str(same_grid)), 0, "cpu", tmp_path / "runs")
