@@ -43,7 +43,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 import numpy as np
 
@@ -109,7 +109,7 @@ def _write_submission(folder: Path, fmt: str, pid: str, dose: np.ndarray, data: 
 
 def write_outputs(predictor: Predictor | Cascade | AtMeasured, data: DataFile, split: str | None, runtime: Runtime,
                   out: Path, *, model: str, tta: bool = False, csv: bool = True, format: str = "csv",
-                  preferences: Mapping[str, float] | str | None = None) -> list[str]:
+                  preferences: Mapping[str, float] | Literal["measured"] | None = None) -> list[str]:
     """Predict the patients of `split` (all when None) into `out`; returns their ids.
 
     predictions.h5 (on the data set's grid, or on the source grid for a cascade), then the
