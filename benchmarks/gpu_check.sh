@@ -13,7 +13,8 @@
 #   GPU_CHECK_DRY=1        the same steps on the CPU at a tiny size (tests/test_gpu_check.py)
 #   GPU_CHECK_CARRY=DIR    the carried folder (default .gpu: openkbp.h5, openkbp.json, whl/)
 #   GPU_CHECK_PARTS        "suite train" (default), or one of them for a rerun
-#   GPU_CHECK_LOADER_S, _RUNTIME_S, _TRAIN_S, _TOTAL_S   seconds of each part (60, 130, 300) and in all (560)
+#   GPU_CHECK_LOADER_S, _RUNTIME_S, _TRAIN_S, _TOTAL_S   seconds of each part (80, 170, 280) and in all (560)
+#   GPU_CHECK_OVERRIDES    more key=value settings of both trainings (e.g. data.num_workers=12)
 set -uo pipefail
 shopt -s nullglob
 
@@ -37,7 +38,7 @@ if [ "$DRY" = 1 ]; then
   TRAIN_SET=(runtime.device=cpu runtime.threads=1 "model.kwargs.widths=[4, 8]")
   PREDICT_SET=(runtime.device=cpu runtime.threads=1)
 else
-  LOADER_S=${GPU_CHECK_LOADER_S:-60} RUNTIME_S=${GPU_CHECK_RUNTIME_S:-130} TRAIN_S=${GPU_CHECK_TRAIN_S:-300}
+  LOADER_S=${GPU_CHECK_LOADER_S:-80} RUNTIME_S=${GPU_CHECK_RUNTIME_S:-170} TRAIN_S=${GPU_CHECK_TRAIN_S:-280}
   TOTAL_S=${GPU_CHECK_TOTAL_S:-560}
   RESERVE=60
   MOST=""
@@ -45,7 +46,9 @@ else
   TRAIN_SET=()
   PREDICT_SET=()
 fi
-TRAIN_SET+=(log_every=5)  # more log entries between epoch ends: the steps/s without validation
+# More log entries between epoch ends (the steps/s without validation), and the caller's settings.
+# shellcheck disable=SC2206  # key=value words
+TRAIN_SET+=(log_every=5 ${GPU_CHECK_OVERRIDES:-})
 
 elapsed() { echo $(($(date +%s) - $1)); }
 
