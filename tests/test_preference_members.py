@@ -12,13 +12,21 @@ from test_distill_cli import GENOTYPES  # two small LENAS genotypes
 
 from nas_dose import ensemble
 from nas_dose.config import ConfigError, load_config
-from nas_dose.data.dataset import plan_items, plan_key
+from nas_dose.data.dataset import measured_items, plan_items, plan_key
 from nas_dose.data.store import open_data
 from nas_dose.distill import distill as distill_stage
 from nas_dose.distill.teacher import PlanTeacherDataset
 from nas_dose.ensemble import EnsembleConfig, Inputs
 from nas_dose.errors import NasDoseError
-from nas_dose.inference import conditioned_on, load_ensemble, predict_patient
+from nas_dose.inference import (
+    conditioned_on,
+    load_at_measured,
+    load_ensemble,
+    official_scores,
+    predict_patient,
+    predict_plans,
+    score_plans,
+)
 from nas_dose.io import load_checkpoint
 from nas_dose.models.conditioning import Conditioned, Preset
 from nas_dose.models.factory import load_model
@@ -81,6 +89,43 @@ def test_the_saved_ensemble_predicts_each_plan_as_it_was_scored(conditioned_ense
         for item in plan_items(d, ["pt_8"])[::3]:
             dose = predict_patient(Preset(ens, item.values.tolist()), d.read(item.pid), runtime)
             np.testing.assert_allclose(dose, saved.read_dose(item.key), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def measured_ensemble(tmp_path_factory, resampled_data, pool_file) -> tuple[Path, dict]:
+    """Conditioned members on a resampled data set of one plan per patient (as OpenKBP)."""
+    out = tmp_path_factory.mktemp("mens") / "run"
+    cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "selection.combination=weighted"])
+    return out, ensemble.run(cfg, Inputs(pool_file, resampled_data), out)
+
+
+def test_on_a_resampled_data_set_every_score_is_official_at_measured_preferences(measured_ensemble,
+                                                                                 resampled_data):
+    """Each patient is asked for its own measured preferences and scored as OpenKBP does, on the
+    32³ source grid, as `nasdose train` scores a conditioned run there, not on the 16³ grid."""
+    out, metrics = measured_ensemble
+    runtime = Runtime(RuntimeConfig(device="cpu"))
+    assert metrics["preferences"] == "measured" and "plans" not in metrics
+    with open_data(resampled_data) as d:
+        ids = d.ids("validation")
+        assert metrics["patients"] == ids and set(metrics["validation_in_sample"]["per_patient"]) == set(ids)
+        whole = load_at_measured(out / "ensemble.yaml", runtime)
+        official = official_scores(whole, d, ids, runtime)
+        coarse = score_plans(d, measured_items(d, ids), predict_plans(whole.model, d, measured_items(d, ids), runtime))
+        members = {name: official_scores(load_at_measured(out / "members" / name, runtime), d, ids, runtime)
+                   for name in GENOTYPES}
+    in_sample = metrics["validation_in_sample"]
+    assert in_sample["dose_score"] == pytest.approx(official.dose_score, rel=1e-4)
+    assert in_sample["dvh_score"] == pytest.approx(official.dvh_score, rel=1e-4)
+    assert abs(coarse.dose_score - official.dose_score) > 1e-3  # the 16³ score is another number
+    for name, scores in members.items():
+        assert metrics["members"][name]["dose_score"] == pytest.approx(scores.dose_score, rel=1e-4)
+    best = metrics["best_member"]
+    assert best["dose_score"] == pytest.approx(min(s.dose_score for s in members.values()), rel=1e-4)
+    assert set(metrics["validation_leave_one_patient_out"]["weights"]) == set(ids)
+    with open_data(out / "members" / "a" / "validation.h5") as cache:
+        assert cache.ids() == ids  # each patient once, on the data set's grid (selection's coarse score)
+        assert cache.grid == 16
 
 
 def test_leave_one_patient_out_groups_a_patients_entries():
