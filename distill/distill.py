@@ -60,8 +60,9 @@ DIR receives:
   metrics.json      the same numbers, the training records and the settings; teacher_recomputed:
                     whether the run (at any of its starts) computed the teacher's predictions,
                     false when it reused a cache made before it (--teacher-cache)
-  student.pt2       with --export: the student as a torch.export program (batch 1, data grid),
-                    checked against torch (`nasdose export` makes ONNX and dynamic sizes too)
+  student.pt2       with --export: the student as a torch.export program (batch 1, data grid;
+                    a conditioned student's takes the preferences as its second input), checked
+                    against torch (`nasdose export` makes ONNX, dynamic sizes and model.yaml too)
   config.yaml       the resolved config
 
 A teacher conditioned on planning preferences (an ensemble trained with `conditioning: film`, or
@@ -69,7 +70,9 @@ one conditioned run) teaches a student conditioned alike, with `train.data.plans
 teacher is cached once per plan of each training and validation patient, the student (and its
 baseline) draws one plan per patient and epoch with its preferences, and the table scores every
 model on each plan of the validation patients (on the data set's grid; costs at one preference
-setting). No unlabeled patients (they have no plan to ask for), no hints, no --export then.
+setting). No unlabeled patients then (they have no plan to ask for). Hints run the teacher's
+member asked for the preferences of the plan the student is asked for; --export writes a program
+of two inputs, the patient input and the preferences (nas_dose.export).
 
 --resume continues an interrupted run: the cached teacher predictions and finished trainings
 are reused and a half-trained one resumes from its last checkpoint.
@@ -237,17 +240,15 @@ def _hint_member(teacher: nn.Module, hint: HintConfig) -> nn.Module:
 def _plan_items(teacher: Path, model: nn.Module, data: Path, ids: list[str],
                 cfg: DistillConfig) -> list[PlanItem] | None:
     """A conditioned teacher's plans to cache (every plan of each patient); None for a plain one.
-    Conditioning and `train.data.plans` go together, without hints or export."""
+    Conditioning and `train.data.plans` go together."""
     if not conditioned_on(model):
         if cfg.train.data.plans:
             raise input_error(teacher, "is not conditioned on preferences: train.data.plans is for a conditioned "
                                        "teacher; leave it out")
         return None
-    for wrong, why in ((not cfg.train.data.plans, "set train.data.plans=true"),
-                       (cfg.hint.weight > 0, "set hint.weight=0 (hints run the teacher without preferences)"),
-                       (cfg.export, "drop --export (an exported student takes no preferences)")):
-        if wrong:
-            raise input_error(teacher, f"is conditioned on preferences, and teaches a conditioned student: {why}")
+    if not cfg.train.data.plans:
+        raise input_error(teacher, "is conditioned on preferences, and teaches a conditioned student: "
+                                   "set train.data.plans=true")
     with open_data(data) as d:
         return plan_items(d, ids)
 

@@ -45,9 +45,11 @@ from nas_dose.cascade.patches import PatchDataset
 from nas_dose.config import ConfigError, at_least
 from nas_dose.data.dataset import IN_CHANNELS, TrainingSet
 from nas_dose.errors import NasDoseError
+from nas_dose.models.conditioning import preference_shapes
 from nas_dose.runtime import Runtime
 from nas_dose.search_spaces.measure import meta_copy, meta_forward
 from nas_dose.training import Objective, TrainConfig, masked_loss
+from nas_dose.training.engine import forward
 from nas_dose.training.losses import dvh_moment_loss, share_weight
 
 from .levels import Levels, level_pairs
@@ -271,8 +273,9 @@ class DistillObjective(Objective):
             names_s, names_t = [s for s, _, _ in pairs], [t for _, t, _ in pairs]
             self.hint_weights = [w for _, _, w in pairs]
             shape = (1, IN_CHANNELS, *(self.grid,) * 3)
-            c_s = feature_channels(model, names_s, shape)
-            c_t = feature_channels(self.hint_teacher, names_t, *self.teacher_shapes(shape))
+            c_s = feature_channels(model, names_s, shape, *preference_shapes(model))
+            c_t = feature_channels(self.hint_teacher, names_t, *self.teacher_shapes(shape),
+                                   *preference_shapes(self.hint_teacher))
             self.adapters = nn.ModuleList(nn.Conv3d(a, b, 1) for a, b in zip(c_s, c_t)).to(device)
             self.student_tap = FeatureTap(model, names_s)
             self.hint_teacher = self.hint_teacher.to(device)
@@ -291,10 +294,11 @@ class DistillObjective(Objective):
         teacher.eval().requires_grad_(False)
 
     def teacher_features(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """The hint teacher's features for `batch`: one forward pass without gradients."""
+        """The hint teacher's features for `batch`: one forward pass without gradients (a
+        conditioned teacher's asked for the batch's preferences, as the student is)."""
         assert self.hint_teacher is not None
         with torch.no_grad(), self.runtime.autocast():
-            self.hint_teacher(batch["input"])
+            forward(self.hint_teacher, batch)
         return self.teacher_tap.take()
 
     def parameters(self) -> list[nn.Parameter]:

@@ -25,10 +25,15 @@ With `conditioning: film` (and `train.data.plans: true`) every member is conditi
 planning preferences (docs/how-to/preferences.md): the members learn from the preference plans,
 and their validation predictions, the selection, the weights and the scores are made on every plan
 of each validation patient (one scored item per plan, asked for its preferences, on the data
-set's grid; the leave-one-patient-out estimate leaves out all plans of a patient at once).
-validation.h5 then holds one dose per plan, named `PATIENT#planK`, and the evaluation's plots are
-not drawn. The ensemble.yaml of conditioned members predicts as a conditioned model
-(`nasdose predict --preference`, `nasdose view`, and a teacher for `nasdose distill`).
+set's grid, where the plans are stored; the leave-one-patient-out estimate leaves out all plans of
+a patient at once). validation.h5 then holds one dose per plan, named `PATIENT#planK`, and the
+evaluation's plots are not drawn. Validation patients without preference plans (OpenKBP's) are one
+plan each, their own dose: each member is asked for the patient's own measured preferences
+(`nasdose predict --preference measured`), and from there on the ensemble is chosen and scored as
+a plain one (on a resampled data set: selected on the data set's grid, every score reported
+official, on the source grid; metrics.json `preferences: measured`). The ensemble.yaml of
+conditioned members predicts as a conditioned model (`nasdose predict --preference`, `nasdose
+view`, and a teacher for `nasdose distill`).
 
 --resume continues an interrupted run: finished members are reused, a half-trained one resumes
 from its last checkpoint, and changed selection settings are applied without retraining.
@@ -59,6 +64,7 @@ from .cascade.patches import CascadeConfig
 from .cascade.windows import source_grids
 from .config import ConfigError, at_least, check_run_folder, from_dict, save_config
 from .data.dataset import PlanItem, plan_items, plan_reference
+from .data.preferences import MEASURED
 from .data.store import DataFile, open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
@@ -400,6 +406,7 @@ def _report(cfg: EnsembleConfig, pool: Pool, members: Sequence[_Member], vp: Val
     metrics = {
         "data": str(data), "split": split, "patients": list(dict.fromkeys(pids)), "notes": NOTES,
         **({} if items is None else {"plans": vp.ids}),
+        **({"preferences": MEASURED} if items is None and cfg.conditioning is not None else {}),
         "ensemble": {"selection": cfg.selection.method, "combination": cfg.selection.combination,
                      "tta": cfg.tta, "picks": [names[i] for i in sel.order[:sel.size]],
                      "weights": _named(names, sel.weights)},
@@ -460,6 +467,7 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
     if not ids:
         raise input_error(data, f"no patients in split '{split}' to select the members on")
     keys = ids if items is None else [item.key for item in items]
+    plans = _scored_plans(items)
     # one rank checks, or another may see its config; the members' training must stay as it was
     supernet = _supernet_file(cfg, pool, pool_path)
     distributed.on_main(check_run_folder, out, cfg, resume, "an ensemble run", out / "members",
@@ -476,8 +484,8 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
             _predict_member(m, data, ids, runtime, cfg.tta, items)
 
     def report() -> dict[str, Any]:
-        vp = _validation_predictions(members, data, ids, cfg.tta, items)
-        return _report(cfg, pool, members, vp, data, out, items)
+        vp = _validation_predictions(members, data, ids, cfg.tta, plans)
+        return _report(cfg, pool, members, vp, data, out, plans)
 
     if cfg.parallel > 1:
         _train_side_by_side(cfg, pool_path, pool.space, members, data, supernet)
@@ -487,12 +495,21 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
     metrics = distributed.on_main(report)
     loo = metrics["validation_leave_one_patient_out"]
     best = metrics["best_member"]
-    where = "OpenKBP, source grid" if items is None else f"on each of {len(items)} plans, the data set's grid"
+    where = ("OpenKBP, source grid" + (", each patient at its own measured preferences" if items else "")
+             if plans is None else f"on each of {len(plans)} plans, the data set's grid")
     say(f"ensemble of {', '.join(f'{n} × {w:.2f}' for n, w in metrics['ensemble']['weights'].items())}: "
         f"validation dose score ({where}) {metrics['validation_in_sample']['dose_score']:.3f} Gy in-sample"
         + (f", {loo['dose_score']:.3f} Gy leave-one-patient-out" if loo else "")
         + f"; best member {best['name']} {best['dose_score']:.3f} Gy. Wrote {out / 'ensemble.yaml'}")
     return metrics
+
+
+def _scored_plans(items: Sequence[PlanItem] | None) -> Sequence[PlanItem] | None:
+    """The plan items that are scored against their own plans, on the data set's grid (where
+    preference plans are stored); None where every item is a patient's own dose at its measured
+    preferences (or the members are plain): each is then a patient, chosen and scored as a plain
+    ensemble's, officially on the source grid."""
+    return items if items is not None and any(item.plan is not None for item in items) else None
 
 
 def _train_side_by_side(cfg: EnsembleConfig, pool_path: Path, space: str, members: Sequence[_Member],

@@ -14,6 +14,12 @@ DIR receives model.onnx (or model.pt2), config.yaml and model.yaml, which descri
 (its channels in order, their scaling), the output (dose / 70 Gy), the sizes the graph accepts
 and the largest difference between the exported graph and torch on random inputs.
 
+A model conditioned on planning preferences (or an ensemble of such members) becomes a graph of
+two inputs: `input` as above and `preferences`, shape (1, P), float32, the values in their own
+units in the order model.yaml's `preferences` lists them with their ranges (the graph scales them
+by the ranges stored in the checkpoint; it does not check that a value is in its range). The graph
+is checked against torch at random preferences in their ranges, one setting per size.
+
 With `dynamic: true` (the default) the spatial axes are free, but a U-Net halves the volume
 depth times: each spatial size must be a multiple of 2^depth (model.yaml's `multiple`; the
 graph does not pad) and at least twice that. The graph is checked at `grid` and at
@@ -39,9 +45,11 @@ from nas_dose.search_spaces import CellUNet
 from .config import ConfigError, at_least, save_config
 from .data.dataset import CHANNELS, CT_HU_RANGE, CT_SCALE
 from .data.patient import DOSE_SCALE_GY, PRESCRIPTION_GY, TARGETS
+from .data.preferences import PREFERENCES as PREFERENCE_TABLE
 from .errors import NasDoseError, input_error
 from .inference import Ensemble, cascade_config, load_model_or_ensemble, trained_grid
 from .io import atomic_path, output_folder, refuse_existing, save_yaml
+from .models.conditioning import Conditioned
 from .models.refiner import Refiner
 from .models.unet3d import UNet
 from .progress import say
@@ -49,6 +57,7 @@ from .progress import say
 Format = Literal["onnx", "pt2"]
 COARSE_CHANNEL = "coarse_dose"
 INPUT, OUTPUT = "input", "dose"
+PREFERENCES = "preferences"  # a conditioned model's second input
 
 
 @dataclass
@@ -93,6 +102,25 @@ def is_stage(model: nn.Module) -> bool:
     return all(isinstance(m, Refiner) for m in networks)
 
 
+def conditioning(model: nn.Module) -> Conditioned | None:
+    """The conditioned network whose preferences the graph takes (an ensemble's first member's:
+    its members agree), None for a plain model."""
+    return next((m for m in model.modules() if isinstance(m, Conditioned)), None)
+
+
+def example_inputs(model: nn.Module, size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """The graph's inputs at `size`³: zeros without `generator`, else random (the patient input
+    standard normal, each preference uniform in its range)."""
+    shape = (1, len(channel_names(model)), size, size, size)
+    x = torch.randn(*shape, generator=generator) if generator is not None else torch.zeros(shape)
+    cond = conditioning(model)
+    if cond is None:
+        return (x,)
+    if generator is None:
+        return x, cond.low[None].clone()
+    return x, cond.low[None] + cond.span[None] * torch.rand(1, len(cond.names), generator=generator)
+
+
 def channel_names(model: nn.Module) -> list[str]:
     return [*CHANNELS, COARSE_CHANNEL] if is_stage(model) else list(CHANNELS)
 
@@ -112,40 +140,48 @@ def check_sizes(config: Config, grid: int, multiple: int) -> list[int]:
     return [grid, second] if second != grid else [grid]
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, config: Config, file: Path) -> None:
+def input_names(model: nn.Module) -> list[str]:
+    """The graph's inputs in order: the patient input, and a conditioned model's preferences."""
+    return [INPUT] if conditioning(model) is None else [INPUT, PREFERENCES]
+
+
+def _write_onnx(model: nn.Module, examples: tuple[torch.Tensor, ...], config: Config, file: Path) -> None:
     """The TorchScript-based exporter: it needs no onnxscript, and a trace at a multiple of
     2^depth is valid at every such size (sizes are traced as shape ops)."""
     axes = {2: "D", 3: "H", 4: "W"} if config.dynamic else {}
     with warnings.catch_warnings():  # the exporter's deprecation and tracer warnings say nothing here
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(file), dynamo=False, opset_version=config.opset,
-                          input_names=[INPUT], output_names=[OUTPUT],
+        torch.onnx.export(model, examples, str(file), dynamo=False, opset_version=config.opset,
+                          input_names=input_names(model), output_names=[OUTPUT],
                           dynamic_axes={INPUT: axes, OUTPUT: axes} if axes else None)
 
 
-def _write_pt2(model: nn.Module, example: torch.Tensor, config: Config, multiple: int, file: Path) -> None:
+def _write_pt2(model: nn.Module, examples: tuple[torch.Tensor, ...], config: Config, multiple: int,
+               file: Path) -> None:
     """torch.export with each spatial size a multiple of `multiple` (so the padding branches of
-    the U-Nets are decided for every size), at least twice it."""
+    the U-Nets are decided for every size), at least twice it; the preferences' shape is fixed."""
     shapes = None
     if config.dynamic:
         dims = [torch.export.Dim(axis, min=2) for axis in "DHW"]
-        shapes = ({i + 2: multiple * d if multiple > 1 else d for i, d in enumerate(dims)},)
+        spatial = {i + 2: multiple * d if multiple > 1 else d for i, d in enumerate(dims)}
+        shapes = (spatial, *(None,) * (len(examples) - 1))
     buffer = io.BytesIO()  # torch.export names no file but a .pt2: saved whole, then written aside
-    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes), buffer)
+    torch.export.save(torch.export.export(model, examples, dynamic_shapes=shapes), buffer)
     file.write_bytes(buffer.getvalue())
 
 
-def _runner(file: Path, fmt: Format) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """The exported graph as a function of a numpy input, and the runtime that runs it."""
+def _runner(file: Path, fmt: Format, names: list[str]) -> tuple[Callable[..., np.ndarray], str]:
+    """The exported graph as a function of its numpy inputs (in `names` order), and the runtime
+    that runs it."""
     if fmt == "pt2":
         module = torch.export.load(io.BytesIO(file.read_bytes())).module()
-        return lambda x: module(torch.from_numpy(x)).detach().numpy(), f"torch {torch.__version__}"
+        return lambda *xs: module(*map(torch.from_numpy, xs)).detach().numpy(), f"torch {torch.__version__}"
     import onnx  # optional (the `export` extra): only ONNX export needs them
     import onnxruntime
 
     onnx.checker.check_model(str(file))
     session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {INPUT: x})[0], f"onnxruntime {onnxruntime.__version__}"
+    return lambda *xs: session.run(None, dict(zip(names, xs, strict=True)))[0], f"onnxruntime {onnxruntime.__version__}"
 
 
 def _require_onnx() -> None:
@@ -159,26 +195,24 @@ def _require_onnx() -> None:
 
 def export_model(model: nn.Module, path: Path, config: Config, grid: int) -> dict[str, Any]:
     """Write `model` (eval mode, CPU) to `path` as `config.format` and check that the graph gives
-    torch's output on random inputs at each checked size; returns what was checked. `path`
-    appears only once checked (written aside, renamed)."""
+    torch's output on random inputs (a conditioned model's: at random preferences) at each checked
+    size; returns what was checked. `path` appears only once checked (written aside, renamed)."""
     if config.format == "onnx":
         _require_onnx()
     model = model.eval().cpu()
     multiple = size_multiple(model)
     sizes = check_sizes(config, grid, multiple)
-    channels = len(channel_names(model))
-    example = torch.zeros(1, channels, grid, grid, grid)
     generator = torch.Generator().manual_seed(0)
     diffs: dict[str, float] = {}
     with atomic_path(path) as tmp, torch.no_grad():
         if config.format == "onnx":
-            _write_onnx(model, example, config, tmp)
+            _write_onnx(model, example_inputs(model, grid), config, tmp)
         else:
-            _write_pt2(model, example, config, multiple, tmp)
-        run_graph, runtime = _runner(tmp, config.format)
+            _write_pt2(model, example_inputs(model, grid), config, multiple, tmp)
+        run_graph, runtime = _runner(tmp, config.format, input_names(model))
         for size in sizes:
-            x = torch.randn(1, channels, size, size, size, generator=generator)
-            expected, got = model(x).numpy(), run_graph(x.numpy())
+            inputs = example_inputs(model, size, generator)
+            expected, got = model(*inputs).numpy(), run_graph(*(t.numpy() for t in inputs))
             if got.shape != expected.shape:
                 raise NasDoseError(f"{path}: the exported graph's output is {got.shape} at {size}³, "
                                    f"torch's {expected.shape}")
@@ -221,6 +255,15 @@ def describe(model: nn.Module, source: Path, config: Config, grid: int, check: d
     }
     if config.format == "onnx":
         info["opset"] = config.opset
+    cond = conditioning(model)
+    if cond is not None:
+        info["preferences"] = {
+            "name": PREFERENCES, "shape": [1, len(cond.names)], "dtype": "float32", "order": list(cond.names),
+            "ranges": {n: [round(float(lo), 6), round(float(lo + span), 6)]  # float32 buffers
+                       for n, lo, span in zip(cond.names, cond.low, cond.span)},
+            "meaning": {n: PREFERENCE_TABLE[n][2] for n in cond.names if n in PREFERENCE_TABLE},
+            "scaling": "each value in its own units, within its range (the graph scales it to [0, 1] by the range "
+                       "and does not check it)"}
     if isinstance(model, Ensemble):
         info["ensemble"] = {"members": model.names, "weights": model.weights, "tta": model.tta}
     if is_stage(model):
@@ -257,6 +300,7 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
         info = describe(model, inputs.model, config, grid, check)
         save_yaml(out / "model.yaml", info)
     worst = max(check["max_abs_diff"].values())
-    say(f"exported {inputs.model} to {out / info['file']} ({info['kind']}; checked against torch at "
+    asked = f", conditioned on {', '.join(info['preferences']['order'])}" if "preferences" in info else ""
+    say(f"exported {inputs.model} to {out / info['file']} ({info['kind']}{asked}; checked against torch at "
         f"{', '.join(check['max_abs_diff'])}: max difference {worst:.2g}), described in {out / 'model.yaml'}")
     return info

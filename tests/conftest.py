@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nas_dose.config import load_config
+from nas_dose.data.resample import downsample_patient
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.models.factory import build_model
@@ -48,6 +49,15 @@ def plan_data(tmp_path_factory) -> Path:
     """`data`'s 8 phantoms, each with 4 preference plans (read only)."""
     path = tmp_path_factory.mktemp("data") / "synth16_plans.h5"
     write_dataset(path, synth_patients(8, 16, seed=0, preferences=4), source="synth", grid=16)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resampled_data(tmp_path_factory) -> Path:
+    """8 phantoms made on a 32³ grid and stored downsampled by 2 (16³), one plan each: as OpenKBP
+    (read only)."""
+    path = tmp_path_factory.mktemp("data") / "coarse16.h5"
+    write_dataset(path, (downsample_patient(p, 2) for p in synth_patients(8, 32, seed=0)), source="synth32", grid=16)
     return path
 
 

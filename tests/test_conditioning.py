@@ -227,14 +227,6 @@ def test_an_ensemble_of_conditioned_members_is_conditioned(tmp_path):
         with_preferences(tmp_path, ensemble, None)
 
 
-@pytest.fixture(scope="module")
-def resampled(tmp_path_factory) -> Path:
-    """8 phantoms made on a 32³ grid and stored downsampled by 2 (16³), one plan each: as OpenKBP."""
-    path = tmp_path_factory.mktemp("data") / "coarse16.h5"
-    write_dataset(path, (downsample_patient(p, 2) for p in synth_patients(8, 32, seed=0)), source="synth32", grid=16)
-    return path
-
-
 def nasdose(capsys, *argv: object) -> tuple[int, str, str]:
     """Run the CLI (one thread, on the CPU where the command takes a runtime); status, stdout, stderr."""
     capsys.readouterr()
@@ -244,9 +236,9 @@ def nasdose(capsys, *argv: object) -> tuple[int, str, str]:
     return status, out.out, out.err
 
 
-def test_train_scores_a_conditioned_model_at_each_patients_measured_preferences(resampled, tmp_path, capsys):
+def test_train_scores_a_conditioned_model_at_each_patients_measured_preferences(resampled_data, tmp_path, capsys):
     run = tmp_path / "run"
-    status, printed, _ = nasdose(capsys, "train", "--data", resampled, "--out", run, *SMALL, "epochs=2",
+    status, printed, _ = nasdose(capsys, "train", "--data", resampled_data, "--out", run, *SMALL, "epochs=2",
                                  "model.conditioning=film", "data.plans=true")
     assert status == 0
     official = load_json(run / "metrics.json")["official_val_scores"]
@@ -255,11 +247,11 @@ def test_train_scores_a_conditioned_model_at_each_patients_measured_preferences(
             f"preferences): dose {official['dose_score']:.3f} Gy, DVH {official['dvh_score']:.3f} Gy") in printed
     # `predict --preference measured` + `evaluate` repeat them exactly (the CSVs up to their rounding)
     pred = tmp_path / "pred"
-    assert nasdose(capsys, "predict", "-q", "--model", run, "--data", resampled, "--out", pred, "--split",
+    assert nasdose(capsys, "predict", "-q", "--model", run, "--data", resampled_data, "--out", pred, "--split",
                    "validation", "--preference", "measured", "runtime.device=cpu", "runtime.threads=1")[0] == 0
     assert load_yaml(pred / "config.yaml")["preferences"] == "measured"
     for predicted, tolerance in ((pred / "predictions.h5", 0), (pred / "submission", 1e-4)):
-        assert nasdose(capsys, "evaluate", "-q", "--pred", predicted, "--ref", resampled, "--out",
+        assert nasdose(capsys, "evaluate", "-q", "--pred", predicted, "--ref", resampled_data, "--out",
                        tmp_path / predicted.name, "--split", "validation", "--plots", 0)[0] == 0
         scores = load_json(tmp_path / predicted.name / "metrics.json")
         assert scores["n_patients"] == 2
@@ -268,7 +260,7 @@ def test_train_scores_a_conditioned_model_at_each_patients_measured_preferences(
     # each patient at the preferences its own dose measures against the training plans
     model, _ = load_model(run)
     runtime = Runtime(RuntimeConfig(device="cpu"))
-    with open_data(resampled) as d, open_data(pred / "predictions.h5") as preds:
+    with open_data(resampled_data) as d, open_data(pred / "predictions.h5") as preds:
         scale = SparingScale(spared_mean_doses(d.read(pid).dose, d.read(pid).structures) for pid in d.ids("train"))
         asked = []
         for pid in d.ids("validation"):

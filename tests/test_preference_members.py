@@ -4,28 +4,40 @@ teaches a conditioned student from a conditioned ensemble, the teacher cached pe
 Tiny: 16³ phantoms with 4 plans each, two small LENAS members, a few steps."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_distill_cli import GENOTYPES  # two small LENAS genotypes
 
 from nas_dose import ensemble
 from nas_dose.config import ConfigError, load_config
-from nas_dose.data.dataset import plan_items, plan_key
+from nas_dose.data.dataset import measured_items, plan_items, plan_key
 from nas_dose.data.store import open_data
 from nas_dose.distill import distill as distill_stage
+from nas_dose.distill.losses import DistillObjective, FeatureTap, HintConfig
 from nas_dose.distill.teacher import PlanTeacherDataset
 from nas_dose.ensemble import EnsembleConfig, Inputs
 from nas_dose.errors import NasDoseError
-from nas_dose.inference import conditioned_on, load_ensemble, predict_patient
+from nas_dose.inference import (
+    conditioned_on,
+    load_at_measured,
+    load_ensemble,
+    official_scores,
+    predict_patient,
+    predict_plans,
+    score_plans,
+)
 from nas_dose.io import load_checkpoint
 from nas_dose.models.conditioning import Conditioned, Preset
-from nas_dose.models.factory import load_model
+from nas_dose.models.factory import ModelConfig, build_model, load_model
 from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import get_space
 from nas_dose.selection import ValidationPredictions, leave_one_patient_out
+from nas_dose.training import TrainConfig
 
 SETTINGS = ["train.epochs=2", "train.steps_per_epoch=2", "train.optim.lr=0.003", "train.data.augment.enabled=false",
             "runtime.device=cpu", "runtime.threads=1", "plots=0", "selection.max_size=2",
@@ -81,6 +93,43 @@ def test_the_saved_ensemble_predicts_each_plan_as_it_was_scored(conditioned_ense
         for item in plan_items(d, ["pt_8"])[::3]:
             dose = predict_patient(Preset(ens, item.values.tolist()), d.read(item.pid), runtime)
             np.testing.assert_allclose(dose, saved.read_dose(item.key), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def measured_ensemble(tmp_path_factory, resampled_data, pool_file) -> tuple[Path, dict]:
+    """Conditioned members on a resampled data set of one plan per patient (as OpenKBP)."""
+    out = tmp_path_factory.mktemp("mens") / "run"
+    cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "selection.combination=weighted"])
+    return out, ensemble.run(cfg, Inputs(pool_file, resampled_data), out)
+
+
+def test_on_a_resampled_data_set_every_score_is_official_at_measured_preferences(measured_ensemble,
+                                                                                 resampled_data):
+    """Each patient is asked for its own measured preferences and scored as OpenKBP does, on the
+    32³ source grid, as `nasdose train` scores a conditioned run there, not on the 16³ grid."""
+    out, metrics = measured_ensemble
+    runtime = Runtime(RuntimeConfig(device="cpu"))
+    assert metrics["preferences"] == "measured" and "plans" not in metrics
+    with open_data(resampled_data) as d:
+        ids = d.ids("validation")
+        assert metrics["patients"] == ids and set(metrics["validation_in_sample"]["per_patient"]) == set(ids)
+        whole = load_at_measured(out / "ensemble.yaml", runtime)
+        official = official_scores(whole, d, ids, runtime)
+        coarse = score_plans(d, measured_items(d, ids), predict_plans(whole.model, d, measured_items(d, ids), runtime))
+        members = {name: official_scores(load_at_measured(out / "members" / name, runtime), d, ids, runtime)
+                   for name in GENOTYPES}
+    in_sample = metrics["validation_in_sample"]
+    assert in_sample["dose_score"] == pytest.approx(official.dose_score, rel=1e-4)
+    assert in_sample["dvh_score"] == pytest.approx(official.dvh_score, rel=1e-4)
+    assert abs(coarse.dose_score - official.dose_score) > 1e-3  # the 16³ score is another number
+    for name, scores in members.items():
+        assert metrics["members"][name]["dose_score"] == pytest.approx(scores.dose_score, rel=1e-4)
+    best = metrics["best_member"]
+    assert best["dose_score"] == pytest.approx(min(s.dose_score for s in members.values()), rel=1e-4)
+    assert set(metrics["validation_leave_one_patient_out"]["weights"]) == set(ids)
+    with open_data(out / "members" / "a" / "validation.h5") as cache:
+        assert cache.ids() == ids  # each patient once, on the data set's grid (selection's coarse score)
+        assert cache.grid == 16
 
 
 def test_leave_one_patient_out_groups_a_patients_entries():
@@ -163,8 +212,51 @@ def test_the_student_draws_a_plan_with_its_teachers_prediction(distilled, plan_d
 
 def test_conditioned_teacher_and_plans_go_together(conditioned_ensemble, plan_data, tmp_path):
     teacher = conditioned_ensemble[0] / "ensemble.yaml"
-    for overrides, message in ((["train.data.plans=false"], "train.data.plans=true"),
-                               (["hint.weight=0.5"], "hint.weight=0")):
-        cfg = load_config(distill_stage.Config, overrides=[*DISTILL, "student=unet3d:widths=4,8", *overrides])
-        with pytest.raises(NasDoseError, match=message):
-            distill_stage.run(cfg, distill_stage.Inputs(teacher, plan_data), tmp_path / "x")
+    cfg = load_config(distill_stage.Config, overrides=[*DISTILL, "student=unet3d:widths=4,8", "train.data.plans=false"])
+    with pytest.raises(NasDoseError, match="train.data.plans=true"):
+        distill_stage.run(cfg, distill_stage.Inputs(teacher, plan_data), tmp_path / "x")
+
+
+def test_a_conditioned_student_learns_hints_and_exports_with_its_preferences(conditioned_ensemble, plan_data,
+                                                                             tmp_path):
+    """Hints from the teacher's member asked for each plan's preferences; student.pt2 takes the
+    preferences as its second input and gives torch's dose at two settings."""
+    teacher = conditioned_ensemble[0] / "ensemble.yaml"
+    out = tmp_path / "run"
+    cfg = load_config(distill_stage.Config, overrides=[*DISTILL, "student=unet3d:widths=4,8", "baseline=false",
+                                                       "hint.weight=0.5", "hint.levels=encoder_decoder",
+                                                       "export=true"])
+    metrics = distill_stage.run(cfg, distill_stage.Inputs(teacher, plan_data), out)
+    log = [json.loads(line) for line in (out / "student" / "log.jsonl").read_text().splitlines()]
+    hints = [r["loss_hint"] for r in log if "loss_hint" in r]
+    assert hints and all(np.isfinite(h) and h > 0 for h in hints)
+    assert metrics["export"] == str(out / "student.pt2")
+    program = torch.export.load(str(out / "student.pt2")).module()
+    student, _ = load_model(out / "student")
+    x = torch.randn(1, 10, 16, 16, 16)
+    doses = []
+    for values in ([0.1, 0.05], [0.9, 0.4]):
+        p = torch.tensor([values])
+        with torch.no_grad():
+            torch.testing.assert_close(program(x, p), student.eval()(x, p), atol=1e-5, rtol=1e-4)
+            doses.append(program(x, p))
+    assert (doses[0] - doses[1]).abs().max() > 0  # trained FiLM heads: the setting changes the dose
+
+
+def test_hints_ask_a_conditioned_teacher_for_the_batchs_preferences(conditioned_ensemble):
+    teacher = load_ensemble(conditioned_ensemble[0] / "ensemble.yaml")
+    member = teacher.members[0]
+    objective = DistillObjective(Path("unused.h5"), hint=HintConfig(weight=1.0, levels="encoder"),
+                                 hint_teacher=member)
+    objective.grid = 16
+    student = build_model(ModelConfig(kwargs={"widths": [4, 8]}, conditioning="film"))
+    objective.bind(student, Runtime(RuntimeConfig(device="cpu")), load_config(TrainConfig, overrides=[]))
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16, 16, 16)
+    prefs = torch.tensor([[0.1, 0.05], [0.9, 0.4]])
+    got = objective.teacher_features({"input": x, "preferences": prefs})
+    tap = FeatureTap(member, [t for _, t, _ in objective.hint.pairs(student, member)], always=True)
+    with torch.no_grad():
+        member(x, prefs)
+    for g, expected in zip(got, tap.take(), strict=True):
+        torch.testing.assert_close(g, expected)

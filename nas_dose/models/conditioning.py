@@ -121,6 +121,12 @@ class Preset(nn.Module):
         return self.model(x, self.values.expand(x.shape[0], -1))
 
 
+def preference_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """The shapes of the inputs a network takes beside the patient's (batch 1): a conditioned
+    network's preferences, none for a plain one."""
+    return [(1, len(model.names))] if isinstance(model, Conditioned) else []
+
+
 def conditioning_spec(kind: str, names: Sequence[str]) -> dict[str, Any]:
     """What a checkpoint's model spec holds of the conditioning: kind, names, their ranges, width."""
     if kind not in KINDS:

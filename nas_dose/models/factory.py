@@ -19,7 +19,7 @@ from ..data.dataset import IN_CHANNELS
 from ..data.preferences import NAMES
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint
-from .conditioning import KINDS, Conditioned, condition, conditioning_spec
+from .conditioning import KINDS, condition, conditioning_spec, preference_shapes
 from .refiner import REFINER_CHANNELS, Refiner
 from .registry import create_model
 
@@ -129,5 +129,4 @@ def check_trained_grid(file: Path, meta: dict[str, Any], grid: int | None) -> No
 def check_input_size(model: nn.Module, grid: int, channels: int = IN_CHANNELS) -> None:
     """Fail before anything is written when the network cannot take `grid`³ volumes (a U-Net
     too deep for the grid), not at the first step: one forward on the meta device."""
-    extra = [(1, len(model.names))] if isinstance(model, Conditioned) else []
-    meta_forward(meta_copy(model), (1, channels, grid, grid, grid), *extra)
+    meta_forward(meta_copy(model), (1, channels, grid, grid, grid), *preference_shapes(model))
