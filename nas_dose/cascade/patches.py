@@ -2,7 +2,7 @@
 coarse dose (degraded reference, or the coarse model's predictions)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -62,6 +62,13 @@ class CascadeConfig:
         if self.coarse_input == "predictions" and self.coarse_predictions is None:
             raise ConfigError("config key 'cascade.coarse_predictions': needed with coarse_input: predictions")
         at_least("cascade.val_patches", self.val_patches, 1)
+
+    def resolved(self) -> CascadeConfig:
+        """This config with `coarse` and `coarse_predictions` absolute: taken from the working
+        directory, as every config path, and recorded so, so that a run (its config.yaml and
+        checkpoints) still finds its coarse stage when resumed or predicted from elsewhere."""
+        return replace(self, **{key: str(Path(value).resolve()) for key in ("coarse", "coarse_predictions")
+                                if (value := getattr(self, key)) is not None})
 
 
 def refiner_input(patient: Patient, coarse_gy: np.ndarray) -> np.ndarray:
