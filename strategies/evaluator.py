@@ -248,6 +248,7 @@ class CandidateEvaluator:
         self.latency = ctx.measure_latency or cfg.max_latency_ms is not None  # measured per genotype
         self._cache: dict[Hashable, Candidate] = {}
         self._supernets: dict[SlotKey, tuple[Supernet, nn.Module]] = {}
+        self._scoring_nets: dict[SlotKey, nn.Module] = {}  # mode inherit's: each supernet as the task runs it
         self._op_slots = set(self.space.op_slots())
         self.seed = ctx.shared_seed
         folder = ctx.shared_path("evaluator")
@@ -295,8 +296,8 @@ class CandidateEvaluator:
         if over:
             return Candidate(g, math.inf, {**cost, "rejected": 1.0, "seconds": round(time.perf_counter() - started, 3)})
         if self.cfg.mode == "inherit":
-            supernet, net = self._supernet(g)
-            supernet.fix(g)
+            net = self._scoring_net(g)
+            self._supernet(g)[0].fix(g)
         else:
             steps = self.cfg.train_steps
             if self.cfg.mode == "finetune":
@@ -328,8 +329,19 @@ class CandidateEvaluator:
         """The non-op slots of `g`: what a supernet cannot mix."""
         return {s: v for s, v in sorted(g.choices.items()) if s not in self._op_slots}
 
+    def _scoring_net(self, g: Genotype) -> nn.Module:
+        """The supernet for `g`'s non-op slots as the task runs it on the device (`ctx.wrap`,
+        `runtime.prepare`, once): what mode inherit scores with. Mode finetune only copies a path's
+        weights out of a supernet, so it prepares one only to train it."""
+        key = tuple(self._fixed(g).items())
+        wrapped = self._supernet(g)[1]
+        if key not in self._scoring_nets:
+            self._scoring_nets[key] = self.ctx.runtime.prepare(wrapped)
+        return self._scoring_nets[key]
+
     def _supernet(self, g: Genotype) -> tuple[Supernet, nn.Module]:
-        """The trained supernet for `g`'s non-op slots (loaded, or trained now), and its prepared module."""
+        """The trained supernet for `g`'s non-op slots (loaded, or trained now), and it as the task
+        runs it (`ctx.wrap`, on the CPU until prepared)."""
         fixed = self._fixed(g)
         key = tuple(fixed.items())
         if key in self._supernets:
@@ -337,7 +349,7 @@ class CandidateEvaluator:
         seed = derived_seed(self.seed, "supernet", key)
         seed_everything(seed)
         supernet = Supernet(self.space, self.macro, fixed)
-        net = self.ctx.runtime.prepare(self.ctx.wrap(supernet))
+        wrapped = self.ctx.wrap(supernet)  # before loading: a cascade's Refiner zeroes the last conv it wraps
         saved = self._saved_supernets().get(key)
         if saved is not None:
             supernet.load_state_dict(saved)
@@ -346,6 +358,9 @@ class CandidateEvaluator:
                                f"{', '.join(f'{s}={v}' for s, v in fixed.items())} (it was not trained for "
                                "them); search without evaluator.supernet")
         else:
+            net = self.ctx.runtime.prepare(wrapped)
+            if self.cfg.mode == "inherit":  # scored with next: prepared (and compiled) once
+                self._scoring_nets[key] = net
             rng = np.random.RandomState(seed)
             partial = self.folder / f"supernet-{_digest(key)}.partial.pt" if self.folder is not None else None
             self._fit(net, supernet.weight_parameters(), self.cfg.supernet_steps, seed,
@@ -354,8 +369,8 @@ class CandidateEvaluator:
             self._store(key, supernet.state_dict())
             if partial is not None:
                 partial.unlink(missing_ok=True)
-        self._supernets[key] = (supernet, net)
-        return supernet, net
+        self._supernets[key] = (supernet, wrapped)
+        return supernet, wrapped
 
     def _supernet_record(self) -> dict[str, Any]:
         """What every supernet in the file shares with this search (checked on reading)."""

@@ -231,6 +231,32 @@ def test_finetune_scores_are_cached_apart_from_inherit_scores(data, tmp_path, mo
         "evaluator"]
 
 
+
+def test_only_a_supernet_that_is_trained_or_scored_with_is_prepared_on_the_device(data, tmp_path, monkeypatch):
+    """Mode finetune copies each path's weights out of a supernet: one it loads is never prepared
+    (moved to the device, compiled); mode inherit prepares each supernet once, for all its paths."""
+    prepared: list[str] = []
+
+    def recording(ctx: SearchContext) -> SearchContext:
+        real = ctx.runtime.prepare
+        monkeypatch.setattr(ctx.runtime, "prepare", lambda m: prepared.append(type(m).__name__) or real(m))
+        return ctx
+
+    g1, g2 = genotypes(context(data, None), 2, seed=6)
+    inherit = CandidateEvaluator(recording(context(data, tmp_path, mode="none")), EvaluatorConfig(supernet_steps=2))
+    inherit.score(g1), inherit.score(g2)
+    assert prepared == ["Supernet"]  # trained, then scored with
+    prepared.clear()
+    saved = str(tmp_path / "evaluator" / "supernet.pt")
+    cfg = EvaluatorConfig(mode="finetune", supernet_steps=2, finetune_steps=1, supernet=saved)
+    finetune = CandidateEvaluator(recording(context(data, None, mode="none")), cfg)
+    finetune.score(g1), finetune.score(g2)
+    assert prepared == ["CellUNet", "CellUNet"]  # the two candidates only
+    prepared.clear()
+    trained = CandidateEvaluator(recording(context(data, None, mode="none")), replace(cfg, supernet=None))
+    trained.score(g1), trained.score(g2)
+    assert prepared == ["Supernet", "CellUNet", "CellUNet"]  # trained once, then the candidates
+
 def test_ranked_puts_failures_last_and_keeps_first_of_duplicates():
     ctx = context(Path("unused.h5"), None)
     g1, g2, g3 = genotypes(ctx, 3)
