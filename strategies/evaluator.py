@@ -540,9 +540,9 @@ class CandidateEvaluator:
                 if ENTRY_NAME.fullmatch(path.stem):
                     state = load_checkpoint(path, mmap=True)  # the genotype only: predictions stay on disk
                     self._by_genotype.setdefault(genotype_from_dict(state["genotype"], str(path)).key(), path)
-        path = self._by_genotype.get(g.key())
-        if path is None:
+        found = self._by_genotype.get(g.key())
+        if found is None:
             return None
-        cand = Candidate.from_state(load_checkpoint(path), str(path))
+        cand = Candidate.from_state(load_checkpoint(found), str(found))
         self._save(cand)
         return cand

@@ -67,8 +67,10 @@ class CascadeConfig:
         """This config with `coarse` and `coarse_predictions` absolute: taken from the working
         directory, as every config path, and recorded so, so that a run (its config.yaml and
         checkpoints) still finds its coarse stage when resumed or predicted from elsewhere."""
-        return replace(self, **{key: str(Path(value).resolve()) for key in ("coarse", "coarse_predictions")
-                                if (value := getattr(self, key)) is not None})
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).resolve())
+
+        return replace(self, coarse=absolute(self.coarse), coarse_predictions=absolute(self.coarse_predictions))
 
 
 def refiner_input(patient: Patient, coarse_gy: np.ndarray) -> np.ndarray:
