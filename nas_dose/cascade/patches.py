@@ -67,10 +67,15 @@ class CascadeConfig:
         """This config with `coarse` and `coarse_predictions` absolute: taken from the working
         directory, as every config path, and recorded so, so that a run (its config.yaml and
         checkpoints) still finds its coarse stage when resumed or predicted from elsewhere."""
-        def absolute(path: str | None) -> str | None:
-            return None if path is None else str(Path(path).resolve())
-
         return replace(self, coarse=absolute(self.coarse), coarse_predictions=absolute(self.coarse_predictions))
+
+
+PATH_KEYS = ("coarse", "coarse_predictions")  # CascadeConfig's paths (`CascadeConfig.resolved`)
+
+
+def absolute(path: str | None) -> str | None:
+    """A config path taken from the working directory, absolute; None stays None."""
+    return None if path is None else str(Path(path).resolve())
 
 
 def refiner_input(patient: Patient, coarse_gy: np.ndarray) -> np.ndarray:
