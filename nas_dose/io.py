@@ -112,15 +112,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`: no pickled code is ever executed."""
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`: no pickled code is ever executed. `mmap`: its
+    tensors are mapped, read only when used (for the plain values of many large files)."""
     import torch  # as in save_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise input_error(path, "checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise input_error(path, f"not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict):

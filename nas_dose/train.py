@@ -19,7 +19,7 @@ rank steps on its share, validation is shared out and summed, and rank 0 writes 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import distributed
@@ -48,6 +48,8 @@ def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
     `config.cascade.coarse` is set) into the run folder `out`. `official`: where the data set was
     resampled, also score the chosen model as OpenKBP does (a pipeline does it in its own stage).
     `force`: an earlier run in `out` is removed and training starts afresh."""
+    # recorded absolute (config.yaml, checkpoints): predict and --resume find it from anywhere
+    config = replace(config, cascade=config.cascade.resolved())
     seed_everything(config.seed)
     cascade = config.cascade.coarse is not None
     model = build_model(config.model, refiner=cascade)

@@ -4,7 +4,9 @@ Slots ``enc{i}.op1 … enc{i}.down`` and ``dec{i}.op1 … dec{i}.up`` for i = 0.
 full resolution), op candidates from the extended registry (5×5×5 kernels, residual block,
 ``zero`` as op2), and two integer slots: ``width`` (percent of the macro's stem and widths)
 and ``depth`` (how many of the macro's 4 widths are used). The supernet mixes the ops only;
-width and depth come from ``fixed`` or the defaults (100 %, depth 4).
+width and depth come from ``fixed`` or the defaults (100 %, depth 4). The cells of the levels
+beyond a genotype's depth are unused (`active_slots`): the space sets them to their first
+candidate (`SearchSpace.canonical`), so genotypes of one network are one genotype, scored once.
 """
 from __future__ import annotations
 

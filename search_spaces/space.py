@@ -72,6 +72,14 @@ class SearchSpace:
         """The slots that change ``g``'s network (all of them unless, e.g., a depth slot hides some)."""
         return list(self.slots())
 
+    def canonical(self, g: Genotype) -> Genotype:
+        """``g`` with every slot its network does not use (outside `active_slots`) at its first
+        candidate: genotypes that build one network are then equal (one key), so a search scores
+        that network once and a pool holds it once. Every genotype the space makes or loads is so."""
+        active, slots = set(self.active_slots(g)), self.slots()
+        choices = {s: v if s in active else slots[s][0] for s, v in g.choices.items()}
+        return g if choices == g.choices else Genotype(g.space, g.version, choices, g.macro)
+
     def size(self) -> int:
         """Number of architectures (product of the candidate counts)."""
         return math.prod(len(c) for c in self.slots().values())
@@ -143,19 +151,25 @@ class SearchSpace:
         """A validated genotype from slot values (e.g. an NNI sample) and a (partial) macro."""
         g = Genotype(self.name, self.version, dict(choices), self.check_macro(macro or {}, source))
         self.validate(g, source)
-        return g
+        return self.canonical(g)
 
     def sample(self, rng: np.random.RandomState, macro: Mapping[str, Any] | None = None) -> Genotype:
         """A uniformly random architecture, drawn by NNI (which needs a ``RandomState``)."""
         return self.genotype(self.mutable().random(random_state=rng), macro)
 
     def mutate(self, g: Genotype, rng: np.random.RandomState) -> Genotype:
-        """Change exactly one active slot to a different candidate (evolution's mutation)."""
+        """Change exactly one active slot to a different candidate (evolution's mutation). Slots
+        the change brings into use (a deeper network's new levels) are drawn at random, as in a
+        sample, not left at their canonical first candidate."""
         slots = self.slots()
         movable = [s for s in self.active_slots(g) if len(slots[s]) > 1]
         slot = movable[rng.randint(len(movable))]
         others = [c for c in slots[slot] if c != g.choices[slot]]
-        return self.genotype({**g.choices, slot: others[rng.randint(len(others))]}, g.macro)
+        choices = {**g.choices, slot: others[rng.randint(len(others))]}
+        was = set(self.active_slots(g))
+        woken = [s for s in self.active_slots(Genotype(g.space, g.version, choices, g.macro)) if s not in was]
+        choices.update({s: slots[s][rng.randint(len(slots[s]))] for s in woken})
+        return self.genotype(choices, g.macro)
 
     def distance(self, a: Genotype, b: Genotype) -> float:
         """Fraction of slots whose values differ, in [0, 1]."""
@@ -233,7 +247,7 @@ def genotype_from_dict(d: Any, source: str = "") -> Genotype:
     g = Genotype(fields["space"], fields["version"], dict(fields["choices"]),
                  space.check_macro(fields["macro"], where))
     space.validate(g, source=where)
-    return g
+    return space.canonical(g)
 
 
 def load_genotype(path: str | Path) -> Genotype:

@@ -26,7 +26,8 @@ score with its dose score (through `SearchContext.evaluate`), on `ctx.weight_ids
 search trains and scores on disjoint patient subsets that need not be whole splits.
 
 Scores are cached by `Genotype.key()`; with `ctx.shared_path`, each entry is its own file under
-``evaluator/``, so a resumed search never re-scores; the folder's settings.json holds the
+``evaluator/``, so a resumed search never re-scores (an entry named after an older form of the
+key is found by the genotype it holds); the folder's settings.json holds the
 EvaluatorConfig (mode and steps included), and a folder of other settings is refused, so scores
 of different modes never mix. The trained supernets are kept in one file (SUPERNET_FILE,
 `ctx.supernet_file`: `nasdose search` puts it in its run folder as DIR/supernet.pt): each with
@@ -53,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 import time
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -70,7 +72,7 @@ from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json, 
 from nas_dose.pool import Candidate
 from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
-from nas_dose.search_spaces import Genotype, Supernet, get_space
+from nas_dose.search_spaces import Genotype, Supernet, genotype_from_dict, get_space
 from nas_dose.training import OptimConfig, masked_loss
 from nas_dose.training.optimization import make_optimizer
 
@@ -82,6 +84,7 @@ CHECKPOINT_EVERY = 100  # supernet steps between checkpoints (the pipeline's 1,0
 SUPERNET_FORMAT = "nasdose-supernets"
 SUPERNET_FILE = "supernet.pt"  # the trained supernets of a search's evaluator (`evaluator.supernet`)
 SlotKey = tuple[tuple[str, Any], ...]  # a supernet's non-op slots and their values, sorted
+ENTRY_NAME = re.compile(r"[0-9a-f]{16}")  # a cache entry's file name: `_digest` of its genotype's key
 
 
 @dataclass
@@ -248,6 +251,7 @@ class CandidateEvaluator:
         self.latency = ctx.measure_latency or cfg.max_latency_ms is not None  # measured per genotype
         self._cache: dict[Hashable, Candidate] = {}
         self._supernets: dict[SlotKey, tuple[Supernet, nn.Module]] = {}
+        self._scoring_nets: dict[SlotKey, nn.Module] = {}  # mode inherit's: each supernet as the task runs it
         self._op_slots = set(self.space.op_slots())
         self.seed = ctx.shared_seed
         folder = ctx.shared_path("evaluator")
@@ -259,6 +263,7 @@ class CandidateEvaluator:
         self.supernet_file = (Path(cfg.supernet) if cfg.supernet is not None else ctx.supernet_file
                               or (None if folder is None else folder / SUPERNET_FILE))
         self._trained: dict[SlotKey, dict[str, torch.Tensor]] | None = None  # the file's, once read
+        self._by_genotype: dict[Hashable, Path] | None = None  # the cache entries by genotype, once read
         if cfg.supernet is not None:
             self._saved_supernets()  # refused before any work if it does not match
 
@@ -295,8 +300,8 @@ class CandidateEvaluator:
         if over:
             return Candidate(g, math.inf, {**cost, "rejected": 1.0, "seconds": round(time.perf_counter() - started, 3)})
         if self.cfg.mode == "inherit":
-            supernet, net = self._supernet(g)
-            supernet.fix(g)
+            net = self._scoring_net(g)
+            self._supernet(g)[0].fix(g)
         else:
             steps = self.cfg.train_steps
             if self.cfg.mode == "finetune":
@@ -328,8 +333,19 @@ class CandidateEvaluator:
         """The non-op slots of `g`: what a supernet cannot mix."""
         return {s: v for s, v in sorted(g.choices.items()) if s not in self._op_slots}
 
+    def _scoring_net(self, g: Genotype) -> nn.Module:
+        """The supernet for `g`'s non-op slots as the task runs it on the device (`ctx.wrap`,
+        `runtime.prepare`, once): what mode inherit scores with. Mode finetune only copies a path's
+        weights out of a supernet, so it prepares one only to train it."""
+        key = tuple(self._fixed(g).items())
+        wrapped = self._supernet(g)[1]
+        if key not in self._scoring_nets:
+            self._scoring_nets[key] = self.ctx.runtime.prepare(wrapped)
+        return self._scoring_nets[key]
+
     def _supernet(self, g: Genotype) -> tuple[Supernet, nn.Module]:
-        """The trained supernet for `g`'s non-op slots (loaded, or trained now), and its prepared module."""
+        """The trained supernet for `g`'s non-op slots (loaded, or trained now), and it as the task
+        runs it (`ctx.wrap`, on the CPU until prepared)."""
         fixed = self._fixed(g)
         key = tuple(fixed.items())
         if key in self._supernets:
@@ -337,7 +353,7 @@ class CandidateEvaluator:
         seed = derived_seed(self.seed, "supernet", key)
         seed_everything(seed)
         supernet = Supernet(self.space, self.macro, fixed)
-        net = self.ctx.runtime.prepare(self.ctx.wrap(supernet))
+        wrapped = self.ctx.wrap(supernet)  # before loading: a cascade's Refiner zeroes the last conv it wraps
         saved = self._saved_supernets().get(key)
         if saved is not None:
             supernet.load_state_dict(saved)
@@ -346,6 +362,9 @@ class CandidateEvaluator:
                                f"{', '.join(f'{s}={v}' for s, v in fixed.items())} (it was not trained for "
                                "them); search without evaluator.supernet")
         else:
+            net = self.ctx.runtime.prepare(wrapped)
+            if self.cfg.mode == "inherit":  # scored with next: prepared (and compiled) once
+                self._scoring_nets[key] = net
             rng = np.random.RandomState(seed)
             partial = self.folder / f"supernet-{_digest(key)}.partial.pt" if self.folder is not None else None
             self._fit(net, supernet.weight_parameters(), self.cfg.supernet_steps, seed,
@@ -354,8 +373,8 @@ class CandidateEvaluator:
             self._store(key, supernet.state_dict())
             if partial is not None:
                 partial.unlink(missing_ok=True)
-        self._supernets[key] = (supernet, net)
-        return supernet, net
+        self._supernets[key] = (supernet, wrapped)
+        return supernet, wrapped
 
     def _supernet_record(self) -> dict[str, Any]:
         """What every supernet in the file shares with this search (checked on reading)."""
@@ -501,9 +520,29 @@ class CandidateEvaluator:
 
     def _load(self, g: Genotype) -> Candidate | None:
         path = self._entry_path(g)
-        if path is None or not path.is_file():
+        if path is None:
             return None
+        if not path.is_file():
+            return self._load_renamed(path.parent, g)
         cand = Candidate.from_state(load_checkpoint(path), str(path))
         if cand.genotype.key() != g.key():
             raise NasDoseError(f"{path}: cache entry of another genotype")
+        return cand
+
+    def _load_renamed(self, folder: Path, g: Genotype) -> Candidate | None:
+        """`g`'s entry under a name an older nasdose gave it, or None. An entry is named after its
+        genotype's key, whose form has changed (lenas_levels genotypes were not canonical: the
+        cells beyond the depth kept random values), so the entries are also found by the genotype
+        they hold, read once on the first miss; a found one is saved under its current name."""
+        if self._by_genotype is None:
+            self._by_genotype = {}
+            for path in sorted(folder.glob("*.pt")):
+                if ENTRY_NAME.fullmatch(path.stem):
+                    state = load_checkpoint(path, mmap=True)  # the genotype only: predictions stay on disk
+                    self._by_genotype.setdefault(genotype_from_dict(state["genotype"], str(path)).key(), path)
+        found = self._by_genotype.get(g.key())
+        if found is None:
+            return None
+        cand = Candidate.from_state(load_checkpoint(found), str(found))
+        self._save(cand)
         return cand

@@ -14,8 +14,9 @@ sequential, with the references (the members found before this search: 0 for the
 search); with mode pool, with the other `members` most accurate candidates scored so far
 (evolution's pool bonus, `pool_disagreement`). Unlike evolution's fixed trade-off (lam, the
 hinge's weight), the sampler keeps the front; `nasdose search` then chooses the pool from the
-candidates as for any strategy. It needs the candidates' predictions: refused with
-diversity.mode none, and when the evaluator scores a candidate without them.
+candidates as for any strategy. It needs the candidates' predictions: refused before any
+trial with diversity.mode none or without diversity patients, and when a scorer (a plugged-in
+one) gives a candidate without them.
 
 Resuming: the sampler is seeded and the study kept in memory, so a resumed search proposes the
 same trials again and the evaluator's persisted cache answers those already scored: it ends
@@ -37,7 +38,7 @@ from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.pool.pareto import cost_of
 
 from .base import SearchContext, register_strategy
-from .evaluator import ScoringStrategy, Trials, derived_seed
+from .evaluator import ScoringStrategy, Trials, derived_seed, prediction_ids
 from .evolution import PopulationConfig, disagreement_to, pool_disagreement, prediction_masks
 
 Objective = Literal["score", "params", "flops", "latency", "diversity"]
@@ -97,6 +98,9 @@ class OptunaStrategy(ScoringStrategy):
 
         slots, cfg = ctx.space.slots(), self.config
         self.check_diversity(cfg, ctx.diversity)
+        if "diversity" in cfg.objectives and not prediction_ids(ctx):  # refused before any trial is scored
+            raise ConfigError("config key 'options.objectives': 'diversity' needs the candidates' predictions on "
+                              "the diversity patients (data.diversity_split), and this search has none")
         if "latency" in cfg.objectives:  # an objective: measured whatever the search's cost
             ctx = replace(ctx, measure_latency=True)
         trials = Trials(ctx, self.make_scorer(ctx), f"optuna-{cfg.sampler}")

@@ -95,8 +95,7 @@ class CascadeTask(SearchTask):
         self.scored = list(dict.fromkeys(scored_ids))
         self.fixed = PatchDataset(self.data, search_split, cfg, seed=seed, coarse_doses=self.doses, fixed=True,
                                   ids=self.scored)
-        self.cascade = {**to_dict(cfg), **{key: str(Path(getattr(cfg, key)).resolve())
-                                           for key in ("coarse", "coarse_predictions") if getattr(cfg, key)}}
+        self.cascade = to_dict(cfg.resolved())
 
     @property
     def grid(self) -> int:

@@ -159,11 +159,14 @@ def nasdose(*argv: object) -> int:
     return main([str(a) for a in argv])
 
 
-def test_cascade_trains_and_predicts_on_the_source_grid(coarse_data, tmp_path):
+def test_cascade_trains_and_predicts_on_the_source_grid(coarse_data, tmp_path, monkeypatch):
     coarse, refiner, pred = tmp_path / "coarse", tmp_path / "refiner", tmp_path / "pred"
     assert nasdose("train", "--data", coarse_data, "--out", coarse, *FAST) == 0
-    assert nasdose("train", "--data", coarse_data, "--out", refiner, *FAST, f"cascade.coarse={coarse}",
+    monkeypatch.chdir(tmp_path)  # the coarse stage given relative to the working directory ...
+    assert nasdose("train", "--data", coarse_data, "--out", refiner, *FAST, "cascade.coarse=coarse",
                    "cascade.patch=16", "dvh_loss.weight=0.5") == 0
+    assert load_yaml(refiner / "config.yaml")["cascade"]["coarse"] == str(coarse.resolve())
+    monkeypatch.chdir(coarse_data.parent)  # ... is recorded absolute: found from another one
     assert nasdose("predict", "--model", refiner, "--data", coarse_data, "--out", pred, "--split", "validation",
                    "runtime.device=cpu", "--quiet") == 0
     with open_data(coarse_data) as d, open_data(pred / "predictions.h5") as p:

@@ -15,11 +15,12 @@ from nas_dose.config import ConfigError, from_dict
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
+from nas_dose.io import save_checkpoint
 from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.runtime import Runtime, RuntimeConfig
-from nas_dose.search_spaces import count_params, get_space
+from nas_dose.search_spaces import Genotype, count_params, genotype_from_dict, get_space
 from nas_dose.strategies.base import SearchContext
-from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, inherited_weights, ranked
+from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, _digest, inherited_weights, ranked
 from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
 from nas_dose.strategies.random_search import RandomConfig, RandomStrategy
 
@@ -230,6 +231,59 @@ def test_finetune_scores_are_cached_apart_from_inherit_scores(data, tmp_path, mo
     assert "finetune_steps" not in json.loads((tmp_path / "inherit" / "evaluator" / "settings.json").read_text())[
         "evaluator"]
 
+
+
+def test_only_a_supernet_that_is_trained_or_scored_with_is_prepared_on_the_device(data, tmp_path, monkeypatch):
+    """Mode finetune copies each path's weights out of a supernet: one it loads is never prepared
+    (moved to the device, compiled); mode inherit prepares each supernet once, for all its paths."""
+    prepared: list[str] = []
+
+    def recording(ctx: SearchContext) -> SearchContext:
+        real = ctx.runtime.prepare
+        monkeypatch.setattr(ctx.runtime, "prepare", lambda m: prepared.append(type(m).__name__) or real(m))
+        return ctx
+
+    g1, g2 = genotypes(context(data, None), 2, seed=6)
+    inherit = CandidateEvaluator(recording(context(data, tmp_path, mode="none")), EvaluatorConfig(supernet_steps=2))
+    inherit.score(g1), inherit.score(g2)
+    assert prepared == ["Supernet"]  # trained, then scored with
+    prepared.clear()
+    saved = str(tmp_path / "evaluator" / "supernet.pt")
+    cfg = EvaluatorConfig(mode="finetune", supernet_steps=2, finetune_steps=1, supernet=saved)
+    finetune = CandidateEvaluator(recording(context(data, None, mode="none")), cfg)
+    finetune.score(g1), finetune.score(g2)
+    assert prepared == ["CellUNet", "CellUNet"]  # the two candidates only
+    prepared.clear()
+    trained = CandidateEvaluator(recording(context(data, None, mode="none")), replace(cfg, supernet=None))
+    trained.score(g1), trained.score(g2)
+    assert prepared == ["Supernet", "CellUNet", "CellUNet"]  # trained once, then the candidates
+
+
+def test_a_resumed_search_scores_none_of_the_entries_an_older_nasdose_named_after_another_key(
+        data, tmp_path, monkeypatch):
+    """Entries are named after their genotype's key, whose form changed: an older nasdose kept
+    random cells beyond a lenas_levels genotype's depth. Resumed, the search finds such entries
+    by the genotype they hold and scores none again."""
+    ctx = context(data, tmp_path, space="lenas_levels", macro={"stem": 4, "widths": [4, 8, 8, 8]}, mode="none")
+    scored: list[Genotype] = []
+    monkeypatch.setattr(CandidateEvaluator, "_score",
+                        lambda self, g: scored.append(g) or Candidate(g, float(len(scored)), {"params": 1.0}))
+    cfg = from_dict(RandomConfig, {"budget": 6, "evaluator": {"supernet_steps": 2}})
+    first = RandomStrategy(cfg).run(ctx)
+    assert len(scored) == 6
+    slots, aged = ctx.space.slots(), 0
+    for path in sorted((tmp_path / "evaluator").glob("*.pt")):  # rewritten as the older nasdose wrote them
+        state = torch.load(path, weights_only=True)
+        g = genotype_from_dict(state["genotype"])
+        unused = [s for s in slots if s not in ctx.space.active_slots(g)]
+        old = Genotype(g.space, g.version, {**g.choices, **{s: slots[s][-1] for s in unused}}, g.macro)
+        path.unlink()
+        save_checkpoint(path.parent / f"{_digest(old.key())}.pt", {**state, "genotype": old.to_dict()})
+        aged += bool(unused)
+    assert aged  # some of the networks drawn are shallower than 4 levels
+    scored.clear()
+    again = RandomStrategy(cfg).run(context(data, tmp_path, space="lenas_levels", macro=ctx.macro, mode="none"))
+    assert scored == [] and [(c.genotype, c.score) for c in again] == [(c.genotype, c.score) for c in first]
 
 def test_ranked_puts_failures_last_and_keeps_first_of_duplicates():
     ctx = context(Path("unused.h5"), None)

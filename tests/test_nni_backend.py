@@ -46,7 +46,9 @@ def test_nni_strategies_run_over_our_spaces(algorithm, budget):
     for name in ("lenas", "lenas_levels"):
         space = get_space(name)
         cands, scorer = run_nni(space, algorithm, budget, population=4, sample=2)
-        assert len(cands) == budget == scorer.calls  # NNI deduplicates: every trial is new
+        # NNI deduplicates: every trial is new, but two lenas_levels trials may differ only in
+        # the cells of levels beyond their depth: one network, one genotype, scored once
+        assert len(cands) == scorer.calls <= budget and (name == "lenas_levels" or len(cands) == budget)
         for c in cands:
             space.validate(c.genotype)
         assert [c.score for c in cands] == sorted(c.score for c in cands)

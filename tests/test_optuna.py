@@ -129,6 +129,16 @@ def test_diversity_objective_needs_predictions(data, tmp_path):
         strategy(lambda ctx: ConstantScorer(ctx), **nsga2).run(context(data, tmp_path, mode="none"))
     with pytest.raises(ConfigError, match="'diversity' needs the candidates' predictions; the evaluator's"):
         strategy(lambda ctx: ConstantScorer(ctx, predictions=False), **nsga2).run(context(data, tmp_path))
+    scored: list[Genotype] = []
+
+    def counting(ctx):
+        scorer = ConstantScorer(ctx)
+        return type("Counting", (), {"score": lambda self, g: scored.append(g) or scorer.score(g)})()
+
+    without = replace(context(data, tmp_path), diversity_ids=[])  # pool mode, no patient to predict
+    with pytest.raises(ConfigError, match=r"^config key 'options.objectives': 'diversity' needs .*has none$"):
+        strategy(counting, **nsga2).run(without)
+    assert not scored  # refused before any trial was scored
     with pytest.raises(NasDoseError, match="earlier members without the diversity objective"):
         strategy(lambda ctx: ConstantScorer(ctx), sampler="nsga2", objectives=["score", "flops"]).run(
             context(data, tmp_path, mode="sequential"))

@@ -18,6 +18,7 @@ from nas_dose.search_spaces import (
     cell_slots,
     count_flops,
     count_params,
+    genotype_from_dict,
     get_op,
     get_space,
     import_plugins,
@@ -170,13 +171,17 @@ def test_mutate_changes_exactly_one_active_slot_and_distance_counts_it(name):
     for _ in range(30):
         m = space.mutate(g, rng)
         changed = [s for s in g.choices if g.choices[s] != m.choices[s]]
-        assert len(changed) == 1 and changed[0] in space.active_slots(g)
-        assert space.distance(g, m) == space.distance(m, g) == pytest.approx(1 / n_slots)
-        assert m.macro == g.macro
+        # a depth changed also changes the levels it brings into use or out of it (lenas_levels)
+        kept = set(space.active_slots(g)) & set(space.active_slots(m))
+        moved = [s for s in changed if s in kept]
+        assert len(moved) == 1 and moved[0] in space.active_slots(g)
+        assert space.distance(g, m) == space.distance(m, g) == pytest.approx(len(changed) / n_slots)
+        assert m == space.canonical(m) and m.macro == g.macro
         g = m
     assert space.distance(g, g) == 0.0
     other = space.genotype({s: next(c for c in cands if c != g.choices[s]) for s, cands in space.slots().items()})
-    assert space.distance(g, other) == 1.0
+    differ = [s for s in space.slots() if g.choices[s] != other.choices[s]]  # lenas: all of them
+    assert space.distance(g, other) == len(differ) / n_slots and set(space.active_slots(other)) <= set(differ)
 
 
 def test_lenas_levels_mutation_skips_levels_below_the_depth():
@@ -184,6 +189,29 @@ def test_lenas_levels_mutation_skips_levels_below_the_depth():
     g = space.genotype({**{s: c[0] for s, c in space.slots().items()}, "depth": 2})
     active = space.active_slots(g)
     assert "enc1.op1" in active and "enc2.op1" not in active and "dec3.up" not in active and "width" in active
+
+
+def test_lenas_levels_genotypes_of_one_network_are_one_genotype():
+    """The cells of levels beyond the depth are unused: made, loaded or mutated, a genotype holds
+    their first candidates, so genotypes that build one network are equal (one key)."""
+    space = get_space("lenas_levels")
+    base = {s: c[0] for s, c in space.slots().items()}
+    g = space.genotype({**base, "depth": 2})
+    hidden = space.genotype({**base, "depth": 2, "enc3.op1": "conv", "dec2.up": "up_conv"})
+    assert hidden == g and hidden.key() == g.key()
+    assert genotype_from_dict({**g.to_dict(), "choices": {**g.choices, "enc2.op2": "conv"}}) == g
+    assert space.genotype({**base, "depth": 2, "enc1.op1": "conv"}) != g  # a level in use
+    deep = {**base, "depth": 4}
+    assert space.genotype({**deep, "enc3.op1": "conv"}) != space.genotype(deep)  # depth 4 uses level 3
+    rng = np.random.RandomState(0)
+    made = [space.sample(rng) for _ in range(20)] + [space.mutate(g, rng) for _ in range(300)]
+    assert {x.choices["depth"] for x in made} == {2, 3, 4}
+    for x in made:
+        unused = set(space.slots()) - set(space.active_slots(x))
+        assert all(x.choices[s] == base[s] for s in unused)
+    # a mutation to a deeper network draws the cells of its new levels, as a sample does
+    deeper = [x for x in made[20:] if x.choices["depth"] == 4]
+    assert deeper and len({(x.choices["enc3.op1"], x.choices["dec2.up"]) for x in deeper}) > 1
 
 
 @pytest.mark.parametrize("choices,match", [

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -6,15 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from nas_dose.config import ConfigError, load_config
+from nas_dose.config import ConfigError, load_config, to_dict
 from nas_dose.data.dataset import DoseDataset, make_loader
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_yaml
-from nas_dose.models.factory import build_model, load_model
+from nas_dose.models.factory import CHECKPOINT_FORMAT, build_model, load_model
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.scores import dose_error
 from nas_dose.training import TrainConfig, dose_errors_gy, masked_loss, train_model, validate
+from nas_dose.training.checkpoints import check_resumable
 from nas_dose.training.engine import _Trainer
 from nas_dose.training.optimization import lr_factor
 
@@ -148,6 +150,17 @@ def test_resuming_with_another_config_names_the_keys(data, tmp_path):
     with pytest.raises(NasDoseError, match=r"last.pt: .*different config \(data.batch_size, optim.lr\)"):
         train_model(fresh(other), other, data, tmp_path / "run", resume=True)
 
+
+def test_a_run_recorded_with_a_relative_coarse_path_resumes_from_the_same_directory(tmp_path, monkeypatch):
+    """nasdose train records cascade.coarse absolute (CascadeConfig.resolved); a run recorded
+    before, with the path as given, resumes where that path still names the same coarse stage."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config("cascade.coarse=coarse")
+    ckpt = {"format": CHECKPOINT_FORMAT, "optimizer": {}, "config": to_dict(cfg)}
+    check_resumable(ckpt, replace(cfg, cascade=cfg.cascade.resolved()), tmp_path / "last.pt")
+    other = config(f"cascade.coarse={tmp_path / 'other'}")
+    with pytest.raises(NasDoseError, match=r"last.pt: .*different config \(cascade.coarse\)"):
+        check_resumable(ckpt, other, tmp_path / "last.pt")
 
 def test_existing_run_needs_resume(data, tmp_path):
     cfg = config("epochs=1")

@@ -2,7 +2,7 @@
 coarse dose (degraded reference, or the coarse model's predictions)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -62,6 +62,20 @@ class CascadeConfig:
         if self.coarse_input == "predictions" and self.coarse_predictions is None:
             raise ConfigError("config key 'cascade.coarse_predictions': needed with coarse_input: predictions")
         at_least("cascade.val_patches", self.val_patches, 1)
+
+    def resolved(self) -> CascadeConfig:
+        """This config with `coarse` and `coarse_predictions` absolute: taken from the working
+        directory, as every config path, and recorded so, so that a run (its config.yaml and
+        checkpoints) still finds its coarse stage when resumed or predicted from elsewhere."""
+        return replace(self, coarse=absolute(self.coarse), coarse_predictions=absolute(self.coarse_predictions))
+
+
+PATH_KEYS = ("coarse", "coarse_predictions")  # CascadeConfig's paths (`CascadeConfig.resolved`)
+
+
+def absolute(path: str | None) -> str | None:
+    """A config path taken from the working directory, absolute; None stays None."""
+    return None if path is None else str(Path(path).resolve())
 
 
 def refiner_input(patient: Patient, coarse_gy: np.ndarray) -> np.ndarray:
