@@ -18,7 +18,10 @@ Under torchrun both steps are data-parallel: each rank takes its share of every 
 ranks; the final candidates are scored spread over the ranks (docs/how-to/distributed.md).
 
 For a cascade's stage (`ctx.cascade`) the supernet runs in a Refiner on source-grid patches
-drawn anew each epoch; the sequential hinge is refused there (see `check_stage_search`).
+drawn anew each epoch; the sequential hinge is refused there (see `check_stage_search`). For
+conditioned networks (`ctx.conditioning`) the supernet is conditioned, each step's patients are on
+one of their preference plans each, and candidates are scored on every plan; the sequential
+hinge is refused there too (`check_conditioned`).
 
 In a sequential run (strategies/search.py) each search has its own `ctx.seed` (its supernet's
 initial weights, batch order, Gumbel draws) and trains its own supernet from scratch: weights and
@@ -48,6 +51,7 @@ from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
 from nas_dose.search_spaces import Genotype, SearchSpace, Supernet
 from nas_dose.training import OptimConfig, masked_loss
+from nas_dose.training.engine import forward
 from nas_dose.training.losses import share_weight
 from nas_dose.training.optimization import make_optimizer
 
@@ -164,6 +168,15 @@ class DifferentiableSearch(Strategy):
         if diversity.mode == "sequential":
             raise NasDoseError("strategy 'differentiable' cannot search a cascade's stage with "
                                "diversity.mode=sequential (its hinge needs whole-volume predictions); "
+                               "use diversity.mode=pool or none, or strategy evolution")
+
+    @classmethod
+    def check_conditioned(cls, diversity: DiversityConfig) -> None:
+        """Its sequential hinge compares a batch's predictions with the members' for the same
+        patients, which for conditioned networks hold every plan while a batch holds one."""
+        if diversity.mode == "sequential":
+            raise NasDoseError("strategy 'differentiable' cannot search conditioned networks with "
+                               "diversity.mode=sequential (its hinge needs one prediction per patient); "
                                "use diversity.mode=pool or none, or strategy evolution")
 
     def __init__(self, config: DifferentiableConfig) -> None:
@@ -302,7 +315,7 @@ class DifferentiableSearch(Strategy):
             p.requires_grad_(False)
         try:
             with ctx.runtime.autocast():
-                pred = net(batch["input"])
+                pred = forward(net, batch)
             loss = masked_loss(pred, batch["target"], batch["mask"])
             if distributed.world_size() > 1:
                 loss = loss * share_weight(batch["mask"])
@@ -344,7 +357,8 @@ class DifferentiableSearch(Strategy):
         def candidate(g: Genotype) -> Candidate:
             supernet.fix(g)
             errors, predictions = ctx.evaluate(net, ids)
-            return Candidate(g, float(np.mean([errors[pid] for pid in ctx.arch_ids])), ctx.cost(ctx.space.build(g)),
+            return Candidate(g, float(np.mean([errors[pid] for pid in ctx.arch_ids])),
+                             ctx.cost(ctx.wrap(ctx.space.build(g))),
                              {pid: predictions[pid].astype(np.float16) for pid in kept})
 
         # Independent of each other: spread over the ranks of a distributed search.
