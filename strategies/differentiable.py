@@ -218,8 +218,10 @@ class DifferentiableSearch(Strategy):
             return self._load_result(ctx, result_path)
         seed_everything(ctx.seed)
         supernet = Supernet(ctx.space, ctx.macro, mode=cfg.mode, tau=cfg.tau_start)
-        net = ctx.runtime.prepare(ctx.wrap(supernet))
-        w_opt = make_optimizer(supernet.weight_parameters(), cfg.weight_optim)
+        wrapped = ctx.wrap(supernet)
+        held = supernet if ctx.conditioning is None else wrapped  # what the checkpoint keeps
+        net = ctx.runtime.prepare(wrapped)
+        w_opt = make_optimizer(supernet.weight_parameters(wrapped), cfg.weight_optim)
         a_opt = make_optimizer(supernet.arch_parameters(), cfg.arch_optim)
         scalers = {"weight": ctx.runtime.grad_scaler(), "arch": ctx.runtime.grad_scaler()}
         refs = self._reference_tensors(ctx)
@@ -230,7 +232,7 @@ class DifferentiableSearch(Strategy):
         if state_path is not None and state_path.exists():
             state = load_checkpoint(state_path)
             self._check(state, ctx, state_path)
-            supernet.load_state_dict(state["supernet"])
+            held.load_state_dict(state["supernet"])
             w_opt.load_state_dict(state["weight_optim"])
             a_opt.load_state_dict(state["arch_optim"])
             for name, scaler in scalers.items():
@@ -253,7 +255,7 @@ class DifferentiableSearch(Strategy):
             ctx.events.arch_weights(epoch + 1, self.history[-1], ctx.space.slots())
             if state_path is not None:
                 save_checkpoint(state_path, {
-                    "fingerprint": self._fingerprint(ctx), "epoch": epoch + 1, "supernet": supernet.state_dict(),
+                    "fingerprint": self._fingerprint(ctx), "epoch": epoch + 1, "supernet": held.state_dict(),
                     "weight_optim": w_opt.state_dict(), "arch_optim": a_opt.state_dict(),
                     "scalers": {k: s.state_dict() for k, s in scalers.items()}, "rng": rng_state(),
                     "history": self.history, "hinge": self.hinge})
@@ -279,14 +281,14 @@ class DifferentiableSearch(Strategy):
         for _ in progress(range(cfg.steps_per_epoch), desc=f"search epoch {epoch + 1}/{cfg.epochs}"):
             batch = next(weight_batches)
             drawn["weight_batches"].append(list(batch["id"]))
-            loss, _ = self._step(ctx, net, batch, w_opt, scalers["weight"], supernet.weight_parameters(),
+            loss, _ = self._step(ctx, net, batch, w_opt, scalers["weight"], supernet.weight_parameters(net),
                                  supernet.arch_parameters(), cfg.weight_optim.grad_clip, [])
             sums["weight_loss"] += loss
             if search_arch:
                 batch = next(arch_batches)
                 drawn["arch_batches"].append(list(batch["id"]))
                 loss, hinge = self._step(ctx, net, batch, a_opt, scalers["arch"], supernet.arch_parameters(),
-                                         supernet.weight_parameters(), cfg.arch_optim.grad_clip, refs)
+                                         supernet.weight_parameters(net), cfg.arch_optim.grad_clip, refs)
                 sums["arch_loss"] += loss
                 sums["hinge"] += hinge
         steps = cfg.steps_per_epoch

@@ -378,7 +378,7 @@ class CandidateEvaluator:
         else:
             rng = np.random.RandomState(seed)
             partial = self.folder / f"supernet-{_digest(key)}.partial.pt" if self.folder is not None else None
-            self._fit(net, supernet.weight_parameters(), self.cfg.supernet_steps, seed,
+            self._fit(net, supernet.weight_parameters(wrapped), self.cfg.supernet_steps, seed,
                       desc="supernet", before_step=lambda: supernet.fix(random_path(supernet, rng)),
                       checkpoint=None if partial is None else (partial, held))
             self._store(key, held.state_dict())
