@@ -143,8 +143,8 @@ class CascadeTask(SearchTask):
 
 
 class PlanTask(SearchTask):
-    """Networks conditioned on the planning preferences (`nas_dose.models.conditioning`, kind
-    `kind`), on the preference plans of patients `ids` (those the search uses), as conditioned
+    """Networks conditioned on the planning preferences as `kind` says (`nas_dose.models.conditioning`),
+    on the preference plans of patients `ids` (those the search uses), as conditioned
     training learns from them (`PlanDataset`): a training item is one plan of its patient, drawn
     from (seed, patient), with that plan's preferences; a patient is scored on every plan, each
     asked for its own preferences (its score the mean, its predictions the plans' stacked). A
@@ -153,8 +153,9 @@ class PlanTask(SearchTask):
     def __init__(self, data: Path, kind: str, ids: Sequence[str]) -> None:
         super().__init__(data)
         self.conditioning = conditioning_spec(kind, NAMES)
+        used = set(ids)
         with open_data(self.data) as d:
-            others = [pid for pid in d.ids() if pid not in set(ids)]
+            others = [pid for pid in d.ids() if pid not in used]
         # the seed of a training draw is the epoch of one plan dataset (`Drawn`)
         self.drawn = PlanDataset(self.data, None, exclude=others, preferences=True)
         self.every = PlanDataset(self.data, None, exclude=others, every_plan=True, preferences=True)

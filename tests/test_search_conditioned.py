@@ -176,6 +176,34 @@ def test_an_interrupted_conditioned_search_resumes_to_the_same_pool(evolved, pla
     assert cut.conditioning == "film"
 
 
+def test_an_interrupted_conditioned_supernet_training_resumes_to_the_uninterrupted_weights(
+        evolved, plan_data, tmp_path, monkeypatch):
+    """Embedding and FiLM heads included: the partial checkpoint keeps the whole conditioned supernet."""
+    monkeypatch.setattr(evaluator, "CHECKPOINT_EVERY", 2)
+    draws = []
+    draw = evaluator.random_path
+
+    def killed_at_step_4(*args):  # the 4th path is drawn before step 4: 2 steps checkpointed
+        draws.append(1)
+        if len(draws) == 4:
+            raise KeyboardInterrupt
+        return draw(*args)
+
+    monkeypatch.setattr(evaluator, "random_path", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        search(plan_data, tmp_path / "cut", *EVOLVE)
+    [partial] = (tmp_path / "cut" / "state" / "evaluator").glob("supernet-*.partial.pt")
+    assert any(k.startswith("embed.") for k in torch.load(partial, weights_only=True)["model"])
+    monkeypatch.setattr(evaluator, "random_path", draw)
+    search(plan_data, tmp_path / "cut", resume=True)
+    [resumed], [whole] = ([s["model"] for s in torch.load(run / SUPERNET_FILE, weights_only=True)["supernets"]]
+                          for run in (tmp_path / "cut", evolved))
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    whole_pool, cut_pool = (load_pool(run / "pool.yaml") for run in (evolved, tmp_path / "cut"))
+    assert [(m.genotype, m.search_score) for m in cut_pool.members] == [
+        (m.genotype, m.search_score) for m in whole_pool.members]
+
+
 def test_the_ensemble_of_a_conditioned_pool_is_conditioned_and_inherits_the_conditioned_supernet(
         evolved, plan_data, tmp_path, monkeypatch):
     started: list[dict[str, torch.Tensor]] = []
