@@ -38,12 +38,16 @@ view`, and a teacher for `nasdose distill`).
 --resume continues an interrupted run: finished members are reused, a half-trained one resumes
 from its last checkpoint, and changed selection settings are applied without retraining.
 
+A pool searched with `conditioning` (`nasdose search … conditioning=film`) records it: its
+members are conditioned so and train on the preference plans without these two keys.
+
 `init: inherit` starts each member from its weights in the search's trained SPOS supernet
 (`_supernet_file`: the search's supernet.pt beside pool.yaml, or the file its
 `evaluator.supernet` named) and fine-tunes it with `train`: the supernet fixed to the member's
 genotype, copied into the plain network built from the genotype
 (`strategies.evaluator.inherited_weights`); `scratch` (the default) starts from a seeded random
-initialization. benchmarks/bench_inherit.py measures what it saves.
+initialization. benchmarks/bench_inherit.py measures what it saves. A conditioned member inherits
+only from a conditioned search's supernet (its FiLM layers and embedding included).
 """
 from __future__ import annotations
 
@@ -64,13 +68,13 @@ from .cascade.patches import CascadeConfig
 from .cascade.windows import source_grids
 from .config import ConfigError, at_least, check_run_folder, from_dict, save_config
 from .data.dataset import PlanItem, plan_items, plan_reference
-from .data.preferences import MEASURED
+from .data.preferences import MEASURED, NAMES
 from .data.store import DataFile, open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
 from .inference import Cascade, Ensemble, as_predictor, predict_plans, predictions, save_ensemble, score_plans
 from .io import load_json, output_folder, save_json
-from .models.conditioning import KINDS
+from .models.conditioning import KINDS, conditioning_spec
 from .models.factory import ModelConfig, build_model, load_model
 from .models.refiner import Refiner
 from .parallel import run_side_by_side, worker_threads
@@ -136,9 +140,6 @@ class EnsembleConfig:
             if self.train.cascade.coarse is not None:
                 raise ConfigError("config key 'conditioning': a cascade's full-resolution stage cannot be "
                                   "conditioned (condition its coarse stage)")
-            if self.init == "inherit":
-                raise ConfigError("config key 'init': a conditioned member has no weights in the search's "
-                                  "supernet (its FiLM layers are new); use init=scratch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +190,18 @@ def _pool_cascade(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> EnsembleC
     return cfg
 
 
+def _pool_conditioning(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> EnsembleConfig:
+    """The members of a pool searched conditioned (`search … conditioning=film`) train conditioned
+    so, on the preference plans (a conditioned network learns from nothing else)."""
+    if pool.conditioning is None:
+        return cfg
+    if cfg.conditioning not in (None, pool.conditioning):
+        raise input_error(pool_path, f"its members were searched with conditioning {pool.conditioning}, but "
+                                     f"conditioning is {cfg.conditioning}")
+    return replace(cfg, conditioning=pool.conditioning,
+                   train=replace(cfg.train, data=replace(cfg.train.data, plans=True)))
+
+
 def _member_config(cfg: EnsembleConfig, member: _Member, index: int, space: str) -> TrainConfig:
     model = ModelConfig(name=space, genotype=str(member.folder / "genotype.yaml"), conditioning=cfg.conditioning)
     return replace(cfg.train, model=model, seed=cfg.seed + index, runtime=cfg.runtime)
@@ -209,6 +222,10 @@ def _supernet_file(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> Path | N
     """The supernet file members inherit from (`init: inherit`), or None (`scratch`)."""
     if cfg.init == "scratch":
         return None
+    if cfg.conditioning is not None and pool.conditioning is None:
+        raise input_error(pool_path, "init=inherit: a conditioned member has no weights in the supernet of a plain "
+                                     "search (its FiLM layers are new); use init=scratch, or search with "
+                                     "conditioning")
     given = ((pool.config or {}).get("options") or {}).get("evaluator", {}).get("supernet")
     path = Path(given) if given else pool_path.parent / SUPERNET_FILE
     if not path.is_file():
@@ -217,11 +234,13 @@ def _supernet_file(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> Path | N
     return path
 
 
-def _inherit(model: nn.Module, supernet: Path, genotype: Genotype) -> None:
-    """Load the member's inherited weights into its network (a cascade stage's: inside its Refiner)."""
+def _inherit(model: nn.Module, supernet: Path, genotype: Genotype, conditioning: str | None) -> None:
+    """Load the member's inherited weights into its network (a cascade stage's: inside its
+    Refiner; a conditioned one's: with the conditioned supernet's embedding)."""
     net = model.net if isinstance(model, Refiner) else model
+    spec = None if conditioning is None else conditioning_spec(conditioning, NAMES)
     try:
-        net.load_state_dict(inherited_weights(supernet, genotype))
+        net.load_state_dict(inherited_weights(supernet, genotype, spec))
     except RuntimeError as e:
         raise input_error(supernet, f"its weights do not fit the member's network ({str(e).splitlines()[0]})") from None
 
@@ -241,7 +260,7 @@ def _train_member(cfg: EnsembleConfig, member: _Member, index: int, space: str, 
     seed_everything(config.seed)
     model = build_model(config.model, refiner=cascade)
     if supernet is not None:
-        _inherit(model, supernet, member.genotype)
+        _inherit(model, supernet, member.genotype, config.model.conditioning)
     objective = CascadeObjective(config, data) if cascade else None
     train_model(model, config, data, member.folder, resume=True, objective=objective)
 
@@ -457,7 +476,7 @@ def run(config: EnsembleConfig, inputs: Inputs, out: Path, resume: bool = False,
 def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bool) -> dict[str, Any]:
     pool_path, data = Path(pool_path), Path(data)
     pool, members = _members(pool_path, out)
-    cfg = _pool_cascade(cfg, pool, pool_path)
+    cfg = _pool_conditioning(_pool_cascade(cfg, pool, pool_path), pool, pool_path)
     split = cfg.train.data.val_split
     with open_data(data) as d:
         if d.kind != "dataset":

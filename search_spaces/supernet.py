@@ -90,9 +90,11 @@ class Supernet(nn.Module):
     def arch_parameters(self) -> list[nn.Parameter]:
         return list(self.alphas)
 
-    def weight_parameters(self) -> list[nn.Parameter]:
+    def weight_parameters(self, outer: nn.Module | None = None) -> list[nn.Parameter]:
+        """Every parameter but α: the supernet's, or those of `outer`, a network around it (a
+        conditioned network's preference embedding trains with the supernet's weights)."""
         arch = {id(p) for p in self.alphas}
-        return [p for p in self.parameters() if id(p) not in arch]
+        return [p for p in (outer or self).parameters() if id(p) not in arch]
 
     def arch_weights(self) -> dict[str, list[float]]:
         """softmax(α) per mixed slot, candidates in ``space.slots()`` order."""

@@ -22,12 +22,14 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from nas_dose import distributed
 from nas_dose.config import from_dict
 from nas_dose.errors import NasDoseError
+from nas_dose.models.conditioning import any_setting
 from nas_dose.pool.candidate import Candidate
 from nas_dose.pool.diversity import DiversityConfig
 from nas_dose.registry import Registry
 from nas_dose.runtime import Runtime
 from nas_dose.search_spaces import SearchSpace, count_flops, count_params, forward_latency
 from nas_dose.training import dose_errors_gy
+from nas_dose.training.engine import forward
 from nas_dose.training.events import EventLog
 
 from .task import Items, SearchTask, per_patient
@@ -167,7 +169,9 @@ class SearchContext:
 
     def cost(self, model: nn.Module, latency: bool | None = None) -> dict[str, float]:
         """A network's cost metrics at one model input: `params`, `flops` and, with `latency`
-        (default: `measure_latency`), `latency_ms` (see `latency_ms`)."""
+        (default: `measure_latency`), `latency_ms` (see `latency_ms`); a conditioned network's at
+        one setting."""
+        model = any_setting(model)
         shape = self.input_shape()
         cost = {"params": float(count_params(model)), "flops": float(count_flops(model, shape))}
         if self.measure_latency if latency is None else latency:
@@ -177,7 +181,7 @@ class SearchContext:
     def latency_ms(self, model: nn.Module) -> float:
         """Milliseconds of one forward pass of `model` at one model input (batch 1) on the runtime's
         device and under its autocast: the median of LATENCY_RUNS timed passes after a warm-up."""
-        seconds = forward_latency(model, self.input_shape(), self.runtime.device, LATENCY_RUNS,
+        seconds = forward_latency(any_setting(model), self.input_shape(), self.runtime.device, LATENCY_RUNS,
                                   autocast=self.runtime.autocast)
         return round(1e3 * seconds, 4)
 
@@ -186,9 +190,16 @@ class SearchContext:
         """The cascade whose full-resolution stage is searched (its `cascade` config), or None."""
         return self._task.cascade
 
+    @property
+    def conditioning(self) -> dict[str, Any] | None:
+        """The conditioning of the networks searched (`conditioning_spec`), or None."""
+        return self._task.conditioning
+
     def wrap(self, net: nn.Module) -> nn.Module:
-        """A network as the task runs it (a cascade's stage: in a Refiner); strategies build
-        every network they train or score through this."""
+        """A network as the task runs it (a cascade's stage: in a Refiner; a conditioned one:
+        `Conditioned`); strategies build every network they train or score through this, and
+        run it on a batch with `nas_dose.training.engine.forward` (a conditioned network is
+        asked for the batch's preferences)."""
         return self._task.wrap(net)
 
     def targets(self, ids: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -206,7 +217,8 @@ class SearchContext:
         """Per-patient validation dose scores (Gy, as nas_dose.train scores) of `model` on `ids`,
         and its predictions there as `nasdose predict` makes them: dose / 70, float32,
         non-negative and zero outside the possible-dose mask. For a cascade's stage, the mean
-        score of the patient's fixed patches and those patches' predictions, stacked."""
+        score of the patient's fixed patches and those patches' predictions, stacked; for a
+        conditioned network, those of the patient's plans, each asked for its preferences."""
         was_training = model.training
         model.eval()
         errors: dict[str, list[float]] = {}
@@ -214,7 +226,7 @@ class SearchContext:
         for batch in self.loader(ids, train=False, batch_size=1):
             batch = self.runtime.to_device(batch)
             with self.runtime.autocast():
-                pred = model(batch["input"])
+                pred = forward(model, batch)
             for pid, error in zip(batch["id"], dose_errors_gy(pred, batch["target"], batch["mask"]).tolist()):
                 errors.setdefault(pid, []).append(error)
             pred = pred.float().clamp_min(0) * batch["mask"]
@@ -235,7 +247,8 @@ class Strategy(ABC):
     predictions_from: ClassVar[str] = "the networks the strategy scored each candidate with"
 
     # whether run() builds every network through ctx.wrap and learns from ctx.loader, so that it
-    # can search a cascade's full-resolution stage (`search … cascade.coarse=RUN`)
+    # can search a cascade's full-resolution stage (`search … cascade.coarse=RUN`) and networks
+    # conditioned on the planning preferences (`search … conditioning=film`)
     searches_stages: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
@@ -263,6 +276,13 @@ class Strategy(ABC):
         if not cls.searches_stages:
             raise NasDoseError(f"strategy '{cls.name}' cannot search a cascade's full-resolution stage "
                                "(cascade.coarse); use evolution, random, optuna, nni or differentiable")
+
+    @classmethod
+    def check_conditioned(cls, diversity: DiversityConfig) -> None:
+        """Refuse, before any work, a search of conditioned networks that this strategy cannot run."""
+        if not cls.searches_stages:
+            raise NasDoseError(f"strategy '{cls.name}' cannot search conditioned networks (conditioning); "
+                               "use evolution, random, optuna, nni or differentiable")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> Strategy:

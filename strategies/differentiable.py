@@ -18,7 +18,10 @@ Under torchrun both steps are data-parallel: each rank takes its share of every 
 ranks; the final candidates are scored spread over the ranks (docs/how-to/distributed.md).
 
 For a cascade's stage (`ctx.cascade`) the supernet runs in a Refiner on source-grid patches
-drawn anew each epoch; the sequential hinge is refused there (see `check_stage_search`).
+drawn anew each epoch; the sequential hinge is refused there (see `check_stage_search`). For
+conditioned networks (`ctx.conditioning`) the supernet is conditioned, each step's patients are on
+one of their preference plans each, and candidates are scored on every plan; the sequential
+hinge is refused there too (`check_conditioned`).
 
 In a sequential run (strategies/search.py) each search has its own `ctx.seed` (its supernet's
 initial weights, batch order, Gumbel draws) and trains its own supernet from scratch: weights and
@@ -48,6 +51,7 @@ from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
 from nas_dose.search_spaces import Genotype, SearchSpace, Supernet
 from nas_dose.training import OptimConfig, masked_loss
+from nas_dose.training.engine import forward
 from nas_dose.training.losses import share_weight
 from nas_dose.training.optimization import make_optimizer
 
@@ -166,6 +170,15 @@ class DifferentiableSearch(Strategy):
                                "diversity.mode=sequential (its hinge needs whole-volume predictions); "
                                "use diversity.mode=pool or none, or strategy evolution")
 
+    @classmethod
+    def check_conditioned(cls, diversity: DiversityConfig) -> None:
+        """Its sequential hinge compares a batch's predictions with the members' for the same
+        patients, which for conditioned networks hold every plan while a batch holds one."""
+        if diversity.mode == "sequential":
+            raise NasDoseError("strategy 'differentiable' cannot search conditioned networks with "
+                               "diversity.mode=sequential (its hinge needs one prediction per patient); "
+                               "use diversity.mode=pool or none, or strategy evolution")
+
     def __init__(self, config: DifferentiableConfig) -> None:
         super().__init__(config)
         self.history: list[dict[str, list[float]]] = []  # softmax(α) per slot: at start, after each epoch
@@ -205,8 +218,10 @@ class DifferentiableSearch(Strategy):
             return self._load_result(ctx, result_path)
         seed_everything(ctx.seed)
         supernet = Supernet(ctx.space, ctx.macro, mode=cfg.mode, tau=cfg.tau_start)
-        net = ctx.runtime.prepare(ctx.wrap(supernet))
-        w_opt = make_optimizer(supernet.weight_parameters(), cfg.weight_optim)
+        wrapped = ctx.wrap(supernet)
+        held = supernet if ctx.conditioning is None else wrapped  # what the checkpoint keeps
+        net = ctx.runtime.prepare(wrapped)
+        w_opt = make_optimizer(supernet.weight_parameters(wrapped), cfg.weight_optim)
         a_opt = make_optimizer(supernet.arch_parameters(), cfg.arch_optim)
         scalers = {"weight": ctx.runtime.grad_scaler(), "arch": ctx.runtime.grad_scaler()}
         refs = self._reference_tensors(ctx)
@@ -217,7 +232,7 @@ class DifferentiableSearch(Strategy):
         if state_path is not None and state_path.exists():
             state = load_checkpoint(state_path)
             self._check(state, ctx, state_path)
-            supernet.load_state_dict(state["supernet"])
+            held.load_state_dict(state["supernet"])
             w_opt.load_state_dict(state["weight_optim"])
             a_opt.load_state_dict(state["arch_optim"])
             for name, scaler in scalers.items():
@@ -240,7 +255,7 @@ class DifferentiableSearch(Strategy):
             ctx.events.arch_weights(epoch + 1, self.history[-1], ctx.space.slots())
             if state_path is not None:
                 save_checkpoint(state_path, {
-                    "fingerprint": self._fingerprint(ctx), "epoch": epoch + 1, "supernet": supernet.state_dict(),
+                    "fingerprint": self._fingerprint(ctx), "epoch": epoch + 1, "supernet": held.state_dict(),
                     "weight_optim": w_opt.state_dict(), "arch_optim": a_opt.state_dict(),
                     "scalers": {k: s.state_dict() for k, s in scalers.items()}, "rng": rng_state(),
                     "history": self.history, "hinge": self.hinge})
@@ -266,14 +281,14 @@ class DifferentiableSearch(Strategy):
         for _ in progress(range(cfg.steps_per_epoch), desc=f"search epoch {epoch + 1}/{cfg.epochs}"):
             batch = next(weight_batches)
             drawn["weight_batches"].append(list(batch["id"]))
-            loss, _ = self._step(ctx, net, batch, w_opt, scalers["weight"], supernet.weight_parameters(),
+            loss, _ = self._step(ctx, net, batch, w_opt, scalers["weight"], supernet.weight_parameters(net),
                                  supernet.arch_parameters(), cfg.weight_optim.grad_clip, [])
             sums["weight_loss"] += loss
             if search_arch:
                 batch = next(arch_batches)
                 drawn["arch_batches"].append(list(batch["id"]))
                 loss, hinge = self._step(ctx, net, batch, a_opt, scalers["arch"], supernet.arch_parameters(),
-                                         supernet.weight_parameters(), cfg.arch_optim.grad_clip, refs)
+                                         supernet.weight_parameters(net), cfg.arch_optim.grad_clip, refs)
                 sums["arch_loss"] += loss
                 sums["hinge"] += hinge
         steps = cfg.steps_per_epoch
@@ -302,7 +317,7 @@ class DifferentiableSearch(Strategy):
             p.requires_grad_(False)
         try:
             with ctx.runtime.autocast():
-                pred = net(batch["input"])
+                pred = forward(net, batch)
             loss = masked_loss(pred, batch["target"], batch["mask"])
             if distributed.world_size() > 1:
                 loss = loss * share_weight(batch["mask"])
@@ -344,7 +359,8 @@ class DifferentiableSearch(Strategy):
         def candidate(g: Genotype) -> Candidate:
             supernet.fix(g)
             errors, predictions = ctx.evaluate(net, ids)
-            return Candidate(g, float(np.mean([errors[pid] for pid in ctx.arch_ids])), ctx.cost(ctx.space.build(g)),
+            return Candidate(g, float(np.mean([errors[pid] for pid in ctx.arch_ids])),
+                             ctx.cost(ctx.wrap(ctx.space.build(g))),
                              {pid: predictions[pid].astype(np.float16) for pid in kept})
 
         # Independent of each other: spread over the ranks of a distributed search.

@@ -42,6 +42,14 @@ search is a cache hit for the others (the score and predictions of the supernet 
 not depend on the search; the diversity hinge against a search's own references is computed
 by that search from the predictions).
 
+For conditioned networks (`search … conditioning=film`, `strategies/task.py`) the supernet is
+conditioned as the final networks are (FiLM after every normalization layer of every candidate,
+one preference embedding) and learns as conditioned training does: each step's patients on one
+of their preference plans each, asked for its preferences; a genotype is scored on every plan of
+the architecture patients, each asked for its own preferences. The file then keeps each
+conditioned supernet whole (its embedding with it) and records the conditioning; the cache and
+the file of a conditioned search and of a plain one are refused by each other.
+
 `supernet: PATH` scores (or, in mode finetune, starts) with the supernets of an earlier
 search's file instead of training any (for any scoring strategy; a file "inherit" trained serves
 "finetune" and back). The file must match this search: space, macro, supernet_steps, the
@@ -69,11 +77,13 @@ from torch import nn
 from nas_dose.config import ConfigError, at_least, to_dict
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_json, save_checkpoint, save_json, shared_file
+from nas_dose.models.conditioning import condition
 from nas_dose.pool import Candidate
 from nas_dose.progress import progress
 from nas_dose.runtime import rng_state, seed_everything, set_rng_state
 from nas_dose.search_spaces import Genotype, Supernet, genotype_from_dict, get_space
 from nas_dose.training import OptimConfig, masked_loss
+from nas_dose.training.engine import forward
 from nas_dose.training.optimization import make_optimizer
 
 from .base import SearchContext, Strategy
@@ -212,12 +222,28 @@ def read_supernets(path: Path, device: Any = "cpu") -> dict[str, Any]:
     return state
 
 
-def inherited_weights(path: Path, g: Genotype) -> dict[str, torch.Tensor]:
-    """The weights of `g`'s own network (`SearchSpace.build(g)`, plain torch.nn) in supernet file
-    `path` (a search's supernet.pt): its supernet for g's non-op slots, fixed to g, whose path's
-    parameters map one to one onto the built network's (`Supernet.subnet_state_dict`), so that
-    both compute the same function. Refused in one line naming the file when it holds none for g."""
+def path_weights(wrapped: nn.Module, supernet: Supernet, g: Genotype) -> dict[str, torch.Tensor]:
+    """The weights of `g`'s own network, wrapped as `wrapped` wraps `supernet` (a task's `wrap`),
+    in `wrapped`: the wrapper's own (a conditioned network's embedding) and those of g's path
+    (`Supernet.subnet_state_dict`), which map one to one onto the built network's."""
+    if wrapped is supernet:
+        return supernet.subnet_state_dict(g)
+    prefix = next(name for name, m in wrapped.named_modules() if m is supernet) + "."
+    own = {k: v for k, v in wrapped.state_dict().items() if not k.startswith(prefix)}
+    return {**own, **{prefix + k: v for k, v in supernet.subnet_state_dict(g).items()}}
+
+
+def inherited_weights(path: Path, g: Genotype, conditioning: dict[str, Any] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """The weights of `g`'s own network (`SearchSpace.build(g)`, plain torch.nn, or conditioned
+    as `conditioning` says) in supernet file `path` (a search's supernet.pt): its supernet for
+    g's non-op slots, fixed to g, whose path's parameters map one to one onto the built
+    network's (`path_weights`), so that both compute the same function. Refused in one line
+    naming the file when it holds none for g, or when its supernets are conditioned otherwise."""
     state = read_supernets(path)
+    if state.get("conditioning") != conditioning:
+        raise NasDoseError(f"{path}: supernets conditioned as {state.get('conditioning')}; the network is "
+                           f"conditioned as {conditioning}")
     space = get_space(g.space)
     if state["space"] != g.space or state["macro"] != space.check_macro(g.macro, str(path)):
         raise NasDoseError(f"{path}: supernets of space {state['space']}, macro {state['macro']}; the genotype is "
@@ -228,8 +254,9 @@ def inherited_weights(path: Path, g: Genotype) -> dict[str, torch.Tensor]:
     if entry is None:
         raise NasDoseError(f"{path}: holds no supernet for {', '.join(f'{s}={v}' for s, v in fixed.items())}")
     supernet = Supernet(space, state["macro"], fixed)
-    supernet.load_state_dict(entry["model"])
-    return supernet.subnet_state_dict(g)
+    held = supernet if conditioning is None else condition(supernet, conditioning)
+    held.load_state_dict(entry["model"])
+    return path_weights(held, supernet, g)
 
 
 def latency_device(device: torch.device) -> str:
@@ -291,7 +318,7 @@ class CandidateEvaluator:
         if g.macro != self.macro:
             raise NasDoseError(f"candidate: genotype macro {g.macro} differs from the search macro {self.macro}")
         started = time.perf_counter()
-        own, final = self._final_network(g)
+        final = self._final_network(g)
         cost = self.ctx.cost(final, latency=False)
         over = self._over(cost)
         if not over and self.latency:  # measured only for a genotype within the cheap limits
@@ -305,7 +332,8 @@ class CandidateEvaluator:
         else:
             steps = self.cfg.train_steps
             if self.cfg.mode == "finetune":
-                own.load_state_dict(self._supernet(g)[0].subnet_state_dict(g))
+                supernet, wrapped = self._supernet(g)
+                final.load_state_dict(path_weights(wrapped, supernet, g))
                 steps = self.cfg.finetune_steps
                 # the supernet may have been trained just now, drawing from the global RNGs
                 seed_everything(derived_seed(self.seed, "finetune", g.key()))
@@ -322,12 +350,11 @@ class CandidateEvaluator:
         limits = {"params": self.cfg.max_params, "flops": self.cfg.max_flops, "latency_ms": self.cfg.max_latency_ms}
         return [k for k, limit in limits.items() if limit is not None and cost.get(k, -math.inf) > limit]
 
-    def _final_network(self, g: Genotype) -> tuple[nn.Module, nn.Module]:
-        """`g`'s own network as built and as the task runs it (`ctx.wrap`, around the same
-        weights), seeded by `g` so that "train" results do not depend on the order."""
+    def _final_network(self, g: Genotype) -> nn.Module:
+        """`g`'s own network as the task runs it (`ctx.wrap`), seeded by `g` so that "train"
+        results do not depend on the order."""
         seed_everything(derived_seed(self.seed, "init", g.key()))
-        own = self.space.build(g)
-        return own, self.ctx.wrap(own)
+        return self.ctx.wrap(self.space.build(g))
 
     def _fixed(self, g: Genotype) -> dict[str, Any]:
         """The non-op slots of `g`: what a supernet cannot mix."""
@@ -354,9 +381,10 @@ class CandidateEvaluator:
         seed_everything(seed)
         supernet = Supernet(self.space, self.macro, fixed)
         wrapped = self.ctx.wrap(supernet)  # before loading: a cascade's Refiner zeroes the last conv it wraps
+        held = supernet if self.ctx.conditioning is None else wrapped  # what the file keeps
         saved = self._saved_supernets().get(key)
         if saved is not None:
-            supernet.load_state_dict(saved)
+            held.load_state_dict(saved)
         elif self.cfg.supernet is not None:
             raise NasDoseError(f"{self.supernet_file}: holds no supernet for "
                                f"{', '.join(f'{s}={v}' for s, v in fixed.items())} (it was not trained for "
@@ -367,10 +395,10 @@ class CandidateEvaluator:
                 self._scoring_nets[key] = net
             rng = np.random.RandomState(seed)
             partial = self.folder / f"supernet-{_digest(key)}.partial.pt" if self.folder is not None else None
-            self._fit(net, supernet.weight_parameters(), self.cfg.supernet_steps, seed,
+            self._fit(net, supernet.weight_parameters(wrapped), self.cfg.supernet_steps, seed,
                       desc="supernet", before_step=lambda: supernet.fix(random_path(supernet, rng)),
-                      checkpoint=None if partial is None else (partial, supernet))
-            self._store(key, supernet.state_dict())
+                      checkpoint=None if partial is None else (partial, held))
+            self._store(key, held.state_dict())
             if partial is not None:
                 partial.unlink(missing_ok=True)
         self._supernets[key] = (supernet, wrapped)
@@ -380,7 +408,7 @@ class CandidateEvaluator:
         """What every supernet in the file shares with this search (checked on reading)."""
         shape = self.ctx.input_shape()
         return {"space": self.space.name, "macro": self.macro, "steps": self.cfg.supernet_steps,
-                "input": {"channels": shape[1], "grid": shape[2]}}
+                "input": {"channels": shape[1], "grid": shape[2]}, "conditioning": self.ctx.conditioning}
 
     def _saved_supernets(self) -> dict[SlotKey, dict[str, torch.Tensor]]:
         """The trained supernets of the file, by non-op slots (none without a file); a file that
@@ -450,7 +478,7 @@ class CandidateEvaluator:
                 before_step()
             batch = runtime.to_device(batch)
             with runtime.autocast():
-                pred = net(batch["input"])
+                pred = forward(net, batch)
             loss = masked_loss(pred, batch["target"], batch["mask"])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -485,6 +513,7 @@ class CandidateEvaluator:
                 "macro": self.macro, "seed": self.seed, "evaluator": self._evaluator_settings(),
                 "data": str(Path(ctx.data).resolve()), "weight_ids": list(ctx.weight_ids),
                 "arch_ids": list(ctx.arch_ids), "prediction_ids": self.kept, "cascade": ctx.cascade,
+                "conditioning": ctx.conditioning,
                 # latencies are only comparable on one kind of device
                 **({"latency_on": latency_device(ctx.runtime.device)} if self.latency else {})}
 

@@ -38,6 +38,13 @@ receives TensorBoard event files: per epoch of a differentiable search its losse
 and tracked score, and softmax(α) of every slot (`search/alpha/SLOT/OP`; a sequential search's
 k-th search under `search{k}/`).
 
+With `conditioning=film` the search is for networks conditioned on the planning preferences
+(docs/how-to/preferences.md; the data set's preference plans, `data synth --preferences K`):
+every network, supernets included, is conditioned as `nasdose train … model.conditioning=film`
+conditions it, learns from one preference plan of each patient per draw, asked for its
+preferences, and is scored on every plan of each patient (`strategies/task.py`); pool.yaml records
+the conditioning, and `nasdose ensemble` trains conditioned members from it.
+
 With `cascade.coarse=RUN` the search is for the full-resolution stage of a cascade refining RUN
 (`strategies/task.py`): source-grid patches, networks in a Refiner, scores a patch proxy; the
 pool records the cascade, and `nasdose ensemble` trains its members as stages of it.
@@ -59,6 +66,7 @@ from nas_dose.config import ConfigError, at_least, from_dict, save_config, to_di
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError, input_error
 from nas_dose.io import load_checkpoint, load_yaml, output_folder, save_checkpoint
+from nas_dose.models.conditioning import KINDS
 from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.pool import Candidate, DiversityConfig, Pool, PoolMember, pairwise_matrices, save_pool, select_pool
 from nas_dose.pool.pareto import (
@@ -79,7 +87,7 @@ from nas_dose.training.events import EventLog, LoggingConfig
 from .base import SearchContext, Strategy, get_strategy
 from .evaluator import SUPERNET_FILE, EvaluatorConfig, derived_seed
 from .evolution import hinge_terms, prediction_masks
-from .task import CascadeTask, SearchTask
+from .task import CascadeTask, PlanTask, SearchTask
 
 
 @dataclass
@@ -130,9 +138,21 @@ class SearchConfig:
     # networks take the coarse dose as one more channel, learn on source-grid patches, and are
     # scored on fixed ones; pool.yaml records it, so that `nasdose ensemble` trains stages.
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    # `film`: search networks conditioned on the planning preferences (train's model.conditioning):
+    # a conditioned supernet learns from the preference plans, candidates are scored on every
+    # plan, each asked for its preferences (strategies/task.py); pool.yaml records it, so that
+    # `nasdose ensemble` trains conditioned members.
+    conditioning: str | None = None
 
     def validate(self) -> None:
         at_least("pool_size", self.pool_size, 1)
+        if self.conditioning is not None:
+            if self.conditioning not in KINDS:
+                raise ConfigError(f"config key 'conditioning': expected one of {', '.join(KINDS)} (or none), "
+                                  f"got {self.conditioning!r}")
+            if self.cascade.coarse is not None:
+                raise ConfigError("config key 'conditioning': a cascade's full-resolution stage cannot be "
+                                  "conditioned (condition its coarse stage)")
         if self.cascade.coarse is not None and self.macro.get("in_channels", REFINER_CHANNELS) != REFINER_CHANNELS:
             raise ConfigError(f"config key 'macro.in_channels': a cascade's stage takes {REFINER_CHANNELS} "
                               "channels (leave it out)")
@@ -183,6 +203,8 @@ class SearchRun:
         self.strategy_cls = get_strategy(cfg.strategy)
         if cfg.cascade.coarse is not None:
             self.strategy_cls.check_stage_search(cfg.diversity)
+        if cfg.conditioning is not None:
+            self.strategy_cls.check_conditioned(cfg.diversity)
         self.options: Any = from_dict(self.strategy_cls.Config, cfg.options, prefix="options")
         evaluator = getattr(self.options, "evaluator", None)
         if isinstance(evaluator, EvaluatorConfig) and evaluator.supernet is not None:
@@ -193,9 +215,11 @@ class SearchRun:
         self.strategy_cls.check_diversity(self.options, cfg.diversity)
         self.runtime = Runtime(cfg.runtime)
         self.weight_ids, self.arch_ids, self.diversity_ids = split_patients(self.data, cfg.data, cfg.seed)
-        self.task = SearchTask(self.data) if cfg.cascade.coarse is None else CascadeTask(
-            self.data, cfg.cascade, cfg.data.search_split, [*self.arch_ids, *self.diversity_ids], self.runtime,
-            cfg.seed)
+        used = [*self.weight_ids, *self.arch_ids, *self.diversity_ids]
+        self.task = (CascadeTask(self.data, cfg.cascade, cfg.data.search_split, [*self.arch_ids, *self.diversity_ids],
+                                 self.runtime, cfg.seed) if cfg.cascade.coarse is not None
+                     else SearchTask(self.data) if cfg.conditioning is None
+                     else PlanTask(self.data, cfg.conditioning, used))
         grid = self.task.grid
         self.space, self.removed = self.space.fitted(self.macro, grid)
         if self.removed:
@@ -348,8 +372,10 @@ class SearchRun:
         pool = Pool(self.space.name, self.cfg.strategy, self.cfg.seed,
                     [PoolMember(n, m.genotype, m.score, m.metrics) for n, m in zip(names, members)], matrices,
                     f"{source}; validation patients: {', '.join(self.diversity_ids) or 'none'}"
-                    + ("" if self.task.cascade is None else f"; {self.task.scored_on}"),
-                    to_dict(self.cfg), front_record(seen, self.cfg.cost, diversity), self.task.cascade)
+                    + ("" if self.task.cascade is None and self.task.conditioning is None
+                       else f"; {self.task.scored_on}"),
+                    to_dict(self.cfg), front_record(seen, self.cfg.cost, diversity), self.task.cascade,
+                    self.cfg.conditioning)
         for name, m in zip(names, members):
             save_genotype(self.out / "genotypes" / f"{name}.yaml", m.genotype)
         save_pool(self.out / "pool.yaml", pool)

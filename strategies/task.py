@@ -1,9 +1,11 @@
-"""What a search learns and scores on: whole volumes on the data set's grid, or the source-grid
-patches of a cascade's full-resolution stage (`search … cascade.coarse=RUN`).
+"""What a search learns and scores on: whole volumes on the data set's grid, the source-grid
+patches of a cascade's full-resolution stage (`search … cascade.coarse=RUN`), or the preference
+plans of each patient for networks conditioned on them (`search … conditioning=film`).
 
 A task hands the SearchContext its items (training ones drawn from a seed, scoring ones fixed),
 says what a network takes (channels, side) and wraps each network the strategies build (a
-cascade's stage: a Refiner around it), so that the strategies need not know which it is.
+cascade's stage: a Refiner around it; a conditioned network: FiLM after its normalization
+layers), so that the strategies need not know which it is.
 """
 from __future__ import annotations
 
@@ -12,18 +14,36 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from nas_dose.cascade.objective import coarse_predictions, training_predictions
 from nas_dose.cascade.patches import CascadeConfig, PatchDataset
 from nas_dose.config import to_dict
-from nas_dose.data.dataset import IN_CHANNELS, DoseDataset
+from nas_dose.data.dataset import IN_CHANNELS, DoseDataset, PlanDataset
+from nas_dose.data.preferences import NAMES
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError
+from nas_dose.models.conditioning import condition, conditioning_spec
 from nas_dose.models.refiner import REFINER_CHANNELS, Refiner
 from nas_dose.runtime import Runtime
 
-Items = Union[Subset, PatchDataset]  # a task's items: sized torch datasets of {input, target, mask, id}
+
+class Drawn(Dataset):
+    """Items `indices` of an epoch dataset as drawn in epoch `epoch` (a `PlanDataset`: one plan
+    of each patient, the same for every pass over these items)."""
+
+    def __init__(self, dataset: PlanDataset, indices: Sequence[int], epoch: int) -> None:
+        self.dataset, self.indices, self.epoch = dataset, list(indices), epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.dataset[(self.indices[i], self.epoch)]
+
+
+# a task's items: sized torch datasets of {input, target, mask, id} (conditioned: and preferences)
+Items = Union[Subset, PatchDataset, Drawn]
 
 
 class SearchTask:
@@ -31,6 +51,7 @@ class SearchTask:
 
     in_channels = IN_CHANNELS
     cascade: dict[str, Any] | None = None  # pool.yaml's record of a cascade stage search; none here
+    conditioning: dict[str, Any] | None = None  # a conditioned search's `conditioning_spec`; none here
 
     def __init__(self, data: Path) -> None:
         self.data = Path(data)
@@ -118,6 +139,44 @@ class CascadeTask(SearchTask):
 
     def wrap(self, net: nn.Module) -> nn.Module:
         return Refiner(net)
+
+
+class PlanTask(SearchTask):
+    """Networks conditioned on the planning preferences as `kind` says (`nas_dose.models.conditioning`),
+    on the preference plans of patients `ids` (those the search uses), as conditioned
+    training learns from them (`PlanDataset`): a training item is one plan of its patient, drawn
+    from (seed, patient), with that plan's preferences; a patient is scored on every plan, each
+    asked for its own preferences (its score the mean, its predictions the plans' stacked). A
+    patient without preference plans is one plan, its dose, at preferences measured on it."""
+
+    def __init__(self, data: Path, kind: str, ids: Sequence[str]) -> None:
+        super().__init__(data)
+        self.conditioning = conditioning_spec(kind, NAMES)
+        used = set(ids)
+        with open_data(self.data) as d:
+            others = [pid for pid in d.ids() if pid not in used]
+        # the seed of a training draw is the epoch of one plan dataset (`Drawn`)
+        self.drawn = PlanDataset(self.data, None, exclude=others, preferences=True)
+        self.every = PlanDataset(self.data, None, exclude=others, every_plan=True, preferences=True)
+        self.position = {pid: i for i, pid in enumerate(self.drawn.ids)}
+
+    @property
+    def scored_on(self) -> str:
+        return f"every preference plan of each patient, asked for its own preferences, on the {self.grid}³ grid"
+
+    def items(self, ids: Sequence[str], train: bool, seed: int) -> Items:
+        """One plan of each of `ids` drawn from `seed` (train), or every plan of each."""
+        missing = [pid for pid in ids if pid not in self.position]
+        if missing:
+            raise NasDoseError(f"{self.data}: no patient(s) {', '.join(missing[:5])}")
+        if train:
+            return Drawn(self.drawn, [self.position[pid] for pid in ids], seed)
+        plans = self.every.items
+        assert plans is not None
+        return Subset(self.every, [j for pid in ids for j, (i, _) in enumerate(plans) if i == self.position[pid]])
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        return condition(net, self.conditioning)
 
 
 def per_patient(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:

@@ -127,6 +127,14 @@ def preference_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return [(1, len(model.names))] if isinstance(model, Conditioned) else []
 
 
+def any_setting(model: nn.Module) -> nn.Module:
+    """`model` as a one-input network for measuring what it costs: a conditioned one asked for the
+    middle of its ranges (every setting costs the same), any other as it is."""
+    if isinstance(model, Conditioned):
+        return model.at((model.low + model.span / 2).tolist())
+    return model
+
+
 def conditioning_spec(kind: str, names: Sequence[str]) -> dict[str, Any]:
     """What a checkpoint's model spec holds of the conditioning: kind, names, their ranges, width."""
     if kind not in KINDS:

@@ -16,6 +16,7 @@ from nas_dose.search_spaces import Genotype, genotype_from_dict, get_space
 
 from ..errors import NasDoseError
 from ..io import load_yaml, save_yaml
+from ..models.conditioning import KINDS
 from .diversity import MATRICES
 
 FORMAT = "nasdose-pool"
@@ -47,6 +48,9 @@ class Pool:
     # The search's `cascade` section (coarse resolved) when the members are a cascade's
     # full-resolution stages; None for whole-volume networks.
     cascade: dict[str, Any] | None = None
+    # The search's `conditioning` (e.g. film) when the members were searched conditioned on the
+    # planning preferences; None for plain networks.
+    conditioning: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -69,6 +73,7 @@ def save_pool(path: str | Path, pool: Pool) -> None:
         "config": pool.config,
         "pareto": pool.pareto,
         **({} if pool.cascade is None else {"cascade": pool.cascade}),
+        **({} if pool.conditioning is None else {"conditioning": pool.conditioning}),
     }
     save_yaml(path, data)
 
@@ -159,8 +164,12 @@ def load_pool(path: str | Path) -> Pool:
     cascade = data.get("cascade")
     if cascade is not None and not (isinstance(cascade, dict) and isinstance(cascade.get("coarse"), str)):
         raise NasDoseError(f"{path}: 'cascade' must be a mapping with the coarse stage ('coarse')")
+    conditioning = data.get("conditioning")
+    if conditioning is not None and conditioning not in KINDS:
+        raise NasDoseError(f"{path}: 'conditioning' must be one of {', '.join(KINDS)}, got {conditioning!r}")
     return Pool(space, data["strategy"], seed, members, matrices,
-                predictions if isinstance(predictions, str) else str(predictions), config, pareto, cascade)
+                predictions if isinstance(predictions, str) else str(predictions), config, pareto, cascade,
+                conditioning)
 
 
 __all__ = ["FORMAT", "VERSION", "Pool", "PoolMember", "save_pool", "load_pool"]
