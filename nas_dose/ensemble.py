@@ -38,7 +38,7 @@ view`, and a teacher for `nasdose distill`).
 --resume continues an interrupted run: finished members are reused, a half-trained one resumes
 from its last checkpoint, and changed selection settings are applied without retraining.
 
-A pool searched with `conditioning` (`nasdose search … conditioning=film`) records it: its
+A pool searched with `conditioning` (`nasdose search` with `conditioning: film`) records it: its
 members are conditioned so and train on the preference plans without these two keys.
 
 `init: inherit` starts each member from its weights in the search's trained SPOS supernet

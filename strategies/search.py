@@ -40,8 +40,8 @@ k-th search under `search{k}/`).
 
 With `conditioning=film` the search is for networks conditioned on the planning preferences
 (docs/how-to/preferences.md; the data set's preference plans, `data synth --preferences K`):
-every network, supernets included, is conditioned as `nasdose train … model.conditioning=film`
-conditions it, learns from one preference plan of each patient per draw, asked for its
+every network, supernets included, is conditioned as `nasdose train` conditions it with
+`model.conditioning: film`, learns from one preference plan of each patient per draw, asked for its
 preferences, and is scored on every plan of each patient (`strategies/task.py`); pool.yaml records
 the conditioning, and `nasdose ensemble` trains conditioned members from it.
 

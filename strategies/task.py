@@ -176,7 +176,9 @@ class PlanTask(SearchTask):
         return Subset(self.every, [j for pid in ids for j, (i, _) in enumerate(plans) if i == self.position[pid]])
 
     def wrap(self, net: nn.Module) -> nn.Module:
-        return condition(net, self.conditioning)
+        spec = self.conditioning
+        assert spec is not None  # set in __init__
+        return condition(net, spec)
 
 
 def per_patient(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:

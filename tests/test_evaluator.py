@@ -63,7 +63,7 @@ def test_inherit_scores_the_built_network_with_shared_weights_and_caches(data, t
     assert c1.metrics["params"] == count_params(ctx.space.build(g1))
     assert set(c1.predictions) == set(DIVERSITY) and c1.predictions["pt_6"].shape == (16, 16, 16)
     # the single path with shared weights is exactly the final network with inherited weights
-    supernet, _, _ = ev._supernet(g1)
+    supernet, _ = ev._supernet(g1)
     errors, _ = ctx.evaluate(supernet.subnet(g1), ARCH)
     assert c1.score == pytest.approx(np.mean(list(errors.values())), rel=1e-5)
     # and so is the plain network built from g1 with its weights from the saved supernet file
@@ -192,7 +192,7 @@ def test_finetune_trains_each_path_on_from_the_supernet_and_does_not_depend_on_t
     backward = [b.score(g2).score, b.score(g1).score]
     assert forward == backward[::-1] and forward[0] != start
     # the same start: the network built from g1 with the supernet's weights; a step more, another score
-    supernet, _, _ = inherited._supernet(g1)
+    supernet, _ = inherited._supernet(g1)
     torch.testing.assert_close(a._supernet(g1)[0].state_dict(), supernet.state_dict(), rtol=0, atol=0)
     more = CandidateEvaluator(context(data, None, mode="none"), replace(cfg, finetune_steps=3))
     assert more.score(g1).score not in (forward[0], start)
