@@ -20,6 +20,7 @@ from nas_dose.data.synth import synth_patients
 from nas_dose.models.factory import build_model
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import seed_everything
+from nas_dose.strategies import evaluator
 from nas_dose.training import TrainConfig, train_model
 
 torch.set_num_threads(1)
@@ -107,3 +108,25 @@ def cut_training(monkeypatch):
                             train_model if step is None else functools.partial(train_model, on_step=stop))
 
     return cut
+
+
+@pytest.fixture
+def kill_supernet_at(monkeypatch):
+    """`arm(at, checkpoint_every)`: the evaluator then checkpoints its supernet training every
+    `checkpoint_every` steps and is killed (KeyboardInterrupt) when it draws its `at`-th path,
+    just before step `at`; `arm` returns what disarms it (for the resumed run)."""
+    def arm(at: int, checkpoint_every: int):
+        monkeypatch.setattr(evaluator, "CHECKPOINT_EVERY", checkpoint_every)
+        draws: list[int] = []
+        draw = evaluator.random_path
+
+        def killed(*args):
+            draws.append(1)
+            if len(draws) == at:
+                raise KeyboardInterrupt
+            return draw(*args)
+
+        monkeypatch.setattr(evaluator, "random_path", killed)
+        return lambda: monkeypatch.setattr(evaluator, "random_path", draw)
+
+    return arm

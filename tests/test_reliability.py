@@ -408,27 +408,18 @@ def test_an_override_error_is_not_blamed_on_the_config_file(tmp_path, nasdose, d
 # ---------------------------------------------------------------------------------------------
 # 6. A search interrupted in its supernet training resumes it.
 
-def test_an_interrupted_supernet_training_resumes_to_the_uninterrupted_weights(tmp_path, nasdose, data, monkeypatch):
+def test_an_interrupted_supernet_training_resumes_to_the_uninterrupted_weights(tmp_path, nasdose, data,
+                                                                              kill_supernet_at, monkeypatch):
     from nas_dose.strategies import evaluator
 
     search = [*SEARCH[:-2], "options={budget: 1, evaluator: {supernet_steps: 8, batch_size: 1}}", "runtime.threads=1"]
     assert nasdose("search", "-q", "--data", data, "--out", tmp_path / "twin", *search)[0] == 0
-    monkeypatch.setattr(evaluator, "CHECKPOINT_EVERY", 3)
-    draws = []
-    draw = evaluator.random_path
-
-    def killed_at_step_8(*args):  # the 8th path is drawn before step 8: 6 steps checkpointed
-        draws.append(1)
-        if len(draws) == 8:
-            raise KeyboardInterrupt
-        return draw(*args)
-
-    monkeypatch.setattr(evaluator, "random_path", killed_at_step_8)
+    disarm = kill_supernet_at(8, checkpoint_every=3)  # killed before step 8: 6 steps checkpointed
     assert nasdose("search", "-q", "--data", data, "--out", tmp_path / "cut", *search)[0] == 130
     folder = tmp_path / "cut" / "state" / "evaluator"
     [partial] = folder.glob("supernet-*.partial.pt")
     assert torch.load(partial, weights_only=True)["step"] == 6
-    monkeypatch.setattr(evaluator, "random_path", draw)
+    disarm()
     steps = []
     loss = evaluator.masked_loss
     monkeypatch.setattr(evaluator, "masked_loss", lambda *a: steps.append(1) or loss(*a))

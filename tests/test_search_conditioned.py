@@ -177,24 +177,14 @@ def test_an_interrupted_conditioned_search_resumes_to_the_same_pool(evolved, pla
 
 
 def test_an_interrupted_conditioned_supernet_training_resumes_to_the_uninterrupted_weights(
-        evolved, plan_data, tmp_path, monkeypatch):
+        evolved, plan_data, tmp_path, kill_supernet_at):
     """Embedding and FiLM heads included: the partial checkpoint keeps the whole conditioned supernet."""
-    monkeypatch.setattr(evaluator, "CHECKPOINT_EVERY", 2)
-    draws = []
-    draw = evaluator.random_path
-
-    def killed_at_step_4(*args):  # the 4th path is drawn before step 4: 2 steps checkpointed
-        draws.append(1)
-        if len(draws) == 4:
-            raise KeyboardInterrupt
-        return draw(*args)
-
-    monkeypatch.setattr(evaluator, "random_path", killed_at_step_4)
+    disarm = kill_supernet_at(4, checkpoint_every=2)  # killed before step 4: 2 steps checkpointed
     with pytest.raises(KeyboardInterrupt):
         search(plan_data, tmp_path / "cut", *EVOLVE)
     [partial] = (tmp_path / "cut" / "state" / "evaluator").glob("supernet-*.partial.pt")
     assert any(k.startswith("embed.") for k in torch.load(partial, weights_only=True)["model"])
-    monkeypatch.setattr(evaluator, "random_path", draw)
+    disarm()
     search(plan_data, tmp_path / "cut", resume=True)
     [resumed], [whole] = ([s["model"] for s in torch.load(run / SUPERNET_FILE, weights_only=True)["supernets"]]
                           for run in (tmp_path / "cut", evolved))
