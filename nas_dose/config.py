@@ -247,9 +247,11 @@ __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "layered", "sav
 
 
 def check_run_folder(out: Path, cfg: Any, resume: bool, what: str, started: Path,
-                     keys: tuple[str, ...]) -> None:
+                     keys: tuple[str, ...],
+                     recorded: Callable[[dict[str, Any]], dict[str, Any]] = lambda old: old) -> None:
     """A new run needs a folder without `out`/config.yaml and without `started` (its first
-    output); a resumed run the same values of `keys` as its config.yaml. `what` names the run."""
+    output); a resumed run the same values of `keys` as its config.yaml. `what` names the run;
+    `recorded` reads the config.yaml of an older release as this one would write it."""
     old_file = out / "config.yaml"
     if not resume:
         if old_file.exists() or started.exists():
@@ -258,7 +260,7 @@ def check_run_folder(out: Path, cfg: Any, resume: bool, what: str, started: Path
         return
     if not old_file.exists():
         return
-    old, new = to_dict(load_config(type(cfg), old_file)), to_dict(cfg)
+    old, new = recorded(to_dict(load_config(type(cfg), old_file))), to_dict(cfg)
     changed = [k for k in keys if old[k] != new[k]]
     if changed:
         raise input_error(old_file, f"the run was made with a different {', '.join(changed)}; resume with "

@@ -64,7 +64,7 @@ from nas_dose.strategies.evaluator import SUPERNET_FILE, inherited_weights
 
 from . import distributed
 from .cascade.objective import CascadeObjective
-from .cascade.patches import CascadeConfig
+from .cascade.patches import CascadeConfig, recorded_absolute
 from .cascade.windows import source_grids
 from .config import ConfigError, at_least, check_run_folder, from_dict, save_config
 from .data.dataset import PlanItem, plan_items, plan_reference
@@ -188,6 +188,12 @@ def _pool_cascade(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> EnsembleC
         raise input_error(pool_path, f"its members were searched as stages refining {coarse}, but "
                                      f"train.cascade.coarse is {own.coarse}")
     return cfg
+
+
+def _recorded_absolute(old: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble's config.yaml with train.cascade's paths absolute (older runs kept them as given)."""
+    train = old["train"]
+    return {**old, "train": {**train, "cascade": recorded_absolute(train["cascade"])}} if "cascade" in train else old
 
 
 def _pool_conditioning(cfg: EnsembleConfig, pool: Pool, pool_path: Path) -> EnsembleConfig:
@@ -477,6 +483,7 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
     pool_path, data = Path(pool_path), Path(data)
     pool, members = _members(pool_path, out)
     cfg = _pool_conditioning(_pool_cascade(cfg, pool, pool_path), pool, pool_path)
+    cfg = replace(cfg, train=replace(cfg.train, cascade=cfg.train.cascade.resolved()))
     split = cfg.train.data.val_split
     with open_data(data) as d:
         if d.kind != "dataset":
@@ -490,7 +497,7 @@ def _run(pool_path: Path, data: Path, out: Path, cfg: EnsembleConfig, resume: bo
     # one rank checks, or another may see its config; the members' training must stay as it was
     supernet = _supernet_file(cfg, pool, pool_path)
     distributed.on_main(check_run_folder, out, cfg, resume, "an ensemble run", out / "members",
-                        ("train", "seed", "conditioning", "init"))
+                        ("train", "seed", "conditioning", "init"), _recorded_absolute)
     save_config(out / "config.yaml", cfg)
     runtime = Runtime(cfg.runtime)
 

@@ -2,6 +2,8 @@
 inference, the train/predict path, the DVH-aware term, and full-resolution training steps."""
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +353,27 @@ def test_an_ensemble_of_full_resolution_stages(coarse_data, stage_ensemble):
         np.testing.assert_allclose(dose, mean, atol=2e-4)
         official = score_patients([(d.read_source(pid), dose)])
     assert metrics["validation_in_sample"]["dose_score"] == pytest.approx(official.dose_score, abs=1e-4)
+
+
+def test_an_ensemble_records_its_coarse_stage_absolute_and_resumes_a_relative_record(
+        coarse_data, stage_ensemble, tmp_path, monkeypatch):
+    """`train.cascade.coarse` is taken from the working directory and recorded absolute, so the
+    run resumes from anywhere; a run recorded with the path as given resumes where it names the
+    same stage."""
+    from nas_dose import ensemble
+    from nas_dose.config import load_config, save_config
+
+    out, metrics = stage_ensemble
+    cfg = load_config(ensemble.Config, out / "config.yaml")
+    coarse = Path(cfg.train.cascade.coarse)
+    monkeypatch.chdir(coarse.parent)
+    relative = replace(cfg, train=replace(cfg.train, cascade=replace(cfg.train.cascade, coarse=coarse.name)))
+    resumed = tmp_path / "ens"
+    shutil.copytree(out, resumed)
+    save_config(resumed / "config.yaml", relative)  # as releases before this one recorded it
+    again = ensemble.run(relative, ensemble.Inputs(out.parent / "pool.yaml", coarse_data), resumed, resume=True)
+    assert load_config(ensemble.Config, resumed / "config.yaml").train.cascade.coarse == str(coarse)
+    assert again["ensemble"]["weights"] == metrics["ensemble"]["weights"]
 
 
 def test_distilling_an_ensemble_of_full_resolution_stages(coarse_data, stage_ensemble, tmp_path):

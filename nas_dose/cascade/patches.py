@@ -78,6 +78,14 @@ def absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
+def recorded_absolute(cascade: Any) -> Any:
+    """A recorded `cascade` section (a dict) with its paths absolute, as `resolved` records them
+    today: runs recorded before that kept them as given, and resume where they name the same."""
+    if not isinstance(cascade, dict):
+        return cascade
+    return {**cascade, **{k: absolute(cascade[k]) for k in PATH_KEYS if k in cascade}}
+
+
 def refiner_input(patient: Patient, coarse_gy: np.ndarray) -> np.ndarray:
     """(REFINER_CHANNELS, ...) float32: the model input of a source-grid patient (or a box of
     one) and the upsampled coarse dose in Gy on the same voxels."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from ..cascade.patches import PATH_KEYS, absolute
+from ..cascade.patches import recorded_absolute
 from ..config import to_dict
 from ..errors import input_error
 from ..io import atomic_path
@@ -46,9 +46,8 @@ def check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, file: Path) -> None:
         raise input_error(file, "not a nasdose training checkpoint")
     # how the run executes and what it logs may change on resume; what it computes may not
     old = {k: v for k, v in ckpt["config"].items() if k not in ("runtime", "logging")}
-    cascade = old.get("cascade")
-    if isinstance(cascade, dict):  # a run recorded before its paths were made absolute
-        old["cascade"] = {**cascade, **{k: absolute(cascade[k]) for k in PATH_KEYS if k in cascade}}
+    if "cascade" in old:
+        old["cascade"] = recorded_absolute(old["cascade"])
     new = {k: v for k, v in to_dict(cfg).items() if k not in ("runtime", "logging")}
     if old != new:
         keys = sorted(_differences(old, new))
