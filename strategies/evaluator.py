@@ -213,10 +213,11 @@ def _digest(value: Any) -> str:
     return hashlib.sha1(repr(value).encode()).hexdigest()[:16]
 
 
-def read_supernets(path: Path, device: Any = "cpu") -> dict[str, Any]:
-    """The contents of supernet file `path`, its tensors on `device`; refused in one line naming
+def read_supernets(path: Path) -> dict[str, Any]:
+    """The contents of supernet file `path`, its tensors in host memory (a search holds every
+    supernet of the file, and puts on the device only those it runs); refused in one line naming
     it when it is not one."""
-    state = load_checkpoint(path, map_location=device)
+    state = load_checkpoint(path, map_location="cpu")
     if state.get("format") != SUPERNET_FORMAT:
         raise NasDoseError(f"{path}: not a nasdose supernet file (a search's supernet.pt)")
     return state
@@ -398,7 +399,7 @@ class CandidateEvaluator:
             self._fit(net, supernet.weight_parameters(wrapped), self.cfg.supernet_steps, seed,
                       desc="supernet", before_step=lambda: supernet.fix(random_path(supernet, rng)),
                       checkpoint=None if partial is None else (partial, held))
-            self._store(key, held.state_dict())
+            self._store(key, {k: v.cpu() for k, v in held.state_dict().items()})
             if partial is not None:
                 partial.unlink(missing_ok=True)
         self._supernets[key] = (supernet, wrapped)
@@ -419,7 +420,7 @@ class CandidateEvaluator:
         self._trained = {}
         if path is None or not (path.is_file() or self.cfg.supernet is not None):
             return self._trained
-        state = read_supernets(path, self.ctx.runtime.device)
+        state = read_supernets(path)
         expected = self._supernet_record()
         changed = [f"{k} {state.get(k)} (this search: {v})" for k, v in expected.items() if state.get(k) != v]
         if changed:
@@ -441,7 +442,7 @@ class CandidateEvaluator:
             return
         with shared_file(self.supernet_file):
             if self.supernet_file.is_file():
-                for e in read_supernets(self.supernet_file, self.ctx.runtime.device)["supernets"]:
+                for e in read_supernets(self.supernet_file)["supernets"]:
                     trained.setdefault(tuple(sorted(e["fixed"].items())), e["model"])
             save_checkpoint(self.supernet_file, {
                 "format": SUPERNET_FORMAT, **self._supernet_record(), "weight_ids": list(self.ctx.weight_ids),
