@@ -30,6 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from nas_dose.config import load_config
+from nas_dose.data.dataset import IN_CHANNELS, DoseDataset, PlanDataset, make_loader
+from nas_dose.data.store import open_data, write_dataset
+from nas_dose.data.synth import synth_patients
+from nas_dose.distill.concurrent import ConcurrentObjective, Member, widened
+from nas_dose.distill.losses import DistillObjective, HintConfig
+from nas_dose.distill.teacher import ensure_cache
+from nas_dose.inference import Ensemble
+from nas_dose.models.factory import ModelConfig, build_model, model_spec
+from nas_dose.models.spec import scale_genotype
+from nas_dose.progress import is_quiet, set_quiet
+from nas_dose.runtime import Runtime, resolve_device, seed_everything
+from nas_dose.search_spaces import count_flops, count_params, save_genotype
+from nas_dose.training import Objective, TrainConfig, train_model, validate
+
 from common import (
     Row,
     Timing,
@@ -46,21 +62,6 @@ from common import (
     torch_state_restored,
     workload,
 )
-
-from nas_dose.config import load_config
-from nas_dose.data.dataset import IN_CHANNELS, DoseDataset, PlanDataset, make_loader
-from nas_dose.data.store import open_data, write_dataset
-from nas_dose.data.synth import synth_patients
-from nas_dose.distill.concurrent import ConcurrentObjective, Member, widened
-from nas_dose.distill.losses import DistillObjective, HintConfig
-from nas_dose.distill.teacher import ensure_cache
-from nas_dose.inference import Ensemble
-from nas_dose.models.factory import ModelConfig, build_model, model_spec
-from nas_dose.models.spec import scale_genotype
-from nas_dose.progress import is_quiet, set_quiet
-from nas_dose.runtime import Runtime, resolve_device, seed_everything
-from nas_dose.search_spaces import count_flops, count_params, save_genotype
-from nas_dose.training import Objective, TrainConfig, train_model, validate
 
 TARGET = 1.3
 MEMBERS = 3

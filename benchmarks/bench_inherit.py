@@ -36,9 +36,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common import Row, add_settings_arguments, result, settings_option
-from common import main as bench_main
-
 from nas_dose.data import synth
 from nas_dose.data.augment import AugmentConfig
 from nas_dose.pool import DiversityConfig
@@ -48,6 +45,9 @@ from nas_dose.search_spaces import Genotype, get_space
 from nas_dose.strategies import search
 from nas_dose.strategies.evaluator import SUPERNET_FILE, inherited_weights
 from nas_dose.training import DataConfig, OptimConfig, TrainConfig, train_model
+
+from common import Row, add_settings_arguments, result, settings_option
+from common import main as bench_main
 
 ARMS = ("scratch", "inherit", "scratch_long")
 

@@ -16,9 +16,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from common import Case, Row, Workload, main, result, si, speedup, time_cases, torch_state_restored, workload
 from nas_dose.runtime import resolve_device
 from nas_dose.search_spaces import count_flops, get_space
+
+from common import Case, Row, Workload, main, result, si, speedup, time_cases, torch_state_restored, workload
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

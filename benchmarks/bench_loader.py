@@ -17,14 +17,28 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from common import (Row, Stepper, Workload, default_runtime, genotype_network, main, random_batch, result, si,
-                    speedup, time_cases, torch_state_restored, workload)
 from nas_dose.data.augment import AugmentConfig
 from nas_dose.data.dataset import DoseDataset, make_loader
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
 from nas_dose.progress import is_quiet, set_quiet
 from nas_dose.runtime import Runtime, resolve_device
+
+from common import (
+    Row,
+    Stepper,
+    Workload,
+    default_runtime,
+    genotype_network,
+    main,
+    random_batch,
+    result,
+    si,
+    speedup,
+    time_cases,
+    torch_state_restored,
+    workload,
+)
 
 WORKERS = (0, 1, 2)
 TARGET = 1.0

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from common import Row, Stepper, Workload, default_runtime, genotype_network, main, random_batch, result
 from nas_dose.parallel import run_side_by_side, worker_threads
 from nas_dose.runtime import resolve_device
+
+from common import Row, Stepper, Workload, default_runtime, genotype_network, main, random_batch, result
 
 WORKLOAD = Workload(grid=16, batch=2, stem=8, widths=(16, 32, 64), warmup=5, repeats=0)
 TARGET = 1.0

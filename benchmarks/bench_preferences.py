@@ -50,8 +50,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import Row, add_settings_arguments, mean_sd, result, settings_option, time_cases
-from common import main as bench_main
 from scipy import stats
 
 from nas_dose.data import synth
@@ -70,6 +68,9 @@ from nas_dose.scores import dose_error
 from nas_dose.train import Inputs
 from nas_dose.train import run as nasdose_train
 from nas_dose.training import ConsistencyConfig, DataConfig, OptimConfig, TrainConfig, train_model
+
+from common import Row, add_settings_arguments, mean_sd, result, settings_option, time_cases
+from common import main as bench_main
 
 SPARED = tuple(o for o in OARS if o != "Mandible")  # the OARs the beam model spares
 

@@ -18,9 +18,23 @@ from typing import Any
 
 import torch
 
-from common import (Case, Row, Stepper, Workload, genotype_network, main, random_batch, result, si, speedup,
-                    time_cases, torch_state_restored, workload)
 from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device
+
+from common import (
+    Case,
+    Row,
+    Stepper,
+    Workload,
+    genotype_network,
+    main,
+    random_batch,
+    result,
+    si,
+    speedup,
+    time_cases,
+    torch_state_restored,
+    workload,
+)
 
 # A setting "helped" when it made the step at least this much faster: smaller gains are within
 # the noise of a shared machine and are not worth combining.

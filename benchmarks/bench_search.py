@@ -22,14 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import Row, Stepper, Workload, default_runtime, random_batch, result, speedup, time_cases, workload
-from common import main as bench_main
 
 from nas_dose.runtime import Runtime, resolve_device, seed_everything
 from nas_dose.search_spaces import Supernet, get_space
 from nas_dose.strategies.evaluator import random_path
 from nas_dose.training import OptimConfig, masked_loss
 from nas_dose.training.optimization import make_optimizer
+
+from common import Row, Stepper, Workload, default_runtime, random_batch, result, speedup, time_cases, workload
+from common import main as bench_main
 
 # search step -> (what it is, highest allowed ratio to the final network's step or None)
 STEPS: dict[str, tuple[str, float | None]] = {

@@ -16,10 +16,24 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from common import (Row, Stepper, Workload, default_runtime, genotype_network, main, random_batch,
-                    result, si, speedup, time_cases, torch_state_restored, workload)
 from nas_dose.runtime import resolve_device
 from nas_dose.search_spaces import count_flops, count_params
+
+from common import (
+    Row,
+    Stepper,
+    Workload,
+    default_runtime,
+    genotype_network,
+    main,
+    random_batch,
+    result,
+    si,
+    speedup,
+    time_cases,
+    torch_state_restored,
+    workload,
+)
 
 TARGET = 0.95
 FLOP_TOLERANCE = 0.03

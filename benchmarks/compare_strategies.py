@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import Row, result, trained_score
 from torch import nn
 
 from nas_dose.data.dataset import IN_CHANNELS
@@ -50,6 +49,8 @@ from nas_dose.search_spaces import Genotype, get_space
 from nas_dose.search_spaces.measure import count_flops
 from nas_dose.strategies import SearchContext, get_strategy
 from nas_dose.strategies.search import SplitConfig, split_patients
+
+from common import Row, result, trained_score
 
 STRATEGIES = ("differentiable", "evolution", "random", "nni-tpe", "nni-evolution", "unet3d")
 

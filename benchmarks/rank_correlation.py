@@ -43,8 +43,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import Row, add_settings_arguments, mean_sd, result, settings_option, trained_score
-from common import main as bench_main
 from scipy import stats
 
 from nas_dose.data import synth
@@ -53,6 +51,9 @@ from nas_dose.progress import set_quiet
 from nas_dose.runtime import RuntimeConfig, resolve_device, seed_everything
 from nas_dose.search_spaces import get_space
 from nas_dose.strategies.search import SearchConfig, SearchRun
+
+from common import Row, add_settings_arguments, mean_sd, result, settings_option, trained_score
+from common import main as bench_main
 
 MODES = ("inherit", "train", "finetune")
 YARDSTICK = "yardstick"  # the row of one full training seed against another

@@ -18,11 +18,20 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common import (clear_device_cache, describe_machine, format_table, machine, parse_args, run_arguments,
-                    table_rows, torch_state_restored)
 from nas_dose.errors import NasDoseError
 from nas_dose.io import save_json
 from nas_dose.runtime import resolve_device
+
+from common import (
+    clear_device_cache,
+    describe_machine,
+    format_table,
+    machine,
+    parse_args,
+    run_arguments,
+    table_rows,
+    torch_state_restored,
+)
 
 HERE = Path(__file__).resolve().parent
 # (name in the table, module in benchmarks/), in the order they run.

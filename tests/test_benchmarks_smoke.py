@@ -20,8 +20,9 @@ def suite():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import bench_throughput
-        import common
         import run_suite
+
+        import common
         yield common, bench_throughput, run_suite
     finally:
         sys.path.remove(str(BENCHMARKS))

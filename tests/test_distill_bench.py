@@ -15,6 +15,7 @@ def bench():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import bench_distill
+
         import common
         yield common, bench_distill
     finally:
