@@ -72,7 +72,8 @@ baseline) draws one plan per patient and epoch with its preferences, and the tab
 model on each plan of the validation patients (on the data set's grid; costs at one preference
 setting). No unlabeled patients then (they have no plan to ask for). Hints run the teacher's
 member asked for the preferences of the plan the student is asked for; --export writes a program
-of two inputs, the patient input and the preferences (nas_dose.export).
+of two inputs, the patient input and the preferences (nas_dose.export). A `search:` student is
+then searched among networks conditioned alike, scored on every plan at its own preferences.
 
 --resume continues an interrupted run: the cached teacher predictions and finished trainings
 are reused and a half-trained one resumes from its last checkpoint.
@@ -376,15 +377,17 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     save_config(out / "config.yaml", cfg)
     request, searched = search_request(cfg.student), None
     spec = cfg.student
+    # taught across the teacher's preferences, the student is conditioned as the teacher is
+    conditioning = _conditioning_kind(teacher) if items is not None else None
     if request is not None:
         if stage.cascade is not None:
             raise ConfigError("a student sized by a search is not available for a cascade's stage; name its SPEC")
         path, searched = find_student(request, cfg.student_search, cfg.seed, cfg.runtime, (split, val_split), data,
-                                      out, resume)
+                                      out, resume, conditioning)
         spec = str(path)
     student = distributed.on_main(resolve_student, spec, out)
-    if items is not None:  # taught across the teacher's preferences, so conditioned as it is
-        student = replace(student, conditioning=_conditioning_kind(teacher))
+    if conditioning is not None:
+        student = replace(student, conditioning=conditioning)
     key = teacher_key(teacher, data)
     cache = Path(teacher_cache) if teacher_cache is not None else out / "teacher.h5"
     ids = train_ids + unlabeled_ids + val_ids if items is None else [i.key for i in items]

@@ -6,8 +6,9 @@ DEFAULTS) runs on the distillation's data set, training split for weights and ar
 DIR/student_search/. Its pool is one network, the most accurate within the first limit (its cost
 and `pool_max_cost`); a strategy with an evaluator (evolution, random, optuna, nni) also rejects a
 genotype over any limit before training it. The choice is recorded as student.yaml (the genotype)
-and metrics.json there, and the distillation trains it as any genotype SPEC. A finished search is
-reused (--resume); an interrupted one continues.
+and metrics.json there, and the distillation trains it as any genotype SPEC. A conditioned
+teacher's student is searched conditioned (`nasdose search … conditioning=film`). A finished search
+is reused (--resume); an interrupted one continues.
 """
 from __future__ import annotations
 
@@ -40,12 +41,13 @@ COSTS = {"max_params": "params", "max_flops": "flops", "max_latency_ms": "latenc
 
 
 def search_config(request: StudentSearch, section: dict[str, Any], seed: int, runtime: RuntimeConfig,
-                  train_split: str, val_split: str) -> search_stage.SearchConfig:
+                  train_split: str, val_split: str, conditioning: str | None = None) -> search_stage.SearchConfig:
     """The search behind `request`: `section` over DEFAULTS (with a `strategy=` of the SPEC, those
     of their options that strategy has, such as `evaluator`; with a `strategy` of the section,
     those of DEFAULTS' options it has, under the section's own), the SPEC's budget, one member chosen
     on accuracy alone within the first limit, every limit as the evaluator's, the distillation's
-    seed, runtime and splits."""
+    seed, runtime and splits. `conditioning` (a conditioned teacher's kind): the candidates are
+    conditioned networks, scored on every plan at its own preferences, as the student will be."""
     data = deep_merge(DEFAULTS, section)
     if request.strategy is not None and request.strategy != data["strategy"]:
         known = _option_names(request.strategy)
@@ -63,7 +65,8 @@ def search_config(request: StudentSearch, section: dict[str, Any], seed: int, ru
     first = next(iter(request.limits))
     data = {**data, "pool_size": 1, "diversity": {"mode": "none"}, "cost": COSTS[first],
             "pool_max_cost": request.limits[first], "seed": seed, "runtime": to_dict(runtime),
-            "data": {**data.get("data", {}), "search_split": train_split, "diversity_split": val_split}}
+            "data": {**data.get("data", {}), "search_split": train_split, "diversity_split": val_split},
+            **({} if conditioning is None else {"conditioning": conditioning})}
     cfg = from_dict(search_stage.SearchConfig, data, prefix="student_search")
     if issubclass(get_strategy(cfg.strategy), ScoringStrategy):
         limits = {k: int(v) if k == "max_params" else v for k, v in request.limits.items()}
@@ -80,20 +83,23 @@ def _option_names(strategy: str) -> set[str]:
 
 
 def find_student(request: StudentSearch, section: dict[str, Any], seed: int, runtime: RuntimeConfig,
-                 splits: tuple[str, str], data: Path, out: Path, resume: bool) -> tuple[Path, dict[str, Any]]:
-    """The chosen genotype's file and its record (searched now, or the finished search's)."""
+                 splits: tuple[str, str], data: Path, out: Path, resume: bool,
+                 conditioning: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The chosen genotype's file and its record (searched now, or the finished search's);
+    `conditioning` as in `search_config`."""
     folder = out / FOLDER
     genotype, record = folder / "student.yaml", folder / "metrics.json"
     if resume and distributed.on_main(record.is_file):
         return genotype, distributed.on_main(load_json, record)
-    cfg = search_config(request, section, seed, runtime, *splits)
+    cfg = search_config(request, section, seed, runtime, *splits, conditioning)
     resumed = resume and distributed.on_main((folder / "config.yaml").is_file)
     pool = search_stage.run(cfg, search_stage.Inputs(data), folder, resumed)  # on every rank, as nasdose search
     chosen = pool.members[0]
     over = [k for k, limit in request.limits.items() if not chosen.metrics.get(METRICS[COSTS[k]], math.inf) <= limit]
     if over:  # the search's own checks keep this from happening; a wrong student is worse than none
         raise NasDoseError(f"{folder / 'pool.yaml'}: the chosen genotype exceeds {', '.join(over)}")
-    chosen_record = {"limits": request.limits, "strategy": cfg.strategy, "search": str(folder),
+    chosen_record = {"limits": request.limits, "strategy": cfg.strategy, "conditioning": conditioning,
+                     "search": str(folder),
                      "genotype": chosen.genotype.to_dict(), "search_score": chosen.search_score,
                      "metrics": chosen.metrics}
     distributed.on_main(save_genotype, genotype, chosen.genotype)

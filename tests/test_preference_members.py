@@ -30,12 +30,12 @@ from nas_dose.inference import (
     predict_plans,
     score_plans,
 )
-from nas_dose.io import load_checkpoint
+from nas_dose.io import load_checkpoint, load_json
 from nas_dose.models.conditioning import Conditioned, Preset
 from nas_dose.models.factory import ModelConfig, build_model, load_model
-from nas_dose.pool import MATRICES, Pool, PoolMember, save_pool
+from nas_dose.pool import MATRICES, Pool, PoolMember, load_pool, save_pool
 from nas_dose.runtime import Runtime, RuntimeConfig
-from nas_dose.search_spaces import get_space
+from nas_dose.search_spaces import get_space, load_genotype
 from nas_dose.selection import ValidationPredictions, leave_one_patient_out
 from nas_dose.training import TrainConfig
 
@@ -241,6 +241,25 @@ def test_a_conditioned_student_learns_hints_and_exports_with_its_preferences(con
             torch.testing.assert_close(program(x, p), student.eval()(x, p), atol=1e-5, rtol=1e-4)
             doses.append(program(x, p))
     assert (doses[0] - doses[1]).abs().max() > 0  # trained FiLM heads: the setting changes the dose
+
+
+def test_a_conditioned_teachers_searched_student_is_searched_conditioned(distilled, conditioned_ensemble, plan_data,
+                                                                         tmp_path):
+    """`--student search:…` with a conditioned teacher searches conditioned networks (scored on
+    every plan at its own preferences), and the student trained is the genotype chosen, conditioned."""
+    out = tmp_path / "run"
+    cfg = load_config(distill_stage.Config, overrides=[
+        *DISTILL, "student=search:max_params=1000000:strategy=random:budget=2", "baseline=false",
+        "student_search={space: lenas, macro: {stem: 4, widths: [8]}, "
+        "options: {evaluator: {supernet_steps: 2, lr: 0.01}}}"])
+    distill_stage.run(cfg, distill_stage.Inputs(conditioned_ensemble[0] / "ensemble.yaml", plan_data,
+                                                distilled[0] / "teacher.h5"), out)
+    search = out / "student_search"
+    assert load_pool(search / "pool.yaml").conditioning == "film"
+    assert load_json(search / "metrics.json")["conditioning"] == "film"
+    model, meta = load_model(out / "student")
+    assert isinstance(model, Conditioned) and meta["config"]["model"]["conditioning"] == "film"
+    assert load_genotype(meta["config"]["model"]["genotype"]) == load_genotype(search / "student.yaml")
 
 
 def test_hints_ask_a_conditioned_teacher_for_the_batchs_preferences(conditioned_ensemble):
