@@ -99,9 +99,8 @@ def find_student(request: StudentSearch, section: dict[str, Any], seed: int, run
     if over:  # the search's own checks keep this from happening; a wrong student is worse than none
         raise NasDoseError(f"{folder / 'pool.yaml'}: the chosen genotype exceeds {', '.join(over)}")
     chosen_record = {"limits": request.limits, "strategy": cfg.strategy, "conditioning": conditioning,
-                     "search": str(folder),
-                     "genotype": chosen.genotype.to_dict(), "search_score": chosen.search_score,
-                     "metrics": chosen.metrics}
+                     "search": str(folder), "genotype": chosen.genotype.to_dict(),
+                     "search_score": chosen.search_score, "metrics": chosen.metrics}
     distributed.on_main(save_genotype, genotype, chosen.genotype)
     distributed.on_main(save_json, record, chosen_record)
     return genotype, chosen_record

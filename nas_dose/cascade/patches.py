@@ -78,11 +78,9 @@ def absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
-def recorded_absolute(cascade: Any) -> Any:
-    """A recorded `cascade` section (a dict) with its paths absolute, as `resolved` records them
-    today: runs recorded before that kept them as given, and resume where they name the same."""
-    if not isinstance(cascade, dict):
-        return cascade
+def recorded_absolute(cascade: dict[str, Any]) -> dict[str, Any]:
+    """A recorded `cascade` section with its paths absolute, as `resolved` records them today:
+    runs recorded before that kept them as given, and resume where they name the same."""
     return {**cascade, **{k: absolute(cascade[k]) for k in PATH_KEYS if k in cascade}}
 
 
