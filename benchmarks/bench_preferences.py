@@ -1,7 +1,7 @@
 """Does conditioning on planning preferences predict the plan a planner asks for?
 
     python benchmarks/bench_preferences.py [--quick] [--seeds 0 1] [--grid 32] [--epochs N] [--steps N]
-        [--consistency W] [--student-widths 4 8 16] [--openkbp DATA.h5] [--out FILE.json]
+        [--consistency W] [--distil] [--student-widths 4 8 16] [--openkbp DATA.h5] [--out FILE.json]
 
 Per seed, on synthetic phantoms with preference plans (`nasdose data synth --preferences K`,
 made in a temporary folder):
@@ -23,6 +23,12 @@ made in a temporary folder):
    the objective-consistency term at weight W (`train.consistency`, nas_dose/training/losses.py;
    `min_voxels` 1, as a 16³ phantom's PTV70 and OARs are a few voxels), is scored the same way;
    its improvement is against the same plain model, and its change against the conditioned one;
+   with `--distil`, that model (the conditioned one without `--consistency`) teaches a conditioned
+   student of `--student-widths` by `nasdose distill` (two-stage, each plan's teacher dose at its
+   preferences, the same budget), and the student's twin trains alone (`baseline`); both are
+   scored the same way: the accuracy of the network the latency target below is for;
+   the floor: the dose score of each held-out patient's per-voxel median plan against its plans,
+   the least error any one dose per patient can have, so the least a plain model can reach;
 3. latency of one forward pass (batch 1, inference mode, this CPU, `--threads`) at 32³ and 128³
    of the conditioned network and the plain one, and of a conditioned student (the reference
    U-Net at `--student-widths`; by default the pipeline's student, configs/pipeline.yaml), the
@@ -46,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -57,8 +63,12 @@ from nas_dose.data.augment import AugmentConfig
 from nas_dose.data.patient import OARS, TARGETS
 from nas_dose.data.preferences import homogeneity_index
 from nas_dose.data.store import open_data
+from nas_dose.distill.distill import DistillConfig
+from nas_dose.distill.distill import Inputs as DistillInputs
+from nas_dose.distill.distill import run as nasdose_distill
+from nas_dose.distill.report import LatencyConfig
 from nas_dose.errors import NasDoseError
-from nas_dose.inference import predict_patient
+from nas_dose.inference import load_model_or_ensemble, predict_patient
 from nas_dose.io import load_json
 from nas_dose.models.conditioning import Conditioned
 from nas_dose.models.factory import ModelConfig, build_model
@@ -98,6 +108,7 @@ class Settings:
     student_widths: list[int] = field(default_factory=lambda: [8, 16, 32])  # the pipeline's student
     threads: int | None = 1
     consistency: float = 0.0  # > 0: also a conditioned model trained with the consistency term at this weight
+    distil: bool = False  # also a conditioned student of `student_widths` distilled from it, and its twin
     openkbp: str = ""  # a resampled data set: also compare plain and conditioned on it, officially
 
     def quick(self) -> Settings:
@@ -127,14 +138,32 @@ def train_config(s: Settings, seed: int, conditioned: bool, device: str, consist
 
 
 def train(s: Settings, data: Path, seed: int, conditioned: bool, device: str,
-          consistency: float = 0.0) -> torch.nn.Module:
+          consistency: float = 0.0, folder: Path | None = None) -> torch.nn.Module:
     """The model chosen on validation after the fixed budget, in eval mode (a conditioned one
-    with the objective-consistency term at weight `consistency`)."""
+    with the objective-consistency term at weight `consistency`); with `folder`, trained there
+    by `nasdose train` (the same training) so that it can teach a student."""
     cfg = train_config(s, seed, conditioned, device, consistency)
+    if folder is not None:
+        nasdose_train(cfg, Inputs(data), folder, official=False)
+        return load_model_or_ensemble(folder).eval()
     seed_everything(seed)
     model = build_model(cfg.model)
     model.load_state_dict(train_model(model, cfg, data).best_state)
     return model.eval()
+
+
+def distil(s: Settings, data: Path, teacher: Path, seed: int, device: str, out: Path) -> dict[str, Conditioned]:
+    """A conditioned student of `s.student_widths` distilled from the run `teacher` across its
+    plans with the teacher's budget, and its twin trained alone (`baseline`), in eval mode."""
+    cfg = DistillConfig(
+        student="unet3d:widths=" + ",".join(map(str, s.student_widths)),
+        train=TrainConfig(data=DataConfig(batch_size=s.batch, augment=AugmentConfig(enabled=False), plans=True),
+                          optim=OptimConfig(lr=s.lr), epochs=s.epochs, steps_per_epoch=s.steps),
+        latency=LatencyConfig(size=s.grid, runs=1), seed=seed, runtime=RuntimeConfig(device=device, threads=s.threads))
+    nasdose_distill(cfg, DistillInputs(teacher, data), out)
+    models = {name: load_model_or_ensemble(out / name).eval() for name in ("student", "baseline")}
+    assert all(isinstance(m, Conditioned) for m in models.values())
+    return cast(dict[str, Conditioned], models)
 
 
 def official(s: Settings, seed: int, device: str, folder: Path) -> dict[str, float]:
@@ -163,7 +192,7 @@ def _rho(x: list[float], y: list[float]) -> float | None:
 def evaluate(s: Settings, plain: torch.nn.Module, conditioned: Conditioned, held: Path,
              runtime: Runtime) -> dict[str, Any]:
     """Dose scores of both models against every held-out plan; monotonicity of the conditioned one."""
-    plain_err, cond_err, oar_rho, hi_rho, hi_gap = [], [], [], [], []
+    plain_err, cond_err, floor_err, oar_rho, hi_rho, hi_gap = [], [], [], [], [], []
     with open_data(held) as data:
         for pid in data.ids()[:s.held_out]:
             p = data.read(pid)
@@ -171,8 +200,10 @@ def evaluate(s: Settings, plain: torch.nn.Module, conditioned: Conditioned, held
             plans = data.read_plans(pid)
             assert plans is not None
             mean_plan = predict_patient(plain, p, runtime)
+            median_plan = np.median(np.stack(plans.doses), axis=0)
             for k, dose in enumerate(plans.doses):
                 plain_err.append(dose_error(mean_plan, dose, p.possible_dose_mask))
+                floor_err.append(dose_error(median_plan, dose, p.possible_dose_mask))
                 asked = predict_patient(conditioned.at(values[k].tolist()), p, runtime)
                 cond_err.append(dose_error(asked, dose, p.possible_dose_mask))
                 hi_gap.append(abs(homogeneity_index(asked, p.structures["PTV70"]) - float(values[k, 1])))
@@ -190,7 +221,7 @@ def evaluate(s: Settings, plain: torch.nn.Module, conditioned: Conditioned, held
                 hi_rho.append(r)
     plain_score, cond_score = statistics.fmean(plain_err), statistics.fmean(cond_err)
     return {"plain_dose_score": plain_score, "conditioned_dose_score": cond_score,
-            "improvement": 1.0 - cond_score / plain_score,
+            "improvement": 1.0 - cond_score / plain_score, "floor_dose_score": statistics.fmean(floor_err),
             "oar_rho": statistics.fmean(oar_rho) if oar_rho else float("nan"), "oar_rho_patients": oar_rho,
             "hi_rho": statistics.fmean(hi_rho) if hi_rho else float("nan"), "hi_rho_patients": hi_rho,
             "hi_abs_gap": statistics.fmean(hi_gap), "plans": len(cond_err)}
@@ -240,14 +271,19 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
         data, held = make_data(s, Path(tmp))
         for seed in s.seeds:
             t0 = time.perf_counter()
+            teacher = Path(tmp) / f"teacher_seed{seed}" if s.distil else None
             plain = train(s, data, seed, False, str(dev))
-            conditioned = train(s, data, seed, True, str(dev))
+            conditioned = train(s, data, seed, True, str(dev), folder=None if s.consistency else teacher)
             assert isinstance(conditioned, Conditioned)
             record = {"seed": seed, **evaluate(s, plain, conditioned, held, runtime)}
             if s.consistency:
-                consistent = train(s, data, seed, True, str(dev), s.consistency)
+                consistent = train(s, data, seed, True, str(dev), s.consistency, folder=teacher)
                 assert isinstance(consistent, Conditioned)
                 record["consistency"] = evaluate(s, plain, consistent, held, runtime)
+            if teacher is not None:
+                students = distil(s, data, teacher, seed, str(dev), Path(tmp) / f"distil_seed{seed}")
+                for name, model in students.items():
+                    record[name] = evaluate(s, plain, model, held, runtime)
             if s.openkbp:
                 record["openkbp"] = official(s, seed, str(dev), Path(tmp))
             record["seconds"] = round(time.perf_counter() - t0, 1)
@@ -260,6 +296,11 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
                 print(f"  seed {seed}, with consistency {s.consistency:g}: dose score {c['conditioned_dose_score']:.3f}"
                       f" Gy ({100 * c['improvement']:+.1f} %); OAR ρ {c['oar_rho']:.3f}, HI ρ {c['hi_rho']:.3f}, "
                       f"|HI gap| {c['hi_abs_gap']:.3f}", flush=True)
+            if s.distil:
+                for name in ("student", "baseline"):
+                    r = record[name]
+                    print(f"  seed {seed}, {name} {s.student_widths}: dose score {r['conditioned_dose_score']:.3f} Gy "
+                          f"({100 * r['improvement']:+.1f} % vs plain); OAR ρ {r['oar_rho']:.3f}", flush=True)
             if s.openkbp:
                 k = record["openkbp"]
                 print(f"  seed {seed}, {s.openkbp}: official dose / DVH score plain {k['plain_dose_score']:.3f} / "
@@ -278,6 +319,8 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
             detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("improvement"))
                    + "conditioned {:.3f} ± {:.3f} Gy, ".format(*stat("conditioned_dose_score"))
                    + "plain {:.3f} ± {:.3f} Gy".format(*stat("plain_dose_score"))),
+        Row("floor of any plain model: dose score of each patient's per-voxel median plan (Gy)",
+            stat("floor_dose_score")[0], detail="the least error one dose per patient can have against its plans"),
         Row(f"Spearman ρ, oar slider vs spared-OAR mean dose falling ({s.held_out} patients)", stat("oar_rho")[0],
             low=0.95, detail="mean ± sd over seeds {:.3f} ± {:.3f}; sweep {}".format(*stat("oar_rho"), s.sweep)),
         Row(f"Spearman ρ, hi slider vs predicted PTV70 HI ({s.held_out} patients)", stat("hi_rho")[0],
@@ -292,7 +335,14 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
         Row(f"{w}: Spearman ρ, hi slider vs predicted PTV70 HI", stat("hi_rho", c)[0],
             detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("hi_rho", c))
                    + "|predicted HI - plan's HI| {:.3f} ± {:.3f}".format(*stat("hi_abs_gap", c))),
-    ] if s.consistency else []) + ([
+    ] if s.consistency else []) + [
+        Row(f"{label}: dose score improvement vs plain", stat("improvement", name)[0], low=0.2,
+            detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("improvement", name))
+                   + "{:.3f} ± {:.3f} Gy; ".format(*stat("conditioned_dose_score", name))
+                   + "oar ρ {:.3f} ± {:.3f}".format(*stat("oar_rho", name)))
+        for name, label in (("student", f"conditioned student {s.student_widths}, distilled"),
+                            ("baseline", f"conditioned student {s.student_widths}, no teacher (twin)"))
+        if s.distil] + ([
         Row(f"{s.openkbp}: official {kind} score, conditioned at each patient's measured preferences ÷ plain",
             stat(f"{key}_ratio", "openkbp")[0], high=1.0,
             detail="mean ± sd {:.3f} ± {:.3f}; conditioned {:.3f} ± {:.3f} Gy, plain {:.3f} ± {:.3f} Gy; "

@@ -427,7 +427,9 @@ def add_settings_arguments(p: argparse.ArgumentParser, defaults: Any) -> None:
         if key == "threads":
             continue
         flag = f"--{key.replace('_', '-')}"
-        if isinstance(value, list):
+        if isinstance(value, bool):  # a switch: type=bool would read any given word, "False" too, as True
+            p.add_argument(flag, action="store_true", default=None)
+        elif isinstance(value, list):
             p.add_argument(flag, nargs="+", type=type(value[0]) if value else str, default=None)
         else:
             p.add_argument(flag, type=type(value), default=None)

@@ -155,7 +155,7 @@ def test_preferences_benchmark_at_a_trivial_size(suite):
     assert math.isnan(run["hi_rho"]) or -1 <= run["hi_rho"] <= 1
     assert set(res["measurements"]["latency_s"]) == {f"{m}_{g}_s" for m in ("conditioned", "plain", "student")
                                                      for g in (16, 32)}
-    latency = res["ratios"][3:]
+    latency = [r for r in res["ratios"] if r["quantity"].startswith("latency")]
     assert len(latency) == 4 and all(r["quantity"].startswith("latency") for r in latency)
     # the 50 ms target is the student's at 32³ (the issue's), not the conditioned model's
     assert [r["target"] for r in latency] == ["", "", "", "≤ 50"]
@@ -197,7 +197,36 @@ def test_preferences_benchmark_scores_a_third_model_with_the_consistency_term(su
     assert run["consistency"]["plans"] == 10 and run["consistency"]["conditioned_dose_score"] > 0
     assert run["consistency"]["plain_dose_score"] == run["plain_dose_score"]  # against the same plain model
     names = [r["quantity"] for r in res["ratios"]]
-    assert len(names) == 8 and names[3].startswith("with consistency 0.5: dose score improvement")
+    assert len(names) == 9 and names[4].startswith("with consistency 0.5: dose score improvement")
+
+
+def test_preferences_benchmark_distils_a_conditioned_student_and_gives_the_plain_floor(suite, tmp_path):
+    """`--distil`: the consistency model teaches a conditioned student of the student widths, and
+    its twin trains alone; both are scored on every held-out plan. The floor is the error of each
+    patient's per-voxel median plan, which no single dose per patient beats (e.g. any one plan)."""
+    import bench_preferences
+    import numpy as np
+
+    from nas_dose.data.store import open_data
+    from nas_dose.scores import dose_error
+
+    s = replace(bench_preferences.Settings().quick(), consistency=0.5, distil=True, latency_grids=[16])
+    res = bench_preferences.run(quick=True, device="cpu", settings=s)
+    (run,) = res["measurements"]["runs"]
+    for name in ("student", "baseline"):
+        assert run[name]["plans"] == 10 and run[name]["plain_dose_score"] == run["plain_dose_score"]
+        assert run[name]["conditioned_dose_score"] != run["consistency"]["conditioned_dose_score"]
+    assert run["student"]["conditioned_dose_score"] != run["baseline"]["conditioned_dose_score"]
+    names = [r["quantity"] for r in res["ratios"]]
+    assert "conditioned student [2, 4], distilled: dose score improvement vs plain" in names
+    assert "conditioned student [2, 4], no teacher (twin): dose score improvement vs plain" in names
+    _, held = bench_preferences.make_data(s, tmp_path)
+    one_plan = []
+    with open_data(held) as d:
+        for pid in d.ids()[:s.held_out]:
+            p, doses = d.read(pid), d.read_plans(pid).doses
+            one_plan.append(np.mean([dose_error(doses[0], dose, p.possible_dose_mask) for dose in doses]))
+    assert 0 < run["floor_dose_score"] < np.mean(one_plan) < run["plain_dose_score"]
 
 
 
@@ -231,7 +260,7 @@ def test_preferences_benchmark_compares_officially_on_a_resampled_data_set(suite
     k, plain, conditioned = run["openkbp"], expected["plain_seed0"], expected["conditioned_seed0"]
     assert (k["plain_dose_score"], k["plain_dvh_score"]) == (plain.dose_score, plain.dvh_score)
     assert (k["conditioned_dose_score"], k["conditioned_dvh_score"]) == (conditioned.dose_score, conditioned.dvh_score)
-    rows = res["ratios"][3:5]
+    rows = [r for r in res["ratios"] if r["quantity"].startswith(str(data))]
     assert [r["quantity"].split(": ")[1] for r in rows] == [
         "official dose score, conditioned at each patient's measured preferences ÷ plain",
         "official DVH score, conditioned at each patient's measured preferences ÷ plain"]
@@ -241,3 +270,23 @@ def test_preferences_benchmark_compares_officially_on_a_resampled_data_set(suite
     write_dataset(same_grid, synth_patients(5, 16, seed=0), source="synth", grid=16)
     with pytest.raises(bench_preferences.NasDoseError, match="not a resampled data set"):
         bench_preferences.official(replace(settings, openkbp=str(same_grid)), 0, "cpu", tmp_path / "runs")
+
+
+def test_a_settings_switch_is_a_flag_and_lists_take_several_values(suite):
+    """A bool field of a benchmark's Settings is a switch (`--distil`, no value), not a word that
+    `bool()` would read as True whatever it says."""
+    import argparse
+
+    import bench_preferences
+
+    import common
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int)
+    common.add_settings_arguments(p, bench_preferences.Settings())
+    on = common.settings_option(p.parse_args(["--distil", "--seeds", "0", "2"]), bench_preferences.Settings())
+    assert on["settings"].distil is True and on["settings"].seeds == [0, 2]
+    assert common.settings_option(p.parse_args([]), bench_preferences.Settings())["settings"].distil is False
+    with pytest.raises(SystemExit):
+        p.parse_args(["--distil", "False"])
