@@ -267,6 +267,7 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
     set_quiet(True)
     runs = []
     runtime = Runtime(RuntimeConfig(device=str(dev), threads=s.threads))
+    c = "consistency"
     with tempfile.TemporaryDirectory() as tmp:
         data, held = make_data(s, Path(tmp))
         for seed in s.seeds:
@@ -279,7 +280,7 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
             if s.consistency:
                 consistent = train(s, data, seed, True, str(dev), s.consistency, folder=teacher)
                 assert isinstance(consistent, Conditioned)
-                record["consistency"] = evaluate(s, plain, consistent, held, runtime)
+                record[c] = evaluate(s, plain, consistent, held, runtime)
             if teacher is not None:
                 students = distil(s, data, teacher, seed, str(dev), Path(tmp) / f"distil_seed{seed}")
                 for name, model in students.items():
@@ -291,16 +292,13 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
             print(f"  seed {seed}: dose score plain {record['plain_dose_score']:.3f} Gy, conditioned "
                   f"{record['conditioned_dose_score']:.3f} Gy ({100 * record['improvement']:+.1f} %); OAR ρ "
                   f"{record['oar_rho']:.3f}, HI ρ {record['hi_rho']:.3f}; {record['seconds']:.0f} s", flush=True)
-            if s.consistency:
-                c = record["consistency"]
-                print(f"  seed {seed}, with consistency {s.consistency:g}: dose score {c['conditioned_dose_score']:.3f}"
-                      f" Gy ({100 * c['improvement']:+.1f} %); OAR ρ {c['oar_rho']:.3f}, HI ρ {c['hi_rho']:.3f}, "
-                      f"|HI gap| {c['hi_abs_gap']:.3f}", flush=True)
-            if s.distil:
-                for name in ("student", "baseline"):
+            for name, label in ((c, f"with consistency {s.consistency:g}"), ("student", f"student {s.student_widths}"),
+                                ("baseline", f"student's twin {s.student_widths}")):
+                if name in record:
                     r = record[name]
-                    print(f"  seed {seed}, {name} {s.student_widths}: dose score {r['conditioned_dose_score']:.3f} Gy "
-                          f"({100 * r['improvement']:+.1f} % vs plain); OAR ρ {r['oar_rho']:.3f}", flush=True)
+                    print(f"  seed {seed}, {label}: dose score {r['conditioned_dose_score']:.3f} Gy "
+                          f"({100 * r['improvement']:+.1f} % vs plain); OAR ρ {r['oar_rho']:.3f}, HI ρ "
+                          f"{r['hi_rho']:.3f}, |HI gap| {r['hi_abs_gap']:.3f}", flush=True)
             if s.openkbp:
                 k = record["openkbp"]
                 print(f"  seed {seed}, {s.openkbp}: official dose / DVH score plain {k['plain_dose_score']:.3f} / "
@@ -312,7 +310,7 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
     def stat(key: str, part: str | None = None) -> tuple[float, float]:
         return mean_sd([(r[part] if part else r)[key] for r in runs])
 
-    c, w = "consistency", f"with consistency {s.consistency:g}"
+    w = f"with consistency {s.consistency:g}"
     n = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}, {runs[0]['plans']} held-out plans"
     rows = [
         Row(f"dose score improvement, conditioned vs plain ({n})", stat("improvement")[0], low=0.2,
