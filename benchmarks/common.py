@@ -248,7 +248,10 @@ def trained_score(model: nn.Module, data: Path, epochs: int, steps: int, seed: i
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (0 for a single value); both NaN where a value is
+    (a figure a seed could not measure), which `statistics.stdev` cannot take."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 

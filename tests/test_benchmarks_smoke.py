@@ -142,6 +142,7 @@ def test_rank_statistics(suite):
     # the best two agree, the third swaps with the fourth: 2 of the top 3
     assert rank_correlation.rank_stats([1, 2, 4, 3, 5, 6], trained, 3)["top_k_hits"] == 2.0
     assert rank_correlation.mean_sd([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+    assert all(math.isnan(v) for v in rank_correlation.mean_sd([1.0, math.nan, 3.0]))
 
 
 def test_preferences_benchmark_at_a_trivial_size(suite):
