@@ -23,10 +23,11 @@ made in a temporary folder):
    the objective-consistency term at weight W (`train.consistency`, nas_dose/training/losses.py;
    `min_voxels` 1, as a 16³ phantom's PTV70 and OARs are a few voxels), is scored the same way;
    its improvement is against the same plain model, and its change against the conditioned one;
-   with `--distil`, that model (the conditioned one without `--consistency`) teaches a conditioned
-   student of `--student-widths` by `nasdose distill` (two-stage, each plan's teacher dose at its
-   preferences, the same budget), and the student's twin trains alone (`baseline`); both are
-   scored the same way: the accuracy of the network the latency target below is for;
+   with `--distil`, the model with the term (the conditioned one without `--consistency`) teaches
+   a conditioned student of `--student-widths` by `nasdose distill` (two-stage, each plan's
+   teacher dose at its preferences, the same budget), and the student's twin trains alone
+   (`baseline`); both are scored the same way: the accuracy of the network the latency target
+   below is for;
    the floor: the dose score of each held-out patient's per-voxel median plan against its plans,
    the least error any one dose per patient can have, so the least a plain model can reach;
 3. latency of one forward pass (batch 1, inference mode, this CPU, `--threads`) at 32³ and 128³
