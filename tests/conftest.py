@@ -36,38 +36,45 @@ def _process_settings():
     set_quiet(False)
 
 
+def _synth16(tmp_path_factory, name: str, patients, **kwargs) -> Path:
+    """A read-only data set of synthetic phantoms on a 16³ grid (`patients`: the Patients)."""
+    path = tmp_path_factory.mktemp("data") / name
+    write_dataset(path, patients, source=kwargs.pop("source", "synth"), grid=16, **kwargs)
+    return path
+
+
 @pytest.fixture(scope="session")
 def data(tmp_path_factory) -> Path:
     """8 phantoms on a 16³ grid: 6 train (3 batches of 2), 2 validation. Shared by the whole
     session, so read only; a module that needs other data defines its own `data`."""
-    path = tmp_path_factory.mktemp("data") / "synth16.h5"
-    write_dataset(path, synth_patients(8, 16, seed=0), source="synth", grid=16)
-    return path
+    return _synth16(tmp_path_factory, "synth16.h5", synth_patients(8, 16, seed=0))
+
+
+@pytest.fixture(scope="session")
+def search_data(tmp_path_factory) -> Path:
+    """10 phantoms on a 16³ grid, for the search tests: enough for weight and architecture
+    patients beside validation (read only)."""
+    return _synth16(tmp_path_factory, "synth16_10.h5", synth_patients(10, 16, seed=0), total=10)
 
 
 @pytest.fixture(scope="session")
 def plan_data(tmp_path_factory) -> Path:
     """`data`'s 8 phantoms, each with 4 preference plans (read only)."""
-    path = tmp_path_factory.mktemp("data") / "synth16_plans.h5"
-    write_dataset(path, synth_patients(8, 16, seed=0, preferences=4), source="synth", grid=16)
-    return path
+    return _synth16(tmp_path_factory, "synth16_plans.h5", synth_patients(8, 16, seed=0, preferences=4))
 
 
 @pytest.fixture(scope="session")
 def resampled_data(tmp_path_factory) -> Path:
     """8 phantoms made on a 32³ grid and stored downsampled by 2 (16³), one plan each: as OpenKBP
     (read only)."""
-    path = tmp_path_factory.mktemp("data") / "coarse16.h5"
-    write_dataset(path, (downsample_patient(p, 2) for p in synth_patients(8, 32, seed=0)), source="synth32", grid=16)
-    return path
+    return _synth16(tmp_path_factory, "coarse16.h5", (downsample_patient(p, 2) for p in synth_patients(8, 32, seed=0)),
+                    source="synth32")
 
 
 @pytest.fixture(scope="session")
 def unlabeled_data(tmp_path_factory) -> Path:
     """`data`'s 8 phantoms and 4 more in the "unlabeled" split, without a dose (read only)."""
-    path = tmp_path_factory.mktemp("data") / "synth16_unlabeled.h5"
-    write_dataset(path, synth_patients(8, 16, seed=0, unlabeled=4), source="synth", grid=16)
-    return path
+    return _synth16(tmp_path_factory, "synth16_unlabeled.h5", synth_patients(8, 16, seed=0, unlabeled=4))
 
 
 @pytest.fixture(scope="session")

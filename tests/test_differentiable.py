@@ -8,8 +8,6 @@ import torch
 from torch import nn
 
 from nas_dose.config import ConfigError
-from nas_dose.data.store import write_dataset
-from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.pool import DiversityConfig
 from nas_dose.progress import set_quiet
@@ -35,11 +33,9 @@ class RiggedSpace(SearchSpace):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(search_data) -> Path:
     set_quiet(True)
-    path = tmp_path_factory.mktemp("data") / "d.h5"
-    write_dataset(path, synth_patients(10, 16, 0), source="synth", grid=16, total=10)
-    return path
+    return search_data
 
 
 def make_ctx(data: Path, out: Path | None = None, **kw) -> SearchContext:

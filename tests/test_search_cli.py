@@ -11,8 +11,6 @@ from torch import nn
 
 from nas_dose.cli import search as search_cli
 from nas_dose.config import load_config
-from nas_dose.data.store import write_dataset
-from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.pool import Candidate, load_pool
 from nas_dose.progress import set_quiet
@@ -25,11 +23,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(search_data) -> Path:
     set_quiet(True)
-    path = tmp_path_factory.mktemp("data") / "d.h5"
-    write_dataset(path, synth_patients(10, 16, 0), source="synth", grid=16, total=10)
-    return path
+    return search_data
 
 
 def search(data: Path, out: Path, *overrides: str, resume: bool = False, config: Path | None = None) -> None:
