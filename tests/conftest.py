@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
 
 from nas_dose.config import load_config
+from nas_dose.data.patient import Patient
 from nas_dose.data.resample import downsample_patient
 from nas_dose.data.store import write_dataset
 from nas_dose.data.synth import synth_patients
@@ -36,10 +38,11 @@ def _process_settings():
     set_quiet(False)
 
 
-def _synth16(tmp_path_factory, name: str, patients, **kwargs) -> Path:
-    """A read-only data set of synthetic phantoms on a 16³ grid (`patients`: the Patients)."""
+def _synth16(tmp_path_factory, name: str, patients: Iterable[Patient], source: str = "synth",
+             total: int | None = None) -> Path:
+    """A data set of `patients` (phantoms on a 16³ grid) for fixtures that share it read only."""
     path = tmp_path_factory.mktemp("data") / name
-    write_dataset(path, patients, source=kwargs.pop("source", "synth"), grid=16, **kwargs)
+    write_dataset(path, patients, source=source, grid=16, total=total)
     return path
 
 
@@ -52,8 +55,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def search_data(tmp_path_factory) -> Path:
-    """10 phantoms on a 16³ grid, for the search tests: enough for weight and architecture
-    patients beside validation (read only)."""
+    """10 phantoms on a 16³ grid, for the search tests (read only)."""
     return _synth16(tmp_path_factory, "synth16_10.h5", synth_patients(10, 16, seed=0), total=10)
 
 
