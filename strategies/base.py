@@ -320,6 +320,14 @@ def list_strategies() -> list[str]:
     return STRATEGIES.names()
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a search log (none if there is none yet), without a last line a kill cut short."""
+    if not path.exists():
+        return []
+    text = path.read_bytes()
+    return [json.loads(line) for line in text[:text.rfind(b"\n") + 1].decode().splitlines()]
+
+
 def _identity(line: str) -> str:
     """A log line as a re-derived record is compared with it: without its wall-clock fields."""
     return json.dumps({k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}, sort_keys=True)

@@ -33,7 +33,9 @@ reuse with `options.evaluator.supernet=DIR/supernet.pt` and from which `nasdose 
 `init: inherit` starts its members. State is checkpointed under DIR/state; `--resume`
 continues an interrupted search to the same result and log (a differentiable search adds a
 `resume` record): what a re-run derives again, such as a finished search's selection and pool,
-is logged once. With `logging.tensorboard=true` DIR also
+is logged once. The log's `runtime` records hold the device and CPU thread count: a search
+resumed with others is told that it may not reproduce (they change the order of the arithmetic,
+and with it the supernets' weights and the scores). With `logging.tensorboard=true` DIR also
 receives TensorBoard event files: per epoch of a differentiable search its losses, temperature
 and tracked score, and softmax(α) of every slot (`search/alpha/SLOT/OP`; a sequential search's
 k-th search under `search{k}/`).
@@ -51,7 +53,6 @@ pool records the cascade, and `nasdose ensemble` trains its members as stages of
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.search_spaces import get_space, import_plugins, save_genotype
 from nas_dose.training.events import EventLog, LoggingConfig
 
-from .base import SearchContext, Strategy, get_strategy
+from .base import SearchContext, Strategy, get_strategy, read_log
 from .evaluator import SUPERNET_FILE, EvaluatorConfig, derived_seed
 from .evolution import hinge_terms, prediction_masks
 from .task import CascadeTask, PlanTask, SearchTask
@@ -355,6 +356,7 @@ class SearchRun:
             self.events.close()
 
     def _run(self) -> Pool:
+        self._record_runtime()
         if self.removed:
             self.base.log({"event": "space_fitted", "removed": self.removed})
         if self.task.cascade is not None:
@@ -384,6 +386,19 @@ class SearchRun:
         self.base.log({"event": "pool", "members": names, "scores": [m.score for m in members]})
         return pool
 
+    def _record_runtime(self) -> None:
+        """Log the device and CPU thread count this run computes with, and say when a resumed
+        search uses others than its start: they change the order of the arithmetic, so the
+        supernets and scores computed from here on can differ from an uninterrupted run's."""
+        now = {k: v for k, v in self.runtime.describe().items() if k in ("device", "threads")}
+        earlier = [{k: r.get(k) for k in now} for r in read_log(self.out / "search_log.jsonl")
+                   if r.get("event") == "runtime"]
+        if any(r != now for r in earlier):
+            say(f"resumed on {now['device']} with {now['threads']} thread(s); the search began on "
+                f"{earlier[0]['device']} with {earlier[0]['threads']}: scores from here on may differ "
+                "from an uninterrupted run's")
+        self.base.log({"event": "runtime", **now})
+
     def plots(self, pool: Pool, seen: list[Candidate], diversity: list[float] | None) -> None:
         """Architecture weights, fitness, diversity, and `seen` (the scored candidates) against cost,
         with their front of accuracy, cost and `diversity` where known."""
@@ -391,7 +406,7 @@ class SearchRun:
         if self.histories:
             titles = [f"search {k}" for k in range(len(self.histories))] if len(self.histories) > 1 else None
             plot_arch_weights(self.histories, self.space.slots(), folder / "arch_weights.png", titles)
-        records = [json.loads(line) for line in (self.out / "search_log.jsonl").read_text().splitlines()]
+        records = read_log(self.out / "search_log.jsonl")
         scored = [r for r in records if "genotype" in r and isinstance(r.get("score"), (int, float))]
         sequential = self.cfg.diversity.mode == "sequential"
         labels = [(f"search {r.get('search', 0)}: " if sequential else "") + EVENT_LABELS.get(r["event"], r["event"])

@@ -73,6 +73,25 @@ def test_lenas_search_writes_a_valid_pool(data, tmp_path):
     before = (out / "pool.yaml").read_text()
     search(data, out, resume=True)  # a finished search resumes to the same pool, from its state
     assert (out / "pool.yaml").read_text() == before
+    assert [r["event"] for r in log_records(out)].count("runtime") == 1  # the same runtime: logged once
+
+
+def test_a_search_resumed_with_another_thread_count_is_logged_and_told(data, tmp_path, capsys):
+    out, threads = tmp_path / "run", torch.get_num_threads()
+    options = ("macro.stem=2", "macro.widths=[4]", "pool_size=1", "options.epochs=1", "options.steps_per_epoch=1",
+               "options.candidates=1")
+    try:
+        search(data, out, f"runtime.threads={threads}", *options)
+        set_quiet(False)
+        capsys.readouterr()
+        search(data, out, f"runtime.threads={threads + 1}", resume=True)
+        told = capsys.readouterr().out
+    finally:
+        set_quiet(True)
+        torch.set_num_threads(threads)
+    runtimes = [(r["device"], r["threads"]) for r in log_records(out) if r["event"] == "runtime"]
+    assert runtimes == [("cpu", threads), ("cpu", threads + 1)]
+    assert f"resumed on cpu with {threads + 1} thread(s); the search began on cpu with {threads}" in told
 
 
 SEQUENTIAL = ("space=test_rigged", "pool_size=2", "diversity.mode=sequential", "diversity.margin=1.0",
