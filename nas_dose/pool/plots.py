@@ -63,11 +63,11 @@ def plot_fitness(scores: Sequence[float], labels: Sequence[str], path: str | Pat
     if len(y):
         best = np.fmin.accumulate(np.where(np.isfinite(y), y, np.inf))
         ax.step(x, np.where(np.isfinite(best), best, np.nan), where="post", color="black", label="best so far")
+        ax.legend(fontsize="small", frameon=False)  # nothing to name in an empty plot
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("candidate (in the order scored)")
     ax.set_ylabel("dose score on architecture patients (Gy)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", frameon=False)
     save_figure(fig, path)
 
 
