@@ -2,7 +2,8 @@
 
     python benchmarks/rank_correlation.py [--quick] [--modes inherit train finetune] [--archs 12]
         [--seeds 0 1] [--supernet-steps N] [--train-steps N] [--finetune-steps N] [--full-epochs N]
-        [--full-steps N] [--full-seeds N] [--data DATA.h5] [--out FILE.json]
+        [--full-steps N] [--full-seeds N] [--sampling uniform|fair] [--data DATA.h5]
+        [--trained EARLIER.json] [--out FILE.json]
 
 Every search strategy that scores genotypes one by one trusts a proxy: the "inherit" evaluator
 (the genotype's path through an SPOS supernet trained once), the "train" evaluator (a short
@@ -29,12 +30,17 @@ with --data, a data set `nasdose data import` made (e.g. the OpenKBP patients at
    pairs of seeds): how well the yardstick ranks itself, the ceiling of what a proxy can show.
 
 Seeds change the drawn genotypes, the patient split and the supernet; the table gives the mean
-± sample sd over seeds. Lower scores are better in both, so τ > 0 means the proxy agrees.
-Not in the suite (the full size takes half an hour on a CPU); `run(quick)` is its entry point.
+± sample sd over seeds. The full trainings are most of the cost: `--trained EARLIER.json` (an
+earlier run's output, on the same data with the same full-training settings) takes their scores
+from it, so that another proxy (e.g. `--sampling fair`, more `--supernet-steps`) is measured
+against the same yardstick in minutes; a genotype it did not train is trained. Lower scores are
+better in both, so τ > 0 means the proxy agrees. Not in the suite (the full size takes half an
+hour on a CPU); `run(quick)` is its entry point.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import tempfile
 import time
@@ -46,10 +52,11 @@ from typing import Any, Sequence
 from scipy import stats
 
 from nas_dose.data import synth
+from nas_dose.errors import NasDoseError
 from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import RuntimeConfig, resolve_device, seed_everything
-from nas_dose.search_spaces import get_space
+from nas_dose.search_spaces import genotype_from_dict, get_space
 from nas_dose.strategies.search import SearchConfig, SearchRun
 
 from common import Row, add_settings_arguments, mean_sd, result, settings_option, trained_score
@@ -83,6 +90,8 @@ class Settings:
     top_k: int = 3
     threads: int | None = 1  # small volumes run fastest on one thread
     data: str = ""  # an imported data set (.h5) instead of the synthetic one; its grid wins over `grid`
+    sampling: str = "uniform"  # the supernet's paths: EvaluatorConfig.sampling
+    trained: str = ""  # an earlier run's output (.json) whose full trainings are reused
 
     def quick(self) -> Settings:
         """Seconds: 8 patients, a tiny network, 4 genotypes, one seed, a few steps of each kind."""
@@ -103,7 +112,7 @@ def cheap_scores(s: Settings, mode: str, seed: int, data: Path, folder: Path, de
     """Genotype key -> candidate for the `s.archs` genotypes a random search of seed `seed` draws,
     scored by its evaluator in `mode`: the search's own SearchRun, context, strategy and evaluator."""
     evaluator = {"mode": mode, "supernet_steps": s.supernet_steps, "train_steps": s.train_steps,
-                 "finetune_steps": s.finetune_steps, "batch_size": 1, "lr": s.lr}
+                 "finetune_steps": s.finetune_steps, "batch_size": 1, "lr": s.lr, "sampling": s.sampling}
     cfg = SearchConfig(space=s.space, macro={"stem": s.stem, "widths": list(s.widths)}, strategy="random",
                        options={"budget": s.archs, "evaluator": evaluator}, pool_size=1,
                        diversity=DiversityConfig(mode="none"), seed=seed,
@@ -124,6 +133,28 @@ def rank_stats(cheap: Sequence[float], trained: Sequence[float], k: int) -> dict
             "top_k_hits": float(len(best(cheap) & best(trained)))}
 
 
+# what the trained scores depend on: an earlier run's are reused only where all of these agree
+YARDSTICK_SETTINGS = ("patients", "grid", "data_seed", "space", "stem", "widths", "lr", "full_epochs", "full_steps",
+                      "data")
+
+
+def earlier_trainings(s: Settings) -> dict[tuple[Any, int], tuple[float, float]]:
+    """(genotype key, full seed) -> (trained score, 0 s) of the run `s.trained` wrote; one line
+    naming the file if it was measured on other data or with another full training."""
+    path = Path(s.trained)
+    try:
+        measured = json.loads(path.read_text())["benchmarks"]["rank_correlation"]["measurements"]
+        settings, runs = measured["settings"], measured["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NasDoseError(f"{path}: not the output of rank_correlation.py ({e})") from None
+    changed = [k for k in YARDSTICK_SETTINGS if settings.get(k) != asdict(s)[k]]
+    if changed:
+        raise NasDoseError(f"{path}: its full trainings were made with other settings ({', '.join(changed)})")
+    return {(genotype_from_dict(g, str(path)).key(), settings["full_seed"] + i): (score, 0.0)
+            for r in runs for i, scores in enumerate(r["trained_scores_per_seed"])
+            for g, score in zip(r["genotypes"], scores)}
+
+
 def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
     """One record per (seed, mode), and per seed one of the yardstick against itself with 2 or
     more full seeds, printed as it ends; genotypes drawn twice are trained once per full seed."""
@@ -134,7 +165,8 @@ def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
     else:
         data = workdir / f"synth_{s.patients}_g{s.grid}.h5"
         synth.run(synth.Config(patients=s.patients, grid=s.grid, seed=s.data_seed), synth.Inputs(), data)
-    trained: dict[tuple[Any, int], tuple[float, float]] = {}  # (genotype key, full seed) -> (score, seconds)
+    # (genotype key, full seed) -> (score, seconds)
+    trained: dict[tuple[Any, int], tuple[float, float]] = earlier_trainings(s) if s.trained else {}
     full_seeds = [s.full_seed + i for i in range(s.full_seeds)]
     runs = []
     for seed in s.seeds:
@@ -192,7 +224,7 @@ def budget(s: Settings) -> str:
     patients = f"the patients of {s.data}" if s.data else f"{s.grid}³, {s.patients} synthetic patients"
     return (f"{s.archs} genotypes of {s.space} (stem {s.stem}, widths {s.widths}), "
             f"{patients}; inherit: {s.supernet_steps} supernet steps; train: {s.train_steps} steps; "
-            f"finetune: {s.finetune_steps} steps; full: {s.full_epochs}×{s.full_steps} steps, "
+            f"finetune: {s.finetune_steps} steps; sampling: {s.sampling}; full: {s.full_epochs}×{s.full_steps} steps, "
             f"seed{'s' if s.full_seeds > 1 else ''} {', '.join(str(s.full_seed + i) for i in range(s.full_seeds))}"
             f"{' (the mean)' if s.full_seeds > 1 else ''}")
 

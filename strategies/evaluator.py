@@ -52,7 +52,7 @@ the file of a conditioned search and of a plain one are refused by each other.
 
 `supernet: PATH` scores (or, in mode finetune, starts) with the supernets of an earlier
 search's file instead of training any (for any scoring strategy; a file "inherit" trained serves
-"finetune" and back). The file must match this search: space, macro, supernet_steps, the
+"finetune" and back). The file must match this search: space, macro, supernet_steps, sampling, the
 networks' input (channels, grid), and no architecture patient among the patients it was trained
 on; a genotype whose non-op slots it holds no supernet for is refused. Each refusal is one line
 naming the file.
@@ -95,6 +95,7 @@ SUPERNET_FORMAT = "nasdose-supernets"
 SUPERNET_FILE = "supernet.pt"  # the trained supernets of a search's evaluator (`evaluator.supernet`)
 SlotKey = tuple[tuple[str, Any], ...]  # a supernet's non-op slots and their values, sorted
 ENTRY_NAME = re.compile(r"[0-9a-f]{16}")  # a cache entry's file name: `_digest` of its genotype's key
+RECORD_DEFAULTS = {"sampling": "uniform"}  # what a supernet file written before the key was made with
 
 
 @dataclass
@@ -107,7 +108,10 @@ class EvaluatorConfig:
     or when it is the search's cost, and only for a genotype within the other two limits.
     `supernet`: an earlier search's supernet file (its DIR/supernet.pt) to score with instead of
     training one ("inherit" and "finetune"; see the module docstring); relative to the working
-    directory, and recorded absolute by `nasdose search`."""
+    directory, and recorded absolute by `nasdose search`. `sampling`: how the supernet draws its
+    single path each step, "uniform" (SPOS: every op slot at random) or "fair" (FairNAS's strict
+    fairness, Chu et al. 2019: each op slot goes through a fresh random order of all its ops, so
+    every op is trained equally often and none is favoured by the luck of the draws)."""
 
     mode: Literal["inherit", "train", "finetune"] = "inherit"
     supernet_steps: int = 1000
@@ -119,6 +123,7 @@ class EvaluatorConfig:
     max_flops: float | None = None
     max_latency_ms: float | None = None
     supernet: str | None = None
+    sampling: Literal["uniform", "fair"] = "uniform"
 
     def validate(self) -> None:
         if self.supernet is not None and self.mode == "train":
@@ -202,6 +207,26 @@ def random_path(supernet: Supernet, rng: np.random.RandomState) -> Genotype:
     """A uniformly drawn single path of `supernet` (SPOS): random op slots, its fixed slots kept."""
     g = supernet.space.sample(rng, supernet.macro)
     return Genotype(g.space, g.version, {**g.choices, **supernet.fixed}, g.macro)
+
+
+class FairPaths:
+    """Single paths of `supernet` under strict fairness: each op slot takes its ops in a random
+    order, a fresh one each time the last is used up, so after any multiple of a slot's op count
+    every op of it has been trained equally often (its fixed slots kept)."""
+
+    def __init__(self, supernet: Supernet, rng: np.random.RandomState) -> None:
+        self.supernet, self.rng = supernet, rng
+        slots = supernet.space.slots()
+        self.ops = {s: slots[s] for s in supernet.space.op_slots()}
+        self.queues: dict[str, list[Any]] = {s: [] for s in self.ops}
+
+    def __call__(self) -> Genotype:
+        for slot, queue in self.queues.items():
+            if not queue:
+                queue.extend(self.ops[slot][i] for i in self.rng.permutation(len(self.ops[slot])))
+        g = random_path(self.supernet, self.rng)  # the non-op slots, as SPOS draws them
+        return Genotype(g.space, g.version, {**g.choices, **{s: q.pop(0) for s, q in self.queues.items()},
+                                             **self.supernet.fixed}, g.macro)
 
 
 def derived_seed(seed: int, *parts: Any) -> int:
@@ -395,9 +420,11 @@ class CandidateEvaluator:
             if self.cfg.mode == "inherit":  # scored with next: prepared (and compiled) once
                 self._scoring_nets[key] = net
             rng = np.random.RandomState(seed)
+            draw: Callable[[], Genotype] = (FairPaths(supernet, rng) if self.cfg.sampling == "fair"
+                                            else lambda: random_path(supernet, rng))
             partial = self.folder / f"supernet-{_digest(key)}.partial.pt" if self.folder is not None else None
             self._fit(net, supernet.weight_parameters(wrapped), self.cfg.supernet_steps, seed,
-                      desc="supernet", before_step=lambda: supernet.fix(random_path(supernet, rng)),
+                      desc="supernet", before_step=lambda: supernet.fix(draw()),
                       checkpoint=None if partial is None else (partial, held))
             self._store(key, {k: v.cpu() for k, v in held.state_dict().items()})
             if partial is not None:
@@ -409,7 +436,8 @@ class CandidateEvaluator:
         """What every supernet in the file shares with this search (checked on reading)."""
         shape = self.ctx.input_shape()
         return {"space": self.space.name, "macro": self.macro, "steps": self.cfg.supernet_steps,
-                "input": {"channels": shape[1], "grid": shape[2]}, "conditioning": self.ctx.conditioning}
+                "sampling": self.cfg.sampling, "input": {"channels": shape[1], "grid": shape[2]},
+                "conditioning": self.ctx.conditioning}
 
     def _saved_supernets(self) -> dict[SlotKey, dict[str, torch.Tensor]]:
         """The trained supernets of the file, by non-op slots (none without a file); a file that
@@ -422,7 +450,8 @@ class CandidateEvaluator:
             return self._trained
         state = read_supernets(path)
         expected = self._supernet_record()
-        changed = [f"{k} {state.get(k)} (this search: {v})" for k, v in expected.items() if state.get(k) != v]
+        changed = [f"{k} {state.get(k, RECORD_DEFAULTS.get(k))} (this search: {v})" for k, v in expected.items()
+                   if state.get(k, RECORD_DEFAULTS.get(k)) != v]
         if changed:
             raise NasDoseError(f"{path}: supernets of another search: {'; '.join(changed)}")
         seen = sorted(set(state["weight_ids"]) & set(self.ctx.arch_ids))
@@ -519,11 +548,13 @@ class CandidateEvaluator:
                 **({"latency_on": latency_device(ctx.runtime.device)} if self.latency else {})}
 
     def _evaluator_settings(self) -> dict[str, Any]:
-        """The EvaluatorConfig the scores depend on: `finetune_steps` only in mode finetune, so
-        that the caches of the other modes, written before it existed, stay valid."""
+        """The EvaluatorConfig the scores depend on: `finetune_steps` only in mode finetune and
+        `sampling` only when fair, so that the caches written before they existed stay valid."""
         out = to_dict(self.cfg)
         if self.cfg.mode != "finetune":
             del out["finetune_steps"]
+        if self.cfg.sampling == "uniform":
+            del out["sampling"]
         return out
 
     def _check_settings(self, path: Path) -> None:

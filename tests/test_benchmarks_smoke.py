@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from nas_dose.errors import NasDoseError
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -76,7 +78,7 @@ def test_side_by_side_benchmark_at_a_trivial_size(suite, monkeypatch):
     assert row["status"] == "skipped" and "one core" in row["skipped"]
 
 
-def test_rank_correlation_at_a_trivial_size(suite):
+def test_rank_correlation_at_a_trivial_size(suite, tmp_path, monkeypatch):
     """The three evaluators score the same genotypes as the search does, every genotype is
     trained with each full seed, the proxies are compared with the seeds' mean and the
     yardstick with itself, and the rows are well-formed rank statistics."""
@@ -101,6 +103,22 @@ def test_rank_correlation_at_a_trivial_size(suite):
     assert m["runs"][0]["cheap_scores"] != m["runs"][2]["cheap_scores"]  # finetuning changed the scores
     assert len(res["ratios"]) == 12 and all(r["status"] in ("info", "error") for r in res["ratios"])
     json.dumps(res)
+
+    # another proxy against the same yardstick: the earlier run's trainings are reused, none repeated
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"benchmarks": {"rank_correlation": res}}))
+    fair = dataclasses.replace(s, modes=["inherit"], sampling="fair", trained=str(earlier))
+    monkeypatch.setattr(rank_correlation, "trained_score", lambda *a, **k: pytest.fail("trained again"))
+    again = rank_correlation.run(quick=True, device="cpu", settings=fair)["measurements"]["runs"]
+    assert [r["mode"] for r in again] == ["inherit", "yardstick"] and again[0]["full_seconds"] == 0
+    def by_genotype(run: dict, key: str) -> dict:  # the runs list their genotypes in the order of the proxy
+        return {json.dumps(g, sort_keys=True): run[key][i] for i, g in enumerate(run["genotypes"])}
+
+    assert by_genotype(again[0], "trained_scores") == by_genotype(m["runs"][0], "trained_scores")
+    fair_cheap, uniform_cheap = by_genotype(again[0], "cheap_scores"), by_genotype(m["runs"][0], "cheap_scores")
+    assert fair_cheap.keys() == uniform_cheap.keys() and fair_cheap != uniform_cheap  # another supernet
+    with pytest.raises(NasDoseError, match=rf"^{earlier}: its full trainings were made with other settings \(full_st"):
+        rank_correlation.run(quick=True, device="cpu", settings=dataclasses.replace(fair, full_steps=7))
 
 
 def test_rank_correlation_on_a_resampled_data_set_scores_on_the_source_grid(suite, tmp_path, monkeypatch):

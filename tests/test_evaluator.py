@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,14 @@ from nas_dose.pool import Candidate, DiversityConfig
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.search_spaces import Genotype, count_params, genotype_from_dict, get_space
 from nas_dose.strategies.base import SearchContext
-from nas_dose.strategies.evaluator import CandidateEvaluator, EvaluatorConfig, _digest, inherited_weights, ranked
+from nas_dose.strategies.evaluator import (
+    CandidateEvaluator,
+    EvaluatorConfig,
+    FairPaths,
+    _digest,
+    inherited_weights,
+    ranked,
+)
 from nas_dose.strategies.evolution import EvolutionConfig, EvolutionStrategy
 from nas_dose.strategies.random_search import RandomConfig, RandomStrategy
 
@@ -338,3 +346,45 @@ def test_a_pool_holds_only_genotypes_within_the_limits(data):
     n = len(cands)
     chosen = select_pool(cands, n, 0.0, {k: np.zeros((n, n)) for k in MATRICES})
     assert chosen and all(cands[i].metrics["params"] <= limit for i in chosen)
+
+
+def test_fair_paths_train_every_op_of_a_slot_equally_often_and_keep_the_fixed_slots():
+    space = get_space("lenas_levels")
+    macro = {"stem": 4, "widths": [4, 8, 8, 8]}
+    supernet = SimpleNamespace(space=space, macro=macro, fixed={"width": 50, "depth": 2})
+    draw = FairPaths(supernet, np.random.RandomState(0))
+    slots = space.slots()
+    n = max(len(slots[s]) for s in space.op_slots())
+    paths = [draw() for _ in range(n)]
+    for slot in space.op_slots():
+        k = len(slots[slot])
+        for start in range(0, n - k + 1, k):  # each whole round holds every op once
+            assert sorted(map(str, (p.choices[slot] for p in paths[start:start + k]))) == sorted(map(str, slots[slot]))
+    assert all(p.choices["width"] == 50 and p.choices["depth"] == 2 for p in paths)
+    assert len({p.key() for p in paths}) > 1
+
+
+def test_a_fair_supernet_is_recorded_and_not_mixed_with_a_uniform_one(data, tmp_path):
+    ctx = context(data, tmp_path, mode="none")
+    g = genotypes(ctx, 1, seed=7)[0]
+    fair = CandidateEvaluator(ctx, EvaluatorConfig(supernet_steps=3, sampling="fair")).score(g)
+    saved = tmp_path / "evaluator" / "supernet.pt"
+    assert torch.load(saved, weights_only=True)["sampling"] == "fair"
+    assert json.loads((tmp_path / "evaluator" / "settings.json").read_text())["evaluator"]["sampling"] == "fair"
+    uniform = CandidateEvaluator(context(data, tmp_path / "uniform", mode="none"),
+                                 EvaluatorConfig(supernet_steps=3)).score(g)
+    assert uniform.score != fair.score  # other paths trained the weights
+    # a uniform evaluator's cache does not name the default: caches written before the key stay valid
+    assert "sampling" not in json.loads((tmp_path / "uniform" / "evaluator" / "settings.json").read_text())["evaluator"]
+    with pytest.raises(NasDoseError, match=rf"^{saved}: supernets of another search: sampling fair \(this search"):
+        CandidateEvaluator(context(data, None, mode="none"), EvaluatorConfig(supernet_steps=3, supernet=str(saved)))
+    # a file written before the key was made by uniform sampling
+    old = tmp_path / "old.pt"
+    state = torch.load(tmp_path / "uniform" / "evaluator" / "supernet.pt", weights_only=True)
+    del state["sampling"]
+    save_checkpoint(old, state)
+    reuse = CandidateEvaluator(context(data, None, mode="none"), EvaluatorConfig(supernet_steps=3, supernet=str(old)))
+    assert reuse.score(g).score == uniform.score
+    with pytest.raises(NasDoseError, match=r"sampling uniform \(this search: fair\)"):
+        CandidateEvaluator(context(data, None, mode="none"),
+                           EvaluatorConfig(supernet_steps=3, supernet=str(old), sampling="fair"))
