@@ -227,16 +227,19 @@ def speedup(new: Timing, old: Timing) -> float:
     return statistics.median(o / n for n, o in zip(new.seconds, old.seconds, strict=True))
 
 
-def trained_score(model: nn.Module, data: Path, epochs: int, steps: int, seed: int, lr: float,
+def trained_score(build: Callable[[], nn.Module], data: Path, epochs: int, steps: int, seed: int, lr: float,
                   device: str, threads: int | None) -> float:
-    """The benchmarks' yardstick: `model` trained from scratch (batch 1, no augmentation, the same
-    settings for every network compared) and scored on the validation split: the best validation
-    dose score (Gy) as `nasdose train` chooses its checkpoint, and on a resampled data set that
-    checkpoint's official score on the source grid (as `nasdose train` reports it)."""
+    """The benchmarks' yardstick: the network `build` makes, trained from scratch (batch 1, no
+    augmentation, the same settings for every network compared) and scored on the validation
+    split: the best validation dose score (Gy) as `nasdose train` chooses its checkpoint, and on a
+    resampled data set that checkpoint's official score on the source grid (as `nasdose train`
+    reports it). `seed` fixes the initialization (the network is built after seeding, not in
+    whatever random state the caller left) and the batch order."""
     cfg = TrainConfig(epochs=epochs, steps_per_epoch=steps, seed=seed,
                       data=DataConfig(batch_size=1, augment=AugmentConfig(enabled=False)),
                       optim=OptimConfig(lr=lr), runtime=RuntimeConfig(device=device, threads=threads))
     seed_everything(cfg.seed)
+    model = build()
     result = train_model(model, cfg, data)
     with open_data(data) as d:
         ids = d.ids(cfg.data.val_split)

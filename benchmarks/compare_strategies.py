@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,8 @@ def options(name: str, s: Settings) -> tuple[str, dict[str, Any]]:
 def yardstick(g: Genotype, data: Path, s: Settings, device: str) -> float:
     """Validation dose score (Gy) of `g` trained from scratch, identically for every strategy
     (official, on the source grid, for a resampled data set)."""
-    return trained_score(get_space(g.space).build(g), data, s.final_epochs, s.final_steps, 1000, 1e-3, device,
-                         s.threads)
+    return trained_score(partial(get_space(g.space).build, g), data, s.final_epochs, s.final_steps, 1000, 1e-3,
+                         device, s.threads)
 
 
 def run_one(name: str, seed: int, data: Path, s: Settings, device: str) -> dict[str, Any]:
@@ -125,12 +126,16 @@ def genotype_flops(g: Genotype, grid: int) -> int:
     return count_flops(get_space(g.space).build(g), (1, IN_CHANNELS, grid, grid, grid))
 
 
+def unet3d_of(widths: list[int]) -> nn.Module:
+    return build_model(ModelConfig(name="unet3d", kwargs={"widths": widths}))
+
+
 def hand_designed(flops: float, depth: int, grid: int) -> tuple[nn.Module, list[int]]:
     """The widest reference U-Net (widths b, 2b, 4b, ... over `depth` levels) within `flops`."""
     chosen = None
     for base in range(1, 129):
         widths = [base * 2 ** i for i in range(depth)]
-        model = build_model(ModelConfig(name="unet3d", kwargs={"widths": widths}))
+        model = unet3d_of(widths)
         if count_flops(model, (1, IN_CHANNELS, grid, grid, grid)) > flops:
             break
         chosen = model, widths
@@ -145,10 +150,10 @@ def run_unet3d(seed: int, searched: dict[str, Any], data: Path, s: Settings, dev
         grid = d.grid
     budget = genotype_flops(Genotype(**searched["genotype"]), grid)
     model, widths = hand_designed(budget, len(s.widths) + 1, grid)
-    seed_everything(seed)
     flops = count_flops(model, (1, IN_CHANNELS, grid, grid, grid))
     return {"strategy": "unet3d", "seed": seed, "search_seconds": 0.0, "candidates": 0, "search_score": math.nan,
-            "final_score": trained_score(model, data, s.final_epochs, s.final_steps, 1000, 1e-3, device, s.threads),
+            "final_score": trained_score(partial(unet3d_of, widths), data, s.final_epochs, s.final_steps, 1000, 1e-3,
+                                         device, s.threads),
             "widths": widths, "flops": flops, "flops_bound": budget}
 
 

@@ -182,7 +182,7 @@ def measure(s: Settings, workdir: Path, device: str) -> list[dict[str, Any]]:
             for g in genotypes:
                 if (g.key(), full_seed) not in trained:
                     started = time.perf_counter()
-                    score = trained_score(get_space(g.space).build(g), data, s.full_epochs, s.full_steps,
+                    score = trained_score(partial(get_space(g.space).build, g), data, s.full_epochs, s.full_steps,
                                           full_seed, s.lr, device, s.threads)
                     trained[g.key(), full_seed] = score, time.perf_counter() - started
         per_seed = [[trained[g.key(), f][0] for g in genotypes] for f in full_seeds]

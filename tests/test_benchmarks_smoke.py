@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from nas_dose.errors import NasDoseError
 
@@ -147,6 +148,25 @@ def test_rank_correlation_on_a_resampled_data_set_scores_on_the_source_grid(suit
     (run,) = rank_correlation.run(quick=True, device="cpu", settings=s)["measurements"]["runs"]
     assert run["trained_scores"] == official and len(official) == 3
     assert all(math.isfinite(x) and x > 0 for x in official)
+
+
+def test_the_yardstick_seed_fixes_the_initialization_whatever_the_random_state_before(suite, tmp_path):
+    """Two trainings with one seed score alike even when the caller's random state differs (the
+    network is built after seeding); another seed scores otherwise."""
+    common, _, _ = suite
+    from nas_dose.data.store import write_dataset
+    from nas_dose.data.synth import synth_patients
+    from nas_dose.models.unet3d import unet3d
+
+    data = tmp_path / "tiny.h5"
+    write_dataset(data, synth_patients(6, 16, seed=0), source="synth", grid=16, total=6)
+
+    def score(seed: int, state: int) -> float:
+        torch.manual_seed(state)  # whatever the caller did before
+        return common.trained_score(lambda: unet3d(widths=(2, 4)), data, 1, 3, seed, 1e-2, "cpu", 1)
+
+    first = score(1000, state=1)
+    assert score(1000, state=2) == first and score(1001, state=1) != first
 
 
 def test_rank_statistics(suite):
