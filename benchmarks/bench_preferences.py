@@ -190,9 +190,10 @@ def _rho(x: list[float], y: list[float]) -> float | None:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def evaluate(s: Settings, plain: torch.nn.Module, conditioned: Conditioned, held: Path,
+def evaluate(s: Settings, plain: torch.nn.Module | None, conditioned: Conditioned, held: Path,
              runtime: Runtime) -> dict[str, Any]:
-    """Dose scores of both models against every held-out plan; monotonicity of the conditioned one."""
+    """Dose scores of both models against every held-out plan (the conditioned one's alone when
+    `plain` is None); monotonicity of the conditioned one."""
     plain_err, cond_err, oar_rho, hi_rho, hi_gap = [], [], [], [], []
     with open_data(held) as data:
         for pid in data.ids()[:s.held_out]:
@@ -200,9 +201,10 @@ def evaluate(s: Settings, plain: torch.nn.Module, conditioned: Conditioned, held
             _, values = data.plan_preferences(pid)
             plans = data.read_plans(pid)
             assert plans is not None
-            mean_plan = predict_patient(plain, p, runtime)
+            mean_plan = predict_patient(plain, p, runtime) if plain is not None else None
             for k, dose in enumerate(plans.doses):
-                plain_err.append(dose_error(mean_plan, dose, p.possible_dose_mask))
+                if mean_plan is not None:
+                    plain_err.append(dose_error(mean_plan, dose, p.possible_dose_mask))
                 asked = predict_patient(conditioned.at(values[k].tolist()), p, runtime)
                 cond_err.append(dose_error(asked, dose, p.possible_dose_mask))
                 hi_gap.append(abs(homogeneity_index(asked, p.structures["PTV70"]) - float(values[k, 1])))
@@ -218,9 +220,10 @@ def evaluate(s: Settings, plain: torch.nn.Module, conditioned: Conditioned, held
                    for h in s.hi_sweep]
             if (r := _rho(s.hi_sweep, his)) is not None:
                 hi_rho.append(r)
-    plain_score, cond_score = statistics.fmean(plain_err), statistics.fmean(cond_err)
-    return {"plain_dose_score": plain_score, "conditioned_dose_score": cond_score,
-            "improvement": 1.0 - cond_score / plain_score,
+    cond_score = statistics.fmean(cond_err)
+    versus = {} if plain is None else {"plain_dose_score": (plain_score := statistics.fmean(plain_err)),
+                                       "improvement": 1.0 - cond_score / plain_score}
+    return {**versus, "conditioned_dose_score": cond_score,
             "oar_rho": statistics.fmean(oar_rho) if oar_rho else float("nan"), "oar_rho_patients": oar_rho,
             "hi_rho": statistics.fmean(hi_rho) if hi_rho else float("nan"), "hi_rho_patients": hi_rho,
             "hi_abs_gap": statistics.fmean(hi_gap), "plans": len(cond_err)}

@@ -186,6 +186,9 @@ class DistillConfig:
             check_non_negative(key, getattr(self, key))
         at_least("seed", self.seed, 0)
         at_least("parallel", self.parallel, 1)
+        if self.train.prior.epochs:
+            raise ConfigError("config key 'train.prior.epochs': nasdose train runs a dose prior, distillation does "
+                              "not; leave it at 0")
         if self.train.consistency.weight:  # DistillObjective's loss has no such term
             raise ConfigError("config key 'train.consistency.weight': distillation's loss has its own terms, not the "
                               "objective-consistency one; leave it at 0")

@@ -127,6 +127,9 @@ class EnsembleConfig:
             if getattr(self.train, key) != default:
                 where = "comes from the pool" if key == "model" else f"is set by the top-level '{key}'"
                 raise ConfigError(f"config key 'train.{key}': a member's {key} {where}; leave it out")
+        if self.train.prior.epochs:
+            raise ConfigError("config key 'train.prior.epochs': members are genotype networks, which have no dose "
+                              "prior; train a model that has one (latent_dose_net) with nasdose train")
         at_least("seed", self.seed, 0)
         at_least("plots", self.plots, 0)
         at_least("parallel", self.parallel, 1)

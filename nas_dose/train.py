@@ -5,11 +5,13 @@
 RUN receives config.yaml (the resolved config), log.jsonl, metrics.json, curve.png (the loss
 and the validation score), best.pt (the weights with the best validation dose score) and
 checkpoints/last.pt, written every `checkpoint_every` steps and at each epoch end; `--resume`
-continues from it exactly where the run stopped. On a resampled data set metrics.json also holds
-the official validation scores, on the source grid (`official_val_scores`; a conditioned model's
-at each validation patient's own measured preferences, as `nasdose predict --preference measured`
-predicts them). Each epoch prints one line. With
-`logging.tensorboard=true` RUN also receives TensorBoard event files (`tensorboard --logdir RUN`):
+continues from it exactly where the run stopped. With `prior.epochs` (a model with a dose prior,
+such as latent_dose_net) RUN/prior/ first receives stage I, the model's dose autoencoder trained
+on the training doses, whose decoder the model then starts from (nas_dose/training/prior.py).
+On a resampled data set metrics.json also holds the official validation scores, on the source
+grid (`official_val_scores`; a conditioned model's at each validation patient's own measured
+preferences, as `nasdose predict --preference measured` predicts them). Each epoch prints one
+line. With `logging.tensorboard=true` RUN also receives TensorBoard event files (`tensorboard --logdir RUN`):
 train/loss, train/lr, val/dose_score and val/best_dose_score by step. The model is chosen
 and training stops early on the validation split only, never on test patients.
 
@@ -32,7 +34,8 @@ from .models.factory import build_model
 from .plots import plot_training_curve
 from .progress import say
 from .runtime import Runtime, seed_everything
-from .training import TrainConfig, TrainResult, train_model
+from .training import Objective, TrainConfig, TrainResult, train_model
+from .training.prior import stage_two
 
 Config = TrainConfig
 
@@ -54,7 +57,9 @@ def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
     cascade = config.cascade.coarse is not None
     model = build_model(config.model, refiner=cascade)
     with output_folder(out, replace=force):
-        objective = CascadeObjective(config, inputs.data) if cascade else None
+        objective: Objective | None = CascadeObjective(config, inputs.data) if cascade else None
+        if config.prior.epochs:
+            objective = stage_two(model, config, inputs.data, Path(out) / "prior", resume)
         result = train_model(model, config, inputs.data, out, resume=resume, objective=objective)
         with open_data(inputs.data) as data:
             grid = "patches" if cascade else f"{data.grid}³ grid"

@@ -329,3 +329,21 @@ def test_a_settings_switch_is_a_flag_and_lists_take_several_values(suite):
     assert common.settings_option(p.parse_args([]), bench_preferences.Settings())["settings"].distil is False
     with pytest.raises(SystemExit):
         p.parse_args(["--distil", "False"])
+
+
+def test_prior_benchmark_at_a_trivial_size(suite):
+    """Five arms per seed, each scored against every held-out plan; the prior arms carry their
+    stage I's reconstruction score, and the gains are paired against the latent net from scratch."""
+    import bench_prior
+
+    s = replace(bench_prior.Settings().quick(), freeze=True)
+    res = bench_prior.run(quick=True, device="cpu", settings=s)
+    (run,) = res["measurements"]["runs"]
+    arms = list(bench_prior.arms(s))
+    assert arms[1] == bench_prior.SCRATCH and all(run[a]["plans"] == 10 for a in arms)
+    assert [("prior_reconstruction_dose_score" in run[a]) for a in arms] == [False, False, True, True, False]
+    assert run["latent, prior"]["prior_reconstruction_dose_score"] > 0
+    details = [r["detail"] for r in res["ratios"]]
+    assert len(details) == 5 and "vs latent, scratch" not in details[1]
+    assert all("better in" in d for i, d in enumerate(details) if i != 1)
+    json.dumps(res)

@@ -48,7 +48,8 @@ class Public:
 
 
 PUBLIC = {
-    "model": Public(MODELS, register_model, lambda name: create_model(name, **small_kwargs(name)), list_models,
+    # every model name (list_models lists the dose predictors: not a prior's autoencoder, tests/test_prior.py)
+    "model": Public(MODELS, register_model, lambda name: create_model(name, **small_kwargs(name)), MODELS.names,
                     "unet3d", lambda: (lambda: nn.Identity()), "model", "a class or function"),
     "op": Public(OPS, lambda name: register_op(name, "cell"), get_op, list_ops, "conv",
                  lambda: (lambda c_in, c_out: nn.Identity()), "op", "a registered op"),

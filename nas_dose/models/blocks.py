@@ -52,6 +52,15 @@ def check_dropout(value: object) -> float:
     return float(value)
 
 
+def check_depth(what: str, size: Sequence[int], factor: int, norm: str) -> None:
+    """Instance norm needs more than one voxel: refuse an input whose deepest level (after padding
+    to a multiple of `factor`) would be one voxel a side, in one line."""
+    if norm == "instance" and any(-(-n // factor) < 2 for n in size):
+        raise NasDoseError(f"{what}: an input of {'x'.join(map(str, size))} voxels is too small for "
+                           f"{factor.bit_length()} levels with instance norm (the deepest would be 1 "
+                           "voxel a side); use fewer widths or a larger grid")
+
+
 def conv(dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
          bias: bool = True) -> nn.Module:
     """A convolution that keeps the spatial size at stride 1 (odd kernels, 'same' padding)."""

@@ -18,18 +18,32 @@ F = TypeVar("F", bound=Callable[..., nn.Module])
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
-def register_model(name: str, *, small: Mapping[str, Any] | None = None) -> Callable[[F], F]:
+def register_model(name: str, *, small: Mapping[str, Any] | None = None, prior: str | None = None,
+                   takes: str = "patient") -> Callable[[F], F]:
     """Decorator registering a model class or factory under `name`.
 
     `small`: keyword arguments of a small, fast instance (a few thousand parameters, inputs of
     16 voxels a side work), used by the tests that run over every model and by smoke runs.
+    `prior`: the registered dose autoencoder whose decoder this model can start from
+    (`train.prior`), called with this model's arguments but `in_channels`. `takes`: "patient"
+    (a dose predictor: the patient's input channels) or "dose" (a prior's autoencoder).
     """
-    return MODELS.register(name, small=dict(small or {}))
+    if takes not in TAKES:
+        raise ValueError(f"register_model: takes must be one of {TAKES}, got {takes!r}")
+    return MODELS.register(name, small=dict(small or {}), prior=prior, takes=takes)
 
 
-def list_models() -> list[str]:
-    """Names of the registered models, sorted."""
-    return MODELS.names()
+TAKES = ("patient", "dose")
+
+
+def list_models(takes: str = "patient") -> list[str]:
+    """Names of the registered models taking `takes` (dose predictors by default), sorted."""
+    return [n for n in MODELS.names() if MODELS.get(n).meta.get("takes", "patient") == takes]
+
+
+def prior_of(name: str) -> str | None:
+    """The registered dose autoencoder a model's decoder can be pretrained as (None: none)."""
+    return MODELS.get(name).meta.get("prior")
 
 
 def small_kwargs(name: str) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import NasDoseError
 from .blocks import (
     DoubleConv,
+    check_depth,
     check_dropout,
     check_positive,
     check_widths,
@@ -57,11 +57,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-self.dims:]
-        # Instance norm needs more than one voxel: check the deepest level's size after padding.
-        if self.norm == "instance" and any(-(-n // self.factor) < 2 for n in size):
-            raise NasDoseError(f"U-Net: an input of {'x'.join(map(str, size))} voxels is too small for "
-                               f"{len(self.encoders)} levels with instance norm (the deepest would be 1 "
-                               "voxel a side); use fewer widths or a larger grid")
+        check_depth("U-Net", size, self.factor, self.norm)
         h = pad_to_multiple(x, self.factor, self.dims)
         skips = []
         for i, encoder in enumerate(self.encoders):

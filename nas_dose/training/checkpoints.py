@@ -46,6 +46,8 @@ def check_resumable(ckpt: dict[str, Any], cfg: TrainConfig, file: Path) -> None:
         raise input_error(file, "not a nasdose training checkpoint")
     # how the run executes and what it logs may change on resume; what it computes may not
     old = {k: v for k, v in ckpt["config"].items() if k not in ("runtime", "logging")}
+    # a section newer than the checkpoint was, for its run, at its default
+    old = {**{k: v for k, v in to_dict(TrainConfig()).items() if k not in ("runtime", "logging")}, **old}
     if "cascade" in old:
         old["cascade"] = recorded_absolute(old["cascade"])
     new = {k: v for k, v in to_dict(cfg).items() if k not in ("runtime", "logging")}

@@ -78,6 +78,28 @@ class ScheduleConfig:
             raise ConfigError(f"config key 'schedule.min_lr_ratio': must be in [0, 1], got {self.min_lr_ratio}")
 
 
+@dataclass
+class PriorConfig:
+    """Stage I of a dose prior (FDP): before training, the model's dose autoencoder (`prior_of`
+    its registered name) learns to reconstruct the training doses (every plan's, with
+    `data.plans`) for `epochs`, with the run's data, optimizer and schedule, into RUN/prior/; the
+    model's decoder then starts from the autoencoder's (stage II). `freeze` keeps that decoder
+    fixed (FiLM heads still learn); `latent_weight` adds the L1 distance between the model's
+    latent and the autoencoder's latent of the target dose (nas_dose/training/prior.py)."""
+
+    epochs: int = 0
+    freeze: bool = False
+    latent_weight: float = 0.0
+
+    def validate(self) -> None:
+        at_least("prior.epochs", self.epochs, 0)
+        if not self.latent_weight >= 0:
+            raise ConfigError(f"config key 'prior.latent_weight': must be >= 0, got {self.latent_weight}")
+        if not self.epochs and (self.freeze or self.latent_weight):
+            raise ConfigError("config key 'prior.epochs': prior.freeze and prior.latent_weight need a dose prior "
+                              "(prior.epochs > 0)")
+
+
 CONSISTENCY_NEEDS = ("config key 'consistency.weight': the term compares the dose with the preferences asked, "
                      "for a conditioned model only (set model.conditioning=film and data.plans=true)")
 
@@ -104,6 +126,7 @@ class TrainConfig:
     # PTV70 HI against `hi`, spared OAR means against the plan's; training/losses.py).
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
@@ -120,4 +143,7 @@ class TrainConfig:
         # members take it from the ensemble's `conditioning`, not from this section's `model`.
         if self.consistency.weight and not self.data.plans:
             raise ConfigError(CONSISTENCY_NEEDS)
+        if self.prior.epochs and self.cascade.coarse is not None:
+            raise ConfigError("config key 'prior.epochs': a cascade's full-resolution stage has no dose prior "
+                              "(its decoder refines a coarse dose)")
 
