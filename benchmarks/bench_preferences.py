@@ -71,7 +71,7 @@ from nas_dose.distill.report import LatencyConfig
 from nas_dose.errors import NasDoseError
 from nas_dose.inference import load_model_or_ensemble, predict_patient
 from nas_dose.io import load_json
-from nas_dose.models.conditioning import Conditioned
+from nas_dose.models.conditioning import Conditioned, Preset
 from nas_dose.models.factory import ModelConfig, build_model
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device, seed_everything
@@ -190,10 +190,10 @@ def _rho(x: list[float], y: list[float]) -> float | None:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def evaluate(s: Settings, plain: torch.nn.Module | None, conditioned: Conditioned, held: Path,
+def evaluate(s: Settings, plain: torch.nn.Module | None, conditioned: torch.nn.Module, held: Path,
              runtime: Runtime) -> dict[str, Any]:
     """Dose scores of both models against every held-out plan (the conditioned one's alone when
-    `plain` is None); monotonicity of the conditioned one."""
+    `plain` is None); monotonicity of the conditioned one (a network or an ensemble of them)."""
     plain_err, cond_err, oar_rho, hi_rho, hi_gap = [], [], [], [], []
     with open_data(held) as data:
         for pid in data.ids()[:s.held_out]:
@@ -205,18 +205,18 @@ def evaluate(s: Settings, plain: torch.nn.Module | None, conditioned: Conditione
             for k, dose in enumerate(plans.doses):
                 if mean_plan is not None:
                     plain_err.append(dose_error(mean_plan, dose, p.possible_dose_mask))
-                asked = predict_patient(conditioned.at(values[k].tolist()), p, runtime)
+                asked = predict_patient(Preset(conditioned, values[k].tolist()), p, runtime)
                 cond_err.append(dose_error(asked, dose, p.possible_dose_mask))
                 hi_gap.append(abs(homogeneity_index(asked, p.structures["PTV70"]) - float(values[k, 1])))
             hi = float(np.median(values[:, 1]))
-            swept = [predict_patient(conditioned.at([w, hi]), p, runtime) for w in s.sweep]
+            swept = [predict_patient(Preset(conditioned, [w, hi]), p, runtime) for w in s.sweep]
             outside = p.possible_dose_mask & ~np.logical_or.reduce([p.structures[t] for t in TARGETS
                                                                     if t in p.structures])
             rhos = [_rho(s.sweep, [-float(d[m].mean()) for d in swept])
                     for o in SPARED if o in p.structures and (m := p.structures[o] & outside).any()]
             if known := [r for r in rhos if r is not None]:
                 oar_rho.append(statistics.fmean(known))
-            his = [homogeneity_index(predict_patient(conditioned.at([0.5, h]), p, runtime), p.structures["PTV70"])
+            his = [homogeneity_index(predict_patient(Preset(conditioned, [0.5, h]), p, runtime), p.structures["PTV70"])
                    for h in s.hi_sweep]
             if (r := _rho(s.hi_sweep, his)) is not None:
                 hi_rho.append(r)

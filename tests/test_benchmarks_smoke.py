@@ -347,3 +347,17 @@ def test_prior_benchmark_at_a_trivial_size(suite):
     assert len(details) == 5 and "vs latent, scratch" not in details[1]
     assert all("better in" in d for i, d in enumerate(details) if i != 1)
     json.dumps(res)
+
+
+def test_conditioned_search_benchmark_at_a_trivial_size(suite):
+    """Both arms end in a conditioned ensemble scored against every held-out plan. At the quick
+    size each pool is every genotype the search drew (budget = pool size) from one seed, so the
+    pools are the same, and with the same member seeds so are the ensembles: they tie exactly."""
+    import bench_conditioned_search as bench
+
+    res = bench.run(quick=True, device="cpu")
+    (run,) = res["measurements"]["runs"]
+    scores = [run[arm]["conditioned_dose_score"] for arm in bench.ARMS]
+    assert all(run[arm]["plans"] == 6 for arm in bench.ARMS) and all(x > 0 for x in scores)
+    assert run["same_pool"] and scores[0] == scores[1] and res["ratios"][2]["value"] == 0
+    json.dumps(res)
