@@ -9,9 +9,11 @@ from nas_dose.config import ConfigError, load_config, to_dict
 from nas_dose.data.dataset import DoseDataset
 from nas_dose.distill.distill import DistillConfig
 from nas_dose.ensemble import EnsembleConfig
+from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_json
 from nas_dose.models import create_model, list_models, prior_of, small_kwargs
 from nas_dose.models.conditioning import Conditioned, condition, conditioning_spec
+from nas_dose.models.factory import load_model
 from nas_dose.runtime import Runtime, RuntimeConfig
 from nas_dose.train import Inputs
 from nas_dose.train import run as train
@@ -168,3 +170,11 @@ def test_a_checkpoint_older_than_the_prior_key_still_resumes(tmp_path):
     with pytest.raises(Exception, match="different config"):
         check_resumable({"format": "nasdose-checkpoint", "optimizer": {}, "config": old},
                         replace(cfg, prior=replace(cfg.prior, epochs=1)), tmp_path / "last.pt")
+
+
+def test_the_prior_run_is_not_taken_for_a_dose_model(data, tmp_path):
+    cfg = load_config(TrainConfig, overrides=[*SMALL, "epochs=1", "prior.epochs=1"])
+    train(cfg, Inputs(data), tmp_path / "run", official=False)
+    with pytest.raises(NasDoseError, match=r"prior/best.pt: is a dose prior's autoencoder"):
+        load_model(tmp_path / "run" / "prior")
+    assert isinstance(load_model(tmp_path / "run")[0], torch.nn.Module)

@@ -21,7 +21,7 @@ from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint
 from .conditioning import KINDS, condition, conditioning_spec, preference_shapes
 from .refiner import REFINER_CHANNELS, Refiner
-from .registry import create_model
+from .registry import create_model, model_takes
 
 CHECKPOINT_FORMAT = "nasdose-checkpoint"
 
@@ -107,6 +107,9 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         model = model_from_spec(spec)
     except NasDoseError as e:
         raise input_error(file, f"cannot rebuild its model ({e})") from None
+    if spec.get("genotype") is None and model_takes(str(spec.get("name"))) == "dose":
+        raise input_error(file, "is a dose prior's autoencoder (stage I of a training run, RUN/prior), which "
+                                "reconstructs doses; predict with the run itself")
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -38,7 +38,12 @@ TAKES = ("patient", "dose")
 
 def list_models(takes: str = "patient") -> list[str]:
     """Names of the registered models taking `takes` (dose predictors by default), sorted."""
-    return [n for n in MODELS.names() if MODELS.get(n).meta.get("takes", "patient") == takes]
+    return [n for n in MODELS.names() if model_takes(n) == takes]
+
+
+def model_takes(name: str) -> str:
+    """What the registered model `name` takes: "patient" (a dose predictor) or "dose"."""
+    return str(MODELS.get(name).meta.get("takes", "patient"))
 
 
 def prior_of(name: str) -> str | None:
