@@ -125,11 +125,12 @@ class LatentTerm(Objective):
     def __init__(self, encoder: nn.Module, weight: float) -> None:
         self.encoder, self.weight = encoder.eval().requires_grad_(False), weight
         self.latent: torch.Tensor | None = None
-        self.sums = [0.0, 0]
+        self.total, self.count = torch.zeros(()), 0  # summed on the device: no per-step sync
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
         super().bind(model, runtime, config)
         self.encoder.to(runtime.device)
+        self.total = self.total.to(runtime.device)
         _part(model, "encoder").register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -141,14 +142,13 @@ class LatentTerm(Objective):
             wanted = self.encoder(_padded(batch["target"], self.latent))
         term = (self.latent - wanted.to(self.latent.dtype)).abs().mean()
         self.latent = None
-        self.sums[0] += float(term.detach())
-        self.sums[1] += 1
+        self.total, self.count = self.total + term.detach().float(), self.count + 1
         return super().loss(pred, batch) + self.weight * term
 
     def log_terms(self) -> dict[str, float]:
-        total, n = self.sums
-        self.sums = [0.0, 0]
-        return {"latent": total / n} if n else {}
+        mean = float(self.total) / self.count if self.count else None
+        self.total, self.count = torch.zeros_like(self.total), 0
+        return {"latent": mean} if mean is not None else {}
 
 
 def _padded(dose: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
