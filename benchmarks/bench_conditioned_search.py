@@ -21,14 +21,14 @@ member training differs). Not in the suite (minutes per seed).
 from __future__ import annotations
 
 import statistics
-import tempfile
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench_preferences import evaluate, make_data
+from bench_preferences import HeldOutPlans, arm_stat, paired_gain, score_arms
+from torch import nn
 
 from nas_dose.config import load_config
 from nas_dose.ensemble import EnsembleConfig
@@ -36,25 +36,21 @@ from nas_dose.ensemble import Inputs as EnsembleInputs
 from nas_dose.ensemble import run as nasdose_ensemble
 from nas_dose.inference import load_model_or_ensemble
 from nas_dose.pool import load_pool
-from nas_dose.progress import set_quiet
-from nas_dose.runtime import Runtime, RuntimeConfig, resolve_device
+from nas_dose.runtime import resolve_device
 from nas_dose.strategies.search import Inputs as SearchInputs
 from nas_dose.strategies.search import SearchConfig
 from nas_dose.strategies.search import run as nasdose_search
 
-from common import Row, add_settings_arguments, mean_sd, result, settings_option
+from common import Row, add_settings_arguments, result, settings_option
 from common import main as bench_main
 
 ARMS = ("conditioned search", "plain search, pool conditioned")
 
 
 @dataclass
-class Settings:
+class Settings(HeldOutPlans):
     """One measurement; the defaults take about ten minutes per seed on one CPU thread."""
 
-    patients: int = 20
-    held_out: int = 6
-    plans: int = 6
     grid: int = 16
     stem: int = 4
     widths: list[int] = field(default_factory=lambda: [8, 16])
@@ -64,12 +60,6 @@ class Settings:
     epochs: int = 20
     steps: int = 30
     lr: float = 3e-3
-    seeds: list[int] = field(default_factory=lambda: [0])
-    data_seed: int = 0
-    held_out_seed: int = 1000
-    sweep: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    hi_sweep: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.25, 0.3])
-    threads: int | None = 1
 
     def quick(self) -> Settings:
         """Seconds: a few 16³ phantoms, a tiny macro, a few steps, one seed."""
@@ -96,50 +86,34 @@ def ensemble_config(s: Settings, seed: int, device: str, condition_pool: bool) -
         *(["conditioning=film", "train.data.plans=true"] if condition_pool else []), *_runtime(s, device)])
 
 
+def ensembles(s: Settings, device: str, seed: int, data: Path, tmp: Path) -> Iterator[tuple[str, nn.Module, dict]]:
+    """Each arm's search and ensemble: the ensemble, and its pool's genotypes."""
+    for name, conditioned in zip(ARMS, (True, False)):
+        folder = tmp / f"{'cond' if conditioned else 'plain'}_{seed}"
+        nasdose_search(search_config(s, seed, device, conditioned), SearchInputs(data), folder / "search")
+        pool = sorted(m.genotype.key() for m in load_pool(folder / "search" / "pool.yaml").members)
+        nasdose_ensemble(ensemble_config(s, seed, device, not conditioned),
+                         EnsembleInputs(folder / "search" / "pool.yaml", data), folder / "ensemble")
+        yield name, load_model_or_ensemble(folder / "ensemble" / "ensemble.yaml").eval(), {"pool": pool}
+
+
 def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> dict[str, Any]:
     """Benchmark entry point: both arms per seed, in a temporary folder."""
     dev = resolve_device(device)
     s = settings or (Settings().quick() if quick else Settings())
     print(f"conditioned search: {budget(s)}; seeds {s.seeds}", flush=True)
-    started = time.perf_counter()
-    set_quiet(True)
-    runtime = Runtime(RuntimeConfig(device=str(dev), threads=s.threads))
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data, held = make_data(s, Path(tmp))
-        for seed in s.seeds:
-            record: dict[str, Any] = {"seed": seed}
-            pools = []
-            for name, conditioned in zip(ARMS, (True, False)):
-                t0 = time.perf_counter()
-                folder = Path(tmp) / f"{'cond' if conditioned else 'plain'}_{seed}"
-                nasdose_search(search_config(s, seed, str(dev), conditioned), SearchInputs(data), folder / "search")
-                pool = load_pool(folder / "search" / "pool.yaml")
-                pools.append(sorted(m.genotype.key() for m in pool.members))
-                nasdose_ensemble(ensemble_config(s, seed, str(dev), not conditioned),
-                                 EnsembleInputs(folder / "search" / "pool.yaml", data), folder / "ensemble")
-                ensemble = load_model_or_ensemble(folder / "ensemble" / "ensemble.yaml").eval()
-                record[name] = {**evaluate(s, None, ensemble, held, runtime),
-                                "seconds": round(time.perf_counter() - t0, 1)}
-                r = record[name]
-                print(f"  seed {seed}, {name}: dose score {r['conditioned_dose_score']:.3f} Gy, oar ρ "
-                      f"{r['oar_rho']:.3f}; {r['seconds']:.0f} s", flush=True)
-            record["same_pool"] = pools[0] == pools[1]
-            runs.append(record)
-    wall = time.perf_counter() - started
-
-    def stat(name: str, key: str) -> tuple[float, float]:
-        return mean_sd([r[name][key] for r in runs])
-
-    gain = [1 - r[ARMS[0]]["conditioned_dose_score"] / r[ARMS[1]]["conditioned_dose_score"] for r in runs]
+    runs, wall = score_arms(s, dev, partial(ensembles, s, str(dev)))
+    for r in runs:
+        r["same_pool"] = r[ARMS[0]]["pool"] == r[ARMS[1]]["pool"]
     rows = [Row(f"{name}: ensemble's dose score vs the asked plan (Gy, {len(runs)} seeds)",
-                stat(name, "conditioned_dose_score")[0],
+                arm_stat(runs, name, "conditioned_dose_score")[0],
                 detail="mean ± sd {:.3f} ± {:.3f}; oar ρ {:.3f} ± {:.3f}".format(
-                    *stat(name, "conditioned_dose_score"), *stat(name, "oar_rho"))) for name in ARMS]
-    rows.append(Row("conditioned search's gain over conditioning a plain pool", statistics.fmean(gain),
-                    detail=f"mean ± sd {statistics.fmean(gain):+.3f} ± {mean_sd(gain)[1]:.3f}, paired by seed; "
-                           f"better in {sum(g > 0 for g in gain)} of {len(gain)} seeds; same pool in "
-                           f"{sum(r['same_pool'] for r in runs)}"))
+                    *arm_stat(runs, name, "conditioned_dose_score"), *arm_stat(runs, name, "oar_rho")))
+            for name in ARMS]
+    rows.append(Row("conditioned search's gain over conditioning a plain pool",
+                    statistics.fmean(1 - r[ARMS[0]]["conditioned_dose_score"] / r[ARMS[1]]["conditioned_dose_score"]
+                                     for r in runs),
+                    detail=f"{paired_gain(runs, ARMS[0], ARMS[1])}; same pool in {sum(r['same_pool'] for r in runs)}"))
     return result("conditioned_search", dev, rows,
                   measurements={"settings": asdict(s), "runs": runs, "wall_seconds": wall},
                   notes=[f"budget: {budget(s)}", f"wall time {wall / 60:.1f} min"])

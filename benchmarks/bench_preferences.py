@@ -50,6 +50,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -87,27 +88,33 @@ SPARED = tuple(o for o in OARS if o != "Mandible")  # the OARs the beam model sp
 
 
 @dataclass
-class Settings:
-    """What one measurement runs; the defaults fit about a quarter of an hour per seed on one CPU thread."""
+class HeldOutPlans:
+    """What every preference benchmark trains on and scores with (`make_data`, `evaluate`)."""
 
     patients: int = 20  # training data set: train and validation splits
     held_out: int = 6  # held-out phantoms, another data seed
     plans: int = 6  # preference plans per phantom
     grid: int = 32
-    widths: list[int] = field(default_factory=lambda: [8, 16, 32])
-    epochs: int = 20
-    steps: int = 30  # per epoch
-    batch: int = 2
-    lr: float = 3e-3
     seeds: list[int] = field(default_factory=lambda: [0])
     data_seed: int = 0
     held_out_seed: int = 1000
     sweep: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     hi_sweep: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.25, 0.3])
+    threads: int | None = 1
+
+
+@dataclass
+class Settings(HeldOutPlans):
+    """What one measurement runs; the defaults fit about a quarter of an hour per seed on one CPU thread."""
+
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32])
+    epochs: int = 20
+    steps: int = 30  # per epoch
+    batch: int = 2
+    lr: float = 3e-3
     latency_grids: list[int] = field(default_factory=lambda: [32, 128])
     latency_repeats: int = 20  # at the first grid; a tenth of it (at least 2) at the others
     student_widths: list[int] = field(default_factory=lambda: [8, 16, 32])  # the pipeline's student
-    threads: int | None = 1
     consistency: float = 0.0  # > 0: also a conditioned model trained with the consistency term at this weight
     distil: bool = False  # also a conditioned student of `student_widths` distilled from it, and its twin
     openkbp: str = ""  # a resampled data set: also compare plain and conditioned on it, officially
@@ -118,7 +125,7 @@ class Settings:
                        latency_grids=[16], latency_repeats=2, student_widths=[2, 4])
 
 
-def make_data(s: Settings, folder: Path) -> tuple[Path, Path]:
+def make_data(s: HeldOutPlans, folder: Path) -> tuple[Path, Path]:
     """The training data set and the held-out one, with their preference plans."""
     train, held = folder / "train.h5", folder / "held_out.h5"
     synth.run(synth.Config(patients=s.patients, grid=s.grid, seed=s.data_seed, preferences=s.plans),
@@ -190,7 +197,7 @@ def _rho(x: list[float], y: list[float]) -> float | None:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def evaluate(s: Settings, plain: torch.nn.Module | None, conditioned: torch.nn.Module, held: Path,
+def evaluate(s: HeldOutPlans, plain: torch.nn.Module | None, conditioned: torch.nn.Module, held: Path,
              runtime: Runtime) -> dict[str, Any]:
     """Dose scores of both models against every held-out plan (the conditioned one's alone when
     `plain` is None); monotonicity of the conditioned one (a network or an ensemble of them)."""
@@ -229,7 +236,7 @@ def evaluate(s: Settings, plain: torch.nn.Module | None, conditioned: torch.nn.M
             "hi_abs_gap": statistics.fmean(hi_gap), "plans": len(cond_err)}
 
 
-def plain_floor(s: Settings, held: Path) -> float:
+def plain_floor(s: HeldOutPlans, held: Path) -> float:
     """The dose score of each held-out patient's per-voxel median plan against its plans: the
     least error any one dose per patient can have, so the least a plain model can reach."""
     errors = []
@@ -240,6 +247,44 @@ def plain_floor(s: Settings, held: Path) -> float:
             median_plan = np.median(np.stack(plans.doses), axis=0)
             errors += [dose_error(median_plan, dose, p.possible_dose_mask) for dose in plans.doses]
     return statistics.fmean(errors)
+
+
+Arms = Callable[[int, Path, Path], Iterator[tuple[str, torch.nn.Module, dict[str, Any]]]]
+
+
+def score_arms(s: HeldOutPlans, device: torch.device, arms: Arms) -> tuple[list[dict[str, Any]], float]:
+    """Per seed, each conditioned model (or ensemble) that `arms(seed, data, folder)` trains and
+    yields with its name and more figures, scored on every held-out plan and timed (training and
+    scoring); the records per seed, and the wall seconds."""
+    started = time.perf_counter()
+    set_quiet(True)
+    runtime = Runtime(RuntimeConfig(device=str(device), threads=s.threads))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data, held = make_data(s, Path(tmp))
+        for seed in s.seeds:
+            record: dict[str, Any] = {"seed": seed}
+            t0 = time.perf_counter()
+            for name, model, info in arms(seed, data, Path(tmp)):
+                r = record[name] = {**evaluate(s, None, model, held, runtime), **info,
+                                    "seconds": round(time.perf_counter() - t0, 1)}
+                print(f"  seed {seed}, {name}: dose score {r['conditioned_dose_score']:.3f} Gy, oar ρ "
+                      f"{r['oar_rho']:.3f}; {r['seconds']:.0f} s", flush=True)
+                t0 = time.perf_counter()
+            runs.append(record)
+    return runs, time.perf_counter() - started
+
+
+def arm_stat(runs: list[dict[str, Any]], name: str, key: str) -> tuple[float, float]:
+    """Mean and sd over seeds of an arm's figure."""
+    return mean_sd([r[name][key] for r in runs])
+
+
+def paired_gain(runs: list[dict[str, Any]], name: str, reference: str) -> str:
+    """How much better an arm's dose score is than the reference arm's, paired by seed."""
+    gain = [1 - r[name]["conditioned_dose_score"] / r[reference]["conditioned_dose_score"] for r in runs]
+    return (f"vs {reference}: {100 * statistics.fmean(gain):+.1f} % ± {100 * mean_sd(gain)[1]:.1f}, "
+            f"better in {sum(g > 0 for g in gain)} of {len(gain)} seeds")
 
 
 def latency(s: Settings, device: torch.device) -> dict[str, float]:
