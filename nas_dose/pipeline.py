@@ -159,8 +159,7 @@ def _reference_run(ctx: Context) -> Path:
 
 
 def _train(run: Path, config: TrainConfig, ctx: Context) -> None:
-    train.run(config, train.Inputs(ctx.data), run, resume=(run / "checkpoints" / "last.pt").exists(),
-              official=False)
+    train.run(config, train.Inputs(ctx.data), run, resume=train.interrupted(run), official=False)
 
 
 def _train_reference(ctx: Context) -> None:

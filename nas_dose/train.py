@@ -72,6 +72,12 @@ def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
     return result
 
 
+def interrupted(run: Path) -> bool:
+    """Whether the run folder holds a checkpoint to resume from: the run's own, or its dose
+    prior's (a run stopped in stage I)."""
+    return any((folder / "checkpoints" / "last.pt").exists() for folder in (Path(run), Path(run) / "prior"))
+
+
 def _report_official(run: Path, data: Path, config: TrainConfig) -> None:
     """Where the data set was resampled (or the run refines a coarse stage), the checkpoint was
     chosen on a proxy: score it as OpenKBP does, on the source grid, into metrics.json.

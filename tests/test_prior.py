@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import nas_dose.training.prior as prior_module
 from nas_dose.config import ConfigError, load_config, to_dict
 from nas_dose.data.dataset import DoseDataset
 from nas_dose.distill.distill import DistillConfig
@@ -15,7 +16,7 @@ from nas_dose.models import create_model, list_models, prior_of, small_kwargs
 from nas_dose.models.conditioning import Conditioned, condition, conditioning_spec
 from nas_dose.models.factory import load_model
 from nas_dose.runtime import Runtime, RuntimeConfig
-from nas_dose.train import Inputs
+from nas_dose.train import Inputs, interrupted
 from nas_dose.train import run as train
 from nas_dose.training import TrainConfig
 from nas_dose.training.checkpoints import check_resumable
@@ -178,3 +179,20 @@ def test_the_prior_run_is_not_taken_for_a_dose_model(data, tmp_path):
     with pytest.raises(NasDoseError, match=r"prior/best.pt: is a dose prior's autoencoder"):
         load_model(tmp_path / "run" / "prior")
     assert isinstance(load_model(tmp_path / "run")[0], torch.nn.Module)
+
+
+def test_a_run_stopped_in_stage_one_resumes_there(data, tmp_path, cut_training):
+    """Killed during the prior, the run is `interrupted` (what the pipeline resumes by), and
+    --resume finishes stage I from its checkpoint, then trains the model: the same prior as an
+    uninterrupted run's."""
+    cfg = load_config(TrainConfig, overrides=[*SMALL, "epochs=1", "prior.epochs=2", "checkpoint_every=1"])
+    train(cfg, Inputs(data), tmp_path / "whole", official=False)
+    cut_training(prior_module, 4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, Inputs(data), tmp_path / "cut", official=False)
+    assert interrupted(tmp_path / "cut") and not (tmp_path / "cut" / "best.pt").exists()
+    cut_training(prior_module, None)
+    train(cfg, Inputs(data), tmp_path / "cut", resume=interrupted(tmp_path / "cut"), official=False)
+    whole, cut = (load_checkpoint(tmp_path / r / "prior" / "best.pt")["model"] for r in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert (tmp_path / "cut" / "best.pt").exists() and load_json(tmp_path / "cut" / "prior" / "metrics.json")["steps"] == 6
