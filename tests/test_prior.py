@@ -195,4 +195,5 @@ def test_a_run_stopped_in_stage_one_resumes_there(data, tmp_path, cut_training):
     train(cfg, Inputs(data), tmp_path / "cut", resume=interrupted(tmp_path / "cut"), official=False)
     whole, cut = (load_checkpoint(tmp_path / r / "prior" / "best.pt")["model"] for r in ("whole", "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
-    assert (tmp_path / "cut" / "best.pt").exists() and load_json(tmp_path / "cut" / "prior" / "metrics.json")["steps"] == 6
+    assert (tmp_path / "cut" / "best.pt").exists()
+    assert load_json(tmp_path / "cut" / "prior" / "metrics.json")["steps"] == 6
