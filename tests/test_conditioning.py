@@ -20,7 +20,8 @@ from nas_dose.data.synth import synth_patients
 from nas_dose.errors import NasDoseError
 from nas_dose.inference import Ensemble, conditioned_on, predict_patient, with_preferences
 from nas_dose.io import load_checkpoint, load_json, load_yaml
-from nas_dose.models.conditioning import Conditioned, FiLMNorm, condition, conditioning_spec
+from nas_dose.models import create_model
+from nas_dose.models.conditioning import Conditioned, FiLMNorm, condition, conditioning_spec, plain_names
 from nas_dose.models.factory import ModelConfig, build_model, check_input_size, load_model, model_spec
 from nas_dose.progress import set_quiet
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
@@ -303,3 +304,19 @@ def test_preference_plans_on_a_resampled_data_set_get_no_official_scores(tmp_pat
     assert status == 0 and "official_val_scores" not in load_json(tmp_path / "run" / "metrics.json")
     assert "official scores: not computed (the validation patients' preference plans are on the data set's grid" \
         in printed
+
+
+def test_plain_names_map_a_conditioned_network_onto_its_plain_twin():
+    """Every state entry but the FiLM heads, by its unconditioned name: a plain network's weights
+    load into the conditioned one through it, and the two then compute the same (heads at zero)."""
+    torch.manual_seed(0)
+    plain = create_model("unet3d", widths=(4, 8))
+    torch.manual_seed(1)
+    conditioned = condition(create_model("unet3d", widths=(4, 8)), conditioning_spec("film", ["oar", "hi"]))
+    names = plain_names(conditioned.net)
+    assert sorted(names.values()) == sorted(plain.state_dict())
+    assert all(".film." not in k for k in names) and any(".norm." in k for k in names)
+    conditioned.net.load_state_dict({k: plain.state_dict()[v] for k, v in names.items()}, strict=False)
+    x = torch.rand(1, 10, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(conditioned.eval()(x, torch.tensor([[0.2, 0.1]])), plain.eval()(x))

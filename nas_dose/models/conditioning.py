@@ -121,6 +121,21 @@ class Preset(nn.Module):
         return self.model(x, self.values.expand(x.shape[0], -1))
 
 
+def plain_names(module: nn.Module) -> dict[str, str]:
+    """Each state entry of `module` (or a part of a conditioned network) but its FiLM heads, mapped
+    to the name it has in the same network unconditioned (a FiLMNorm's `norm.` dropped): how plain
+    weights are loaded into a conditioned network."""
+    wrapped = [f"{name}." for name, m in module.named_modules() if name and isinstance(m, FiLMNorm)]
+    names = {}
+    for key in module.state_dict():
+        owner = next((w for w in wrapped if key.startswith(w)), None)
+        if owner is None:
+            names[key] = key
+        elif not key.startswith(f"{owner}film."):
+            names[key] = owner + key.removeprefix(f"{owner}norm.")
+    return names
+
+
 def preference_shapes(model: nn.Module) -> list[tuple[int, int]]:
     """The shapes of the inputs a network takes beside the patient's (batch 1): a conditioned
     network's preferences, none for a plain one."""

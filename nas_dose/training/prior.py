@@ -22,7 +22,7 @@ from torch import nn
 from ..config import ConfigError
 from ..data.dataset import EpochDataset, TrainingSet
 from ..data.store import DataFile
-from ..models.conditioning import Conditioned, FiLMNorm
+from ..models.conditioning import Conditioned, plain_names
 from ..models.factory import ModelConfig, build_model
 from ..models.registry import prior_of
 from ..progress import say
@@ -99,23 +99,13 @@ def load_decoder(model: nn.Module, autoencoder: dict[str, torch.Tensor], freeze:
     a conditioned model, whose heads stay as they are); `freeze`: stop them from training."""
     decoder = _part(model, "decoder")
     source = {k.removeprefix("decoder."): v for k, v in autoencoder.items() if k.startswith("decoder.")}
-    wrapped = [name for name, m in decoder.named_modules() if isinstance(m, FiLMNorm)]
-
-    def source_key(key: str) -> str:
-        for name in wrapped:
-            if key.startswith(f"{name}.norm."):
-                return f"{name}.{key.removeprefix(f'{name}.norm.')}"
-        return key
-
-    own = decoder.state_dict()
-    targets = [k for k in own if not any(k.startswith(f"{n}.film.") for n in wrapped)]
-    if {source_key(k): own[k].shape for k in targets} != {k: v.shape for k, v in source.items()}:
+    names, own = plain_names(decoder), decoder.state_dict()
+    if {plain: own[key].shape for key, plain in names.items()} != {k: v.shape for k, v in source.items()}:
         raise ConfigError("config key 'prior.epochs': the autoencoder's decoder does not fit the model's")
-    decoder.load_state_dict({k: source[source_key(k)] for k in targets}, strict=False)
+    decoder.load_state_dict({key: source[plain] for key, plain in names.items()}, strict=False)
     if freeze:
-        for name, p in decoder.named_parameters():
-            if not any(name.startswith(f"{n}.film.") for n in wrapped):
-                p.requires_grad_(False)
+        for key, p in decoder.named_parameters():
+            p.requires_grad_(key not in names)
 
 
 class LatentTerm(Objective):
