@@ -155,7 +155,13 @@ def load(path: Path) -> dict[str, Any] | None:
 
 def training_figures(run: Path, data: dict[str, Any]) -> dict[str, Any]:
     """What the run's log and metrics say: epochs, step rate, time per epoch, peak memory; and
-    from them what an epoch of the whole training split would take (an estimate)."""
+    from them what an epoch of the whole training split would take (an estimate).
+
+    `steps_per_s` counts steps between log entries inside an epoch: the GPU's pace while batches
+    are ready, which a loader that cannot keep up only reaches in bursts. With the validation
+    time logged at each epoch end, the rest of an epoch gives the pace the loader allowed, and
+    the estimate uses that (with the logged wait for data, the share of an epoch spent waiting);
+    without it, the estimate is a lower bound (GPU pace, `..._lower`)."""
     entries, metrics = history(run), load(run / "metrics.json")
     batch = load_yaml(run / "config.yaml")["data"]["batch_size"]
     ends, rate = epoch_ends(entries), step_rate(entries)
@@ -172,11 +178,21 @@ def training_figures(run: Path, data: dict[str, Any]) -> dict[str, Any]:
         peak = metrics["peak_memory"]
         out.update(seconds_per_epoch=metrics["seconds_per_epoch"], peak_memory_gib=peak["bytes"] / 2 ** 30,
                    peak_memory_kind=peak["kind"], runtime=metrics["runtime"])
-    if rate and epoch_s and steps_per_epoch:
-        # The validation and checkpoint part of an epoch, and a full training split's epoch.
+    if not (rate and epoch_s and steps_per_epoch):
+        return out
+    full_steps = math.ceil(data["source_train"] / batch)
+    val_times = [e["val_seconds"] for e in ends[1:] if "val_seconds" in e]
+    if val_times:
+        val_s = statistics.median(val_times)
+        paced = steps_per_epoch / (epoch_s - val_s)
+        waits = [e["data_wait_s"] for e in ends[1:] if "data_wait_s" in e]
+        out.update(val_s=val_s, epoch_steps_per_s=paced, loader_bound=paced < 0.8 * rate,
+                   data_wait_share=statistics.median(waits) / epoch_s if waits else None,
+                   full_split_steps=full_steps, full_split_epoch_s_estimate=full_steps / paced + val_s)
+    else:  # validation and checkpoint time: what the epoch took beyond its steps at the GPU's pace
         rest = epoch_s - steps_per_epoch / rate
-        full_steps = math.ceil(data["source_train"] / batch)
-        out.update(epoch_rest_s=rest, full_split_steps=full_steps, full_split_epoch_s_estimate=full_steps / rate + rest)
+        out.update(epoch_rest_s=rest, full_split_steps=full_steps,
+                   full_split_epoch_s_lower=full_steps / rate + rest)
     return out
 
 

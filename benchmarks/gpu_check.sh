@@ -13,7 +13,8 @@
 #   GPU_CHECK_DRY=1        the same steps on the CPU at a tiny size (tests/test_gpu_check.py)
 #   GPU_CHECK_CARRY=DIR    the carried folder (default .gpu: openkbp.h5, openkbp.json, whl/)
 #   GPU_CHECK_PARTS        "suite train" (default), or one of them for a rerun
-#   GPU_CHECK_LOADER_S, _RUNTIME_S, _TRAIN_S, _TOTAL_S   seconds of each part (80, 170, 280) and in all (560)
+#   GPU_CHECK_SUITE        the suite's benchmarks: "loader runtime" (default), or one of them
+#   GPU_CHECK_LOADER_S, _RUNTIME_S, _TRAIN_S, _TOTAL_S   seconds of each part (150, 100, 280) and in all (560)
 #   GPU_CHECK_OVERRIDES    more key=value settings of both trainings (e.g. data.num_workers=12)
 set -uo pipefail
 shopt -s nullglob
@@ -24,6 +25,7 @@ OUT=$(realpath -m "$OUT")
 CARRY=$(cd "$ROOT" && realpath -m "${GPU_CHECK_CARRY:-.gpu}")
 DRY=${GPU_CHECK_DRY:-0}
 PARTS=${GPU_CHECK_PARTS:-suite train}
+SUITE_PARTS=${GPU_CHECK_SUITE:-loader runtime}
 HELPER="$ROOT/benchmarks/gpu_check.py"
 DATA="$CARRY/openkbp.h5"
 START=$(date +%s)
@@ -38,7 +40,7 @@ if [ "$DRY" = 1 ]; then
   TRAIN_SET=(runtime.device=cpu runtime.threads=1 "model.kwargs.widths=[4, 8]")
   PREDICT_SET=(runtime.device=cpu runtime.threads=1)
 else
-  LOADER_S=${GPU_CHECK_LOADER_S:-80} RUNTIME_S=${GPU_CHECK_RUNTIME_S:-170} TRAIN_S=${GPU_CHECK_TRAIN_S:-280}
+  LOADER_S=${GPU_CHECK_LOADER_S:-150} RUNTIME_S=${GPU_CHECK_RUNTIME_S:-100} TRAIN_S=${GPU_CHECK_TRAIN_S:-280}
   TOTAL_S=${GPU_CHECK_TOTAL_S:-560}
   RESERVE=60
   MOST=""
@@ -86,10 +88,14 @@ describe() {
 
 suite() {
   local rc=0
-  limited "$LOADER_S" python3 "$ROOT/benchmarks/run_suite.py" --only loader "${SUITE[@]}" \
-    --out "$OUT/suite_loader.json" || rc=1
-  limited "$RUNTIME_S" python3 "$ROOT/benchmarks/run_suite.py" --only runtime "${SUITE[@]}" \
-    --out "$OUT/suite_runtime.json" || rc=1
+  case " $SUITE_PARTS " in *" loader "*)
+    limited "$LOADER_S" python3 "$ROOT/benchmarks/run_suite.py" --only loader "${SUITE[@]}" \
+      --out "$OUT/suite_loader.json" || rc=1 ;;
+  esac
+  case " $SUITE_PARTS " in *" runtime "*)
+    limited "$RUNTIME_S" python3 "$ROOT/benchmarks/run_suite.py" --only runtime "${SUITE[@]}" \
+      --out "$OUT/suite_runtime.json" || rc=1 ;;
+  esac
   return "$rc"
 }
 

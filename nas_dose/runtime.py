@@ -44,6 +44,13 @@ class RuntimeConfig:
             raise ConfigError(f"config key 'runtime.threads': must be at least 1, got {self.threads}")
 
 
+def default_loader_workers(device_type: str, cpus: int) -> int:
+    """0 on a CPU: loading is far cheaper than a CPU step, and workers would take the cores the
+    step needs. With CUDA all but two cores (at most 12): reading and augmenting a 128³ patient
+    costs a core about as long as a dozen GPU steps, so few workers leave the GPU waiting."""
+    return max(1, min(12, cpus - 2)) if device_type == "cuda" else 0
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is a CUDA device when there is one, else the CPU; an unusable name is an error.
 
@@ -176,12 +183,8 @@ class Runtime:
         return batch
 
     def loader_workers(self, requested: int | None) -> int:
-        """Loader worker processes: `requested`, or with None 0 on a CPU (loading is far cheaper
-        than a CPU step, and workers would take the cores the step needs) and up to 4 with CUDA,
-        so batches are read beside the GPU's steps."""
-        if requested is not None:
-            return requested
-        return min(4, (os.cpu_count() or 1) // 2) if self.device.type == "cuda" else 0
+        """Loader worker processes: `requested`, or with None `default_loader_workers`."""
+        return default_loader_workers(self.device.type, os.cpu_count() or 1) if requested is None else requested
 
     def reset_peak_memory(self) -> None:
         """Start a new `peak_memory` window (on a CPU the process's peak cannot be reset)."""

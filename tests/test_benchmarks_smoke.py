@@ -361,3 +361,26 @@ def test_conditioned_search_benchmark_at_a_trivial_size(suite):
     assert all(run[arm]["plans"] == 6 for arm in bench.ARMS) and all(x > 0 for x in scores)
     assert run["same_pool"] and scores[0] == scores[1] and res["ratios"][2]["value"] == 0
     json.dumps(res)
+
+
+def test_loader_benchmark_at_a_trivial_size(suite):
+    common, _, _ = suite
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_loader
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # the rotation row's baseline is the same rotation as augment's, or the row compares nothing
+    import nas_dose.data.augment as augment_module
+
+    vol = torch.rand(9, 7, 5, generator=torch.Generator().manual_seed(0)).numpy()
+    for order in (0, 1):
+        assert abs(bench_loader.ndimage_rotate(vol, 40.0, order, 0.0)
+                   - augment_module._rotate(vol, 40.0, order, 0.0)).max() < 1e-6
+    assert bench_loader.worker_counts(torch.device("cpu")) == (0, 1, 2)
+    tiny = common.Workload(grid=16, batch=1, stem=2, widths=(4, 8, 16), warmup=1, repeats=1)
+    res = bench_loader.run(quick=True, device="cpu", w=tiny)
+    values = {r["quantity"]: r["value"] for r in res["ratios"]}
+    assert len(values) == 5 and all(v is not None and v > 0 and math.isfinite(v) for v in values.values())
+    assert any(q.startswith("rotated patient reads/s") for q in values)
+    assert augment_module._rotate is not bench_loader.ndimage_rotate  # the baseline was put back

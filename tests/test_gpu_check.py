@@ -82,7 +82,8 @@ def test_the_step_rate_leaves_out_warm_up_validation_and_checkpoints() -> None:
     assert gpu_check.step_rate(PROBE[2:4]) is None
 
 
-def test_training_figures_estimate_an_epoch_of_the_whole_training_split(tmp_path: Path) -> None:
+def test_training_figures_bound_an_epoch_of_the_whole_training_split_without_validation_times(
+        tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("data: {batch_size: 2}\n")
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in PROBE))
     figures = gpu_check.training_figures(tmp_path, {"grid": 128, "source_train": 169})
@@ -91,4 +92,22 @@ def test_training_figures_estimate_an_epoch_of_the_whole_training_split(tmp_path
     assert figures["voxels_per_s"] == pytest.approx(10 * 2 * 128 ** 3)
     # 3.2 s an epoch, 1.2 of them 12 steps: 2 s of validation and checkpoint; 169 patients: 85 steps
     assert figures["epoch_rest_s"] == pytest.approx(2.0)
-    assert (figures["full_split_steps"], figures["full_split_epoch_s_estimate"]) == (85, pytest.approx(10.5))
+    assert (figures["full_split_steps"], figures["full_split_epoch_s_lower"]) == (85, pytest.approx(10.5))
+    assert "full_split_epoch_s_estimate" not in figures
+
+
+def test_training_figures_estimate_a_full_epoch_at_the_pace_the_loader_allowed(tmp_path: Path) -> None:
+    # The probe's epochs with 2 s of validation logged: 3.2 - 2 = 1.2 s for 12 steps, the GPU's
+    # own pace; then the same epochs 2 s longer, as a loader that keeps the steps waiting makes them.
+    (tmp_path / "config.yaml").write_text("data: {batch_size: 2}\n")
+    timed = [dict(e, val_seconds=2.0, data_wait_s=0.32) if e["val_dose_score"] is not None else e for e in PROBE]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in timed))
+    figures = gpu_check.training_figures(tmp_path, {"grid": 128, "source_train": 169})
+    assert figures["epoch_steps_per_s"] == pytest.approx(10.0) and not figures["loader_bound"]
+    assert figures["data_wait_share"] == pytest.approx(0.1)
+    assert figures["full_split_epoch_s_estimate"] == pytest.approx(85 / 10 + 2)
+    slow = [dict(e, seconds=e["seconds"] + (2.0 if i >= 5 else 0.0)) for i, e in enumerate(timed)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in slow))
+    figures = gpu_check.training_figures(tmp_path, {"grid": 128, "source_train": 169})
+    assert figures["epoch_steps_per_s"] == pytest.approx(12 / 3.2) and figures["loader_bound"]
+    assert figures["full_split_epoch_s_estimate"] == pytest.approx(85 / (12 / 3.2) + 2)

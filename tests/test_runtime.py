@@ -11,6 +11,7 @@ from nas_dose.errors import NasDoseError
 from nas_dose.runtime import (
     Runtime,
     RuntimeConfig,
+    default_loader_workers,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -123,3 +124,9 @@ def test_loader_workers_auto_is_0_on_cpu_and_an_explicit_number_is_kept():
     rt = Runtime(RuntimeConfig(device="cpu"))
     assert rt.loader_workers(None) == 0
     assert rt.loader_workers(3) == 3
+
+
+def test_loader_workers_with_cuda_take_all_but_two_cores_at_most_12():
+    # a 128³ patient costs a core far longer than a GPU step: 4 workers left an H200 waiting
+    assert [default_loader_workers("cuda", n) for n in (1, 2, 4, 16, 64)] == [1, 1, 2, 12, 12]
+    assert default_loader_workers("cpu", 64) == 0

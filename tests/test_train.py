@@ -134,7 +134,7 @@ def test_resume_continues_exactly(data, tmp_path, stop_at, checkpointed_at):
         assert torch.equal(value, resumed.best_state[key]), key
 
     def strip(history: list[dict]) -> list[dict]:
-        return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+        return [{k: v for k, v in e.items() if k not in ("seconds", "val_seconds", "data_wait_s")} for e in history]
 
     assert strip(resumed.history) == strip(expected.history)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -210,6 +210,9 @@ def test_run_folder_files(data, tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [2, 3, 4, 6]
     assert set(log[0]) == {"step", "epoch", "loss", "lr", "val_dose_score", "seconds"}
+    # an epoch's end also says how long its validation took and the steps waited for data
+    assert set(log[1]) == set(log[0]) | {"val_seconds", "data_wait_s"}
+    assert 0 < log[1]["val_seconds"] < log[1]["seconds"] and 0 < log[1]["data_wait_s"] < log[1]["seconds"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
     assert metrics["runtime"]["device"] == "cpu" and metrics["runtime"]["threads"] == 1

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
-from scipy import ndimage
 
 from ..config import ConfigError
 from ..errors import NasDoseError
@@ -153,15 +153,48 @@ def _transform_volume(volume: np.ndarray, kind: str, t: Transform) -> np.ndarray
 
 
 def _rotate(volume: np.ndarray, angle_deg: float, order: int, background: float) -> np.ndarray:
-    """Rotate about the centre in the plane of axes 0 and 1, resampling once."""
+    """Rotate about the centre in the plane of axes 0 and 1, resampling once: as
+    `ndimage.affine_transform` with spline `order` 0 or 1 and mode "constant" would, to float
+    rounding. The rotation leaves axis 2 alone, so every axial row samples the same in-plane
+    positions: gathering whole rows by a plan made once per (plane, angle) is many times cheaper
+    than interpolating each voxel in 3D, and loading a 128³ patient is what keeps a GPU waiting."""
+    nx, ny, nz = volume.shape
+    rows = volume.reshape(nx * ny, nz)
+    out = np.full((nx * ny, nz), background, dtype=volume.dtype)
+    if order == 0:
+        inside, source = _rotation_plan(nx, ny, angle_deg, 0)
+        out[inside] = rows[source[0]]
+    else:
+        inside, corner, weights = _rotation_plan(nx, ny, angle_deg, 1)
+        value = rows[corner] * weights[0][:, None]
+        for k, step in enumerate((ny, 1, ny + 1), start=1):
+            value += rows[corner + step] * weights[k][:, None]
+        out[inside] = value
+    return out.reshape(volume.shape)
+
+
+@lru_cache(maxsize=32)
+def _rotation_plan(nx: int, ny: int, angle_deg: float, order: int) -> tuple[np.ndarray, ...]:
+    """For each in-plane output position inside the rotated input, where it reads from: with
+    order 0 the nearest input row, with order 1 the lower corner row of its 2×2 neighbourhood
+    and the four bilinear weights. Positions outside [0, n-1] keep the background, as in
+    ndimage's "constant" mode."""
     theta = math.radians(angle_deg)
     # Rounded so that multiples of 90 degrees map voxel centres exactly onto voxel centres.
     cos, sin = round(math.cos(theta), 12), round(math.sin(theta), 12)
-    # affine_transform maps each output voxel back to its input position: the inverse rotation.
-    matrix = np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])
-    centre = (np.array(volume.shape, dtype=float) - 1) / 2
-    return ndimage.affine_transform(np.ascontiguousarray(volume), matrix, offset=centre - matrix @ centre,
-                                    order=order, mode="constant", cval=float(background))
+    cx, cy = (nx - 1) / 2, (ny - 1) / 2
+    i, j = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float), indexing="ij")
+    # Each output voxel's input position: the inverse rotation about the centre.
+    x = (cos * i + sin * j + (cx - (cos * cx + sin * cy))).ravel()
+    y = (-sin * i + cos * j + (cy - (-sin * cx + cos * cy))).ravel()
+    inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
+    x, y = x[inside], y[inside]
+    if order == 0:
+        return np.flatnonzero(inside), (np.floor(x + 0.5).astype(np.intp) * ny + np.floor(y + 0.5).astype(np.intp),)
+    x0, y0 = np.minimum(np.floor(x), nx - 2), np.minimum(np.floor(y), ny - 2)
+    fx, fy = x - x0, y - y0
+    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]).astype(np.float32)
+    return np.flatnonzero(inside), (x0 * ny + y0).astype(np.intp), weights
 
 
 def _shift(volume: np.ndarray, shift: tuple[int, int, int], background: float) -> np.ndarray:

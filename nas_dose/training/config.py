@@ -18,8 +18,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "validation"
     batch_size: int = 2
-    # Loader worker processes; None picks by device (Runtime.loader_workers): 0 on a CPU, where
-    # loading in the training process measured faster, min(4, cores // 2) with CUDA.
+    # Loader worker processes; None picks by device (runtime.default_loader_workers): 0 on a CPU,
+    # where loading in the training process measured faster, all but two cores (at most 12) with CUDA.
     num_workers: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Cross-validation folds of the training split: with folds > 1 the run trains on all of it

@@ -114,7 +114,10 @@ def _epoch_line(entry: dict[str, Any], epochs: int, best: float, eta_s: float) -
     val = entry["val_dose_score"]
     return (f"epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}"
             + (f", validation dose score {val:.3f} Gy (best {best:.3f})" if val is not None else "")
-            + f", {entry['seconds']:.0f} s, ETA {eta_s:.0f} s")
+            + f", {entry['seconds']:.0f} s, ETA {eta_s:.0f} s"
+            # the steps' wait for batches, when it is worth a look (more data.num_workers on a GPU)
+            + (f" ({entry['data_wait_s']:.0f} s of the epoch waiting for data)"
+               if entry.get("data_wait_s", 0.0) >= 1.0 else ""))
 
 
 class _Trainer:
@@ -151,6 +154,7 @@ class _Trainer:
         self.best_state: dict[str, torch.Tensor] = {}
         self.loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no per-step sync
         self.clock = time.perf_counter()
+        self.data_wait = 0.0  # seconds the steps waited for the loader since the last epoch end
         self.folder = RunFolder(Path(out)) if out is not None else None
         if self.folder is not None:
             self.spec = model_spec(config.model, refiner=config.cascade.coarse is not None)
@@ -193,7 +197,9 @@ class _Trainer:
         done = state.stopped_early or state.step >= self.total_steps
         bar: Bar | None = None
         self.net.train()
+        asked = time.perf_counter()
         for batch in iter(()) if done else _batches(self.train_loader, self.train_set, state.step):
+            self.data_wait += time.perf_counter() - asked
             epoch = state.step // spe + 1
             if bar is None:
                 bar = progress(total=spe, desc=f"epoch {epoch}/{self.config.epochs}")
@@ -202,7 +208,7 @@ class _Trainer:
             bar.update()
             epoch_end = state.step % spe == 0
             if state.step % self.config.log_every == 0 or epoch_end:
-                entry = self._log(epoch, self._validate(epoch) if epoch_end else None)
+                entry = self._log(epoch, *(self._validate(epoch) if epoch_end else (None, None)))
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
             if epoch_end:
                 bar.close()
@@ -216,6 +222,7 @@ class _Trainer:
                 self.on_step(state.step)
             if state.stopped_early or state.step >= self.total_steps:
                 break
+            asked = time.perf_counter()
         if bar is not None:
             bar.close()
 
@@ -268,12 +275,15 @@ class _Trainer:
         self.state.seconds += now - self.clock
         self.clock = now
 
-    def _validate(self, epoch: int) -> float | None:
-        """At an epoch end: score, keep the best weights, decide on early stopping."""
+    def _validate(self, epoch: int) -> tuple[float | None, float | None]:
+        """At an epoch end: score, keep the best weights, decide on early stopping. Returns the
+        score and the seconds it took, so the log separates validation from training time."""
         cfg, state = self.config, self.state
         if epoch % cfg.val_every and epoch != cfg.epochs:
-            return None
+            return None, None
+        start = time.perf_counter()
         val, state.zero_score = validate(self.net, self.val_loader, self.runtime)
+        seconds = time.perf_counter() - start
         if val < state.best_score:
             state.best_score, state.best_epoch = val, epoch
             self.best_state = _cpu_state(self.model)
@@ -283,9 +293,9 @@ class _Trainer:
                     "grid": self.train_set.data.grid, "model": self.best_state, "epoch": epoch, "step": state.step,
                     "val_dose_score": val})
         state.stopped_early = cfg.patience is not None and epoch - state.best_epoch >= cfg.patience
-        return val
+        return val, seconds
 
-    def _log(self, epoch: int, val: float | None) -> dict[str, Any]:
+    def _log(self, epoch: int, val: float | None, val_seconds: float | None = None) -> dict[str, Any]:
         self._sync()
         state = self.state
         loss = state.loss_sum / state.loss_count if state.loss_count else None
@@ -295,6 +305,10 @@ class _Trainer:
         terms, lr = self.objective.log_terms(), float(self.scheduler.get_last_lr()[0])
         entry = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr,
                  "val_dose_score": val, "seconds": round(state.seconds, 3), **terms}
+        if val_seconds is not None:
+            # Where an epoch's time went besides the steps: a loader that cannot keep up shows here.
+            entry.update(val_seconds=round(val_seconds, 3), data_wait_s=round(self.data_wait, 3))
+            self.data_wait = 0.0
         state.history.append(entry)
         if self.folder is not None:
             self.folder.append_log(entry)
