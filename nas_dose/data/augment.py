@@ -163,7 +163,7 @@ def _rotate(volume: np.ndarray, angle_deg: float, order: int, background: float)
     out = np.full((nx * ny, nz), background, dtype=volume.dtype)
     if order == 0:
         inside, source = _rotation_plan(nx, ny, angle_deg, 0)
-        out[inside] = rows[source[0]]
+        out[inside] = rows[source]
     else:
         inside, corner, weights = _rotation_plan(nx, ny, angle_deg, 1)
         value = rows[corner] * weights[0][:, None]
@@ -190,10 +190,12 @@ def _rotation_plan(nx: int, ny: int, angle_deg: float, order: int) -> tuple[np.n
     inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
     x, y = x[inside], y[inside]
     if order == 0:
-        return np.flatnonzero(inside), (np.floor(x + 0.5).astype(np.intp) * ny + np.floor(y + 0.5).astype(np.intp),)
+        return np.flatnonzero(inside), np.floor(x + 0.5).astype(np.intp) * ny + np.floor(y + 0.5).astype(np.intp)
     x0, y0 = np.minimum(np.floor(x), nx - 2), np.minimum(np.floor(y), ny - 2)
     fx, fy = x - x0, y - y0
-    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]).astype(np.float32)
+    # float64, as ndimage interpolates: the four weights then sum to 1 closely enough that a
+    # constant float32 field stays exactly that constant.
+    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
     return np.flatnonzero(inside), (x0 * ny + y0).astype(np.intp), weights
 
 
