@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nas_dose.config import ConfigError, load_config, to_dict
-from nas_dose.data.dataset import DoseDataset, make_loader
+from nas_dose.data.dataset import DoseDataset, item_bytes, make_loader
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError
 from nas_dose.io import load_checkpoint, load_yaml
@@ -258,6 +258,24 @@ def test_loader_workers_default_to_auto_which_is_0_on_cpu(data):
     assert trainer.train_loader.num_workers == 0 and trainer.val_loader.num_workers == 0
     explicit = config("epochs=1", "data.num_workers=1")
     assert _Trainer(fresh(explicit), explicit, data, None, False, None).train_loader.num_workers == 1
+
+
+def test_loader_workers_are_cut_to_what_shared_memory_holds(data, monkeypatch, capsys):
+    from nas_dose.training import engine
+
+    # each worker keeps 2 batches of 2 items ready; a fifth of the free space is kept spare
+    per_worker = 2 * 2 * item_bytes(DoseDataset(data, "train"))
+    assert per_worker == 4 * (12 * 16 ** 3 * 4 + 4)  # 10 input channels, target and mask at 16³; labeled
+    cfg = config("epochs=1", "data.num_workers=2")
+    monkeypatch.setattr(engine, "shared_memory_free", lambda: int(1.1 * per_worker / 0.8))
+    assert _Trainer(fresh(cfg), cfg, data, None, False, None).train_loader.num_workers == 1
+    assert "data.num_workers: 1 instead of 2: /dev/shm has 1 MiB free and each worker holds 0.8 MiB" \
+        in capsys.readouterr().out
+    monkeypatch.setattr(engine, "shared_memory_free", lambda: int(0.9 * per_worker / 0.8))
+    trainer = _Trainer(fresh(cfg), cfg, data, None, False, None)
+    assert trainer.train_loader.num_workers == 0 and trainer.val_loader.num_workers == 0
+    monkeypatch.setattr(engine, "shared_memory_free", lambda: None)  # no /dev/shm: as asked
+    assert _Trainer(fresh(cfg), cfg, data, None, False, None).train_loader.num_workers == 2
 
 
 def test_load_model_round_trip(data, tmp_path):

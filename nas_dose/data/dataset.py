@@ -6,6 +6,7 @@ and augmentations the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol, Sequence, cast
@@ -320,6 +321,33 @@ class EpochSampler(Sampler):
         n = len(self.dataset)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else range(n)
         return iter([(int(i), epoch) for i in order])
+
+
+PREFETCH = 2  # batches each loader worker keeps ready: torch's default prefetch factor
+
+
+def shared_memory_free() -> int | None:
+    """Free bytes in /dev/shm, through which loader workers hand their batches over (None where
+    there is no such folder)."""
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
+def workers_within_shared_memory(workers: int, item_bytes: int, batch_size: int, free: int | None) -> int:
+    """The most of `workers` loader processes whose batches in flight fit in `free` bytes of
+    shared memory, a fifth kept spare. Containers often give /dev/shm 64 MiB, and a worker that
+    cannot place a batch there dies with a bus error that names no cause."""
+    if free is None or workers == 0:
+        return workers
+    return min(workers, int(0.8 * free) // max(1, PREFETCH * batch_size * item_bytes))
+
+
+def item_bytes(dataset: EpochDataset) -> int:
+    """Bytes of the tensors of one item (item 0 of the current epoch), as a worker sends it."""
+    item = dataset[0]
+    return sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
 
 
 def make_loader(dataset: EpochDataset, batch_size: int, shuffle: bool, num_workers: int = 0,

@@ -15,7 +15,15 @@ from torch import nn
 
 from .. import distributed
 from ..config import ConfigError, from_dict, save_config, to_dict
-from ..data.dataset import IN_CHANNELS, EpochDataset, make_loader
+from ..data.dataset import (
+    IN_CHANNELS,
+    PREFETCH,
+    EpochDataset,
+    item_bytes,
+    make_loader,
+    shared_memory_free,
+    workers_within_shared_memory,
+)
 from ..errors import NasDoseError, input_error
 from ..io import load_checkpoint, save_checkpoint, save_json
 from ..models.factory import CHECKPOINT_FORMAT, check_input_size, model_spec
@@ -135,7 +143,7 @@ class _Trainer:
             raise input_error(data, "is a prediction file, not a data set")
         check_input_size(model, self.train_set.grid, getattr(self.train_set, "in_channels", IN_CHANNELS))
         # Under torchrun each rank takes its share of every batch: data.batch_size is the global batch.
-        workers = rt.loader_workers(config.data.num_workers)
+        workers = self._workers(rt.loader_workers(config.data.num_workers), config.data.batch_size)
         self.train_loader = make_loader(self.train_set, config.data.batch_size, shuffle=True,
                                         num_workers=workers, seed=config.seed,
                                         pin_memory=rt.pin_memory, shard="even")
@@ -163,6 +171,19 @@ class _Trainer:
                                     purge_step=self.state.step + 1 if self.state.step else None)
         self.step_net = distributed.data_parallel(self.net, rt.device)  # what training steps call
         self.free_bytes = rt.free_memory()  # what the run has to work with, for an out-of-memory error
+
+    def _workers(self, workers: int, batch_size: int) -> int:
+        """`workers`, or fewer where their batches would not fit in shared memory (said in a line)."""
+        free = shared_memory_free()
+        if not workers or free is None:
+            return workers
+        size = item_bytes(self.train_set)
+        fits = workers_within_shared_memory(workers, size, batch_size, free)
+        if fits < workers:
+            say(f"data.num_workers: {fits} instead of {workers}: /dev/shm has {free / 2**20:.0f} MiB free and "
+                f"each worker holds {PREFETCH * batch_size * size / 2**20:.1f} MiB of batches there "
+                "(in a container, give it more: docker run --shm-size=…)")
+        return fits
 
     def _open_folder(self, folder: RunFolder, resume: bool) -> None:
         if resume and folder.last.exists():
