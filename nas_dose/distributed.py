@@ -79,6 +79,12 @@ def launch() -> Launch:
     return Launch(rank, world, _env_int("LOCAL_RANK", 0, 0))
 
 
+def local_world_size() -> int:
+    """Processes of this run on this node (LOCAL_WORLD_SIZE, set by torchrun; 1 without): they
+    share the node's cores and shared memory."""
+    return _env_int("LOCAL_WORLD_SIZE", 1, 1)
+
+
 def cuda_index() -> int:
     """The GPU of this process: LOCAL_RANK (one process per GPU), checked against the node's GPUs."""
     index = launch().local_rank

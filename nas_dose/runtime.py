@@ -183,8 +183,11 @@ class Runtime:
         return batch
 
     def loader_workers(self, requested: int | None) -> int:
-        """Loader worker processes: `requested`, or with None `default_loader_workers`."""
-        return default_loader_workers(self.device.type, os.cpu_count() or 1) if requested is None else requested
+        """Loader worker processes: `requested`, or with None `default_loader_workers` of this
+        process's share of the node's cores (torchrun starts one process per GPU)."""
+        if requested is not None:
+            return requested
+        return default_loader_workers(self.device.type, (os.cpu_count() or 1) // distributed.local_world_size())
 
     def reset_peak_memory(self) -> None:
         """Start a new `peak_memory` window (on a CPU the process's peak cannot be reset)."""

@@ -130,3 +130,12 @@ def test_loader_workers_with_cuda_take_all_but_two_cores_at_most_12():
     # a 128³ patient costs a core far longer than a GPU step: 4 workers left an H200 waiting
     assert [default_loader_workers("cuda", n) for n in (1, 2, 4, 16, 64)] == [1, 1, 2, 12, 12]
     assert default_loader_workers("cpu", 64) == 0
+
+
+def test_loader_workers_with_cuda_share_the_cores_with_the_nodes_other_ranks(monkeypatch):
+    # default_loader_workers of cores // LOCAL_WORLD_SIZE: 8 ranks on 64 cores take 6 workers each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    rt = Runtime(RuntimeConfig(device="cpu"))
+    monkeypatch.setattr(rt, "device", torch.device("cuda"))
+    assert rt.loader_workers(None) == 6 and rt.loader_workers(3) == 3

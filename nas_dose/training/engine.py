@@ -177,6 +177,7 @@ class _Trainer:
         free = shared_memory_free()
         if not workers or free is None:
             return workers
+        free //= distributed.local_world_size()  # the node's other processes of the run load too
         size = item_bytes(self.train_set)
         fits = workers_within_shared_memory(workers, size, batch_size, free)
         if fits < workers:
