@@ -4,11 +4,14 @@ run once on a device machine that gets only a 64 MiB copy of the working tree an
     python benchmarks/gpu_check.py data --src NPZ128 --out .gpu/openkbp.h5 --root .     (prepare)
     python benchmarks/gpu_check.py config configs/openkbp_gpu.yaml TRAIN.yaml            (device)
     python benchmarks/gpu_check.py epochs PROBE_RUN --wall S --avail S --most E          (device)
+    python benchmarks/gpu_check.py pipeline configs/openkbp_gpu.yaml SMOKE.yaml [--dry]     (device)
     python benchmarks/gpu_check.py summary --out OUT --work WORK --data DATA.h5 --wall S (device)
 
 `data` imports (nasdose data import's code) every validation patient and as many training
 patients, in natural order, as fit the size left under the limit; `epochs` says how many epochs
-of the probe's length fit the seconds left; `summary` gathers the figures into summary.json.
+of the probe's length fit the seconds left; `pipeline` writes the recipe's search, ensemble and
+distill stages at its sizes with the fewest steps (a smoke run of every stage's GPU path);
+`summary` gathers the figures into summary.json.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from nas_dose.config import apply_overrides
 from nas_dose.io import load_yaml, save_json, save_yaml
 
 MIB = 2 ** 20
@@ -34,6 +38,14 @@ LIMIT, MARGIN = 64 * MIB, 8 * MIB
 H5_PER_NPZ = 1.2
 # The part of the seconds left that the epoch count plans to fill (the rest absorbs the noise).
 SAFETY = 0.9
+# The pipeline smoke run: the recipe's networks, grid and runtime, the fewest steps that still run
+# every stage (a supernet, scored candidates, a pool of two trained into an ensemble, a student).
+SMOKE_STAGES = ("search", "ensemble", "distill")
+SMOKE = ["stages=[search, ensemble, distill]", "epochs=1", "search.pool_size=2", "search.options.budget=3",
+         "search.options.population=2", "search.options.sample=2", "search.options.evaluator.supernet_steps=10"]
+# Dry (tests): the same on the CPU at 16³, with tiny networks.
+DRY = ["grid=16", "search.macro.stem=2", "search.macro.widths=[4, 8]", "distill.student=unet3d:widths=2,4",
+       *(f"{stage}.runtime={{device: cpu, threads: 1}}" for stage in SMOKE_STAGES)]
 
 
 def travel_bytes(root: Path) -> int:
@@ -114,6 +126,17 @@ def cmd_config(a: argparse.Namespace) -> None:
         sys.exit(f"error: {a.recipe}: key 'train.epochs': an integer is needed (the most epochs the check trains)")
     save_yaml(a.out, recipe["train"])
     print(recipe["train"]["epochs"])
+
+
+def cmd_pipeline(a: argparse.Namespace) -> None:
+    """Write the pipeline smoke run's recipe: the GPU recipe with SMOKE (and DRY) laid over it."""
+    save_yaml(a.out, apply_overrides(load_yaml(a.recipe), SMOKE + (DRY if a.dry else [])))
+
+
+def pipeline_outcome(pipe: Path) -> dict[str, bool]:
+    """Which of the smoke run's stages finished (wrote their final output)."""
+    final = {"search": "search/pool.yaml", "ensemble": "ensemble/ensemble.yaml", "distill": "distill/comparison.md"}
+    return {stage: (pipe / final[stage]).is_file() for stage in SMOKE_STAGES}
 
 
 def history(run: Path) -> list[dict[str, Any]]:
@@ -220,6 +243,7 @@ def cmd_summary(a: argparse.Namespace) -> None:
         "epochs_asked": a.epochs,
         "training": training_figures(a.work / "run", data) if (a.work / "run" / "config.yaml").is_file() else None,
         "validation_scores": None if scores is None else {k: scores.get(k) for k in ("dose_score", "dvh_score")},
+        "pipeline": pipeline_outcome(a.work / "pipe") if (a.work / "pipe").is_dir() else None,
     }
     save_json(a.out / "summary.json", summary)
     print(report(summary))
@@ -237,6 +261,8 @@ def report(summary: dict[str, Any]) -> str:
         if key != "runtime":
             lines.append(f"training: {key} = {round(value, 4) if isinstance(value, float) else value}")
     lines.append(f"validation scores (OpenKBP, Gy): {summary['validation_scores']}")
+    if summary.get("pipeline") is not None:
+        lines.append(f"pipeline smoke run, stages finished: {summary['pipeline']}")
     return "\n".join(lines)
 
 
@@ -258,6 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--wall", type=float, required=True, help="the probe's wall time, s")
     e.add_argument("--avail", type=float, required=True, help="seconds the real run may take")
     e.add_argument("--most", type=int, required=True, help="the recipe's epochs")
+    pl = sub.add_parser("pipeline", help="the pipeline smoke run's recipe")
+    pl.add_argument("recipe", type=Path)
+    pl.add_argument("out", type=Path)
+    pl.add_argument("--dry", action="store_true", help="on the CPU at 16³ with tiny networks")
     s = sub.add_parser("summary", help="summary.json from the run's outputs")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--work", type=Path, required=True)
@@ -265,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--wall", type=float, required=True)
     s.add_argument("--epochs", type=int, default=None)
     a = p.parse_args(argv)
-    {"data": cmd_data, "config": cmd_config, "epochs": cmd_epochs, "summary": cmd_summary}[a.command](a)
+    {"data": cmd_data, "config": cmd_config, "epochs": cmd_epochs, "pipeline": cmd_pipeline,
+     "summary": cmd_summary}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@
 #
 #   GPU_CHECK_DRY=1        the same steps on the CPU at a tiny size (tests/test_gpu_check.py)
 #   GPU_CHECK_CARRY=DIR    the carried folder (default .gpu: openkbp.h5, openkbp.json, whl/)
-#   GPU_CHECK_PARTS        "suite train" (default), or one of them for a rerun
+#   GPU_CHECK_PARTS        "suite train" (default), or one of them for a rerun, or "pipeline": the
+#                          recipe's search, ensemble and distill stages in a smoke run (fewest steps)
 #   GPU_CHECK_SUITE        the suite's benchmarks: "loader runtime" (default), or one of them
-#   GPU_CHECK_LOADER_S, _RUNTIME_S, _TRAIN_S, _TOTAL_S   seconds of each part (150, 100, 280) and in all (560)
+#   GPU_CHECK_LOADER_S, _RUNTIME_S, _TRAIN_S, _PIPELINE_S, _TOTAL_S   seconds of each part (150, 100,
+#                          280, 300) and in all (560)
 #   GPU_CHECK_OVERRIDES    more key=value settings of both trainings (e.g. data.num_workers=12)
 set -uo pipefail
 shopt -s nullglob
@@ -33,6 +35,7 @@ export PYTHONUNBUFFERED=1
 if [ "$DRY" = 1 ]; then
   # Generous limits: a dry run checks that every step works, not how fast (the test machine may be busy).
   LOADER_S=${GPU_CHECK_LOADER_S:-300} RUNTIME_S=${GPU_CHECK_RUNTIME_S:-300} TRAIN_S=${GPU_CHECK_TRAIN_S:-600}
+  PIPELINE_S=${GPU_CHECK_PIPELINE_S:-600} SMOKE=(--dry)
   TOTAL_S=${GPU_CHECK_TOTAL_S:-1500}
   RESERVE=150  # seconds kept for predicting and scoring
   MOST=1       # epochs at most (else the recipe's)
@@ -41,6 +44,7 @@ if [ "$DRY" = 1 ]; then
   PREDICT_SET=(runtime.device=cpu runtime.threads=1)
 else
   LOADER_S=${GPU_CHECK_LOADER_S:-150} RUNTIME_S=${GPU_CHECK_RUNTIME_S:-100} TRAIN_S=${GPU_CHECK_TRAIN_S:-280}
+  PIPELINE_S=${GPU_CHECK_PIPELINE_S:-300} SMOKE=()
   TOTAL_S=${GPU_CHECK_TOTAL_S:-560}
   RESERVE=60
   MOST=""
@@ -123,6 +127,11 @@ train() {
   return "$rc"
 }
 
+pipeline() {  # every stage's GPU path once: the recipe's sizes, the fewest steps
+  python3 "$HELPER" pipeline "$ROOT/configs/openkbp_gpu.yaml" "$WORK/pipeline.yaml" "${SMOKE[@]}" || return 1
+  limited "$PIPELINE_S" python3 -m nas_dose pipeline --data "$DATA" --out "$WORK/pipe" --config "$WORK/pipeline.yaml"
+}
+
 main() {
   local status=0
   echo "gpu_check $(date -u +%FT%TZ): dry=$DRY, parts '$PARTS', limits: loader ${LOADER_S} s, runtime" \
@@ -132,6 +141,7 @@ main() {
   EPOCHS=""
   case " $PARTS " in *" suite "*) suite || status=1 ;; esac
   case " $PARTS " in *" train "*) train || status=1 ;; esac
+  case " $PARTS " in *" pipeline "*) pipeline || status=1 ;; esac
   cp "$WORK/probe/log.jsonl" "$OUT/probe_log.jsonl" 2>/dev/null
   cp "$WORK/run/log.jsonl" "$OUT/train_log.jsonl" 2>/dev/null
   cp "$WORK/run/metrics.json" "$OUT/train_metrics.json" 2>/dev/null

@@ -40,7 +40,7 @@ def test_gpu_check_dry_run(openkbp_dir: Path, tmp_path: Path) -> None:
     assert (info["train"], info["validation"], info["grid"]) == (2, 1, 16)
     assert info["source_train"] > 2 and "carry=[" in prepared.stdout
 
-    env.update(OUT=str(out), GPU_CHECK_DRY="1", GPU_CHECK_CARRY=str(carry))
+    env.update(OUT=str(out), GPU_CHECK_DRY="1", GPU_CHECK_CARRY=str(carry), GPU_CHECK_PARTS="suite train pipeline")
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -54,6 +54,9 @@ def test_gpu_check_dry_run(openkbp_dir: Path, tmp_path: Path) -> None:
     assert all(math.isfinite(v) and v > 0 for v in scores.values())
     assert {row["status"] for row in summary["suite"]["runtime"]} <= {"info", "met", "NOT MET", "skipped"}
     assert any(row["status"] != "skipped" for row in summary["suite"]["loader"])
+    # the pipeline smoke run took the carried data through search, ensemble and distillation
+    assert summary["pipeline"] == {"search": True, "ensemble": True, "distill": True}
+    assert "pipeline smoke run, stages finished" in (out / "gpu_check.log").read_text()
     assert not list(tmp_path.glob("gpu_check.*"))  # the work folder is removed
 
 
@@ -80,6 +83,19 @@ def test_the_step_rate_leaves_out_warm_up_validation_and_checkpoints() -> None:
     # 5 -> 10 and 15 -> 20 only: 10 steps/s (the log's 24 steps in 13.9 s would say 1.7)
     assert gpu_check.step_rate(PROBE) == pytest.approx(10.0)
     assert gpu_check.step_rate(PROBE[2:4]) is None
+
+
+def test_the_pipeline_smoke_recipe_keeps_the_recipes_sizes_with_the_fewest_steps(tmp_path: Path) -> None:
+    recipe = ROOT / "configs" / "openkbp_gpu.yaml"
+    gpu_check.main(["pipeline", str(recipe), str(tmp_path / "smoke.yaml")])
+    smoke, full = (gpu_check.load_yaml(p) for p in (tmp_path / "smoke.yaml", recipe))
+    assert smoke["stages"] == ["search", "ensemble", "distill"] and smoke["epochs"] == 1
+    assert smoke["search"]["options"]["evaluator"]["supernet_steps"] == 10 and smoke["search"]["pool_size"] == 2
+    assert (smoke["grid"], smoke["distill"]["runtime"], smoke["train"]) == (full["grid"], full["distill"]["runtime"],
+                                                                         full["train"])
+    gpu_check.main(["pipeline", str(recipe), str(tmp_path / "dry.yaml"), "--dry"])
+    dry = gpu_check.load_yaml(tmp_path / "dry.yaml")
+    assert dry["grid"] == 16 and dry["ensemble"]["runtime"] == {"device": "cpu", "threads": 1}
 
 
 def test_training_figures_bound_an_epoch_of_the_whole_training_split_without_validation_times(
