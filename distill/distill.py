@@ -29,7 +29,8 @@ trained discriminator's term] (see nas_dose.distill.losses). alpha_gt=0 drops th
 dose, only when asked for, with a warning. Patients of the data set's "unlabeled" split
 (contours, no plan; `unlabeled.split`) are trained on beside the training split with the
 teacher's term alone, the student's epochs cut so it takes as many steps as the baseline
-(`unlabeled.same_steps`). Hints (one member runs online for its features) and the adversarial
+(`unlabeled.same_steps`); `teacher_on: unlabeled` keeps the teacher to those and the labeled
+patients to their reference dose. Hints (one member runs online for its features) and the adversarial
 term (its discriminator trained by its own optimizer) are off by default; configs/distill.yaml
 lists every key. Hints match the features of named modules (`hint.layers`, each pair with its
 weight) or of every resolution level the student's and the teacher's U-Nets share
@@ -125,6 +126,7 @@ from .losses import (
     Combine,
     DistillObjective,
     HintConfig,
+    TeacherOn,
     check_non_negative,
 )
 from .report import BASELINE, LatencyConfig, Mode, comparison_rows, comparison_table
@@ -166,6 +168,9 @@ class DistillConfig:
     alpha_gt: float = 1.0
     alpha_teacher: float = 1.0
     combine: Combine = "blend"
+    # "unlabeled": the teacher's dose is the target of the unlabeled patients only; the labeled
+    # learn from their reference dose alone (as pseudo-labels, not a blend with the reference)
+    teacher_on: TeacherOn = "all"
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
     hint: HintConfig = field(default_factory=HintConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
@@ -202,7 +207,7 @@ class DistillConfig:
 
 # Keys that change what the student learns: a resumed run must keep them.
 TRAINING_KEYS = ("student", "student_search", "mode", "concurrent", "train", "alpha_gt", "alpha_teacher",
-                 "combine", "unlabeled", "hint", "adversarial", "seed")
+                 "combine", "teacher_on", "unlabeled", "hint", "adversarial", "seed")
 
 
 def student_epochs(cfg: DistillConfig, labeled: int, unlabeled: int) -> int:
@@ -349,6 +354,9 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     for name, ids in ((split, train_ids), (val_split, val_ids)):
         if not ids:
             raise input_error(data, f"no patients in split '{name}'")
+    if cfg.teacher_on == "unlabeled" and (not unlabeled_ids or cfg.mode == "concurrent"):
+        raise ConfigError("config key 'teacher_on': 'unlabeled' needs unlabeled patients (unlabeled.split) and "
+                          "mode=two_stage; without them the teacher would teach nothing")
     if unlabeled_ids and cfg.alpha_teacher == 0:
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
@@ -408,7 +416,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
         hint_teacher = _hint_member(predictor, cfg.hint) if cfg.hint.weight > 0 else None
         objective = DistillObjective(cache, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint, cfg.adversarial,
                                      hint_teacher=hint_teacher, combine=cfg.combine,
-                                     unlabeled_split=cfg.unlabeled.split if unlabeled_ids else None)
+                                     unlabeled_split=cfg.unlabeled.split if unlabeled_ids else None,
+                                     teacher_on=cfg.teacher_on)
     say(f"distilling {teacher} into {cfg.student}"
         + (f", with {len(unlabeled_ids)} unlabeled patients taught by the teacher alone "
            f"({student_cfg.epochs} epochs)" if unlabeled_ids else "")

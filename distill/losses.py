@@ -214,6 +214,10 @@ def feature_channels(model: nn.Module, names: Sequence[str], input_shape: Sequen
 TERMS = ("gt", "teacher", "hint", "adversarial", "discriminator", "dvh")
 Combine = Literal["blend", "sum"]
 COMBINE: tuple[str, ...] = ("blend", "sum")
+# Whose target the teacher's dose enters: every patient's, or only the unlabeled ones' (the
+# labeled learn from their reference dose alone, as the baseline does).
+TeacherOn = Literal["all", "unlabeled"]
+TEACHER_ON: tuple[str, ...] = ("all", "unlabeled")
 
 
 class DistillObjective(Objective):
@@ -226,9 +230,14 @@ class DistillObjective(Objective):
     def __init__(self, cache: Path, alpha_gt: float = 1.0, alpha_teacher: float = 1.0,
                  hint: HintConfig | None = None, adversarial: AdversarialConfig | None = None,
                  hint_teacher: nn.Module | None = None, combine: Combine = "blend",
-                 unlabeled_split: str | None = None) -> None:
+                 unlabeled_split: str | None = None, teacher_on: TeacherOn = "all") -> None:
         self.cache = Path(cache)
         self.unlabeled_split = unlabeled_split
+        if teacher_on not in TEACHER_ON:
+            raise ConfigError(f"config key 'teacher_on': expected one of {', '.join(TEACHER_ON)}, got {teacher_on!r}")
+        if teacher_on == "unlabeled" and combine != "blend":
+            raise ConfigError("config key 'teacher_on': 'unlabeled' needs combine=blend")
+        self.teacher_on = teacher_on
         self.alpha_gt, self.alpha_teacher = alpha_gt, alpha_teacher
         if combine not in COMBINE:
             raise ConfigError(f"config key 'combine': expected one of {', '.join(COMBINE)}, got {combine!r}")
@@ -310,7 +319,9 @@ class DistillObjective(Objective):
         # 1 per sample with a reference dose, 0 for an unlabeled patient: the teacher alone
         labeled = batch["labeled"].float().view(-1, *(1,) * (pred.dim() - 1)) if "labeled" in batch else 1.0
         w_gt = a * labeled
-        blend = self.combine == "blend" and a + b > 0
+        if self.teacher_on == "unlabeled":
+            b = b * (1 - labeled)
+        blend = self.combine == "blend" and a + self.alpha_teacher > 0
         with torch.no_grad():  # logged only, over the labeled samples
             gt = masked_loss(pred, batch["target"], mask * labeled, self.kind)
         with torch.set_grad_enabled(not blend):  # logged, and in `sum` a term of the loss

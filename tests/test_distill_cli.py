@@ -224,6 +224,15 @@ def test_resume_with_another_loss_is_refused(run, data, ensemble, nasdose, capsy
     assert rc == 1 and err.count("\n") == 1 and f"{out / 'config.yaml'}: " in err and "adversarial" in err
 
 
+def test_teacher_on_unlabeled_without_unlabeled_patients_is_refused(data, ensemble, nasdose, tmp_path, capsys):
+    # the data set has no unlabeled patients: the teacher would teach nothing
+    rc = nasdose("distill", ensemble, "--student", STUDENT, "--data", data, "--out", tmp_path / "run", *TINY,
+                 "teacher_on=unlabeled")
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "'teacher_on'" in err and "unlabeled patients" in err
+    assert not (tmp_path / "run" / "student").exists()
+
+
 def corrupt(path: Path) -> Path:
     save_yaml(path, {"format": "nasdose-ensemble", "version": 1, "members": []})
     return path

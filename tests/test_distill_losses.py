@@ -243,6 +243,27 @@ def test_per_pair_weights_in_the_config_change_the_hint_term():
     assert objective.log_terms()["loss_hint"] == pytest.approx(7 / 4)
 
 
+def test_with_teacher_on_unlabeled_a_labeled_sample_learns_from_its_reference_alone():
+    """Sample 0 (a reference dose) weighs alpha_gt times its L1 to the reference, whatever the
+    teacher says there; sample 1 (none) alpha_teacher times its L1 to the teacher."""
+    objective = bound(DistillObjective(Path("unused.h5"), alpha_gt=2.0, alpha_teacher=0.5, teacher_on="unlabeled"))
+    target = torch.cat([vector(1.0, 0.0), vector(0.0, 0.0)])
+    teacher = torch.cat([vector(0.5, 0.0), vector(0.25, 0.75)])
+    pred = torch.cat([vector(0.5, 0.0), vector(0.5, 0.5)]).requires_grad_(True)
+    batch = {"target": target, "teacher": teacher, "mask": torch.ones(2, 1, 1, 1, 2),
+             "labeled": torch.tensor([1.0, 0.0])}
+    value = objective.loss(pred, batch)
+    value.backward()
+    # sample 0: 2·(|0.5 - 1| + 0), though the teacher's 0.5 is met; sample 1: 0.5·(0.25 + 0.25); 4 voxels
+    assert value.item() == pytest.approx((2.0 * 0.5 + 0.5 * 0.5) / 4)
+    assert pred.grad[0].flatten().tolist() == pytest.approx([-2.0 / 4, 0.0])
+    assert pred.grad[1].abs().flatten().tolist() == pytest.approx([0.5 / 4] * 2)
+    with pytest.raises(ConfigError, match="'teacher_on'"):
+        DistillObjective(Path("unused.h5"), teacher_on="labeled")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="needs combine=blend"):
+        DistillObjective(Path("unused.h5"), combine="sum", teacher_on="unlabeled")
+
+
 def test_an_unlabeled_patient_shows_the_discriminator_the_teachers_dose_as_real():
     """With adversarial.real=target, a patient without a plan (target zero) must not teach the
     critic that an empty dose is real: its real dose is the teacher's."""
