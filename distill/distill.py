@@ -354,9 +354,8 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     for name, ids in ((split, train_ids), (val_split, val_ids)):
         if not ids:
             raise input_error(data, f"no patients in split '{name}'")
-    if cfg.teacher_on == "unlabeled" and (not unlabeled_ids or cfg.mode == "concurrent"):
-        raise ConfigError("config key 'teacher_on': 'unlabeled' needs unlabeled patients (unlabeled.split) and "
-                          "mode=two_stage; without them the teacher would teach nothing")
+    if cfg.teacher_on == "unlabeled" and cfg.mode == "concurrent":
+        raise ConfigError("config key 'teacher_on': 'unlabeled' needs mode=two_stage")
     if unlabeled_ids and cfg.alpha_teacher == 0:
         raise ConfigError(f"alpha_teacher = 0: the {len(unlabeled_ids)} unlabeled patients of {data} would teach "
                           "nothing; set unlabeled.split=null to leave them out")
@@ -378,6 +377,9 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
             raise ConfigError("a cascade's stage is distilled with the L1 terms only: set hint.weight=0 and "
                               "adversarial.weight=0")
         unlabeled_ids = []  # a stage learns on patches of patients with a plan
+    if cfg.teacher_on == "unlabeled" and not unlabeled_ids:
+        raise ConfigError("config key 'teacher_on': 'unlabeled' needs unlabeled patients (unlabeled.split; none "
+                          "for a cascade's stage or a preference teacher); without them the teacher teaches nothing")
     # the network(s) the teacher runs: a cascade's full-resolution stage, or the ensemble itself
     predictor: nn.Module = loaded.refiner if isinstance(loaded, Cascade) else cast(nn.Module, loaded)
     # Under torchrun the student and the baseline train data-parallel, the ranks predict the
