@@ -57,18 +57,26 @@ def test_blend_keeps_a_gradient_between_reference_and_teacher(combine, loss, gra
     assert objective.log_terms() == pytest.approx({"loss_gt": 0.25, "loss_teacher": 0.75})
 
 
+def mixed_batch_loss(objective: DistillObjective, first: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (back-propagated) of two samples of 2 voxels: sample 0 with the reference (1, 0)
+    and the teacher (0.5, 0), predicted (`first`, 0); sample 1 unlabeled (its target zero), the
+    teacher (0.25, 0.75), predicted (0.5, 0.5). Returns the prediction (with its gradient) and the loss."""
+    target = torch.cat([vector(1.0, 0.0), vector(0.0, 0.0)])
+    teacher = torch.cat([vector(0.5, 0.0), vector(0.25, 0.75)])
+    pred = torch.cat([vector(first, 0.0), vector(0.5, 0.5)]).requires_grad_(True)
+    batch = {"target": target, "teacher": teacher, "mask": torch.ones(2, 1, 1, 1, 2),
+             "labeled": torch.tensor([1.0, 0.0])}
+    value = objective.loss(pred, batch)
+    value.backward()
+    return pred, value
+
+
 @pytest.mark.parametrize("combine", ["blend", "sum"])
 def test_an_unlabeled_sample_learns_from_the_teacher_alone(combine):
     """Sample 0 has a reference dose, sample 1 none (its target is zero and must not count):
     sample 1 weighs alpha_teacher times its L1 to the teacher, over the batch's mask voxels."""
     objective = bound(DistillObjective(Path("unused.h5"), alpha_gt=2.0, alpha_teacher=0.5, combine=combine))
-    target = torch.cat([vector(1.0, 0.0), vector(0.0, 0.0)])
-    teacher = torch.cat([vector(0.5, 0.0), vector(0.25, 0.75)])
-    pred = torch.cat([vector(1.0, 0.0), vector(0.5, 0.5)]).requires_grad_(True)
-    batch = {"target": target, "teacher": teacher, "mask": torch.ones(2, 1, 1, 1, 2),
-             "labeled": torch.tensor([1.0, 0.0])}
-    value = objective.loss(pred, batch)
-    value.backward()
+    pred, value = mixed_batch_loss(objective, first=1.0)
     if combine == "blend":  # sample 0: 2.5·|1 - (2·1 + 0.5·0.5)/2.5| = 0.25; sample 1: 0.5·(0.25 + 0.25)
         expected, grad0 = (0.25 + 0.25) / 4, 2.5 / 4
     else:  # sample 0: 2·0 + 0.5·0.5; sample 1: 0.5·0.5 (no ground-truth term)
@@ -247,13 +255,7 @@ def test_with_teacher_on_unlabeled_a_labeled_sample_learns_from_its_reference_al
     """Sample 0 (a reference dose) weighs alpha_gt times its L1 to the reference, whatever the
     teacher says there; sample 1 (none) alpha_teacher times its L1 to the teacher."""
     objective = bound(DistillObjective(Path("unused.h5"), alpha_gt=2.0, alpha_teacher=0.5, teacher_on="unlabeled"))
-    target = torch.cat([vector(1.0, 0.0), vector(0.0, 0.0)])
-    teacher = torch.cat([vector(0.5, 0.0), vector(0.25, 0.75)])
-    pred = torch.cat([vector(0.5, 0.0), vector(0.5, 0.5)]).requires_grad_(True)
-    batch = {"target": target, "teacher": teacher, "mask": torch.ones(2, 1, 1, 1, 2),
-             "labeled": torch.tensor([1.0, 0.0])}
-    value = objective.loss(pred, batch)
-    value.backward()
+    pred, value = mixed_batch_loss(objective, first=0.5)
     # sample 0: 2·(|0.5 - 1| + 0), though the teacher's 0.5 is met; sample 1: 0.5·(0.25 + 0.25); 4 voxels
     assert value.item() == pytest.approx((2.0 * 0.5 + 0.5 * 0.5) / 4)
     assert pred.grad[0].flatten().tolist() == pytest.approx([-2.0 / 4, 0.0])
