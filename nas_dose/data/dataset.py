@@ -323,7 +323,7 @@ class EpochSampler(Sampler):
         return iter([(int(i), epoch) for i in order])
 
 
-PREFETCH = 2  # batches each loader worker keeps ready: torch's default prefetch factor
+PREFETCH = 2  # batches each loader worker keeps ready (make_loader's prefetch factor)
 
 
 def shared_memory_free() -> int | None:
@@ -373,11 +373,12 @@ def make_loader(dataset: EpochDataset, batch_size: int, shuffle: bool, num_worke
     generator = torch.Generator()
     generator.manual_seed(seed)
     items = cast(Dataset, dataset)  # DataLoader takes any __getitem__ and __len__; its hints ask for a Dataset
+    workers: dict[str, Any] = dict(num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+                                   persistent_workers=num_workers > 0,
+                                   prefetch_factor=PREFETCH if num_workers > 0 else None)
     if shard is not None:
         batches = ShardedBatches(EpochSampler(dataset, shuffle, seed), batch_size, even=shard == "even",
                                  drop_last=drop_last)
-        return DataLoader(items, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-                          generator=generator, persistent_workers=num_workers > 0)
+        return DataLoader(items, batch_sampler=batches, **workers)
     return DataLoader(items, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed),
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-                      generator=generator, persistent_workers=num_workers > 0)
+                      drop_last=drop_last, **workers)

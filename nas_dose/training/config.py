@@ -20,7 +20,7 @@ class DataConfig:
     batch_size: int = 2
     # Loader worker processes; None picks by device (runtime.default_loader_workers): 0 on a CPU,
     # where loading in the training process measured faster, all but two cores (at most 12) with CUDA.
-    # Either way no more than /dev/shm holds the batches of (the run says so when it cuts them).
+    # Either way cut to the workers whose batches fit in /dev/shm (the run says so when it cuts).
     num_workers: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Cross-validation folds of the training split: with folds > 1 the run trains on all of it
