@@ -10,6 +10,8 @@ made in a temporary folder):
    same budget, seed and data (`data.plans`: one of each patient's plans drawn per epoch), one
    conditioned on the plan's preferences (`model.conditioning: film`), one not (it can only learn
    the mean plan of an anatomy);
+   With `--beam-plates` every model (and the held-out phantoms) also has each phantom's beam
+   arrangement as an input channel (`nasdose data synth --beam-plates`);
 2. on held-out phantoms (another data seed: nothing was trained or chosen on them), each with
    `--plans` ground-truth plans at their own preferences:
    - dose score (mean absolute error in the possible-dose mask, Gy) of each model's prediction
@@ -62,6 +64,7 @@ from scipy import stats
 
 from nas_dose.data import synth
 from nas_dose.data.augment import AugmentConfig
+from nas_dose.data.dataset import IN_CHANNELS, input_channels
 from nas_dose.data.patient import OARS, TARGETS
 from nas_dose.data.preferences import homogeneity_index
 from nas_dose.data.store import open_data
@@ -100,6 +103,7 @@ class HeldOutPlans:
     held_out_seed: int = 1000
     sweep: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     hi_sweep: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.25, 0.3])
+    beam_plates: bool = False  # every model also sees each phantom's beam arrangement (`--beam-plates`)
     threads: int | None = 1
 
 
@@ -128,10 +132,9 @@ class Settings(HeldOutPlans):
 def make_data(s: HeldOutPlans, folder: Path) -> tuple[Path, Path]:
     """The training data set and the held-out one, with their preference plans."""
     train, held = folder / "train.h5", folder / "held_out.h5"
-    synth.run(synth.Config(patients=s.patients, grid=s.grid, seed=s.data_seed, preferences=s.plans),
-              synth.Inputs(), train)
-    synth.run(synth.Config(patients=max(s.held_out, 2), grid=s.grid, seed=s.held_out_seed, preferences=s.plans),
-              synth.Inputs(), held)
+    for path, n, seed in ((train, s.patients, s.data_seed), (held, max(s.held_out, 2), s.held_out_seed)):
+        synth.run(synth.Config(patients=n, grid=s.grid, seed=seed, preferences=s.plans, beam_plates=s.beam_plates),
+                  synth.Inputs(), path)
     return train, held
 
 
@@ -155,7 +158,7 @@ def train(s: Settings, data: Path, seed: int, conditioned: bool, device: str,
         nasdose_train(cfg, Inputs(data), folder, official=False)
         return load_model_or_ensemble(folder).eval()
     seed_everything(seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, in_channels=input_channels(data))
     model.load_state_dict(train_model(model, cfg, data).best_state)
     return model.eval()
 
@@ -296,11 +299,13 @@ def latency(s: Settings, device: torch.device) -> dict[str, float]:
     for i, grid in enumerate(s.latency_grids):
         repeats = s.latency_repeats if i == 0 else max(2, s.latency_repeats // 10)
         seed_everything(0)
-        cond = build_model(ModelConfig(kwargs={"widths": list(s.widths)}, conditioning="film")).to(device).eval()
-        plain = build_model(ModelConfig(kwargs={"widths": list(s.widths)})).to(device).eval()
-        student = build_model(ModelConfig(kwargs={"widths": list(s.student_widths)},
-                                          conditioning="film")).to(device).eval()
-        x = torch.randn(1, 10, grid, grid, grid, device=device)
+        channels = IN_CHANNELS + s.beam_plates
+        cond = build_model(ModelConfig(kwargs={"widths": list(s.widths)}, conditioning="film"),
+                           in_channels=channels).to(device).eval()
+        plain = build_model(ModelConfig(kwargs={"widths": list(s.widths)}), in_channels=channels).to(device).eval()
+        student = build_model(ModelConfig(kwargs={"widths": list(s.student_widths)}, conditioning="film"),
+                              in_channels=channels).to(device).eval()
+        x = torch.randn(1, channels, grid, grid, grid, device=device)
         prefs = torch.tensor([[0.5, 0.15]], device=device)
 
         def forward(net: torch.nn.Module, *args: torch.Tensor) -> None:
@@ -423,7 +428,8 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
 
 def budget(s: Settings) -> str:
     return (f"U-Net widths {s.widths} at {s.grid}³; {s.patients} training phantoms and {s.held_out} held-out "
-            f"(seed {s.held_out_seed}), {s.plans} plans each; {s.epochs}×{s.steps} steps, batch {s.batch}, lr {s.lr}")
+            f"(seed {s.held_out_seed}), {s.plans} plans each{', beam plates' if s.beam_plates else ''}; "
+            f"{s.epochs}×{s.steps} steps, batch {s.batch}, lr {s.lr}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from nas_dose.data.store import open_data
 from nas_dose.errors import input_error
 from nas_dose.inference import Ensemble, save_ensemble
 from nas_dose.io import load_checkpoint, load_yaml, save_checkpoint
-from nas_dose.models.factory import CHECKPOINT_FORMAT, model_from_spec
+from nas_dose.models.factory import CHECKPOINT_FORMAT, data_channels, model_from_spec
 from nas_dose.runtime import Runtime
 from nas_dose.search_spaces import genotype_from_dict, save_genotype
 from nas_dose.training import Objective, TrainConfig, masked_loss, validate
@@ -109,10 +109,10 @@ def teacher_members(teacher: Path, cfg: ConcurrentConfig) -> list[Member]:
 
 
 def widened(spec: dict[str, Any], privileged: Sequence[str]) -> dict[str, Any]:
-    """`spec` taking IN_CHANNELS + len(privileged) input channels."""
+    """`spec` taking len(privileged) more input channels than the data set's."""
     if not privileged:
         return spec
-    channels = IN_CHANNELS + len(privileged)
+    channels = data_channels(spec) + len(privileged)
     if spec.get("genotype") is not None:
         spec["genotype"]["macro"]["in_channels"] = channels
     else:
@@ -193,6 +193,7 @@ class ConcurrentObjective(DistillObjective):
         else:
             dataset = Objective.train_set(self, data, config)
         self.dataset, self.grid = dataset, dataset.grid
+        self.channels = getattr(dataset, "in_channels", IN_CHANNELS)
         return dataset
 
     def teacher_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:

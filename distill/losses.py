@@ -233,6 +233,7 @@ class DistillObjective(Objective):
                  unlabeled_split: str | None = None, teacher_on: TeacherOn = "all") -> None:
         self.cache = Path(cache)
         self.unlabeled_split = unlabeled_split
+        self.channels = IN_CHANNELS  # the training set's input channels (train_set)
         if teacher_on not in TEACHER_ON:
             raise ConfigError(f"config key 'teacher_on': expected one of {', '.join(TEACHER_ON)}, got {teacher_on!r}")
         if teacher_on == "unlabeled" and combine != "blend":
@@ -267,7 +268,7 @@ class DistillObjective(Objective):
             if config.data.plans else
             TeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment,
                            seed=config.seed, unlabeled_split=self.unlabeled_split))
-        self.grid = dataset.grid
+        self.grid, self.channels = dataset.grid, dataset.in_channels
         return dataset
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
@@ -281,7 +282,7 @@ class DistillObjective(Objective):
             pairs = self.hint.pairs(model, self.hint_teacher)
             names_s, names_t = [s for s, _, _ in pairs], [t for _, t, _ in pairs]
             self.hint_weights = [w for _, _, w in pairs]
-            shape = (1, IN_CHANNELS, *(self.grid,) * 3)
+            shape = (1, self.channels, *(self.grid,) * 3)
             c_s = feature_channels(model, names_s, shape, *preference_shapes(model))
             c_t = feature_channels(self.hint_teacher, names_t, *self.teacher_shapes(shape),
                                    *preference_shapes(self.hint_teacher))
@@ -291,7 +292,7 @@ class DistillObjective(Objective):
             self.teacher_tap = FeatureTap(self.hint_teacher, names_t, always=True)
             self.bind_teacher(self.hint_teacher)
         if self.adv.weight > 0:
-            self.disc = Discriminator(IN_CHANNELS + 1, self.adv.width).to(device)
+            self.disc = Discriminator(self.channels + 1, self.adv.width).to(device)
             self.d_optimizer = torch.optim.Adam(self.disc.parameters(), lr=self.adv.lr, betas=self.adv.betas)
 
     def teacher_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -43,11 +43,11 @@ from torch import nn
 from nas_dose.search_spaces import CellUNet
 
 from .config import ConfigError, at_least, save_config
-from .data.dataset import CHANNELS, CT_HU_RANGE, CT_SCALE
+from .data.dataset import CHANNELS, CT_HU_RANGE, CT_SCALE, IN_CHANNELS
 from .data.patient import DOSE_SCALE_GY, PRESCRIPTION_GY, TARGETS
 from .data.preferences import PREFERENCES as PREFERENCE_TABLE
 from .errors import NasDoseError, input_error
-from .inference import Ensemble, cascade_config, load_model_or_ensemble, trained_grid
+from .inference import Ensemble, cascade_config, load_model_or_ensemble, trained_channels, trained_grid
 from .io import atomic_path, output_folder, refuse_existing, save_yaml
 from .models.conditioning import Conditioned
 from .models.refiner import Refiner
@@ -292,6 +292,9 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
         if config.format == "onnx":
             _require_onnx()
         model = load_model_or_ensemble(inputs.model)
+        if trained_channels(inputs.model) != IN_CHANNELS:
+            raise input_error(inputs.model, "takes a data set's extra input channels (e.g. beam plates), which "
+                                            "export does not describe yet: export models of the standard channels")
         if any(isinstance(m, Refiner) for m in model.modules()) and not is_stage(model):
             raise input_error(inputs.model, "mixes full-resolution stages of a cascade with whole-volume networks")
         grid = config.grid if config.grid is not None else default_grid(model, inputs.model)

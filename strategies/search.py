@@ -64,6 +64,7 @@ import numpy as np
 from nas_dose import distributed
 from nas_dose.cascade.patches import CascadeConfig
 from nas_dose.config import ConfigError, at_least, from_dict, save_config, to_dict
+from nas_dose.data.dataset import IN_CHANNELS, input_channels
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError, input_error
 from nas_dose.io import load_checkpoint, load_yaml, output_folder, save_checkpoint
@@ -163,6 +164,17 @@ class SearchConfig:
             raise ConfigError(f"config key 'time_budget_min': must be positive, got {self.time_budget_min}")
 
 
+def macro_channels(data: Path, macro: dict[str, Any]) -> dict[str, int]:
+    """The macro's `in_channels` for a data set with extra input channels (none for a standard
+    one: genotypes of standard data stay as they were); one the data does not give is an error."""
+    channels = input_channels(data)
+    given = macro.get("in_channels", channels)
+    if given != channels:
+        raise ConfigError(f"config key 'macro.in_channels': {given}, but {data} gives {channels} input channels "
+                          "(leave it out)")
+    return {} if channels == IN_CHANNELS else {"in_channels": channels}
+
+
 def split_patients(data: Path, cfg: SplitConfig, seed: int) -> tuple[list[str], list[str], list[str]]:
     """(weight, architecture, diversity) patient ids; weight and architecture are disjoint."""
     with open_data(data) as f:
@@ -199,7 +211,7 @@ class SearchRun:
         self.out = Path(out)
         import_plugins(cfg.plugins)
         self.space = get_space(cfg.space, source="config key 'space'")
-        stage = {} if cfg.cascade.coarse is None else {"in_channels": REFINER_CHANNELS}
+        stage = {"in_channels": REFINER_CHANNELS} if cfg.cascade.coarse is not None else macro_channels(data, cfg.macro)
         self.macro = self.space.check_macro({**cfg.macro, **stage}, "config key 'macro'")
         self.strategy_cls = get_strategy(cfg.strategy)
         if cfg.cascade.coarse is not None:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 from nas_dose.cascade.objective import coarse_predictions, training_predictions
 from nas_dose.cascade.patches import CascadeConfig, PatchDataset
 from nas_dose.config import to_dict
-from nas_dose.data.dataset import IN_CHANNELS, DoseDataset, PlanDataset
+from nas_dose.data.dataset import DoseDataset, PlanDataset, input_channels
 from nas_dose.data.preferences import NAMES
 from nas_dose.data.store import open_data
 from nas_dose.errors import NasDoseError
@@ -49,12 +49,12 @@ Items = Union[Subset, PatchDataset, Drawn]
 class SearchTask:
     """Whole patients on the data set's grid, without augmentation: the default task."""
 
-    in_channels = IN_CHANNELS
     cascade: dict[str, Any] | None = None  # pool.yaml's record of a cascade stage search; none here
     conditioning: dict[str, Any] | None = None  # a conditioned search's `conditioning_spec`; none here
 
     def __init__(self, data: Path) -> None:
         self.data = Path(data)
+        self.in_channels = input_channels(self.data)  # what the networks take
         self._all: DoseDataset | None = None
         self._index: dict[str, int] = {}
 
@@ -95,11 +95,10 @@ class CascadeTask(SearchTask):
     inference.
     """
 
-    in_channels = REFINER_CHANNELS
-
     def __init__(self, data: Path, cfg: CascadeConfig, search_split: str, scored_ids: Sequence[str],
                  runtime: Runtime, seed: int) -> None:
         super().__init__(data)
+        self.in_channels = REFINER_CHANNELS
         if cfg.coarse is None:
             raise NasDoseError("config key 'cascade.coarse': the coarse stage to refine is needed")
         self.cfg, self.seed = cfg, seed

@@ -384,3 +384,20 @@ def test_loader_benchmark_at_a_trivial_size(suite):
     assert len(values) == 5 and all(v is not None and v > 0 and math.isfinite(v) for v in values.values())
     assert any(q.startswith("rotated patient reads/s") for q in values)
     assert augment_module._rotate is not bench_loader.ndimage_rotate  # the baseline was put back
+
+
+def test_preference_ceiling_knows_the_preference_floor(suite, tmp_path):
+    """With every plan parameter known, the plain floor is bench_preferences's floor of the same
+    held-out phantoms and the ceiling 1; hiding the plan leaves a floor for both models."""
+    import bench_preference_ceiling
+    import bench_preferences
+
+    s = bench_preference_ceiling.Settings(patients=2, plans=3, draws=3)
+    summary = bench_preference_ceiling.run(quick=False, settings=s)["measurements"]["summary"]
+    held = bench_preferences.HeldOutPlans(held_out=2, plans=3, grid=16)
+    _, held_path = bench_preferences.make_data(held, tmp_path)
+    assert summary["known"]["plain_floor"] == pytest.approx(bench_preferences.plain_floor(held, held_path), rel=1e-4)
+    assert summary["known"]["ceiling"] == 1.0
+    for state in ("hidden", "beams", "plates"):
+        assert 0 < summary[state]["conditioned_floor"] < summary[state]["plain_floor"]
+    assert summary["hidden"]["plain_floor"] > summary["plates"]["plain_floor"] > summary["known"]["plain_floor"]

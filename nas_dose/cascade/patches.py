@@ -145,6 +145,9 @@ class PatchDataset(torch.utils.data.Dataset):
                  seed: int = 0, coarse_doses: dict[str, np.ndarray] | None = None,
                  fixed: bool = False, teacher: Path | None = None, ids: Sequence[str] | None = None) -> None:
         self.data = open_data(Path(path))
+        if self.data.extra_channels:  # on the data set's grid only, not on the source grid
+            raise NasDoseError(f"{path}: a cascade's full-resolution stage cannot take the extra input channels "
+                               f"({', '.join(self.data.extra_channels)})")
         self.ids = self.data.ids(split) if ids is None else list(ids)
         if not self.ids:
             raise NasDoseError(f"{path}: no patients in split '{split}'")

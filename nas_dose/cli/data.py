@@ -3,9 +3,10 @@
   nasdose data import SRC OUT.h5 [--grid N] [--spacing MM] [--aliases FILE]
       an OpenKBP tree (CSV or npz layout), NIfTI or DICOM patient folders -> a data set,
       block-downsampled to the grid (NIfTI and DICOM volumes of any shape or orientation resampled first)
-  nasdose data synth OUT.h5 [--patients N] [--unlabeled M] [--preferences K] [--grid G] [--seed S]
+  nasdose data synth OUT.h5 [--patients N] [--unlabeled M] [--preferences K] [--beam-plates] [--grid G] [--seed S]
       synthetic head-and-neck phantoms with a beam-model dose -> a data set (M more in the
-      "unlabeled" split, without their dose; K more plans per phantom with other preferences)
+      "unlabeled" split, without their dose; K more plans per phantom with other preferences;
+      each plan's beam arrangement as an extra input channel)
   nasdose data info FILE
       what a data set or prediction file holds: splits, voxel sizes, structures, doses
 """
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..config import int_at_least, positive_float
 from ..data import importer, synth
+from ..data.dataset import input_channels
 from ..data.geometry import original_geometry
 from ..data.patient import OPENKBP_GRID, ROIS
 from ..data.store import DataFile, open_data
@@ -57,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     p.add_argument("--preferences", type=int_at_least(0), default=defaults.preferences, metavar="K",
                    help="K more plans per phantom with other OAR-sparing weights and homogeneity, each stored "
                         "with its preferences (default %(default)s)")
+    p.add_argument("--beam-plates", action="store_true",
+                   help="store each phantom's beam arrangement as an extra input channel, 'beam_plate' (models "
+                        "then take 11 input channels)")
     p.add_argument("--grid", type=int_at_least(1), default=defaults.grid, help="grid size (default %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     add_force_argument(p, "OUT.h5")
@@ -77,7 +82,7 @@ def import_command(args: argparse.Namespace) -> None:
 
 def synth_command(args: argparse.Namespace) -> None:
     config = synth.Config(patients=args.patients, unlabeled=args.unlabeled, preferences=args.preferences,
-                          grid=args.grid, seed=args.seed)
+                          beam_plates=args.beam_plates, grid=args.grid, seed=args.seed)
     synth.run(config, synth.Inputs(), args.out, force=args.force)
 
 
@@ -126,6 +131,8 @@ def summary(data: DataFile) -> str:
         contoured = Counter(name for a in attrs.values() for name in a.get("rois", []))
         lines.append("structures contoured (patients):")
         lines.extend(f"  {name:<13}{contoured[name]:>4}/{len(ids)}" for name in ROIS)
+        if data.extra_channels:
+            lines.append(f"extra input channels (models take {input_channels(data)}): {', '.join(data.extra_channels)}")
     max_dose, ptv70_dose = [], []
     for pid in progress(ids, desc="reading doses"):
         if data.has_dose(pid):

@@ -22,6 +22,8 @@ from .patient import DOSE_SCALE_GY, OARS, PRESCRIPTION_GY, TARGETS, Patient
 from .preferences import NAMES, SparingScale, spared_mean_doses
 from .store import DataFile, open_data
 
+# The standard input channels; a data set's extra input volumes (`DataFile.extra_channels`,
+# e.g. a beam plate) follow them in name order.
 CHANNELS: tuple[str, ...] = ("ct", "ptv", *OARS, "possible_dose_mask")
 IN_CHANNELS = len(CHANNELS)
 # CT window in HU and scale: air (-1024 HU) becomes -1.024, dense bone saturates at 1.5.
@@ -29,17 +31,29 @@ CT_HU_RANGE = (-1024.0, 1500.0)
 CT_SCALE = 1000.0
 # How augmentation treats each channel: the PTV level map is resampled like a mask so it keeps
 # its levels, and a mirrored right parotid becomes a left parotid.
-INPUT_LAYOUT = ChannelLayout(
-    kinds=("ct", *("mask",) * (IN_CHANNELS - 1)),
-    mirror_pairs=((CHANNELS.index("RightParotid"), CHANNELS.index("LeftParotid")),),
-)
-ITEM_KINDS: dict[str, str | ChannelLayout] = {"input": INPUT_LAYOUT, "target": "continuous",
-                                              "mask": "mask"}
+def input_layout(extra: int = 0) -> ChannelLayout:
+    """How augmentation moves an input of the standard channels and `extra` more (those like a
+    dose: linear, background 0)."""
+    return ChannelLayout(kinds=("ct", *("mask",) * (IN_CHANNELS - 1), *("continuous",) * extra),
+                         mirror_pairs=((CHANNELS.index("RightParotid"), CHANNELS.index("LeftParotid")),))
+
+
+INPUT_LAYOUT = input_layout()
+ITEM_KINDS: dict[str, str | ChannelLayout] = {"input": INPUT_LAYOUT, "target": "continuous", "mask": "mask"}
+
+
+def input_channels(data: DataFile | Path) -> int:
+    """How many input channels a model of this data set (open, or its file) takes: the standard
+    ones and its extra."""
+    if isinstance(data, DataFile):
+        return IN_CHANNELS + len(data.extra_channels)
+    with open_data(Path(data)) as d:
+        return input_channels(d)
 
 
 def _check_shapes(p: Patient) -> tuple[int, ...]:
     shape = p.ct.shape
-    arrays = {"possible_dose_mask": p.possible_dose_mask, **p.structures}
+    arrays = {"possible_dose_mask": p.possible_dose_mask, **p.structures, **p.extra}
     if p.dose is not None:
         arrays["dose"] = p.dose
     for name, array in arrays.items():
@@ -51,9 +65,10 @@ def _check_shapes(p: Patient) -> tuple[int, ...]:
 
 
 def build_input(p: Patient) -> np.ndarray:
-    """The model input, float32 (IN_CHANNELS, G, G, G), channels as in CHANNELS."""
+    """The model input, float32 (IN_CHANNELS + len(p.extra), G, G, G): the channels of CHANNELS,
+    then the patient's extra input volumes in name order."""
     shape = _check_shapes(p)
-    x = np.zeros((IN_CHANNELS, *shape), dtype=np.float32)
+    x = np.zeros((IN_CHANNELS + len(p.extra), *shape), dtype=np.float32)
     hu = p.ct.astype(np.float32) - 1024.0
     x[0] = np.clip(hu, *CT_HU_RANGE) / CT_SCALE
     # PTV map: the prescription relative to 70 Gy (1.0 / 0.9 / 0.8); the highest wins.
@@ -64,7 +79,9 @@ def build_input(p: Patient) -> np.ndarray:
     for i, name in enumerate(OARS, start=2):
         if name in p.structures:
             x[i] = p.structures[name]
-    x[-1] = p.possible_dose_mask
+    x[IN_CHANNELS - 1] = p.possible_dose_mask
+    for i, name in enumerate(sorted(p.extra), start=IN_CHANNELS):
+        x[i] = p.extra[name]
     return x
 
 
@@ -93,7 +110,8 @@ def build_item(p: Patient, cfg: AugmentConfig | None = None, rng: np.random.Gene
     if cfg is not None:
         if rng is None:
             raise ValueError("build_item: augmentation needs an rng")
-        arrays = augment(arrays, {**ITEM_KINDS, **dict.fromkeys(doses, "continuous")}, cfg, rng)
+        kinds = {**ITEM_KINDS, "input": input_layout(len(p.extra)), **dict.fromkeys(doses, "continuous")}
+        arrays = augment(arrays, kinds, cfg, rng)
     for name in ("target", *doses):
         arrays[name] = arrays[name] * arrays["mask"]
     arrays["labeled"] = np.array(float(labeled), dtype=np.float32)
@@ -126,7 +144,7 @@ class DoseDataset(Dataset):
     """Patients of one split (or several, in turn) of an HDF5 data set, read lazily, as
     model-ready tensors.
 
-    An item is a dict: `input` (IN_CHANNELS, G, G, G), `target` (1, G, G, G), `mask`
+    An item is a dict: `input` (in_channels, G, G, G), `target` (1, G, G, G), `mask`
     (1, G, G, G) float tensors, `labeled` (a 0-d float, see `labeled`) and `id`. The
     augmentation of item i in epoch e is drawn from (seed, e, i) alone; `set_epoch` selects e.
     """
@@ -150,6 +168,10 @@ class DoseDataset(Dataset):
     @property
     def grid(self) -> int:
         return self.data.grid
+
+    @property
+    def in_channels(self) -> int:
+        return input_channels(self.data)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:

@@ -42,6 +42,9 @@ class Patient:
     source: the same patient on the grid it was resampled from (None when it was not): the
     official scores and the full-resolution stage of a cascade need it. plans: more plans of the
     same anatomy with their preferences (synthetic phantoms made with `--preferences K`).
+    extra: more input volumes (float32, by name) that the model takes after the standard
+    channels, in name order, e.g. the beam plate of a synthetic plan (`--beam-plates`): what a
+    planner knows before the dose exists and the contours do not say.
     """
 
     id: str
@@ -53,6 +56,7 @@ class Patient:
     attrs: dict[str, Any] = field(default_factory=dict)
     source: Patient | None = None
     plans: Plans | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def grid(self) -> int:

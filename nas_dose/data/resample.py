@@ -38,10 +38,14 @@ def _any_pool(mask: np.ndarray, factor: int) -> np.ndarray:
     return cast(np.ndarray, _blocks(mask, factor).any(axis=_IN_BLOCK))  # an array: axes are left
 
 
+def _mean_pool(volume: np.ndarray, factor: int) -> np.ndarray:
+    return _blocks(volume, factor).mean(axis=_IN_BLOCK, dtype=np.float64).astype(np.float32)
+
+
 def downsample_patient(p: Patient, factor: int) -> Patient:
     """The patient on a grid `factor` times coarser.
 
-    CT: block mean. Masks: a coarse voxel is set if any fine voxel is, so no structure can
+    CT and extra input volumes: block mean. Masks: a coarse voxel is set if any fine voxel is, so no structure can
     vanish. Dose: mean over the block's in-mask voxels, zero where the pooled mask is empty.
     The patient as it was comes along as `source` (the first one, when resampled twice).
     """
@@ -61,13 +65,14 @@ def downsample_patient(p: Patient, factor: int) -> Patient:
         dose = np.divide(total, count, out=np.zeros_like(total), where=count > 0).astype(np.float32)
     return Patient(
         id=p.id,
-        ct=_blocks(p.ct, factor).mean(axis=_IN_BLOCK, dtype=np.float64).astype(np.float32),
+        ct=_mean_pool(p.ct, factor),
         possible_dose_mask=mask,
         structures={name: _any_pool(s, factor) for name, s in p.structures.items()},
         voxel_mm=(p.voxel_mm[0] * factor, p.voxel_mm[1] * factor, p.voxel_mm[2] * factor),
         dose=dose,
         attrs=attrs,
         source=p.source if p.source is not None else p,
+        extra={name: _mean_pool(v, factor) for name, v in p.extra.items()},
     )
 
 

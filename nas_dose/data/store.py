@@ -7,6 +7,7 @@ torch DataLoader workers never share an HDF5 handle. The layout is in docs/refer
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,6 +32,10 @@ SOURCE = "source"
 # More plans of a patient with their preferences (optional; readers that know nothing of it
 # read the rest as before, so the format version stays).
 PLANS = "plans"
+# More input volumes of every patient (`Patient.extra`), one dataset each, named in the file's
+# `extra_channels` attribute (absent: none; older readers ignore them, so the version stays).
+EXTRA = "extra"
+_EXTRA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -94,10 +99,19 @@ def write_dataset(path: Path, patients: Iterable[Patient], *, source: str, grid:
     path = Path(path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         group = _root(f, "dataset", grid, source)
+        extra: list[str] | None = None
         for p in progress(patients, total=total, desc=f"writing {path.name}"):
+            names = sorted(p.extra)
+            if extra is None:
+                extra = names
+            elif names != extra:
+                raise input_error(path, f"patient {p.id} has extra input channels {names}, the patients before "
+                                        f"it {extra}: every patient needs the same ones")
             _write_patient(group, p, grid, path)
         if not len(group):
             raise input_error(path, "no patients to write")
+        if extra:
+            f.attrs["extra_channels"] = _attr_value("extra_channels", extra)
 
 
 def _write_patient(patients: h5py.Group, p: Patient, grid: int, path: Path) -> None:
@@ -108,6 +122,7 @@ def _write_patient(patients: h5py.Group, p: Patient, grid: int, path: Path) -> N
     g = _new_group(patients, p.id, path)
     _write_attrs(g, {"source": "", "source_grid": grid, "resample_factor": 1, **p.attrs})
     _write_arrays(g, p, grid, path)
+    _write_extra(g, p, grid, path)
     if p.plans is not None:
         _write_plans(g, p.id, p.plans, grid, path)
     if p.source is not None:
@@ -137,6 +152,23 @@ def _write_arrays(g: h5py.Group, p: Patient, grid: int, path: Path) -> None:
         if name in p.structures:
             stack[i] = p.structures[name]
     _put(g, "structures", stack, np.uint8)
+
+
+def _write_extra(g: h5py.Group, p: Patient, grid: int, path: Path) -> None:
+    """The `extra` group: one float32 volume per extra input channel."""
+    if not p.extra:
+        return
+    group = g.create_group(EXTRA)
+    for name, array in p.extra.items():
+        if not _EXTRA_NAME.fullmatch(name):
+            raise input_error(path, f"patient {p.id}: extra input channel {name!r} needs a name of letters, digits "
+                                    "and underscores")
+        if array.shape != (grid,) * 3:
+            raise input_error(path, f"patient {p.id}: extra input '{name}' has shape {array.shape}, expected "
+                                    f"{(grid,) * 3}")
+        if not np.isfinite(array).all():
+            raise input_error(path, f"patient {p.id}: extra input '{name}' holds NaN or infinite values")
+        _put(group, name, array, np.float32)
 
 
 def _write_plans(g: h5py.Group, pid: str, plans: Plans, grid: int, path: Path) -> None:
@@ -210,6 +242,8 @@ class DataFile:
             if not isinstance(self.attrs.get("grid"), int) or "patients" not in f:
                 raise input_error(self.path, "incomplete nasdose file (no grid or no patients)")
             self.grid: int = self.attrs["grid"]
+            # Input channels after the standard ones, in this order (nas_dose.data.dataset).
+            self.extra_channels: tuple[str, ...] = tuple(self.attrs.get("extra_channels", ()))
             self._splits = {pid: _plain(g.attrs.get("split", "")) for pid, g in f["patients"].items()}
         except Exception:
             self.close()
@@ -297,6 +331,8 @@ class DataFile:
                     self._dataset(group, pid, name, shape)
                 if "dose" in group:
                     self._dataset(group, pid, "dose", cube)
+                for name in self.extra_channels:
+                    self._dataset(self._extra(group, pid), pid, name, cube)
             if values and self.kind == "dataset":
                 self.read(pid)
             elif values:
@@ -347,6 +383,12 @@ class DataFile:
         if PLANS not in group:
             raise input_error(self.path, f"patient {pid}: no preference plans (make the data with --preferences K)")
         return group[PLANS]
+
+    def _extra(self, group: h5py.Group, pid: str) -> h5py.Group:
+        if EXTRA not in group:
+            raise input_error(self.path, f"patient {pid}: no extra input channels (the file names "
+                                         f"{', '.join(self.extra_channels)})")
+        return group[EXTRA]
 
     def read_structure(self, pid: str, name: str) -> np.ndarray:
         """One structure mask (bool), all False where it was not contoured; the others stay unread."""
@@ -421,6 +463,9 @@ class DataFile:
             voxel_mm=tuple(voxel_mm),
             dose=self._array(group, pid, "dose", cube, index).astype(np.float32) if "dose" in group else None,
             attrs=attrs,
+            # on the data set's grid only: a resampled patient's source arrays have none
+            extra={name: self._array(self._extra(group, pid), pid, name, cube, index).astype(np.float32)
+                   for name in self.extra_channels} if grid == self.grid else {},
         )
 
 

@@ -44,20 +44,34 @@ class ModelConfig:
                               f"got {self.conditioning!r}")
 
 
-def model_spec(cfg: ModelConfig, refiner: bool = False) -> dict[str, Any]:
+def model_spec(cfg: ModelConfig, refiner: bool = False, in_channels: int = IN_CHANNELS) -> dict[str, Any]:
     """{name, kwargs, genotype, refiner} and, for a conditioned model only, `conditioning`: the
     genotype inline as plain data, not as a path; `refiner`: the network is the full-resolution
     stage of a cascade (`nas_dose.cascade`), its input one channel wider (the coarse dose) and its
-    output added to that channel."""
+    output added to that channel. `in_channels`: what the data set gives (`input_channels`); a
+    registered model is fitted to it, a genotype must have been searched for it."""
     kwargs, genotype = dict(cfg.kwargs), None
+    if refiner and in_channels != IN_CHANNELS:
+        raise ConfigError(f"a cascade's full-resolution stage takes the {IN_CHANNELS} standard input channels, "
+                          f"not a data set's extra ones ({in_channels} here)")
     if cfg.genotype is not None:
         loaded = load_genotype(Path(cfg.genotype))
-        if loaded.macro.get("in_channels") == REFINER_CHANNELS and not refiner:
-            raise input_error(Path(cfg.genotype), "a genotype searched for a cascade's full-resolution stage "
-                                                  "(cascade.coarse): train it with cascade.coarse=RUN")
+        searched_for = loaded.macro.get("in_channels", IN_CHANNELS)
+        if not refiner and searched_for != in_channels:
+            # on standard data one channel more can only be a cascade stage's coarse dose
+            if searched_for == REFINER_CHANNELS and in_channels == IN_CHANNELS:
+                raise input_error(Path(cfg.genotype), "a genotype searched for a cascade's full-resolution stage "
+                                                      "(cascade.coarse): train it with cascade.coarse=RUN")
+            raise input_error(Path(cfg.genotype), f"searched for {searched_for} input channels, but the data set "
+                                                  f"gives {in_channels}")
         genotype = spec_genotype(loaded, refiner)
     elif refiner:
         kwargs["in_channels"] = REFINER_CHANNELS
+    elif kwargs.get("in_channels", in_channels) != in_channels:
+        raise ConfigError(f"config key 'model.kwargs.in_channels': {kwargs['in_channels']}, but the data set gives "
+                          f"{in_channels} input channels (leave it out)")
+    elif in_channels != IN_CHANNELS:
+        kwargs["in_channels"] = in_channels
     spec = {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
     if cfg.conditioning is not None:
         if refiner:
@@ -85,9 +99,20 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     return condition(net, spec["conditioning"]) if spec.get("conditioning") else net
 
 
-def build_model(cfg: ModelConfig, refiner: bool = False) -> nn.Module:
-    """The network a ModelConfig describes, freshly initialized (seed first for repeatability)."""
-    return model_from_spec(model_spec(cfg, refiner))
+def build_model(cfg: ModelConfig, refiner: bool = False, in_channels: int = IN_CHANNELS) -> nn.Module:
+    """The network a ModelConfig describes for data of `in_channels` input channels, freshly
+    initialized (seed first for repeatability)."""
+    return model_from_spec(model_spec(cfg, refiner, in_channels))
+
+
+def data_channels(spec: dict[str, Any]) -> int:
+    """How many input channels of a data set the model of a checkpoint's spec takes (a cascade
+    stage's coarse-dose channel is not the data's)."""
+    if spec.get("genotype") is not None:
+        channels = int(spec["genotype"]["macro"].get("in_channels", IN_CHANNELS))
+    else:
+        channels = int(spec.get("kwargs", {}).get("in_channels", IN_CHANNELS))
+    return channels - 1 if spec.get("refiner") else channels
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -120,13 +145,19 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-def check_trained_grid(file: Path, meta: dict[str, Any], grid: int | None) -> None:
+def check_trained_on(file: Path, meta: dict[str, Any], grid: int | None, channels: int | None = None) -> None:
     """A model predicts the grid it was trained on: a network trained at 16³ runs on 32³ data
-    without a word, and predicts nonsense (checkpoints older than the grid record pass)."""
+    without a word, and predicts nonsense (checkpoints older than the grid record pass). With
+    `channels`, the data must give the input channels it takes (a data set's extra ones)."""
     trained = meta.get("grid")
     if grid is not None and trained is not None and trained != grid:
         raise input_error(file, f"the model was trained on the {trained}^3 grid, but the data is on the {grid}^3 "
                                 f"grid (import the data with --grid {trained}, or train on this grid)")
+    takes = data_channels(meta["model_config"])
+    if channels is not None and takes != channels:
+        raise input_error(file, f"the model takes {takes} input channels, but the data set gives {channels} "
+                                f"(the {IN_CHANNELS} standard ones and {channels - IN_CHANNELS} extra: "
+                                "predict data made like its training data)")
 
 
 def check_input_size(model: nn.Module, grid: int, channels: int = IN_CHANNELS) -> None:

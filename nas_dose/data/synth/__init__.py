@@ -15,6 +15,9 @@ HU + 1024; dose in Gy, exactly zero outside the possible-dose mask).
 With `preferences=K` each phantom also holds K more plans of the same anatomy and beams, made
 with other OAR-sparing weights and target-homogeneity goals (a stratified draw of both), each
 with its preferences (`oar`: the weight asked for; `hi`: the HI its PTV70 dose measures).
+With `beam_plates` each phantom also holds its plan's beam arrangement as an extra input volume
+(`beam_plate`, beam.py): without it the beams are hidden from a model, and they decide much of the
+dose outside the targets.
 """
 from __future__ import annotations
 
@@ -43,10 +46,10 @@ from .anatomy import (
     voxel_mm,
     voxelize,
 )
-from .beam import MIN_DOSE_GY, plan_dose
+from .beam import MIN_DOSE_GY, beam_plate, plan_dose
 
-__all__ = ["BASE_VOXEL_MM", "SUPPORTED_GRIDS", "Config", "Inputs", "run", "split_for", "synth_patient",
-           "synth_patients", "voxel_mm"]
+__all__ = ["BASE_VOXEL_MM", "SUPPORTED_GRIDS", "Config", "Inputs", "Phantom", "phantom", "run", "split_for",
+           "synth_patient", "synth_patients", "voxel_mm"]
 SUPPORTED_GRIDS = (16, 32, 64, 128)
 # The preference plans' homogeneity goals span this (`hi_goal` in beam.py).
 HI_GOAL_RANGE = (0.0, 0.3)
@@ -64,16 +67,18 @@ def split_for(index: int, n: int) -> str:
     return "validation" if index < n_train + n_val else "test"
 
 
-def synth_patients(n: int, grid: int, seed: int, unlabeled: int = 0, preferences: int = 0) -> Iterator[Patient]:
+def synth_patients(n: int, grid: int, seed: int, unlabeled: int = 0, preferences: int = 0,
+                   beam_plates: bool = False) -> Iterator[Patient]:
     """`n` phantoms pt_1..pt_n, each with its split and source in `attrs`, then `unlabeled` more
     (pt_n+1...) in the "unlabeled" split without their dose: contoured patients with no plan,
-    for distillation to learn from the teacher alone. `preferences`: plans per labeled phantom."""
+    for distillation to learn from the teacher alone. `preferences`: plans per labeled phantom;
+    `beam_plates`: each phantom's beam plate as an extra input."""
     _check_count(n)
     _check_grid(grid)
     if isinstance(unlabeled, bool) or not isinstance(unlabeled, (int, np.integer)) or unlabeled < 0:
         raise NasDoseError(f"synth: the number of unlabeled patients must be >= 0 (got {unlabeled!r})")
     for index in range(n + unlabeled):
-        patient = synth_patient(index, grid, seed, preferences if index < n else 0)
+        patient = synth_patient(index, grid, seed, preferences if index < n else 0, beam_plates)
         if index < n:
             patient.attrs["split"] = split_for(index, n)
         else:
@@ -81,9 +86,10 @@ def synth_patients(n: int, grid: int, seed: int, unlabeled: int = 0, preferences
         yield patient
 
 
-def synth_patient(index: int, grid: int, seed: int, preferences: int = 0) -> Patient:
+def synth_patient(index: int, grid: int, seed: int, preferences: int = 0, beam_plates: bool = False) -> Patient:
     """Phantom `pt_{index+1}`: deterministic in (index, seed), whatever the grid or the count;
-    with `preferences` more plans (`Patient.plans`), deterministic in (index, seed, preferences)."""
+    with `preferences` more plans (`Patient.plans`), deterministic in (index, seed, preferences);
+    with `beam_plates` its plan's beam plate in `Patient.extra` (the same phantom otherwise)."""
     _check_grid(grid)
     if isinstance(preferences, bool) or not isinstance(preferences, (int, np.integer)) or preferences < 0:
         raise NasDoseError(f"synth: the number of preference plans must be >= 0 (got {preferences!r})")
@@ -91,6 +97,46 @@ def synth_patient(index: int, grid: int, seed: int, preferences: int = 0) -> Pat
         raise NasDoseError(f"synth: patient index must be a non-negative integer (got {index!r})")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise NasDoseError(f"synth: seed must be a non-negative integer (got {seed!r})")
+    ph = phantom(index, grid, seed)
+    dose = np.where(ph.mask, ph.usual_dose, 0.0).astype(np.float32)
+    # Noise is drawn last so that every earlier draw is independent of the grid.
+    noise = ph.rng.normal(0.0, ph.anatomy["noise_hu"], size=ph.hu.shape) * (ph.hu > -1000)
+    ct = np.clip(ph.hu + noise + 1024.0, *CT_STORED_RANGE).astype(np.float32)
+    plans = None
+    if preferences:
+        # Their own stream, so the phantom is the same with or without them.
+        pref_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), int(preferences)]))
+        plans = preference_plans(pref_rng, preferences, ph.dose, ph.plan, ph.mask, ph.structures["PTV70"])
+    extra = {"beam_plate": np.where(ph.body, beam_plate(ph.coords, grid, ph.structures, ph.plan), 0)
+             .astype(np.float32)} if beam_plates else {}
+    return Patient(id=f"pt_{index + 1}", ct=ct, possible_dose_mask=ph.mask, structures=ph.structures,
+                   voxel_mm=voxel_mm(grid), dose=dose, attrs={"source": f"synth:seed={seed}"}, plans=plans,
+                   extra=extra)
+
+
+@dataclass
+class Phantom:
+    """A phantom's anatomy and usual plan before its dose is stored: what a benchmark needs to
+    plan the same anatomy again with other plan parameters (`dose`)."""
+
+    rng: np.random.Generator  # the phantom's stream, after the anatomy and plan were drawn
+    anatomy: dict
+    plan: dict
+    grid: int
+    coords: tuple
+    structures: dict[str, np.ndarray]
+    hu: np.ndarray
+    body: np.ndarray
+    usual_dose: np.ndarray  # the usual plan's dose (Gy) on the whole grid
+    mask: np.ndarray  # its possible-dose mask
+
+    def dose(self, plan: dict) -> np.ndarray:
+        """The dose (Gy, on the whole grid) of `plan` on this anatomy."""
+        return plan_dose(self.coords, self.grid, self.hu, self.structures, plan)
+
+
+def phantom(index: int, grid: int, seed: int) -> Phantom:
+    """Phantom `pt_{index+1}`'s anatomy and usual plan (synth_patient's first draws)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
     anatomy = draw_anatomy(rng)
     plan = draw_plan(rng)
@@ -102,18 +148,7 @@ def synth_patient(index: int, grid: int, seed: int, preferences: int = 0) -> Pat
     body = body_field < 0
     dose = plan_dose(coords, grid, hu, structures, plan)
     mask = body & slab(coords[2], structures, plan) & (dose >= MIN_DOSE_GY)
-    dose = np.where(mask, dose, 0.0).astype(np.float32)
-    # Noise is drawn last so that every earlier draw is independent of the grid.
-    noise = rng.normal(0.0, anatomy["noise_hu"], size=hu.shape) * (hu > -1000)
-    ct = np.clip(hu + noise + 1024.0, *CT_STORED_RANGE).astype(np.float32)
-    plans = None
-    if preferences:
-        # Their own stream, so the phantom is the same with or without them.
-        pref_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), int(preferences)]))
-        plans = preference_plans(pref_rng, preferences, lambda p: plan_dose(coords, grid, hu, structures, p),
-                                 plan, mask, structures["PTV70"])
-    return Patient(id=f"pt_{index + 1}", ct=ct, possible_dose_mask=mask, structures=structures,
-                   voxel_mm=voxel_mm(grid), dose=dose, attrs={"source": f"synth:seed={seed}"}, plans=plans)
+    return Phantom(rng, anatomy, plan, grid, coords, structures, hu, body, dose, mask)
 
 
 def preference_plans(rng: np.random.Generator, k: int, plan_dose_of: Callable[[dict], np.ndarray], plan: dict,
@@ -145,6 +180,7 @@ class Config:
     patients: int = 24
     unlabeled: int = 0
     preferences: int = 0  # more plans per labeled phantom, each with its preferences
+    beam_plates: bool = False  # each phantom's beam arrangement as an extra input channel
     grid: int = 32
     seed: int = 0
 
@@ -168,7 +204,8 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
     with output_file(out):
         refuse_existing([out], force)
         write_dataset(out, synth_patients(config.patients, config.grid, config.seed, config.unlabeled,
-                                          config.preferences),
+                                          config.preferences, config.beam_plates),
                       source=f"synth:seed={config.seed}", grid=config.grid, total=total)
     plans = f", {config.preferences} preference plans each" if config.preferences else ""
+    plans += ", with beam plates" if config.beam_plates else ""
     say(f"wrote {out}: {total} synthetic patients ({config.unlabeled} unlabeled{plans}) on a {config.grid}^3 grid")

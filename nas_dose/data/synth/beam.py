@@ -206,6 +206,23 @@ def plan_dose(coords: tuple, grid: int, hu: np.ndarray, structures: dict[str, np
     return dose * np.float32(PRESCRIPTION_GY["PTV70"] * plan["norm"] / mean70)
 
 
+def beam_plate(coords: tuple, grid: int, structures: dict[str, np.ndarray], plan: dict) -> np.ndarray:
+    """The plan's beam arrangement as an input volume (`nasdose data synth --beam-plates`): each
+    beam's aperture around all targets, with the plan's margin, penumbra and tail, carried along
+    its rays, averaged over the beams (0 to 1). A planner knows it before any dose exists; no
+    fluence optimisation or depth dose is in it."""
+    targets = np.logical_or.reduce([structures[t] for t in TARGETS if t in structures])
+    around = np.nonzero(targets)
+    tail_w, tail_sigma = plan["tail"]
+    plate = np.zeros(targets.shape, np.float32)
+    for angle in plan["angles"]:
+        bev = _BeamsEye(coords, grid, angle, around, plan["margin_mm"] + 3 * max(plan["penumbra_mm"], tail_sigma))
+        aperture = bev.dilate(bev.project(around), plan["margin_mm"])
+        fluence = (1 - tail_w) * bev.blur(aperture, plan["penumbra_mm"]) + tail_w * bev.blur(aperture, tail_sigma)
+        plate += bev.sample_all(fluence)
+    return np.clip(plate / np.float32(len(plan["angles"])), 0.0, 1.0)
+
+
 def _full_dose(maps: list[np.ndarray], beams: list[tuple], shape: tuple) -> np.ndarray:
     """Primary dose on the whole grid: each beam's fluence map times its depth dose."""
     dose = np.zeros(shape, dtype=np.float32)

@@ -1,0 +1,167 @@
+"""Extra input channels of a data set (`Patient.extra`; the synthetic beam plate): stored, read,
+fed to the model after the standard channels, and refused where a model or stage cannot take them."""
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from nas_dose.cascade.patches import CascadeConfig, PatchDataset
+from nas_dose.config import ConfigError, load_config
+from nas_dose.data.augment import AugmentConfig
+from nas_dose.data.dataset import IN_CHANNELS, DoseDataset, build_input, build_item, input_channels
+from nas_dose.data.resample import downsample_patient
+from nas_dose.data.store import open_data, write_dataset
+from nas_dose.data.synth import synth_patient, synth_patients
+from nas_dose.errors import NasDoseError
+from nas_dose.export import Config as ExportConfig
+from nas_dose.export import Inputs as ExportInputs
+from nas_dose.export import run as export
+from nas_dose.inference import load_model_or_ensemble, trained_channels
+from nas_dose.models.factory import ModelConfig, build_model, data_channels, model_spec
+from nas_dose.search_spaces import get_space, save_genotype
+from nas_dose.train import Inputs as TrainInputs
+from nas_dose.train import run as train
+from nas_dose.training import TrainConfig
+from strategies.search import macro_channels
+
+TARGETS = ("PTV56", "PTV63", "PTV70")
+
+
+def plated(tmp_path: Path, n: int = 4, grid: int = 16, plates: bool = True, name: str = "d.h5") -> Path:
+    path = tmp_path / name
+    write_dataset(path, synth_patients(n, grid, 0, beam_plates=plates), source="test", grid=grid)
+    return path
+
+
+def test_a_beam_plate_leaves_the_phantom_as_it_was_and_covers_the_targets():
+    with_plate, without = synth_patient(3, 32, 0, beam_plates=True), synth_patient(3, 32, 0)
+    assert list(with_plate.extra) == ["beam_plate"] and not without.extra
+    for name in ("ct", "dose", "possible_dose_mask"):
+        assert np.array_equal(getattr(with_plate, name), getattr(without, name))
+    plate = with_plate.extra["beam_plate"]
+    body = with_plate.ct > 0  # stored as HU + 1024: air outside the patient is 0
+    targets = np.logical_or.reduce([with_plate.structures[t] for t in TARGETS if t in with_plate.structures])
+    assert plate.dtype == np.float32 and plate.min() >= 0 and plate.max() <= 1
+    assert (plate[~body] == 0).all()  # the patient's outline bounds it
+    assert plate[targets].mean() > 0.8  # every beam's aperture holds the targets
+    assert plate[body & ~targets].mean() < 0.5 * plate[targets].mean()  # beams go where the targets are
+    assert np.array_equal(plate, synth_patient(3, 32, 0, beam_plates=True).extra["beam_plate"])
+
+
+def test_extra_inputs_round_trip_and_follow_the_standard_channels(tmp_path):
+    path = plated(tmp_path)
+    expected = synth_patient(1, 16, 0, beam_plates=True)
+    with open_data(path) as data:
+        assert data.extra_channels == ("beam_plate",) and input_channels(data) == IN_CHANNELS + 1
+        p = data.read("pt_2")
+        assert np.array_equal(p.extra["beam_plate"], expected.extra["beam_plate"])
+    assert input_channels(path) == IN_CHANNELS + 1
+    x = build_input(p)
+    assert x.shape == (IN_CHANNELS + 1, 16, 16, 16)
+    assert np.array_equal(x[:IN_CHANNELS], build_input(replace(p, extra={})))
+    assert np.array_equal(x[IN_CHANNELS], p.extra["beam_plate"])
+    assert DoseDataset(path, "train").in_channels == IN_CHANNELS + 1
+    assert input_channels(plated(tmp_path, plates=False, name="plain.h5")) == IN_CHANNELS
+
+
+def test_augmentation_moves_an_extra_input_like_a_dose():
+    p = synth_patient(0, 16, 0, beam_plates=True)
+    flips = AugmentConfig(probability=1.0, rotate=False, max_shift=0)  # both in-plane flips, always
+    item = build_item(p, flips, np.random.default_rng(0))
+    assert np.array_equal(item["input"][IN_CHANNELS], p.extra["beam_plate"][::-1, ::-1])
+    assert np.array_equal(item["input"][0], build_input(p)[0][::-1, ::-1])
+    rotated = build_item(p, AugmentConfig(probability=1.0, flip=False, max_shift=0), np.random.default_rng(0))
+    assert rotated["input"][IN_CHANNELS].min() >= 0  # background 0, not the CT's air
+
+
+def test_patients_with_other_extra_inputs_or_bad_ones_are_refused(tmp_path):
+    mixed = [synth_patient(0, 16, 0, beam_plates=True), synth_patient(1, 16, 0)]
+    for p in mixed:
+        p.attrs["split"] = "train"
+    with pytest.raises(NasDoseError, match=r"x\.h5: patient pt_2 has extra input channels \[\], the patients before "
+                                           r"it \['beam_plate'\]"):
+        write_dataset(tmp_path / "x.h5", mixed, source="test", grid=16)
+    assert not (tmp_path / "x.h5").exists()
+    bad = replace(mixed[0], extra={"beam plate": mixed[0].extra["beam_plate"]})
+    with pytest.raises(NasDoseError, match="extra input channel 'beam plate' needs a name of letters"):
+        write_dataset(tmp_path / "y.h5", [bad], source="test", grid=16)
+    nan = replace(mixed[0], extra={"beam_plate": np.full((16,) * 3, np.nan, np.float32)})
+    with pytest.raises(NasDoseError, match="extra input 'beam_plate' holds NaN"):
+        write_dataset(tmp_path / "z.h5", [nan], source="test", grid=16)
+
+
+def test_a_patient_missing_its_extra_input_is_named_before_any_work(tmp_path):
+    path = plated(tmp_path)
+    with h5py.File(path, "a") as f:
+        del f["patients/pt_3/extra"]
+    with open_data(path) as data, pytest.raises(NasDoseError, match="patient pt_3: no extra input channels"):
+        data.verify(data.ids())
+
+
+def test_downsampling_averages_an_extra_input_over_each_block():
+    p = synth_patient(0, 32, 0, beam_plates=True)
+    coarse = downsample_patient(p, 2)
+    plate = p.extra["beam_plate"].reshape(16, 2, 16, 2, 16, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(coarse.extra["beam_plate"], plate, rtol=1e-6)
+
+
+def test_a_model_is_fitted_to_the_data_sets_channels_or_refused():
+    cfg = ModelConfig(kwargs={"widths": [4, 8]})
+    assert "in_channels" not in model_spec(cfg)["kwargs"]  # standard data: the spec as before
+    spec = model_spec(cfg, in_channels=IN_CHANNELS + 1)
+    assert spec["kwargs"]["in_channels"] == IN_CHANNELS + 1 and data_channels(spec) == IN_CHANNELS + 1
+    net = build_model(cfg, in_channels=IN_CHANNELS + 1)
+    assert net(torch.zeros(1, IN_CHANNELS + 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
+    with pytest.raises(ConfigError, match=r"'model.kwargs.in_channels': 10, but the data set gives 11"):
+        model_spec(ModelConfig(kwargs={"in_channels": IN_CHANNELS}), in_channels=IN_CHANNELS + 1)
+    with pytest.raises(ConfigError, match="cascade's full-resolution stage takes the 10 standard input channels"):
+        model_spec(cfg, refiner=True, in_channels=IN_CHANNELS + 1)
+    assert data_channels(model_spec(cfg, refiner=True)) == IN_CHANNELS
+
+
+def test_a_genotype_is_searched_for_its_data_sets_channels(tmp_path):
+    space = get_space("lenas")
+    for channels in (IN_CHANNELS, IN_CHANNELS + 1):
+        save_genotype(tmp_path / f"g{channels}.yaml",
+                      space.sample(np.random.RandomState(0), {"stem": 4, "widths": [8], "in_channels": channels}))
+    wide = ModelConfig(name="lenas", genotype=str(tmp_path / f"g{IN_CHANNELS + 1}.yaml"))
+    assert data_channels(model_spec(wide, in_channels=IN_CHANNELS + 1)) == IN_CHANNELS + 1
+    # on standard data one channel more is a cascade stage's genotype (its coarse dose)
+    with pytest.raises(NasDoseError, match="a genotype searched for a cascade's full-resolution stage"):
+        model_spec(wide)
+    with pytest.raises(NasDoseError, match=r"g10\.yaml: searched for 10 input channels, but the data set gives 11"):
+        model_spec(ModelConfig(name="lenas", genotype=str(tmp_path / "g10.yaml")), in_channels=IN_CHANNELS + 1)
+
+
+def test_a_search_on_extra_inputs_widens_the_macro(tmp_path):
+    path = plated(tmp_path)
+    assert macro_channels(path, {}) == {"in_channels": IN_CHANNELS + 1}
+    assert macro_channels(plated(tmp_path, plates=False, name="plain.h5"), {}) == {}
+    with pytest.raises(ConfigError, match="'macro.in_channels': 10, but .* gives 11 input channels"):
+        macro_channels(path, {"in_channels": IN_CHANNELS})
+
+
+def test_a_trained_model_predicts_data_made_like_its_own_and_refuses_other(tmp_path):
+    path = plated(tmp_path)
+    cfg = load_config(TrainConfig, overrides=["model.kwargs.widths=[4, 8]", "epochs=1", "steps_per_epoch=2",
+                                              "runtime.device=cpu", "runtime.threads=1"])
+    train(cfg, TrainInputs(path), tmp_path / "run", official=False)
+    assert trained_channels(tmp_path / "run") == IN_CHANNELS + 1
+    with open_data(path) as data:
+        model = load_model_or_ensemble(tmp_path / "run", data.grid, input_channels(data))
+        assert model(torch.from_numpy(build_input(data.read("pt_1")))[None]).shape == (1, 1, 16, 16, 16)
+    plain = plated(tmp_path, plates=False, name="plain.h5")
+    with pytest.raises(NasDoseError, match="run: the model takes 11 input channels, but the data set gives 10"):
+        load_model_or_ensemble(tmp_path / "run", 16, input_channels(plain))
+    with pytest.raises(NasDoseError, match="run: takes a data set's extra input channels"):
+        export(ExportConfig(format="pt2"), ExportInputs(tmp_path / "run"), tmp_path / "exported")
+
+
+def test_a_cascade_stage_refuses_extra_inputs(tmp_path):
+    path = plated(tmp_path)
+    with pytest.raises(NasDoseError, match=r"d\.h5: a cascade's full-resolution stage cannot take the extra input "
+                                           r"channels \(beam_plate\)"):
+        PatchDataset(path, "train", CascadeConfig(coarse="run", patch=8))
