@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .cascade.windows import predict_source
+from .data.dataset import IN_CHANNELS
 from .data.openkbp import discover
 from .data.openkbp import read_patient as read_source
 from .data.patient import Patient
@@ -27,7 +28,7 @@ from .data.resample import downsample_patient, upsample_dose
 from .data.store import open_data
 from .errors import NasDoseError, input_error
 from .evaluate import evaluate_predictions
-from .inference import Cascade, load_predictor, predict_patient, trained_grid
+from .inference import Cascade, load_predictor, predict_patient, trained_channels, trained_grid
 from .runtime import Runtime, RuntimeConfig
 from .scores import Scores, score_patients
 
@@ -41,11 +42,16 @@ class DosePredictor:
         self.model, self.tta = Path(model), tta
         self.predictor = load_predictor(self.model, self.runtime)
         self.grid = trained_grid(self.model)
+        self.channels = trained_channels(self.model)
 
     def predict(self, patient: Patient | str | Path) -> np.ndarray:
         """The patient's dose in Gy on its own grid (see the module docstring)."""
         if not isinstance(patient, Patient):
             patient = read_patient(patient)
+        gives = IN_CHANNELS + len(patient.extra)
+        if gives != self.channels:
+            raise NasDoseError(f"patient {patient.id}: {self.model} takes {self.channels} input channels, the patient "
+                               f"gives {gives} (extra: {', '.join(patient.extra) or 'none'})")
         grid = self.grid or patient.grid
         if patient.grid % grid:
             raise NasDoseError(f"patient {patient.id}: its {patient.grid}³ grid is not a multiple of the "

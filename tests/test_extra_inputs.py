@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import nas_dose
 from nas_dose.cascade.patches import CascadeConfig, PatchDataset
 from nas_dose.config import ConfigError, load_config
 from nas_dose.data.augment import AugmentConfig
@@ -156,6 +157,11 @@ def test_a_trained_model_predicts_data_made_like_its_own_and_refuses_other(tmp_p
     plain = plated(tmp_path, plates=False, name="plain.h5")
     with pytest.raises(NasDoseError, match="run: the model takes 11 input channels, but the data set gives 10"):
         load_model_or_ensemble(tmp_path / "run", 16, input_channels(plain))
+    predictor = nas_dose.load(tmp_path / "run", device="cpu", threads=1)
+    assert predictor.predict(synth_patient(0, 16, 0, beam_plates=True)).shape == (16, 16, 16)
+    with pytest.raises(NasDoseError, match=r"patient pt_1: .*run takes 11 input channels, the patient gives 10 "
+                                           r"\(extra: none\)"):
+        predictor.predict(synth_patient(0, 16, 0))
     with pytest.raises(NasDoseError, match="run: takes a data set's extra input channels"):
         export(ExportConfig(format="pt2"), ExportInputs(tmp_path / "run"), tmp_path / "exported")
 
