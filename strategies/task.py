@@ -54,7 +54,6 @@ class SearchTask:
 
     def __init__(self, data: Path) -> None:
         self.data = Path(data)
-        self.in_channels = input_channels(self.data)  # what the networks take
         self._all: DoseDataset | None = None
         self._index: dict[str, int] = {}
 
@@ -63,6 +62,11 @@ class SearchTask:
         """The side of an item: what the networks must take."""
         with open_data(self.data) as d:
             return d.grid
+
+    @property
+    def in_channels(self) -> int:
+        """What the networks take: the data set's input channels."""
+        return input_channels(self.data)
 
     @property
     def scored_on(self) -> str:
@@ -95,10 +99,13 @@ class CascadeTask(SearchTask):
     inference.
     """
 
+    @property
+    def in_channels(self) -> int:
+        return REFINER_CHANNELS
+
     def __init__(self, data: Path, cfg: CascadeConfig, search_split: str, scored_ids: Sequence[str],
                  runtime: Runtime, seed: int) -> None:
         super().__init__(data)
-        self.in_channels = REFINER_CHANNELS
         if cfg.coarse is None:
             raise NasDoseError("config key 'cascade.coarse': the coarse stage to refine is needed")
         self.cfg, self.seed = cfg, seed

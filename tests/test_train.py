@@ -276,6 +276,11 @@ def test_loader_workers_are_cut_to_what_shared_memory_holds(data, monkeypatch, c
     assert trainer.train_loader.num_workers == 0 and trainer.val_loader.num_workers == 0
     monkeypatch.setattr(engine, "shared_memory_free", lambda: None)  # no /dev/shm: as asked
     assert _Trainer(fresh(cfg), cfg, data, None, False, None).train_loader.num_workers == 2
+    # under torchrun each of the node's processes has its share of /dev/shm, and the line says so
+    monkeypatch.setattr(engine.distributed, "local_world_size", lambda: 2)
+    monkeypatch.setattr(engine, "shared_memory_free", lambda: int(2 * 1.1 * per_worker / 0.8))
+    assert _Trainer(fresh(cfg), cfg, data, None, False, None).train_loader.num_workers == 1
+    assert "/dev/shm has 1 MiB free for each of the node's 2 processes and each worker" in capsys.readouterr().out
 
 
 def test_load_model_round_trip(data, tmp_path):

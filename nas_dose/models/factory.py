@@ -67,6 +67,8 @@ def model_spec(cfg: ModelConfig, refiner: bool = False, in_channels: int = IN_CH
         genotype = spec_genotype(loaded, refiner)
     elif refiner:
         kwargs["in_channels"] = REFINER_CHANNELS
+    elif model_takes(cfg.name) == "dose":  # a dose prior's autoencoder reads a dose, not the patient
+        pass
     elif kwargs.get("in_channels", in_channels) != in_channels:
         raise ConfigError(f"config key 'model.kwargs.in_channels': {kwargs['in_channels']}, but the data set gives "
                           f"{in_channels} input channels (leave it out)")

@@ -167,8 +167,8 @@ class _Trainer:
         if self.folder is not None:
             # a cascade stage's patches hold the standard channels and the coarse dose
             stage = config.cascade.coarse is not None
-            data = IN_CHANNELS if stage else getattr(self.train_set, "in_channels", IN_CHANNELS)
-            self.spec = model_spec(config.model, refiner=stage, in_channels=data)
+            channels = IN_CHANNELS if stage else getattr(self.train_set, "in_channels", IN_CHANNELS)
+            self.spec = model_spec(config.model, refiner=stage, in_channels=channels)
             self._open_folder(self.folder, resume)
         self.events = EventLog.open(Path(out) if out is not None else None, config.logging,
                                     purge_step=self.state.step + 1 if self.state.step else None)
@@ -180,11 +180,13 @@ class _Trainer:
         free = shared_memory_free()
         if not workers or free is None:
             return workers
-        free //= distributed.local_world_size()  # the node's other processes of the run load too
+        processes = distributed.local_world_size()  # the node's other processes of the run load too
+        free //= processes
         size = item_bytes(self.train_set)
         fits = workers_within_shared_memory(workers, size, batch_size, free)
         if fits < workers:
-            say(f"data.num_workers: {fits} instead of {workers}: /dev/shm has {free / 2**20:.0f} MiB free and "
+            share = f" for each of the node's {processes} processes" if processes > 1 else ""
+            say(f"data.num_workers: {fits} instead of {workers}: /dev/shm has {free / 2**20:.0f} MiB free{share} and "
                 f"each worker holds {PREFETCH * batch_size * size / 2**20:.1f} MiB of batches there "
                 "(in a container, give it more: docker run --shm-size=…)")
         return fits
