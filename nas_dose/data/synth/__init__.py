@@ -48,8 +48,8 @@ from .anatomy import (
 )
 from .beam import MIN_DOSE_GY, beam_plate, plan_dose
 
-__all__ = ["BASE_VOXEL_MM", "SUPPORTED_GRIDS", "Config", "Inputs", "Phantom", "phantom", "run", "split_for",
-           "synth_patient", "synth_patients", "voxel_mm"]
+__all__ = ["BASE_VOXEL_MM", "SUPPORTED_GRIDS", "Config", "Inputs", "Phantom", "phantom", "preference_plans", "run",
+           "split_for", "synth_patient", "synth_patients", "voxel_mm"]
 SUPPORTED_GRIDS = (16, 32, 64, 128)
 # The preference plans' homogeneity goals span this (`hi_goal` in beam.py).
 HI_GOAL_RANGE = (0.0, 0.3)
@@ -90,13 +90,8 @@ def synth_patient(index: int, grid: int, seed: int, preferences: int = 0, beam_p
     """Phantom `pt_{index+1}`: deterministic in (index, seed), whatever the grid or the count;
     with `preferences` more plans (`Patient.plans`), deterministic in (index, seed, preferences);
     with `beam_plates` its plan's beam plate in `Patient.extra` (the same phantom otherwise)."""
-    _check_grid(grid)
     if isinstance(preferences, bool) or not isinstance(preferences, (int, np.integer)) or preferences < 0:
         raise NasDoseError(f"synth: the number of preference plans must be >= 0 (got {preferences!r})")
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-        raise NasDoseError(f"synth: patient index must be a non-negative integer (got {index!r})")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise NasDoseError(f"synth: seed must be a non-negative integer (got {seed!r})")
     ph = phantom(index, grid, seed)
     dose = np.where(ph.mask, ph.usual_dose, 0.0).astype(np.float32)
     # Noise is drawn last so that every earlier draw is independent of the grid.
@@ -137,6 +132,11 @@ class Phantom:
 
 def phantom(index: int, grid: int, seed: int) -> Phantom:
     """Phantom `pt_{index+1}`'s anatomy and usual plan (synth_patient's first draws)."""
+    _check_grid(grid)
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise NasDoseError(f"synth: patient index must be a non-negative integer (got {index!r})")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise NasDoseError(f"synth: seed must be a non-negative integer (got {seed!r})")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
     anatomy = draw_anatomy(rng)
     plan = draw_plan(rng)
