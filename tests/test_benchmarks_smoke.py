@@ -386,6 +386,17 @@ def test_loader_benchmark_at_a_trivial_size(suite):
     assert augment_module._rotate is not bench_loader.ndimage_rotate  # the baseline was put back
 
 
+def test_preferences_benchmark_with_beam_plates(suite):
+    """Every model of the benchmark takes the beam plate as an eleventh channel."""
+    import bench_preferences
+
+    quick = replace(bench_preferences.Settings().quick(), beam_plates=True, latency_grids=[16])
+    res = bench_preferences.run(quick=True, device="cpu", settings=quick)
+    (run,) = res["measurements"]["runs"]
+    assert run["plans"] == 10 and run["plain_dose_score"] > 0 and run["conditioned_dose_score"] > 0
+    assert "beam plates" in res["notes"][0]
+
+
 def test_preference_ceiling_knows_the_preference_floor(suite, tmp_path):
     """With every plan parameter known, the plain floor is bench_preferences's floor of the same
     held-out phantoms and the ceiling 1; hiding the plan leaves a floor for both models."""
