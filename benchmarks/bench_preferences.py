@@ -64,7 +64,7 @@ from scipy import stats
 
 from nas_dose.data import synth
 from nas_dose.data.augment import AugmentConfig
-from nas_dose.data.dataset import IN_CHANNELS, input_channels
+from nas_dose.data.dataset import IN_CHANNELS, extra_inputs
 from nas_dose.data.patient import OARS, TARGETS
 from nas_dose.data.preferences import homogeneity_index
 from nas_dose.data.store import open_data
@@ -158,7 +158,7 @@ def train(s: Settings, data: Path, seed: int, conditioned: bool, device: str,
         nasdose_train(cfg, Inputs(data), folder, official=False)
         return load_model_or_ensemble(folder).eval()
     seed_everything(seed)
-    model = build_model(cfg.model, in_channels=input_channels(data))
+    model = build_model(cfg.model, extra=extra_inputs(data))
     model.load_state_dict(train_model(model, cfg, data).best_state)
     return model.eval()
 
@@ -299,13 +299,13 @@ def latency(s: Settings, device: torch.device) -> dict[str, float]:
     for i, grid in enumerate(s.latency_grids):
         repeats = s.latency_repeats if i == 0 else max(2, s.latency_repeats // 10)
         seed_everything(0)
-        channels = IN_CHANNELS + s.beam_plates
+        extra = ("beam_plate",) if s.beam_plates else ()
         cond = build_model(ModelConfig(kwargs={"widths": list(s.widths)}, conditioning="film"),
-                           in_channels=channels).to(device).eval()
-        plain = build_model(ModelConfig(kwargs={"widths": list(s.widths)}), in_channels=channels).to(device).eval()
+                           extra=extra).to(device).eval()
+        plain = build_model(ModelConfig(kwargs={"widths": list(s.widths)}), extra=extra).to(device).eval()
         student = build_model(ModelConfig(kwargs={"widths": list(s.student_widths)}, conditioning="film"),
-                              in_channels=channels).to(device).eval()
-        x = torch.randn(1, channels, grid, grid, grid, device=device)
+                              extra=extra).to(device).eval()
+        x = torch.randn(1, IN_CHANNELS + len(extra), grid, grid, grid, device=device)
         prefs = torch.tensor([[0.5, 0.15]], device=device)
 
         def forward(net: torch.nn.Module, *args: torch.Tensor) -> None:

@@ -91,7 +91,7 @@ from torch import nn
 from nas_dose import distributed
 from nas_dose.cascade.objective import CascadeObjective
 from nas_dose.config import ConfigError, at_least, check_run_folder, save_config
-from nas_dose.data.dataset import PlanItem, input_channels, plan_items
+from nas_dose.data.dataset import PlanItem, extra_inputs, plan_items
 from nas_dose.data.store import SPLITS, open_data
 from nas_dose.errors import NasDoseError, input_error
 from nas_dose.export import Config as ExportConfig
@@ -276,7 +276,7 @@ def _train(cfg: TrainConfig, data: Path, folder: Path, objective: Objective | No
         cascade = cfg.cascade.coarse is not None
         if cascade and objective is None:  # the baseline of a cascade's stage
             objective = CascadeObjective(cfg, data)
-        model = build_model(cfg.model, refiner=cascade, in_channels=input_channels(data))
+        model = build_model(cfg.model, refiner=cascade, extra=extra_inputs(data))
         train_model(model, cfg, data, folder, resume=True, objective=objective)
     return distributed.on_main(load_json, record)
 
@@ -332,7 +332,7 @@ def run_concurrent(teacher: Path, data: Path, out: Path, cfg: DistillConfig, res
         context["teacher_val_dose_score"] = privileged_score(out / TEACHER_DIR, members, privileged, data, train_cfg,
                                                              runtime)
         return distributed.on_main(_report, trained, None, None, out, data, val_ids, stage, cfg, runtime, context)
-    loaded = load_predictor(trained, runtime, stage.grid, channels=input_channels(data))
+    loaded = load_predictor(trained, runtime, stage.grid, extra=extra_inputs(data))
     cache = out / "teacher.h5"
     ensure_cache(cache, teacher_key(trained, data), data, val_ids, lambda: loaded, runtime, stage.grid)
     return distributed.on_main(_report, trained, cast(nn.Module, loaded).cpu(), cache, out, data, val_ids, stage, cfg,
@@ -349,7 +349,7 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     with open_data(data) as d:
         if d.kind != "dataset":
             raise input_error(data, f"a nasdose {d.kind} file, expected a data set")
-        train_ids, val_ids, grid, channels = d.ids(split), d.ids(val_split), d.grid, input_channels(d)
+        train_ids, val_ids, grid, extra = d.ids(split), d.ids(val_split), d.grid, extra_inputs(d)
         source = d.source_grid(val_ids[0]) if val_ids else grid
         unlabeled_ids = d.ids(cfg.unlabeled.split) if cfg.unlabeled.split is not None else []
     for name, ids in ((split, train_ids), (val_split, val_ids)):
@@ -363,16 +363,16 @@ def run_distill(teacher: Path, data: Path, out: Path, cfg: DistillConfig, resume
     if cfg.mode == "concurrent":
         if teacher_cache is not None:
             raise NasDoseError("--teacher-cache: a teacher trained concurrently has no predictions to reuse")
-        return run_concurrent(teacher, data, out, cfg, resume, Mode(grid, source, inputs=channels), val_ids,
+        return run_concurrent(teacher, data, out, cfg, resume, Mode(grid, source, extra=extra), val_ids,
                               len(train_ids), len(unlabeled_ids))
     runtime = Runtime(cfg.runtime)
-    teacher_model = load_model_or_ensemble(teacher, grid, channels)
+    teacher_model = load_model_or_ensemble(teacher, grid, extra)
     loaded = as_predictor(teacher, teacher_model, runtime, grid)
     items = _plan_items(teacher, teacher_model, data, train_ids + val_ids, cfg)
     if items is not None:
         unlabeled_ids = []  # no plan to ask the teacher for
     stage = Mode(grid, source, loaded if isinstance(loaded, Cascade) else None,
-                 None if items is None else tuple(i for i in items if i.pid in val_ids), channels)
+                 None if items is None else tuple(i for i in items if i.pid in val_ids), extra)
     if stage.cascade is not None:
         if cfg.hint.weight or cfg.adversarial.weight:
             raise ConfigError("a cascade's stage is distilled with the L1 terms only: set hint.weight=0 and "
@@ -469,7 +469,8 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
     exported = None
     if cfg.export:
         exported = out / "student.pt2"
-        export_model(load_model(out / "student")[0], exported, ExportConfig(format="pt2", dynamic=False), stage.size)
+        export_model(load_model(out / "student")[0], exported, ExportConfig(format="pt2", dynamic=False), stage.size,
+                     stage.extra)
     student_row, baseline_row = rows[0], next((r for r in rows if r.name == BASELINE), None)
     metrics = {
         **context, "split": cfg.train.data.val_split, "patients": val_ids, "grid": grid,

@@ -119,7 +119,7 @@ class Mode:
     source: int  # its patients' source grid
     cascade: Cascade | None = None
     items: tuple[PlanItem, ...] | None = None  # a conditioned teacher's validation plans, scored each
-    inputs: int = IN_CHANNELS  # the data set's input channels (`input_channels`)
+    extra: tuple[str, ...] = ()  # the data set's extra input channels (`extra_inputs`)
 
     def costed(self, model: nn.Module) -> nn.Module:
         """What the costs are measured on: a conditioned model at its first validation plan's
@@ -133,7 +133,7 @@ class Mode:
 
     @property
     def channels(self) -> int:
-        return self.inputs if self.cascade is None else REFINER_CHANNELS
+        return IN_CHANNELS + len(self.extra) if self.cascade is None else REFINER_CHANNELS
 
     @property
     def cache_grid(self) -> int:

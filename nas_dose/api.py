@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from .cascade.windows import predict_source
-from .data.dataset import IN_CHANNELS
 from .data.openkbp import discover
 from .data.openkbp import read_patient as read_source
 from .data.patient import Patient
@@ -28,7 +27,7 @@ from .data.resample import downsample_patient, upsample_dose
 from .data.store import open_data
 from .errors import NasDoseError, input_error
 from .evaluate import evaluate_predictions
-from .inference import Cascade, load_predictor, predict_patient, trained_channels, trained_grid
+from .inference import Cascade, load_predictor, predict_patient, trained_grid, trained_inputs
 from .runtime import Runtime, RuntimeConfig
 from .scores import Scores, score_patients
 
@@ -42,16 +41,15 @@ class DosePredictor:
         self.model, self.tta = Path(model), tta
         self.predictor = load_predictor(self.model, self.runtime)
         self.grid = trained_grid(self.model)
-        self.channels = trained_channels(self.model)
+        self.inputs = trained_inputs(self.model)
 
     def predict(self, patient: Patient | str | Path) -> np.ndarray:
         """The patient's dose in Gy on its own grid (see the module docstring)."""
         if not isinstance(patient, Patient):
             patient = read_patient(patient)
-        gives = IN_CHANNELS + len(patient.extra)
-        if gives != self.channels:
-            raise NasDoseError(f"patient {patient.id}: {self.model} takes {self.channels} input channels, the patient "
-                               f"gives {gives} (extra: {', '.join(patient.extra) or 'none'})")
+        if tuple(sorted(patient.extra)) != self.inputs:
+            raise NasDoseError(f"patient {patient.id}: {self.model} takes the extra input channels "
+                               f"[{', '.join(self.inputs)}], the patient has [{', '.join(sorted(patient.extra))}]")
         grid = self.grid or patient.grid
         if patient.grid % grid:
             raise NasDoseError(f"patient {patient.id}: its {patient.grid}³ grid is not a multiple of the "

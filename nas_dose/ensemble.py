@@ -67,7 +67,7 @@ from .cascade.objective import CascadeObjective
 from .cascade.patches import CascadeConfig, recorded_absolute
 from .cascade.windows import source_grids
 from .config import ConfigError, at_least, check_run_folder, from_dict, save_config
-from .data.dataset import PlanItem, input_channels, plan_items, plan_reference
+from .data.dataset import PlanItem, extra_inputs, plan_items, plan_reference
 from .data.preferences import MEASURED, NAMES
 from .data.store import DataFile, open_data, write_predictions
 from .errors import input_error
@@ -267,7 +267,7 @@ def _train_member(cfg: EnsembleConfig, member: _Member, index: int, space: str, 
     config = _member_config(cfg, member, index, space)
     cascade = config.cascade.coarse is not None
     seed_everything(config.seed)
-    model = build_model(config.model, refiner=cascade, in_channels=input_channels(data))
+    model = build_model(config.model, refiner=cascade, extra=extra_inputs(data))
     if supernet is not None:
         _inherit(model, supernet, member.genotype, config.model.conditioning)
     objective = CascadeObjective(config, data) if cascade else None

@@ -34,7 +34,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -43,11 +43,11 @@ from torch import nn
 from nas_dose.search_spaces import CellUNet
 
 from .config import ConfigError, at_least, save_config
-from .data.dataset import CHANNELS, CT_HU_RANGE, CT_SCALE, IN_CHANNELS
+from .data.dataset import CHANNELS, CT_HU_RANGE, CT_SCALE
 from .data.patient import DOSE_SCALE_GY, PRESCRIPTION_GY, TARGETS
 from .data.preferences import PREFERENCES as PREFERENCE_TABLE
 from .errors import NasDoseError, input_error
-from .inference import Ensemble, cascade_config, load_model_or_ensemble, trained_channels, trained_grid
+from .inference import Ensemble, cascade_config, load_model_or_ensemble, trained_grid, trained_inputs
 from .io import atomic_path, output_folder, refuse_existing, save_yaml
 from .models.conditioning import Conditioned
 from .models.refiner import Refiner
@@ -108,10 +108,11 @@ def conditioning(model: nn.Module) -> Conditioned | None:
     return next((m for m in model.modules() if isinstance(m, Conditioned)), None)
 
 
-def example_inputs(model: nn.Module, size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
-    """The graph's inputs at `size`³: zeros without `generator`, else random (the patient input
-    standard normal, each preference uniform in its range)."""
-    shape = (1, len(channel_names(model)), size, size, size)
+def example_inputs(model: nn.Module, size: int, generator: torch.Generator | None = None,
+                   extra: Sequence[str] = ()) -> tuple[torch.Tensor, ...]:
+    """The graph's inputs at `size`³ (with the `extra` input channels): zeros without `generator`,
+    else random (the patient input standard normal, each preference uniform in its range)."""
+    shape = (1, len(channel_names(model, extra)), size, size, size)
     x = torch.randn(*shape, generator=generator) if generator is not None else torch.zeros(shape)
     cond = conditioning(model)
     if cond is None:
@@ -121,8 +122,10 @@ def example_inputs(model: nn.Module, size: int, generator: torch.Generator | Non
     return x, cond.low[None] + cond.span[None] * torch.rand(1, len(cond.names), generator=generator)
 
 
-def channel_names(model: nn.Module) -> list[str]:
-    return [*CHANNELS, COARSE_CHANNEL] if is_stage(model) else list(CHANNELS)
+def channel_names(model: nn.Module, extra: Sequence[str] = ()) -> list[str]:
+    """The graph's input channels: the standard ones, a data set's extra ones (a cascade stage's
+    refiner has none) and a stage's coarse dose."""
+    return [*CHANNELS, COARSE_CHANNEL] if is_stage(model) else [*CHANNELS, *extra]
 
 
 def check_sizes(config: Config, grid: int, multiple: int) -> list[int]:
@@ -193,10 +196,11 @@ def _require_onnx() -> None:
                            "(or format=pt2)") from None
 
 
-def export_model(model: nn.Module, path: Path, config: Config, grid: int) -> dict[str, Any]:
-    """Write `model` (eval mode, CPU) to `path` as `config.format` and check that the graph gives
-    torch's output on random inputs (a conditioned model's: at random preferences) at each checked
-    size; returns what was checked. `path` appears only once checked (written aside, renamed)."""
+def export_model(model: nn.Module, path: Path, config: Config, grid: int, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Write `model` (eval mode, CPU; taking the `extra` input channels) to `path` as
+    `config.format` and check that the graph gives torch's output on random inputs (a conditioned
+    model's: at random preferences) at each checked size; returns what was checked. `path`
+    appears only once checked (written aside, renamed)."""
     if config.format == "onnx":
         _require_onnx()
     model = model.eval().cpu()
@@ -206,12 +210,12 @@ def export_model(model: nn.Module, path: Path, config: Config, grid: int) -> dic
     diffs: dict[str, float] = {}
     with atomic_path(path) as tmp, torch.no_grad():
         if config.format == "onnx":
-            _write_onnx(model, example_inputs(model, grid), config, tmp)
+            _write_onnx(model, example_inputs(model, grid, extra=extra), config, tmp)
         else:
-            _write_pt2(model, example_inputs(model, grid), config, multiple, tmp)
+            _write_pt2(model, example_inputs(model, grid, extra=extra), config, multiple, tmp)
         run_graph, runtime = _runner(tmp, config.format, input_names(model))
         for size in sizes:
-            inputs = example_inputs(model, size, generator)
+            inputs = example_inputs(model, size, generator, extra)
             expected, got = model(*inputs).numpy(), run_graph(*(t.numpy() for t in inputs))
             if got.shape != expected.shape:
                 raise NasDoseError(f"{path}: the exported graph's output is {got.shape} at {size}³, "
@@ -224,26 +228,28 @@ def export_model(model: nn.Module, path: Path, config: Config, grid: int) -> dic
     return {"runtime": runtime, "tolerance": config.tolerance, "max_abs_diff": diffs, "multiple": multiple}
 
 
-def _channel_scaling(names: list[str]) -> dict[str, str]:
+def _channel_scaling(names: list[str], extra: Sequence[str] = ()) -> dict[str, str]:
     """How each input channel is made from a patient (nas_dose.data.dataset.build_input)."""
     ptv = " / ".join(f"{PRESCRIPTION_GY[t] / DOSE_SCALE_GY:.1f}" for t in reversed(TARGETS))
     known = {"ct": f"clip(HU, {CT_HU_RANGE[0]:g}, {CT_HU_RANGE[1]:g}) / {CT_SCALE:g}, HU = stored CT - 1024",
              "ptv": f"{ptv} inside {' / '.join(reversed(TARGETS))} (the highest wins), 0 elsewhere",
              "possible_dose_mask": "1 where dose is possible, 0 elsewhere",
-             COARSE_CHANNEL: f"the coarse stage's dose / {DOSE_SCALE_GY:g} Gy, upsampled to this grid"}
+             COARSE_CHANNEL: f"the coarse stage's dose / {DOSE_SCALE_GY:g} Gy, upsampled to this grid",
+             **dict.fromkeys(extra, "the data set's extra input volume of that name, as stored")}
     return {n: known.get(n, "1 inside the structure, 0 outside") for n in names}
 
 
-def describe(model: nn.Module, source: Path, config: Config, grid: int, check: dict[str, Any]) -> dict[str, Any]:
+def describe(model: nn.Module, source: Path, config: Config, grid: int, check: dict[str, Any],
+             extra: Sequence[str] = ()) -> dict[str, Any]:
     """model.yaml: what a program needs to feed the graph and read its output."""
-    names = channel_names(model)
+    names = channel_names(model, extra)
     multiple = check["multiple"]
     spatial: list[int | str] = ["D", "H", "W"] if config.dynamic else [grid] * 3
     info: dict[str, Any] = {
         "format": config.format, "file": f"model.{config.format}", "source": str(source),
         "kind": ("cascade stage" if is_stage(model) else "ensemble" if isinstance(model, Ensemble) else "model"),
         "input": {"name": INPUT, "shape": [1, len(names), *spatial], "dtype": "float32", "channels": names,
-                  "scaling": _channel_scaling(names),
+                  "scaling": _channel_scaling(names, extra),
                   "axes": "(batch, channel, D, H, W) with D, H, W = OpenKBP axes 0, 1, 2"},
         "output": {"name": OUTPUT, "shape": [1, 1, *spatial], "dtype": "float32",
                    "scaling": f"dose / {DOSE_SCALE_GY:g} Gy: multiply by {DOSE_SCALE_GY:g} for Gy; nasdose "
@@ -292,15 +298,13 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
         if config.format == "onnx":
             _require_onnx()
         model = load_model_or_ensemble(inputs.model)
-        if trained_channels(inputs.model) != IN_CHANNELS:
-            raise input_error(inputs.model, "takes a data set's extra input channels (e.g. beam plates), which "
-                                            "export does not describe yet: export models of the standard channels")
+        extra = trained_inputs(inputs.model)
         if any(isinstance(m, Refiner) for m in model.modules()) and not is_stage(model):
             raise input_error(inputs.model, "mixes full-resolution stages of a cascade with whole-volume networks")
         grid = config.grid if config.grid is not None else default_grid(model, inputs.model)
         save_config(out / "config.yaml", config)
-        check = export_model(model, out / f"model.{config.format}", config, grid)
-        info = describe(model, inputs.model, config, grid, check)
+        check = export_model(model, out / f"model.{config.format}", config, grid, extra)
+        info = describe(model, inputs.model, config, grid, check, extra)
         save_yaml(out / "model.yaml", info)
     worst = max(check["max_abs_diff"].values())
     asked = f", conditioned on {', '.join(info['preferences']['order'])}" if "preferences" in info else ""

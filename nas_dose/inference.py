@@ -26,7 +26,7 @@ from .data.tta import flip_tta
 from .errors import input_error
 from .io import load_checkpoint, load_yaml, save_yaml
 from .models.conditioning import Conditioned, Preset
-from .models.factory import check_trained_on, data_channels, load_model, spec_genotype
+from .models.factory import check_trained_on, load_model, spec_genotype, spec_inputs
 from .models.refiner import Refiner
 from .runtime import Runtime
 from .scores import Scores, score_on_source, score_patients
@@ -132,12 +132,12 @@ def save_ensemble(path: Path, names: Sequence[str], weights: Sequence[float], *,
                      "weight": float(w)} for n, w in zip(names, weights)]})
 
 
-def load_ensemble(path: str | Path, grid: int | None = None, channels: int | None = None) -> Ensemble:
+def load_ensemble(path: str | Path, grid: int | None = None, extra: Sequence[str] | None = None) -> Ensemble:
     """The ensemble an ensemble.yaml describes, on the CPU in eval mode.
 
     Weights must be non-negative; they are normalized to sum to 1. Each checkpoint must hold
-    the network of the genotype file listed beside it (trained on `grid`³ volumes of `channels`
-    input channels, if given).
+    the network of the genotype file listed beside it (trained on `grid`³ volumes with the
+    `extra` input channels, if given).
     """
     path = Path(path)
     data = load_yaml(path)
@@ -160,7 +160,7 @@ def load_ensemble(path: str | Path, grid: int | None = None, channels: int | Non
                 or not m["weight"] >= 0):
             raise input_error(path, f"member {i}: needs name, genotype, checkpoint (strings) and a weight >= 0")
         model, meta = load_model(path.parent / m["checkpoint"])
-        check_trained_on(path.parent / m["checkpoint"], meta, grid, channels)
+        check_trained_on(path.parent / m["checkpoint"], meta, grid, extra)
         genotype = load_genotype(path.parent / m["genotype"])
         if meta["model_config"].get("genotype") != spec_genotype(genotype, bool(meta["model_config"].get("refiner"))):
             raise input_error(path, f"member {m['name']}: {m['checkpoint']} does not hold the network "
@@ -178,15 +178,16 @@ def load_ensemble(path: str | Path, grid: int | None = None, channels: int | Non
     return Ensemble(models, [w / total for w in weights], bool(data.get("tta", False)), names).eval()
 
 
-def load_model_or_ensemble(path: str | Path, grid: int | None = None, channels: int | None = None) -> nn.Module:
+def load_model_or_ensemble(path: str | Path, grid: int | None = None,
+                           extra: Sequence[str] | None = None) -> nn.Module:
     """A single trained model (run folder or checkpoint) or an ensemble (its .yaml file), on
-    the CPU in eval mode: what `nasdose predict --model` accepts. With `grid` (`channels`), every
-    network must have been trained on that grid (and take that many input channels)."""
+    the CPU in eval mode: what `nasdose predict --model` accepts. With `grid` (`extra`), every
+    network must have been trained on that grid (and take those extra input channels)."""
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
-        return load_ensemble(path, grid, channels)
+        return load_ensemble(path, grid, extra)
     model, meta = load_model(path)
-    check_trained_on(path, meta, grid, channels)
+    check_trained_on(path, meta, grid, extra)
     return model
 
 
@@ -214,20 +215,21 @@ def with_preferences(path: Path, model: nn.Module,
 
 
 def load_predictor(path: Path, runtime: Runtime, grid: int | None = None,
-                   preferences: Mapping[str, float] | None = None, channels: int | None = None) -> Predictor | Cascade:
+                   preferences: Mapping[str, float] | None = None,
+                   extra: Sequence[str] | None = None) -> Predictor | Cascade:
     """A run folder, a checkpoint or an ensemble's .yaml, on the runtime's device, in eval mode;
-    with `grid` (`channels`), refused unless trained on that grid (for that many input channels).
+    with `grid` (`extra`), refused unless trained on that grid (with those extra input channels).
     A cascade's full-resolution run comes with its coarse stage (the run's `cascade.coarse`). A
     conditioned model is asked for `preferences`."""
-    model = with_preferences(Path(path), load_model_or_ensemble(path, grid, channels), preferences)
+    model = with_preferences(Path(path), load_model_or_ensemble(path, grid, extra), preferences)
     return as_predictor(Path(path), model, runtime, grid)
 
 
 def load_at_measured(path: Path, runtime: Runtime, grid: int | None = None,
-                     channels: int | None = None) -> AtMeasured:
+                     extra: Sequence[str] | None = None) -> AtMeasured:
     """What `load_predictor` loads, for a conditioned model (never a cascade's stage), asked for
     each patient's own measured preferences; a plain model is refused."""
-    model = with_preferences(Path(path), load_model_or_ensemble(path, grid, channels), MEASURED)
+    model = with_preferences(Path(path), load_model_or_ensemble(path, grid, extra), MEASURED)
     return AtMeasured(runtime.prepare(model).eval())
 
 
@@ -264,9 +266,9 @@ def trained_grid(path: Path) -> int | None:
     return None if grid is None else int(grid)
 
 
-def trained_channels(path: Path) -> int:
-    """How many input channels of a data set the model at `path` takes (`data_channels`)."""
-    return data_channels(_first_checkpoint(path)["model_config"])
+def trained_inputs(path: Path) -> tuple[str, ...]:
+    """The extra input channels the model at `path` takes (`spec_inputs`)."""
+    return spec_inputs(_first_checkpoint(path)["model_config"])
 
 
 def cascade_config(path: Path) -> CascadeConfig:

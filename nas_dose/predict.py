@@ -48,7 +48,6 @@ from typing import Literal, Mapping
 import numpy as np
 
 from .config import ConfigError, load_config
-from .data.dataset import input_channels
 from .data.dicom import from_dicom, write_dicom_dose
 from .data.nifti import write_nifti_dose
 from .data.openkbp import write_submission_csv
@@ -166,7 +165,7 @@ def write_sweep(model_path: Path, data: DataFile, split: str | None, runtime: Ru
     ids = data.ids(split)
     if not ids:
         raise input_error(data.path, f"no patients in split '{split}'")
-    model = load_model_or_ensemble(model_path, data.grid, input_channels(data))
+    model = load_model_or_ensemble(model_path, data.grid, data.extra_channels)
     curves: dict[str, dict[str, dict[str, np.ndarray]]] = {pid: {} for pid in ids}
     for value in values:
         setting = {**fixed, name: value}
@@ -238,9 +237,9 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
             say(f"predicted {len(ids)} patients at {len(swept[1])} settings of {swept[0]}: {out}/{swept[0]}=*.h5, "
                 f"{out}/dvh/")
             return ids
-        channels = input_channels(data)
-        predictor = (load_at_measured(inputs.model, runtime, data.grid, channels) if measured
-                     else load_predictor(inputs.model, runtime, data.grid, fixed, channels))
+        extra = data.extra_channels
+        predictor = (load_at_measured(inputs.model, runtime, data.grid, extra) if measured
+                     else load_predictor(inputs.model, runtime, data.grid, fixed, extra))
         ids = write_outputs(predictor, data, config.split, runtime, Path(out), model=str(inputs.model), tta=config.tta,
                             csv=config.csv, format=config.format, preferences=MEASURED if measured else fixed)
     say(f"predicted {len(ids)} patients: {Path(out) / 'predictions.h5'}"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import distributed
 from .cascade.objective import CascadeObjective
-from .data.dataset import input_channels
+from .data.dataset import extra_inputs
 from .data.preferences import MEASURED
 from .data.store import open_data
 from .inference import load_at_measured, load_predictor, official_scores
@@ -56,7 +56,7 @@ def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
     config = replace(config, cascade=config.cascade.resolved())
     seed_everything(config.seed)
     cascade = config.cascade.coarse is not None
-    model = build_model(config.model, refiner=cascade, in_channels=input_channels(inputs.data))
+    model = build_model(config.model, refiner=cascade, extra=extra_inputs(inputs.data))
     with output_folder(out, replace=force):
         objective: Objective | None = CascadeObjective(config, inputs.data) if cascade else None
         if config.prior.epochs:

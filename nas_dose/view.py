@@ -47,7 +47,6 @@ from matplotlib.colors import to_hex
 from torch import nn
 
 from .config import ConfigError, at_least
-from .data.dataset import input_channels
 from .data.patient import OARS, ROIS, TARGETS, Patient
 from .data.preferences import PREFERENCES, check, homogeneity_index, parse
 from .data.store import DataFile, open_data
@@ -117,7 +116,7 @@ def _open(config: Config, inputs: Inputs, data: DataFile) -> Viewed:
     """The model (refused unless conditioned), the patient and the sliders' ends."""
     if data.kind != "dataset":
         raise input_error(inputs.data, "is a prediction file, not a data set")
-    model = load_model_or_ensemble(inputs.model, data.grid, input_channels(data))
+    model = load_model_or_ensemble(inputs.model, data.grid, data.extra_channels)
     names = conditioned_on(model)
     if not names:
         raise input_error(inputs.model, "is not conditioned on preferences (trained without model.conditioning): "

@@ -20,8 +20,8 @@ from nas_dose.errors import NasDoseError
 from nas_dose.export import Config as ExportConfig
 from nas_dose.export import Inputs as ExportInputs
 from nas_dose.export import run as export
-from nas_dose.inference import load_model_or_ensemble, trained_channels
-from nas_dose.models.factory import ModelConfig, build_model, data_channels, model_spec
+from nas_dose.inference import load_model_or_ensemble, trained_inputs
+from nas_dose.models.factory import ModelConfig, build_model, data_channels, model_spec, spec_inputs
 from nas_dose.search_spaces import get_space, save_genotype
 from nas_dose.train import Inputs as TrainInputs
 from nas_dose.train import run as train
@@ -29,6 +29,7 @@ from nas_dose.training import TrainConfig
 from strategies.search import macro_channels
 
 TARGETS = ("PTV56", "PTV63", "PTV70")
+PLATE = ("beam_plate",)
 
 
 def plated(tmp_path: Path, n: int = 4, grid: int = 16, plates: bool = True, name: str = "d.h5") -> Path:
@@ -109,18 +110,23 @@ def test_downsampling_averages_an_extra_input_over_each_block():
     np.testing.assert_allclose(coarse.extra["beam_plate"], plate, rtol=1e-6)
 
 
-def test_a_model_is_fitted_to_the_data_sets_channels_or_refused():
+def test_a_model_is_fitted_to_the_data_sets_channels_and_records_them():
     cfg = ModelConfig(kwargs={"widths": [4, 8]})
-    assert "in_channels" not in model_spec(cfg)["kwargs"]  # standard data: the spec as before
-    spec = model_spec(cfg, in_channels=IN_CHANNELS + 1)
-    assert spec["kwargs"]["in_channels"] == IN_CHANNELS + 1 and data_channels(spec) == IN_CHANNELS + 1
-    net = build_model(cfg, in_channels=IN_CHANNELS + 1)
+    plain = model_spec(cfg)
+    assert "in_channels" not in plain["kwargs"] and "inputs" not in plain  # standard data: the spec as before
+    spec = model_spec(cfg, extra=PLATE)
+    assert spec["kwargs"]["in_channels"] == IN_CHANNELS + 1 and spec_inputs(spec) == PLATE
+    assert data_channels(spec) == IN_CHANNELS + 1
+    net = build_model(cfg, extra=PLATE)
     assert net(torch.zeros(1, IN_CHANNELS + 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
     with pytest.raises(ConfigError, match=r"'model.kwargs.in_channels': 10, but the data set gives 11"):
-        model_spec(ModelConfig(kwargs={"in_channels": IN_CHANNELS}), in_channels=IN_CHANNELS + 1)
+        model_spec(ModelConfig(kwargs={"in_channels": IN_CHANNELS}), extra=PLATE)
     with pytest.raises(ConfigError, match="cascade's full-resolution stage takes the 10 standard input channels"):
-        model_spec(cfg, refiner=True, in_channels=IN_CHANNELS + 1)
+        model_spec(cfg, refiner=True, extra=PLATE)
     assert data_channels(model_spec(cfg, refiner=True)) == IN_CHANNELS
+    # a dose prior's autoencoder reads a dose: not fitted to the patient's channels
+    prior = model_spec(ModelConfig(name="dose_autoencoder", kwargs={"widths": [4, 8]}), extra=PLATE)
+    assert "in_channels" not in prior["kwargs"] and "inputs" not in prior
 
 
 def test_a_genotype_is_searched_for_its_data_sets_channels(tmp_path):
@@ -129,12 +135,12 @@ def test_a_genotype_is_searched_for_its_data_sets_channels(tmp_path):
         save_genotype(tmp_path / f"g{channels}.yaml",
                       space.sample(np.random.RandomState(0), {"stem": 4, "widths": [8], "in_channels": channels}))
     wide = ModelConfig(name="lenas", genotype=str(tmp_path / f"g{IN_CHANNELS + 1}.yaml"))
-    assert data_channels(model_spec(wide, in_channels=IN_CHANNELS + 1)) == IN_CHANNELS + 1
+    assert spec_inputs(model_spec(wide, extra=PLATE)) == PLATE
     # on standard data one channel more is a cascade stage's genotype (its coarse dose)
     with pytest.raises(NasDoseError, match="a genotype searched for a cascade's full-resolution stage"):
         model_spec(wide)
     with pytest.raises(NasDoseError, match=r"g10\.yaml: searched for 10 input channels, but the data set gives 11"):
-        model_spec(ModelConfig(name="lenas", genotype=str(tmp_path / "g10.yaml")), in_channels=IN_CHANNELS + 1)
+        model_spec(ModelConfig(name="lenas", genotype=str(tmp_path / "g10.yaml")), extra=PLATE)
 
 
 def test_a_search_on_extra_inputs_widens_the_macro(tmp_path):
@@ -150,20 +156,24 @@ def test_a_trained_model_predicts_data_made_like_its_own_and_refuses_other(tmp_p
     cfg = load_config(TrainConfig, overrides=["model.kwargs.widths=[4, 8]", "epochs=1", "steps_per_epoch=2",
                                               "runtime.device=cpu", "runtime.threads=1"])
     train(cfg, TrainInputs(path), tmp_path / "run", official=False)
-    assert trained_channels(tmp_path / "run") == IN_CHANNELS + 1
+    assert trained_inputs(tmp_path / "run") == PLATE
     with open_data(path) as data:
-        model = load_model_or_ensemble(tmp_path / "run", data.grid, input_channels(data))
+        model = load_model_or_ensemble(tmp_path / "run", data.grid, data.extra_channels)
         assert model(torch.from_numpy(build_input(data.read("pt_1")))[None]).shape == (1, 1, 16, 16, 16)
-    plain = plated(tmp_path, plates=False, name="plain.h5")
-    with pytest.raises(NasDoseError, match="run: the model takes 11 input channels, but the data set gives 10"):
-        load_model_or_ensemble(tmp_path / "run", 16, input_channels(plain))
+    with pytest.raises(NasDoseError, match=r"run: the model takes the extra input channels \[beam_plate\], but the "
+                                           r"data set has \[\]"):
+        load_model_or_ensemble(tmp_path / "run", 16, ())
+    # the same count of other channels is other data
+    with pytest.raises(NasDoseError, match=r"has \[dose_bath\]"):
+        load_model_or_ensemble(tmp_path / "run", 16, ("dose_bath",))
     predictor = nas_dose.load(tmp_path / "run", device="cpu", threads=1)
     assert predictor.predict(synth_patient(0, 16, 0, beam_plates=True)).shape == (16, 16, 16)
-    with pytest.raises(NasDoseError, match=r"patient pt_1: .*run takes 11 input channels, the patient gives 10 "
-                                           r"\(extra: none\)"):
+    with pytest.raises(NasDoseError, match=r"patient pt_1: .*run takes the extra input channels \[beam_plate\], "
+                                           r"the patient has \[\]"):
         predictor.predict(synth_patient(0, 16, 0))
-    with pytest.raises(NasDoseError, match="run: takes a data set's extra input channels"):
-        export(ExportConfig(format="pt2"), ExportInputs(tmp_path / "run"), tmp_path / "exported")
+    info = export(ExportConfig(format="pt2", dynamic=False), ExportInputs(tmp_path / "run"), tmp_path / "exported")
+    assert info["input"]["channels"][-1] == "beam_plate" and info["input"]["shape"][1] == IN_CHANNELS + 1
+    assert "extra input volume" in info["input"]["scaling"]["beam_plate"]
 
 
 def test_a_cascade_stage_refuses_extra_inputs(tmp_path):

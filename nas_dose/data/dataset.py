@@ -42,13 +42,18 @@ INPUT_LAYOUT = input_layout()
 ITEM_KINDS: dict[str, str | ChannelLayout] = {"input": INPUT_LAYOUT, "target": "continuous", "mask": "mask"}
 
 
+def extra_inputs(data: DataFile | Path) -> tuple[str, ...]:
+    """The extra input channels of a data set (open, or its file), in the order models take them."""
+    if isinstance(data, DataFile):
+        return data.extra_channels
+    with open_data(Path(data)) as d:
+        return d.extra_channels
+
+
 def input_channels(data: DataFile | Path) -> int:
     """How many input channels a model of this data set (open, or its file) takes: the standard
     ones and its extra."""
-    if isinstance(data, DataFile):
-        return IN_CHANNELS + len(data.extra_channels)
-    with open_data(Path(data)) as d:
-        return input_channels(d)
+    return IN_CHANNELS + len(extra_inputs(data))
 
 
 def _check_shapes(p: Patient) -> tuple[int, ...]:
@@ -172,6 +177,10 @@ class DoseDataset(Dataset):
     @property
     def in_channels(self) -> int:
         return input_channels(self.data)
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        return self.data.extra_channels
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -44,14 +44,16 @@ class ModelConfig:
                               f"got {self.conditioning!r}")
 
 
-def model_spec(cfg: ModelConfig, refiner: bool = False, in_channels: int = IN_CHANNELS) -> dict[str, Any]:
+def model_spec(cfg: ModelConfig, refiner: bool = False, extra: Sequence[str] = ()) -> dict[str, Any]:
     """{name, kwargs, genotype, refiner} and, for a conditioned model only, `conditioning`: the
     genotype inline as plain data, not as a path; `refiner`: the network is the full-resolution
     stage of a cascade (`nas_dose.cascade`), its input one channel wider (the coarse dose) and its
-    output added to that channel. `in_channels`: what the data set gives (`input_channels`); a
-    registered model is fitted to it, a genotype must have been searched for it."""
+    output added to that channel. `extra`: the data set's extra input channels (`extra_inputs`),
+    recorded as `inputs`; a registered model is fitted to them, a genotype must have been searched
+    for as many."""
     kwargs, genotype = dict(cfg.kwargs), None
-    if refiner and in_channels != IN_CHANNELS:
+    in_channels = IN_CHANNELS + len(extra)
+    if refiner and extra:
         raise ConfigError(f"a cascade's full-resolution stage takes the {IN_CHANNELS} standard input channels, "
                           f"not a data set's extra ones ({in_channels} here)")
     if cfg.genotype is not None:
@@ -74,7 +76,9 @@ def model_spec(cfg: ModelConfig, refiner: bool = False, in_channels: int = IN_CH
                           f"{in_channels} input channels (leave it out)")
     elif in_channels != IN_CHANNELS:
         kwargs["in_channels"] = in_channels
-    spec = {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
+    spec: dict[str, Any] = {"name": cfg.name, "kwargs": kwargs, "genotype": genotype, "refiner": refiner}
+    if extra and (genotype is not None or model_takes(cfg.name) != "dose"):
+        spec["inputs"] = list(extra)
     if cfg.conditioning is not None:
         if refiner:
             raise ConfigError("config key 'model.conditioning': a cascade's full-resolution stage cannot be "
@@ -101,10 +105,15 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     return condition(net, spec["conditioning"]) if spec.get("conditioning") else net
 
 
-def build_model(cfg: ModelConfig, refiner: bool = False, in_channels: int = IN_CHANNELS) -> nn.Module:
-    """The network a ModelConfig describes for data of `in_channels` input channels, freshly
+def build_model(cfg: ModelConfig, refiner: bool = False, extra: Sequence[str] = ()) -> nn.Module:
+    """The network a ModelConfig describes for data with the `extra` input channels, freshly
     initialized (seed first for repeatability)."""
-    return model_from_spec(model_spec(cfg, refiner, in_channels))
+    return model_from_spec(model_spec(cfg, refiner, extra))
+
+
+def spec_inputs(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The extra input channels, by name, that the model of a checkpoint's spec takes."""
+    return tuple(spec.get("inputs", ()))
 
 
 def data_channels(spec: dict[str, Any]) -> int:
@@ -147,19 +156,18 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-def check_trained_on(file: Path, meta: dict[str, Any], grid: int | None, channels: int | None = None) -> None:
+def check_trained_on(file: Path, meta: dict[str, Any], grid: int | None, extra: Sequence[str] | None = None) -> None:
     """A model predicts the grid it was trained on: a network trained at 16³ runs on 32³ data
     without a word, and predicts nonsense (checkpoints older than the grid record pass). With
-    `channels`, the data must give the input channels it takes (a data set's extra ones)."""
+    `extra`, the data set's extra input channels must be the ones the model takes."""
     trained = meta.get("grid")
     if grid is not None and trained is not None and trained != grid:
         raise input_error(file, f"the model was trained on the {trained}^3 grid, but the data is on the {grid}^3 "
                                 f"grid (import the data with --grid {trained}, or train on this grid)")
-    takes = data_channels(meta["model_config"])
-    if channels is not None and takes != channels:
-        raise input_error(file, f"the model takes {takes} input channels, but the data set gives {channels} "
-                                f"(the {IN_CHANNELS} standard ones and {channels - IN_CHANNELS} extra: "
-                                "predict data made like its training data)")
+    takes = spec_inputs(meta["model_config"])
+    if extra is not None and takes != tuple(extra):
+        raise input_error(file, f"the model takes the extra input channels [{', '.join(takes)}], but the data set "
+                                f"has [{', '.join(extra)}] (predict data made like its training data)")
 
 
 def check_input_size(model: nn.Module, grid: int, channels: int = IN_CHANNELS) -> None:
