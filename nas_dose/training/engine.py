@@ -165,11 +165,9 @@ class _Trainer:
         self.data_wait = 0.0  # seconds the steps waited for the loader since the last epoch end
         self.folder = RunFolder(Path(out)) if out is not None else None
         if self.folder is not None:
-            # a cascade stage's patches hold the standard channels and the coarse dose, a dose
-            # prior's items a dose
-            stage = config.cascade.coarse is not None
-            extra = () if stage else getattr(self.train_set, "extra_inputs", ())
-            self.spec = model_spec(config.model, refiner=stage, extra=extra)
+            # a cascade stage's patches and a dose prior's items have no extra input channels
+            self.spec = model_spec(config.model, refiner=config.cascade.coarse is not None,
+                                   extra=getattr(self.train_set, "extra_inputs", ()))
             self._open_folder(self.folder, resume)
         self.events = EventLog.open(Path(out) if out is not None else None, config.logging,
                                     purge_step=self.state.step + 1 if self.state.step else None)
