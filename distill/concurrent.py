@@ -11,15 +11,20 @@ detached) — the distillation loss is otherwise the two-stage one (`nas_dose.di
 The members, their optimizer, schedule and gradient scaler are part of the objective's state,
 so every checkpoint of the student holds them and `--resume` restores both exactly.
 
-A privileged teacher (`concurrent.privileged: [oar, hi]`) also sees, in training only, input
-channels the student does not have: the preference values of each training plan (data made by
-`nasdose data synth --preferences K`, trained with `train.data.plans=true`), each scaled to
-[0, 1] by its range and given as a constant channel. The student, which sees the CT and
-contours alone, learns the teacher's features through the hint adapters.
+The members take every input channel of the data set (its extra ones too, whatever the
+architectures were trained on before). A privileged teacher also sees, in training only, input
+channels the student does not have (`concurrent.privileged`):
+- preference values of each training plan (`[oar, hi]`; data made by `nasdose data synth
+  --preferences K`, trained with `train.data.plans=true`), each scaled to [0, 1] by its range
+  and given as a constant channel;
+- extra input channels of the data set (`[beam_plate]`, from `data synth --beam-plates`): the
+  student and its baseline train with them hidden (`train.data.hide`), the members with them.
+The student learns the teacher's features through the hint adapters.
 
 When it ends, DIR/teacher/ holds the trained members (the last weights, an ensemble.yaml for
-several); a teacher without privileged inputs is scored in the comparison table like a
-pretrained one, a privileged one by its validation dose score given each plan's preferences.
+several); a teacher without preference inputs is scored in the comparison table like a
+pretrained one (one with privileged extra channels on the data set that has them), one with
+preference inputs by its validation dose score given each plan's preferences.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from torch import nn
 
 from nas_dose import distributed
 from nas_dose.config import ConfigError, to_dict
-from nas_dose.data.dataset import IN_CHANNELS, PlanDataset, TrainingSet, make_loader
+from nas_dose.data.dataset import IN_CHANNELS, DoseDataset, PlanDataset, TrainingSet, extra_inputs, make_loader
 from nas_dose.data.preferences import NAMES, PREFERENCES
 from nas_dose.data.store import open_data
 from nas_dose.errors import input_error
@@ -54,33 +59,48 @@ TEACHER_DIR = "teacher"
 @dataclass
 class ConcurrentConfig:
     """`members`: which members of the teacher's ensemble are trained (indices; null: all);
-    `privileged`: preference names the teacher also sees as constant input channels."""
+    `privileged`: what the teacher sees and the student does not: preference names (constant
+    input channels) and extra input channels of the data set."""
 
     members: list[int] | None = None
     privileged: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        unknown = [n for n in self.privileged if n not in PREFERENCES]
-        if unknown or len(set(self.privileged)) != len(self.privileged):
-            raise ConfigError(f"config key 'concurrent.privileged': expected distinct names of {', '.join(NAMES)}, "
-                              f"got {self.privileged}")
+        if len(set(self.privileged)) != len(self.privileged):
+            raise ConfigError(f"config key 'concurrent.privileged': a name twice in {self.privileged}")
         if self.members is not None and not self.members:
             raise ConfigError("config key 'concurrent.members': name at least one member (or null: all)")
+
+    @property
+    def preferences(self) -> list[str]:
+        """The privileged preference names."""
+        return [n for n in self.privileged if n in PREFERENCES]
+
+    def channels(self, data: Path) -> list[str]:
+        """The privileged extra input channels of the data set (any other name is an error)."""
+        extra = extra_inputs(data)
+        unknown = [n for n in self.privileged if n not in PREFERENCES and n not in extra]
+        if unknown:
+            raise ConfigError(f"config key 'concurrent.privileged': {', '.join(unknown)} is neither a preference "
+                              f"({', '.join(NAMES)}) nor an extra input channel of {data} "
+                              f"([{', '.join(extra)}])")
+        return [n for n in self.privileged if n in extra]
 
 
 @dataclass(frozen=True)
 class Member:
     """One teacher member to train: its name, weight in the teacher, and model spec (as a
-    checkpoint stores it; its input widened by the privileged channels)."""
+    checkpoint stores it; taking the data set's channels and the privileged preferences)."""
 
     name: str
     weight: float
     spec: dict[str, Any]
 
 
-def teacher_members(teacher: Path, cfg: ConcurrentConfig) -> list[Member]:
+def teacher_members(teacher: Path, cfg: ConcurrentConfig, extra: Sequence[str] = ()) -> list[Member]:
     """The architectures of an ensemble .yaml's members (or of one run folder or checkpoint),
-    their weights renormalized over `cfg.members`, inputs widened by the privileged channels."""
+    their weights renormalized over `cfg.members`, taking the standard channels, the `extra`
+    ones of the data set and the privileged preferences."""
     teacher = Path(teacher)
     if teacher.suffix in (".yaml", ".yml"):
         spec = load_yaml(teacher)
@@ -104,19 +124,22 @@ def teacher_members(teacher: Path, cfg: ConcurrentConfig) -> list[Member]:
             raise input_error(checkpoint, "not a nasdose model checkpoint")
         if spec.get("refiner") or spec.get("conditioning"):
             raise input_error(checkpoint, "a cascade's stage or a conditioned network cannot be a concurrent teacher")
-        members.append(Member(name, weight / total if total > 0 else 1 / len(chosen), widened(spec, cfg.privileged)))
+        members.append(Member(name, weight / total if total > 0 else 1 / len(chosen),
+                              widened(spec, extra, cfg.preferences)))
     return members
 
 
-def widened(spec: dict[str, Any], privileged: Sequence[str]) -> dict[str, Any]:
-    """`spec` taking len(privileged) more input channels than the data set's."""
-    if not privileged:
-        return spec
-    channels = data_channels(spec) + len(privileged)
-    if spec.get("genotype") is not None:
-        spec["genotype"]["macro"]["in_channels"] = channels
-    else:
-        spec["kwargs"]["in_channels"] = channels
+def widened(spec: dict[str, Any], extra: Sequence[str], preferences: Sequence[str]) -> dict[str, Any]:
+    """`spec` taking the standard input channels, `extra` and one per preference."""
+    channels = IN_CHANNELS + len(extra) + len(preferences)
+    if channels != data_channels(spec):
+        if spec.get("genotype") is not None:
+            spec["genotype"]["macro"]["in_channels"] = channels
+        else:
+            spec["kwargs"]["in_channels"] = channels
+    spec.pop("inputs", None)
+    if extra:
+        spec["inputs"] = list(extra)
     return spec
 
 
@@ -147,32 +170,35 @@ class PrivilegedPlans(PlanDataset):
 
     def __init__(self, path: Path, config: TrainConfig, exclude: Sequence[str]) -> None:
         super().__init__(path, config.data.train_split, augment=config.data.augment, seed=config.seed,
-                         exclude=exclude, preferences=True)
+                         exclude=exclude, preferences=True, hide=config.data.hide)
 
     def patient(self, index: int, epoch: int) -> tuple[Any, dict[str, Any]]:
         patient, more = super().patient(index, epoch)
         return patient, {"privileged": more["preferences"]}
 
 
-def build_members(members: Sequence[Member], privileged: Sequence[str], seed: int) -> list[nn.Module]:
-    """Each member freshly initialized from (seed, its index), leaving the global RNGs alone."""
+def build_members(members: Sequence[Member], preferences: Sequence[str], seed: int) -> list[nn.Module]:
+    """Each member freshly initialized from (seed, its index), leaving the global RNGs alone;
+    given the privileged `preferences`."""
     nets = []
     for i, m in enumerate(members):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1_000_003 * (seed + 1) + i)
             net = model_from_spec(m.spec)
-        nets.append(Privileged(net, privileged) if privileged else net)
+        nets.append(Privileged(net, preferences) if preferences else net)
     return nets
 
 
 class ConcurrentObjective(DistillObjective):
-    """The distillation objective whose teacher trains beside the student (module docstring)."""
+    """The distillation objective whose teacher trains beside the student (module docstring);
+    `preferences`: the privileged ones (the privileged extra channels are the student's
+    `train.data.hide`)."""
 
-    def __init__(self, members: Sequence[Member], privileged: Sequence[str], seed: int, alpha_gt: float = 1.0,
+    def __init__(self, members: Sequence[Member], preferences: Sequence[str], seed: int, alpha_gt: float = 1.0,
                  alpha_teacher: float = 1.0, hint: HintConfig | None = None,
                  adversarial: AdversarialConfig | None = None, combine: Combine = "blend") -> None:
-        self.members, self.privileged = list(members), list(privileged)
-        nets = build_members(members, privileged, seed)
+        self.members, self.preferences = list(members), list(preferences)
+        nets = build_members(members, preferences, seed)
         self.nets = nn.ModuleList(nets)
         hint = hint or HintConfig()
         index = hint.member if hint.member is not None else max(range(len(members)), key=lambda i: members[i].weight)
@@ -183,7 +209,7 @@ class ConcurrentObjective(DistillObjective):
         super().__init__(Path(), alpha_gt, alpha_teacher, hint, adversarial, hint_teacher=inner, combine=combine)
 
     def train_set(self, data: Path, config: TrainConfig) -> TrainingSet:
-        if self.privileged:
+        if self.preferences:
             if not config.data.plans:
                 raise ConfigError("config key 'concurrent.privileged': the preferences are those of each plan: set "
                                   "train.data.plans=true (data from `nasdose data synth --preferences K`)")
@@ -192,12 +218,14 @@ class ConcurrentObjective(DistillObjective):
             dataset: TrainingSet = PrivilegedPlans(data, config, held_out)
         else:
             dataset = Objective.train_set(self, data, config)
-        self.dataset, self.grid = dataset, dataset.grid
-        self.channels = getattr(dataset, "in_channels", IN_CHANNELS)
+        assert isinstance(dataset, DoseDataset)
+        self.dataset, self.grid, self.channels = dataset, dataset.grid, dataset.in_channels
+        self.extra, self.hide = dataset.data.extra_channels, dataset.hide
         return dataset
 
     def teacher_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        return [(input_shape[0], input_shape[1] + len(self.privileged), *input_shape[2:])]
+        [shape] = super().teacher_shapes(input_shape)
+        return [(shape[0], shape[1] + len(self.preferences), *shape[2:])]
 
     def bind_teacher(self, teacher: nn.Module) -> None:
         """The hint member trains: its features are taken from its training forward pass."""
@@ -220,10 +248,10 @@ class ConcurrentObjective(DistillObjective):
     def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """One step of the members on the reference dose, then the student's loss with their
         current prediction as its teacher."""
-        extra = (batch["privileged"],) if self.privileged else ()
-        target, mask = batch["target"], batch["mask"]
+        extra = (batch["privileged"],) if self.preferences else ()
+        target, mask, x = batch["target"], batch["mask"], self.teacher_batch(batch)["input"]
         with self.runtime.autocast():
-            outs = [net(batch["input"], *extra) for net in self.nets]
+            outs = [net(x, *extra) for net in self.nets]
         losses = torch.stack([masked_loss(o, target, mask, self.kind) for o in outs])
         total = losses.sum()
         if self.dvh.weight:
@@ -266,7 +294,7 @@ class ConcurrentObjective(DistillObjective):
         return {**terms, **{f"loss_member_{m.name}": v for m, v in zip(self.members, means)}}
 
 
-def save_teacher(folder: Path, members: Sequence[Member], privileged: Sequence[str], run: Path,
+def save_teacher(folder: Path, members: Sequence[Member], preferences: Sequence[str], run: Path,
                  config: TrainConfig, grid: int) -> Path:
     """Write the members trained beside the student (their weights from the student run's last
     checkpoint) as run folders under `folder`/members, with an ensemble.yaml for several; returns
@@ -274,7 +302,7 @@ def save_teacher(folder: Path, members: Sequence[Member], privileged: Sequence[s
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     state = ckpt["objective"]["members"]
     for i, m in enumerate(members):
-        prefix = f"{i}.net." if privileged else f"{i}."
+        prefix = f"{i}.net." if preferences else f"{i}."
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         member = folder / "members" / m.name
         if m.spec.get("genotype") is not None:
@@ -289,15 +317,15 @@ def save_teacher(folder: Path, members: Sequence[Member], privileged: Sequence[s
     return folder / "ensemble.yaml"
 
 
-def privileged_score(folder: Path, members: Sequence[Member], privileged: Sequence[str], data: Path,
+def privileged_score(folder: Path, members: Sequence[Member], preferences: Sequence[str], data: Path,
                      config: TrainConfig, runtime: Runtime) -> float:
-    """The validation dose score (Gy, on the data set's grid) of the privileged teacher, each
-    validation plan predicted given its own preferences."""
+    """The validation dose score (Gy, on the data set's grid) of the teacher given `preferences`,
+    each validation plan predicted given its own (and every channel of the data set)."""
     nets = []
     for m in members:
         net = model_from_spec(m.spec)
         net.load_state_dict(load_checkpoint(folder / "members" / m.name / "best.pt")["model"])
-        nets.append(Privileged(net, privileged))
+        nets.append(Privileged(net, preferences))
     teacher = Ensemble(nets, [m.weight for m in members]).to(runtime.device)
     plans = PlanDataset(data, config.data.val_split, every_plan=True, preferences=True)
     return validate(teacher, make_loader(plans, config.data.batch_size, shuffle=False, shard="exact"), runtime)[0]

@@ -103,6 +103,7 @@ from nas_dose.inference import (
     conditioned_on,
     load_model_or_ensemble,
     load_predictor,
+    trained_inputs,
 )
 from nas_dose.io import load_checkpoint, load_json, output_folder, save_json, write_text
 from nas_dose.models.factory import ModelConfig, build_model, load_model
@@ -276,7 +277,7 @@ def _train(cfg: TrainConfig, data: Path, folder: Path, objective: Objective | No
         cascade = cfg.cascade.coarse is not None
         if cascade and objective is None:  # the baseline of a cascade's stage
             objective = CascadeObjective(cfg, data)
-        model = build_model(cfg.model, refiner=cascade, extra=extra_inputs(data))
+        model = build_model(cfg.model, refiner=cascade, extra=extra_inputs(data, cfg.data.hide))
         train_model(model, cfg, data, folder, resume=True, objective=objective)
     return distributed.on_main(load_json, record)
 
@@ -307,32 +308,36 @@ def run_concurrent(teacher: Path, data: Path, out: Path, cfg: DistillConfig, res
     if cfg.student is not None and search_request(cfg.student) is not None:
         raise ConfigError("mode=concurrent: a student sized by a search (search:...) is for the two-stage mode; "
                           "name the student's SPEC")
-    members = teacher_members(teacher, cfg.concurrent)
-    privileged = cfg.concurrent.privileged
+    privileged, preferences = cfg.concurrent.privileged, cfg.concurrent.preferences
+    hidden = cfg.concurrent.channels(data)
+    members = teacher_members(teacher, cfg.concurrent, stage.extra)
     distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
     student = distributed.on_main(resolve_student, cfg.student, out)
     save_config(out / "config.yaml", cfg)
-    train_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime)
-    objective = ConcurrentObjective(members, privileged, cfg.seed, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint,
+    # the student and its baseline do not see the privileged channels; the teacher sees every one
+    teacher_cfg = replace(cfg.train, model=student, seed=cfg.seed, runtime=cfg.runtime,
+                          data=replace(cfg.train.data, hide=[]))
+    train_cfg = replace(teacher_cfg, data=replace(cfg.train.data, hide=sorted({*cfg.train.data.hide, *hidden})))
+    objective = ConcurrentObjective(members, preferences, cfg.seed, cfg.alpha_gt, cfg.alpha_teacher, cfg.hint,
                                     cfg.adversarial, cfg.combine)
     say(f"training {len(members)} member(s) of {teacher}'s architecture from scratch and distilling them, as they "
         f"learn, into {cfg.student}" + (f"; the teacher also sees {', '.join(privileged)}" if privileged else "")
         + (", and training the same architecture without distillation (baseline)" if cfg.baseline else ""))
     student_record, baseline_record = _train_student_and_baseline(cfg, data, out, train_cfg, objective, train_cfg)
     runtime = Runtime(cfg.runtime)
-    trained = distributed.on_main(save_teacher, out / TEACHER_DIR, members, privileged, out / "student", train_cfg,
-                                  stage.grid)
+    trained = distributed.on_main(save_teacher, out / TEACHER_DIR, members, preferences, out / "student",
+                                  teacher_cfg, stage.grid)
     context = {"mode": "concurrent", "teacher": str(trained), "architectures_of": str(teacher), "data": str(data),
                "student": cfg.student, "privileged": privileged,
                "training_patients": {"labeled": labeled, "unlabeled": 0},
                "epochs": {"student": train_cfg.epochs, "baseline": train_cfg.epochs},
                "student_training": student_record, "baseline_training": baseline_record}
-    if privileged:
+    if preferences:
         # every rank scores its share of the validation plans (the means are all-reduced)
-        context["teacher_val_dose_score"] = privileged_score(out / TEACHER_DIR, members, privileged, data, train_cfg,
+        context["teacher_val_dose_score"] = privileged_score(out / TEACHER_DIR, members, preferences, data, train_cfg,
                                                              runtime)
         return distributed.on_main(_report, trained, None, None, out, data, val_ids, stage, cfg, runtime, context)
-    loaded = load_predictor(trained, runtime, stage.grid, extra=extra_inputs(data))
+    loaded = load_predictor(trained, runtime, stage.grid, extra=stage.extra)
     cache = out / "teacher.h5"
     ensure_cache(cache, teacher_key(trained, data), data, val_ids, lambda: loaded, runtime, stage.grid)
     return distributed.on_main(_report, trained, cast(nn.Module, loaded).cpu(), cache, out, data, val_ids, stage, cfg,
@@ -457,8 +462,11 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
         note += (f" The teacher ({context['architectures_of']}'s architectures) was trained from scratch beside the "
                  "student, which learned from its current predictions; its last weights are in "
                  f"{context['teacher']}.")
+    hidden = [n for n in stage.extra if n not in trained_inputs(out / "student")]
+    if hidden:
+        note += f" The teacher also saw {', '.join(hidden)}; the student and its baseline did not (train.data.hide)."
     if predictor is None:
-        note += (f" The teacher also saw {', '.join(cfg.concurrent.privileged)} (privileged: the rows cannot "
+        note += (f" The teacher also saw {', '.join(cfg.concurrent.preferences)} (privileged: the rows cannot "
                  f"run it); its validation dose score given each plan's preferences, on the {grid}³ grid: "
                  f"{context['teacher_val_dose_score']:.3f} Gy.")
     if unlabeled:
@@ -470,7 +478,7 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
     if cfg.export:
         exported = out / "student.pt2"
         export_model(load_model(out / "student")[0], exported, ExportConfig(format="pt2", dynamic=False), stage.size,
-                     stage.extra)
+                     trained_inputs(out / "student"))
     student_row, baseline_row = rows[0], next((r for r in rows if r.name == BASELINE), None)
     metrics = {
         **context, "split": cfg.train.data.val_split, "patients": val_ids, "grid": grid,

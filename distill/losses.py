@@ -43,7 +43,7 @@ from nas_dose import distributed
 from nas_dose.cascade.objective import CascadeObjective
 from nas_dose.cascade.patches import PatchDataset
 from nas_dose.config import ConfigError, at_least
-from nas_dose.data.dataset import IN_CHANNELS, TrainingSet
+from nas_dose.data.dataset import IN_CHANNELS, TrainingSet, unhide
 from nas_dose.errors import NasDoseError
 from nas_dose.models.conditioning import preference_shapes
 from nas_dose.runtime import Runtime
@@ -234,6 +234,9 @@ class DistillObjective(Objective):
         self.cache = Path(cache)
         self.unlabeled_split = unlabeled_split
         self.channels = IN_CHANNELS  # the training set's input channels (train_set)
+        # the data set's extra input channels, and those the student does not see (train_set)
+        self.extra: tuple[str, ...] = ()
+        self.hide: tuple[str, ...] = ()
         if teacher_on not in TEACHER_ON:
             raise ConfigError(f"config key 'teacher_on': expected one of {', '.join(TEACHER_ON)}, got {teacher_on!r}")
         if teacher_on == "unlabeled" and combine != "blend":
@@ -264,12 +267,21 @@ class DistillObjective(Objective):
 
     def train_set(self, data: Path, config: TrainConfig) -> TrainingSet:
         dataset: TeacherDataset | PlanTeacherDataset = (  # a conditioned teacher's: per plan
-            PlanTeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment, seed=config.seed)
+            PlanTeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment, seed=config.seed,
+                               hide=config.data.hide)
             if config.data.plans else
             TeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment,
-                           seed=config.seed, unlabeled_split=self.unlabeled_split))
+                           seed=config.seed, unlabeled_split=self.unlabeled_split, hide=config.data.hide))
         self.grid, self.channels = dataset.grid, dataset.in_channels
+        self.extra, self.hide = dataset.data.extra_channels, dataset.hide
         return dataset
+
+    def teacher_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` as the teacher takes it: with the channels hidden from the student
+        (`train.data.hide`) back in its input."""
+        if not self.hide:
+            return batch
+        return {**batch, "input": unhide(batch["input"], batch["hidden"], self.extra, self.hide)}
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
         super().bind(model, runtime, config)
@@ -297,7 +309,7 @@ class DistillObjective(Objective):
 
     def teacher_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         """The shapes of the hint teacher's inputs for a student input of `input_shape`."""
-        return [input_shape]
+        return [(input_shape[0], input_shape[1] + len(self.hide), *input_shape[2:])]
 
     def bind_teacher(self, teacher: nn.Module) -> None:
         """A cached teacher's member runs frozen, for its features alone."""
@@ -308,7 +320,7 @@ class DistillObjective(Objective):
         conditioned teacher's asked for the batch's preferences, as the student is)."""
         assert self.hint_teacher is not None
         with torch.no_grad(), self.runtime.autocast():
-            forward(self.hint_teacher, batch)
+            forward(self.hint_teacher, self.teacher_batch(batch))
         return self.teacher_tap.take()
 
     def parameters(self) -> list[nn.Parameter]:

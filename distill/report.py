@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +16,7 @@ from nas_dose.data.dataset import IN_CHANNELS, PlanItem
 from nas_dose.data.store import open_data
 from nas_dose.inference import Cascade, Ensemble, Predictor, predict_plans, predictions, score_plans
 from nas_dose.models.conditioning import Preset
-from nas_dose.models.factory import load_model
+from nas_dose.models.factory import load_model, spec_inputs
 from nas_dose.models.refiner import REFINER_CHANNELS
 from nas_dose.runtime import Runtime
 from nas_dose.scores import Scores, score_on_source
@@ -55,10 +55,13 @@ class Row:
 
 
 def score_predictor(predictor: Predictor | Cascade, data: Path, ids: Sequence[str], runtime: Runtime,
-                    items: Sequence[PlanItem] | None = None) -> Scores:
+                    items: Sequence[PlanItem] | None = None, extra: Sequence[str] | None = None) -> Scores:
     """Official dose and DVH scores of a predictor's doses (as `nasdose predict` writes them, on
-    the source grid); a conditioned one's on each of `items` against its plan."""
+    the source grid); a conditioned one's on each of `items` against its plan. `extra`: the
+    extra input channels it takes (default: the data set's)."""
     with open_data(data) as d:
+        if extra is not None:
+            d.only_extra(extra)
         if items is not None and not isinstance(predictor, Cascade):
             return score_plans(d, items, predict_plans(cast(nn.Module, predictor), d, items, runtime))
         return score_on_source(d, predictions(predictor, d, list(ids), runtime)[1])
@@ -151,7 +154,8 @@ def file_size(*files: Path) -> int:
 
 def model_row(name: str, arch: str, model: nn.Module, files: list[Path], data: Path, ids: list[str],
                stage: Mode, latency_cfg: LatencyConfig, runtime: Runtime, scores: Scores | None = None) -> Row:
-    s = scores or score_predictor(stage.predictor(model, runtime), data, ids, runtime, stage.items)
+    """A network's row; `stage.extra` are the extra input channels it takes."""
+    s = scores or score_predictor(stage.predictor(model, runtime), data, ids, runtime, stage.items, stage.extra)
     return Row(name, arch, s.dose_score, s.dvh_score, checkpoint_bytes=file_size(*files),
                **cost(stage.costed(model), stage.size, latency_cfg.size, latency_cfg.runs, stage.channels))  # type: ignore[arg-type]
 
@@ -175,14 +179,16 @@ def comparison_rows(teacher_path: Path, teacher: nn.Module | None, cache: Path |
     rows = []
     model, meta = load_model(out / "student")
     arch = architecture(meta["model_config"])
-    rows.append(model_row("student (distilled)", arch, model, [out / "student" / "best.pt"], data, ids, stage,
+    # the student and its baseline may not take every extra input channel (`train.data.hide`)
+    seen = replace(stage, extra=spec_inputs(meta["model_config"])) if stage.cascade is None else stage
+    rows.append(model_row("student (distilled)", arch, model, [out / "student" / "best.pt"], data, ids, seen,
                            latency_cfg, runtime))
     if teacher is not None and cache is not None:
         rows += teacher_rows(teacher_path, teacher, cache, data, ids, stage, latency_cfg, runtime)
     if baseline:
         model, _ = load_model(out / "baseline")
         rows.append(model_row(BASELINE, arch, model, [out / "baseline" / "best.pt"],
-                               data, ids, stage, latency_cfg, runtime))
+                               data, ids, seen, latency_cfg, runtime))
     return rows
 
 

@@ -185,9 +185,9 @@ class TeacherDataset(DoseDataset):
     """
 
     def __init__(self, path: Path, split: str, cache: Path, augment: AugmentConfig | None = None,
-                 seed: int = 0, unlabeled_split: str | None = None) -> None:
+                 seed: int = 0, unlabeled_split: str | None = None, hide: Sequence[str] = ()) -> None:
         splits = [split] if unlabeled_split is None else [split, unlabeled_split]
-        super().__init__(path, splits, augment=augment, seed=seed)
+        super().__init__(path, splits, augment=augment, seed=seed, hide=hide)
         self.unlabeled = set(self.data.ids(unlabeled_split)) if unlabeled_split is not None else set()
         self.cache = _open_cache(cache, self.ids, self.grid)
 
@@ -203,8 +203,8 @@ class PlanTeacherDataset(PlanDataset):
     `teacher`: a conditioned teacher's cached prediction for that plan, moved like the target."""
 
     def __init__(self, path: Path, split: str, cache: Path, augment: AugmentConfig | None = None,
-                 seed: int = 0) -> None:
-        super().__init__(path, split, augment=augment, seed=seed, preferences=True)
+                 seed: int = 0, hide: Sequence[str] = ()) -> None:
+        super().__init__(path, split, augment=augment, seed=seed, preferences=True, hide=hide)
         keys = [plan_key(pid, k if has else None)
                 for pid, has, values in zip(self.ids, self.has_plans, self.values) for k in range(len(values))]
         self.cache = _open_cache(cache, keys, self.grid)

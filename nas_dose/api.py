@@ -15,6 +15,7 @@ refines it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,10 @@ class DosePredictor:
         """The patient's dose in Gy on its own grid (see the module docstring)."""
         if not isinstance(patient, Patient):
             patient = read_patient(patient)
-        if tuple(sorted(patient.extra)) != self.inputs:
+        if not set(self.inputs) <= set(patient.extra):
             raise NasDoseError(f"patient {patient.id}: {self.model} takes the extra input channels "
                                f"[{', '.join(self.inputs)}], the patient has [{', '.join(sorted(patient.extra))}]")
+        patient = replace(patient, extra={n: patient.extra[n] for n in self.inputs})  # a model may take fewer
         grid = self.grid or patient.grid
         if patient.grid % grid:
             raise NasDoseError(f"patient {patient.id}: its {patient.grid}³ grid is not a multiple of the "

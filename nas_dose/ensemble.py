@@ -72,7 +72,16 @@ from .data.preferences import MEASURED, NAMES
 from .data.store import DataFile, open_data, write_predictions
 from .errors import input_error
 from .evaluate import evaluate_predictions
-from .inference import Cascade, Ensemble, as_predictor, predict_plans, predictions, save_ensemble, score_plans
+from .inference import (
+    Cascade,
+    Ensemble,
+    as_predictor,
+    open_for,
+    predict_plans,
+    predictions,
+    save_ensemble,
+    score_plans,
+)
 from .io import load_json, output_folder, save_json
 from .models.conditioning import KINDS, conditioning_spec
 from .models.factory import ModelConfig, build_model, load_model
@@ -267,7 +276,7 @@ def _train_member(cfg: EnsembleConfig, member: _Member, index: int, space: str, 
     config = _member_config(cfg, member, index, space)
     cascade = config.cascade.coarse is not None
     seed_everything(config.seed)
-    model = build_model(config.model, refiner=cascade, extra=extra_inputs(data))
+    model = build_model(config.model, refiner=cascade, extra=extra_inputs(data, config.data.hide))
     if supernet is not None:
         _inherit(model, supernet, member.genotype, config.model.conditioning)
     objective = CascadeObjective(config, data) if cascade else None
@@ -279,7 +288,7 @@ def _predict_member(member: _Member, data: Path, ids: list[str], runtime: Runtim
     """Cache the member's validation predictions (its best checkpoint, as the ensemble runs it):
     on the data set's grid, or on the source grid for the full-resolution stage of a cascade; a
     conditioned member's for each plan item (`items`), asked for its preferences."""
-    with open_data(data) as d:
+    with open_for(data, member.folder) as d:
         model, _ = load_model(member.folder)
         # clamped, then flip-averaged: as the ensemble runs it
         member_net = runtime.prepare(Ensemble([model], [1.0], tta)).eval()

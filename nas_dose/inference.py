@@ -21,7 +21,7 @@ from .config import from_dict
 from .data.dataset import PlanItem, build_input, measured_items, plan_reference
 from .data.patient import DOSE_SCALE_GY, Patient
 from .data.preferences import MEASURED, check
-from .data.store import DataFile
+from .data.store import DataFile, open_data
 from .data.tta import flip_tta
 from .errors import input_error
 from .io import load_checkpoint, load_yaml, save_yaml
@@ -269,6 +269,15 @@ def trained_grid(path: Path) -> int | None:
 def trained_inputs(path: Path) -> tuple[str, ...]:
     """The extra input channels the model at `path` takes (`spec_inputs`)."""
     return spec_inputs(_first_checkpoint(path)["model_config"])
+
+
+def open_for(data: Path, model: Path) -> DataFile:
+    """The data set, open, giving only the extra input channels the model at `model` takes (one
+    trained with `train.data.hide` takes fewer than its data set has). A model that takes one
+    the data set lacks is refused where it is loaded (`check_trained_on`)."""
+    d = open_data(data)
+    takes = trained_inputs(model)
+    return d.only_extra(takes) if set(takes) <= set(d.extra_channels) else d
 
 
 def cascade_config(path: Path) -> CascadeConfig:

@@ -53,7 +53,7 @@ from .data.nifti import write_nifti_dose
 from .data.openkbp import write_submission_csv
 from .data.patient import DOSE_SCALE_GY
 from .data.preferences import MEASURED, parse, parse_sweep
-from .data.store import SPLITS, DataFile, open_data, write_predictions
+from .data.store import SPLITS, DataFile, write_predictions
 from .errors import input_error
 from .inference import (
     AtMeasured,
@@ -63,6 +63,7 @@ from .inference import (
     load_at_measured,
     load_model_or_ensemble,
     load_predictor,
+    open_for,
     predict_patients,
     predictions,
     with_preferences,
@@ -228,7 +229,7 @@ def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, forc
     swept = parse_sweep(config.sweep) if config.sweep else None
     if swept is not None and measured:
         raise ConfigError("config key 'preference': a sweep holds the other preferences at values, not 'measured'")
-    with output_folder(out), open_data(inputs.data) as data:
+    with output_folder(out), open_for(inputs.data, inputs.model) as data:
         refuse_existing([Path(out) / "predictions.h5", *(Path(out) / f for f in FORMATS.values())], force)
         if data.kind != "dataset":
             raise input_error(inputs.data, "is a prediction file, not a data set")

@@ -29,7 +29,7 @@ from .cascade.objective import CascadeObjective
 from .data.dataset import extra_inputs
 from .data.preferences import MEASURED
 from .data.store import open_data
-from .inference import load_at_measured, load_predictor, official_scores
+from .inference import load_at_measured, load_predictor, official_scores, open_for
 from .io import load_json, output_folder, save_json
 from .models.factory import build_model
 from .plots import plot_training_curve
@@ -56,7 +56,7 @@ def run(config: TrainConfig, inputs: Inputs, out: Path, resume: bool = False, *,
     config = replace(config, cascade=config.cascade.resolved())
     seed_everything(config.seed)
     cascade = config.cascade.coarse is not None
-    model = build_model(config.model, refiner=cascade, extra=extra_inputs(inputs.data))
+    model = build_model(config.model, refiner=cascade, extra=extra_inputs(inputs.data, config.data.hide))
     with output_folder(out, replace=force):
         objective: Objective | None = CascadeObjective(config, inputs.data) if cascade else None
         if config.prior.epochs:
@@ -88,7 +88,7 @@ def _report_official(run: Path, data: Path, config: TrainConfig) -> None:
     are stored on the data set's grid only: where the validation patients hold them, each plan
     is scored against its own dose there, by the validation score, and no official one is made."""
     conditioned = config.model.conditioning is not None
-    with open_data(data) as d:
+    with open_for(data, run) as d:
         ids = d.ids(config.data.val_split)
         if config.cascade.coarse is None and all(d.source_grid(pid) == d.grid for pid in ids):
             return

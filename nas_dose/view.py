@@ -49,9 +49,9 @@ from torch import nn
 from .config import ConfigError, at_least
 from .data.patient import OARS, ROIS, TARGETS, Patient
 from .data.preferences import PREFERENCES, check, homogeneity_index, parse
-from .data.store import DataFile, open_data
+from .data.store import DataFile
 from .errors import NasDoseError, input_error
-from .inference import conditioned_on, load_model_or_ensemble, predict_patient
+from .inference import conditioned_on, load_model_or_ensemble, open_for, predict_patient
 from .io import output_file, refuse_existing, write_text
 from .models.conditioning import Preset
 from .plots import BODY_HU, CT_OFFSET, CT_WINDOW_HU, DOSE_CMAP, ROI_COLORS, axial_centre, crop_box, cumulative_dvh
@@ -132,7 +132,7 @@ def _open(config: Config, inputs: Inputs, data: DataFile) -> Viewed:
 def run(config: Config, inputs: Inputs, out: Path, resume: bool = False, *, force: bool = False) -> dict[str, Any]:
     """Predict the grid of settings for one patient and write the page to `out` (an .html file);
     returns the page's data. An existing page is replaced only with `force`."""
-    with output_file(out), open_data(inputs.data) as data:
+    with output_file(out), open_for(inputs.data, inputs.model) as data:
         refuse_existing([out], force)
         viewed = _open(config, inputs, data)
         axes = [np.linspace(lo, hi, config.steps) for lo, hi in viewed.spans]
@@ -311,7 +311,7 @@ class ViewServer(ThreadingHTTPServer):
 
 def open_server(config: Config, inputs: Inputs) -> ViewServer:
     """The live server for one patient, listening, not yet serving (`serve_forever` does)."""
-    with open_data(inputs.data) as data:
+    with open_for(inputs.data, inputs.model) as data:
         viewed = _open(config, inputs, data)
     return ViewServer(config.port, Live(viewed, config.slice), str(inputs.model))
 

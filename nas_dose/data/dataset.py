@@ -42,18 +42,35 @@ INPUT_LAYOUT = input_layout()
 ITEM_KINDS: dict[str, str | ChannelLayout] = {"input": INPUT_LAYOUT, "target": "continuous", "mask": "mask"}
 
 
-def extra_inputs(data: DataFile | Path) -> tuple[str, ...]:
-    """The extra input channels of a data set (open, or its file), in the order models take them."""
+def extra_inputs(data: DataFile | Path, hide: Sequence[str] = ()) -> tuple[str, ...]:
+    """The extra input channels of a data set (open, or its file), in the order models take them;
+    those of a model that does not take `hide` (`train.data.hide`)."""
     if isinstance(data, DataFile):
-        return data.extra_channels
+        return tuple(n for n in data.extra_channels if n not in hide)
     with open_data(Path(data)) as d:
-        return d.extra_channels
+        return extra_inputs(d, hide)
 
 
 def input_channels(data: DataFile | Path) -> int:
     """How many input channels a model of this data set (open, or its file) takes: the standard
     ones and its extra."""
     return IN_CHANNELS + len(extra_inputs(data))
+
+
+def hidden_channels(extra: Sequence[str], hide: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Indices into a data set's input (its `extra` channels after the standard ones) of the
+    channels a model that does not take `hide` sees, and of the hidden ones (`train.data.hide`)."""
+    hidden = [IN_CHANNELS + extra.index(n) for n in sorted(hide)]
+    return [i for i in range(IN_CHANNELS + len(extra)) if i not in hidden], hidden
+
+
+def unhide(x: torch.Tensor, hidden: torch.Tensor, extra: Sequence[str], hide: Sequence[str]) -> torch.Tensor:
+    """The data set's whole input (N, IN_CHANNELS + len(extra), ...) from what a model that does not
+    take `hide` sees and the hidden channels (an item's `input` and `hidden`): a privileged
+    teacher's input."""
+    seen, hidden_at = hidden_channels(extra, hide)
+    order = torch.tensor(seen + hidden_at, device=x.device).argsort()
+    return torch.cat([x, hidden.to(x.dtype)], dim=1)[:, order]
 
 
 def _check_shapes(p: Patient) -> tuple[int, ...]:
@@ -152,10 +169,14 @@ class DoseDataset(Dataset):
     An item is a dict: `input` (in_channels, G, G, G), `target` (1, G, G, G), `mask`
     (1, G, G, G) float tensors, `labeled` (a 0-d float, see `labeled`) and `id`. The
     augmentation of item i in epoch e is drawn from (seed, e, i) alone; `set_epoch` selects e.
+
+    The extra input channels named in `hide` are left out of `input` (in_channels counts without
+    them) and given as `hidden` (len(hide), G, G, G), moved by the same augmentation: what a
+    teacher sees and its student does not (`unhide` puts them back).
     """
 
     def __init__(self, path: Path, split: str | Sequence[str] | None, augment: AugmentConfig | None = None,
-                 seed: int = 0, exclude: Sequence[str] = ()) -> None:
+                 seed: int = 0, exclude: Sequence[str] = (), hide: Sequence[str] = ()) -> None:
         if seed < 0:
             raise NasDoseError(f"{path}: the data seed must be >= 0, got {seed}")
         self.data = open_data(Path(path))
@@ -169,6 +190,12 @@ class DoseDataset(Dataset):
         self.augmentation = augment if augment is not None and augment.enabled else None
         self.seed = seed
         self.epoch = 0
+        unknown = [n for n in hide if n not in self.data.extra_channels]
+        if unknown or len(set(hide)) != len(hide):
+            raise NasDoseError(f"{path}: cannot hide {', '.join(unknown) or 'a channel twice'}: the extra input "
+                               f"channels are [{', '.join(self.data.extra_channels)}]")
+        self.hide = tuple(sorted(hide))
+        self.seen, self.hidden = hidden_channels(self.data.extra_channels, self.hide)
 
     @property
     def grid(self) -> int:
@@ -176,11 +203,12 @@ class DoseDataset(Dataset):
 
     @property
     def in_channels(self) -> int:
-        return input_channels(self.data)
+        return len(self.seen)
 
     @property
     def extra_inputs(self) -> tuple[str, ...]:
-        return self.data.extra_channels
+        """The extra input channels of `input`: the data set's, but the hidden ones."""
+        return tuple(n for n in self.data.extra_channels if n not in self.hide)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:
@@ -197,6 +225,8 @@ class DoseDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index]) if self.augmentation else None
         arrays = build_item(patient, self.augmentation, rng, self.doses(pid, self.plan(index, epoch)),
                             self.labeled(pid))
+        if self.hide:
+            arrays["hidden"], arrays["input"] = arrays["input"][self.hidden], arrays["input"][self.seen]
         return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in {**arrays, **more}.items()}, "id": pid}
 
     def patient(self, index: int, epoch: int) -> tuple[Patient, dict[str, np.ndarray]]:
@@ -229,8 +259,8 @@ class PlanDataset(DoseDataset):
 
     def __init__(self, path: Path, split: str | Sequence[str] | None, augment: AugmentConfig | None = None,
                  seed: int = 0, exclude: Sequence[str] = (), every_plan: bool = False,
-                 preferences: bool = False) -> None:
-        super().__init__(path, split, augment, seed, exclude)
+                 preferences: bool = False, hide: Sequence[str] = ()) -> None:
+        super().__init__(path, split, augment, seed, exclude, hide)
         self.preferences = preferences
         self.has_plans = [self.data.n_plans(pid) > 0 for pid in self.ids]
         self.values = plan_preferences(self.data, self.ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -260,6 +260,16 @@ class DataFile:
                     from None
             self._pid = os.getpid()
         return self._file
+
+    def only_extra(self, names: Sequence[str]) -> DataFile:
+        """Read (and report) only these of the extra input channels, for a model that takes fewer
+        than the data set has (`train.data.hide`); a name the file lacks is an error."""
+        missing = [n for n in names if n not in self.extra_channels]
+        if missing:
+            raise input_error(self.path, f"no extra input channel {', '.join(missing)} (the file has "
+                                         f"[{', '.join(self.extra_channels)}])")
+        self.extra_channels = tuple(n for n in self.extra_channels if n in names)
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_file": None, "_pid": -1}

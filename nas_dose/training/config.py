@@ -32,6 +32,10 @@ class DataConfig:
     # patient and epoch, and validate on all of them; a conditioned model is asked for each
     # plan's preferences.
     plans: bool = False
+    # Extra input channels of the data set the model does not take (`data synth --beam-plates`'s
+    # beam_plate, say): a network to compare with one that sees them, or a student whose
+    # privileged teacher alone sees them (distill's `concurrent.privileged`).
+    hide: list[str] = field(default_factory=list)
 
     def held_out(self, ids: list[str]) -> list[str]:
         """The training patients of `ids` this run leaves out (none without folds)."""

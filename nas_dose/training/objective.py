@@ -37,16 +37,17 @@ class Objective:
             held_out = config.data.held_out(d.ids(config.data.train_split))
         if config.data.plans:
             return PlanDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed,
-                               exclude=held_out, preferences=config.model.conditioning is not None)
+                               exclude=held_out, preferences=config.model.conditioning is not None,
+                               hide=config.data.hide)
         return DoseDataset(data, config.data.train_split, augment=config.data.augment, seed=config.seed,
-                           exclude=held_out)
+                           exclude=held_out, hide=config.data.hide)
 
     def val_set(self, data: Path, config: TrainConfig) -> EpochDataset:
         """What the checkpoint is chosen on (the validation patients, whole; every plan of each)."""
         if config.data.plans:
             return PlanDataset(data, config.data.val_split, every_plan=True,
-                               preferences=config.model.conditioning is not None)
-        return DoseDataset(data, config.data.val_split)
+                               preferences=config.model.conditioning is not None, hide=config.data.hide)
+        return DoseDataset(data, config.data.val_split, hide=config.data.hide)
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
         """Called once the model is on the runtime's device, before its optimizer is made."""
