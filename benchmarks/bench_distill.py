@@ -296,7 +296,8 @@ def plan_ablation(seeds: int, dev: torch.device) -> dict[str, Any]:
                 cfg = ablation_config(student_file, ABLATION_STEPS, seed, dev, plans=True)
                 scores.setdefault("baseline", []).append(val_score(cfg, data))
                 for extra in ([], privileged):
-                    team = [Member(f"m{m}", 1 / members, widened(copy.deepcopy(spec), (), extra)) for m in range(members)]
+                    team = [Member(f"m{m}", 1 / members, widened(copy.deepcopy(spec), (), extra))
+                            for m in range(members)]
                     objective = ConcurrentObjective(team, extra, seed, hint=HINTS)
                     name = "concurrent + hints" + (", privileged teacher" if extra else "")
                     scores.setdefault(name, []).append(val_score(cfg, data, objective))

@@ -9,10 +9,19 @@ import pytest
 import torch
 
 import nas_dose
+from nas_dose import cli
 from nas_dose.cascade.patches import CascadeConfig, PatchDataset
 from nas_dose.config import ConfigError, load_config
 from nas_dose.data.augment import AugmentConfig
-from nas_dose.data.dataset import IN_CHANNELS, DoseDataset, build_input, build_item, input_channels
+from nas_dose.data.dataset import (
+    IN_CHANNELS,
+    DoseDataset,
+    build_input,
+    build_item,
+    hidden_channels,
+    input_channels,
+    unhide,
+)
 from nas_dose.data.resample import downsample_patient
 from nas_dose.data.store import open_data, write_dataset
 from nas_dose.data.synth import synth_patient, synth_patients
@@ -20,7 +29,8 @@ from nas_dose.errors import NasDoseError
 from nas_dose.export import Config as ExportConfig
 from nas_dose.export import Inputs as ExportInputs
 from nas_dose.export import run as export
-from nas_dose.inference import load_model_or_ensemble, trained_inputs
+from nas_dose.inference import load_model_or_ensemble, open_for, trained_inputs
+from nas_dose.io import load_checkpoint
 from nas_dose.models.factory import ModelConfig, build_model, data_channels, model_spec, spec_inputs
 from nas_dose.search_spaces import get_space, save_genotype
 from nas_dose.train import Inputs as TrainInputs
@@ -181,3 +191,44 @@ def test_a_cascade_stage_refuses_extra_inputs(tmp_path):
     with pytest.raises(NasDoseError, match=r"d\.h5: a cascade's full-resolution stage cannot take the extra input "
                                            r"channels \(beam_plate\)"):
         PatchDataset(path, "train", CascadeConfig(coarse="run", patch=8))
+
+
+def test_hidden_channels_leave_the_input_and_are_put_back_in_place():
+    seen, hidden = hidden_channels(("a_map", "beam_plate"), ("a_map",))
+    assert seen == [*range(IN_CHANNELS), IN_CHANNELS + 1] and hidden == [IN_CHANNELS]
+    x = torch.randn(2, IN_CHANNELS + 2, 4, 4, 4)
+    assert torch.equal(unhide(x[:, seen], x[:, hidden], ("a_map", "beam_plate"), ("a_map",)), x)
+
+
+def test_a_data_set_hides_a_channel_moved_as_the_input_is(tmp_path):
+    path = plated(tmp_path)
+    flips = AugmentConfig(probability=1.0, max_shift=2)
+    full = DoseDataset(path, "train", augment=flips, seed=3)
+    hid = DoseDataset(path, "train", augment=flips, seed=3, hide=["beam_plate"])
+    assert (hid.in_channels, hid.extra_inputs, full.in_channels) == (IN_CHANNELS, (), IN_CHANNELS + 1)
+    a, b = full[1], hid[1]
+    assert b["input"].shape[0] == IN_CHANNELS and b["hidden"].shape == (1, 16, 16, 16) and "hidden" not in a
+    assert torch.equal(unhide(b["input"][None], b["hidden"][None], PLATE, PLATE)[0], a["input"])
+    assert torch.equal(a["target"], b["target"])
+    with pytest.raises(NasDoseError, match=r"d\.h5: cannot hide dose_bath: the extra input channels are "
+                                           r"\[beam_plate\]"):
+        DoseDataset(path, "train", hide=["dose_bath"])
+
+
+def test_a_model_that_does_not_take_a_channel_predicts_data_that_has_it(tmp_path, capsys):
+    path = plated(tmp_path)
+    cfg = load_config(TrainConfig, overrides=["model.kwargs.widths=[4, 8]", "epochs=1", "steps_per_epoch=2",
+                                              "runtime.device=cpu", "runtime.threads=1", "data.hide=[beam_plate]"])
+    train(cfg, TrainInputs(path), tmp_path / "run", official=False)
+    assert trained_inputs(tmp_path / "run") == ()
+    assert data_channels(load_checkpoint(tmp_path / "run" / "best.pt")["model_config"]) == IN_CHANNELS
+    assert cli.main(["predict", "--model", str(tmp_path / "run"), "--data", str(path), "--out",
+                     str(tmp_path / "pred"), "-q"]) == 0
+    with open_data(tmp_path / "pred" / "predictions.h5") as pred:
+        assert len(pred.ids()) == 4
+    # the plate is left out: a phantom is predicted the same with it and without it
+    predictor = nas_dose.load(tmp_path / "run", device="cpu", threads=1)
+    with_plate, without = synth_patient(0, 16, 0, beam_plates=True), synth_patient(0, 16, 0)
+    assert np.array_equal(predictor.predict(with_plate), predictor.predict(without))
+    with open_for(path, tmp_path / "run") as data:
+        assert data.extra_channels == () and not data.read("pt_1").extra
