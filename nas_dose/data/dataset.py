@@ -208,7 +208,7 @@ class DoseDataset(Dataset):
     @property
     def extra_inputs(self) -> tuple[str, ...]:
         """The extra input channels of `input`: the data set's, but the hidden ones."""
-        return tuple(n for n in self.data.extra_channels if n not in self.hide)
+        return extra_inputs(self.data, self.hide)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:
