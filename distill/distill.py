@@ -310,6 +310,11 @@ def run_concurrent(teacher: Path, data: Path, out: Path, cfg: DistillConfig, res
                           "name the student's SPEC")
     privileged, preferences = cfg.concurrent.privileged, cfg.concurrent.preferences
     hidden = cfg.concurrent.channels(data)
+    if set(cfg.train.data.hide) - set(hidden):
+        raise ConfigError("config key 'train.data.hide': in concurrent mode the teacher's members take every channel "
+                          "of the data set and the student all but the privileged ones; name "
+                          f"{', '.join(sorted(set(cfg.train.data.hide) - set(hidden)))} in concurrent.privileged "
+                          "instead")
     members = teacher_members(teacher, cfg.concurrent, stage.extra)
     distributed.on_main(check_run_folder, out, cfg, resume, "a distillation run", out / "student", TRAINING_KEYS)
     student = distributed.on_main(resolve_student, cfg.student, out)

@@ -83,6 +83,9 @@ def test_a_privileged_name_must_be_a_preference_or_a_channel_of_the_data(plates,
                    tmp_path / "run", "-q", "mode=concurrent", "concurrent.privileged=[dose_bath]", *TINY) == 1
     assert ("'concurrent.privileged': dose_bath is neither a preference (oar, hi) nor an extra input channel of "
             f"{plates} ([beam_plate])") in capsys.readouterr().err
+    assert nasdose("distill", tmp_path / "none.pt", "--student", "unet3d:widths=4,8", "--data", plates, "--out",
+                   tmp_path / "run2", "-q", "mode=concurrent", "train.data.hide=[beam_plate]", *TINY) == 1
+    assert "name beam_plate in concurrent.privileged instead" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="a name twice"):
         load_config(distill_stage.Config, overrides=["mode=concurrent", "concurrent.privileged=[hi, hi]"])
 
