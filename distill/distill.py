@@ -41,7 +41,9 @@ the input; the checkpoint is chosen on the validation dose score against the ref
 `mode: concurrent` needs no trained teacher: ENSEMBLE.yaml (or a run) names the architectures
 whose members are trained from scratch beside the student, in its steps, the student learning
 from their current predictions and features (nas_dose.distill.concurrent); `concurrent.privileged`
-gives the teacher the plans' preference values as extra input channels the student never sees.
+gives the teacher the plans' preference values, or extra input channels of the data set (a beam
+plate), that the student never sees. In either mode `train.data.hide` trains the student and its
+baseline without extra channels of the data set that the teacher takes.
 No teacher.h5 is made for training; DIR/teacher/ receives the trained members (an ensemble.yaml
 for several), and the table scores them as the teacher.
 
@@ -49,8 +51,8 @@ DIR receives:
   teacher.h5        the teacher's predictions of the training, unlabeled and validation patients,
                     made once; reused by --resume and by later runs given it as --teacher-cache
                     (mode=concurrent: the trained members' predictions of the validation patients,
-                    for the table; none with a privileged teacher, which predicts from inputs the
-                    validation patients do not have)
+                    for the table; none with a teacher given preferences, which predicts from
+                    inputs the validation patients do not have)
   student/          the student's training run: best.pt (`nasdose predict --model DIR/student`);
                     in concurrent mode its checkpoints also hold the teacher's members and optimizer
   teacher/          mode=concurrent: the members trained beside the student (last weights)
