@@ -10,11 +10,12 @@ from torch import nn
 
 from nas_dose import cli, ensemble
 from nas_dose.config import load_config
-from nas_dose.data.store import open_data
+from nas_dose.data.store import open_data, write_dataset
+from nas_dose.data.synth import synth_patients
 from nas_dose.data.tta import flip_tta
 from nas_dose.ensemble import EnsembleConfig, Inputs
 from nas_dose.errors import NasDoseError
-from nas_dose.inference import Ensemble, load_ensemble, load_model_or_ensemble, predict_patients
+from nas_dose.inference import Ensemble, load_ensemble, load_model_or_ensemble, predict_patients, trained_inputs
 from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
 from nas_dose.pool import MATRICES, DiversityConfig, Pool, PoolMember, save_pool
 from nas_dose.runtime import Runtime, RuntimeConfig
@@ -255,3 +256,13 @@ def test_init_inherit_starts_members_from_their_supernet_weights(tmp_path, data,
     with pytest.raises(NasDoseError, match=f"^{pool_file}: init=inherit: no trained supernet at "
                                            f"{pool_file.parent / SUPERNET_FILE}"):
         ensemble.run(cfg, Inputs(pool_file, data), tmp_path / "none")
+
+
+def test_members_trained_without_a_channel_predict_the_data_set_that_has_it(tmp_path, pool_file):
+    plates = tmp_path / "plates.h5"
+    write_dataset(plates, synth_patients(8, 16, 0, beam_plates=True), source="test", grid=16)
+    cfg = load_config(EnsembleConfig, overrides=[*SETTINGS, "train.data.hide=[beam_plate]"])
+    ensemble.run(cfg, Inputs(pool_file, plates), tmp_path / "run")  # the pool was searched without plates
+    assert trained_inputs(tmp_path / "run" / "ensemble.yaml") == ()
+    assert cli.main(["predict", "--model", str(tmp_path / "run" / "ensemble.yaml"), "--data", str(plates),
+                     "--out", str(tmp_path / "pred"), "-q"]) == 0
