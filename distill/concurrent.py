@@ -219,8 +219,8 @@ class ConcurrentObjective(DistillObjective):
         else:
             dataset = Objective.train_set(self, data, config)
         assert isinstance(dataset, DoseDataset)
-        self.dataset, self.grid, self.channels = dataset, dataset.grid, dataset.in_channels
-        self.extra, self.hide = dataset.data.extra_channels, dataset.hide
+        self.dataset = dataset
+        self.keep(dataset)
         return dataset
 
     def teacher_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:

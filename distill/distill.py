@@ -469,7 +469,8 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
         note += (f" The teacher ({context['architectures_of']}'s architectures) was trained from scratch beside the "
                  "student, which learned from its current predictions; its last weights are in "
                  f"{context['teacher']}.")
-    hidden = [n for n in stage.extra if n not in trained_inputs(out / "student")]
+    student_inputs = trained_inputs(out / "student")
+    hidden = [n for n in stage.extra if n not in student_inputs]
     if hidden:
         note += f" The teacher also saw {', '.join(hidden)}; the student and its baseline did not (train.data.hide)."
     if predictor is None:
@@ -485,7 +486,7 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
     if cfg.export:
         exported = out / "student.pt2"
         export_model(load_model(out / "student")[0], exported, ExportConfig(format="pt2", dynamic=False), stage.size,
-                     trained_inputs(out / "student"))
+                     student_inputs)
     student_row, baseline_row = rows[0], next((r for r in rows if r.name == BASELINE), None)
     metrics = {
         **context, "split": cfg.train.data.val_split, "patients": val_ids, "grid": grid,

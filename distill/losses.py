@@ -43,7 +43,7 @@ from nas_dose import distributed
 from nas_dose.cascade.objective import CascadeObjective
 from nas_dose.cascade.patches import PatchDataset
 from nas_dose.config import ConfigError, at_least
-from nas_dose.data.dataset import IN_CHANNELS, TrainingSet, unhide
+from nas_dose.data.dataset import IN_CHANNELS, DoseDataset, TrainingSet, unhide, unhide_order
 from nas_dose.errors import NasDoseError
 from nas_dose.models.conditioning import preference_shapes
 from nas_dose.runtime import Runtime
@@ -234,9 +234,9 @@ class DistillObjective(Objective):
         self.cache = Path(cache)
         self.unlabeled_split = unlabeled_split
         self.channels = IN_CHANNELS  # the training set's input channels (train_set)
-        # the data set's extra input channels, and those the student does not see (train_set)
-        self.extra: tuple[str, ...] = ()
+        # the extra input channels the student does not see, and where they go back (`keep`)
         self.hide: tuple[str, ...] = ()
+        self.order = unhide_order((), ())
         if teacher_on not in TEACHER_ON:
             raise ConfigError(f"config key 'teacher_on': expected one of {', '.join(TEACHER_ON)}, got {teacher_on!r}")
         if teacher_on == "unlabeled" and combine != "blend":
@@ -272,21 +272,27 @@ class DistillObjective(Objective):
             if config.data.plans else
             TeacherDataset(data, config.data.train_split, self.cache, augment=config.data.augment,
                            seed=config.seed, unlabeled_split=self.unlabeled_split, hide=config.data.hide))
-        self.grid, self.channels = dataset.grid, dataset.in_channels
-        self.extra, self.hide = dataset.data.extra_channels, dataset.hide
+        self.keep(dataset)
         return dataset
+
+    def keep(self, dataset: DoseDataset) -> None:
+        """What the objective needs of its training set: grid, the student's channels and the
+        hidden ones (and where they go back for the teacher)."""
+        self.grid, self.channels, self.hide = dataset.grid, dataset.in_channels, dataset.hide
+        self.order = unhide_order(dataset.data.extra_channels, dataset.hide)
 
     def teacher_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` as the teacher takes it: with the channels hidden from the student
         (`train.data.hide`) back in its input."""
         if not self.hide:
             return batch
-        return {**batch, "input": unhide(batch["input"], batch["hidden"], self.extra, self.hide)}
+        return {**batch, "input": unhide(batch["input"], batch["hidden"], self.order)}
 
     def bind(self, model: nn.Module, runtime: Runtime, config: TrainConfig) -> None:
         super().bind(model, runtime, config)
         self.runtime = runtime
         device = runtime.device
+        self.order = self.order.to(device)
         self.sums = torch.zeros(len(TERMS), device=device)
         self.count = 0
         if self.hint.weight > 0:

@@ -21,6 +21,7 @@ from nas_dose.data.dataset import (
     hidden_channels,
     input_channels,
     unhide,
+    unhide_order,
 )
 from nas_dose.data.resample import downsample_patient
 from nas_dose.data.store import open_data, write_dataset
@@ -197,7 +198,7 @@ def test_hidden_channels_leave_the_input_and_are_put_back_in_place():
     seen, hidden = hidden_channels(("a_map", "beam_plate"), ("a_map",))
     assert seen == [*range(IN_CHANNELS), IN_CHANNELS + 1] and hidden == [IN_CHANNELS]
     x = torch.randn(2, IN_CHANNELS + 2, 4, 4, 4)
-    assert torch.equal(unhide(x[:, seen], x[:, hidden], ("a_map", "beam_plate"), ("a_map",)), x)
+    assert torch.equal(unhide(x[:, seen], x[:, hidden], unhide_order(("a_map", "beam_plate"), ("a_map",))), x)
 
 
 def test_a_data_set_hides_a_channel_moved_as_the_input_is(tmp_path):
@@ -208,7 +209,7 @@ def test_a_data_set_hides_a_channel_moved_as_the_input_is(tmp_path):
     assert (hid.in_channels, hid.extra_inputs, full.in_channels) == (IN_CHANNELS, (), IN_CHANNELS + 1)
     a, b = full[1], hid[1]
     assert b["input"].shape[0] == IN_CHANNELS and b["hidden"].shape == (1, 16, 16, 16) and "hidden" not in a
-    assert torch.equal(unhide(b["input"][None], b["hidden"][None], PLATE, PLATE)[0], a["input"])
+    assert torch.equal(unhide(b["input"][None], b["hidden"][None], unhide_order(PLATE, PLATE))[0], a["input"])
     assert torch.equal(a["target"], b["target"])
     with pytest.raises(NasDoseError, match=r"d\.h5: cannot hide dose_bath: the extra input channels are "
                                            r"\[beam_plate\]"):

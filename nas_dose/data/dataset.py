@@ -64,13 +64,18 @@ def hidden_channels(extra: Sequence[str], hide: Sequence[str]) -> tuple[list[int
     return [i for i in range(IN_CHANNELS + len(extra)) if i not in hidden], hidden
 
 
-def unhide(x: torch.Tensor, hidden: torch.Tensor, extra: Sequence[str], hide: Sequence[str]) -> torch.Tensor:
-    """The data set's whole input (N, IN_CHANNELS + len(extra), ...) from what a model that does not
-    take `hide` sees and the hidden channels (an item's `input` and `hidden`): a privileged
-    teacher's input."""
+def unhide_order(extra: Sequence[str], hide: Sequence[str]) -> torch.Tensor:
+    """Where each channel of the data set's whole input lies in an item's `input` and `hidden`
+    concatenated (`unhide`); made once, not per batch."""
     seen, hidden_at = hidden_channels(extra, hide)
-    order = torch.tensor(seen + hidden_at, device=x.device).argsort()
-    return torch.cat([x, hidden.to(x.dtype)], dim=1)[:, order]
+    return torch.tensor(seen + hidden_at).argsort()
+
+
+def unhide(x: torch.Tensor, hidden: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The data set's whole input (N, IN_CHANNELS + len(extra), ...) from what a model that does not
+    take the hidden channels sees and those channels (an item's `input` and `hidden`), `order`
+    from `unhide_order` on x's device: a privileged teacher's input."""
+    return torch.cat([x, hidden.to(x.dtype)], dim=1).index_select(1, order)
 
 
 def _check_shapes(p: Patient) -> tuple[int, ...]:
