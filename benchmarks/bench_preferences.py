@@ -65,15 +65,15 @@ from scipy import stats
 from nas_dose.data import synth
 from nas_dose.data.augment import AugmentConfig
 from nas_dose.data.dataset import IN_CHANNELS, extra_inputs
-from nas_dose.data.patient import OARS, TARGETS
+from nas_dose.data.patient import OARS, TARGETS, Patient, Plans
 from nas_dose.data.preferences import homogeneity_index
-from nas_dose.data.store import open_data
+from nas_dose.data.store import DataFile, open_data
 from nas_dose.distill.distill import DistillConfig
 from nas_dose.distill.distill import Inputs as DistillInputs
 from nas_dose.distill.distill import run as nasdose_distill
 from nas_dose.distill.report import LatencyConfig
 from nas_dose.errors import NasDoseError
-from nas_dose.inference import load_model_or_ensemble, predict_patient
+from nas_dose.inference import Predictor, load_model_or_ensemble, predict_patient
 from nas_dose.io import load_json
 from nas_dose.models.conditioning import Conditioned, Preset
 from nas_dose.models.factory import ModelConfig, build_model
@@ -122,6 +122,7 @@ class Settings(HeldOutPlans):
     consistency: float = 0.0  # > 0: also a conditioned model trained with the consistency term at this weight
     distil: bool = False  # also a conditioned student of `student_widths` distilled from it, and its twin
     openkbp: str = ""  # a resampled data set: also compare plain and conditioned on it, officially
+    fit_patients: int = 12  # training phantoms the plain model is also scored on (`fit_score`)
 
     def quick(self) -> Settings:
         """Seconds: a few 16³ phantoms, a tiny network, a few steps, one seed."""
@@ -239,17 +240,31 @@ def evaluate(s: HeldOutPlans, plain: torch.nn.Module | None, conditioned: torch.
             "hi_abs_gap": statistics.fmean(hi_gap), "plans": len(cond_err)}
 
 
+def _against_plans(path: Path, ids: Callable[[DataFile], list[str]], dose: Callable[[Patient, Plans], np.ndarray]
+                   ) -> float:
+    """Mean dose score of one dose per patient (`dose(patient, plans)`) against each of its plans."""
+    errors = []
+    with open_data(path) as data:
+        for pid in ids(data):
+            p, plans = data.read(pid), data.read_plans(pid)
+            assert plans is not None
+            d = dose(p, plans)
+            errors += [dose_error(d, plan, p.possible_dose_mask) for plan in plans.doses]
+    return statistics.fmean(errors)
+
+
 def plain_floor(s: HeldOutPlans, held: Path) -> float:
     """The dose score of each held-out patient's per-voxel median plan against its plans: the
     least error any one dose per patient can have, so the least a plain model can reach."""
-    errors = []
-    with open_data(held) as data:
-        for pid in data.ids()[:s.held_out]:
-            p, plans = data.read(pid), data.read_plans(pid)
-            assert plans is not None
-            median_plan = np.median(np.stack(plans.doses), axis=0)
-            errors += [dose_error(median_plan, dose, p.possible_dose_mask) for dose in plans.doses]
-    return statistics.fmean(errors)
+    return _against_plans(held, lambda d: d.ids()[:s.held_out],
+                          lambda _, plans: np.median(np.stack(plans.doses), axis=0))
+
+
+def fit_score(s: Settings, plain: Predictor, data: Path, runtime: Runtime) -> float:
+    """The plain model's dose score on `s.fit_patients` of its own training phantoms: beside the
+    held-out score it tells a model that cannot fit its data from one that does not generalise."""
+    return _against_plans(data, lambda d: d.ids("train")[:s.fit_patients],
+                          lambda p, _: predict_patient(plain, p, runtime))
 
 
 Arms = Callable[[int, Path, Path], Iterator[tuple[str, torch.nn.Module, dict[str, Any]]]]
@@ -342,7 +357,8 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
             plain = train(s, data, seed, False, str(dev))
             conditioned = train(s, data, seed, True, str(dev), folder=None if s.consistency else teacher)
             assert isinstance(conditioned, Conditioned)
-            record = {"seed": seed, **evaluate(s, plain, conditioned, held, runtime), "floor_dose_score": floor}
+            record = {"seed": seed, **evaluate(s, plain, conditioned, held, runtime), "floor_dose_score": floor,
+                      "plain_fit_dose_score": fit_score(s, plain, data, runtime)}
             if s.consistency:
                 consistent = train(s, data, seed, True, str(dev), s.consistency, folder=teacher)
                 assert isinstance(consistent, Conditioned)
@@ -383,6 +399,10 @@ def run(quick: bool, device: str = "auto", settings: Settings | None = None) -> 
             detail="mean ± sd {:.3f} ± {:.3f}; ".format(*stat("improvement"))
                    + "conditioned {:.3f} ± {:.3f} Gy, ".format(*stat("conditioned_dose_score"))
                    + "plain {:.3f} ± {:.3f} Gy".format(*stat("plain_dose_score"))),
+        Row(f"plain model on {s.fit_patients} of its training phantoms: dose score (Gy)",
+            stat("plain_fit_dose_score")[0],
+            detail="mean ± sd {:.3f} ± {:.3f}; far below the held-out score: it does not generalise; ".format(
+                *stat("plain_fit_dose_score")) + "close to it: it cannot fit its data"),
         Row("floor of any plain model: dose score of each patient's per-voxel median plan (Gy)",
             stat("floor_dose_score")[0], detail="the least error one dose per patient can have against its plans"),
         Row(f"Spearman ρ, oar slider vs spared-OAR mean dose falling ({s.held_out} patients)", stat("oar_rho")[0],

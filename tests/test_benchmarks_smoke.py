@@ -236,7 +236,8 @@ def test_preferences_benchmark_scores_a_third_model_with_the_consistency_term(su
     assert run["consistency"]["plans"] == 10 and run["consistency"]["conditioned_dose_score"] > 0
     assert run["consistency"]["plain_dose_score"] == run["plain_dose_score"]  # against the same plain model
     names = [r["quantity"] for r in res["ratios"]]
-    assert len(names) == 9 and names[4].startswith("with consistency 0.5: dose score improvement")
+    assert len(names) == 10 and names[5].startswith("with consistency 0.5: dose score improvement")
+    assert names[1] == "plain model on 12 of its training phantoms: dose score (Gy)" and run["plain_fit_dose_score"] > 0
 
 
 def test_preferences_benchmark_distils_a_conditioned_student_and_gives_the_plain_floor(suite, tmp_path):
@@ -259,7 +260,13 @@ def test_preferences_benchmark_distils_a_conditioned_student_and_gives_the_plain
     names = [r["quantity"] for r in res["ratios"]]
     assert "conditioned student [2, 4], distilled: dose score improvement vs plain" in names
     assert "conditioned student [2, 4], no teacher (twin): dose score improvement vs plain" in names
-    _, held = bench_preferences.make_data(s, tmp_path)
+    data, held = bench_preferences.make_data(s, tmp_path)
+    runtime = bench_preferences.Runtime(bench_preferences.RuntimeConfig(device="cpu"))
+    with open_data(data) as d:  # the fit of a network that predicts no dose: each plan's mean in the mask
+        train = [(d.read(pid), d.read_plans(pid).doses) for pid in d.ids("train")]
+    assert len(train) == 3 and bench_preferences.fit_score(s, lambda x: torch.zeros_like(x[:, :1]), data, runtime) \
+        == pytest.approx(np.mean([dose_error(np.zeros_like(dose), dose, p.possible_dose_mask)
+                                  for p, doses in train for dose in doses]))
     one_plan = []
     with open_data(held) as d:
         for pid in d.ids()[:s.held_out]:
