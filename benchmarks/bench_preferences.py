@@ -32,6 +32,9 @@ made in a temporary folder):
    below is for;
    the floor: the dose score of each held-out patient's per-voxel median plan against its plans,
    the least error any one dose per patient can have, so the least a plain model can reach;
+   the fit: the plain model's dose score on `--fit-patients` of its own training phantoms, which
+   tells a model that does not generalise (far below the held-out score) from one that cannot
+   fit its data (close to it);
 3. latency of one forward pass (batch 1, inference mode, this CPU, `--threads`) at 32³ and 128³
    of the conditioned network and the plain one, and of a conditioned student (the reference
    U-Net at `--student-widths`; by default the pipeline's student, configs/pipeline.yaml), the
