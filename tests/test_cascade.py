@@ -14,6 +14,7 @@ from torch import nn
 from nas_dose.cascade.patches import CascadeConfig, PatchDataset, refiner_input
 from nas_dose.cascade.windows import predict_source, refine
 from nas_dose.cli import main
+from nas_dose.config import ConfigError
 from nas_dose.data.dataset import CHANNELS, IN_CHANNELS, build_input
 from nas_dose.data.openkbp import read_submission_csv
 from nas_dose.data.patient import DOSE_SCALE_GY, Patient
@@ -25,7 +26,7 @@ from nas_dose.models import create_model, list_models
 from nas_dose.models.refiner import REFINER_CHANNELS, Refiner
 from nas_dose.scores import resampling_floor, score_on_source, score_patients
 from nas_dose.training import DVHLossConfig
-from nas_dose.training.losses import dvh_moment_loss, moments, structure_masks
+from nas_dose.training.losses import dvh_moment_loss, dvh_points, moments, structure_masks
 
 FAST = ["epochs=2", "model.kwargs.widths=[4,8]", "data.augment.enabled=false", "runtime.device=cpu",
         "runtime.threads=1", "--quiet"]
@@ -205,6 +206,43 @@ def test_moments_and_the_dvh_term():
     dvh_moment_loss(hotter, dose, x, cfg).backward()
     assert hotter.grad[0, 0, 3].abs().sum() > 0 and hotter.grad[0, 0, :3].abs().sum() == 0
 
+
+
+def test_dvh_points_are_the_scores_percentiles():
+    gen = torch.Generator().manual_seed(3)
+    dose, mask = torch.rand(6, 6, 6, generator=gen), torch.rand(6, 6, 6, generator=gen) > 0.3
+    points = dvh_points(dose, mask.float(), (99.0, 95.0, 1.0))
+    expected = np.percentile(dose[mask].numpy(), [1, 5, 99])  # D99, D95, D1 as the evaluator takes them
+    assert points.numpy() == pytest.approx(expected, rel=1e-5)
+
+
+def test_target_points_catch_a_cold_target_edge_that_the_moments_barely_see():
+    x = torch.zeros(1, IN_CHANNELS, 4, 4, 4)
+    x[0, 1] = 1.0              # one PTV70 over the whole cube: 64 voxels in each target region
+    dose = torch.full((1, 1, 4, 4, 4), 1.0)
+    cold = dose.clone()
+    cold[0, 0, 0, 0, :] = 0.5  # 4 of 64 voxels (6 %) under-dosed
+    moments_only = DVHLossConfig(weight=1.0, powers=(1.0, 2.0, 10.0), min_voxels=1)
+    points_only = DVHLossConfig(weight=1.0, powers=(), target_points=(99.0, 95.0, 1.0), min_voxels=1)
+    both = DVHLossConfig(weight=1.0, powers=(1.0, 2.0, 10.0), target_points=(99.0, 95.0, 1.0), min_voxels=1)
+    m, q, b = (dvh_moment_loss(cold, dose, x, c).item() for c in (moments_only, points_only, both))
+    assert m == pytest.approx((1 - 0.96875 + 1 - 0.953125 ** 0.5 + 1 - (0.9375 + 4 * 0.5 ** 10 / 64) ** 0.1) / 3,
+                              rel=1e-4)  # the mean falls by 1/32 and the other moments by less
+    # D99 (quantile position 0.63 of 0..63) falls to 0.5, D95 (position 3.15) to 0.575, D1 not at all
+    assert q == pytest.approx((0.5 + 0.425 + 0.0) / 3, rel=1e-5)
+    assert b == pytest.approx((m + q) / 2, rel=1e-5)  # 3 targets x 3 orders beside 3 targets x 3 points
+    cold.requires_grad_(True)
+    dvh_moment_loss(cold, dose, x, points_only).backward()
+    assert cold.grad[0, 0, 0, 0].abs().sum() > 0  # the cold voxels are pulled up
+
+
+def test_target_points_are_validated():
+    for bad, match in (({"target_points": (0.0,)}, "percentages"), ({"target_points": (100.0,)}, "percentages"),
+                       ({"powers": ()}, "not both empty"),
+                       ({"target_points": (95.0,), "target_weight": 0.0}, "target_weight")):
+        with pytest.raises(ConfigError, match=match):
+            DVHLossConfig(**bad).validate()
+    DVHLossConfig(powers=(), target_points=(99.0,)).validate()
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())

@@ -6,8 +6,12 @@ score compares per-structure statistics (targets' D99/D95/D1, OARs' D_0.1cc and 
 moment of order p of a structure's dose, M_p = (mean of d^p over its voxels)^(1/p), is a
 differentiable summary of its DVH: p = 1 is the mean dose, large p approaches the maximum
 (Jhanwar et al., "Domain knowledge driven 3D dose prediction using moment-based loss
-functions", 2022, reported a better OpenKBP DVH score with such a term). The term is the mean
-over samples, structures and orders of |M_p(prediction) - M_p(reference)|.
+functions", 2022, reported a better OpenKBP DVH score with such a term). Moments of order >= 1
+summarize a structure's mean and hot end, not a target's cold end, where the score's D99 and D95
+lie; `target_points` adds those DVH points themselves (a target's dose quantiles, with linear
+interpolation, so their gradient reaches the voxels at those order statistics). The term is the
+mean over samples, structures and orders (and targets and points) of |M_p(prediction) -
+M_p(reference)| (and |D_x(prediction) - D_x(reference)|).
 
 The structures are read back from the model input, so every data set and patch works without
 carrying masks: the OAR channels as they are, and for the targets the regions at or above each
@@ -50,12 +54,15 @@ from ..data.preferences import NAMES, SPARED_OARS
 @dataclass
 class DVHLossConfig:
     """weight: the term's weight beside the L1 loss (0: off). powers: the moments' orders (a high
-    one approaches the maximum). target_weight, oar_weight: each target's and each OAR's share of
-    the term, relative (the DVH score's target criteria are D99/D95/D1, an OAR's its maximum and
-    mean: raising one emphasizes those)."""
+    one approaches the maximum). target_points: DVH points D_x of each target compared as well
+    (x: the percentage of the target's volume receiving at least that dose; the score's are 99,
+    95 and 1). target_weight, oar_weight: each target's and each OAR's share of the term,
+    relative (the DVH score's target criteria are D99/D95/D1, an OAR's its maximum and mean:
+    raising one emphasizes those)."""
 
     weight: float = 0.0
     powers: tuple[float, ...] = (1.0, 2.0, 10.0)
+    target_points: tuple[float, ...] = ()
     min_voxels: int = 8  # a structure with fewer voxels in an item (a patch's edge) is left out
     target_weight: float = 1.0
     oar_weight: float = 1.0
@@ -63,8 +70,15 @@ class DVHLossConfig:
     def validate(self) -> None:
         if self.weight < 0:
             raise ConfigError(f"config key 'dvh_loss.weight': must be >= 0, got {self.weight}")
-        if not self.powers or any(p < 1 for p in self.powers):
+        if any(p < 1 for p in self.powers):
             raise ConfigError(f"config key 'dvh_loss.powers': orders must be >= 1, got {list(self.powers)}")
+        if any(not 0 < x < 100 for x in self.target_points):
+            raise ConfigError(f"config key 'dvh_loss.target_points': percentages in (0, 100), "
+                              f"got {list(self.target_points)}")
+        if not self.powers and not self.target_points:
+            raise ConfigError("config keys 'dvh_loss.powers', 'dvh_loss.target_points': not both empty")
+        if self.target_points and not self.target_weight > 0:
+            raise ConfigError("config key 'dvh_loss.target_points': needs dvh_loss.target_weight > 0")
         if min(self.target_weight, self.oar_weight) < 0 or not self.target_weight + self.oar_weight > 0:
             raise ConfigError("config keys 'dvh_loss.target_weight', 'dvh_loss.oar_weight': >= 0, not both 0")
 
@@ -114,30 +128,45 @@ def moments(dose: torch.Tensor, masks: torch.Tensor, powers: tuple[float, ...]) 
     return torch.stack(out, -1)
 
 
+def dvh_points(dose: torch.Tensor, mask: torch.Tensor, points: tuple[float, ...]) -> torch.Tensor:
+    """D_x for each x in `points` of `dose` over the voxels of `mask` (the same shape, 0/1): the
+    (100 - x) % quantile, linearly interpolated, differentiable in `dose`."""
+    values = dose.float().clamp_min(0)[mask > 0.5]
+    return torch.quantile(values, torch.tensor([1 - x / 100 for x in points], device=values.device))
+
+
 def dvh_moment_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
                     cfg: DVHLossConfig) -> torch.Tensor:
     """Weighted mean |M_p(pred) - M_p(target)| over the items' structures (of at least min_voxels)
-    and orders (the OARs' and the targets' weights from `cfg`)."""
+    and orders, and |D_x(pred) - D_x(target)| over their targets and `target_points` (the OARs'
+    and the targets' weights from `cfg`)."""
     masks = structure_masks(x)
     kinds = torch.tensor([cfg.oar_weight] * len(OARS) + [cfg.target_weight] * len(TARGETS), device=masks.device)
-    present = (masks.flatten(2).sum(-1) >= cfg.min_voxels).float()[..., None] * kinds[:, None]
-    diff = (moments(pred, masks, cfg.powers) - moments(target, masks, cfg.powers)).abs()
-    return (diff * present).sum() / (present.sum() * len(cfg.powers)).clamp_min(1e-12)
+    present = (masks.flatten(2).sum(-1) >= cfg.min_voxels).float() * kinds
+    total = pred.new_zeros((), dtype=torch.float32)
+    if cfg.powers:
+        diff = (moments(pred, masks, cfg.powers) - moments(target, masks, cfg.powers)).abs()
+        total = total + (diff * present[..., None]).sum()
+    count = present.sum() * len(cfg.powers)
+    for i, s in present[:, len(OARS):].nonzero().tolist() if cfg.target_points else ():
+        mask = masks[i, len(OARS) + s]
+        gap = dvh_points(pred[i, 0], mask, cfg.target_points) - dvh_points(target[i, 0], mask, cfg.target_points)
+        total = total + cfg.target_weight * gap.abs().sum()
+        count = count + cfg.target_weight * len(cfg.target_points)
+    return total / count.clamp_min(1e-12)
 
 
 _HI = NAMES.index("hi")
 _PTV70 = len(OARS) + TARGETS.index("PTV70")  # its mask in `structure_masks`
 _SPARED = [OARS.index(name) for name in SPARED_OARS]
-_HI_QUANTILES = (0.98, 0.5, 0.02)  # D2, D50, D98
 _D50_FLOOR = 0.5 * PRESCRIPTION_GY["PTV70"] / DOSE_SCALE_GY  # half the PTV70's prescription, dose / 70
 
 
 def homogeneity(dose: torch.Tensor, mask: torch.Tensor, d50_floor: float = 1e-6) -> torch.Tensor:
-    """(D2 - D98) / D50 of `dose` (any shape) over the voxels of `mask` (the same shape, 0/1), as
-    `homogeneity_index` measures it (linear-interpolation quantiles), differentiable in `dose`;
+    """(D2 - D98) / D50 of `dose` (any shape, clamped at 0) over the voxels of `mask` (the same
+    shape, 0/1), as `homogeneity_index` measures it (linear-interpolation quantiles), differentiable in `dose`;
     D50 taken as at least `d50_floor`."""
-    values = dose.float()[mask > 0.5]
-    d2, d50, d98 = torch.quantile(values, torch.tensor(_HI_QUANTILES, device=values.device))
+    d2, d50, d98 = dvh_points(dose, mask, (2.0, 50.0, 98.0))
     return (d2 - d98) / d50.clamp_min(d50_floor)
 
 
