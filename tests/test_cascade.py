@@ -211,9 +211,11 @@ def test_moments_and_the_dvh_term():
 def test_dvh_points_are_the_scores_percentiles():
     gen = torch.Generator().manual_seed(3)
     dose, mask = torch.rand(6, 6, 6, generator=gen), torch.rand(6, 6, 6, generator=gen) > 0.3
-    points = dvh_points(dose, mask.float(), (99.0, 95.0, 1.0))
+    masks = torch.stack([mask, torch.zeros_like(mask)]).float()[None]  # the second structure is empty
+    points = dvh_points(dose[None], masks, (99.0, 95.0, 1.0))
     expected = np.percentile(dose[mask].numpy(), [1, 5, 99])  # D99, D95, D1 as the evaluator takes them
-    assert points.numpy() == pytest.approx(expected, rel=1e-5)
+    assert points[0, 0].numpy() == pytest.approx(expected, rel=1e-5)
+    assert points[0, 1].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_target_points_catch_a_cold_target_edge_that_the_moments_barely_see():
