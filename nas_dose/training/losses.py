@@ -172,10 +172,10 @@ _D50_FLOOR = 0.5 * PRESCRIPTION_GY["PTV70"] / DOSE_SCALE_GY  # half the PTV70's 
 
 
 def homogeneity(dose: torch.Tensor, mask: torch.Tensor, d50_floor: float = 1e-6) -> torch.Tensor:
-    """(D2 - D98) / D50 of `dose` (any shape, clamped at 0) over the voxels of `mask` (the same
-    shape, 0/1), as `homogeneity_index` measures it (linear-interpolation quantiles), differentiable in `dose`;
-    D50 taken as at least `d50_floor`."""
-    d2, d50, d98 = dvh_points(dose[None], mask[None, None], (2.0, 50.0, 98.0))[0, 0]
+    """(N,): (D2 - D98) / D50 of each item's `dose` (N, ..., clamped at 0) over its `mask` (N, ...,
+    0/1), as `homogeneity_index` measures it (linear-interpolation quantiles), differentiable in
+    `dose`; D50 taken as at least `d50_floor`."""
+    d2, d50, d98 = dvh_points(dose, mask[:, None], (2.0, 50.0, 98.0))[:, 0].unbind(-1)
     return (d2 - d98) / d50.clamp_min(d50_floor)
 
 
@@ -190,12 +190,11 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, x: torch.Tensor, 
     present = (oars.flatten(2).sum(-1) >= cfg.min_voxels).float() * cfg.oar_weight
     means = moments(pred, oars, (1.0,))[..., 0] - moments(target, oars, (1.0,))[..., 0]
     total, weights = (means.abs() * present).sum(), present.sum()
-    ptv70 = masks[:, _PTV70]
-    for i in range(pred.shape[0]):
-        if cfg.hi_weight and ptv70[i].sum() >= cfg.min_voxels:
-            hi = homogeneity(pred[i, 0].clamp_min(0), ptv70[i], _D50_FLOOR)
-            error = (hi - preferences[i, _HI].float()).abs()
-            total, weights = total + cfg.hi_weight * error, weights + cfg.hi_weight
+    if cfg.hi_weight:
+        ptv70 = masks[:, _PTV70]
+        counted = (ptv70.flatten(1).sum(-1) >= cfg.min_voxels).float() * cfg.hi_weight
+        error = (homogeneity(pred[:, 0], ptv70, _D50_FLOOR) - preferences[:, _HI].float()).abs()
+        total, weights = total + (error * counted).sum(), weights + counted.sum()
     return total / weights.clamp_min(1e-12)
 
 
