@@ -59,7 +59,8 @@ DIR receives:
   baseline/         the same architecture, same initial weights and budget, trained without the
                     teacher (--no-baseline skips it)
   comparison.md     student, ensemble, best single member and baseline on validation dose and DVH
-                    scores, parameters, FLOPs, latency, checkpoint size (also printed)
+                    scores, parameters, FLOPs, latency, checkpoint size (also printed); a warning
+                    when the teacher's dose score is no better than the baseline's
   metrics.json      the same numbers, the training records and the settings; teacher_recomputed:
                     whether the run (at any of its starts) computed the teacher's predictions,
                     false when it reused a cache made before it (--teacher-cache)
@@ -132,7 +133,7 @@ from .losses import (
     TeacherOn,
     check_non_negative,
 )
-from .report import BASELINE, LatencyConfig, Mode, comparison_rows, comparison_table
+from .report import BASELINE, LatencyConfig, Mode, comparison_rows, comparison_table, idle_teacher
 from .student_search import find_student
 from .teacher import cache_is_current, ensure_cache, member_checkpoints, teacher_key
 
@@ -480,6 +481,9 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
     if unlabeled:
         note += (f" The student also learned from {unlabeled} unlabeled patients, from the teacher alone "
                  f"({epochs['student']} epochs; the baseline {epochs['baseline']}).")
+    idle = idle_teacher(rows)
+    if idle:
+        note += f" Warning: {idle}."
     write_text(out / "comparison.md", f"# nasdose distill: {out}\n\n{table}\n\n{note}\n")
     say(table)
     exported = None
@@ -488,6 +492,8 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
         export_model(load_model(out / "student")[0], exported, ExportConfig(format="pt2", dynamic=False), stage.size,
                      student_inputs)
     student_row, baseline_row = rows[0], next((r for r in rows if r.name == BASELINE), None)
+    warnings = (["alpha_gt = 0: the student never saw the reference dose"] if cfg.alpha_gt == 0 else []) + (
+        [idle] if idle else [])
     metrics = {
         **context, "split": cfg.train.data.val_split, "patients": val_ids, "grid": grid,
         "latency": {"size": cfg.latency.size, "runs": cfg.latency.runs, "threads": torch.get_num_threads()},
@@ -495,7 +501,7 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
         "student_beats_baseline": None if baseline_row is None else {
             "dose_score": student_row.dose_score < baseline_row.dose_score,
             "dvh_score": student_row.dvh_score < baseline_row.dvh_score},
-        "warnings": ["alpha_gt = 0: the student never saw the reference dose"] if cfg.alpha_gt == 0 else [],
+        "warnings": warnings,
         "export": str(exported) if exported is not None else None,
     }
     save_json(out / "metrics.json", metrics)
@@ -503,6 +509,8 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
         verdict = "beats" if student_row.dose_score < baseline_row.dose_score else "does not beat"
         say(f"the distilled student {verdict} its architecture trained without distillation: validation dose "
             f"score {student_row.dose_score:.3f} vs {baseline_row.dose_score:.3f} Gy")
+    if idle:
+        say(f"warning: {idle}")
     say(f"wrote {out / 'comparison.md'}, {out / 'metrics.json'}, student: {out / 'student' / 'best.pt'}")
     return metrics
 

@@ -25,6 +25,7 @@ from nas_dose.search_spaces import count_flops, count_params, forward_latency
 from .teacher import member_checkpoints, teacher_files
 
 BASELINE = "student arch., no distillation"
+TEACHER = "ensemble (teacher"  # its row's name, then the member count
 
 
 @dataclass
@@ -200,7 +201,7 @@ def teacher_rows(teacher_path: Path, teacher: nn.Module, cache: Path, data: Path
         s = (score_on_source(d, ((pid, c.read_dose(pid)) for pid in ids)) if stage.items is None
              else score_plans(d, stage.items, ((i.key, c.read_dose(i.key)) for i in stage.items)))
     n = len(teacher.members) if isinstance(teacher, Ensemble) else 1
-    rows.append(Row(f"ensemble (teacher, {n} member{'s' if n > 1 else ''})", "ensemble" if n > 1 else "teacher",
+    rows.append(Row(f"{TEACHER}, {n} member{'s' if n > 1 else ''})", "ensemble" if n > 1 else "teacher",
                     s.dose_score, s.dvh_score, checkpoint_bytes=file_size(*teacher_files(teacher_path)),
                     **cost(stage.costed(teacher), stage.size, latency_cfg.size, latency_cfg.runs, stage.channels)))  # type: ignore[arg-type]
     if isinstance(teacher, Ensemble):
@@ -212,3 +213,16 @@ def teacher_rows(teacher_path: Path, teacher: nn.Module, cache: Path, data: Path
                                architecture(load_model(checkpoint)[1]["model_config"]), singles[best],
                                [checkpoint], data, ids, stage, latency_cfg, runtime, scores[best]))
     return rows
+
+
+def idle_teacher(rows: Sequence[Row]) -> str | None:
+    """A warning when the teacher's validation dose score is no better than the baseline's: the
+    student learns the teacher's doses, so it has nothing to gain on a twin its teacher does not
+    beat (on the real patients at 32³ every such student trailed its twin)."""
+    teacher = next((r for r in rows if r.name.startswith(TEACHER)), None)
+    baseline = next((r for r in rows if r.name == BASELINE), None)
+    if teacher is None or baseline is None or teacher.dose_score < baseline.dose_score:
+        return None
+    return (f"the teacher's validation dose score ({teacher.dose_score:.3f} Gy) is no better than the student's "
+            f"architecture trained alone ({baseline.dose_score:.3f} Gy): it has nothing to teach; distil from a "
+            "stronger teacher")

@@ -18,6 +18,7 @@ from nas_dose import cli
 from nas_dose.config import load_config
 from nas_dose.data.store import open_data
 from nas_dose.distill import distill as distill_stage
+from nas_dose.distill.report import BASELINE, TEACHER, Row, idle_teacher
 from nas_dose.inference import load_model_or_ensemble
 from nas_dose.io import load_checkpoint, load_json, load_yaml, save_yaml
 from nas_dose.models.factory import build_model, load_model
@@ -97,6 +98,8 @@ def test_files_table_and_metrics(run):
     # the table's student score is the one the training engine chose the checkpoint by
     assert student["dose_score"] == pytest.approx(metrics["student_training"]["best_val_dose_score"], rel=1e-4)
     assert metrics["student_beats_baseline"]["dose_score"] == (student["dose_score"] < baseline["dose_score"])
+    idle = teacher["dose_score"] >= baseline["dose_score"]
+    assert any("nothing to teach" in w for w in metrics["warnings"]) == idle
     table = (out / "comparison.md").read_text()
     assert table.count("\n| ") == 5 and "student (distilled)" in table and "student (distilled)" in printed
     log = [json.loads(line) for line in (out / "student" / "log.jsonl").read_text().splitlines()]
@@ -105,6 +108,22 @@ def test_files_table_and_metrics(run):
     assert set(state) >= {"adapters", "discriminator", "d_optimizer"}
     with open_data(out / "teacher.h5") as cache:
         assert len(cache.ids()) == 8 and cache.patient_attrs("pt_1")["teacher_key"] == metrics["teacher_key"]
+
+
+def row(name: str, dose: float) -> Row:
+    return Row(name, "unet3d", dose, 6.0, params=1, flops=1, cpu_latency_s=None, gpu_latency_s=None, checkpoint_bytes=1)
+
+
+def test_a_teacher_no_better_than_the_baseline_is_warned_about():
+    """On the real patients at 32³ the ensemble tied a small U-Net trained alone, and every
+    student distilled from it trailed that twin: the report says so."""
+    student, baseline = row("student (distilled)", 4.61), row(BASELINE, 4.464)
+    warning = idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.468), baseline])
+    assert warning is not None and "(4.468 Gy)" in warning and "(4.464 Gy)" in warning
+    assert idle_teacher([student, row(f"{TEACHER}, 1 member)", 4.464), baseline]) is not None  # a tie teaches nothing
+    assert idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.30), baseline]) is None
+    assert idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.468)]) is None  # --no-baseline: nothing to compare
+    assert idle_teacher([student, baseline]) is None  # a privileged teacher has no row
 
 
 def test_student_checkpoint_predicts(run, data, nasdose, tmp_path):
