@@ -218,7 +218,7 @@ def teacher_rows(teacher_path: Path, teacher: nn.Module, cache: Path, data: Path
 def idle_teacher(rows: Sequence[Row]) -> str | None:
     """A warning when the teacher's validation dose score is no better than the baseline's: the
     student learns the teacher's doses, so it has nothing to gain on a twin its teacher does not
-    beat (on the real patients at 32³ every such student trailed its twin)."""
+    beat."""
     teacher = next((r for r in rows if r.name.startswith(TEACHER)), None)
     baseline = next((r for r in rows if r.name == BASELINE), None)
     if teacher is None or baseline is None or teacher.dose_score < baseline.dose_score:

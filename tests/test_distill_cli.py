@@ -115,8 +115,8 @@ def row(name: str, dose: float) -> Row:
 
 
 def test_a_teacher_no_better_than_the_baseline_is_warned_about():
-    """On the real patients at 32³ the ensemble tied a small U-Net trained alone, and every
-    student distilled from it trailed that twin: the report says so."""
+    """A student learns its teacher's doses: a teacher that does not beat the student's
+    architecture trained alone has nothing to teach it, and the report says so."""
     student, baseline = row("student (distilled)", 4.61), row(BASELINE, 4.464)
     warning = idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.468), baseline])
     assert warning is not None and "(4.468 Gy)" in warning and "(4.464 Gy)" in warning
