@@ -60,7 +60,7 @@ DIR receives:
                     teacher (--no-baseline skips it)
   comparison.md     student, ensemble, best single member and baseline on validation dose and DVH
                     scores, parameters, FLOPs, latency, checkpoint size (also printed); a warning
-                    when the teacher's dose score is no better than the baseline's
+                    when the teacher's dose score leads the baseline's by less than 3 %
   metrics.json      the same numbers, the training records and the settings; teacher_recomputed:
                     whether the run (at any of its starts) computed the teacher's predictions,
                     false when it reused a cache made before it (--teacher-cache)

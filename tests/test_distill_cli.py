@@ -98,8 +98,8 @@ def test_files_table_and_metrics(run):
     # the table's student score is the one the training engine chose the checkpoint by
     assert student["dose_score"] == pytest.approx(metrics["student_training"]["best_val_dose_score"], rel=1e-4)
     assert metrics["student_beats_baseline"]["dose_score"] == (student["dose_score"] < baseline["dose_score"])
-    idle = teacher["dose_score"] >= baseline["dose_score"]
-    assert any("nothing to teach" in w for w in metrics["warnings"]) == idle
+    idle = teacher["dose_score"] > 0.97 * baseline["dose_score"]
+    assert any("little to teach" in w for w in metrics["warnings"]) == idle
     table = (out / "comparison.md").read_text()
     assert table.count("\n| ") == 5 and "student (distilled)" in table and "student (distilled)" in printed
     log = [json.loads(line) for line in (out / "student" / "log.jsonl").read_text().splitlines()]
@@ -114,14 +114,17 @@ def row(name: str, dose: float) -> Row:
     return Row(name, "unet3d", dose, 6.0, params=1, flops=1, cpu_latency_s=None, gpu_latency_s=None, checkpoint_bytes=1)
 
 
-def test_a_teacher_no_better_than_the_baseline_is_warned_about():
-    """A student learns its teacher's doses: a teacher that does not beat the student's
-    architecture trained alone has nothing to teach it, and the report says so."""
-    student, baseline = row("student (distilled)", 4.61), row(BASELINE, 4.464)
+def test_a_teacher_barely_ahead_of_the_baseline_is_warned_about():
+    """A student learns its teacher's doses: a teacher that barely beats the student's
+    architecture trained alone has little to teach it, and the report says so."""
+    student, baseline = row("student (distilled)", 4.61), row(BASELINE, 4.499)
     warning = idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.468), baseline])
-    assert warning is not None and "(4.468 Gy)" in warning and "(4.464 Gy)" in warning
-    assert idle_teacher([student, row(f"{TEACHER}, 1 member)", 4.464), baseline]) is not None  # a tie teaches nothing
-    assert idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.30), baseline]) is None
+    assert warning is not None and "(4.468 Gy) is only 0.7 % better than" in warning and "(4.499 Gy)" in warning
+    for tie_or_worse in (4.499, 4.6):
+        warning = idle_teacher([student, row(f"{TEACHER}, 1 member)", tie_or_worse), baseline])
+        assert warning is not None and "is no better than" in warning
+    assert idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.30), baseline]) is None  # 4.4 % ahead
+    assert idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.30), baseline], min_lead=0.05) is not None
     assert idle_teacher([student, row(f"{TEACHER}, 3 members)", 4.468)]) is None  # --no-baseline: nothing to compare
     assert idle_teacher([student, baseline]) is None  # a privileged teacher has no row
 
