@@ -112,7 +112,7 @@ from nas_dose.io import load_checkpoint, load_json, output_folder, save_json, wr
 from nas_dose.models.factory import ModelConfig, build_model, load_model
 from nas_dose.models.spec import resolve_student, search_request
 from nas_dose.parallel import run_side_by_side, worker_threads
-from nas_dose.progress import say
+from nas_dose.progress import say, warn
 from nas_dose.runtime import Runtime, RuntimeConfig, seed_everything
 from nas_dose.training import Objective, TrainConfig, train_model
 
@@ -510,7 +510,7 @@ def _report(teacher: Path, predictor: nn.Module | None, cache: Path | None, out:
         say(f"the distilled student {verdict} its architecture trained without distillation: validation dose "
             f"score {student_row.dose_score:.3f} vs {baseline_row.dose_score:.3f} Gy")
     if idle:
-        say(f"warning: {idle}")
+        warn(idle)
     say(f"wrote {out / 'comparison.md'}, {out / 'metrics.json'}, student: {out / 'student' / 'best.pt'}")
     return metrics
 

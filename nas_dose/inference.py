@@ -252,11 +252,13 @@ def as_predictor(path: Path, model: nn.Module, runtime: Runtime, grid: int | Non
 
 
 def _first_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint of the model at `path` (a run, a checkpoint, an ensemble .yaml: its first member's)."""
+    """The checkpoint of the model at `path` (a run, a checkpoint, an ensemble .yaml: its first
+    member's), its tensors mapped, not read: callers want its records, and the weights are read
+    once, where the model is loaded."""
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
         path = path.parent / load_yaml(path)["members"][0]["checkpoint"]
-    return load_checkpoint(path / "best.pt" if path.is_dir() else path)
+    return load_checkpoint(path / "best.pt" if path.is_dir() else path, mmap=True)
 
 
 def trained_grid(path: Path) -> int | None:
@@ -285,8 +287,7 @@ def cascade_config(path: Path) -> CascadeConfig:
     members share (the same coarse stage and windows)."""
     ensemble = path.suffix in (".yaml", ".yml")
     files = [path.parent / m["checkpoint"] for m in load_yaml(path)["members"]] if ensemble else [path]
-    configs = [from_dict(CascadeConfig, load_checkpoint(f / "best.pt" if f.is_dir() else f)["config"].get("cascade"))
-               for f in files]
+    configs = [from_dict(CascadeConfig, _first_checkpoint(f)["config"].get("cascade")) for f in files]
     if any((c.coarse, c.patch, c.overlap) != (configs[0].coarse, configs[0].patch, configs[0].overlap)
            for c in configs):
         raise input_error(path, "its members refine different coarse stages or use different windows")

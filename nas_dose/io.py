@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from .errors import NasDoseError, input_error
-from .progress import say
+from .progress import say, warn
 
 TMP_SUFFIX = ".tmp"
 # atomic_path's temporaries: ".NAME." + mkstemp's 8 random characters + ".tmp".
@@ -238,7 +238,7 @@ class _Hold:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno in _NO_LOCKS:
-                    say(f"note: {self.dir}: this file system has no locks; nothing keeps a second nasdose "
+                    warn(f"{self.dir}: this file system has no locks; nothing keeps a second nasdose "
                         "process from writing here")
                     return fd
                 pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"

@@ -1,6 +1,11 @@
-"""Progress bars that a single `--quiet` switch turns off for scripts and logs."""
+"""Progress bars and status lines that a single `--quiet` switch turns off for scripts and logs.
+
+Warnings are not progress: `warn` prints them to stderr even when quiet, so a script that runs
+`-q` still sees that a result needs a second look.
+"""
 from __future__ import annotations
 
+import sys
 from typing import Iterable, NoReturn, TypeAlias, TypeVar, overload
 
 from tqdm.auto import tqdm
@@ -38,3 +43,8 @@ def say(message: str) -> None:
     """Print a status line unless quiet."""
     if not _QUIET:
         print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    """Print a warning line to stderr, quiet or not."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ layers), so that the strategies need not know which it is.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -57,13 +58,13 @@ class SearchTask:
         self._all: DoseDataset | None = None
         self._index: dict[str, int] = {}
 
-    @property
+    @cached_property
     def grid(self) -> int:
-        """The side of an item: what the networks must take."""
+        """The side of an item: what the networks must take (read once: a search asks per candidate)."""
         with open_data(self.data) as d:
             return d.grid
 
-    @property
+    @cached_property
     def in_channels(self) -> int:
         """What the networks take: the data set's input channels."""
         return input_channels(self.data)

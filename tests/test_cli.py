@@ -9,6 +9,7 @@ import pytest
 from nas_dose import cli
 from nas_dose.config import load_config
 from nas_dose.data.preferences import NAMES as PREFERENCE_NAMES
+from nas_dose.progress import say, set_quiet, warn
 
 
 @pytest.mark.parametrize("command", [name for name, _, _ in cli.COMMANDS])
@@ -86,6 +87,14 @@ def test_quiet_anywhere(where, tmp_path, capsys):
         argv += ["--patients", "2", "--grid", "16"]
     assert cli.main(argv) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_quiet_silences_progress_not_warnings(capsys):
+    set_quiet(True)
+    say("epoch 1")
+    warn("the teacher has little to teach")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "warning: the teacher has little to teach\n"
 
 
 def test_configs_are_addressable_by_name(tmp_path):

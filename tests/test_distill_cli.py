@@ -68,7 +68,7 @@ def run(tmp_path_factory, data, ensemble) -> tuple[Path, str]:
     """Everything on: hints from the heavier member, a trained discriminator, baseline, export."""
     out = tmp_path_factory.mktemp("distill") / "run"
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
         rc = cli.main(["distill", str(ensemble), "--student", STUDENT, "--data", str(data), "--out", str(out),
                        "--export", *TINY, "hint.weight=0.5", "adversarial.weight=0.1"])
     assert rc == 0
@@ -100,6 +100,7 @@ def test_files_table_and_metrics(run):
     assert metrics["student_beats_baseline"]["dose_score"] == (student["dose_score"] < baseline["dose_score"])
     idle = teacher["dose_score"] > (1 - MIN_TEACHER_LEAD) * baseline["dose_score"]
     assert any("little to teach" in w for w in metrics["warnings"]) == idle
+    assert ("warning: " in printed and "little to teach" in printed) == idle
     table = (out / "comparison.md").read_text()
     assert table.count("\n| ") == 5 and "student (distilled)" in table and "student (distilled)" in printed
     log = [json.loads(line) for line in (out / "student" / "log.jsonl").read_text().splitlines()]
